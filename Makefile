@@ -1,0 +1,29 @@
+# make test : set up everything (system packages, .venv, the project) and run the tests
+# make demo : set up everything and show what runs today (see README.md)
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml deploy/system-packages.sh
+	./deploy/system-packages.sh
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+test: $(STAMP)
+	$(VENV)/bin/python -m proto.cheader --check
+	$(VENV)/bin/pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m cluster.demo
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/messaging.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

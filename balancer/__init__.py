@@ -1,0 +1,1 @@
+"""The balancer tier (see ../shared/design.md); built by its own issue."""

@@ -1,0 +1,30 @@
+"""Console scripts of the node tiers not built yet: each says so in one line and exits 2."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _not_built(name: str, issue: str) -> None:
+    print(f"{name}: not built yet ({issue}); see README.md for what runs today", file=sys.stderr)
+    sys.exit(2)
+
+
+def master() -> None:
+    """``cluster-master``: the Raft-replicated ledger (the masters issue)."""
+    _not_built("cluster-master", "the masters issue builds it")
+
+
+def balancer() -> None:
+    """``cluster-balancer``: the Binary Star pair (the balancer/worker issue)."""
+    _not_built("cluster-balancer", "the balancer/worker issue builds it")
+
+
+def storage() -> None:
+    """``cluster-storage``: the content-addressed blob store (the storage issue)."""
+    _not_built("cluster-storage", "the storage issue builds it")
+
+
+def worker() -> None:
+    """``cluster-worker``: task execution and the FUSE view (the balancer/worker issue)."""
+    _not_built("cluster-worker", "the balancer/worker issue builds it")

@@ -1,0 +1,94 @@
+"""Start and stop node processes on this machine, by process id (never by name).
+
+The building block of local clusters (``make demo``, integration tests, later ``cluster up``):
+each node runs as ``python -m cluster …`` with its log in a file, is ready when it answers
+STATUS_QUERY, and is stopped with SIGTERM (SIGKILL only if it does not exit in time).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.status import query_status
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalNode:
+    """One node process started by this machine's launcher."""
+
+    name: str
+    argv: list[str]
+    address: str
+    log_path: Path
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self) -> "LocalNode":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "cluster", *self.argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # a Ctrl-C at the terminal is the launcher's to handle
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Poll the node's status until it answers; raise if it exits or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process and self.process.returncode}; see {self.log_path}")
+            if query_status([self.address], timeout=0.5)[0].reply is not None:
+                return
+        raise TimeoutError(f"{self.name} did not answer at {self.address} within {timeout:g} s; see {self.log_path}")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the crash a fault test wants to survive."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def probe_node(name: str, directory: Path, port: int, peers: list[int] = (), interval: float = 0.2, extra: list[str] = ()) -> LocalNode:
+    """A probe node on 127.0.0.1:``port`` heartbeating the probes on ``peers``."""
+    address = f"tcp://127.0.0.1:{port}"
+    argv = ["probe", "--bind", address, "--interval", str(interval), *extra]
+    for p in peers:
+        argv += ["--peer", f"tcp://127.0.0.1:{p}"]
+    return LocalNode(name, argv, address, directory / f"{name}.log")

@@ -1,0 +1,20 @@
+"""Wires a ProbeCore to real sockets: a ROUTER that serves, one DEALER per peer."""
+
+from __future__ import annotations
+
+import zmq
+
+from cluster.probe.core import SERVE, ProbeCore, peer_socket
+from cluster.runtime.loop import NodeLoop, SocketSpec
+from proto import Limits
+
+
+def build_probe(bind: str, peers: list[str], interval: float = 1.0, liveness: int = 3, limits: Limits = Limits()) -> NodeLoop:
+    """A probe node ready to ``run()``: serves on ``bind``, heartbeats every peer."""
+    core = ProbeCore(peers, interval=interval, liveness=liveness)
+    sockets = [SocketSpec(SERVE, zmq.ROUTER, bind=(bind,))]
+    # Heartbeats to a peer that is down must not pile up (Paranoid Pirate): only queue to
+    # completed connections, and keep at most a few.
+    opts = {zmq.IMMEDIATE: 1, zmq.SNDHWM: 16}
+    sockets += [SocketSpec(peer_socket(p), zmq.DEALER, connect=(p,), options=opts) for p in peers]
+    return NodeLoop(core, sockets, limits=limits)

@@ -1,0 +1,340 @@
+"""The node loop: owns ZeroMQ sockets, the poller, the clock, timers and signals for one core.
+
+Theory of operation
+-------------------
+``NodeLoop.run()`` opens the sockets, feeds ``Started`` to the core, then repeats: poll the
+sockets and the signal wake-up pipe until the next timer is due; drain each readable socket (a
+bounded batch, so one busy peer cannot starve the others or the timers); fire due timers. Each
+message goes through ``Codec.recv``; a malformed one raises ``ProtocolError`` and is *rejected
+here*: one log line (what was wrong, which peer sent it), a counter per reason, and an ERROR
+reply when the peer is addressable (ROUTER). The core never sees it. STATUS_QUERY is answered
+here too, for every node alike, from the loop's runtime facts plus ``core.status()``.
+
+On SIGTERM or SIGINT the core gets ``StopRequested`` (its farewells are still sent), then every
+socket is closed with a bounded linger and ``run`` returns 0. A core that raises is a bug: the
+loop logs the traceback, counts ``core_errors`` and goes on serving; the node stays answerable.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import signal
+import socket as pysocket
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from cluster import __version__
+from cluster.runtime.events import (
+    CancelTimer,
+    Core,
+    Effect,
+    Event,
+    Log,
+    MessageReceived,
+    Refuse,
+    Send,
+    Started,
+    StartTimer,
+    Stop,
+    StopRequested,
+    TimerFired,
+)
+from proto import PROTOCOL_VERSION, Codec, Limits, ProtocolError, Reason, new_node_id
+from proto.messages import Error, StatusQuery, StatusReply
+
+BATCH = 256  # messages drained from one socket before looking at the others and the timers
+LOG_BURST = 20  # rejection lines logged back to back before rate limiting starts
+LOG_RATE = 10.0  # rejection lines per second allowed after the burst
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    """One socket of a node: its name (as the core refers to it), ZeroMQ type and endpoints."""
+
+    name: str
+    kind: int  # zmq.ROUTER, zmq.DEALER, zmq.PUSH, zmq.PULL …
+    bind: tuple[str, ...] = ()
+    connect: tuple[str, ...] = ()
+    options: dict[int, Any] = field(default_factory=dict)
+
+
+class NodeLoop:
+    """Runs one core over real sockets until it stops or a signal arrives."""
+
+    def __init__(
+        self,
+        core: Core,
+        sockets: list[SocketSpec],
+        *,
+        node_id: int | None = None,
+        limits: Limits = Limits(),
+        linger_ms: int = 1000,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.core = core
+        self.specs = {s.name: s for s in sockets}
+        self.node_id = node_id if node_id is not None else new_node_id()
+        self.codec = Codec(self.node_id, limits)
+        self.limits = limits
+        self.linger_ms = linger_ms
+        self.log = logger or logging.getLogger(f"cluster.{core.role}")
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self.bound: dict[str, list[str]] = {}
+        self._ctx: zmq.Context | None = None
+        self._sockets: dict[str, zmq.Socket] = {}
+        self._by_socket: dict[zmq.Socket, str] = {}
+        self._timers: list[tuple[float, int, str]] = []
+        self._timer_seq: dict[str, int] = {}
+        self._seq = itertools.count(1)
+        self._stimuli = itertools.count(1)
+        self._stopping = False
+        self._signal: str | None = None
+        self._started_at = 0.0
+        self._log_tokens = float(LOG_BURST)
+        self._log_checked = 0.0
+        self._suppressed = 0
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until the core stops or SIGTERM/SIGINT; returns the exit status (0)."""
+        self._open()
+        old_handlers, wake_r, wake_w = self._install_signals()
+        try:
+            self._started_at = self.clock()
+            self._log_checked = self._started_at
+            self.log.info(
+                "%s %s serving as node %s on %s",
+                self.core.role,
+                __version__,
+                uuid.UUID(int=self.node_id),
+                ", ".join(f"{n}={','.join(a)}" for n, a in self.bound.items() if a) or "no bound sockets",
+            )
+            self._dispatch(Started(self._stimulus("start")))
+            poller = zmq.Poller()
+            for sock in self._sockets.values():
+                if sock.socket_type not in (zmq.PUSH, zmq.PUB):
+                    poller.register(sock, zmq.POLLIN)
+            poller.register(wake_r, zmq.POLLIN)
+            while not self._stopping:
+                ready = dict(poller.poll(self._poll_timeout_ms()))
+                if wake_r in ready:
+                    _drain_pipe(wake_r)
+                if self._signal is not None:
+                    reason, self._signal = self._signal, None
+                    self.log.info("%s received, stopping", reason)
+                    self._dispatch(StopRequested(reason, self._stimulus("stop")))
+                    self._stopping = True
+                    break
+                for sock, name in self._by_socket.items():
+                    if sock in ready:
+                        self._drain(name, sock)
+                self._fire_timers()
+        finally:
+            self._restore_signals(old_handlers, wake_r, wake_w)
+            self._close()
+        self.log.info("%s stopped", self.core.role)
+        return 0
+
+    def _open(self) -> None:
+        self._ctx = zmq.Context()
+        for spec in self.specs.values():
+            sock = self._ctx.socket(spec.kind)
+            sock.setsockopt(zmq.LINGER, self.linger_ms)
+            # libzmq drops anything beyond this before Python sees it; our own, lower limits
+            # then apply with a clear error (see proto.codec.Limits).
+            sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + 2**20)
+            for opt, value in spec.options.items():
+                sock.setsockopt(opt, value)
+            self.bound[spec.name] = []
+            for endpoint in spec.bind:
+                sock.bind(endpoint)
+                self.bound[spec.name].append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            for endpoint in spec.connect:
+                sock.connect(endpoint)
+            self._sockets[spec.name] = sock
+            self._by_socket[sock] = spec.name
+
+    def _close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close(linger=self.linger_ms)
+        self._sockets.clear()
+        self._by_socket.clear()
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def _install_signals(self) -> tuple[dict, pysocket.socket, pysocket.socket]:
+        # A signal interrupts zmq_poll, but pyzmq resumes polling after running the Python
+        # handler; the wake-up pipe makes the poll return at once.
+        wake_r, wake_w = pysocket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old = {}
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            self._signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, on_signal)
+        old["wakeup_fd"] = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        return old, wake_r, wake_w
+
+    @staticmethod
+    def _restore_signals(old: dict, wake_r: pysocket.socket, wake_w: pysocket.socket) -> None:
+        signal.set_wakeup_fd(old.pop("wakeup_fd"))
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        wake_r.close()
+        wake_w.close()
+
+    # ---- events in -----------------------------------------------------------------------
+
+    def _stimulus(self, kind: str) -> str:
+        return f"{kind}-{next(self._stimuli)}"
+
+    def _drain(self, name: str, sock: zmq.Socket) -> None:
+        router = sock.socket_type == zmq.ROUTER
+        for _ in range(BATCH):
+            try:
+                route, sender, message = self.codec.recv(sock, router=router, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ProtocolError as exc:
+                self._reject(name, sock, exc)
+                continue
+            self.counters["messages_in"] += 1
+            if type(message) is StatusQuery:
+                self._answer_status(name, route, message)
+                continue
+            self._dispatch(MessageReceived(name, route, sender, message, self._stimulus("msg")))
+            if self._stopping:
+                return
+
+    def _fire_timers(self) -> None:
+        now = self.clock()
+        while self._timers and self._timers[0][0] <= now and not self._stopping:
+            _, seq, name = heapq.heappop(self._timers)
+            if self._timer_seq.get(name) != seq:
+                continue  # cancelled or restarted
+            del self._timer_seq[name]
+            self._dispatch(TimerFired(name, self._stimulus(f"timer-{name}")))
+
+    def _poll_timeout_ms(self) -> int:
+        if not self._timers:
+            return 1000
+        return max(0, min(1000, int((self._timers[0][0] - self.clock()) * 1000) + 1))
+
+    def _dispatch(self, event: Event) -> None:
+        try:
+            effects = self.core.handle(event, self.clock())
+        except Exception:
+            self.counters["core_errors"] += 1
+            self.log.exception("%s core failed on %s; the node goes on serving", self.core.role, type(event).__name__)
+            return
+        for effect in effects:
+            self._perform(effect)
+
+    # ---- effects out ---------------------------------------------------------------------
+
+    def _perform(self, effect: Effect) -> None:
+        if isinstance(effect, Send):
+            sock = self._sockets[effect.socket]
+            try:
+                # Never block the loop on a slow or absent peer: a DEALER with no connection
+                # (or a full queue) would wait forever. The drop is counted, the core's
+                # protocol (heartbeats, credit, retries) is what recovers from it.
+                self.codec.send(sock, effect.message, route=effect.route, flags=zmq.NOBLOCK)
+                self.counters["messages_out"] += 1
+            except zmq.Again:
+                self.counters["send_dropped"] += 1
+            except zmq.ZMQError as exc:  # e.g. EHOSTUNREACH on a ROUTER with mandatory routing
+                self.counters["send_errors"] += 1
+                self.log.warning("could not send %s on %s: %s", type(effect.message).__name__, effect.socket, exc)
+        elif isinstance(effect, StartTimer):
+            seq = next(self._seq)
+            self._timer_seq[effect.name] = seq
+            heapq.heappush(self._timers, (self.clock() + effect.delay, seq, effect.name))
+        elif isinstance(effect, CancelTimer):
+            self._timer_seq.pop(effect.name, None)
+        elif isinstance(effect, Refuse):
+            exc = ProtocolError(Reason.UNEXPECTED, effect.detail, effect.message_type)
+            exc.route = effect.route
+            exc.peer = f"route {effect.route.hex()}" if effect.route is not None else effect.socket
+            self._reject(effect.socket, self._sockets[effect.socket], exc, effect.request_id)
+        elif isinstance(effect, Log):
+            self.log.log(effect.level, "%s", effect.text)
+        elif isinstance(effect, Stop):
+            self.log.info("stopping: %s", effect.reason)
+            self._stopping = True
+        else:
+            raise TypeError(f"unknown effect {effect!r}")
+
+    def _reject(self, name: str, sock: zmq.Socket, exc: ProtocolError, request_id: int = 0) -> None:
+        self.counters[f"rejected.{exc.reason.name}"] += 1
+        self.counters["rejected_total"] += 1
+        if self._may_log():
+            more = f" ({self._suppressed} similar lines suppressed)" if self._suppressed else ""
+            self._suppressed = 0
+            self.log.warning("rejected message from %s on %s: %s: %s%s", exc.peer, name, exc.reason.name, exc.detail, more)
+        else:
+            self._suppressed += 1
+            self.counters["rejected_log_suppressed"] += 1
+        if exc.route is None or sock.socket_type != zmq.ROUTER:
+            return  # only a ROUTER knows whom to answer; a DEALER's peer is a server
+        reply = Error(
+            request_id=request_id,
+            reason=int(exc.reason),
+            refers_to=exc.message_type if 0 <= exc.message_type < 256 else 0,
+            text=f"{exc.reason.name}: {exc.detail}",
+        )
+        self._perform(Send(name, reply, route=exc.route, cause="rejected"))
+
+    def _may_log(self) -> bool:
+        """A token bucket, so a peer spraying garbage cannot flood the log."""
+        now = self.clock()
+        self._log_tokens = min(float(LOG_BURST), self._log_tokens + (now - self._log_checked) * LOG_RATE)
+        self._log_checked = now
+        if self._log_tokens >= 1.0:
+            self._log_tokens -= 1.0
+            return True
+        return False
+
+    def _answer_status(self, name: str, route: bytes | None, query: StatusQuery) -> None:
+        now = self.clock()
+        try:
+            detail = dict(self.core.status(now))
+        except Exception:
+            self.counters["core_errors"] += 1
+            self.log.exception("%s core failed to report status", self.core.role)
+            detail = {"error": "core status failed; see the node's log"}
+        detail.setdefault("node_id", str(uuid.UUID(int=self.node_id)))
+        detail.setdefault("endpoints", {n: a for n, a in self.bound.items() if a})
+        reply = StatusReply(
+            request_id=query.request_id,
+            uptime_ms=int((now - self._started_at) * 1000),
+            pid=os.getpid(),
+            role=self.core.role,
+            version=f"{__version__} (protocol {PROTOCOL_VERSION})",
+            counters=dict(self.counters),
+            detail=detail,
+        )
+        self._perform(Send(name, reply, route=route, cause="status"))
+
+
+def _drain_pipe(sock: pysocket.socket) -> None:
+    try:
+        while sock.recv(512):
+            pass
+    except BlockingIOError:
+        pass

@@ -1,0 +1,1 @@
+"""The master tier (see ../shared/design.md); built by its own issue."""

@@ -1,0 +1,47 @@
+"""Protocol errors: one typed exception for everything a peer can get wrong, with a reason code.
+
+Like h11, we separate the two directions: ``ProtocolError`` is raised when a *peer* sent
+something malformed (the node logs it, counts it and goes on); ``EncodeError`` is raised when
+*this* process tried to send something that does not fit the catalogue (a bug, raised loudly).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Reason(enum.IntEnum):
+    """Why a received message was refused. Codes are stable: they travel in ERROR messages."""
+
+    SHORT_FRAME = 1  # frame 0 shorter than the headers it must hold
+    LONG_FRAME = 2  # bytes after the headers of a message type that has no body
+    BAD_MAGIC = 3  # not our protocol at all
+    BAD_VERSION = 4  # our protocol, another version
+    UNKNOWN_TYPE = 5  # a message type this node does not know
+    HEADER_LENGTH = 6  # header_length disagrees with the type's packed headers
+    BAD_BODY = 7  # body is not MessagePack, or does not match the type's schema
+    TOO_MANY_FRAMES = 8  # more raw frames than the body refers to, or over the limit
+    MISSING_FRAMES = 9  # the body refers to raw frames that did not come
+    TOO_LARGE = 10  # frame 0 or the whole message over the configured size limit
+    UNEXPECTED = 11  # well-formed, but not a message this node accepts here
+
+
+class ProtocolError(Exception):
+    """A peer sent a message that breaks the protocol.
+
+    ``reason`` says which rule it broke, ``detail`` says how, in words an operator can act on.
+    ``message_type`` is the refused type code when it could be read (else 0). Receivers fill in
+    ``peer`` (who sent it, for the log line) and ``route`` (to answer a ROUTER peer).
+    """
+
+    def __init__(self, reason: Reason, detail: str, message_type: int = 0) -> None:
+        super().__init__(f"{reason.name}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.message_type = message_type
+        self.peer: str = "?"
+        self.route: bytes | None = None
+
+
+class EncodeError(ValueError):
+    """This process tried to encode a message that does not fit the catalogue (a local bug)."""

@@ -1,0 +1,303 @@
+"""The message catalogue: every message of the system, in one place.
+
+Each class is one message type. Its docstring says what it means; ``sender``/``receiver`` say
+who sends it to whom; fields annotated with a C type (``U64`` …) form its packed header
+(``struct_name`` in ``cluster_proto.h``), the others its MessagePack body, in order.
+
+Evolution (also in doc/protocol.md):
+- Type codes are never reused. A new message type takes a new code; nodes that do not know it
+  reject it as UNKNOWN_TYPE, so send it only to peers whose status reports a version that has it.
+- A new body field may be appended at the end of a body with a default; older receivers ignore
+  trailing body fields they do not know, newer receivers fill in the default when it is absent.
+- Any other change (a header field added, removed, resized or reordered; a body field removed,
+  retyped or made required) changes the wire for every peer and bumps ``PROTOCOL_VERSION``.
+  Peers of different versions refuse each other's messages (BAD_VERSION) and say so in the log.
+
+The seed structs are kept under their seed names: ``worker_request`` (the task assignment:
+job uuid, program_length, num_input_files), ``worker_status``, ``file_request``, ``file_response``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proto.types import I32, U8, U16, U32, U64, Message, Payload
+
+# ---- every node ----------------------------------------------------------------------------
+
+
+class Error(Message, frozen=True, gc=False):
+    """The receiver refused a message: ``reason`` is a ``proto.errors.Reason`` code (or an
+    application code ≥ 1000), ``refers_to`` the refused message type (0 if unknown)."""
+
+    code = 1
+    struct_name = "error_message"
+    sender = "any node"
+    receiver = "the peer whose message it refused"
+
+    request_id: U64
+    reason: U16
+    refers_to: U8
+    text: str
+    detail: dict[str, Any] = {}
+
+
+class StatusQuery(Message, frozen=True, gc=False):
+    """Ask a node for its status; every node answers with STATUS_REPLY."""
+
+    code = 2
+    struct_name = "status_query"
+    sender = "CLI, operators, any node"
+    receiver = "any node"
+
+    request_id: U64
+
+
+class StatusReply(Message, frozen=True, gc=False):
+    """A node's role, uptime, version, counters and role-specific detail."""
+
+    code = 3
+    struct_name = "status_reply"
+    sender = "any node"
+    receiver = "whoever sent STATUS_QUERY"
+
+    request_id: U64
+    uptime_ms: U64
+    pid: U32
+    role: str
+    version: str
+    counters: dict[str, int]
+    detail: dict[str, Any] = {}
+
+
+class Heartbeat(Message, frozen=True, gc=False):
+    """Liveness, both ways (zguide ch. 4, Paranoid Pirate). ``epoch`` is the sender's term or
+    Binary Star epoch, ``sequence`` counts its heartbeats; a reply echoes the sequence."""
+
+    code = 4
+    struct_name = "heartbeat"
+    sender = "workers, balancers, probes"
+    receiver = "their peers"
+
+    epoch: U64
+    sequence: U64
+    reply: U8
+
+
+# ---- client ⇄ masters ----------------------------------------------------------------------
+
+
+class Submit(Message, frozen=True, gc=False):
+    """Submit a job. The idempotency key makes a retried submit land once (etcd-style)."""
+
+    code = 10
+    struct_name = "submit"
+    sender = "client"
+    receiver = "master leader"
+
+    request_id: U64
+    idempotency_key_upper: U64
+    idempotency_key_lower: U64
+    kind: str
+    spec: dict[str, Any]
+
+
+class SubmitAck(Message, frozen=True, gc=False):
+    """The job is committed by a quorum of masters at ``log_index``."""
+
+    code = 11
+    struct_name = "submit_ack"
+    sender = "master leader"
+    receiver = "client"
+
+    request_id: U64
+    job_uuid_upper: U64
+    job_uuid_lower: U64
+    log_index: U64
+
+
+class NotLeader(Message, frozen=True, gc=False):
+    """This master is not the leader; try ``leader`` (an address, or none while electing)."""
+
+    code = 12
+    struct_name = "not_leader"
+    sender = "master follower"
+    receiver = "client, balancer"
+
+    request_id: U64
+    term: U64
+    leader: str | None = None
+
+
+# ---- masters ⇄ balancers ⇄ workers ---------------------------------------------------------
+
+
+class WorkerRequest(Message, frozen=True, gc=False):
+    """Run a task (the seed's ``worker_request``). ``fence_term``/``fence_sequence`` are the
+    fencing token: receivers refuse tokens older than the newest they have seen."""
+
+    code = 20
+    struct_name = "worker_request"
+    sender = "balancer (for the master leader)"
+    receiver = "worker"
+
+    job_uuid_upper: U64
+    job_uuid_lower: U64
+    task_id: U64
+    fence_term: U64
+    fence_sequence: U64
+    program_length: U32
+    num_input_files: U32
+    kind: str
+    program: bytes
+    input_files: list[bytes]
+    arguments: dict[str, Any] = {}
+
+    def problem(self) -> str | None:
+        """The seed's lengths must agree with what the body carries."""
+        if self.program_length != len(self.program):
+            return f"program_length is {self.program_length}, the program has {len(self.program)} bytes"
+        if self.num_input_files != len(self.input_files):
+            return f"num_input_files is {self.num_input_files}, the body lists {len(self.input_files)}"
+        bad = [i for i, f in enumerate(self.input_files) if len(f) != 16]
+        if bad:
+            return f"input_files[{bad[0]}] is not a 16-byte file id"
+        return None
+
+
+class TaskResult(Message, frozen=True, gc=False):
+    """A task ended. ``outcome``: 0 done, 1 failed, 2 cancelled, 3 lost. Results live in
+    storage (``result_file``, a 16-byte file id); the ledger keeps ``summary``."""
+
+    code = 21
+    struct_name = "task_result"
+    sender = "worker"
+    receiver = "balancer, then master leader"
+
+    job_uuid_upper: U64
+    job_uuid_lower: U64
+    task_id: U64
+    fence_term: U64
+    fence_sequence: U64
+    outcome: U8
+    exit_code: I32
+    summary: dict[str, Any]
+    result_file: bytes | None = None
+    error: str | None = None
+
+
+class ResultAck(Message, frozen=True, gc=False):
+    """The task's completion is committed in the ledger; the worker may forget it."""
+
+    code = 22
+    struct_name = "result_ack"
+    sender = "master leader, via balancer"
+    receiver = "worker"
+
+    job_uuid_upper: U64
+    job_uuid_lower: U64
+    task_id: U64
+    fence_term: U64
+    fence_sequence: U64
+
+
+class WorkerStatus(Message, frozen=True, gc=False):
+    """A worker's capacity and capabilities (the seed's ``worker_status``); sent on
+    registration and whenever they change."""
+
+    code = 23
+    struct_name = "worker_status"
+    sender = "worker"
+    receiver = "balancer"
+
+    slots_total: U32
+    slots_free: U32
+    memory_free: U64
+    running: U32
+    labels: list[str] = []
+    capabilities: dict[str, Any] = {}
+
+
+class Credit(Message, frozen=True, gc=False):
+    """Flow-control credit (zguide ch. 7, FileMQ): the receiver grants ``amount`` more units
+    (``unit`` 0: task slots, 1: bytes) on ``stream``; nothing is sent beyond it."""
+
+    code = 24
+    struct_name = "credit"
+    sender = "workers (slots), storage receivers (bytes)"
+    receiver = "balancer, uploaders"
+
+    stream: U64
+    amount: U64
+    unit: U8
+
+
+# ---- storage ---------------------------------------------------------------------------------
+
+
+class FileRequest(Message, frozen=True, gc=False):
+    """Read ``length`` bytes at ``offset`` of an immutable file (the seed's ``file_request``)."""
+
+    code = 30
+    struct_name = "file_request"
+    sender = "worker, client"
+    receiver = "storage"
+
+    request_id: U64
+    file_id_upper: U64
+    file_id_lower: U64
+    offset: U64
+    length: U64
+
+
+class FileResponse(Message, frozen=True, gc=False):
+    """Bytes of a file (the seed's ``file_response``). ``status`` 0 ok, 1 not found,
+    2 range out of bounds, 3 corrupt replica; ``file_size`` is the whole file's size."""
+
+    code = 31
+    struct_name = "file_response"
+    sender = "storage"
+    receiver = "worker, client"
+
+    request_id: U64
+    file_id_upper: U64
+    file_id_lower: U64
+    offset: U64
+    file_size: U64
+    status: U8
+    payload: Payload
+    error: str | None = None
+
+
+class FileChunk(Message, frozen=True, gc=False):
+    """One chunk of an upload, within the credit the receiver granted. ``last`` is 1 on the
+    final chunk, whose arrival lets the receiver hash, fsync and rename the file."""
+
+    code = 32
+    struct_name = "file_chunk"
+    sender = "client, storage (replication)"
+    receiver = "storage"
+
+    upload_id: U64
+    offset: U64
+    last: U8
+    payload: Payload
+
+
+CATALOGUE: tuple[type[Message], ...] = (
+    Error,
+    StatusQuery,
+    StatusReply,
+    Heartbeat,
+    Submit,
+    SubmitAck,
+    NotLeader,
+    WorkerRequest,
+    TaskResult,
+    ResultAck,
+    WorkerStatus,
+    Credit,
+    FileRequest,
+    FileResponse,
+    FileChunk,
+)

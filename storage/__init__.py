@@ -1,0 +1,1 @@
+"""The storage tier (see ../shared/design.md); built by its own issue."""
