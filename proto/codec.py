@@ -205,6 +205,9 @@ class Codec:
         self._lo = node_id & _MASK64
         self._scratch = bytearray(256)
         self._encode_body_into = msgspec.msgpack.Encoder().encode_into
+        # Frame 0 of the message ``recv`` returned last: ZeroMQ keeps the peer's address on it,
+        # so a node can still say who sent a message its core refuses.
+        self.last_frame: zmq.Frame | None = None
 
     # ---- encoding ------------------------------------------------------------------------
 
@@ -311,7 +314,7 @@ class Codec:
                 # libzmq's ROUTER always puts the routing id before a message of ≥ 1 frame
                 raise self._blame(ProtocolError(Reason.SHORT_FRAME, "routing id with no message"), frame, route)
             frame = sock.recv(copy=False)
-        first = frame
+        first = self.last_frame = frame
         raw: list[Any] = []
         if frame.more:
             total, count = len(frame), 1
@@ -369,7 +372,9 @@ class Codec:
                 raise ProtocolError(Reason.BAD_BODY, f"{spec.name} has no body; it needs {', '.join(spec.body_fields)}", spec.code)
             try:
                 body = spec.body_decoder.decode(buf[hl:])
-            except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+                # ValidationError is a DecodeError; msgspec raises UnicodeDecodeError for a str
+                # that is not UTF-8 and RecursionError for a body nested too deeply.
                 raise ProtocolError(Reason.BAD_BODY, _explain_body(spec, exc), spec.code) from None
             values = h[4:] + _astuple(body)
         if spec.payload_slots:
@@ -412,7 +417,7 @@ def _diagnose(buf: Any) -> typing.NoReturn:
     raise ProtocolError(Reason.SHORT_FRAME, f"frame 0 has {n} bytes, {what} needs {need}", code or 0)
 
 
-def _explain_body(spec: MessageSpec, exc: msgspec.DecodeError) -> str:
+def _explain_body(spec: MessageSpec, exc: Exception) -> str:
     """msgspec says `$[2]`; an operator wants the field's name."""
     text = str(exc)
 

@@ -48,6 +48,7 @@ from cluster.runtime.events import (
     TimerFired,
 )
 from proto import PROTOCOL_VERSION, Codec, Limits, ProtocolError, Reason, new_node_id
+from proto.codec import describe_peer
 from proto.messages import Error, StatusQuery, StatusReply
 
 BATCH = 256  # messages drained from one socket before looking at the others and the timers
@@ -103,6 +104,7 @@ class NodeLoop:
         self._log_tokens = float(LOG_BURST)
         self._log_checked = 0.0
         self._suppressed = 0
+        self._current: tuple[zmq.Frame | None, int] | None = None  # the message being handled
 
     # ---- life cycle ----------------------------------------------------------------------
 
@@ -217,7 +219,9 @@ class NodeLoop:
             if type(message) is StatusQuery:
                 self._answer_status(name, route, message)
                 continue
+            self._current = (self.codec.last_frame, sender)
             self._dispatch(MessageReceived(name, route, sender, message, self._stimulus("msg")))
+            self._current = None
             if self._stopping:
                 return
 
@@ -270,7 +274,10 @@ class NodeLoop:
         elif isinstance(effect, Refuse):
             exc = ProtocolError(Reason.UNEXPECTED, effect.detail, effect.message_type)
             exc.route = effect.route
-            exc.peer = f"route {effect.route.hex()}" if effect.route is not None else effect.socket
+            frame, sender = self._current or (None, None)
+            exc.peer = describe_peer(frame, effect.route)
+            if sender is not None:
+                exc.peer += f" (node {uuid.UUID(int=sender)})"
             self._reject(effect.socket, self._sockets[effect.socket], exc, effect.request_id)
         elif isinstance(effect, Log):
             self.log.log(effect.level, "%s", effect.text)

@@ -1,0 +1,34 @@
+"""House rule: node cores and the event vocabulary touch no I/O (sockets, clocks, threads, disk)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FORBIDDEN = {"zmq", "time", "threading", "os", "socket", "asyncio", "subprocess", "pysyncobj", "signal", "random", "select"}
+PURE = sorted(
+    p for pkg in ("cluster", "master", "balancer", "storage", "worker") for p in (ROOT / pkg).rglob("core.py")
+) + [ROOT / "cluster/runtime/events.py"]
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_there_are_cores_to_check():
+    assert ROOT / "cluster/probe/core.py" in PURE
+
+
+@pytest.mark.parametrize("path", PURE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_imports_no_io(path):
+    bad = imported_roots(path) & FORBIDDEN
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}: cores take `now` and return effects"
