@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml deploy/system-packages.sh
 
 test: $(STAMP)
 	$(VENV)/bin/python -m proto.cheader --check
+	$(VENV)/bin/python -m proto.doctable --check
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP)
