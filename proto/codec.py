@@ -217,7 +217,10 @@ class Codec:
         if spec is None:
             raise EncodeError(f"{type(message).__name__} is not a message of the catalogue")
         if spec.checked:
-            problem = message.problem()  # type: ignore[attr-defined]
+            try:
+                problem = message.problem()  # type: ignore[attr-defined]
+            except TypeError as exc:  # a field of the wrong type, e.g. program=None
+                raise EncodeError(f"{spec.name}: {exc}") from exc
             if problem:
                 raise EncodeError(f"{spec.name}: {problem}")
         values = _astuple(message)
@@ -396,7 +399,8 @@ class Codec:
 
 
 def _nbytes(buf: Any) -> int:
-    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+    nbytes = getattr(buf, "nbytes", None)  # memoryview, numpy array: bytes, not rows
+    return nbytes if isinstance(nbytes, int) else len(buf)
 
 
 def _diagnose(buf: Any) -> typing.NoReturn:
