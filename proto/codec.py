@@ -326,7 +326,9 @@ class Codec:
                 count += 1
                 total += len(frame)
                 if count <= self.limits.max_frames:
-                    raw.append(frame.buffer)
+                    # Read-only: over inproc the view is the sender's own buffer, and even
+                    # over tcp a received message is a fact, not scratch space.
+                    raw.append(frame.buffer.toreadonly())
             try:
                 self._check_size(count, total)
             except ProtocolError as exc:

@@ -156,3 +156,25 @@ def test_routing_id_without_a_message_is_refused(ctx):
     assert "routing id" in info.value.detail and info.value.route == b"lonely-route"
     b.send_multipart([b"route-2", codec.encode(Heartbeat(3, 4, 1))[0]])
     assert recv(codec, a) == (b"route-2", CLIENT_NODE, Heartbeat(3, 4, 1))
+
+
+def test_received_raw_payload_is_a_read_only_view_of_the_sender_buffer_over_inproc():
+    from proto.messages import FileChunk
+
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://readonly-payload")
+        b.connect("inproc://readonly-payload")
+        payload = bytes(200_000)
+        Codec(1).send(a, FileChunk(1, 0, 1, payload))
+        assert b.poll(5000)
+        message = Codec(2).recv(b)[2]
+        assert message.payload.readonly
+        with pytest.raises(TypeError):
+            message.payload[0] = 65
+        assert payload[0] == 0
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()
