@@ -102,10 +102,6 @@ class MessageSpec:
     payload_positions: tuple[int, ...]  # the same among all fields (header first)
     checked: bool  # the class defines cross-field checks (``problem``)
 
-    @property
-    def specific_size(self) -> int:
-        return self.header_length - GENERIC_SIZE
-
 
 def _build_spec(cls: type[Message]) -> MessageSpec:
     hints = typing.get_type_hints(cls, include_extras=True)
