@@ -1,0 +1,159 @@
+"""The tile contract: one block of the DP matrix with its borders in and out.
+
+Rows are reference letters (parasail's s2), columns query letters (its s1). A tile covers
+reference letters ``row0 .. row0 + T - 1`` and query letters ``col0 .. col0 + W - 1``.
+
+In: ``top_h`` (W + 1 values: H of the row above, ``top_h[0]`` being the corner above-left),
+``top_f`` (W: F of the row above), ``left_h`` and ``left_e`` (T: H and E of the column to the
+left). Out: ``bottom_h`` (W + 1; ``bottom_h[0]`` is ``left_h[T - 1]``, the corner of the tile
+below), ``bottom_f``, ``right_h``, ``right_e``, and the best cell: the highest H, first in
+row-major order, in global coordinates (``end_b`` = reference row, ``end_a`` = query column).
+A tile whose best is 0 reports its first cell. Tiles stitched together are bit-exact against
+the whole matrix. The matrix edges are ``edge_top``/``edge_left`` (H = 0, E/F = NEG).
+
+Block pruning: given ``best_so_far`` and the distances to the matrix end, a tile that provably
+cannot reach ``best_so_far`` (max H or E/F in + match * min(rows, cols to the end) <
+best_so_far, strict) is skipped: its outputs are H = 0 and E/F = NEG, and ``pruned`` is set.
+Such outputs are lower bounds that cannot change any cell scoring ``best_so_far`` or more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels
+from .scoring import Scoring, query_codes
+
+NEG = -(2**28)
+# Band height and block width: 64-128 wide blocks keep the per-row overhead small; about 300
+# rows per band let a lane roll from band to band (the ramp is paid once per rectangle) and
+# keep the int16 range of a sub-tile far below 32,767 (doc/kernels.md).
+BLOCK = 128
+BAND = 320
+
+
+@dataclass(frozen=True, slots=True)
+class TileResult:
+    """A computed tile: its outgoing borders and its best cell (global coordinates)."""
+
+    bottom_h: np.ndarray
+    bottom_f: np.ndarray
+    right_h: np.ndarray
+    right_e: np.ndarray
+    score: int
+    end_a: int
+    end_b: int
+    pruned: bool = False
+    fallback_steps: int = 0
+
+
+def edge_top(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The borders above the first row of the matrix: H = 0, F = NEG."""
+    return np.zeros(width + 1, np.int32), np.full(width, NEG, np.int32)
+
+
+def edge_left(height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The borders left of the first column of the matrix: H = 0, E = NEG."""
+    return np.zeros(height, np.int32), np.full(height, NEG, np.int32)
+
+
+def _params(scoring: Scoring, row0: int, col0: int) -> np.ndarray:
+    return np.array([scoring.gap_open, scoring.gap_extend, scoring.match, scoring.mismatch,
+                     row0, col0], np.int64)
+
+
+def compute_rectangle(build: kernels.Build, a_q: np.ndarray, b: np.ndarray,
+                      bnd_h: np.ndarray, bnd_f: np.ndarray, col_h: np.ndarray,
+                      col_e: np.ndarray, scoring: Scoring, row0: int, col0: int,
+                      best: np.ndarray) -> int:
+    """Compute a rectangle in place (borders top -> bottom, left -> right), raising ``best``.
+
+    The driver wants whole bands and whole blocks; the remainders become a right strip and a
+    bottom strip, computed the same way. Returns the number of int32 fallback steps.
+    """
+    T, W = len(b), len(a_q)
+    if T == 0 or W == 0:
+        if W == 0 and T > 0:
+            bnd_h[0] = col_h[T - 1]
+        return 0
+    L = build.lanes
+    wb = min(BLOCK, W)
+    nblocks = W // wb
+    wmain = nblocks * wb
+    hb = max(1, min(BAND, T // L))
+    nbands = T // hb
+    tmain = nbands * hb
+    right_top = bnd_h[wmain:].copy()  # the right strip's top row, corner included
+    starts = _schedule(nbands, nblocks, L)
+    fallbacks = build.drive(a_q[:wmain], b[:tmain], bnd_h[:wmain + 1], bnd_f[:wmain],
+                            col_h[:tmain], col_e[:tmain], nbands, hb, nblocks, wb, starts,
+                            _params(scoring, row0, col0), best)
+    if wmain < W:
+        fallbacks += compute_rectangle(build, a_q[wmain:], b[:tmain], right_top,
+                                       bnd_f[wmain:], col_h[:tmain], col_e[:tmain], scoring,
+                                       row0, col0 + wmain, best)
+        bnd_h[wmain + 1:] = right_top[1:]
+    if tmain < T:
+        fallbacks += compute_rectangle(build, a_q, b[tmain:], bnd_h, bnd_f, col_h[tmain:],
+                                       col_e[tmain:], scoring, row0 + tmain, col0, best)
+    return fallbacks
+
+
+def _schedule(nbands: int, nblocks: int, lanes: int) -> np.ndarray:
+    """Start step of every band: one after the band above, and not before its lane is free."""
+    starts = np.zeros(max(nbands, 1), np.int64)
+    for k in range(1, nbands):
+        s = starts[k - 1] + 1
+        if k >= lanes:
+            s = max(s, starts[k - lanes] + nblocks)
+        starts[k] = s
+    return starts
+
+
+def _as_border(values, length: int, name: str) -> np.ndarray:
+    arr = np.ascontiguousarray(values, dtype=np.int64)
+    if arr.shape != (length,):
+        raise ValueError(f"{name} must hold {length} values, got shape {arr.shape}")
+    if arr.size and (arr.max() > 2**30 or arr.min() < NEG):
+        raise ValueError(f"{name} holds values outside [{NEG}, 2^30]")
+    return arr.astype(np.int32)
+
+
+def sw_tile(a: np.ndarray, b: np.ndarray, top_h, top_f, left_h, left_e, row0: int = 0,
+            col0: int = 0, scoring: Scoring = Scoring(), *, kernel: str = "int16",
+            best_so_far: int | None = None, rows_to_end: int | None = None,
+            cols_to_end: int | None = None) -> TileResult:
+    """Compute one tile (see the module docstring for the contract).
+
+    ``a``/``b`` are codes from ``scoring.encode`` (query and reference segments). ``kernel``
+    picks the build: "int16" (int16 lanes, exact int32 fallback per step) or "int32". Pruning
+    applies when ``best_so_far`` is given; ``rows_to_end``/``cols_to_end`` default to the
+    tile's own size (a tile at the matrix end).
+    """
+    a = np.ascontiguousarray(a, dtype=np.uint8)
+    b = np.ascontiguousarray(b, dtype=np.uint8)
+    T, W = len(b), len(a)
+    bnd_h = _as_border(top_h, W + 1, "top_h")
+    bnd_f = _as_border(top_f, W, "top_f")
+    col_h = _as_border(left_h, T, "left_h")
+    col_e = _as_border(left_e, T, "left_e")
+    if (bnd_h.size and bnd_h.min() < 0) or (col_h.size and col_h.min() < 0):
+        raise ValueError("H borders must be >= 0 in a local alignment")
+    scoring.check_lengths(W, T)
+    if best_so_far is not None and T and W:
+        reach = scoring.match * min(rows_to_end if rows_to_end is not None else T,
+                                    cols_to_end if cols_to_end is not None else W)
+        inputs = max(int(bnd_h.max()), int(col_h.max()), int(bnd_f.max()), int(col_e.max()))
+        if inputs + reach < best_so_far:
+            bottom_h = np.zeros(W + 1, np.int32)
+            bottom_h[0] = col_h[-1]
+            return TileResult(bottom_h, np.full(W, NEG, np.int32), np.zeros(T, np.int32),
+                              np.full(T, NEG, np.int32), 0, col0, row0, pruned=True)
+    best = np.array([0, row0, col0], np.int64)
+    build = kernels.load(kernel)
+    fallbacks = compute_rectangle(build, query_codes(a), b, bnd_h, bnd_f, col_h, col_e,
+                                  scoring, row0, col0, best)
+    return TileResult(bnd_h, bnd_f, col_h, col_e, int(best[0]), int(best[2]), int(best[1]),
+                      fallback_steps=fallbacks)
