@@ -96,7 +96,8 @@ def module_source(name: str) -> str:
                f"types.int64, {arr}, {arr}, {arr}, {arr}, {i64}, {i64}, {arr})")
         parts.append(f"{fn} = njit({sig}, nogil=True, cache=True)({fn})")
     first_fn, first_dtype, first_lanes = BUILDS[name][0]
-    parts.append(f"KERNEL = {first_fn}\nLANES = {first_lanes}\nDT = np.{first_dtype}")
+    parts.append(f"KERNEL = {first_fn}\nLANES = {first_lanes}\nDT = np.{first_dtype}\n"
+                 f"DT_MIN = np.iinfo(DT).min\nDT_MAX = np.iinfo(DT).max")
     parts.append(f"KERNEL32 = kernel32\nLANES32 = 8\nNARROW = {first_dtype == 'int16'}")
     lanes_py = Path(__file__).with_name("lanes.py").read_text()
     parts.append(lanes_py)

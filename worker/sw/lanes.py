@@ -45,7 +45,7 @@ def better(score, row, col, best):
 
 @njit(nogil=True, cache=True)
 def fill(lane, kl, stride, j, wb, hb, base, clampv, corner_in, a, b, r0, bnd_h, bnd_f,
-         lcol_h, lcol_e, L, go, rowh, rowf, qc, rc, colh, cole, corner, load_rc):
+         lcol_h, lcol_e, L, go, rowh, rowf, qc, rc, colh, cole, corner, load_rc, load_col):
     """Copy logical lane ``lane``'s step inputs, relative to ``base``, into kernel lane ``kl``
     of buffers laid out with ``stride`` lanes."""
     c0 = j * wb
@@ -54,10 +54,11 @@ def fill(lane, kl, stride, j, wb, hb, base, clampv, corner_in, a, b, r0, bnd_h, 
         f = bnd_f[c0 + c]
         rowf[c * stride + kl] = (f if f > clampv else clampv) - base
         qc[c * stride + kl] = a[c0 + c]
-    for r in range(hb):
-        colh[r * stride + kl] = lcol_h[r * L + lane] - base
-        e = lcol_e[r * L + lane]
-        cole[r * stride + kl] = (e if e > clampv else clampv) - base
+    if load_col:
+        for r in range(hb):
+            colh[r * stride + kl] = lcol_h[r * L + lane] - base
+            e = lcol_e[r * L + lane]
+            cole[r * stride + kl] = (e if e > clampv else clampv) - base
     if load_rc:
         for r in range(hb):
             rc[r * stride + kl] = b[r0 + r]
@@ -66,12 +67,15 @@ def fill(lane, kl, stride, j, wb, hb, base, clampv, corner_in, a, b, r0, bnd_h, 
 
 @njit(nogil=True, cache=True)
 def spill(lane, kl, stride, j, wb, hb, base, bnd_h, bnd_f, lcol_h, lcol_e, L, go, rowh, rowf,
-          colh, cole):
+          colh, cole, spill_row, spill_col):
     """Copy kernel lane ``kl``'s outputs back into canonical int32, adding ``base``."""
     c0 = j * wb
-    for c in range(wb):
-        bnd_h[c0 + 1 + c] = np.int32(rowh[c * stride + kl] + go + base)
-        bnd_f[c0 + c] = np.int32(rowf[c * stride + kl] + base)
+    if spill_row:
+        for c in range(wb):
+            bnd_h[c0 + 1 + c] = np.int32(rowh[c * stride + kl] + go + base)
+            bnd_f[c0 + c] = np.int32(rowf[c * stride + kl] + base)
+    if not spill_col:
+        return
     for r in range(hb):
         lcol_h[r * L + lane] = np.int32(colh[r * stride + kl] + base)
         lcol_e[r * L + lane] = np.int32(cole[r * stride + kl] + base)
@@ -143,11 +147,15 @@ def drive(a, b, bnd_h, bnd_f, col_h, col_e, nbands, hb, nblocks, wb, starts, prm
     block = np.zeros(L, np.int64)
     base = np.zeros(L, np.int64)
     clampv = np.zeros(L, np.int64)
+    # The base of the lane's column while it stays in the narrow kernel buffer between steps
+    # (no conversion while the base holds); NONE: the canonical int32 copy is current.
+    NONE = -(2**62)
+    col_base = np.full(L, NONE, np.int64)
     fallbacks = 0
     nsteps = starts[nbands - 1] + nblocks
     for s in range(nsteps):
         active = 0
-        narrow = NARROW
+        narrow = True
         for lane in range(L):
             band[lane] = -1
             k = lane
@@ -170,10 +178,10 @@ def drive(a, b, bnd_h, bnd_f, col_h, col_e, nbands, hb, nblocks, wb, starts, prm
                     lcol_e[r * L + lane] = e
                     cmin = min(cmin, h)
                     cmax = max(cmax, h, e)
-                    if NARROW:
-                        rc[r * L + lane] = b[r0 + r]
+                    rc[r * L + lane] = b[r0 + r]
                 lane_cmin[lane] = cmin
                 lane_cmax[lane] = cmax
+                col_base[lane] = NONE
                 step_corner[lane] = bnd_h[0]
                 bnd_h[0] = col_h[r0 + hb - 1]
             else:
@@ -209,10 +217,15 @@ def drive(a, b, bnd_h, bnd_f, col_h, col_e, nbands, hb, nblocks, wb, starts, prm
                 if k < 0:
                     continue
                 bs = base[lane]
+                reload = col_base[lane] != bs
+                if reload and col_base[lane] != NONE:
+                    spill(lane, lane, L, block[lane], wb, hb, col_base[lane], bnd_h, bnd_f,
+                          lcol_h, lcol_e, L, go, rowh, rowf, colh, cole, False, True)
                 fill(lane, lane, L, block[lane], wb, hb, bs, clampv[lane], step_corner[lane],
                      a, b, k * hb, bnd_h, bnd_f, lcol_h, lcol_e, L, go, rowh, rowf, qc, rc,
-                     colh, cole, corner, False)
-                cand[lane] = max(min(best[0] - 1 - bs, I16_MAX), I16_MIN)
+                     colh, cole, corner, False, reload)
+                col_base[lane] = bs
+                cand[lane] = max(min(best[0] - 1 - bs, DT_MAX), DT_MIN)
                 cand_r[lane] = -1
             KERNEL(rowh, rowf, colh, cole, qc, rc, hb, wb, corner, floor, kprm, cand, cand_r,
                    cand_c, colext)
@@ -222,15 +235,19 @@ def drive(a, b, bnd_h, bnd_f, col_h, col_e, nbands, hb, nblocks, wb, starts, prm
                     continue
                 bs = base[lane]
                 spill(lane, lane, L, block[lane], wb, hb, bs, bnd_h, bnd_f, lcol_h, lcol_e, L,
-                      go, rowh, rowf, colh, cole)
+                      go, rowh, rowf, colh, cole, True, False)
                 lane_cmin[lane] = colext[lane] + bs
                 lane_cmax[lane] = colext[L + lane] + bs
                 if cand_r[lane] >= 0:
                     take_candidate(cand[lane] + bs, cand_r[lane], cand_c[lane], k, block[lane],
                                    hb, wb, row0, col0, best)
         else:
-            if NARROW:
-                fallbacks += 1
+            fallbacks += 1
+            for lane in range(L):
+                if band[lane] >= 0 and col_base[lane] != NONE:
+                    spill(lane, lane, L, block[lane], wb, hb, col_base[lane], bnd_h, bnd_f,
+                          lcol_h, lcol_e, L, go, rowh, rowf, colh, cole, False, True)
+                    col_base[lane] = NONE
             for g in range(L // W):
                 any_active = False
                 for kl in range(W):
@@ -241,7 +258,7 @@ def drive(a, b, bnd_h, bnd_f, col_h, col_e, nbands, hb, nblocks, wb, starts, prm
                     any_active = True
                     fill(lane, kl, W, block[lane], wb, hb, 0, clampv[lane], step_corner[lane],
                          a, b, k * hb, bnd_h, bnd_f, lcol_h, lcol_e, L, go, rowh32, rowf32,
-                         qc32, rc32, colh32, cole32, corner32, True)
+                         qc32, rc32, colh32, cole32, corner32, True, True)
                     cand32[kl] = max(min(best[0] - 1, I32_MAX), I32_MIN)
                     cand_r[kl] = -1
                 if not any_active:
@@ -254,7 +271,7 @@ def drive(a, b, bnd_h, bnd_f, col_h, col_e, nbands, hb, nblocks, wb, starts, prm
                     if k < 0:
                         continue
                     spill(lane, kl, W, block[lane], wb, hb, 0, bnd_h, bnd_f, lcol_h, lcol_e,
-                          L, go, rowh32, rowf32, colh32, cole32)
+                          L, go, rowh32, rowf32, colh32, cole32, True, True)
                     lane_cmin[lane] = colext32[kl]
                     lane_cmax[lane] = colext32[W + kl]
                     if cand_r[kl] >= 0:
@@ -263,6 +280,10 @@ def drive(a, b, bnd_h, bnd_f, col_h, col_e, nbands, hb, nblocks, wb, starts, prm
         for lane in range(L):
             k = band[lane]
             if k >= 0 and block[lane] == nblocks - 1:
+                if col_base[lane] != NONE:
+                    spill(lane, lane, L, block[lane], wb, hb, col_base[lane], bnd_h, bnd_f,
+                          lcol_h, lcol_e, L, go, rowh, rowf, colh, cole, False, True)
+                    col_base[lane] = NONE
                 r0 = k * hb
                 for r in range(hb):
                     col_h[r0 + r] = lcol_h[r * L + lane]
