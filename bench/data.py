@@ -21,9 +21,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyfastx
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from worker.sw.fasta import RecordNotFound, read_fasta  # noqa: E402  (re-exported)
+
+__all__ = ["RecordNotFound", "ensure_data", "read_fasta"]
+
 SCRIPT = ROOT / "deploy" / "fetch-data.sh"
 DATA_DIR = ROOT / "data"
 FILES = {
@@ -32,10 +37,6 @@ FILES = {
     "hpylori_a": "hpylori_a.fa",
     "hpylori_b": "hpylori_b.fa",
 }
-
-
-class RecordNotFound(LookupError):
-    """A FASTA file without the requested record (or without any record)."""
 
 
 def ensure_data(data_dir: Path | None = None) -> dict[str, Path]:
@@ -51,37 +52,6 @@ def ensure_data(data_dir: Path | None = None) -> dict[str, Path]:
         if still:
             raise RuntimeError(f"{SCRIPT} ran but did not make {', '.join(still)}")
     return paths
-
-
-def _record_name(name: str, comment: str | None) -> str:
-    """The record's identifier: the first header word; ``> cat`` (space after '>') gives 'cat'."""
-    if name:
-        return name
-    return (comment or "").split()[0] if (comment or "").split() else ""
-
-
-def _matches(wanted: str, name: str) -> bool:
-    """Exact name, or one '|' field of an NCBI-style name (``NC_017366.1`` in ``gi|..|ref|NC_017366.1|``)."""
-    return wanted == name or wanted in name.split("|")
-
-
-def read_fasta(path: str | os.PathLike, record: str | None = None) -> tuple[str, str]:
-    """(name, sequence) of the first record of a FASTA file (plain or gzipped), or of the record
-    named ``record``. The sequence keeps the file's letters and case (``encode`` maps lower
-    case to the same codes). Raises RecordNotFound if there is no such record."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no FASTA file at {path}")
-    names = []
-    for name, seq, comment in pyfastx.Fastx(str(path), format="fasta", comment=True):
-        name = _record_name(name, comment)
-        if record is None or _matches(record, name):
-            return name, seq
-        names.append(name)
-    if record is None:
-        raise RecordNotFound(f"{path}: no FASTA record in the file")
-    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
-    raise RecordNotFound(f"{path}: no record named {record!r}; records: {shown or 'none'}")
 
 
 def main() -> None:

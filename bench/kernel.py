@@ -34,10 +34,8 @@ and saturates at 65535, not at 32767). The exit code is 1 if any of our variants
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -49,9 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import parasail  # noqa: E402
 
+from bench import machine  # noqa: E402
 from bench.data import ensure_data, read_fasta  # noqa: E402
 from worker.sw import Scoring, align, encode  # noqa: E402
 from worker.sw import kernels  # noqa: E402
@@ -254,44 +252,10 @@ def cpu_flags() -> list[str]:
 def machine_info() -> dict:
     import numba
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
-        "cpu_simd_flags": cpu_flags(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "parasail": getattr(parasail, "__version__", "?"),
-        "loadavg_start": list(os.getloadavg()),
-    }
-
-
-def cpu_times() -> list[int] | None:
-    try:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-
-
-def cpu_shares(before: list[int] | None, after: list[int] | None) -> dict | None:
-    if not before or not after or len(before) < 8:
-        return None
-    d = [y - x for x, y in zip(before, after)]
-    total = sum(d[:8]) or 1
-    return {"busy": (total - d[3] - d[4] - d[7]) / total, "idle": (d[3] + d[4]) / total,
-            "steal": d[7] / total}
+    info = machine.machine_info(numba=numba.__version__,
+                                parasail=getattr(parasail, "__version__", "?"))
+    info["cpu_simd_flags"] = cpu_flags()
+    return info
 
 
 def fmt_agree(r: dict) -> str:
@@ -377,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     all_cpus = set(os.sched_getaffinity(0))
     res: dict[str, Any] = {"machine": machine_info()}
-    cpu_before = cpu_times()
+    cpu_before = machine.cpu_times()
     log("loading kernels (compile or cache) …")
     res["kernels"] = {}
     for name in ("int32", "int16"):
@@ -419,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["kind"] == "parasail" and r["agrees_with_parasail_sw_striped_32"] is False]
     res["all_ours_agree"] = not res["disagreements"]
     res["machine"]["loadavg_end"] = list(os.getloadavg())
-    res["machine"]["cpu_shares_during_run"] = cpu_shares(cpu_before, cpu_times())
+    res["machine"]["cpu_shares_during_run"] = machine.cpu_shares(cpu_before, machine.cpu_times())
     res["elapsed_s"] = time.perf_counter() - started
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,11 +24,9 @@ What it measures, for payloads of 64 B, 1 KiB, 64 KiB and 1 MiB:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +42,7 @@ import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
+from bench import machine  # noqa: E402
 from proto.codec import DEFAULT_LIMITS, Codec, new_node_id  # noqa: E402
 from proto.messages import FileChunk, FileRequest, FileResponse  # noqa: E402
 
@@ -512,46 +511,9 @@ def run_zero_copy(quick: bool) -> dict:
 # ---- report ----------------------------------------------------------------------------------
 
 
-def cpu_times() -> list[int] | None:
-    """The aggregate ``cpu`` line of /proc/stat (user nice system idle iowait irq softirq steal …)."""
-    try:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-
-
-def cpu_shares(before: list[int] | None, after: list[int] | None) -> dict | None:
-    """Where the machine's CPU time went between two samples (steal: taken by the hypervisor)."""
-    if not before or not after or len(before) < 8:
-        return None
-    d = [b - a for a, b in zip(before, after)]
-    total = sum(d[:8]) or 1
-    return {"busy": (total - d[3] - d[4] - d[7]) / total, "idle": (d[3] + d[4]) / total, "steal": d[7] / total}
-
-
 def machine_info() -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu": cpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "pyzmq": zmq.__version__,
-        "libzmq": zmq.zmq_version(),
-        "msgspec": msgspec.__version__,
-        "numpy": np.__version__,
-        "loadavg_start": list(os.getloadavg()),
-    }
+    return machine.machine_info(pyzmq=zmq.__version__, libzmq=zmq.zmq_version(),
+                                msgspec=msgspec.__version__)
 
 
 def print_report(res: dict) -> None:
@@ -671,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             "processes": "multiprocessing spawn; persistent sender/receiver (client/server) processes, fresh sockets per trial",
         },
     }
-    cpu_before = cpu_times()
+    cpu_before = machine.cpu_times()
     mpctx = mp.get_context("spawn")
     a = Worker(mpctx, "bench-a")
     b = Worker(mpctx, "bench-b")
@@ -686,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     log("zero-copy evidence …")
     res["zero_copy"] = run_zero_copy(args.quick)
     res["machine"]["loadavg_end"] = list(os.getloadavg())
-    res["machine"]["cpu_shares_during_run"] = cpu_shares(cpu_before, cpu_times())
+    res["machine"]["cpu_shares_during_run"] = machine.cpu_shares(cpu_before, machine.cpu_times())
     res["elapsed_s"] = time.perf_counter() - started
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.naive import naive_align, naive_tile
-from worker.sw import Scoring, align, edge_left, edge_top, kernels, sw_tile
+from worker.sw import Scoring, align, edge_left, edge_top, encode, kernels, sw_tile
 from worker.sw.tile import NEG
 
 BUILDS = ("int32", "int16")
@@ -219,17 +219,11 @@ def test_entry_point_json(tmp_path):
                           "rb", "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    exp = naive_align(*[list(kernels_codes(s)) for s in ("ACGTACGTNNacgtacgtACGTAAAA",
-                                                        "GGACGTACGTACGTACGTCC")], Scoring())
+    exp = naive_align(*[list(encode(s)) for s in ("ACGTACGTNNacgtacgtACGTAAAA",
+                                                 "GGACGTACGTACGTACGTCC")], Scoring())
     assert (got["score"], got["end_a"], got["end_b"]) == exp
     assert got["cells"] == 26 * 20 and got["threads"] == 1 and got["seconds"] >= 0
     assert set(got) == {"score", "end_a", "end_b", "cells", "seconds", "gcups", "threads"}
-
-
-def kernels_codes(seq: str):
-    from worker.sw import encode
-
-    return encode(seq)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import kernels
 from .scoring import Scoring, encode, query_codes
-from .tile import NEG, compute_rectangle, edge_left, edge_top
+from .tile import compute_rectangle, edge_left, edge_top, prunable, pruned_borders
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +91,7 @@ def _wavefront(build, a_q, b, scoring, threads, tile):
     bottoms = {}  # column index -> (h, f) bottom borders of the latest tile in that column
     rights = {}   # row index -> (h, e)
     for cj, (j0, j1) in enumerate(cols):
-        bottoms[cj] = (np.zeros(j1 - j0 + 1, np.int32), edge_top(j1 - j0)[1])
+        bottoms[cj] = edge_top(j1 - j0)
     for ri, (i0, i1) in enumerate(rows):
         rights[ri] = edge_left(i1 - i0)
     best = np.array([0, 0, 0], np.int64)
@@ -103,16 +103,11 @@ def _wavefront(build, a_q, b, scoring, threads, tile):
         j0, j1 = cols[cj]
         top_h, top_f = bottoms[cj]
         left_h, left_e = rights[ri]
-        top_h = top_h.copy()  # top_h[0], the corner, is left_h[-1] of the tile above
-        reach = scoring.match * min(m - i0, n - j0)
-        inputs = max(int(top_h.max()), int(left_h.max()), int(top_f.max()),
-                     int(left_e.max()))
         tile_best = np.array([0, i0, j0], np.int64)
-        if inputs + reach < floor_best:
-            bh = np.zeros(j1 - j0 + 1, np.int32)
-            bh[0] = left_h[-1]
-            return (ri, cj, bh, np.full(j1 - j0, NEG, np.int32), np.zeros(i1 - i0, np.int32),
-                    np.full(i1 - i0, NEG, np.int32), tile_best, 0, True)
+        if prunable(top_h, top_f, left_h, left_e, scoring, m - i0, n - j0, floor_best):
+            return (ri, cj, *pruned_borders(j1 - j0, i1 - i0, int(left_h[-1])), tile_best, 0,
+                    True)
+        top_h = top_h.copy()  # top_h[0], the corner, is left_h[-1] of the tile above
         top_f = top_f.copy()
         left_h = left_h.copy()
         left_e = left_e.copy()
@@ -130,7 +125,7 @@ def _wavefront(build, a_q, b, scoring, threads, tile):
                 rights[ri] = (rh, re_)
                 fallbacks += fb
                 pruned += was_pruned
-                if tb[0] > 0 and (tb[0] > best[0] or (tb[0] == best[0] and (
-                        tb[1] < best[1] or (tb[1] == best[1] and tb[2] < best[2])))):
+                # highest score, then smallest reference row, then query column
+                if tb[0] > 0 and (-tb[0], tb[1], tb[2]) < (-best[0], best[1], best[2]):
                     best[:] = tb
     return best, fallbacks, pruned

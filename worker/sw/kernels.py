@@ -90,11 +90,7 @@ def module_source(name: str) -> str:
              "import numpy as np", "from numba import njit, types", kernelgen.RESCAN_SOURCE]
     for fn, dtype, lanes in BUILDS[name]:
         parts.append(kernelgen.kernel_source(fn, dtype, lanes))
-        arr = f"types.{dtype}[::1]"
-        i64 = "types.int64[::1]"
-        sig = (f"types.void({arr}, {arr}, {arr}, {arr}, {arr}, {arr}, types.int64, "
-               f"types.int64, {arr}, {arr}, {arr}, {arr}, {i64}, {i64}, {arr})")
-        parts.append(f"{fn} = njit({sig}, nogil=True, cache=True)({fn})")
+        parts.append(_compile_line(fn, dtype, cache=True))
     first_fn, first_dtype, first_lanes = BUILDS[name][0]
     parts.append(f"KERNEL = {first_fn}\nLANES = {first_lanes}\nDT = np.{first_dtype}\n"
                  f"DT_MIN = np.iinfo(DT).min\nDT_MAX = np.iinfo(DT).max")
@@ -106,6 +102,16 @@ def module_source(name: str) -> str:
         "types.int32[::1], types.int32[::1], types.int32[::1], types.int64, types.int64, "
         "types.int64, types.int64, types.int64[::1], types.int64[::1], types.int64[::1]))")
     return "\n\n".join(parts) + "\n"
+
+
+def _compile_line(fn: str, dtype: str, cache: bool) -> str:
+    """The generated line compiling kernel ``fn`` eagerly with its explicit signature (see
+    kernelgen.KERNEL_ARGS)."""
+    arr = f"types.{dtype}[::1]"
+    i64 = "types.int64[::1]"
+    sig = (f"types.void({arr}, {arr}, {arr}, {arr}, {arr}, {arr}, types.int64, types.int64, "
+           f"{arr}, {arr}, {arr}, {arr}, {i64}, {i64}, {arr})")
+    return f"{fn} = njit({sig}, nogil=True, cache={cache})({fn})"
 
 
 def build_id(name: str, source: str) -> str:
@@ -203,14 +209,10 @@ def kernel_asm(name: str, directory: Path) -> str:
     """Assembly of build ``name``'s lane kernel, compiled afresh (cached code cannot be
     inspected) with the same generator and SLP setting, for the vectorisation guard."""
     fn, dtype, lanes = BUILDS[name][0]
-    arr = f"types.{dtype}[::1]"
-    i64 = "types.int64[::1]"
     source = "\n\n".join([
         "import numpy as np", "from numba import njit, types",
         kernelgen.RESCAN_SOURCE.replace("cache=True", "cache=False"),
-        kernelgen.kernel_source(fn, dtype, lanes),
-        f"{fn} = njit(types.void({arr}, {arr}, {arr}, {arr}, {arr}, {arr}, types.int64, "
-        f"types.int64, {arr}, {arr}, {arr}, {arr}, {i64}, {i64}, {arr}), nogil=True)({fn})"])
+        kernelgen.kernel_source(fn, dtype, lanes), _compile_line(fn, dtype, cache=False)])
     path = Path(directory) / f"asm_{name}.py"
     path.write_text(source)
     module = _import(path, f"worker.sw._asm_{name}_{os.getpid()}")

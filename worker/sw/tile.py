@@ -112,6 +112,24 @@ def _schedule(nbands: int, nblocks: int, lanes: int) -> np.ndarray:
     return starts
 
 
+def prunable(top_h: np.ndarray, top_f: np.ndarray, left_h: np.ndarray, left_e: np.ndarray,
+             scoring: Scoring, rows_to_end: int, cols_to_end: int, best_so_far: int) -> bool:
+    """Whether no path through the tile can reach ``best_so_far``: the highest value in
+    (H or E/F) plus a match on every diagonal step left to the matrix end stays below it
+    (strict, so a tie with ``best_so_far`` is never lost)."""
+    inputs = max(int(top_h.max()), int(left_h.max()), int(top_f.max()), int(left_e.max()))
+    return inputs + scoring.match * min(rows_to_end, cols_to_end) < best_so_far
+
+
+def pruned_borders(width: int, height: int, corner: int):
+    """The documented outputs of a pruned tile: H = 0 and E/F = NEG (bottom_h[0] stays the
+    corner, ``left_h[-1]``). Returns (bottom_h, bottom_f, right_h, right_e)."""
+    bottom_h = np.zeros(width + 1, np.int32)
+    bottom_h[0] = corner
+    return (bottom_h, np.full(width, NEG, np.int32), np.zeros(height, np.int32),
+            np.full(height, NEG, np.int32))
+
+
 def _as_border(values, length: int, name: str) -> np.ndarray:
     arr = np.ascontiguousarray(values, dtype=np.int64)
     if arr.shape != (length,):
@@ -142,15 +160,11 @@ def sw_tile(a: np.ndarray, b: np.ndarray, top_h, top_f, left_h, left_e, row0: in
     if (bnd_h.size and bnd_h.min() < 0) or (col_h.size and col_h.min() < 0):
         raise ValueError("H borders must be >= 0 in a local alignment")
     scoring.check_lengths(W, T)
-    if best_so_far is not None and T and W:
-        reach = scoring.match * min(rows_to_end if rows_to_end is not None else T,
-                                    cols_to_end if cols_to_end is not None else W)
-        inputs = max(int(bnd_h.max()), int(col_h.max()), int(bnd_f.max()), int(col_e.max()))
-        if inputs + reach < best_so_far:
-            bottom_h = np.zeros(W + 1, np.int32)
-            bottom_h[0] = col_h[-1]
-            return TileResult(bottom_h, np.full(W, NEG, np.int32), np.zeros(T, np.int32),
-                              np.full(T, NEG, np.int32), 0, col0, row0, pruned=True)
+    if best_so_far is not None and T and W and prunable(
+            bnd_h, bnd_f, col_h, col_e, scoring,
+            rows_to_end if rows_to_end is not None else T,
+            cols_to_end if cols_to_end is not None else W, best_so_far):
+        return TileResult(*pruned_borders(W, T, int(col_h[-1])), 0, col0, row0, pruned=True)
     best = np.array([0, row0, col0], np.int64)
     build = kernels.load(kernel)
     fallbacks = compute_rectangle(build, query_codes(a), b, bnd_h, bnd_f, col_h, col_e,
