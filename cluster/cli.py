@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -84,6 +85,29 @@ def probe(bind: str, peers: tuple[str, ...], interval: float, liveness: int, max
         raise click.ClickException(f"cannot open {bind}: {exc} (is the port in use, or the address not local?)")
     except ValueError as exc:
         raise click.ClickException(str(exc))
+
+
+@cli.command("master")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The masters' TOML file (every master's api and raft address).")
+@click.option("--name", required=True, help="Which master of the config this process is.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Raft journal and ledger snapshots; without it the ledger lives in memory only.")
+@click.option("--log-level", default="INFO", show_default=True)
+def master_command(config_path: Path, name: str, data_dir: Path | None, log_level: str) -> None:
+    """Run a master: the Raft-replicated ledger and the client API; stops on SIGTERM."""
+    from cluster.runtime.logs import configure
+    from master.node import ConfigError, run_master
+
+    try:
+        configure(log_level)
+        sys.exit(run_master(config_path, name, data_dir))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"master {name}: cannot open its API address: {exc} (port in use?)")
+    except OSError as exc:
+        raise click.ClickException(f"master {name}: {exc}")
 
 
 def main() -> None:

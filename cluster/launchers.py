@@ -1,4 +1,4 @@
-"""Console scripts of the node tiers not built yet: each says so in one line and exits 2."""
+"""Console scripts of the node tiers; those not built yet say so in one line and exit 2."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ def _not_built(name: str, issue: str) -> None:
 
 
 def master() -> None:
-    """``cluster-master``: the Raft-replicated ledger (the masters issue)."""
-    _not_built("cluster-master", "the masters issue builds it")
+    """``cluster-master --config masters.toml --name m1 [--data-dir D]``: one master."""
+    from cluster.cli import master_command
+
+    master_command(prog_name="cluster-master")
 
 
 def balancer() -> None:

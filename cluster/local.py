@@ -92,3 +92,26 @@ def probe_node(name: str, directory: Path, port: int, peers: list[int] = (), int
     for p in peers:
         argv += ["--peer", f"tcp://127.0.0.1:{p}"]
     return LocalNode(name, argv, address, directory / f"{name}.log")
+
+
+def master_nodes(directory: Path, count: int = 3, *, snapshot_every: int = 20_000, log_level: str = "INFO") -> list[LocalNode]:
+    """``count`` masters on free 127.0.0.1 ports, their config in ``directory/masters.toml``
+    and each one's Raft journal and snapshots in ``directory/<name>``."""
+    from master.node import MasterAddress, MastersConfig, write_config
+
+    masters = {}
+    for i in range(1, count + 1):
+        name = f"m{i}"
+        masters[name] = MasterAddress(name, f"tcp://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "masters.toml"
+    write_config(MastersConfig(masters, snapshot_every=snapshot_every), config)
+    return [
+        LocalNode(
+            m.name,
+            ["master", "--config", str(config), "--name", m.name, "--data-dir", str(directory / m.name), "--log-level", log_level],
+            m.api,
+            directory / f"{m.name}.log",
+        )
+        for m in masters.values()
+    ]

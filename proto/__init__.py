@@ -17,11 +17,12 @@ from proto.codec import (
     spec_by_code,
     spec_for,
 )
-from proto.errors import EncodeError, ProtocolError, Reason
+from proto.errors import AppReason, EncodeError, ProtocolError, Reason
 from proto.messages import CATALOGUE
 from proto.types import Message
 
 __all__ = [
+    "AppReason",
     "CATALOGUE",
     "DEFAULT_LIMITS",
     "GENERIC_SIZE",

@@ -39,11 +39,18 @@ enum cluster_message_type {
     CLUSTER_MSG_SUBMIT         = 10,
     CLUSTER_MSG_SUBMIT_ACK     = 11,
     CLUSTER_MSG_NOT_LEADER     = 12,
+    CLUSTER_MSG_CANCEL_JOB     = 13,
+    CLUSTER_MSG_JOB_QUERY      = 14,
+    CLUSTER_MSG_JOB_LIST       = 15,
+    CLUSTER_MSG_TASK_QUERY     = 16,
+    CLUSTER_MSG_QUERY_REPLY    = 17,
     CLUSTER_MSG_WORKER_REQUEST = 20,
     CLUSTER_MSG_TASK_RESULT    = 21,
     CLUSTER_MSG_RESULT_ACK     = 22,
     CLUSTER_MSG_WORKER_STATUS  = 23,
     CLUSTER_MSG_CREDIT         = 24,
+    CLUSTER_MSG_ATTACH         = 25,
+    CLUSTER_MSG_ATTACHED       = 26,
     CLUSTER_MSG_FILE_REQUEST   = 30,
     CLUSTER_MSG_FILE_RESPONSE  = 31,
     CLUSTER_MSG_FILE_CHUNK     = 32,
@@ -175,6 +182,90 @@ struct cluster_not_leader {
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_not_leader) == CLUSTER_NOT_LEADER_HEADER_LENGTH, "cluster_not_leader size");
 
 /*
+ * CANCEL_JOB (13): Cancel a job; answered with QUERY_REPLY (the job's view) once the cancel is
+ * committed.
+ *
+ * client -> master leader.
+ *
+ * Body: reason.
+ */
+struct cluster_cancel_job {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint64_t job_uuid_upper;
+    uint64_t job_uuid_lower;
+} __attribute__((packed));
+#define CLUSTER_CANCEL_JOB_HEADER_LENGTH 52u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_cancel_job) == CLUSTER_CANCEL_JOB_HEADER_LENGTH, "cluster_cancel_job size");
+
+/*
+ * JOB_QUERY (14): A job's state and progress; answered with QUERY_REPLY by any master.
+ *
+ * client -> any master.
+ *
+ * Body: none.
+ */
+struct cluster_job_query {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint64_t job_uuid_upper;
+    uint64_t job_uuid_lower;
+} __attribute__((packed));
+#define CLUSTER_JOB_QUERY_HEADER_LENGTH 52u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_job_query) == CLUSTER_JOB_QUERY_HEADER_LENGTH, "cluster_job_query size");
+
+/*
+ * JOB_LIST (15): The newest `limit` jobs, optionally only those in `state`; answered with
+ * QUERY_REPLY.
+ *
+ * client -> any master.
+ *
+ * Body: state.
+ */
+struct cluster_job_list {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint32_t limit;
+} __attribute__((packed));
+#define CLUSTER_JOB_LIST_HEADER_LENGTH 40u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_job_list) == CLUSTER_JOB_LIST_HEADER_LENGTH, "cluster_job_list size");
+
+/*
+ * TASK_QUERY (16): One task's state, attempts and result reference; answered with QUERY_REPLY.
+ *
+ * client -> any master.
+ *
+ * Body: none.
+ */
+struct cluster_task_query {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint64_t job_uuid_upper;
+    uint64_t job_uuid_lower;
+    uint64_t task_id;
+} __attribute__((packed));
+#define CLUSTER_TASK_QUERY_HEADER_LENGTH 60u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_task_query) == CLUSTER_TASK_QUERY_HEADER_LENGTH, "cluster_task_query size");
+
+/*
+ * QUERY_REPLY (17): The answer to a read. `stale` is 1 unless a leader with a quorum answered:
+ * a follower or a cut-off master answers from what it has, which may be behind.
+ *
+ * master -> client.
+ *
+ * Body: value, leader.
+ */
+struct cluster_query_reply {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint8_t stale;
+    uint64_t term;
+    uint64_t log_index;
+} __attribute__((packed));
+#define CLUSTER_QUERY_REPLY_HEADER_LENGTH 53u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_query_reply) == CLUSTER_QUERY_REPLY_HEADER_LENGTH, "cluster_query_reply size");
+
+/*
  * WORKER_REQUEST (20): Run a task (the seed's `worker_request`). `fence_term`/`fence_sequence`
  * are the fencing token: receivers refuse tokens older than the newest they have seen.
  *
@@ -201,7 +292,7 @@ CLUSTER_STATIC_ASSERT(sizeof(struct cluster_worker_request) == CLUSTER_WORKER_RE
  *
  * worker -> balancer, then master leader.
  *
- * Body: summary, result_file, error.
+ * Body: summary, result_file, error, worker.
  */
 struct cluster_task_result {
     struct cluster_generic_message generic;
@@ -268,6 +359,42 @@ struct cluster_credit {
 } __attribute__((packed));
 #define CLUSTER_CREDIT_HEADER_LENGTH 45u
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_credit) == CLUSTER_CREDIT_HEADER_LENGTH, "cluster_credit size");
+
+/*
+ * ATTACH (25): A balancer becomes the master leader's dispatcher. `epoch` is its Binary Star
+ * epoch (a newer one replaces an older one, an older one is refused); `credit` is how many
+ * tasks it can take now (CREDIT adds more). Answered with ATTACHED, then the leader streams
+ * WORKER_REQUEST messages: first the open assignments again, then ready tasks within credit.
+ *
+ * active balancer -> master leader.
+ *
+ * Body: name.
+ */
+struct cluster_attach {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint64_t epoch;
+    uint32_t credit;
+} __attribute__((packed));
+#define CLUSTER_ATTACH_HEADER_LENGTH 48u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_attach) == CLUSTER_ATTACH_HEADER_LENGTH, "cluster_attach size");
+
+/*
+ * ATTACHED (26): The leader accepted the balancer; its assignments carry fencing tokens of
+ * `term`.
+ *
+ * master leader -> balancer.
+ *
+ * Body: leader.
+ */
+struct cluster_attached {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint64_t term;
+    uint32_t open_assignments;
+} __attribute__((packed));
+#define CLUSTER_ATTACHED_HEADER_LENGTH 48u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_attached) == CLUSTER_ATTACHED_HEADER_LENGTH, "cluster_attached size");
 
 /*
  * FILE_REQUEST (30): Read `length` bytes at `offset` of an immutable file (the seed's

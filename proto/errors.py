@@ -45,3 +45,14 @@ class ProtocolError(Exception):
 
 class EncodeError(ValueError):
     """This process tried to encode a message that does not fit the catalogue (a local bug)."""
+
+
+class AppReason(enum.IntEnum):
+    """Why a master refused a well-formed request (ERROR ``reason`` ≥ 1000). ``detail["code"]``
+    carries the ledger's own refusal code (``idempotency_conflict``, ``spec_too_large`` …)."""
+
+    REFUSED = 1000  # the ledger refused the command; nothing changed (not retryable)
+    UNAVAILABLE = 1001  # no quorum or a leader still electing: retry later, elsewhere
+    OUTCOME_UNKNOWN = 1002  # the command may or may not commit (leader lost): retry with the same key
+    STALE_FENCE = 1003  # a fencing token older than the newest seen (deposed leader, stale balancer)
+    NOT_FOUND = 1004  # no such job or task

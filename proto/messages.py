@@ -129,6 +129,77 @@ class NotLeader(Message, frozen=True, gc=False):
     leader: str | None = None
 
 
+class CancelJob(Message, frozen=True, gc=False):
+    """Cancel a job; answered with QUERY_REPLY (the job's view) once the cancel is committed."""
+
+    code = 13
+    struct_name = "cancel_job"
+    sender = "client"
+    receiver = "master leader"
+
+    request_id: U64
+    job_uuid_upper: U64
+    job_uuid_lower: U64
+    reason: str = ""
+
+
+class JobQuery(Message, frozen=True, gc=False):
+    """A job's state and progress; answered with QUERY_REPLY by any master."""
+
+    code = 14
+    struct_name = "job_query"
+    sender = "client"
+    receiver = "any master"
+
+    request_id: U64
+    job_uuid_upper: U64
+    job_uuid_lower: U64
+
+
+class JobList(Message, frozen=True, gc=False):
+    """The newest ``limit`` jobs, optionally only those in ``state``; answered with QUERY_REPLY."""
+
+    code = 15
+    struct_name = "job_list"
+    sender = "client"
+    receiver = "any master"
+
+    request_id: U64
+    limit: U32
+    state: str | None = None
+
+
+class TaskQuery(Message, frozen=True, gc=False):
+    """One task's state, attempts and result reference; answered with QUERY_REPLY."""
+
+    code = 16
+    struct_name = "task_query"
+    sender = "client"
+    receiver = "any master"
+
+    request_id: U64
+    job_uuid_upper: U64
+    job_uuid_lower: U64
+    task_id: U64
+
+
+class QueryReply(Message, frozen=True, gc=False):
+    """The answer to a read. ``stale`` is 1 unless a leader with a quorum answered: a follower
+    or a cut-off master answers from what it has, which may be behind."""
+
+    code = 17
+    struct_name = "query_reply"
+    sender = "master"
+    receiver = "client"
+
+    request_id: U64
+    stale: U8
+    term: U64
+    log_index: U64
+    value: Any
+    leader: str | None = None
+
+
 # ---- masters ⇄ balancers ⇄ workers ---------------------------------------------------------
 
 
@@ -184,6 +255,7 @@ class TaskResult(Message, frozen=True, gc=False):
     summary: dict[str, Any]
     result_file: bytes | None = None
     error: str | None = None
+    worker: str = ""  # the worker that ran it, filled in by the balancer
 
 
 class ResultAck(Message, frozen=True, gc=False):
@@ -230,6 +302,37 @@ class Credit(Message, frozen=True, gc=False):
     stream: U64
     amount: U64
     unit: U8
+
+
+class Attach(Message, frozen=True, gc=False):
+    """A balancer becomes the master leader's dispatcher. ``epoch`` is its Binary Star epoch
+    (a newer one replaces an older one, an older one is refused); ``credit`` is how many tasks
+    it can take now (CREDIT adds more). Answered with ATTACHED, then the leader streams
+    WORKER_REQUEST messages: first the open assignments again, then ready tasks within credit."""
+
+    code = 25
+    struct_name = "attach"
+    sender = "active balancer"
+    receiver = "master leader"
+
+    request_id: U64
+    epoch: U64
+    credit: U32
+    name: str
+
+
+class Attached(Message, frozen=True, gc=False):
+    """The leader accepted the balancer; its assignments carry fencing tokens of ``term``."""
+
+    code = 26
+    struct_name = "attached"
+    sender = "master leader"
+    receiver = "balancer"
+
+    request_id: U64
+    term: U64
+    open_assignments: U32
+    leader: str
 
 
 # ---- storage ---------------------------------------------------------------------------------
@@ -292,11 +395,18 @@ CATALOGUE: tuple[type[Message], ...] = (
     Submit,
     SubmitAck,
     NotLeader,
+    CancelJob,
+    JobQuery,
+    JobList,
+    TaskQuery,
+    QueryReply,
     WorkerRequest,
     TaskResult,
     ResultAck,
     WorkerStatus,
     Credit,
+    Attach,
+    Attached,
     FileRequest,
     FileResponse,
     FileChunk,

@@ -10,6 +10,12 @@ here*: one log line (what was wrong, which peer sent it), a counter per reason, 
 reply when the peer is addressable (ROUTER). The core never sees it. STATUS_QUERY is answered
 here too, for every node alike, from the loop's runtime facts plus ``core.status()``.
 
+Other threads (a Raft library's, a worker pool's) hand events to the core with ``post()``: the
+event is queued and the poll is woken, so every event still reaches the core on the loop's own
+thread, one at a time. A ``guard`` (a lock shared with such a thread) is held while the core
+handles an event or reports status, so the core may read state that thread mutates. Effects the
+runtime does not know (a master's ``Propose``) go to the ``performers`` given for their type.
+
 On SIGTERM or SIGINT the core gets ``StopRequested`` (its farewells are still sent), then every
 socket is closed with a bounded linger and ``run`` returns 0. A core that raises is a bug: the
 loop logs the traceback, counts ``core_errors`` and goes on serving; the node stays answerable.
@@ -17,6 +23,8 @@ loop logs the traceback, counts ``core_errors`` and goes on serving; the node st
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import heapq
 import itertools
 import logging
@@ -80,6 +88,8 @@ class NodeLoop:
         linger_ms: int = 1000,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
+        guard: Any = None,
+        performers: dict[type, Callable[[Any], None]] | None = None,
     ) -> None:
         self.core = core
         self.specs = {s.name: s for s in sockets}
@@ -105,6 +115,24 @@ class NodeLoop:
         self._log_checked = 0.0
         self._suppressed = 0
         self._current: tuple[zmq.Frame | None, int] | None = None  # the message being handled
+        self._guard = guard if guard is not None else contextlib.nullcontext()
+        self._performers = dict(performers or {})
+        self._posted: collections.deque[Event] = collections.deque()  # appended from other threads
+        self._wake_w: pysocket.socket | None = None
+
+    def post(self, event: Event) -> None:
+        """Queue an event for the core from any thread; the loop handles it promptly."""
+        self._posted.append(event)
+        wake = self._wake_w
+        if wake is not None:
+            try:
+                wake.send(b"p")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full (a wake-up is pending anyway) or closing
+
+    def stimulus(self, kind: str) -> str:
+        """A fresh stimulus id, for events built outside the loop (see ``post``)."""
+        return self._stimulus(kind)
 
     # ---- life cycle ----------------------------------------------------------------------
 
@@ -112,6 +140,7 @@ class NodeLoop:
         """Serve until the core stops or SIGTERM/SIGINT; returns the exit status (0)."""
         self._open()
         old_handlers, wake_r, wake_w = self._install_signals()
+        self._wake_w = wake_w
         try:
             self._started_at = self.clock()
             self._log_checked = self._started_at
@@ -132,6 +161,8 @@ class NodeLoop:
                 ready = dict(poller.poll(self._poll_timeout_ms()))
                 if wake_r in ready:
                     _drain_pipe(wake_r)
+                while self._posted and not self._stopping:
+                    self._dispatch(self._posted.popleft())
                 if self._signal is not None:
                     reason, self._signal = self._signal, None
                     self.log.info("%s received, stopping", reason)
@@ -143,6 +174,7 @@ class NodeLoop:
                         self._drain(name, sock)
                 self._fire_timers()
         finally:
+            self._wake_w = None
             self._restore_signals(old_handlers, wake_r, wake_w)
             self._close()
         self.log.info("%s stopped", self.core.role)
@@ -235,13 +267,16 @@ class NodeLoop:
             self._dispatch(TimerFired(name, self._stimulus(f"timer-{name}")))
 
     def _poll_timeout_ms(self) -> int:
+        if self._posted:
+            return 0
         if not self._timers:
             return 1000
         return max(0, min(1000, int((self._timers[0][0] - self.clock()) * 1000) + 1))
 
     def _dispatch(self, event: Event) -> None:
         try:
-            effects = self.core.handle(event, self.clock())
+            with self._guard:
+                effects = self.core.handle(event, self.clock())
         except Exception:
             self.counters["core_errors"] += 1
             self.log.exception("%s core failed on %s; the node goes on serving", self.core.role, type(event).__name__)
@@ -284,6 +319,8 @@ class NodeLoop:
         elif isinstance(effect, Stop):
             self.log.info("stopping: %s", effect.reason)
             self._stopping = True
+        elif type(effect) in self._performers:
+            self._performers[type(effect)](effect)
         else:
             raise TypeError(f"unknown effect {effect!r}")
 
@@ -320,7 +357,8 @@ class NodeLoop:
     def _answer_status(self, name: str, route: bytes | None, query: StatusQuery) -> None:
         now = self.clock()
         try:
-            detail = dict(self.core.status(now))
+            with self._guard:
+                detail = dict(self.core.status(now))
         except Exception:
             self.counters["core_errors"] += 1
             self.log.exception("%s core failed to report status", self.core.role)

@@ -31,7 +31,14 @@ from proto import (
 )
 from proto.codec import GENERIC_STRUCT
 from proto.messages import (
+    Attach,
+    Attached,
+    CancelJob,
     Credit,
+    JobList,
+    JobQuery,
+    QueryReply,
+    TaskQuery,
     Error,
     FileChunk,
     FileRequest,
@@ -59,6 +66,13 @@ SAMPLES: dict[type[Message], Message] = {
     Submit: Submit(10, 11, 12, "smith-waterman", {"query": "ACGT", "n": 2}),
     SubmitAck: SubmitAck(10, 13, 14, 99),
     NotLeader: NotLeader(10, 5, "tcp://127.0.0.1:5555"),
+    CancelJob: CancelJob(10, 1, 2, "no longer needed"),
+    JobQuery: JobQuery(10, 1, 2),
+    JobList: JobList(10, 50, "active"),
+    TaskQuery: TaskQuery(10, 1, 2, 399),
+    QueryReply: QueryReply(10, 1, 3, 120, {"job": "ab", "done": 3}, "tcp://127.0.0.1:5555"),
+    Attach: Attach(10, 2, 64, "balancer-a"),
+    Attached: Attached(10, 3, 7, "m1"),
     WorkerRequest: WorkerRequest(1, 2, 3, 4, 5, 4, 2, "sw", b"prog", [FILE_ID, FILE_ID[::-1]], {"k": 1}),
     TaskResult: TaskResult(1, 2, 3, 4, 5, 0, -1, {"score": 12.5}, FILE_ID, None),
     ResultAck: ResultAck(1, 2, 3, 4, 5),

@@ -1,0 +1,117 @@
+"""Ledger commands: what the Raft log carries, one entry per command (or per batch).
+
+Every change to the ledger is one of these, applied in log order on every master. A command
+holds everything its application needs, the leader's wall-clock time (``now``) and fresh ids
+included, so application is deterministic: the same log gives the same ledger everywhere.
+
+The encoding is MessagePack through msgspec (tagged arrays: compact, and decoding validates the
+shape in C). Raft (pysyncobj) sees only the bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+# Task outcomes, as in proto.messages.TaskResult.
+DONE, FAILED, CANCELLED, LOST = 0, 1, 2, 3
+OUTCOMES = {DONE: "done", FAILED: "failed", CANCELLED: "cancelled", LOST: "lost"}
+
+
+class SubmitJob(msgspec.Struct, tag="submit", array_like=True, frozen=True):
+    """Create a job, unless ``key`` already made one (then answer with that job)."""
+
+    job_id: bytes  # 16 bytes, chosen by the proposing leader
+    key: bytes  # the client's idempotency key (16 bytes)
+    digest: bytes  # BLAKE2b of (kind, spec): a reused key with another body is refused
+    kind: str
+    spec: dict[str, Any]
+    client: str
+    now: float
+
+
+class CancelJob(msgspec.Struct, tag="cancel", array_like=True, frozen=True):
+    """Stop a job: its unfinished tasks will not run (running ones finish unrecorded)."""
+
+    job_id: bytes
+    reason: str
+    now: float
+
+
+class AssignTasks(msgspec.Struct, tag="assign", array_like=True, frozen=True):
+    """The leader hands ready tasks to the active balancer. Task ``i`` gets the fencing token
+    (``term``, ``first_sequence + i``); tokens only grow, so a deposed leader's late assignment
+    (an older token) is refused."""
+
+    term: int
+    first_sequence: int
+    balancer: str
+    tasks: list[tuple[bytes, int]]  # (job id, task id)
+    now: float
+
+
+class CompleteTask(msgspec.Struct, tag="complete", array_like=True, frozen=True):
+    """An attempt ended (``outcome`` as in TASK_RESULT). Recorded once per task."""
+
+    job_id: bytes
+    task_id: int
+    fence_term: int
+    fence_sequence: int
+    outcome: int
+    worker: str
+    summary: dict[str, Any]
+    result_file: bytes | None
+    error: str | None
+    now: float
+
+
+class RegisterFile(msgspec.Struct, tag="file", array_like=True, frozen=True):
+    """A file is durable on ``replicas`` (storage node names); ``owner`` a job id or None (pinned)."""
+
+    file_id: bytes
+    size: int
+    replicas: list[str]
+    owner: bytes | None
+    now: float
+
+
+class DropFile(msgspec.Struct, tag="drop_file", array_like=True, frozen=True):
+    """Forget a file (its storage nodes delete it)."""
+
+    file_id: bytes
+    now: float
+
+
+class Barrier(msgspec.Struct, tag="barrier", array_like=True, frozen=True):
+    """A new leader's first entry (Raft §8): once it commits, the leader knows every earlier
+    entry is committed too and may serve."""
+
+    term: int
+    leader: str
+    now: float
+
+
+Command = SubmitJob | CancelJob | AssignTasks | CompleteTask | RegisterFile | DropFile | Barrier
+
+
+class Batch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
+    """Several commands in one log entry: one Raft round for many submits or completions."""
+
+    commands: list[Command]
+
+
+Entry = Command | Batch
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Entry)
+
+
+def encode(entry: Entry) -> bytes:
+    """The bytes of one log entry."""
+    return _encoder.encode(entry)
+
+
+def decode(data: bytes) -> Entry:
+    """A log entry from its bytes; raises ``msgspec.ValidationError``/``DecodeError`` if malformed."""
+    return _decoder.decode(data)

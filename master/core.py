@@ -1,0 +1,585 @@
+"""The master core: the client API, the balancer stream and batching, around the ledger.
+
+Theory of operation
+-------------------
+Every master runs this core; Raft (behind ``master.raft``) decides which one leads. The core
+sees Raft only through ``raft_view()`` (a read-only snapshot of role, term, leader, indices,
+peers) and the events the loop posts when a proposal commits or fails; it asks for replication
+with the ``Propose`` effect. It reads the ledger (the loop holds the ledger lock around it) and
+never mutates it: only committed entries do, on the Raft thread.
+
+Writes (SUBMIT, CANCEL_JOB, TASK_RESULT) reach only the leader; a follower answers NOT_LEADER
+with the leader's client address. The leader validates a write, queues its command and, when
+the loop has drained its socket (a zero-delay ``flush`` timer), proposes everything queued as
+one ``Batch`` entry: one Raft round for many submits or completions. The answer (SUBMIT_ACK,
+RESULT_ACK, an ERROR) goes out only when the batch has committed on a quorum (Raft §5.3); a
+proposal that fails or times out is answered OUTCOME_UNKNOWN, and the client retries with the
+same idempotency key, which the ledger deduplicates.
+
+Towards the balancer: a balancer ATTACHes with its Binary Star epoch and a credit. Once the
+leader's first entry of its term (a ``Barrier``, Raft §8) has committed, the leader proposes
+``AssignTasks`` for ready tasks within the credit; each assignment carries a fencing token
+(term, sequence) and goes out as WORKER_REQUEST only after it commits. Completions come back as
+TASK_RESULT and are acknowledged with RESULT_ACK once recorded (or found to be duplicates).
+
+Reads (JOB_QUERY, JOB_LIST, TASK_QUERY) are answered by any master from its own ledger;
+``stale`` is 0 only when a serving leader with a quorum answers.
+
+Pure: no sockets, clocks, threads or disk; ``now`` comes with each event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgspec
+
+from cluster.runtime.events import (
+    Effect,
+    Event,
+    Log,
+    MessageReceived,
+    Refuse,
+    Send,
+    Started,
+    StartTimer,
+    StopRequested,
+    TimerFired,
+)
+from master import jobs
+from master.commands import AssignTasks, Barrier, Batch, CancelJob as CancelCommand, CompleteTask, Entry, SubmitJob
+from master.ledger import Applied, Ledger, spec_digest
+from proto.errors import AppReason
+from proto.messages import (
+    Attach,
+    Attached,
+    CancelJob,
+    Credit,
+    Error,
+    JobList,
+    JobQuery,
+    NotLeader,
+    QueryReply,
+    ResultAck,
+    Submit,
+    SubmitAck,
+    TaskQuery,
+    TaskResult,
+    WorkerRequest,
+)
+
+API = "api"
+RAFT_POLL = 0.02  # how often the core looks at Raft's role and leader (seconds)
+PROPOSAL_TIMEOUT = 5.0  # a proposal unanswered this long is answered OUTCOME_UNKNOWN
+MAX_LIST = 10_000
+
+
+# ---- the vocabulary between this core and its loop ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """Proposal ``token`` committed; ``result`` is what the ledger's ``apply`` returned."""
+
+    token: int
+    result: Any
+    log_index: int
+    stimulus_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProposalFailed:
+    """Proposal ``token`` did not commit here (leader change, queue full …): outcome unknown."""
+
+    token: int
+    reason: str
+    stimulus_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Propose:
+    """Replicate ``entry`` through Raft; the loop posts Committed/ProposalFailed for ``token``."""
+
+    entry: Entry
+    token: int
+    cause: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RaftView:
+    """What the core may know of Raft at one instant."""
+
+    role: str  # leader, follower, candidate
+    term: int
+    leader: str | None  # the leader's Raft address
+    has_quorum: bool
+    commit_index: int = 0
+    last_applied: int = 0
+    log_size: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)  # peers, snapshot: for STATUS_REPLY
+
+
+def job_id_for(key: bytes) -> bytes:
+    """A job's id, derived from its idempotency key so every leader picks the same one."""
+    return hashlib.blake2b(key, digest_size=16, person=b"cluster-job").digest()
+
+
+def split128(value: bytes) -> tuple[int, int]:
+    n = int.from_bytes(value, "big")
+    return n >> 64, n & (2**64 - 1)
+
+
+def join128(upper: int, lower: int) -> bytes:
+    return ((upper << 64) | lower).to_bytes(16, "big")
+
+
+@dataclass
+class _BalancerLink:
+    route: bytes
+    epoch: int
+    name: str
+    credit: int  # tasks it can still take
+    sent: int = 0
+
+
+@dataclass
+class _Proposal:
+    replies: list[tuple]  # one per command: how to answer it
+    proposed_at: float
+
+
+class MasterCore:
+    """One master's logic. ``raft_view`` is the adapter's read-only view of Raft;
+    ``client_address`` maps a master's Raft address to the address clients use."""
+
+    role = "master"
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        name: str,
+        raft_view: Callable[[], RaftView],
+        client_address: dict[str, str],
+        *,
+        batch_max: int = 2048,
+        dispatch_max: int = 1024,
+    ) -> None:
+        self.ledger = ledger
+        self.name = name
+        self.raft_view = raft_view
+        self.client_address = client_address
+        self.batch_max = batch_max
+        self.dispatch_max = dispatch_max
+        self.view = RaftView("follower", 0, None, False)
+        self.serving_term = 0  # the term whose Barrier has committed on this leader
+        self.barrier_term = 0  # the term a Barrier was proposed for
+        self.sequence = 0  # fencing sequence within the current term
+        self.queue: list[tuple[Any, tuple]] = []  # (command, how to answer) awaiting a flush
+        self.flush_pending = False
+        self.proposals: dict[int, _Proposal] = {}
+        self.tokens = 0
+        self.inflight: set[tuple[bytes, int]] = set()  # tasks proposed for assignment
+        self.balancer: _BalancerLink | None = None
+        self.counters: dict[str, int] = {}
+        self.leader_since: float | None = None
+        self.first_commit_at: float | None = None
+
+    # ---- events --------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        if isinstance(event, MessageReceived):
+            return self._on_message(event, now)
+        if isinstance(event, Committed):
+            return self._on_committed(event, now)
+        if isinstance(event, ProposalFailed):
+            return self._on_failed(event.token, event.reason, event.stimulus_id)
+        if isinstance(event, TimerFired):
+            if event.name == "raft":
+                return self._check_raft(now, event.stimulus_id) + [StartTimer("raft", RAFT_POLL)]
+            if event.name == "flush":
+                self.flush_pending = False
+                return self._flush(now, event.stimulus_id)
+            if event.name == "expire":
+                return self._expire(now, event.stimulus_id) + [StartTimer("expire", 1.0)]
+            return []
+        if isinstance(event, Started):
+            return [StartTimer("raft", 0.0, event.stimulus_id), StartTimer("expire", 1.0, event.stimulus_id)]
+        if isinstance(event, StopRequested):
+            return []
+        return []
+
+    def _on_message(self, ev: MessageReceived, now: float) -> list[Effect]:
+        m = ev.message
+        handler = _MESSAGE_HANDLERS.get(type(m))
+        if handler is None:
+            return [_refuse(ev, f"a master does not take {type(m).__name__} messages")]
+        return handler(self, ev, m, now)
+
+    # ---- Raft role -------------------------------------------------------------------------
+
+    def _check_raft(self, now: float, cause: str) -> list[Effect]:
+        old, self.view = self.view, self.raft_view()
+        out: list[Effect] = []
+        if (old.role, old.term, old.leader) != (self.view.role, self.view.term, self.view.leader):
+            leader = self.client_address.get(self.view.leader or "", self.view.leader)
+            out.append(Log(logging.INFO, f"raft: {self.view.role} in term {self.view.term}, leader {leader or 'unknown'}", cause))
+        leading = self.view.role == "leader"
+        if old.role == "leader" and (not leading or old.term != self.view.term):
+            out += self._step_down(cause)
+        if leading and self.barrier_term != self.view.term:
+            self.barrier_term = self.view.term
+            self.sequence = 0
+            self.leader_since = now
+            self.first_commit_at = None
+            out += self._propose([(Barrier(self.view.term, self.name, now), ("barrier", self.view.term))], now, cause)
+        return out
+
+    def _step_down(self, cause: str) -> list[Effect]:
+        """This master stopped leading: answer what it queued, forget the balancer."""
+        out: list[Effect] = [Log(logging.WARNING, "no longer the leader; queued writes are answered NOT_LEADER", cause)]
+        for _, reply in self.queue:
+            out += self._answer_not_leader(reply, cause)
+        self.queue.clear()
+        if self.balancer is not None:
+            out.append(Send(API, NotLeader(0, self.view.term, self._leader_address()), self.balancer.route, cause))
+            self.balancer = None
+        self.inflight.clear()
+        self.serving_term = 0
+        return out
+
+    def _leader_address(self) -> str | None:
+        if self.view.leader is None:
+            return None
+        return self.client_address.get(self.view.leader, self.view.leader)
+
+    def _writable(self, ev: MessageReceived, request_id: int) -> Effect | None:
+        """None if this master may take a write now; else the answer that says where to go."""
+        if self.view.role != "leader":
+            self.counters["redirected"] = self.counters.get("redirected", 0) + 1
+            return Send(API, NotLeader(request_id, self.view.term, self._leader_address()), ev.route, ev.stimulus_id)
+        if not self.view.has_quorum:
+            return _app_error(
+                ev, request_id, AppReason.UNAVAILABLE, "unavailable",
+                "this leader cannot reach a majority of masters: writes are refused until a quorum is back",
+            )
+        return None
+
+    # ---- client writes ---------------------------------------------------------------------
+
+    def _on_submit(self, ev: MessageReceived, m: Submit, now: float) -> list[Effect]:
+        refusal = self._writable(ev, m.request_id)
+        if refusal is not None:
+            return [refusal]
+        key = join128(m.idempotency_key_upper, m.idempotency_key_lower)
+        try:
+            encoded = msgspec.msgpack.encode(m.spec)
+            jobs.validate_spec(m.kind, m.spec, len(encoded))
+        except jobs.SpecError as exc:
+            return [_app_error(ev, m.request_id, AppReason.REFUSED, exc.code, exc.text)]
+        digest = spec_digest(m.kind, m.spec)
+        known = self.ledger.state.keys.get(key)
+        if known is not None:  # already committed: answer now, from the ledger
+            if known[0] != digest:
+                return [_app_error(ev, m.request_id, AppReason.REFUSED, "idempotency_conflict",
+                                   f"idempotency key {key.hex()} was used for another job with a different body")]
+            upper, lower = split128(known[1])
+            return [Send(API, SubmitAck(m.request_id, upper, lower, self.view.last_applied), ev.route, ev.stimulus_id)]
+        command = SubmitJob(job_id_for(key), key, digest, m.kind, m.spec, f"node:{ev.sender:032x}", now)
+        return self._enqueue(command, ("submit", ev.route, m.request_id), ev.stimulus_id)
+
+    def _on_cancel(self, ev: MessageReceived, m: CancelJob, now: float) -> list[Effect]:
+        refusal = self._writable(ev, m.request_id)
+        if refusal is not None:
+            return [refusal]
+        job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
+        if job_id not in self.ledger.state.jobs:
+            return [_app_error(ev, m.request_id, AppReason.NOT_FOUND, "unknown_job", f"no job {job_id.hex()}")]
+        return self._enqueue(CancelCommand(job_id, m.reason, now), ("cancel", ev.route, m.request_id), ev.stimulus_id)
+
+    def _on_result(self, ev: MessageReceived, m: TaskResult, now: float) -> list[Effect]:
+        refusal = self._writable(ev, 0)
+        if refusal is not None:
+            return [refusal]
+        if m.fence_term > self.view.term:
+            # A token from a newer term than ours: this leader has been deposed and not yet heard.
+            return [_app_error(ev, 0, AppReason.STALE_FENCE, "stale_leader",
+                               f"token term {m.fence_term} is newer than this master's term {self.view.term}")]
+        command = CompleteTask(
+            join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id, m.fence_term, m.fence_sequence,
+            m.outcome, m.worker, m.summary, m.result_file, m.error, now,
+        )
+        return self._enqueue(command, ("complete", ev.route, m), ev.stimulus_id)
+
+    def _enqueue(self, command: Any, reply: tuple, cause: str) -> list[Effect]:
+        self.queue.append((command, reply))
+        if len(self.queue) >= self.batch_max:
+            return self._flush(command.now, cause)
+        if not self.flush_pending:
+            self.flush_pending = True
+            # zero delay: the loop fires it after draining the socket, so a burst is one batch
+            return [StartTimer("flush", 0.0, cause)]
+        return []
+
+    def _flush(self, now: float, cause: str) -> list[Effect]:
+        if not self.queue:
+            return []
+        batch, self.queue = self.queue, []
+        return self._propose(batch, now, cause)
+
+    def _propose(self, items: list[tuple[Any, tuple]], now: float, cause: str) -> list[Effect]:
+        self.tokens += 1
+        self.proposals[self.tokens] = _Proposal([reply for _, reply in items], now)
+        commands = [c for c, _ in items]
+        entry = commands[0] if len(commands) == 1 else Batch(commands)
+        self.counters["proposals"] = self.counters.get("proposals", 0) + 1
+        self.counters["commands_proposed"] = self.counters.get("commands_proposed", 0) + len(commands)
+        return [Propose(entry, self.tokens, cause)]
+
+    # ---- commits ---------------------------------------------------------------------------
+
+    def _on_committed(self, ev: Committed, now: float) -> list[Effect]:
+        proposal = self.proposals.pop(ev.token, None)
+        if proposal is None:
+            return []  # answered already (expired); the ledger has it either way
+        results = ev.result if isinstance(ev.result, list) else [ev.result]
+        out: list[Effect] = []
+        for reply, result in zip(proposal.replies, results):
+            out += self._answer(reply, result, ev.log_index, now, ev.stimulus_id)
+        return out + self._dispatch(now, ev.stimulus_id)
+
+    def _answer(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
+        kind = reply[0]
+        if kind == "submit":
+            _, route, request_id = reply
+            if not result.ok:
+                return [_app_error_to(route, request_id, AppReason.REFUSED, result.code, result.text, cause)]
+            upper, lower = split128(result.value["job"])
+            self._count("submits_committed")
+            return [Send(API, SubmitAck(request_id, upper, lower, log_index), route, cause)]
+        if kind == "cancel":
+            _, route, request_id = reply
+            if not result.ok:
+                return [_app_error_to(route, request_id, AppReason.REFUSED, result.code, result.text, cause)]
+            view = self.ledger.job_view(result.value["job"])
+            return [Send(API, QueryReply(request_id, 0, self.view.term, log_index, view, self._leader_address()), route, cause)]
+        if kind == "complete":
+            _, route, m = reply
+            if not result.ok:
+                reason = AppReason.STALE_FENCE if result.code == "stale_fence" else AppReason.REFUSED
+                return [_app_error_to(route, 0, reason, result.code, result.text, cause, refers_to=TaskResult.code,
+                                      extra={"task_id": m.task_id, "job": join128(m.job_uuid_upper, m.job_uuid_lower).hex()})]
+            self._count("results_" + result.code)
+            return [Send(API, ResultAck(m.job_uuid_upper, m.job_uuid_lower, m.task_id, m.fence_term, m.fence_sequence), route, cause)]
+        if kind == "assign":
+            return self._assigned(reply, result, cause)
+        if kind == "barrier":
+            if reply[1] == self.view.term and self.view.role == "leader":
+                self.serving_term = reply[1]
+                self.first_commit_at = now
+                return [Log(logging.INFO, f"serving as leader of term {reply[1]}", cause)]
+            return []
+        return []
+
+    def _assigned(self, reply: tuple, result: Applied, cause: str) -> list[Effect]:
+        _, epoch, tasks = reply
+        self.inflight.difference_update(tasks)
+        if not result.ok:
+            return [Log(logging.WARNING, f"assignment refused by the ledger: {result.text}", cause)]
+        link = self.balancer
+        out: list[Effect] = []
+        for job_id, task_id, fence in result.value["assigned"]:
+            self._count("tasks_assigned")
+            if link is None or link.epoch != epoch:
+                continue  # the balancer changed: its successor gets open assignments on ATTACH
+            out.append(Send(API, self._worker_request(job_id, task_id, fence), link.route, cause))
+            link.credit -= 1
+            link.sent += 1
+        return out
+
+    def _on_failed(self, token: int, reason: str, cause: str) -> list[Effect]:
+        proposal = self.proposals.pop(token, None)
+        if proposal is None:
+            return []
+        self._count("proposals_failed")
+        out: list[Effect] = [Log(logging.WARNING, f"proposal {token} did not commit here ({reason}); its senders retry", cause)]
+        for reply in proposal.replies:
+            out += self._answer_unknown(reply, reason, cause)
+        return out
+
+    def _expire(self, now: float, cause: str) -> list[Effect]:
+        out: list[Effect] = []
+        for token in [t for t, p in self.proposals.items() if now - p.proposed_at > PROPOSAL_TIMEOUT]:
+            out += self._on_failed(token, f"no commit within {PROPOSAL_TIMEOUT:g} s", cause)
+        return out
+
+    def _answer_unknown(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
+        kind = reply[0]
+        if kind in ("submit", "cancel"):
+            return [_app_error_to(reply[1], reply[2], AppReason.OUTCOME_UNKNOWN, "outcome_unknown",
+                                  f"the write may or may not have committed ({reason}); retry with the same idempotency key", cause)]
+        if kind == "complete":
+            m = reply[2]
+            return [_app_error_to(reply[1], 0, AppReason.OUTCOME_UNKNOWN, "outcome_unknown",
+                                  f"the result may not be recorded ({reason}); send it again", cause,
+                                  refers_to=TaskResult.code, extra={"task_id": m.task_id})]
+        if kind == "assign":
+            self.inflight.difference_update(reply[2])
+        return []
+
+    def _answer_not_leader(self, reply: tuple, cause: str) -> list[Effect]:
+        kind = reply[0]
+        if kind in ("submit", "cancel"):
+            return [Send(API, NotLeader(reply[2], self.view.term, self._leader_address()), reply[1], cause)]
+        if kind == "complete":
+            return [Send(API, NotLeader(0, self.view.term, self._leader_address()), reply[1], cause)]
+        return []
+
+    # ---- the balancer stream ---------------------------------------------------------------
+
+    def _on_attach(self, ev: MessageReceived, m: Attach, now: float) -> list[Effect]:
+        refusal = self._writable(ev, m.request_id)
+        if refusal is not None:
+            return [refusal]
+        if self.balancer is not None and m.epoch < self.balancer.epoch:
+            return [_app_error(ev, m.request_id, AppReason.STALE_FENCE, "stale_balancer",
+                               f"balancer epoch {m.epoch} is older than the active balancer's ({self.balancer.epoch})")]
+        replaced = self.balancer is not None and self.balancer.route != ev.route
+        self.balancer = _BalancerLink(ev.route, m.epoch, m.name, m.credit)
+        self.inflight.clear()  # answers to earlier proposals still land; they are simply not resent
+        out: list[Effect] = [Log(logging.INFO, f"balancer {m.name} attached (epoch {m.epoch}, credit {m.credit})"
+                                 + (", replacing the previous one" if replaced else ""), ev.stimulus_id)]
+        open_now = list(self.ledger.open_assignments())
+        out.append(Send(API, Attached(m.request_id, self.view.term, len(open_now), self.name), ev.route, ev.stimulus_id))
+        for job_id, task_id, attempt in open_now:  # the balancer matches these with its workers
+            out.append(Send(API, self._worker_request(job_id, task_id, (attempt.fence_term, attempt.fence_sequence)),
+                            ev.route, ev.stimulus_id))
+        return out + self._dispatch(now, ev.stimulus_id)
+
+    def _on_credit(self, ev: MessageReceived, m: Credit, now: float) -> list[Effect]:
+        link = self.balancer
+        if link is None or ev.route != link.route or m.stream != link.epoch or m.unit != 0:
+            return [_refuse(ev, "CREDIT from a balancer that is not attached (send ATTACH first)")]
+        link.credit += m.amount
+        return self._dispatch(now, ev.stimulus_id)
+
+    def _dispatch(self, now: float, cause: str) -> list[Effect]:
+        link = self.balancer
+        if link is None or self.serving_term != self.view.term or self.view.role != "leader":
+            return []
+        room = min(link.credit - len(self.inflight), self.dispatch_max)
+        if room <= 0:
+            return []
+        tasks = self.ledger.ready_tasks(room, self.inflight)
+        if not tasks:
+            return []
+        first = self.sequence + 1
+        self.sequence += len(tasks)
+        self.inflight.update(tasks)
+        command = AssignTasks(self.view.term, first, link.name, tasks, now)
+        return self._propose([(command, ("assign", link.epoch, tasks))], now, cause)
+
+    def _worker_request(self, job_id: bytes, task_id: int, fence: tuple[int, int]) -> WorkerRequest:
+        order = self.ledger.task_order(job_id, task_id)
+        run = order["run"]
+        program = run.get("program", b"")
+        program = program if isinstance(program, bytes) else b""
+        upper, lower = split128(job_id)
+        return WorkerRequest(
+            upper, lower, task_id, fence[0], fence[1], len(program), len(order["inputs"]),
+            str(run.get("kind", "")), program, order["inputs"],
+            {"task": order["arguments"], "run": {k: v for k, v in run.items() if k != "program"}},
+        )
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    def _reply(self, ev: MessageReceived, request_id: int, value: Any) -> Effect:
+        stale = 0 if (self.view.role == "leader" and self.view.has_quorum and self.serving_term == self.view.term) else 1
+        return Send(API, QueryReply(request_id, stale, self.view.term, self.view.last_applied, value, self._leader_address()),
+                    ev.route, ev.stimulus_id)
+
+    def _on_job_query(self, ev: MessageReceived, m: JobQuery, now: float) -> list[Effect]:
+        job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
+        view = self.ledger.job_view(job_id)
+        if view is None:
+            return [self._not_found(ev, m.request_id, f"no job {job_id.hex()}")]
+        return [self._reply(ev, m.request_id, view)]
+
+    def _on_job_list(self, ev: MessageReceived, m: JobList, now: float) -> list[Effect]:
+        return [self._reply(ev, m.request_id, self.ledger.jobs_view(min(m.limit, MAX_LIST), m.state))]
+
+    def _on_task_query(self, ev: MessageReceived, m: TaskQuery, now: float) -> list[Effect]:
+        job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
+        view = self.ledger.task_view(job_id, m.task_id)
+        if view is None:
+            return [self._not_found(ev, m.request_id, f"no job {job_id.hex()}")]
+        return [self._reply(ev, m.request_id, view)]
+
+    def _not_found(self, ev: MessageReceived, request_id: int, text: str) -> Effect:
+        if self.view.role != "leader":
+            text += " on this master (a follower: it may be behind the leader)"
+        return _app_error(ev, request_id, AppReason.NOT_FOUND, "not_found", text)
+
+    # ---- operators -------------------------------------------------------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def status(self, now: float) -> dict[str, Any]:
+        v = self.view
+        return {
+            "name": self.name,
+            "state": v.role,
+            "term": v.term,
+            "leader": self._leader_address(),
+            "has_quorum": v.has_quorum,
+            "serving": self.serving_term == v.term and v.role == "leader",
+            "commit_index": v.commit_index,
+            "last_applied": v.last_applied,
+            "log_size": v.log_size,
+            **v.detail,
+            "ledger": {**self.ledger.footprint(), "commands_applied": self.ledger.state.applied, **self.ledger.state.counters},
+            "queued_writes": len(self.queue),
+            "proposals_in_flight": len(self.proposals),
+            "balancer": None if self.balancer is None else {
+                "name": self.balancer.name, "epoch": self.balancer.epoch,
+                "credit": self.balancer.credit, "sent": self.balancer.sent,
+            },
+            "leader_since": self.leader_since,
+            "first_commit_s": None if self.first_commit_at is None or self.leader_since is None
+            else round(self.first_commit_at - self.leader_since, 4),
+            "core": dict(self.counters),
+        }
+
+    def validate_state(self) -> None:
+        self.ledger.validate_state()
+        assert all(p.replies for p in self.proposals.values())
+        if self.balancer is not None:
+            assert self.balancer.credit >= 0 or self.balancer.sent > 0
+
+
+def _refuse(ev: MessageReceived, detail: str) -> Effect:
+    return Refuse(ev.socket, ev.route, ev.message.code, getattr(ev.message, "request_id", 0), detail, ev.stimulus_id)
+
+
+def _app_error(ev: MessageReceived, request_id: int, reason: AppReason, code: str, text: str) -> Effect:
+    return _app_error_to(ev.route, request_id, reason, code, text, ev.stimulus_id, refers_to=ev.message.code)
+
+
+def _app_error_to(route: bytes | None, request_id: int, reason: AppReason, code: str, text: str, cause: str,
+                  refers_to: int = 0, extra: dict | None = None) -> Effect:
+    return Send(API, Error(request_id, int(reason), refers_to, text, {"code": code, **(extra or {})}), route, cause)
+
+
+_MESSAGE_HANDLERS: dict[type, Callable] = {
+    Submit: MasterCore._on_submit,
+    CancelJob: MasterCore._on_cancel,
+    TaskResult: MasterCore._on_result,
+    Attach: MasterCore._on_attach,
+    Credit: MasterCore._on_credit,
+    JobQuery: MasterCore._on_job_query,
+    JobList: MasterCore._on_job_list,
+    TaskQuery: MasterCore._on_task_query,
+}

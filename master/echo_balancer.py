@@ -1,0 +1,130 @@
+"""A balancer stand-in that completes every task the moment it arrives.
+
+It speaks the real master ⇄ balancer protocol (ATTACH, CREDIT, WORKER_REQUEST, TASK_RESULT,
+RESULT_ACK) with no workers behind it, so it measures and tests the masters alone: how many task
+completions per second a Raft-replicated ledger commits (bench/ledger.py), and that results
+survive a leader's death (tests/integration/test_masters.py). The real dispatcher is the
+balancer tier (``balancer/``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from proto import AppReason, Codec, ProtocolError, new_node_id
+from proto.messages import Attach, Attached, Credit, Error, NotLeader, ResultAck, TaskResult, WorkerRequest
+
+
+@dataclass
+class EchoStats:
+    received: int = 0  # WORKER_REQUESTs
+    acked: int = 0  # RESULT_ACKs: completions committed (or found duplicate)
+    refused: int = 0
+    attaches: int = 0
+    resent: int = 0
+    acked_keys: set = field(default_factory=set)  # (job, task) acknowledged
+
+
+class EchoBalancer:
+    """Attach to the leader among ``masters``; answer each task with a DONE result."""
+
+    def __init__(self, masters: list[str], *, credit: int = 512, epoch: int = 1, name: str = "echo",
+                 summary: dict | None = None) -> None:
+        self.masters = masters
+        self.credit = credit
+        self.epoch = epoch
+        self.name = name
+        self.summary = summary or {}
+        self.stats = EchoStats()
+        self.codec = Codec(new_node_id())
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket | None = None
+        self.target = 0
+        self.attached = False
+        self.unacked: dict[tuple[int, int, int], TaskResult] = {}  # sent results awaiting RESULT_ACK
+        self.sent_at: dict[tuple[int, int, int], float] = {}
+        self.pending_credit = 0
+
+    def _connect(self, index: int) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.target = index
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 200_000)
+        self.sock.setsockopt(zmq.RCVHWM, 200_000)
+        self.sock.connect(self.masters[index])
+        self.attached = False
+        self.codec.send(self.sock, Attach(1, self.epoch, self.credit, self.name))
+        self.stats.attaches += 1
+        self.attach_sent = time.monotonic()
+
+    def run(self, until: float, stop_after: int | None = None) -> EchoStats:
+        """Serve until ``until`` (a monotonic time) or ``stop_after`` acknowledged results."""
+        self._connect(self.target)
+        while time.monotonic() < until and (stop_after is None or self.stats.acked < stop_after):
+            if not self.sock.poll(50):
+                self._on_silence()
+                continue
+            for _ in range(4096):
+                try:
+                    _, _, m = self.codec.recv(self.sock, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except ProtocolError:
+                    continue
+                self._on(m)
+            if self.pending_credit and self.attached:
+                self.codec.send(self.sock, Credit(self.epoch, self.pending_credit, 0))
+                self.pending_credit = 0
+        return self.stats
+
+    def _on_silence(self) -> None:
+        now = time.monotonic()
+        if not self.attached and now - self.attach_sent > 1.0:
+            self._connect((self.target + 1) % len(self.masters))
+            return
+        # results unanswered for a while: the leader may have died mid-commit; send again
+        for key, sent in list(self.sent_at.items()):
+            if now - sent > 1.0 and self.attached:
+                self.codec.send(self.sock, self.unacked[key])
+                self.sent_at[key] = now
+                self.stats.resent += 1
+
+    def _on(self, m) -> None:
+        if isinstance(m, Attached):
+            self.attached = True
+            for key, result in self.unacked.items():  # results the old leader may not have recorded
+                self.codec.send(self.sock, result)
+                self.sent_at[key] = time.monotonic()
+        elif isinstance(m, WorkerRequest):
+            self.stats.received += 1
+            key = (m.job_uuid_upper, m.job_uuid_lower, m.task_id)
+            result = TaskResult(m.job_uuid_upper, m.job_uuid_lower, m.task_id, m.fence_term, m.fence_sequence,
+                                0, 0, self.summary, None, None, self.name)
+            self.unacked[key] = result
+            self.sent_at[key] = time.monotonic()
+            self.codec.send(self.sock, result)
+        elif isinstance(m, ResultAck):
+            key = (m.job_uuid_upper, m.job_uuid_lower, m.task_id)
+            if self.unacked.pop(key, None) is not None:
+                self.sent_at.pop(key, None)
+                self.stats.acked += 1
+                self.stats.acked_keys.add(key)
+                self.pending_credit += 1
+        elif isinstance(m, NotLeader):
+            self.attached = False
+            index = self.masters.index(m.leader) if m.leader in self.masters else (self.target + 1) % len(self.masters)
+            self._connect(index)
+        elif isinstance(m, Error):
+            if m.reason in (AppReason.UNAVAILABLE, AppReason.OUTCOME_UNKNOWN):
+                return  # the resend timer retries
+            self.stats.refused += 1
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.ctx.term()

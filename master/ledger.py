@@ -1,0 +1,607 @@
+"""The ledger: the cluster's replicated truth (jobs, tasks, attempts, results, files).
+
+Theory of operation
+-------------------
+``Ledger.apply(entry)`` is the Raft state machine: it takes one committed log entry (a command
+from ``master.commands`` or a batch of them) and changes the state deterministically — no clock
+(the leader stamps ``now`` into each command), no randomness (the leader picks ids), no I/O. The
+same log gives byte-identical snapshots on every master.
+
+A command that cannot apply is *refused*: ``apply`` returns ``Applied(ok=False, code, text)``
+and the state is unchanged (every check runs before the first mutation). Nothing a client or a
+balancer sends can raise out of ``apply``.
+
+Tasks move through ``TASK_TRANSITIONS`` (ready → assigned → done | ready again | failed;
+cancelled when their job is). Execution is at-least-once, recording exactly-once: the first
+completion of a task is recorded, later ones are acknowledged, ignored and counted. An
+assignment carries a fencing token (Raft term, sequence) that only grows; a completion must
+name the token of one of the task's attempts, so results of assignments that never committed
+(a deposed leader's) are refused.
+
+The whole state is msgspec Structs: ``snapshot()`` is one MessagePack encode, ``restore()`` one
+decode, and equality is structural (property-tested in tests/unit/test_ledger_properties.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import msgspec
+
+from master import jobs
+from master.commands import (
+    CANCELLED,
+    DONE,
+    LOST,
+    OUTCOMES,
+    AssignTasks,
+    Barrier,
+    Batch,
+    CancelJob,
+    CompleteTask,
+    DropFile,
+    Entry,
+    RegisterFile,
+    SubmitJob,
+)
+
+TASK_TRANSITIONS: dict[tuple[str, str], str] = {
+    ("ready", "assign"): "assigned",
+    ("assigned", "complete"): "done",
+    ("ready", "complete"): "done",  # an attempt reported lost came back with a good result after all
+    ("assigned", "retry"): "ready",  # a failed attempt with attempts left
+    ("assigned", "fail"): "failed",  # the last attempt failed
+    ("ready", "cancel"): "cancelled",
+    ("assigned", "cancel"): "cancelled",
+}
+JOB_STATES = ("active", "done", "failed", "cancelled")
+
+
+class Attempt(msgspec.Struct, array_like=True):
+    """One try of a task: who was handed it, under which fencing token, and how it ended."""
+
+    fence_term: int
+    fence_sequence: int
+    balancer: str
+    assigned_at: float
+    worker: str = ""
+    ended_at: float | None = None
+    outcome: int | None = None  # None while open; else commands.DONE … LOST
+    error: str | None = None
+
+
+class Task(msgspec.Struct, array_like=True):
+    """A materialised task: one of the job's frontier, or a finished one whose result is kept."""
+
+    state: str
+    attempts: list[Attempt] = []
+    result_file: bytes | None = None
+    summary: dict[str, Any] | None = None
+    readers_left: int = 0  # grid tiles that still have to read this result
+
+    def open_attempt(self) -> Attempt | None:
+        if self.attempts and self.attempts[-1].outcome is None:
+            return self.attempts[-1]
+        return None
+
+
+class Job(msgspec.Struct, array_like=True):
+    job_id: bytes
+    key: bytes
+    kind: str
+    spec: dict[str, Any]
+    client: str
+    submitted_at: float
+    seq: int  # submission order, for fair round-robin
+    source: jobs.Source
+    state: str = "active"
+    tasks: dict[int, Task] = {}
+    ready: dict[int, None] = {}  # an ordered set: ready tasks, oldest first
+    done: int = 0
+    live: int = 0  # materialised tasks not finished (ready or assigned)
+    failed_attempts: int = 0
+    duplicates: int = 0
+    reduced: dict[str, Any] = {}
+    finished_at: float | None = None
+    error: str | None = None
+
+    @property
+    def total(self) -> int:
+        return jobs.total_tasks(self.source)
+
+
+class FileRecord(msgspec.Struct, array_like=True):
+    size: int
+    replicas: list[str]
+    owner: bytes | None
+    registered_at: float
+
+
+class LedgerState(msgspec.Struct, array_like=True):
+    jobs: dict[bytes, Job] = {}
+    keys: dict[bytes, tuple[bytes, bytes]] = {}  # idempotency key → (body digest, job id)
+    files: dict[bytes, FileRecord] = {}
+    fence: tuple[int, int] = (0, 0)  # the newest fencing token handed out
+    job_seq: int = 0
+    term: int = 0  # of the newest committed Barrier
+    leader: str = ""
+    applied: int = 0  # commands applied (a batch counts each of its commands)
+    counters: dict[str, int] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one command did: ``ok`` and a value, or a refusal with a stable ``code``."""
+
+    ok: bool
+    code: str = "ok"
+    text: str = ""
+    value: Any = None
+
+
+def refused(code: str, text: str) -> Applied:
+    return Applied(False, code, text)
+
+
+def spec_digest(kind: str, spec: Any) -> bytes:
+    """What a submit's idempotency key is bound to (so a reused key with another body is caught)."""
+    return hashlib.blake2b(msgspec.msgpack.encode([kind, spec]), digest_size=16).digest()
+
+
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(LedgerState)
+
+
+class Ledger:
+    """The replicated state machine. Not thread-safe: its owner serialises access."""
+
+    def __init__(self, state: LedgerState | None = None) -> None:
+        self.state = state if state is not None else LedgerState()
+
+    # ---- snapshots -----------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The whole state as bytes; ``Ledger.restore`` gives an equal ledger back."""
+        return _snapshot_encoder.encode(self.state)
+
+    @classmethod
+    def restore(cls, data: bytes) -> "Ledger":
+        return cls(_snapshot_decoder.decode(data))
+
+    # ---- applying the log ----------------------------------------------------------------
+
+    def apply(self, entry: Entry) -> Applied | list[Applied]:
+        """Apply one committed entry; a batch gives one ``Applied`` per command."""
+        if isinstance(entry, Batch):
+            return [self._apply_one(c) for c in entry.commands]
+        return self._apply_one(entry)
+
+    def _apply_one(self, command: Any) -> Applied:
+        handler = _HANDLERS.get(type(command))
+        if handler is None:  # the decoder admits only known commands; this is defence
+            return self._refuse("bad_command", f"not a ledger command: {type(command).__name__}")
+        self.state.applied += 1
+        result = handler(self, command)
+        if not result.ok:
+            self._count(f"refused.{result.code}")
+        return result
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.state.counters[name] = self.state.counters.get(name, 0) + n
+
+    def _refuse(self, code: str, text: str) -> Applied:
+        return refused(code, text)
+
+    # ---- jobs ----------------------------------------------------------------------------
+
+    def _submit(self, c: SubmitJob) -> Applied:
+        known = self.state.keys.get(c.key)
+        if known is not None:
+            digest, job_id = known
+            if digest != c.digest:
+                return refused(
+                    "idempotency_conflict",
+                    f"idempotency key {c.key.hex()} was used for another job ({job_id.hex()}) with a different body; "
+                    "use a fresh key for a new job",
+                )
+            self._count("submits_deduplicated")
+            return Applied(True, value={"job": job_id, "created": False})
+        if c.job_id in self.state.jobs:
+            return refused("duplicate_job_id", f"job id {c.job_id.hex()} exists")
+        try:
+            spec = jobs.validate_spec(c.kind, c.spec, len(msgspec.msgpack.encode(c.spec)))
+        except jobs.SpecError as exc:
+            return refused(exc.code, exc.text)
+        self.state.job_seq += 1
+        job = Job(
+            job_id=c.job_id,
+            key=c.key,
+            kind=c.kind,
+            spec=spec,
+            client=c.client,
+            submitted_at=c.now,
+            seq=self.state.job_seq,
+            source=jobs.make_source(c.kind, spec),
+        )
+        self.state.jobs[c.job_id] = job
+        self.state.keys[c.key] = (c.digest, c.job_id)
+        self._materialise(job, job.source.take(jobs.WINDOW))
+        self._count("jobs_submitted")
+        return Applied(True, value={"job": c.job_id, "created": True})
+
+    def _cancel(self, c: CancelJob) -> Applied:
+        job = self.state.jobs.get(c.job_id)
+        if job is None:
+            return refused("unknown_job", f"no job {c.job_id.hex()}")
+        if job.state != "active":
+            return Applied(True, value={"job": c.job_id, "state": job.state, "changed": False})
+        for task in job.tasks.values():
+            if task.state in ("ready", "assigned"):
+                task.state = _next(task.state, "cancel")
+        job.ready.clear()
+        job.live = 0
+        job.state = "cancelled"
+        job.finished_at = c.now
+        job.error = c.reason or "cancelled"
+        self._count("jobs_cancelled")
+        return Applied(True, value={"job": c.job_id, "state": job.state, "changed": True})
+
+    # ---- tasks ---------------------------------------------------------------------------
+
+    def _materialise(self, job: Job, task_ids: list[int]) -> None:
+        for task_id in task_ids:
+            job.tasks[task_id] = Task(state="ready", readers_left=job.source.consumers(task_id))
+            job.ready[task_id] = None
+        job.live += len(task_ids)
+
+    def _assign(self, c: AssignTasks) -> Applied:
+        first = (c.term, c.first_sequence)
+        if first <= self.state.fence:
+            self._count("stale_assignments")
+            return refused(
+                "stale_fence",
+                f"assignment token {first} is not newer than {self.state.fence}: from a deposed leader",
+            )
+        assigned, skipped = [], []
+        for i, (job_id, task_id) in enumerate(c.tasks):
+            job = self.state.jobs.get(job_id)
+            task = job.tasks.get(task_id) if job is not None else None
+            if job is None or job.state != "active" or task is None or task.state != "ready":
+                skipped.append((job_id, task_id))
+                continue
+            fence = (c.term, c.first_sequence + i)
+            task.state = _next(task.state, "assign")
+            task.attempts.append(Attempt(fence[0], fence[1], c.balancer, c.now))
+            del job.ready[task_id]
+            assigned.append((job_id, task_id, fence))
+        self.state.fence = (c.term, c.first_sequence + max(len(c.tasks) - 1, 0))
+        if skipped:
+            self._count("assign_skipped", len(skipped))
+        return Applied(True, value={"assigned": assigned, "skipped": skipped})
+
+    def _complete(self, c: CompleteTask) -> Applied:
+        job = self.state.jobs.get(c.job_id)
+        if job is None:
+            return refused("unknown_job", f"no job {c.job_id.hex()}")
+        if c.outcome not in OUTCOMES:
+            return refused("bad_outcome", f"outcome {c.outcome} is not one of {sorted(OUTCOMES)}")
+        if not job.source.exists(c.task_id):
+            return refused("unknown_task", f"job {c.job_id.hex()} has no task {c.task_id}")
+        task = job.tasks.get(c.task_id)
+        if task is None:
+            if job.source.is_done(c.task_id):  # finished and folded away
+                job.duplicates += 1
+                self._count("duplicate_completions")
+                return Applied(True, "duplicate", "the task was already recorded as done")
+            self._count("stale_completions")
+            return refused("stale_fence", f"task {c.task_id} of job {c.job_id.hex()} was never assigned")
+        attempt = next(
+            (a for a in task.attempts if (a.fence_term, a.fence_sequence) == (c.fence_term, c.fence_sequence)),
+            None,
+        )
+        if task.state == "done":
+            job.duplicates += 1
+            self._count("duplicate_completions")
+            if attempt is not None and attempt.outcome is None:
+                _end(attempt, c, CANCELLED, "superseded: the task was already done")
+            return Applied(True, "duplicate", "the task was already recorded as done")
+        if attempt is None:
+            self._count("stale_completions")
+            return refused(
+                "stale_fence",
+                f"token ({c.fence_term}, {c.fence_sequence}) is not an attempt of task {c.task_id}: "
+                "an assignment that never committed",
+            )
+        if job.state != "active" or task.state in ("cancelled", "failed"):
+            if attempt.outcome is None:
+                _end(attempt, c, c.outcome, c.error)
+            self._count("late_completions")
+            return Applied(True, "ignored", f"the job is {job.state}; the result is not recorded")
+        if c.outcome == DONE:
+            return self._record_done(job, c, task, attempt)
+        return self._record_failure(job, c, task, attempt)
+
+    def _record_done(self, job: Job, c: CompleteTask, task: Task, attempt: Attempt) -> Applied:
+        _end(attempt, c, DONE, None)
+        for other in task.attempts:
+            if other.outcome is None:
+                _end(other, c, CANCELLED, "superseded: another attempt finished first")
+        if task.state == "ready":
+            del job.ready[c.task_id]
+        job.live -= 1
+        task.state = _next(task.state, "complete")
+        task.result_file = c.result_file
+        task.summary = c.summary
+        job.done += 1
+        self._count("tasks_done")
+        self._reduce(job, c.task_id, c.summary)
+        newly_ready = job.source.on_done(c.task_id)
+        for reader_of in job.source.inputs(c.task_id):  # this tile has read its inputs
+            source_task = job.tasks.get(reader_of)
+            if source_task is not None:
+                source_task.readers_left -= 1
+                self._maybe_fold(job, reader_of, source_task)
+        self._maybe_fold(job, c.task_id, task)
+        self._materialise(job, newly_ready)
+        if not isinstance(job.source, jobs.GridSource) or not job.source.wavefront:
+            self._materialise(job, job.source.take(jobs.WINDOW - job.live))
+        if job.done == job.total:
+            job.state = "done"
+            job.finished_at = c.now
+            self._count("jobs_done")
+        return Applied(True, "recorded", value={"newly_ready": len(newly_ready)})
+
+    def _maybe_fold(self, job: Job, task_id: int, task: Task) -> None:
+        if task.state == "done" and task.readers_left <= 0 and not job.spec["keep_results"]:
+            del job.tasks[task_id]
+
+    def _record_failure(self, job: Job, c: CompleteTask, task: Task, attempt: Attempt) -> Applied:
+        current = attempt.outcome is None and task.open_attempt() is attempt
+        _end(attempt, c, c.outcome, c.error or OUTCOMES[c.outcome])
+        if not current:
+            return Applied(True, "ignored", "an older attempt ended; a newer one is running")
+        job.failed_attempts += 1
+        self._count(f"attempts_{OUTCOMES[c.outcome]}")
+        ended = sum(1 for a in task.attempts if a.outcome not in (None, DONE))
+        if ended < job.spec["max_attempts"]:
+            task.state = _next(task.state, "retry")
+            job.ready[c.task_id] = None
+            return Applied(True, "retry", f"attempt {ended} of {job.spec['max_attempts']} failed")
+        task.state = _next(task.state, "fail")
+        job.live = 0  # the job stops: its other tasks are cancelled or finish unrecorded
+        job.state = "failed"
+        job.finished_at = c.now
+        job.error = f"task {c.task_id} failed after {ended} attempts: {c.error or OUTCOMES[c.outcome]}"
+        for other_id in list(job.ready):
+            job.tasks[other_id].state = _next("ready", "cancel")
+        job.ready.clear()
+        self._count("jobs_failed")
+        return Applied(True, "failed", job.error)
+
+    def _reduce(self, job: Job, task_id: int, summary: dict[str, Any]) -> None:
+        rule = job.spec["reduce"]
+        if "max" in rule:
+            field = rule["max"]
+            value = summary.get(field)
+            best = job.reduced.get("max")
+            if isinstance(value, (int, float)) and (
+                best is None or (value, -task_id) > (best["summary"][field], -best["task"])
+            ):
+                job.reduced["max"] = {"task": task_id, "summary": summary}
+        for field in rule.get("sum", ()):
+            value = summary.get(field)
+            if isinstance(value, (int, float)):
+                sums = job.reduced.setdefault("sum", {})
+                sums[field] = sums.get(field, 0) + value
+
+    # ---- files and leadership ------------------------------------------------------------
+
+    def _register_file(self, c: RegisterFile) -> Applied:
+        if len(c.file_id) != 16:
+            return refused("bad_file_id", "a file id is 16 bytes")
+        if c.owner is not None and c.owner not in self.state.jobs:
+            return refused("unknown_job", f"no job {c.owner.hex()} to own file {c.file_id.hex()}")
+        if not c.replicas:
+            return refused("no_replicas", f"file {c.file_id.hex()} has no replica")
+        record = self.state.files.get(c.file_id)
+        if record is not None and record.size != c.size:
+            return refused("size_mismatch", f"file {c.file_id.hex()} is {record.size} bytes, not {c.size}")
+        if record is None:
+            self.state.files[c.file_id] = FileRecord(c.size, sorted(set(c.replicas)), c.owner, c.now)
+        else:
+            record.replicas = sorted(set(record.replicas) | set(c.replicas))
+        return Applied(True, value={"file": c.file_id, "replicas": self.state.files[c.file_id].replicas})
+
+    def _drop_file(self, c: DropFile) -> Applied:
+        if self.state.files.pop(c.file_id, None) is None:
+            return refused("unknown_file", f"no file {c.file_id.hex()}")
+        return Applied(True)
+
+    def _barrier(self, c: Barrier) -> Applied:
+        if c.term > self.state.term:
+            self.state.term = c.term
+            self.state.leader = c.leader
+        return Applied(True, value={"term": self.state.term})
+
+    # ---- queries (the leader's dispatcher and the client API read these) -----------------
+
+    def ready_tasks(self, limit: int, exclude: set[tuple[bytes, int]] = frozenset()) -> list[tuple[bytes, int]]:
+        """Up to ``limit`` ready tasks: higher job priority first, round-robin between the jobs
+        of one priority (so one big job cannot starve the others), oldest task first in a job."""
+        out: list[tuple[bytes, int]] = []
+        active = [j for j in self.state.jobs.values() if j.state == "active" and j.ready]
+        active.sort(key=lambda j: (-j.spec["priority"], j.seq))
+        groups: dict[int, list[Job]] = {}
+        for job in active:
+            groups.setdefault(job.spec["priority"], []).append(job)
+        for group in groups.values():  # in priority order (dicts keep insertion order)
+            turn = [(job, iter(job.ready)) for job in group]
+            while turn and len(out) < limit:
+                still = []
+                for job, it in turn:
+                    for task_id in it:
+                        if (job.job_id, task_id) not in exclude:
+                            out.append((job.job_id, task_id))
+                            still.append((job, it))
+                            break
+                    if len(out) >= limit:
+                        break
+                turn = still
+        return out
+
+    def open_assignments(self) -> Iterator[tuple[bytes, int, Attempt]]:
+        """Every task handed out and not yet ended (a new balancer is told these again)."""
+        for job in self.state.jobs.values():
+            if job.state != "active":
+                continue
+            for task_id, task in job.tasks.items():
+                if task.state == "assigned":
+                    yield job.job_id, task_id, task.open_attempt()
+
+    def task_order(self, job_id: bytes, task_id: int) -> dict[str, Any]:
+        """What a worker needs to run a task: the job's ``run``, the task's arguments, and the
+        result files of the tasks it reads (e.g. the neighbouring tiles' boundaries)."""
+        job = self.state.jobs[job_id]
+        inputs = []
+        for other in job.source.inputs(task_id):
+            t = job.tasks.get(other)
+            if t is not None and t.result_file is not None:
+                inputs.append(t.result_file)
+        return {"run": job.spec["run"], "arguments": jobs.task_arguments(job.kind, job.spec, task_id), "inputs": inputs}
+
+    def job_view(self, job_id: bytes) -> dict[str, Any] | None:
+        job = self.state.jobs.get(job_id)
+        if job is None:
+            return None
+        states: dict[str, int] = {}
+        for t in job.tasks.values():
+            states[t.state] = states.get(t.state, 0) + 1
+        return {
+            "job": job_id.hex(),
+            "kind": job.kind,
+            "name": job.spec.get("name", ""),
+            "state": job.state,
+            "priority": job.spec["priority"],
+            "submitted_at": job.submitted_at,
+            "finished_at": job.finished_at,
+            "client": job.client,
+            "total": job.total,
+            "done": job.done,
+            "ready": states.get("ready", 0),
+            "assigned": states.get("assigned", 0),
+            "failed_attempts": job.failed_attempts,
+            "duplicates": job.duplicates,
+            "reduced": job.reduced,
+            "error": job.error,
+        }
+
+    def jobs_view(self, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` jobs (optionally only those in ``state``), newest first."""
+        out = []
+        for job in reversed(self.state.jobs.values()):
+            if state is None or job.state == state:
+                out.append(self.job_view(job.job_id))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def task_view(self, job_id: bytes, task_id: int) -> dict[str, Any] | None:
+        """A task's state, attempts and result reference; None if the job is unknown."""
+        job = self.state.jobs.get(job_id)
+        if job is None:
+            return None
+        base = {"job": job_id.hex(), "task": task_id}
+        if not job.source.exists(task_id):
+            return {**base, "state": "unknown", "note": f"the job has tasks 0..{job.total - 1}"}
+        task = job.tasks.get(task_id)
+        if task is None:
+            if job.source.is_done(task_id):
+                return {**base, "state": "done", "folded": True, "note": "its result was consumed and folded into the job's"}
+            return {**base, "state": "waiting" if job.state == "active" else job.state}
+        return {
+            **base,
+            "state": task.state,
+            "result_file": task.result_file.hex() if task.result_file else None,
+            "summary": task.summary,
+            "attempts": [
+                {
+                    "fence": [a.fence_term, a.fence_sequence],
+                    "balancer": a.balancer,
+                    "worker": a.worker,
+                    "assigned_at": a.assigned_at,
+                    "ended_at": a.ended_at,
+                    "outcome": OUTCOMES.get(a.outcome) if a.outcome is not None else None,
+                    "error": a.error,
+                }
+                for a in task.attempts
+            ],
+        }
+
+    def footprint(self) -> dict[str, int]:
+        """How much the ledger holds: what O(frontier) is measured by."""
+        return {
+            "jobs": len(self.state.jobs),
+            "task_records": sum(len(j.tasks) for j in self.state.jobs.values()),
+            "frontier_entries": sum(j.source.frontier() for j in self.state.jobs.values()),
+            "files": len(self.state.files),
+        }
+
+    # ---- invariants ----------------------------------------------------------------------
+
+    def validate_state(self) -> None:
+        """Raise AssertionError if an invariant does not hold."""
+        s = self.state
+        for key, (_, job_id) in s.keys.items():
+            assert job_id in s.jobs, f"idempotency key {key.hex()} names a missing job"
+        for job in s.jobs.values():
+            assert job.state in JOB_STATES, job.state
+            assert 0 <= job.done <= job.total
+            for task_id in job.ready:
+                assert job.tasks[task_id].state == "ready", f"task {task_id} in the ready set is {job.tasks[task_id].state}"
+            for task_id, task in job.tasks.items():
+                assert job.source.exists(task_id)
+                if task.state == "ready":
+                    assert task_id in job.ready, f"ready task {task_id} missing from the ready set"
+                if task.state == "assigned":
+                    assert task.open_attempt() is not None, f"assigned task {task_id} has no open attempt"
+                if task.state == "done":
+                    assert job.source.is_done(task_id), f"done task {task_id} not done in its source"
+                    assert sum(a.outcome == DONE for a in task.attempts) == 1, f"task {task_id} completed twice"
+                    assert all(a.outcome is not None for a in task.attempts)
+                for a in task.attempts:
+                    assert (a.fence_term, a.fence_sequence) <= s.fence, "an attempt token newer than the fence"
+            live = sum(t.state in ("ready", "assigned") for t in job.tasks.values())
+            assert job.state != "active" or job.live == live, f"live count {job.live} != {live}"
+            if job.state == "done":
+                assert job.done == job.total and not job.ready
+            if job.state != "active":
+                assert not job.ready
+
+
+def _next(state: str, event: str) -> str:
+    try:
+        return TASK_TRANSITIONS[(state, event)]
+    except KeyError:
+        raise AssertionError(f"illegal task transition: {event} in state {state}") from None
+
+
+def _end(attempt: Attempt, c: CompleteTask, outcome: int, error: str | None) -> None:
+    attempt.outcome = outcome
+    attempt.ended_at = c.now
+    attempt.worker = c.worker or attempt.worker
+    attempt.error = error
+
+
+_HANDLERS = {
+    SubmitJob: Ledger._submit,
+    CancelJob: Ledger._cancel,
+    AssignTasks: Ledger._assign,
+    CompleteTask: Ledger._complete,
+    RegisterFile: Ledger._register_file,
+    DropFile: Ledger._drop_file,
+    Barrier: Ledger._barrier,
+}
+
+__all__ = ["Applied", "Ledger", "LedgerState", "Task", "Job", "Attempt", "TASK_TRANSITIONS", "spec_digest", "LOST"]

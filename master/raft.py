@@ -1,0 +1,260 @@
+"""The one adapter between the master and pysyncobj (Raft).
+
+Theory of operation
+-------------------
+pysyncobj runs Raft on its own thread (``autoTick``) over its own TCP connections between the
+masters' Raft addresses. The ledger is replicated through one method, ``_Replica.apply(bytes)``,
+whose argument is an encoded ``master.commands`` entry; pysyncobj calls it on every master in log
+order once the entry is committed, holding ``lock`` so the loop thread never reads a ledger
+half-way through a command. The proposer's callback (result or failure) is handed back to the
+node loop, which turns it into a ``Committed``/``ProposalFailed`` event for the core.
+
+Durability, beyond pysyncobj's defaults:
+- The journal is pysyncobj's mmap'd file journal with a flush added: every append marks it
+  dirty, and the transport msyncs it before any Raft message leaves the node. So an entry is on
+  disk before this master acknowledges it to a leader (follower) or sends it out to be
+  acknowledged (leader): what a quorum acknowledged survives a power loss, not just a SIGKILL.
+- Snapshots (pysyncobj's "full dump", taken at log compaction) are our own format: the ledger's
+  exact MessagePack snapshot plus pysyncobj's small bookkeeping tuple, written to a temporary
+  file, fsynced, then atomically renamed by pysyncobj. A master with an empty disk receives the
+  leader's snapshot over Raft and restores the ledger from it.
+- Raft messages are pickled by pysyncobj: the Raft address must be reachable only by the
+  masters (bind it to a private interface; set ``password`` to encrypt and authenticate).
+
+pysyncobj private API used here, in one place: ``_getLeader``, ``_isLeader``, ``_getTerm``,
+``_getRaftLogSize``, ``getStatus()`` keys, and the module-level ``createJournal`` factory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pysyncobj.syncobj as _syncobj_module
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.journal import FileJournal, MemoryJournal
+from pysyncobj.transport import TCPTransport
+
+from master import commands
+from master.core import RaftView
+from master.ledger import Ledger
+
+log = logging.getLogger("cluster.master.raft")
+
+FAILURES = {
+    v: k.lower() for k, v in vars(FAIL_REASON).items() if k.isupper() and isinstance(v, int)
+}
+SNAPSHOT_MAGIC = b"CZLEDGER1"
+
+# Timings that make a failover take well under 2 s here (measured in bench/ledger.py); the
+# defaults (5 s connection retries, 30 s leader fallback) made 5-30 s outages.
+DEFAULT_TIMINGS = {
+    "raftMinTimeout": 0.4,
+    "raftMaxTimeout": 0.8,
+    "appendEntriesPeriod": 0.05,
+    "connectionTimeout": 1.0,
+    "connectionRetryTime": 0.3,
+    "leaderFallbackTimeout": 1.0,
+}
+
+
+class _DurableJournal(FileJournal):
+    """pysyncobj's file journal, remembering when it holds writes not yet msynced."""
+
+    dirty = False
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        super().add(command, idx, term)
+        self.dirty = True
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 (pysyncobj's name)
+        super().deleteEntriesFrom(entryFrom)
+        self.dirty = True
+
+    def clear(self) -> None:
+        super().clear()
+        self.dirty = True
+
+    def sync(self) -> None:
+        if self.dirty:
+            self.dirty = False
+            self.flush()  # mmap.flush(): msync(MS_SYNC)
+
+
+_journals = threading.local()
+
+
+def _create_journal(journal_file: str | None):
+    journal = _DurableJournal(journal_file) if journal_file else MemoryJournal()
+    _journals.last = journal
+    return journal
+
+
+# pysyncobj builds its journal through this module-level factory in SyncObj.__init__.
+_syncobj_module.createJournal = _create_journal
+
+
+class _SyncingTransport(TCPTransport):
+    """Msync the journal before any Raft message leaves (see the module docstring)."""
+
+    journal: Any = None
+
+    def send(self, node: Any, message: Any) -> bool:
+        journal = self.journal
+        if journal is not None and getattr(journal, "dirty", False):
+            journal.sync()
+        return super().send(node, message)
+
+
+class _Replica(SyncObj):
+    def __init__(self, adapter: "RaftAdapter", self_address: str, partners: list[str], conf: SyncObjConf) -> None:
+        self._adapter = adapter
+        super().__init__(self_address, partners, conf, transportClass=_SyncingTransport)
+
+    @replicated
+    def apply(self, data: bytes) -> Any:
+        return self._adapter._apply(data)
+
+
+class RaftAdapter:
+    """Replicates ``ledger`` among the masters at ``self_address`` + ``partners`` (Raft addresses
+    ``host:port``), persisting under ``data_dir``."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        self_address: str,
+        partners: list[str],
+        data_dir: Path | None,
+        *,
+        on_result: Callable[[int, Any, int], None] | None = None,
+        on_failure: Callable[[int, str], None] | None = None,
+        password: str | None = None,
+        snapshot_every: int = 20_000,
+        timings: dict[str, float] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.lock = threading.Lock()
+        self.self_address = self_address
+        self.on_result = on_result or (lambda token, result, index: None)
+        self.on_failure = on_failure or (lambda token, reason: None)
+        self.apply_errors = 0
+        self.last_snapshot: dict[str, Any] | None = None
+        journal = snapshot = None
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            journal = str(data_dir / "raft.journal")
+            snapshot = str(data_dir / "ledger.snapshot")
+        conf = SyncObjConf(
+            autoTick=True,
+            appendEntriesUseBatch=False,  # our core batches; each proposal goes out at once
+            journalFile=journal,
+            fullDumpFile=snapshot,
+            serializer=self._write_snapshot if snapshot else None,
+            deserializer=self._read_snapshot if snapshot else None,
+            logCompactionMinEntries=snapshot_every,
+            commandsWaitLeader=False,  # fail fast (MISSING_LEADER) rather than queue unboundedly
+            password=password,
+            **{**DEFAULT_TIMINGS, **(timings or {})},
+        )
+        self.replica = _Replica(self, self_address, partners, conf)
+        self.replica._SyncObj__transport.journal = getattr(_journals, "last", None)  # noqa: SLF001
+
+    # ---- the Raft thread -------------------------------------------------------------------
+
+    def _apply(self, data: bytes) -> Any:
+        entry = commands.decode(data)
+        with self.lock:
+            try:
+                return self.ledger.apply(entry)
+            except Exception:  # a ledger bug must not kill the Raft thread; every master logs it
+                self.apply_errors += 1
+                log.exception("the ledger failed to apply an entry; it is skipped on this master")
+                return None
+
+    def _write_snapshot(self, path: str, raft_data: Any) -> None:
+        with self.lock:
+            state = self.ledger.snapshot()
+            applied = self.ledger.state.applied
+        raft = pickle.dumps(raft_data, protocol=pickle.HIGHEST_PROTOCOL)
+        with open(path, "wb") as f:
+            f.write(SNAPSHOT_MAGIC + struct.pack("<QQ", len(raft), len(state)))
+            f.write(raft)
+            f.write(state)
+            f.flush()
+            os.fsync(f.fileno())
+        self.last_snapshot = {"bytes": len(state), "commands_applied": applied, "log_index": raft_data[0][1]}
+        log.info("snapshot written: %d bytes of ledger at log index %d", len(state), raft_data[0][1])
+
+    def _read_snapshot(self, path: str) -> Any:
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data.startswith(SNAPSHOT_MAGIC):
+            raise ValueError(f"{path} is not a ledger snapshot")
+        offset = len(SNAPSHOT_MAGIC)
+        n_raft, n_state = struct.unpack_from("<QQ", data, offset)
+        offset += 16
+        raft_data = pickle.loads(data[offset : offset + n_raft])
+        restored = Ledger.restore(data[offset + n_raft : offset + n_raft + n_state])
+        with self.lock:
+            self.ledger.state = restored.state
+        self.last_snapshot = {"bytes": n_state, "commands_applied": restored.state.applied,
+                              "log_index": raft_data[0][1], "restored": True}
+        log.info("ledger restored from snapshot (%d bytes, log index %d)", n_state, raft_data[0][1])
+        return raft_data
+
+    # ---- the loop thread -------------------------------------------------------------------
+
+    def propose(self, entry: commands.Entry, token: int) -> None:
+        """Replicate ``entry``; ``on_result(token, result, log_index)`` or ``on_failure(token,
+        reason)`` is called later, on the Raft thread."""
+        data = commands.encode(entry)
+
+        def done(result: Any, error: int) -> None:
+            if error == FAIL_REASON.SUCCESS:
+                self.on_result(token, result, self.replica.raftLastApplied)
+            else:
+                self.on_failure(token, FAILURES.get(error, str(error)))
+
+        self.replica.apply(data, callback=done)
+
+    def view(self) -> RaftView:
+        """Role, term, leader and indices as the core needs them (read without Raft's lock:
+        each field is one attribute read; a torn view is at most one tick old)."""
+        r = self.replica
+        leader = r._getLeader()
+        role = "leader" if r._isLeader() else ("follower" if leader is not None else "candidate")
+        status = r.getStatus()
+        peers = {}
+        for key, value in status.items():
+            if key.startswith("partner_node_status_server_"):
+                address = key[len("partner_node_status_server_"):]
+                peers[address] = {
+                    "connected": value == 2,
+                    "match_index": status.get(f"match_idx_server_{address}"),
+                    "next_index": status.get(f"next_node_idx_server_{address}"),
+                }
+        return RaftView(
+            role=role,
+            term=r._getTerm(),
+            leader=str(leader.address) if leader is not None else None,
+            has_quorum=bool(r.hasQuorum),
+            commit_index=r.raftCommitIndex,
+            last_applied=r.raftLastApplied,
+            log_size=r._getRaftLogSize(),
+            detail={
+                "raft_address": self.self_address,
+                "peers": peers,
+                "last_snapshot": self.last_snapshot,
+                "apply_errors": self.apply_errors,
+            },
+        )
+
+    def close(self) -> None:
+        """Stop the Raft thread and close the journal."""
+        self.replica.destroy_synchronous()
