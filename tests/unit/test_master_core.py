@@ -1,0 +1,306 @@
+"""The master core driven directly: no sockets, no Raft library, no sleeps.
+
+``Harness`` stands in for the loop and for Raft: it feeds events to the core, collects effects,
+and "commits" a ``Propose`` when told to by applying the entry to the ledger (as every master's
+Raft thread would) and posting ``Committed``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cluster.runtime.events import Log, MessageReceived, Send, Started, StartTimer, TimerFired
+from master.core import API, Committed, MasterCore, ProposalFailed, Propose, RaftView, join128, split128
+from master.commands import AssignTasks, Batch, SubmitJob
+from master.jobs import MAX_SPEC_BYTES
+from master.ledger import Ledger
+from proto import AppReason
+from proto.messages import (
+    Attach,
+    Attached,
+    CancelJob,
+    Credit,
+    Error,
+    JobQuery,
+    NotLeader,
+    QueryReply,
+    ResultAck,
+    Submit,
+    SubmitAck,
+    TaskQuery,
+    TaskResult,
+    WorkerRequest,
+)
+
+CLIENT = b"client-route"
+BALANCER = b"balancer-route"
+
+
+class Harness:
+    def __init__(self, role: str = "leader", term: int = 3) -> None:
+        self.ledger = Ledger()
+        self.raft = RaftView(role, term, "10.0.0.1:6000" if role == "leader" else "10.0.0.2:6000", True)
+        self.core = MasterCore(self.ledger, "m1", lambda: self.raft, {"10.0.0.1:6000": "tcp://m1:5000", "10.0.0.2:6000": "tcp://m2:5000"})
+        self.now = 100.0
+        self.proposed: list[Propose] = []
+        self.sent: list[Send] = []
+        self.stimuli = 0
+        self.index = 0
+        self.event(Started("s0"))
+        self.event(TimerFired("raft", "t0"))  # sees the role; a leader proposes its Barrier
+        if role == "leader":
+            self.commit_all()
+
+    def event(self, ev) -> list:
+        effects = self.core.handle(ev, self.now)
+        self.core.validate_state()
+        for e in effects:
+            if isinstance(e, Propose):
+                self.proposed.append(e)
+            elif isinstance(e, Send):
+                self.sent.append(e)
+            elif isinstance(e, StartTimer) and e.name == "flush" and e.delay == 0:
+                pass  # the test fires it with flush()
+        return effects
+
+    def message(self, m, route: bytes = CLIENT):
+        self.stimuli += 1
+        return self.event(MessageReceived(API, route, 7, m, f"msg-{self.stimuli}"))
+
+    def flush(self):
+        return self.event(TimerFired("flush", "flush"))
+
+    def commit_all(self):
+        while self.proposed:
+            p = self.proposed.pop(0)
+            self.index += 1
+            self.raft = RaftView(self.raft.role, self.raft.term, self.raft.leader, True, self.index, self.index)
+            result = self.ledger.apply(p.entry)
+            self.event(Committed(p.token, result, self.index, f"c-{p.token}"))
+
+    def take(self, kind):
+        out = [s.message for s in self.sent if isinstance(s.message, kind)]
+        self.sent = [s for s in self.sent if not isinstance(s.message, kind)]
+        return out
+
+
+def submit(rid: int, key: int = None, kind: str = "range", spec=None) -> Submit:
+    key = key if key is not None else int.from_bytes(os.urandom(16), "big")
+    return Submit(rid, key >> 64, key & (2**64 - 1), kind, spec if spec is not None else {"count": 3})
+
+
+def test_a_burst_of_submits_is_one_proposal_and_acked_only_after_commit():
+    h = Harness()
+    for rid in range(1, 51):
+        h.message(submit(rid))
+    assert not h.take(SubmitAck), "nothing is acknowledged before it commits"
+    h.flush()
+    assert len(h.proposed) == 1 and isinstance(h.proposed[0].entry, Batch)
+    assert len(h.proposed[0].entry.commands) == 50
+    h.commit_all()
+    acks = h.take(SubmitAck)
+    assert sorted(a.request_id for a in acks) == list(range(1, 51))
+    assert len(h.ledger.state.jobs) == 50
+
+
+def test_follower_redirects_writes_to_the_leader_client_address():
+    h = Harness(role="follower")
+    h.message(submit(9))
+    (reply,) = h.take(NotLeader)
+    assert reply.request_id == 9 and reply.leader == "tcp://m2:5000"
+    assert not h.proposed
+
+
+def test_leader_without_quorum_refuses_writes_as_unavailable():
+    h = Harness()
+    h.raft = RaftView("leader", 3, "10.0.0.1:6000", False)
+    h.event(TimerFired("raft", "t"))
+    h.message(submit(4))
+    (err,) = h.take(Error)
+    assert err.reason == AppReason.UNAVAILABLE and "majority" in err.text
+
+
+def test_failed_proposal_is_answered_outcome_unknown_and_a_retry_lands_once():
+    h = Harness()
+    key = 12345
+    h.message(submit(1, key))
+    h.flush()
+    p = h.proposed.pop()
+    # The leader lost the entry's fate: the client must hear "unknown", not "failed".
+    h.event(ProposalFailed(p.token, "leader_changed", "f"))
+    (err,) = h.take(Error)
+    assert err.reason == AppReason.OUTCOME_UNKNOWN
+    # ... but the entry did commit elsewhere; the retry with the same key finds the job.
+    h.ledger.apply(p.entry)
+    h.message(submit(2, key))
+    (ack,) = h.take(SubmitAck)
+    assert join128(ack.job_uuid_upper, ack.job_uuid_lower) == p.entry.job_id
+    assert not h.proposed, "a committed key is answered from the ledger, not proposed again"
+    assert len(h.ledger.state.jobs) == 1
+
+
+def test_same_key_other_body_is_refused_before_any_proposal():
+    h = Harness()
+    h.message(submit(1, 77, spec={"count": 3}))
+    h.flush()
+    h.commit_all()
+    h.take(SubmitAck)
+    h.message(submit(2, 77, spec={"count": 4}))
+    (err,) = h.take(Error)
+    assert err.reason == AppReason.REFUSED and err.detail["code"] == "idempotency_conflict"
+    assert not h.proposed
+
+
+@pytest.mark.parametrize(
+    "kind, spec, code",
+    [
+        ("nope", {"count": 1}, "unknown_kind"),
+        ("range", {"count": -1}, "bad_spec"),
+        ("grid", {"rows": 2}, "bad_spec"),
+        ("list", {"tasks": [{"x": "y" * MAX_SPEC_BYTES}]}, "spec_too_large"),
+    ],
+)
+def test_bad_specs_are_refused_and_nothing_is_proposed(kind, spec, code):
+    h = Harness()
+    before = h.ledger.snapshot()
+    h.message(submit(3, kind=kind, spec=spec))
+    (err,) = h.take(Error)
+    assert err.detail["code"] == code and err.text
+    assert not h.proposed and h.ledger.snapshot() == before
+
+
+def attach(h: Harness, credit: int, epoch: int = 1, route: bytes = BALANCER):
+    h.message(Attach(1, epoch, credit, "b1"), route)
+    h.commit_all()
+
+
+def test_dispatch_waits_for_commit_and_respects_credit():
+    h = Harness()
+    h.message(submit(1, spec={"count": 10}))
+    h.flush()
+    h.commit_all()
+    h.message(Attach(1, 1, 4, "b1"), BALANCER)
+    (attached,) = h.take(Attached)
+    assert attached.term == 3
+    assert len(h.proposed) == 1 and isinstance(h.proposed[0].entry, AssignTasks)
+    assert not h.take(WorkerRequest), "an assignment goes out only once committed"
+    h.commit_all()
+    requests = h.take(WorkerRequest)
+    assert len(requests) == 4
+    assert [(r.fence_term, r.fence_sequence) for r in requests] == [(3, 1), (3, 2), (3, 3), (3, 4)]
+    assert not h.proposed, "no credit left: nothing more is proposed"
+    h.message(Credit(1, 2, 0), BALANCER)
+    h.commit_all()
+    assert len(h.take(WorkerRequest)) == 2
+
+
+def test_results_are_acked_after_commit_and_duplicates_are_acked_but_not_recorded():
+    h = Harness()
+    h.message(submit(1, spec={"count": 2}))
+    h.flush()
+    h.commit_all()
+    attach(h, 2)
+    r1, r2 = h.take(WorkerRequest)
+    result = TaskResult(r1.job_uuid_upper, r1.job_uuid_lower, r1.task_id, r1.fence_term, r1.fence_sequence,
+                        0, 0, {"v": 1}, None, None, "w1")
+    h.message(result, BALANCER)
+    h.message(result, BALANCER)  # at-least-once delivery: the same result twice
+    assert not h.take(ResultAck)
+    h.flush()
+    h.commit_all()
+    assert len(h.take(ResultAck)) == 2
+    job = h.ledger.state.jobs[join128(r1.job_uuid_upper, r1.job_uuid_lower)]
+    assert job.done == 1 and job.duplicates == 1
+
+
+def test_a_result_with_a_token_never_handed_out_is_refused_as_stale():
+    h = Harness()
+    h.message(submit(1, spec={"count": 2}))
+    h.flush()
+    h.commit_all()
+    attach(h, 1)
+    (r,) = h.take(WorkerRequest)
+    forged = TaskResult(r.job_uuid_upper, r.job_uuid_lower, r.task_id, r.fence_term, r.fence_sequence + 40,
+                        0, 0, {}, None, None, "w1")
+    h.message(forged, BALANCER)
+    h.flush()
+    h.commit_all()
+    (err,) = h.take(Error)
+    assert err.reason == AppReason.STALE_FENCE
+
+
+def test_an_older_balancer_epoch_is_refused_and_a_newer_one_gets_open_assignments_again():
+    h = Harness()
+    h.message(submit(1, spec={"count": 3}))
+    h.flush()
+    h.commit_all()
+    attach(h, 3, epoch=5)
+    first = h.take(WorkerRequest)
+    assert len(first) == 3
+    h.message(Attach(2, 4, 3, "old"), b"old-route")
+    (err,) = h.take(Error)
+    assert err.reason == AppReason.STALE_FENCE and "epoch 4" in err.text
+    h.message(Attach(3, 6, 3, "new"), b"new-route")
+    resent = h.take(WorkerRequest)
+    assert {(r.task_id, r.fence_sequence) for r in resent} == {(r.task_id, r.fence_sequence) for r in first}
+
+
+def test_stepping_down_answers_queued_writes_not_leader():
+    h = Harness()
+    h.message(submit(5))
+    h.raft = RaftView("follower", 4, "10.0.0.2:6000", True)
+    h.event(TimerFired("raft", "t"))
+    (nl,) = h.take(NotLeader)
+    assert nl.request_id == 5 and nl.leader == "tcp://m2:5000"
+    h.flush()
+    assert not h.proposed
+
+
+def test_reads_say_stale_unless_a_serving_leader_answers():
+    h = Harness()
+    h.message(submit(1))
+    h.flush()
+    h.commit_all()
+    (ack,) = h.take(SubmitAck)
+    h.message(JobQuery(2, ack.job_uuid_upper, ack.job_uuid_lower))
+    (fresh,) = h.take(QueryReply)
+    assert fresh.stale == 0 and fresh.value["total"] == 3
+    f = Harness(role="follower")
+    f.ledger.state = h.ledger.state
+    f.message(JobQuery(3, ack.job_uuid_upper, ack.job_uuid_lower))
+    (old,) = f.take(QueryReply)
+    assert old.stale == 1 and old.leader == "tcp://m2:5000"
+    f.message(TaskQuery(4, 1, 2, 0))
+    (err,) = f.take(Error)
+    assert err.reason == AppReason.NOT_FOUND and "behind" in err.text
+
+
+def test_cancel_is_committed_then_answered_with_the_job_view():
+    h = Harness()
+    h.message(submit(1))
+    h.flush()
+    h.commit_all()
+    (ack,) = h.take(SubmitAck)
+    h.message(CancelJob(2, ack.job_uuid_upper, ack.job_uuid_lower, "not needed"))
+    h.flush()
+    h.commit_all()
+    (reply,) = h.take(QueryReply)
+    assert reply.value["state"] == "cancelled" and reply.value["error"] == "not needed"
+
+
+def test_unanswered_proposals_expire_as_outcome_unknown():
+    h = Harness()
+    h.message(submit(1))
+    h.flush()
+    h.now += 10
+    h.event(TimerFired("expire", "e"))
+    (err,) = h.take(Error)
+    assert err.reason == AppReason.OUTCOME_UNKNOWN
+    assert any(isinstance(e, Log) for e in h.core.handle(ProposalFailed(999, "x", "y"), h.now)) is False
+
+
+def test_ids_split_and_join():
+    value = os.urandom(16)
+    assert join128(*split128(value)) == value
