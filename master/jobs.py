@@ -113,7 +113,10 @@ class ListSource(msgspec.Struct, tag="list", array_like=True):
     count: int
     cursor: int = 0  # next index to materialise
     done_below: int = 0  # every task id below this is done
-    done_above: set[int] = set()  # done ids at or above done_below (a sparse tail, like TCP SACK)
+    # done ids at or above done_below (a sparse tail, like TCP SACK). A dict used as an ordered
+    # set: a set would encode in hash-table order, which depends on its history, and masters
+    # that restored a snapshot would then serialise differently from those that replayed.
+    done_above: dict[int, None] = {}
 
     def take(self, n: int) -> list[int]:
         first, self.cursor = self.cursor, min(self.count, self.cursor + n)
@@ -140,9 +143,9 @@ class ListSource(msgspec.Struct, tag="list", array_like=True):
 
 
 def _mark_done(source: Any, task_id: int) -> None:
-    source.done_above.add(task_id)
+    source.done_above[task_id] = None
     while source.done_below in source.done_above:
-        source.done_above.discard(source.done_below)
+        del source.done_above[source.done_below]
         source.done_below += 1
 
 
@@ -160,7 +163,7 @@ class GridSource(msgspec.Struct, tag="grid", array_like=True):
     partial: dict[int, int] = {}  # row → length of its done prefix, for rows begun but unfinished
     cursor: int = 0  # depends=none: next task id to materialise (wavefront: 1 once started)
     done_below: int = 0  # depends=none: as in ListSource
-    done_above: set[int] = set()
+    done_above: dict[int, None] = {}
 
     def take(self, n: int) -> list[int]:
         if not self.wavefront:

@@ -374,8 +374,9 @@ class Ledger:
         job.state = "failed"
         job.finished_at = c.now
         job.error = f"task {c.task_id} failed after {ended} attempts: {c.error or OUTCOMES[c.outcome]}"
-        for other_id in list(job.ready):
-            job.tasks[other_id].state = _next("ready", "cancel")
+        for other in job.tasks.values():  # the rest will not run, or finish unrecorded
+            if other.state in ("ready", "assigned"):
+                other.state = _next(other.state, "cancel")
         job.ready.clear()
         self._count("jobs_failed")
         return Applied(True, "failed", job.error)
