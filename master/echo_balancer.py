@@ -60,7 +60,7 @@ class EchoBalancer:
         self.attached = False
         self.codec.send(self.sock, Attach(1, self.epoch, self.credit, self.name))
         self.stats.attaches += 1
-        self.attach_sent = time.monotonic()
+        self.attach_sent = self.last_heard = time.monotonic()
 
     def run(self, until: float, stop_after: int | None = None) -> EchoStats:
         """Serve until ``until`` (a monotonic time) or ``stop_after`` acknowledged results."""
@@ -76,6 +76,7 @@ class EchoBalancer:
                     break
                 except ProtocolError:
                     continue
+                self.last_heard = time.monotonic()
                 self._on(m)
             if self.pending_credit and self.attached:
                 self.codec.send(self.sock, Credit(self.epoch, self.pending_credit, 0))
@@ -85,6 +86,11 @@ class EchoBalancer:
     def _on_silence(self) -> None:
         now = time.monotonic()
         if not self.attached and now - self.attach_sent > 1.0:
+            self._connect((self.target + 1) % len(self.masters))
+            return
+        if self.unacked and now - self.last_heard > 1.5:
+            # A killed leader sends no NOT_LEADER: silence with results outstanding means it is
+            # gone. Try the next master; a follower redirects to the new leader.
             self._connect((self.target + 1) % len(self.masters))
             return
         # results unanswered for a while: the leader may have died mid-commit; send again
