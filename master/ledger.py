@@ -8,7 +8,8 @@ from ``master.commands`` or a batch of them) and changes the state deterministic
 same log gives byte-identical snapshots on every master.
 
 A command that cannot apply is *refused*: ``apply`` returns ``Applied(ok=False, code, text)``
-and the state is unchanged (every check runs before the first mutation). Nothing a client or a
+and nothing changes but the counters (``applied``, ``refused.<code>``): every check runs before
+the first mutation. Nothing a client or a
 balancer sends can raise out of ``apply``.
 
 Tasks move through ``TASK_TRANSITIONS`` (ready → assigned → done | ready again | failed;
@@ -57,6 +58,7 @@ TASK_TRANSITIONS: dict[tuple[str, str], str] = {
     ("assigned", "cancel"): "cancelled",
 }
 JOB_STATES = ("active", "done", "failed", "cancelled")
+INT64_MAX = 2**63 - 1
 
 
 class Attempt(msgspec.Struct, array_like=True):
@@ -258,6 +260,8 @@ class Ledger:
 
     def _assign(self, c: AssignTasks) -> Applied:
         first = (c.term, c.first_sequence)
+        if c.term > INT64_MAX or c.first_sequence + len(c.tasks) > INT64_MAX:
+            return refused("bad_fence", f"assignment token {first} for {len(c.tasks)} tasks is past 2**63 - 1")
         if first <= self.state.fence:
             self._count("stale_assignments")
             return refused(
@@ -393,9 +397,10 @@ class Ledger:
                 job.reduced["max"] = {"task": task_id, "summary": summary}
         for field in rule.get("sum", ()):
             value = summary.get(field)
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 sums = job.reduced.setdefault("sum", {})
-                sums[field] = sums.get(field, 0) + value
+                # saturate: a sum past int64 would make the state unencodable on every master
+                sums[field] = max(-INT64_MAX, min(INT64_MAX, sums.get(field, 0) + value))
 
     # ---- files and leadership ------------------------------------------------------------
 

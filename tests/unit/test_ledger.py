@@ -1,0 +1,705 @@
+"""The ledger driven directly: commands in, state and ``Applied`` out; no Raft, sockets or clocks.
+
+Every apply goes through ``apply()`` below, which runs ``Ledger.validate_state()`` afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import msgspec
+import pytest
+
+from master import jobs
+from master.commands import (
+    DONE,
+    FAILED,
+    LOST,
+    AssignTasks,
+    Barrier,
+    Batch,
+    CancelJob,
+    CompleteTask,
+    DropFile,
+    RegisterFile,
+    SubmitJob,
+    decode,
+    encode,
+)
+from master.ledger import Ledger, spec_digest
+
+NOW = 1_000.0
+
+
+def jid(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+def key_of(n: int) -> bytes:
+    return (10_000 + n).to_bytes(16, "big")
+
+
+def fid(n: int) -> bytes:
+    return (20_000 + n).to_bytes(16, "big")
+
+
+def apply(ledger: Ledger, entry):
+    result = ledger.apply(entry)
+    ledger.validate_state()
+    return result
+
+
+def submit(ledger: Ledger, kind: str, spec, n: int = 1, key: bytes | None = None, now: float = NOW):
+    key = key_of(n) if key is None else key
+    return apply(ledger, SubmitJob(jid(n), key, spec_digest(kind, spec), kind, spec, "client-1", now))
+
+
+def assign(ledger: Ledger, tasks, term: int | None = None, seq: int | None = None):
+    """Assign with the next fencing token (or the one given)."""
+    t0, s0 = ledger.state.fence
+    term = max(t0, 1) if term is None else term
+    seq = (s0 + 1 if term == t0 else 1) if seq is None else seq
+    return apply(ledger, AssignTasks(term, seq, "balancer-1", list(tasks), NOW))
+
+
+def fences(result) -> dict[tuple[bytes, int], tuple[int, int]]:
+    return {(j, t): f for j, t, f in result.value["assigned"]}
+
+
+def complete(ledger, job, task, fence, outcome=DONE, summary=None, result_file=None, error=None, worker="w1"):
+    c = CompleteTask(job, task, fence[0], fence[1], outcome, worker, summary or {}, result_file, error, NOW + 1)
+    return apply(ledger, c)
+
+
+def run_task(ledger, job, task, **kw):
+    """Assign one task and complete it."""
+    fence = fences(assign(ledger, [(job, task)]))[(job, task)]
+    return complete(ledger, job, task, fence, **kw)
+
+
+def ready(ledger: Ledger, job: bytes) -> list[int]:
+    return list(ledger.state.jobs[job].ready)
+
+
+def substance(ledger: Ledger) -> bytes:
+    """The snapshot without the bookkeeping a refusal is allowed to bump (``applied``, counters)."""
+    return msgspec.msgpack.encode(msgspec.structs.replace(ledger.state, applied=0, counters={}))
+
+
+def copy(ledger: Ledger) -> Ledger:
+    return Ledger.restore(ledger.snapshot())
+
+
+def assert_refused(ledger: Ledger, before: Ledger, result, code: str, *fragments: str) -> None:
+    """Refused with ``code`` and a text naming ``fragments``; nothing but bookkeeping changed."""
+    assert not result.ok and result.code == code, result
+    for fragment in fragments:
+        assert fragment in result.text, (fragment, result.text)
+    assert substance(ledger) == substance(before)
+    assert ledger.state.applied == before.state.applied + 1
+    changed = {k for k in ledger.state.counters if ledger.state.counters[k] != before.state.counters.get(k)}
+    assert f"refused.{code}" in changed
+    assert changed <= {f"refused.{code}", "stale_assignments", "stale_completions"}, changed
+
+
+# ---- submit ---------------------------------------------------------------------------------
+
+
+def test_submit_list_job_materialises_its_argument_maps_in_order():
+    ledger = Ledger()
+    tasks = [{"seq": "ACGT"}, {"seq": "GG"}, {"seq": "T"}]
+    r = submit(ledger, "list", {"tasks": tasks, "run": {"fn": "sw"}, "name": "three"})
+    assert r.ok and r.value == {"job": jid(1), "created": True}
+    assert ready(ledger, jid(1)) == [0, 1, 2]
+    assert ledger.task_order(jid(1), 1) == {"run": {"fn": "sw"}, "arguments": {"seq": "GG"}, "inputs": []}
+    view = ledger.job_view(jid(1))
+    assert (view["name"], view["total"], view["ready"], view["state"], view["priority"]) == ("three", 3, 3, "active", 0)
+    spec = ledger.state.jobs[jid(1)].spec
+    assert (spec["max_attempts"], spec["keep_results"], spec["reduce"]) == (3, True, {})
+
+
+def test_submit_range_job_keeps_a_window_and_refills_it():
+    ledger = Ledger()
+    count = jobs.WINDOW + 6
+    assert submit(ledger, "range", {"count": count}).ok
+    job = ledger.state.jobs[jid(1)]
+    assert len(job.tasks) == jobs.WINDOW and ready(ledger, jid(1))[:3] == [0, 1, 2]
+    assert ledger.task_order(jid(1), 7)["arguments"] == {"index": 7}
+    assert run_task(ledger, jid(1), 5).code == "recorded"
+    assert jobs.WINDOW in job.tasks and job.tasks[jobs.WINDOW].state == "ready"
+    assert job.live == jobs.WINDOW and len(job.tasks) == jobs.WINDOW + 1  # done records are kept
+    assert ledger.task_view(jid(1), count - 1)["state"] == "waiting"
+
+
+def test_submit_grid_wavefront_starts_at_the_corner_only():
+    ledger = Ledger()
+    assert submit(ledger, "grid", {"rows": 3, "cols": 4}).ok
+    job = ledger.state.jobs[jid(1)]
+    assert ready(ledger, jid(1)) == [0] and list(job.tasks) == [0]
+    assert job.spec["depends"] == "wavefront" and job.spec["keep_results"] is False
+    assert ledger.task_order(jid(1), 0)["arguments"] == {"row": 0, "col": 0}
+    assert ledger.task_order(jid(1), 6)["arguments"] == {"row": 1, "col": 2}
+    assert ledger.job_view(jid(1))["total"] == 12
+
+
+def test_submit_grid_without_dependencies_makes_every_tile_ready():
+    ledger = Ledger()
+    assert submit(ledger, "grid", {"rows": 2, "cols": 3, "depends": "none"}).ok
+    assert ready(ledger, jid(1)) == list(range(6))
+    for task in reversed(range(1, 6)):  # any order: nothing waits for anything
+        assert run_task(ledger, jid(1), task).code == "recorded"
+    assert ledger.footprint()["frontier_entries"] == 5  # done, but above an unfinished task 0
+    assert run_task(ledger, jid(1), 0).code == "recorded"
+    assert ledger.footprint()["frontier_entries"] == 0
+    job = ledger.state.jobs[jid(1)]
+    assert job.state == "done" and job.done == 6 and job.tasks == {}
+    assert ledger.task_view(jid(1), 3)["folded"] is True
+
+
+def test_resubmit_with_the_same_key_and_body_returns_the_same_job():
+    ledger = Ledger()
+    spec = {"count": 4}
+    assert submit(ledger, "range", spec, n=1, key=key_of(7)).value == {"job": jid(1), "created": True}
+    again = submit(ledger, "range", {"count": 4}, n=2, key=key_of(7))  # the leader proposed a fresh job id
+    assert again.ok and again.value == {"job": jid(1), "created": False}
+    assert list(ledger.state.jobs) == [jid(1)] and ledger.state.counters["submits_deduplicated"] == 1
+
+
+def test_same_key_with_another_body_is_refused():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 4}, key=key_of(7))
+    before = copy(ledger)
+    r = submit(ledger, "range", {"count": 5}, n=2, key=key_of(7))
+    assert_refused(ledger, before, r, "idempotency_conflict", key_of(7).hex(), jid(1).hex(), "fresh key")
+    r = submit(ledger, "list", {"tasks": [{}]}, n=2, key=key_of(7))  # another kind, too
+    assert r.code == "idempotency_conflict"
+
+
+def test_a_reused_job_id_is_refused():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1}, n=1, key=key_of(1))
+    before = copy(ledger)
+    assert_refused(ledger, before, submit(ledger, "range", {"count": 2}, n=1, key=key_of(2)), "duplicate_job_id")
+
+
+BAD_SUBMISSIONS = [
+    ("matrix", {"count": 1}, "unknown_kind", ["'matrix'", "list, range, grid"]),
+    ("", {"count": 1}, "unknown_kind", ["''"]),
+    ("grid", {"cols": 4}, "bad_spec", ["'rows'"]),
+    ("grid", {"rows": 4}, "bad_spec", ["'cols'"]),
+    ("grid", {"rows": 2, "cols": 0}, "bad_spec", ["'cols'", "0"]),
+    ("grid", {"rows": 2**31, "cols": 2**31}, "bad_spec", ["over"]),
+    ("grid", {"rows": 2, "cols": 2, "depends": "diagonal"}, "bad_spec", ["'depends'", "'diagonal'"]),
+    ("range", {}, "bad_spec", ["'count'"]),
+    ("range", {"count": -1}, "bad_spec", ["'count'", "-1"]),
+    ("range", {"count": 0}, "bad_spec", ["'count'"]),
+    ("range", {"count": True}, "bad_spec", ["'count'"]),
+    ("range", {"count": 2.0}, "bad_spec", ["'count'"]),
+    ("range", {"count": 2**40 + 1}, "bad_spec", ["'count'"]),
+    ("list", {}, "bad_spec", ["'tasks'"]),
+    ("list", {"tasks": []}, "bad_spec", ["'tasks'"]),
+    ("list", {"tasks": [{"a": 1}, 2]}, "bad_spec", ["argument maps"]),
+    ("list", {"tasks": {"a": {}}}, "bad_spec", ["'tasks'"]),
+    ("range", {"count": 1, "reduce": {"min": "score"}}, "bad_spec", ["'reduce'"]),
+    ("range", {"count": 1, "reduce": ["max"]}, "bad_spec", ["'reduce'"]),
+    ("range", {"count": 1, "reduce": {"max": 3}}, "bad_spec", ["reduce 'max'"]),
+    ("range", {"count": 1, "reduce": {"sum": "score"}}, "bad_spec", ["reduce 'sum'"]),
+    ("range", {"count": 1, "reduce": {"sum": ["a", 1]}}, "bad_spec", ["reduce 'sum'"]),
+    ("range", {"count": 1, "max_attempts": 0}, "bad_spec", ["'max_attempts'"]),
+    ("range", {"count": 1, "max_attempts": jobs.MAX_ATTEMPTS + 1}, "bad_spec", ["'max_attempts'"]),
+    ("range", {"count": 1, "max_attempts": "3"}, "bad_spec", ["'max_attempts'"]),
+    ("range", {"count": 1, "priority": 2**31}, "bad_spec", ["'priority'"]),
+    ("range", {"count": 1, "run": ["sw"]}, "bad_spec", ["'run'"]),
+    ("range", {"count": 1, "keep_results": 1}, "bad_spec", ["'keep_results'"]),
+    # size is checked before the fields: an oversized spec is refused as such even if also malformed
+    ("grid", {"run": {"blob": b"x" * (1 << 20)}}, "spec_too_large", [str(1 << 20), "storage"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "code", "fragments"), BAD_SUBMISSIONS, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD_SUBMISSIONS)]
+)
+def test_bad_submissions_are_refused_and_change_nothing(kind, spec, code, fragments):
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2}, n=9)  # something to leave alone
+    before = copy(ledger)
+    assert_refused(ledger, before, submit(ledger, kind, spec, n=1), code, *fragments)
+    assert submit(ledger, "range", {"count": 1}, n=1).value["created"] is True  # the key was not taken
+
+
+def test_spec_size_limit_is_inclusive():
+    overhead = len(msgspec.msgpack.encode({"count": 1, "run": {"blob": b"x" * 70_000}})) - 70_000
+    at_limit = {"count": 1, "run": {"blob": b"x" * (jobs.MAX_SPEC_BYTES - overhead)}}
+    assert len(msgspec.msgpack.encode(at_limit)) == jobs.MAX_SPEC_BYTES
+    ledger = Ledger()
+    assert submit(ledger, "range", at_limit, n=1).ok
+    over = {"count": 1, "run": {"blob": b"x" * (jobs.MAX_SPEC_BYTES - overhead + 1)}}
+    assert submit(ledger, "range", over, n=2).code == "spec_too_large"
+
+
+# ---- assignment and completion --------------------------------------------------------------
+
+
+def test_assignment_with_a_stale_fence_is_refused():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 5})
+    r = assign(ledger, [(jid(1), 0), (jid(1), 1)], term=2, seq=5)
+    assert fences(r) == {(jid(1), 0): (2, 5), (jid(1), 1): (2, 6)} and ledger.state.fence == (2, 6)
+    for term, seq in [(2, 6), (2, 3), (1, 100), (0, 0)]:
+        before = copy(ledger)
+        r = assign(ledger, [(jid(1), 2)], term=term, seq=seq)
+        assert_refused(ledger, before, r, "stale_fence", f"({term}, {seq})", "(2, 6)")
+    assert ledger.state.jobs[jid(1)].tasks[2].state == "ready"
+    assert ledger.state.counters["stale_assignments"] == 4
+    r = assign(ledger, [(jid(1), 2)], term=3, seq=0)  # a new leader's term
+    assert fences(r) == {(jid(1), 2): (3, 0)}
+
+
+def test_assignment_skips_what_is_not_ready_but_consumes_the_tokens():
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": 2, "cols": 2})
+    r = assign(ledger, [(jid(1), 0), (jid(1), 0), (jid(1), 3), (jid(9), 0)], term=1, seq=1)
+    assert r.value["assigned"] == [(jid(1), 0, (1, 1))]
+    assert r.value["skipped"] == [(jid(1), 0), (jid(1), 3), (jid(9), 0)]
+    assert ledger.state.fence == (1, 4) and ledger.state.counters["assign_skipped"] == 3
+    assert list(ledger.open_assignments()) == [(jid(1), 0, ledger.state.jobs[jid(1)].tasks[0].attempts[0])]
+
+
+def test_completion_must_name_an_attempt_of_the_task():
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": 2, "cols": 2})
+    f = fences(assign(ledger, [(jid(1), 0)]))[(jid(1), 0)]
+    cases = [
+        (jid(1), 0, (f[0], f[1] + 1), DONE, "stale_fence", ["never committed"]),
+        (jid(1), 0, (f[0] + 1, f[1]), DONE, "stale_fence", []),
+        (jid(1), 3, f, DONE, "stale_fence", ["never assigned"]),  # a tile still waiting
+        (jid(1), 4, f, DONE, "unknown_task", ["no task 4"]),
+        (jid(1), -1, f, DONE, "unknown_task", []),
+        (jid(2), 0, f, DONE, "unknown_job", [jid(2).hex()]),
+        (jid(1), 0, f, 7, "bad_outcome", ["7"]),
+    ]
+    for job, task, fence, outcome, code, fragments in cases:
+        before = copy(ledger)
+        assert_refused(ledger, before, complete(ledger, job, task, fence, outcome), code, *fragments)
+    assert ledger.state.counters["stale_completions"] == 3
+    assert complete(ledger, jid(1), 0, f).code == "recorded"
+
+
+def test_second_completion_is_a_counted_duplicate_and_the_first_result_stays():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2})
+    f = fences(assign(ledger, [(jid(1), 0)]))[(jid(1), 0)]
+    assert complete(ledger, jid(1), 0, f, summary={"score": 1}, result_file=fid(1)).code == "recorded"
+    r = complete(ledger, jid(1), 0, f, summary={"score": 99}, result_file=fid(2), worker="w2")
+    assert r.ok and r.code == "duplicate"
+    r = complete(ledger, jid(1), 0, (9, 9), outcome=FAILED)  # even a bogus token: the task is done
+    assert r.code == "duplicate"
+    task = ledger.state.jobs[jid(1)].tasks[0]
+    assert (task.result_file, task.summary, task.state) == (fid(1), {"score": 1}, "done")
+    assert [(a.outcome, a.worker) for a in task.attempts] == [(DONE, "w1")]
+    assert ledger.state.counters["duplicate_completions"] == 2
+    assert ledger.job_view(jid(1))["duplicates"] == 2 and ledger.state.jobs[jid(1)].done == 1
+
+
+def test_duplicate_completion_of_a_folded_tile_is_recognised():
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": 1, "cols": 1})
+    f = fences(assign(ledger, [(jid(1), 0)]))[(jid(1), 0)]
+    assert complete(ledger, jid(1), 0, f).code == "recorded"
+    assert ledger.state.jobs[jid(1)].tasks == {}  # folded at once: nobody reads it
+    assert complete(ledger, jid(1), 0, f).code == "duplicate"
+    assert ledger.state.counters["duplicate_completions"] == 1
+
+
+def test_failed_attempts_retry_until_max_attempts_then_the_job_fails():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 3, "max_attempts": 3})
+    for attempt in (1, 2):
+        f = fences(assign(ledger, [(jid(1), 1)]))[(jid(1), 1)]
+        r = complete(ledger, jid(1), 1, f, outcome=FAILED, error="out of memory")
+        assert r.code == "retry" and f"attempt {attempt} of 3" in r.text
+        assert ready(ledger, jid(1))[-1] == 1 and ledger.state.jobs[jid(1)].state == "active"
+    f = fences(assign(ledger, [(jid(1), 1)]))[(jid(1), 1)]
+    r = complete(ledger, jid(1), 1, f, outcome=FAILED, error="out of memory")
+    job = ledger.state.jobs[jid(1)]
+    assert r.code == "failed" and job.state == "failed"
+    assert job.error == "task 1 failed after 3 attempts: out of memory" and r.text == job.error
+    assert job.tasks[1].state == "failed" and job.failed_attempts == 3
+    assert {job.tasks[t].state for t in (0, 2)} == {"cancelled"} and not job.ready
+    assert ledger.ready_tasks(10) == [] and ledger.state.counters["jobs_failed"] == 1
+
+
+def test_lost_attempts_count_towards_max_attempts():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1, "max_attempts": 2})
+    assert run_task(ledger, jid(1), 0, outcome=LOST).code == "retry"
+    r = run_task(ledger, jid(1), 0, outcome=LOST)
+    assert r.code == "failed" and r.text == "task 0 failed after 2 attempts: lost"
+
+
+def test_completions_after_the_job_failed_are_ignored():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2, "max_attempts": 2})
+    lost = fences(assign(ledger, [(jid(1), 1)]))[(jid(1), 1)]
+    assert complete(ledger, jid(1), 1, lost, outcome=LOST).code == "retry"
+    run_task(ledger, jid(1), 0, outcome=FAILED)
+    assert run_task(ledger, jid(1), 0, outcome=FAILED).code == "failed"
+    assert ledger.state.jobs[jid(1)].tasks[1].state == "cancelled"
+    assert complete(ledger, jid(1), 1, lost).code == "ignored"  # the lost attempt turns up after all
+    job = ledger.state.jobs[jid(1)]
+    assert job.done == 0 and job.tasks[1].state == "cancelled" and job.reduced == {}
+    assert ledger.state.counters["late_completions"] == 1
+
+
+def test_a_failing_job_cancels_its_running_tasks_and_their_late_results_are_ignored():
+    """Regression: the running task used to stay 'assigned' and, once its attempt ended, had no open one."""
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2, "max_attempts": 1})
+    f = fences(assign(ledger, [(jid(1), 0), (jid(1), 1)]))
+    assert complete(ledger, jid(1), 0, f[(jid(1), 0)], outcome=FAILED).code == "failed"
+    task = ledger.state.jobs[jid(1)].tasks[1]
+    assert task.state == "cancelled" and list(ledger.open_assignments()) == []
+    assert complete(ledger, jid(1), 1, f[(jid(1), 1)]).code == "ignored"
+    assert task.state == "cancelled" and task.attempts[0].outcome == DONE
+    assert ledger.state.jobs[jid(1)].done == 0
+
+
+def test_lost_attempt_that_finishes_after_reassignment_is_recorded_once():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1})
+    old = fences(assign(ledger, [(jid(1), 0)]))[(jid(1), 0)]
+    assert complete(ledger, jid(1), 0, old, outcome=LOST, worker="").code == "retry"
+    new = fences(assign(ledger, [(jid(1), 0)]))[(jid(1), 0)]
+    assert new > old
+    r = complete(ledger, jid(1), 0, old, summary={"score": 7}, result_file=fid(1), worker="w-old")
+    assert r.code == "recorded"
+    r = complete(ledger, jid(1), 0, new, summary={"score": 8}, result_file=fid(2), worker="w-new")
+    assert r.code == "duplicate"
+    job = ledger.state.jobs[jid(1)]
+    assert job.state == "done" and job.done == 1 and job.tasks[0].result_file == fid(1)
+    view = ledger.task_view(jid(1), 0)
+    assert [a["outcome"] for a in view["attempts"]] == ["done", "cancelled"]
+    assert "superseded" in view["attempts"][1]["error"]
+    assert list(ledger.open_assignments()) == []
+
+
+def test_lost_attempt_that_finishes_before_reassignment_leaves_the_ready_set():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2})
+    old = fences(assign(ledger, [(jid(1), 0)]))[(jid(1), 0)]
+    complete(ledger, jid(1), 0, old, outcome=LOST)
+    assert ready(ledger, jid(1)) == [1, 0]
+    assert complete(ledger, jid(1), 0, old).code == "recorded"
+    assert ready(ledger, jid(1)) == [1] and ledger.state.jobs[jid(1)].tasks[0].state == "done"
+
+
+def test_an_older_attempt_failing_does_not_disturb_the_newer_one():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1})
+    old = fences(assign(ledger, [(jid(1), 0)]))[(jid(1), 0)]
+    complete(ledger, jid(1), 0, old, outcome=LOST)
+    new = fences(assign(ledger, [(jid(1), 0)]))[(jid(1), 0)]
+    assert complete(ledger, jid(1), 0, old, outcome=FAILED).code == "ignored"
+    job = ledger.state.jobs[jid(1)]
+    assert job.tasks[0].state == "assigned" and job.failed_attempts == 1
+    assert complete(ledger, jid(1), 0, new).code == "recorded"
+
+
+def test_cancel_stops_the_job_and_later_completions_are_ignored():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 4})
+    f = fences(assign(ledger, [(jid(1), 0), (jid(1), 1)]))
+    assert complete(ledger, jid(1), 0, f[(jid(1), 0)]).code == "recorded"
+    r = apply(ledger, CancelJob(jid(1), "user asked", NOW + 2))
+    assert r.value == {"job": jid(1), "state": "cancelled", "changed": True}
+    job = ledger.state.jobs[jid(1)]
+    assert [job.tasks[t].state for t in range(4)] == ["done", "cancelled", "cancelled", "cancelled"]
+    assert job.error == "user asked" and job.finished_at == NOW + 2 and ledger.ready_tasks(10) == []
+    assert complete(ledger, jid(1), 1, f[(jid(1), 1)]).code == "ignored"
+    assert job.done == 1 and job.tasks[1].state == "cancelled" and job.tasks[1].attempts[0].outcome == DONE
+    assert assign(ledger, [(jid(1), 2)]).value["skipped"] == [(jid(1), 2)]
+    assert apply(ledger, CancelJob(jid(1), "again", NOW)).value["changed"] is False
+    before = copy(ledger)
+    assert_refused(ledger, before, apply(ledger, CancelJob(jid(2), "", NOW)), "unknown_job")
+
+
+def test_cancel_of_a_finished_job_changes_nothing():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1})
+    run_task(ledger, jid(1), 0)
+    r = apply(ledger, CancelJob(jid(1), "late", NOW))
+    assert r.value == {"job": jid(1), "state": "done", "changed": False} and ledger.state.jobs[jid(1)].error is None
+
+
+# ---- grids ----------------------------------------------------------------------------------
+
+
+def wavefront_ready(rows: int, cols: int, done: set[int], busy: set[int]) -> set[int]:
+    """The oracle: tiles not done or running whose upper and left neighbours are done."""
+    out = set()
+    for t in range(rows * cols):
+        r, c = divmod(t, cols)
+        if t not in done and t not in busy and (r == 0 or t - cols in done) and (c == 0 or t - 1 in done):
+            out.add(t)
+    return out
+
+
+def test_wavefront_readiness_on_a_3x4_grid():
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": 3, "cols": 4})
+    expected_after = {  # tile completed → ready set afterwards (ids: row * 4 + col)
+        0: {1, 4},
+        1: {4, 2},
+        4: {2, 5, 8},  # (1,0) done: (1,1) has (0,1) above, (2,0) has nothing more to wait for
+        2: {5, 8, 3},
+        5: {8, 3, 6},  # (1,1) done: (1,2) has (0,2); (2,1) still waits for (2,0)
+        8: {3, 6, 9},
+        6: {3, 9},  # (1,3) still waits for (0,3)
+        3: {9, 7},
+    }
+    assert set(ready(ledger, jid(1))) == {0}
+    for tile, expected in expected_after.items():
+        assert tile in ready(ledger, jid(1))
+        assert run_task(ledger, jid(1), tile).code == "recorded"
+        assert set(ready(ledger, jid(1))) == expected, tile
+    for tile in (9, 7, 10, 11):
+        run_task(ledger, jid(1), tile)
+    assert ledger.state.jobs[jid(1)].state == "done"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_wavefront_readiness_matches_the_oracle(seed):
+    rng = random.Random(seed)
+    rows, cols = rng.randint(1, 6), rng.randint(1, 6)
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": rows, "cols": cols})
+    done: set[int] = set()
+    running: dict[int, tuple[int, int]] = {}
+    while len(done) < rows * cols:
+        assert set(ready(ledger, jid(1))) == wavefront_ready(rows, cols, done, set(running))
+        candidates = ready(ledger, jid(1))
+        if candidates and (not running or rng.random() < 0.5):
+            picked = rng.sample(candidates, rng.randint(1, len(candidates)))
+            running.update({t: f for (_, t), f in fences(assign(ledger, [(jid(1), t) for t in picked])).items()})
+        else:
+            tile = rng.choice(sorted(running))
+            assert complete(ledger, jid(1), tile, running.pop(tile)).code == "recorded"
+            done.add(tile)
+    assert ledger.state.jobs[jid(1)].state == "done" and ledger.state.jobs[jid(1)].tasks == {}
+
+
+def test_grid_results_are_passed_to_their_readers_then_folded():
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": 3, "cols": 3})
+    J = jid(1)
+
+    def run(tile):
+        assert run_task(ledger, J, tile, result_file=fid(tile), summary={"tile": tile}).code == "recorded"
+
+    assert ledger.task_order(J, 0)["inputs"] == []
+    run(0)
+    assert ledger.task_order(J, 1)["inputs"] == [fid(0)]  # (0,1) reads its left
+    assert ledger.task_order(J, 3)["inputs"] == [fid(0)]  # (1,0) reads what is above it
+    run(1)
+    assert ledger.task_view(J, 0)["state"] == "done" and "folded" not in ledger.task_view(J, 0)
+    assert ledger.state.jobs[J].tasks[0].readers_left == 1
+    run(3)
+    assert ledger.task_view(J, 0)["folded"] is True and 0 not in ledger.state.jobs[J].tasks
+    assert ledger.task_order(J, 4)["inputs"] == [fid(1), fid(3)]  # above, then left
+    run(4)
+    run(2)
+    assert ledger.task_view(J, 1)["folded"] is True  # read by (0,2) and (1,1)
+    assert ledger.task_order(J, 5)["inputs"] == [fid(2), fid(4)]
+    for tile in (5, 6, 7, 8):
+        run(tile)
+    assert ledger.state.jobs[J].state == "done" and ledger.state.jobs[J].tasks == {}
+    assert ledger.task_view(J, 8)["folded"] is True
+
+
+def test_grid_with_keep_results_keeps_every_tile():
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": 2, "cols": 2, "keep_results": True})
+    for tile in (0, 1, 2, 3):
+        run_task(ledger, jid(1), tile, result_file=fid(tile))
+    assert sorted(ledger.state.jobs[jid(1)].tasks) == [0, 1, 2, 3]
+    assert ledger.task_view(jid(1), 0)["result_file"] == fid(0).hex()
+
+
+# ---- reduce ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [[3, 2, 1, 0, 4], [1, 3, 0, 2, 4], [4, 0, 1, 2, 3]])
+def test_reduce_max_prefers_the_lowest_task_on_ties_and_sum_adds_up(order):
+    scores = {0: 2, 1: 5, 2: 4.5, 3: 5, 4: "n/a"}
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 5, "reduce": {"max": "score", "sum": ["score", "cells"]}})
+    for task in order:
+        run_task(ledger, jid(1), task, summary={"score": scores[task], "cells": 10})
+    reduced = ledger.job_view(jid(1))["reduced"]
+    assert reduced["max"] == {"task": 1, "summary": {"score": 5, "cells": 10}}
+    assert reduced["sum"] == {"score": 16.5, "cells": 50}
+
+
+def test_reduce_without_rules_reduces_nothing():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2})
+    run_task(ledger, jid(1), 0, summary={"score": 3})
+    assert ledger.job_view(jid(1))["reduced"] == {}
+
+
+# ---- scheduling -----------------------------------------------------------------------------
+
+
+def test_ready_tasks_serve_priority_first_and_round_robin_within_a_priority():
+    ledger = Ledger()
+    A, B, C, D = jid(1), jid(2), jid(3), jid(4)
+    submit(ledger, "range", {"count": 3}, n=1)
+    submit(ledger, "range", {"count": 2}, n=2)
+    submit(ledger, "range", {"count": 2, "priority": 5}, n=3)
+    submit(ledger, "range", {"count": 2, "priority": -1}, n=4)
+    assert ledger.ready_tasks(20) == [(C, 0), (C, 1), (A, 0), (B, 0), (A, 1), (B, 1), (A, 2), (D, 0), (D, 1)]
+    assert ledger.ready_tasks(4) == [(C, 0), (C, 1), (A, 0), (B, 0)]
+    assert ledger.ready_tasks(0) == []
+    assert ledger.ready_tasks(5, exclude={(A, 0), (C, 1)}) == [(C, 0), (A, 1), (B, 0), (A, 2), (B, 1)]
+    assign(ledger, [(C, 0), (C, 1), (A, 1)])
+    assert ledger.ready_tasks(20) == [(A, 0), (B, 0), (A, 2), (B, 1), (D, 0), (D, 1)]
+
+
+# ---- files and leadership -------------------------------------------------------------------
+
+
+def test_register_and_drop_files():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1})
+    r = apply(ledger, RegisterFile(fid(1), 100, ["s2", "s1", "s2"], jid(1), NOW))
+    assert r.value == {"file": fid(1), "replicas": ["s1", "s2"]}
+    r = apply(ledger, RegisterFile(fid(1), 100, ["s3", "s1"], jid(1), NOW + 1))  # another replica
+    assert r.value["replicas"] == ["s1", "s2", "s3"] and ledger.state.files[fid(1)].registered_at == NOW
+    assert apply(ledger, RegisterFile(fid(2), 0, ["s1"], None, NOW)).ok  # pinned
+    assert ledger.footprint()["files"] == 2
+    refusals = [
+        (RegisterFile(fid(1), 101, ["s4"], jid(1), NOW), "size_mismatch", ["100", "101"]),
+        (RegisterFile(b"short", 1, ["s1"], None, NOW), "bad_file_id", ["16 bytes"]),
+        (RegisterFile(fid(3), 1, [], None, NOW), "no_replicas", [fid(3).hex()]),
+        (RegisterFile(fid(3), 1, ["s1"], jid(7), NOW), "unknown_job", [jid(7).hex()]),
+        (DropFile(fid(9), NOW), "unknown_file", [fid(9).hex()]),
+    ]
+    for command, code, fragments in refusals:
+        before = copy(ledger)
+        assert_refused(ledger, before, apply(ledger, command), code, *fragments)
+    assert apply(ledger, DropFile(fid(1), NOW)).ok and fid(1) not in ledger.state.files
+    before = copy(ledger)
+    assert_refused(ledger, before, apply(ledger, DropFile(fid(1), NOW)), "unknown_file")
+
+
+def test_barrier_raises_the_term_and_never_lowers_it():
+    ledger = Ledger()
+    assert apply(ledger, Barrier(3, "master-a", NOW)).value == {"term": 3}
+    assert (ledger.state.term, ledger.state.leader) == (3, "master-a")
+    assert apply(ledger, Barrier(2, "master-b", NOW)).value == {"term": 3}
+    assert apply(ledger, Barrier(3, "master-c", NOW)).value == {"term": 3}
+    assert (ledger.state.term, ledger.state.leader) == (3, "master-a")
+    apply(ledger, Barrier(4, "master-b", NOW))
+    assert (ledger.state.term, ledger.state.leader) == (4, "master-b")
+
+
+def test_a_batch_answers_per_command_and_counts_each():
+    ledger = Ledger()
+    spec = {"count": 2}
+    batch = Batch([
+        SubmitJob(jid(1), key_of(1), spec_digest("range", spec), "range", spec, "c", NOW),
+        SubmitJob(jid(2), key_of(2), spec_digest("nope", spec), "nope", spec, "c", NOW),
+        Barrier(1, "m", NOW),
+    ])
+    results = apply(ledger, batch)
+    assert [r.code for r in results] == ["ok", "unknown_kind", "ok"]
+    assert ledger.state.applied == 3 and list(ledger.state.jobs) == [jid(1)]
+
+
+def test_snapshot_restores_an_equal_ledger():
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": 2, "cols": 3, "reduce": {"sum": ["cells"]}})
+    submit(ledger, "list", {"tasks": [{"a": [1, 2]}, {"b": None}]}, n=2)
+    run_task(ledger, jid(1), 0, summary={"cells": 4}, result_file=fid(0))
+    assign(ledger, [(jid(2), 1)])
+    apply(ledger, RegisterFile(fid(1), 5, ["s1"], jid(1), NOW))
+    restored = Ledger.restore(ledger.snapshot())
+    assert restored.state == ledger.state and restored.snapshot() == ledger.snapshot()
+    restored.validate_state()
+    assert restored.ready_tasks(10) == ledger.ready_tasks(10)
+
+
+def test_masters_that_restored_and_that_replayed_have_identical_snapshots():
+    """Regression: done_above was a set, encoded in an order that depended on its history."""
+    log = [SubmitJob(jid(1), key_of(1), spec_digest("range", {"count": 10}), "range", {"count": 10}, "c", NOW)]
+    log.append(AssignTasks(1, 1, "b", [(jid(1), t) for t in range(10)], NOW))
+    for t in (1, 2, 3, 4, 5, 7, 9, 0):  # done_above grows to 7 entries, then drains to {7, 9}
+        log.append(CompleteTask(jid(1), t, 1, 1 + t, DONE, "w", {}, None, None, NOW))
+    replayer = Ledger()
+    for entry in log:
+        apply(replayer, entry)
+    restorer = Ledger.restore(replayer.snapshot())
+    assert restorer.state == replayer.state
+    tail = CompleteTask(jid(1), 8, 1, 9, DONE, "w", {}, None, None, NOW)
+    apply(replayer, tail)
+    apply(restorer, tail)
+    assert restorer.snapshot() == replayer.snapshot()
+
+
+def test_a_sum_past_the_msgpack_integer_range_keeps_the_ledger_snapshottable():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2, "reduce": {"sum": ["cells"]}})
+    for task in (0, 1):  # each summary is a valid MessagePack integer
+        assert run_task(ledger, jid(1), task, summary={"cells": 2**63}).code == "recorded"
+    Ledger.restore(ledger.snapshot())
+
+
+def test_an_assignment_past_the_msgpack_integer_range_is_refused_or_snapshottable():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2})
+    command = decode(encode(AssignTasks(1, 2**64 - 1, "b", [(jid(1), 0), (jid(1), 1)], NOW)))
+    r = apply(ledger, command)
+    assert not r.ok or Ledger.restore(ledger.snapshot()).state == ledger.state
+
+
+# ---- acceptance -----------------------------------------------------------------------------
+
+
+def test_ledger_memory_for_a_400x400_tile_alignment_job_is_o_frontier():
+    """Ledger memory for a 400×400-tile alignment job is O(frontier)."""
+    n = 400
+    ledger = Ledger()
+    assert submit(ledger, "grid", {"rows": n, "cols": n, "reduce": {"max": "score", "sum": ["cells"]}}).ok
+    J = jid(1)
+    seq = 0
+    max_records = max_frontier = max_snapshot = rounds = 0
+    started = time.perf_counter()
+    while ledger.state.jobs[J].state == "active":
+        picked = ledger.ready_tasks(64)
+        assert picked, "an active wavefront job with nothing ready and nothing running"
+        r = ledger.apply(AssignTasks(1, seq + 1, "b", picked, NOW))
+        seq += len(picked)
+        done = [
+            CompleteTask(J, t, *f, DONE, "w", {"score": t * 7919 % 10007, "cells": 1}, t.to_bytes(16, "big"), None, NOW)
+            for _, t, f in r.value["assigned"]
+        ]
+        assert [x.code for x in ledger.apply(Batch(done))] == ["recorded"] * len(done)
+        footprint = ledger.footprint()
+        max_records = max(max_records, footprint["task_records"])
+        max_frontier = max(max_frontier, footprint["frontier_entries"])
+        max_snapshot = max(max_snapshot, len(ledger.snapshot()))
+        rounds += 1
+        if rounds % 500 == 0:
+            ledger.validate_state()
+    elapsed = time.perf_counter() - started
+    ledger.validate_state()
+    job = ledger.state.jobs[J]
+    assert job.state == "done" and job.done == n * n
+    assert ledger.footprint()["task_records"] == 0 and job.tasks == {}
+    assert max_records <= 3 * n, max_records
+    assert max_frontier <= 2 * n, max_frontier
+    assert max_snapshot < 200_000, max_snapshot  # 160,000 task records would be many MB
+    best = max(range(n * n), key=lambda t: ((t * 7919) % 10007, -t))
+    assert job.reduced["max"]["task"] == best and job.reduced["sum"] == {"cells": n * n}
+    assert elapsed < 30, elapsed
