@@ -384,7 +384,7 @@ class MasterCore:
         return []
 
     def _assigned(self, reply: tuple, result: Applied, cause: str) -> list[Effect]:
-        _, epoch, tasks = reply
+        _, _, tasks = reply
         self.inflight.difference_update(tasks)
         if not result.ok:
             return [Log(logging.WARNING, f"assignment refused by the ledger: {result.text}", cause)]
@@ -392,8 +392,10 @@ class MasterCore:
         out: list[Effect] = []
         for job_id, task_id, fence in result.value["assigned"]:
             self._count("tasks_assigned")
-            if link is None or link.epoch != epoch:
-                continue  # the balancer changed: its successor gets open assignments on ATTACH
+            if link is None:
+                continue  # no balancer now: the next one gets open assignments on ATTACH
+            # A balancer that attached while this was committing did not get it among the open
+            # assignments: it goes to whichever balancer is attached now.
             out.append(Send(API, self._worker_request(job_id, task_id, fence), link.route, cause))
             link.credit -= 1
             link.sent += 1

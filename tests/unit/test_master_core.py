@@ -304,3 +304,17 @@ def test_unanswered_proposals_expire_as_outcome_unknown():
 def test_ids_split_and_join():
     value = os.urandom(16)
     assert join128(*split128(value)) == value
+
+
+def test_an_assignment_committing_across_a_balancer_change_goes_to_the_new_balancer():
+    h = Harness()
+    h.message(submit(1, spec={"count": 2}))
+    h.flush()
+    h.commit_all()
+    h.message(Attach(1, 1, 2, "b1"), BALANCER)
+    assert len(h.proposed) == 1  # AssignTasks in flight for balancer epoch 1
+    h.message(Attach(2, 2, 2, "b2"), b"b2-route")  # before it commits: not an open assignment yet
+    h.sent.clear()
+    h.commit_all()
+    routes = {s.route for s in h.sent if isinstance(s.message, WorkerRequest)}
+    assert routes == {b"b2-route"}
