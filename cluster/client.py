@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 import zmq
 
 from proto import AppReason, Codec, ProtocolError, new_node_id
+from proto.ids import join128, split128
 from proto.messages import CancelJob, Error, JobList, JobQuery, NotLeader, QueryReply, Submit, SubmitAck, TaskQuery
 from proto.types import Message
 
@@ -153,7 +154,7 @@ class Client:
             if call.error is not None:
                 raise call.error
             ack: SubmitAck = call.result
-            job = ((ack.job_uuid_upper << 64) | ack.job_uuid_lower).to_bytes(16, "big").hex()
+            job = join128(ack.job_uuid_upper, ack.job_uuid_lower).hex()
             out.append(JobRef(job, ack.log_index, key.hex()))
         return out
 
@@ -178,7 +179,7 @@ class Client:
     # ---- the engine --------------------------------------------------------------------------
 
     def _submit_call(self, kind: str, spec: dict[str, Any], key: bytes) -> _Call:
-        upper, lower = _split(key.hex())
+        upper, lower = split128(key)
         return _Call(lambda rid: Submit(rid, upper, lower, kind, spec), True, self.leader)
 
     def _one(self, make: Callable[[int], Message], write: bool) -> Any:
@@ -316,5 +317,4 @@ def _split(hex_id: str) -> tuple[int, int]:
         raise ClusterError(f"{hex_id!r} is not an id (32 hex digits)") from None
     if len(value) != 16:
         raise ClusterError(f"{hex_id!r} is not an id (32 hex digits)")
-    n = int.from_bytes(value, "big")
-    return n >> 64, n & (2**64 - 1)
+    return split128(value)

@@ -53,6 +53,7 @@ from master import jobs
 from master.commands import AssignTasks, Barrier, Batch, CancelJob as CancelCommand, CompleteTask, Entry, SubmitJob
 from master.ledger import Applied, Ledger, spec_digest
 from proto.errors import AppReason
+from proto.ids import join128, split128
 from proto.messages import (
     Attach,
     Attached,
@@ -125,15 +126,6 @@ class RaftView:
 def job_id_for(key: bytes) -> bytes:
     """A job's id, derived from its idempotency key so every leader picks the same one."""
     return hashlib.blake2b(key, digest_size=16, person=b"cluster-job").digest()
-
-
-def split128(value: bytes) -> tuple[int, int]:
-    n = int.from_bytes(value, "big")
-    return n >> 64, n & (2**64 - 1)
-
-
-def join128(upper: int, lower: int) -> bytes:
-    return ((upper << 64) | lower).to_bytes(16, "big")
 
 
 @dataclass

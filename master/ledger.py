@@ -35,7 +35,6 @@ from master import jobs
 from master.commands import (
     CANCELLED,
     DONE,
-    LOST,
     OUTCOMES,
     AssignTasks,
     Barrier,
@@ -183,7 +182,7 @@ class Ledger:
     def _apply_one(self, command: Any) -> Applied:
         handler = _HANDLERS.get(type(command))
         if handler is None:  # the decoder admits only known commands; this is defence
-            return self._refuse("bad_command", f"not a ledger command: {type(command).__name__}")
+            return refused("bad_command", f"not a ledger command: {type(command).__name__}")
         self.state.applied += 1
         result = handler(self, command)
         if not result.ok:
@@ -192,9 +191,6 @@ class Ledger:
 
     def _count(self, name: str, n: int = 1) -> None:
         self.state.counters[name] = self.state.counters.get(name, 0) + n
-
-    def _refuse(self, code: str, text: str) -> Applied:
-        return refused(code, text)
 
     # ---- jobs ----------------------------------------------------------------------------
 
@@ -610,4 +606,4 @@ _HANDLERS = {
     Barrier: Ledger._barrier,
 }
 
-__all__ = ["Applied", "Ledger", "LedgerState", "Task", "Job", "Attempt", "TASK_TRANSITIONS", "spec_digest", "LOST"]
+__all__ = ["Applied", "Ledger", "LedgerState", "Task", "Job", "Attempt", "TASK_TRANSITIONS", "spec_digest"]

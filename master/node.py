@@ -49,10 +49,6 @@ class MastersConfig:
     snapshot_every: int = 20_000
     timings: dict[str, float] | None = None
 
-    @property
-    def client_addresses(self) -> list[str]:
-        return [m.api for m in self.masters.values()]
-
 
 def load_config(path: Path) -> MastersConfig:
     """Read and check the masters' TOML file."""

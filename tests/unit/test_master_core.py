@@ -12,8 +12,9 @@ import os
 import pytest
 
 from cluster.runtime.events import Log, MessageReceived, Send, Started, StartTimer, TimerFired
-from master.core import API, Committed, MasterCore, ProposalFailed, Propose, RaftView, join128, split128
-from master.commands import AssignTasks, Batch, SubmitJob
+from master.core import API, Committed, MasterCore, ProposalFailed, Propose, RaftView
+from proto.ids import join128, split128
+from master.commands import AssignTasks, Batch
 from master.jobs import MAX_SPEC_BYTES
 from master.ledger import Ledger
 from proto import AppReason

@@ -17,7 +17,8 @@ import random
 import pytest
 
 from cluster.runtime.events import MessageReceived, Send, Started, TimerFired
-from master.core import API, Committed, MasterCore, ProposalFailed, Propose, RaftView, join128
+from master.core import API, Committed, MasterCore, ProposalFailed, Propose, RaftView
+from proto.ids import join128
 from master.ledger import Ledger
 from proto.messages import Error, NotLeader, Submit, SubmitAck
 
