@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgspec
@@ -120,7 +120,6 @@ class RaftView:
     commit_index: int = 0
     last_applied: int = 0
     log_size: int = 0
-    detail: dict[str, Any] = field(default_factory=dict)  # peers, snapshot: for STATUS_REPLY
 
 
 def job_id_for(key: bytes) -> bytes:
@@ -144,8 +143,9 @@ class _Proposal:
 
 
 class MasterCore:
-    """One master's logic. ``raft_view`` is the adapter's read-only view of Raft;
-    ``client_address`` maps a master's Raft address to the address clients use."""
+    """One master's logic. ``raft_view`` is the adapter's read-only view of Raft (polled every
+    ``RAFT_POLL``, so kept cheap); ``raft_detail`` gives the costlier part only STATUS_REPLY needs
+    (peers, snapshot); ``client_address`` maps a master's Raft address to the address clients use."""
 
     role = "master"
 
@@ -156,12 +156,14 @@ class MasterCore:
         raft_view: Callable[[], RaftView],
         client_address: dict[str, str],
         *,
+        raft_detail: Callable[[], dict[str, Any]] = dict,
         batch_max: int = 2048,
         dispatch_max: int = 1024,
     ) -> None:
         self.ledger = ledger
         self.name = name
         self.raft_view = raft_view
+        self.raft_detail = raft_detail
         self.client_address = client_address
         self.batch_max = batch_max
         self.dispatch_max = dispatch_max
@@ -533,7 +535,7 @@ class MasterCore:
             "commit_index": v.commit_index,
             "last_applied": v.last_applied,
             "log_size": v.log_size,
-            **v.detail,
+            **self.raft_detail(),
             "ledger": {**self.ledger.footprint(), "commands_applied": self.ledger.state.applied, **self.ledger.state.counters},
             "queued_writes": len(self.queue),
             "proposals_in_flight": len(self.proposals),

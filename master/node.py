@@ -115,7 +115,8 @@ def build_master(config: MastersConfig, name: str, data_dir: Path | None, bind: 
         on_result=on_result, on_failure=on_failure,
         password=config.password, snapshot_every=config.snapshot_every, timings=config.timings,
     )
-    core = MasterCore(ledger, name, adapter.view, {m.raft: m.api for m in config.masters.values()})
+    core = MasterCore(ledger, name, adapter.view, {m.raft: m.api for m in config.masters.values()},
+                      raft_detail=adapter.detail)
     # A burst of WORKER_REQUESTs (up to the balancer's credit) or replies must not hit the default
     # high-water mark of 1000: a ROUTER drops silently beyond it.
     options = {zmq.ROUTER_HANDOVER: 1, zmq.SNDHWM: 200_000, zmq.RCVHWM: 200_000}

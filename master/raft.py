@@ -229,7 +229,19 @@ class RaftAdapter:
         r = self.replica
         leader = r._getLeader()
         role = "leader" if r._isLeader() else ("follower" if leader is not None else "candidate")
-        status = r.getStatus()
+        return RaftView(
+            role=role,
+            term=r._getTerm(),
+            leader=str(leader.address) if leader is not None else None,
+            has_quorum=bool(r.hasQuorum),
+            commit_index=r.raftCommitIndex,
+            last_applied=r.raftLastApplied,
+            log_size=r._getRaftLogSize(),
+        )
+
+    def detail(self) -> dict[str, Any]:
+        """Per-peer health and the last snapshot, for STATUS_REPLY (pysyncobj's getStatus())."""
+        status = self.replica.getStatus()
         peers = {}
         for key, value in status.items():
             if key.startswith("partner_node_status_server_"):
@@ -239,21 +251,12 @@ class RaftAdapter:
                     "match_index": status.get(f"match_idx_server_{address}"),
                     "next_index": status.get(f"next_node_idx_server_{address}"),
                 }
-        return RaftView(
-            role=role,
-            term=r._getTerm(),
-            leader=str(leader.address) if leader is not None else None,
-            has_quorum=bool(r.hasQuorum),
-            commit_index=r.raftCommitIndex,
-            last_applied=r.raftLastApplied,
-            log_size=r._getRaftLogSize(),
-            detail={
-                "raft_address": self.self_address,
-                "peers": peers,
-                "last_snapshot": self.last_snapshot,
-                "apply_errors": self.apply_errors,
-            },
-        )
+        return {
+            "raft_address": self.self_address,
+            "peers": peers,
+            "last_snapshot": self.last_snapshot,
+            "apply_errors": self.apply_errors,
+        }
 
     def close(self) -> None:
         """Stop the Raft thread and close the journal."""
