@@ -34,7 +34,6 @@ and saturates at 65535, not at 32767). The exit code is 1 if any of our variants
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -382,13 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['pair']}/{r['variant']}" for r in rows
         if r["kind"] == "parasail" and r["agrees_with_parasail_sw_striped_32"] is False]
     res["all_ours_agree"] = not res["disagreements"]
-    res["machine"]["loadavg_end"] = list(os.getloadavg())
-    res["machine"]["cpu_shares_during_run"] = machine.cpu_shares(cpu_before, machine.cpu_times())
-    res["elapsed_s"] = time.perf_counter() - started
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    res["json_path"] = str(path)
-    path.write_text(json.dumps(res, indent=2) + "\n")
+    machine.finish(res, cpu_before, started, args.json)
     print_report(res)
     return 0 if res["all_ours_agree"] else 1
 

@@ -45,8 +45,6 @@ changes: an election that no kill caused is reported as spurious.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import statistics
 import sys
@@ -545,13 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"4. failover: {rounds} leader kills")
         res["failover"] = bench_failover(root, rounds)
     res["ratios"] = ratios(res)
-    res["machine"]["loadavg_end"] = list(os.getloadavg())
-    res["machine"]["cpu_shares_during_run"] = machine.cpu_shares(cpu0, machine.cpu_times())
-    res["elapsed_s"] = time.perf_counter() - started
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    res["json_path"] = str(path)
-    path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    machine.finish(res, cpu0, started, args.json)
     print_report(res)
     ok = all(not e.get("error") for e in res["counter"].values())
     return 0 if ok else 1

@@ -4,8 +4,10 @@ shares during a run say how much of it was ours)."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +57,15 @@ def cpu_shares(before: list[int] | None, after: list[int] | None) -> dict | None
     total = sum(d[:8]) or 1
     return {"busy": (total - d[3] - d[4] - d[7]) / total, "idle": (d[3] + d[4]) / total,
             "steal": d[7] / total}
+
+
+def finish(res: dict, cpu_before: list[int] | None, started: float, json_path: str | Path) -> Path:
+    """Close a bench run: end load and CPU shares, elapsed time, then the JSON at ``json_path``."""
+    res["machine"]["loadavg_end"] = list(os.getloadavg())
+    res["machine"]["cpu_shares_during_run"] = cpu_shares(cpu_before, cpu_times())
+    res["elapsed_s"] = time.perf_counter() - started
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    res["json_path"] = str(path)
+    path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    return path

@@ -24,7 +24,6 @@ What it measures, for payloads of 64 B, 1 KiB, 64 KiB and 1 MiB:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -647,13 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         a.stop()
     log("zero-copy evidence …")
     res["zero_copy"] = run_zero_copy(args.quick)
-    res["machine"]["loadavg_end"] = list(os.getloadavg())
-    res["machine"]["cpu_shares_during_run"] = machine.cpu_shares(cpu_before, machine.cpu_times())
-    res["elapsed_s"] = time.perf_counter() - started
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    res["json_path"] = str(path)
-    path.write_text(json.dumps(res, indent=2) + "\n")
+    machine.finish(res, cpu_before, started, args.json)
     print_report(res)
     return 0 if res["zero_copy"]["all_address_checks_pass"] else 1
 

@@ -155,14 +155,6 @@ def _write(path: str, data: dict) -> None:
 # ---- the parent side (used by bench/ledger.py) -------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class CounterRun:
     mode: str
@@ -176,6 +168,8 @@ def counter_cluster(mode: str, *, count: int, reps: int, window: int, warmup: in
     """Run the counter on ``nodes`` local processes; ``mode`` is ``batch`` (appendEntriesUseBatch
     True), ``nobatch`` (False) or ``durable`` (False, with the masters' msync'd journal).
     Every process is stopped by pid before this returns, also on error."""
+    from cluster.local import free_port
+
     run = CounterRun(mode)
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix=f"raftcounter-{mode}-", dir=keep_dir) as tmp:
