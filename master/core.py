@@ -252,7 +252,7 @@ class MasterCore:
     def _writable(self, ev: MessageReceived, request_id: int) -> Effect | None:
         """None if this master may take a write now; else the answer that says where to go."""
         if self.view.role != "leader":
-            self.counters["redirected"] = self.counters.get("redirected", 0) + 1
+            self._count("redirected")
             return Send(API, NotLeader(request_id, self.view.term, self._leader_address()), ev.route, ev.stimulus_id)
         if not self.view.has_quorum:
             return _app_error(
@@ -328,8 +328,8 @@ class MasterCore:
         self.proposals[self.tokens] = _Proposal([reply for _, reply in items], now)
         commands = [c for c, _ in items]
         entry = commands[0] if len(commands) == 1 else Batch(commands)
-        self.counters["proposals"] = self.counters.get("proposals", 0) + 1
-        self.counters["commands_proposed"] = self.counters.get("commands_proposed", 0) + len(commands)
+        self._count("proposals")
+        self._count("commands_proposed", len(commands))
         return [Propose(entry, self.tokens, cause)]
 
     # ---- commits ---------------------------------------------------------------------------
