@@ -54,6 +54,14 @@ enum cluster_message_type {
     CLUSTER_MSG_FILE_REQUEST   = 30,
     CLUSTER_MSG_FILE_RESPONSE  = 31,
     CLUSTER_MSG_FILE_CHUNK     = 32,
+    CLUSTER_MSG_UPLOAD_OPEN    = 33,
+    CLUSTER_MSG_UPLOAD_READY   = 34,
+    CLUSTER_MSG_UPLOAD_CREDIT  = 35,
+    CLUSTER_MSG_UPLOAD_DONE    = 36,
+    CLUSTER_MSG_FILE_REGISTER  = 40,
+    CLUSTER_MSG_FILE_LOOKUP    = 41,
+    CLUSTER_MSG_FILE_LIST      = 42,
+    CLUSTER_MSG_FILE_RELEASE   = 43,
 };
 
 /* The generic header, first in every message. header_length: where the body starts. */
@@ -416,8 +424,10 @@ struct cluster_file_request {
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_file_request) == CLUSTER_FILE_REQUEST_HEADER_LENGTH, "cluster_file_request size");
 
 /*
- * FILE_RESPONSE (31): Bytes of a file (the seed's `file_response`). `status` 0 ok, 1 not
- * found, 2 range out of bounds, 3 corrupt replica; `file_size` is the whole file's size.
+ * FILE_RESPONSE (31): Bytes of a file (the seed's `file_response`). `status` is a
+ * `proto.errors.StorageStatus` (0 ok, 1 not found, 2 range out of bounds, 3 corrupt replica
+ * ...); `file_size` is the whole file's size. Reads past the end are clipped like `pread`; an
+ * offset beyond it is an error.
  *
  * storage -> worker, client.
  *
@@ -451,5 +461,149 @@ struct cluster_file_chunk {
 } __attribute__((packed));
 #define CLUSTER_FILE_CHUNK_HEADER_LENGTH 45u
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_file_chunk) == CLUSTER_FILE_CHUNK_HEADER_LENGTH, "cluster_file_chunk size");
+
+/*
+ * UPLOAD_OPEN (33): Start (or resume) storing a file of `size` bytes whose content id the
+ * sender computed. `copies` is how many storage nodes must hold it durably before UPLOAD_DONE
+ * (this one included; a replication push asks for 1). Answered with UPLOAD_READY, or at once
+ * with UPLOAD_DONE when the file is stored already (dedupe) or cannot be.
+ *
+ * client, storage (replication) -> storage.
+ *
+ * Body: origin.
+ */
+struct cluster_upload_open {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint64_t file_id_upper;
+    uint64_t file_id_lower;
+    uint64_t size;
+    uint8_t copies;
+} __attribute__((packed));
+#define CLUSTER_UPLOAD_OPEN_HEADER_LENGTH 61u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_upload_open) == CLUSTER_UPLOAD_OPEN_HEADER_LENGTH, "cluster_upload_open size");
+
+/*
+ * UPLOAD_READY (34): Send FILE_CHUNKs of upload `upload_id` from `offset` (non-zero: resuming
+ * a partial upload), at most `credit` bytes beyond `offset` until UPLOAD_CREDIT grants more.
+ *
+ * storage -> client, storage (replication).
+ *
+ * Body: none.
+ */
+struct cluster_upload_ready {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint64_t upload_id;
+    uint64_t offset;
+    uint64_t credit;
+} __attribute__((packed));
+#define CLUSTER_UPLOAD_READY_HEADER_LENGTH 60u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_upload_ready) == CLUSTER_UPLOAD_READY_HEADER_LENGTH, "cluster_upload_ready size");
+
+/*
+ * UPLOAD_CREDIT (35): `credit` more bytes of upload `upload_id` may be sent (the receiver
+ * wrote earlier ones).
+ *
+ * storage -> client, storage (replication).
+ *
+ * Body: none.
+ */
+struct cluster_upload_credit {
+    struct cluster_generic_message generic;
+    uint64_t upload_id;
+    uint64_t credit;
+} __attribute__((packed));
+#define CLUSTER_UPLOAD_CREDIT_HEADER_LENGTH 44u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_upload_credit) == CLUSTER_UPLOAD_CREDIT_HEADER_LENGTH, "cluster_upload_credit size");
+
+/*
+ * UPLOAD_DONE (36): The end of an upload. `status` 0: durable on `replicas` (storage node
+ * names), which the sender registers with the masters; otherwise a
+ * `proto.errors.StorageStatus` code and `error` says what to do. A partial upload is kept for
+ * resume unless the status says not.
+ *
+ * storage -> client, storage (replication).
+ *
+ * Body: replicas, error.
+ */
+struct cluster_upload_done {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint64_t upload_id;
+    uint64_t file_id_upper;
+    uint64_t file_id_lower;
+    uint64_t size;
+    uint8_t status;
+} __attribute__((packed));
+#define CLUSTER_UPLOAD_DONE_HEADER_LENGTH 69u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_upload_done) == CLUSTER_UPLOAD_DONE_HEADER_LENGTH, "cluster_upload_done size");
+
+/*
+ * FILE_REGISTER (40): Record that a file is durable on `replicas` (storage node names) and who
+ * refers to it: the job `owner` (under `name` in its listing) and/or a user `pin`. A file
+ * nothing refers to is deleted by the storage nodes. Answered with QUERY_REPLY once committed.
+ *
+ * client, storage (repair) -> master leader.
+ *
+ * Body: replicas, owner, name.
+ */
+struct cluster_file_register {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint64_t file_id_upper;
+    uint64_t file_id_lower;
+    uint64_t size;
+    uint8_t pin;
+} __attribute__((packed));
+#define CLUSTER_FILE_REGISTER_HEADER_LENGTH 61u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_file_register) == CLUSTER_FILE_REGISTER_HEADER_LENGTH, "cluster_file_register size");
+
+/*
+ * FILE_LOOKUP (41): Where are these files and who refers to them? QUERY_REPLY value: hex id ->
+ * record or None.
+ *
+ * client, worker, storage -> master.
+ *
+ * Body: ids.
+ */
+struct cluster_file_lookup {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+} __attribute__((packed));
+#define CLUSTER_FILE_LOOKUP_HEADER_LENGTH 36u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_file_lookup) == CLUSTER_FILE_LOOKUP_HEADER_LENGTH, "cluster_file_lookup size");
+
+/*
+ * FILE_LIST (42): List registered files (of one job when `owner` is set), in id order after
+ * `after`.
+ *
+ * client, worker -> master.
+ *
+ * Body: owner, after.
+ */
+struct cluster_file_list {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint32_t limit;
+} __attribute__((packed));
+#define CLUSTER_FILE_LIST_HEADER_LENGTH 40u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_file_list) == CLUSTER_FILE_LIST_HEADER_LENGTH, "cluster_file_list size");
+
+/*
+ * FILE_RELEASE (43): Drop a reference: `owner`'s (a job) or the user pin (`owner` none) on
+ * `file_id`, or every file of `owner` when `file_id` is none. Files left without a reference
+ * are dropped from the ledger and deleted by the storage nodes' collector.
+ *
+ * client -> master leader.
+ *
+ * Body: file_id, owner.
+ */
+struct cluster_file_release {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+} __attribute__((packed));
+#define CLUSTER_FILE_RELEASE_HEADER_LENGTH 36u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_file_release) == CLUSTER_FILE_RELEASE_HEADER_LENGTH, "cluster_file_release size");
 
 #endif /* CLUSTER_PROTO_H */

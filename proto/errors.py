@@ -56,3 +56,21 @@ class AppReason(enum.IntEnum):
     OUTCOME_UNKNOWN = 1002  # the command may or may not commit (leader lost): retry with the same key
     STALE_FENCE = 1003  # a fencing token older than the newest seen (deposed leader, stale balancer)
     NOT_FOUND = 1004  # no such job or task
+
+
+class StorageStatus(enum.IntEnum):
+    """The outcome of a storage request (FILE_RESPONSE and UPLOAD_DONE ``status``). Stable codes."""
+
+    OK = 0
+    NOT_FOUND = 1  # no such file on this node
+    OUT_OF_RANGE = 2  # the offset is past the end of the file
+    CORRUPT = 3  # this replica failed verification: read another one (scrub repairs it)
+    NO_SPACE = 4  # the node's disk cannot take the file; nothing was kept
+    TOO_LARGE = 5  # a chunk or read over the node's limit
+    NO_CREDIT = 6  # a chunk beyond the credit the receiver granted
+    BAD_OFFSET = 7  # a chunk that does not continue the upload where it stands
+    SIZE_MISMATCH = 8  # more bytes than announced, or fewer at the last chunk
+    HASH_MISMATCH = 9  # the content does not hash to the announced id; nothing was kept
+    UNKNOWN_UPLOAD = 10  # no such upload in progress (expired, superseded or never opened)
+    REPLICATION_FAILED = 11  # stored here, but fewer than the requested copies became durable
+    BAD_REQUEST = 12  # a request this node cannot make sense of (e.g. zero copies)

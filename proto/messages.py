@@ -200,6 +200,67 @@ class QueryReply(Message, frozen=True, gc=False):
     leader: str | None = None
 
 
+class FileRegister(Message, frozen=True, gc=False):
+    """Record that a file is durable on ``replicas`` (storage node names) and who refers to it:
+    the job ``owner`` (under ``name`` in its listing) and/or a user ``pin``. A file nothing
+    refers to is deleted by the storage nodes. Answered with QUERY_REPLY once committed."""
+
+    code = 40
+    struct_name = "file_register"
+    sender = "client, storage (repair)"
+    receiver = "master leader"
+
+    request_id: U64
+    file_id_upper: U64
+    file_id_lower: U64
+    size: U64
+    pin: U8
+    replicas: list[str]
+    owner: bytes | None = None
+    name: str = ""
+
+
+class FileLookup(Message, frozen=True, gc=False):
+    """Where are these files and who refers to them? QUERY_REPLY value: hex id → record or None."""
+
+    code = 41
+    struct_name = "file_lookup"
+    sender = "client, worker, storage"
+    receiver = "master"
+
+    request_id: U64
+    ids: list[bytes]
+
+
+class FileList(Message, frozen=True, gc=False):
+    """List registered files (of one job when ``owner`` is set), in id order after ``after``."""
+
+    code = 42
+    struct_name = "file_list"
+    sender = "client, worker"
+    receiver = "master"
+
+    request_id: U64
+    limit: U32
+    owner: bytes | None = None
+    after: bytes | None = None
+
+
+class FileRelease(Message, frozen=True, gc=False):
+    """Drop a reference: ``owner``'s (a job) or the user pin (``owner`` none) on ``file_id``, or
+    every file of ``owner`` when ``file_id`` is none. Files left without a reference are dropped
+    from the ledger and deleted by the storage nodes' collector."""
+
+    code = 43
+    struct_name = "file_release"
+    sender = "client"
+    receiver = "master leader"
+
+    request_id: U64
+    file_id: bytes | None = None
+    owner: bytes | None = None
+
+
 # ---- masters ⇄ balancers ⇄ workers ---------------------------------------------------------
 
 
@@ -354,8 +415,9 @@ class FileRequest(Message, frozen=True, gc=False):
 
 
 class FileResponse(Message, frozen=True, gc=False):
-    """Bytes of a file (the seed's ``file_response``). ``status`` 0 ok, 1 not found,
-    2 range out of bounds, 3 corrupt replica; ``file_size`` is the whole file's size."""
+    """Bytes of a file (the seed's ``file_response``). ``status`` is a ``proto.errors.StorageStatus``
+    (0 ok, 1 not found, 2 range out of bounds, 3 corrupt replica …); ``file_size`` is the whole
+    file's size. Reads past the end are clipped like ``pread``; an offset beyond it is an error."""
 
     code = 31
     struct_name = "file_response"
@@ -387,6 +449,72 @@ class FileChunk(Message, frozen=True, gc=False):
     payload: Payload
 
 
+class UploadOpen(Message, frozen=True, gc=False):
+    """Start (or resume) storing a file of ``size`` bytes whose content id the sender computed.
+    ``copies`` is how many storage nodes must hold it durably before UPLOAD_DONE (this one
+    included; a replication push asks for 1). Answered with UPLOAD_READY, or at once with
+    UPLOAD_DONE when the file is stored already (dedupe) or cannot be."""
+
+    code = 33
+    struct_name = "upload_open"
+    sender = "client, storage (replication)"
+    receiver = "storage"
+
+    request_id: U64
+    file_id_upper: U64
+    file_id_lower: U64
+    size: U64
+    copies: U8
+    origin: str = ""
+
+
+class UploadReady(Message, frozen=True, gc=False):
+    """Send FILE_CHUNKs of upload ``upload_id`` from ``offset`` (non-zero: resuming a partial
+    upload), at most ``credit`` bytes beyond ``offset`` until UPLOAD_CREDIT grants more."""
+
+    code = 34
+    struct_name = "upload_ready"
+    sender = "storage"
+    receiver = "client, storage (replication)"
+
+    request_id: U64
+    upload_id: U64
+    offset: U64
+    credit: U64
+
+
+class UploadCredit(Message, frozen=True, gc=False):
+    """``credit`` more bytes of upload ``upload_id`` may be sent (the receiver wrote earlier ones)."""
+
+    code = 35
+    struct_name = "upload_credit"
+    sender = "storage"
+    receiver = "client, storage (replication)"
+
+    upload_id: U64
+    credit: U64
+
+
+class UploadDone(Message, frozen=True, gc=False):
+    """The end of an upload. ``status`` 0: durable on ``replicas`` (storage node names), which
+    the sender registers with the masters; otherwise a ``proto.errors.StorageStatus`` code and
+    ``error`` says what to do. A partial upload is kept for resume unless the status says not."""
+
+    code = 36
+    struct_name = "upload_done"
+    sender = "storage"
+    receiver = "client, storage (replication)"
+
+    request_id: U64
+    upload_id: U64
+    file_id_upper: U64
+    file_id_lower: U64
+    size: U64
+    status: U8
+    replicas: list[str] = []
+    error: str | None = None
+
+
 CATALOGUE: tuple[type[Message], ...] = (
     Error,
     StatusQuery,
@@ -410,4 +538,12 @@ CATALOGUE: tuple[type[Message], ...] = (
     FileRequest,
     FileResponse,
     FileChunk,
+    UploadOpen,
+    UploadReady,
+    UploadCredit,
+    UploadDone,
+    FileRegister,
+    FileLookup,
+    FileList,
+    FileRelease,
 )
