@@ -67,17 +67,30 @@ class CompleteTask(msgspec.Struct, tag="complete", array_like=True, frozen=True)
 
 
 class RegisterFile(msgspec.Struct, tag="file", array_like=True, frozen=True):
-    """A file is durable on ``replicas`` (storage node names); ``owner`` a job id or None (pinned)."""
+    """A file is durable on ``replicas`` (storage node names). ``owner`` (a job id, or None for
+    a user's pin) refers to it under ``name``. ``add_ref`` False only adds replicas (a repair)."""
 
     file_id: bytes
     size: int
     replicas: list[str]
     owner: bytes | None
     now: float
+    name: str = ""
+    add_ref: bool = True
+
+
+class ReleaseFile(msgspec.Struct, tag="release_file", array_like=True, frozen=True):
+    """Drop ``owner``'s reference (None: the user pin) on ``file_id``, or on every file of
+    ``owner`` when ``file_id`` is None. A file left with no reference leaves the ledger, and
+    the storage nodes' collector deletes it."""
+
+    file_id: bytes | None
+    owner: bytes | None
+    now: float
 
 
 class DropFile(msgspec.Struct, tag="drop_file", array_like=True, frozen=True):
-    """Forget a file (its storage nodes delete it)."""
+    """Forget a file whatever refers to it (an operator's override; storage deletes it)."""
 
     file_id: bytes
     now: float
@@ -92,7 +105,7 @@ class Barrier(msgspec.Struct, tag="barrier", array_like=True, frozen=True):
     now: float
 
 
-Command = SubmitJob | CancelJob | AssignTasks | CompleteTask | RegisterFile | DropFile | Barrier
+Command = SubmitJob | CancelJob | AssignTasks | CompleteTask | RegisterFile | ReleaseFile | DropFile | Barrier
 
 
 class Batch(msgspec.Struct, tag="batch", array_like=True, frozen=True):

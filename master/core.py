@@ -50,7 +50,17 @@ from cluster.runtime.events import (
     TimerFired,
 )
 from master import jobs
-from master.commands import AssignTasks, Barrier, Batch, CancelJob as CancelCommand, CompleteTask, Entry, SubmitJob
+from master.commands import (
+    AssignTasks,
+    Barrier,
+    Batch,
+    CancelJob as CancelCommand,
+    CompleteTask,
+    Entry,
+    RegisterFile,
+    ReleaseFile,
+    SubmitJob,
+)
 from master.ledger import Applied, Ledger, spec_digest
 from proto.errors import AppReason
 from proto.ids import join128, split128
@@ -60,6 +70,10 @@ from proto.messages import (
     CancelJob,
     Credit,
     Error,
+    FileList,
+    FileLookup,
+    FileRegister,
+    FileRelease,
     JobList,
     JobQuery,
     NotLeader,
@@ -76,6 +90,7 @@ API = "api"
 RAFT_POLL = 0.02  # how often the core looks at Raft's role and leader (seconds)
 PROPOSAL_TIMEOUT = 5.0  # a proposal unanswered this long is answered OUTCOME_UNKNOWN
 MAX_LIST = 10_000
+MAX_LOOKUP = 10_000  # file ids per FILE_LOOKUP
 
 
 # ---- the vocabulary between this core and its loop ---------------------------------------------
@@ -293,6 +308,21 @@ class MasterCore:
             return [_app_error(ev, m.request_id, AppReason.NOT_FOUND, "unknown_job", f"no job {job_id.hex()}")]
         return self._enqueue(CancelCommand(job_id, m.reason, now), ("cancel", ev.route, m.request_id), ev.stimulus_id)
 
+    def _on_file_register(self, ev: MessageReceived, m: FileRegister, now: float) -> list[Effect]:
+        refusal = self._writable(ev, m.request_id)
+        if refusal is not None:
+            return [refusal]
+        file_id = join128(m.file_id_upper, m.file_id_lower)
+        # pin=0 without an owner is a repair: it adds replicas and no reference
+        command = RegisterFile(file_id, m.size, list(m.replicas), m.owner, now, m.name, add_ref=bool(m.pin or m.owner))
+        return self._enqueue(command, ("write", ev.route, m.request_id), ev.stimulus_id)
+
+    def _on_file_release(self, ev: MessageReceived, m: FileRelease, now: float) -> list[Effect]:
+        refusal = self._writable(ev, m.request_id)
+        if refusal is not None:
+            return [refusal]
+        return self._enqueue(ReleaseFile(m.file_id, m.owner, now), ("write", ev.route, m.request_id), ev.stimulus_id)
+
     def _on_result(self, ev: MessageReceived, m: TaskResult, now: float) -> list[Effect]:
         refusal = self._writable(ev, 0)
         if refusal is not None:
@@ -359,6 +389,11 @@ class MasterCore:
                 return [_app_error_to(route, request_id, AppReason.REFUSED, result.code, result.text, cause)]
             view = self.ledger.job_view(result.value["job"])
             return [Send(API, QueryReply(request_id, 0, self.view.term, log_index, view, self._leader_address()), route, cause)]
+        if kind == "write":
+            _, route, request_id = reply
+            if not result.ok:
+                return [_app_error_to(route, request_id, AppReason.REFUSED, result.code, result.text, cause)]
+            return [Send(API, QueryReply(request_id, 0, self.view.term, log_index, result.value, self._leader_address()), route, cause)]
         if kind == "complete":
             _, route, m = reply
             if not result.ok:
@@ -413,7 +448,7 @@ class MasterCore:
 
     def _answer_unknown(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
         kind = reply[0]
-        if kind in ("submit", "cancel"):
+        if kind in ("submit", "cancel", "write"):
             return [_app_error_to(reply[1], reply[2], AppReason.OUTCOME_UNKNOWN, "outcome_unknown",
                                   f"the write may or may not have committed ({reason}); retry with the same idempotency key", cause)]
         if kind == "complete":
@@ -427,7 +462,7 @@ class MasterCore:
 
     def _answer_not_leader(self, reply: tuple, cause: str) -> list[Effect]:
         kind = reply[0]
-        if kind in ("submit", "cancel"):
+        if kind in ("submit", "cancel", "write"):
             return [Send(API, NotLeader(reply[2], self.view.term, self._leader_address()), reply[1], cause)]
         if kind == "complete":
             return [Send(API, NotLeader(0, self.view.term, self._leader_address()), reply[1], cause)]
@@ -513,6 +548,17 @@ class MasterCore:
             return [self._not_found(ev, m.request_id, f"no job {job_id.hex()}")]
         return [self._reply(ev, m.request_id, view)]
 
+    def _on_file_lookup(self, ev: MessageReceived, m: FileLookup, now: float) -> list[Effect]:
+        if len(m.ids) > MAX_LOOKUP:
+            return [_app_error(ev, m.request_id, AppReason.REFUSED, "too_many_ids",
+                               f"{len(m.ids)} file ids in one lookup; ask for at most {MAX_LOOKUP} at a time")]
+        return [self._reply(ev, m.request_id, {f.hex(): self.ledger.file_view(f) for f in m.ids})]
+
+    def _on_file_list(self, ev: MessageReceived, m: FileList, now: float) -> list[Effect]:
+        if m.owner is not None and m.owner not in self.ledger.state.jobs and m.owner not in self.ledger.state.named:
+            return [self._not_found(ev, m.request_id, f"no job {m.owner.hex()}")]
+        return [self._reply(ev, m.request_id, self.ledger.files_view(max(1, min(m.limit, MAX_LIST)), m.owner, m.after))]
+
     def _not_found(self, ev: MessageReceived, request_id: int, text: str) -> Effect:
         if self.view.role != "leader":
             text += " on this master (a follower: it may be behind the leader)"
@@ -578,4 +624,8 @@ _MESSAGE_HANDLERS: dict[type, Callable] = {
     JobQuery: MasterCore._on_job_query,
     JobList: MasterCore._on_job_list,
     TaskQuery: MasterCore._on_task_query,
+    FileRegister: MasterCore._on_file_register,
+    FileRelease: MasterCore._on_file_release,
+    FileLookup: MasterCore._on_file_lookup,
+    FileList: MasterCore._on_file_list,
 }

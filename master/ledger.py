@@ -26,6 +26,7 @@ decode, and equality is structural (property-tested in tests/unit/test_ledger_pr
 from __future__ import annotations
 
 import hashlib
+import heapq
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -44,6 +45,7 @@ from master.commands import (
     DropFile,
     Entry,
     RegisterFile,
+    ReleaseFile,
     SubmitJob,
 )
 
@@ -113,17 +115,22 @@ class Job(msgspec.Struct, array_like=True):
         return jobs.total_tasks(self.source)
 
 
+PIN = b""  # the owner key of a user's pin in FileRecord.refs
+MAX_NAME = 255
+
+
 class FileRecord(msgspec.Struct, array_like=True):
     size: int
     replicas: list[str]
-    owner: bytes | None
     registered_at: float
+    refs: dict[bytes, str] = {}  # owner (a job id, or PIN) → the name it knows the file by
 
 
 class LedgerState(msgspec.Struct, array_like=True):
     jobs: dict[bytes, Job] = {}
     keys: dict[bytes, tuple[bytes, bytes]] = {}  # idempotency key → (body digest, job id)
     files: dict[bytes, FileRecord] = {}
+    named: dict[bytes, dict[str, bytes]] = {}  # owner → name → file id (the per-job listings)
     fence: tuple[int, int] = (0, 0)  # the newest fencing token handed out
     job_seq: int = 0
     term: int = 0  # of the newest committed Barrier
@@ -403,23 +410,71 @@ class Ledger:
     def _register_file(self, c: RegisterFile) -> Applied:
         if len(c.file_id) != 16:
             return refused("bad_file_id", "a file id is 16 bytes")
-        if c.owner is not None and c.owner not in self.state.jobs:
-            return refused("unknown_job", f"no job {c.owner.hex()} to own file {c.file_id.hex()}")
         if not c.replicas:
             return refused("no_replicas", f"file {c.file_id.hex()} has no replica")
         record = self.state.files.get(c.file_id)
         if record is not None and record.size != c.size:
             return refused("size_mismatch", f"file {c.file_id.hex()} is {record.size} bytes, not {c.size}")
+        owner = PIN if c.owner is None else c.owner
+        name = c.name or c.file_id.hex()
+        if c.add_ref:
+            if c.owner is not None and c.owner not in self.state.jobs:
+                return refused("unknown_job", f"no job {c.owner.hex()} to own file {c.file_id.hex()}")
+            problem = _name_problem(name)
+            if problem:
+                return refused("bad_name", f"file name {name!r} {problem}")
+            taken = self.state.named.get(owner, {}).get(name)
+            if taken is not None and taken != c.file_id:
+                return refused("name_taken", f"{_owner_text(owner)} already has a file named {name!r} ({taken.hex()})")
+        elif record is None:
+            return refused("unknown_file", f"no file {c.file_id.hex()} to add replicas to (it was released or never registered)")
         if record is None:
-            self.state.files[c.file_id] = FileRecord(c.size, sorted(set(c.replicas)), c.owner, c.now)
+            record = self.state.files[c.file_id] = FileRecord(c.size, sorted(set(c.replicas)), c.now)
         else:
             record.replicas = sorted(set(record.replicas) | set(c.replicas))
-        return Applied(True, value={"file": c.file_id, "replicas": self.state.files[c.file_id].replicas})
+        if c.add_ref:
+            old = record.refs.get(owner)
+            if old is not None and old != name:
+                del self.state.named[owner][old]
+            record.refs[owner] = name
+            self.state.named.setdefault(owner, {})[name] = c.file_id
+        return Applied(True, value={"file": c.file_id, "replicas": record.replicas})
+
+    def _release_file(self, c: ReleaseFile) -> Applied:
+        owner = PIN if c.owner is None else c.owner
+        if c.file_id is None:
+            if c.owner is None:
+                return refused("bad_release", "release every file of whom? name a job (or a file id)")
+            targets = list(self.state.named.get(owner, {}).values())
+        else:
+            record = self.state.files.get(c.file_id)
+            if record is None:
+                return refused("unknown_file", f"no file {c.file_id.hex()}")
+            if owner not in record.refs:
+                return refused("not_referenced", f"{_owner_text(owner)} does not refer to file {c.file_id.hex()}")
+            targets = [c.file_id]
+        dropped = []
+        for file_id in targets:
+            record = self.state.files[file_id]
+            self._unname(owner, record.refs.pop(owner))
+            if not record.refs:
+                del self.state.files[file_id]
+                dropped.append(file_id)
+        return Applied(True, value={"released": len(targets), "dropped": dropped})
 
     def _drop_file(self, c: DropFile) -> Applied:
-        if self.state.files.pop(c.file_id, None) is None:
+        record = self.state.files.pop(c.file_id, None)
+        if record is None:
             return refused("unknown_file", f"no file {c.file_id.hex()}")
-        return Applied(True)
+        for owner, name in record.refs.items():
+            self._unname(owner, name)
+        return Applied(True, value={"released": len(record.refs), "dropped": [c.file_id]})
+
+    def _unname(self, owner: bytes, name: str) -> None:
+        names = self.state.named[owner]
+        del names[name]
+        if not names:
+            del self.state.named[owner]
 
     def _barrier(self, c: Barrier) -> Applied:
         if c.term > self.state.term:
@@ -541,6 +596,30 @@ class Ledger:
             ],
         }
 
+    def file_view(self, file_id: bytes) -> dict[str, Any] | None:
+        """A file's size, replicas and who refers to it (by name), or None if unknown."""
+        record = self.state.files.get(file_id)
+        if record is None:
+            return None
+        return {
+            "id": file_id.hex(),
+            "size": record.size,
+            "replicas": list(record.replicas),
+            "refs": {("pinned" if owner == PIN else owner.hex()): name for owner, name in record.refs.items()},
+            "registered_at": record.registered_at,
+        }
+
+    def files_view(self, limit: int, owner: bytes | None = None, after: bytes | None = None) -> dict[str, Any]:
+        """Files in id order after ``after`` (all, or those ``owner`` refers to); ``next`` is the
+        ``after`` of the following page, None at the end. Cost: O(files) per page."""
+        ids = self.state.named.get(owner, {}).values() if owner is not None else self.state.files.keys()
+        page = heapq.nsmallest(limit + 1, (f for f in ids if after is None or f > after))
+        views = [self.file_view(f) for f in page[:limit]]
+        if owner is not None:
+            for v in views:
+                v["name"] = self.state.files[bytes.fromhex(v["id"])].refs[owner]
+        return {"files": views, "next": page[limit - 1].hex() if len(page) > limit else None}
+
     def footprint(self) -> dict[str, int]:
         """How much the ledger holds: what O(frontier) is measured by."""
         return {
@@ -580,6 +659,29 @@ class Ledger:
                 assert job.done == job.total and not job.ready
             if job.state != "active":
                 assert not job.ready
+        for file_id, record in s.files.items():
+            assert record.refs, f"file {file_id.hex()} has no reference left"
+            assert record.replicas == sorted(set(record.replicas)) and record.replicas
+            for owner, name in record.refs.items():
+                assert s.named[owner][name] == file_id, f"file {file_id.hex()} missing from {owner.hex()}'s names"
+        for owner, names in s.named.items():
+            assert names, f"empty name table for {owner.hex()}"
+            for name, file_id in names.items():
+                assert s.files[file_id].refs[owner] == name
+
+
+def _name_problem(name: str) -> str | None:
+    if "/" in name or "\0" in name:
+        return "has a '/' or NUL: names are single path components"
+    if name in (".", ".."):
+        return "is reserved"
+    if len(name.encode()) > MAX_NAME:
+        return f"is over {MAX_NAME} bytes"
+    return None
+
+
+def _owner_text(owner: bytes) -> str:
+    return "the user pin" if owner == PIN else f"job {owner.hex()}"
 
 
 def _next(state: str, event: str) -> str:
@@ -602,6 +704,7 @@ _HANDLERS = {
     AssignTasks: Ledger._assign,
     CompleteTask: Ledger._complete,
     RegisterFile: Ledger._register_file,
+    ReleaseFile: Ledger._release_file,
     DropFile: Ledger._drop_file,
     Barrier: Ledger._barrier,
 }

@@ -23,6 +23,7 @@ from master.commands import (
     CompleteTask,
     DropFile,
     RegisterFile,
+    ReleaseFile,
     SubmitJob,
     decode,
     encode,
@@ -583,14 +584,55 @@ def test_register_and_drop_files():
         (RegisterFile(b"short", 1, ["s1"], None, NOW), "bad_file_id", ["16 bytes"]),
         (RegisterFile(fid(3), 1, [], None, NOW), "no_replicas", [fid(3).hex()]),
         (RegisterFile(fid(3), 1, ["s1"], jid(7), NOW), "unknown_job", [jid(7).hex()]),
+        (RegisterFile(fid(3), 1, ["s1"], None, NOW, "a/b"), "bad_name", ["'/'"]),
+        (RegisterFile(fid(3), 1, ["s1"], None, NOW, ".."), "bad_name", ["reserved"]),
+        (RegisterFile(fid(3), 1, ["s1"], None, NOW, "x" * 256), "bad_name", ["255 bytes"]),
+        (RegisterFile(fid(3), 1, ["s1"], None, NOW, add_ref=False), "unknown_file", ["released or never"]),
         (DropFile(fid(9), NOW), "unknown_file", [fid(9).hex()]),
     ]
     for command, code, fragments in refusals:
         before = copy(ledger)
         assert_refused(ledger, before, apply(ledger, command), code, *fragments)
     assert apply(ledger, DropFile(fid(1), NOW)).ok and fid(1) not in ledger.state.files
+    assert jid(1) not in ledger.state.named  # its name went with it
     before = copy(ledger)
     assert_refused(ledger, before, apply(ledger, DropFile(fid(1), NOW)), "unknown_file")
+
+
+def test_files_are_named_per_owner_and_leave_when_nothing_refers_to_them():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1}, n=1)
+    submit(ledger, "range", {"count": 1}, n=2)
+    a, b = jid(1), jid(2)
+    assert apply(ledger, RegisterFile(fid(1), 10, ["s1"], a, NOW, "genome.fa")).ok
+    assert apply(ledger, RegisterFile(fid(1), 10, ["s2"], b, NOW, "ref.fa")).ok  # the same bytes, another job
+    assert apply(ledger, RegisterFile(fid(2), 20, ["s1"], a, NOW, "other.fa")).ok
+    assert apply(ledger, RegisterFile(fid(1), 10, ["s3"], None, NOW, add_ref=False)).ok  # a repair adds a replica only
+    view = ledger.file_view(fid(1))
+    assert view["replicas"] == ["s1", "s2", "s3"] and view["refs"] == {a.hex(): "genome.fa", b.hex(): "ref.fa"}
+    listing = ledger.files_view(10, owner=a)
+    assert [(f["name"], f["id"]) for f in listing["files"]] == sorted([("genome.fa", fid(1).hex()), ("other.fa", fid(2).hex())], key=lambda x: x[1])
+    before = copy(ledger)
+    assert_refused(ledger, before, apply(ledger, RegisterFile(fid(3), 1, ["s1"], a, NOW, "genome.fa")), "name_taken", "genome.fa")
+    # paging: 1 per page walks every file once
+    seen, after = [], None
+    while True:
+        page = ledger.files_view(1, after=after)
+        seen += [f["id"] for f in page["files"]]
+        if page["next"] is None:
+            break
+        after = bytes.fromhex(page["next"])
+    assert seen == sorted([fid(1).hex(), fid(2).hex()])
+    r = apply(ledger, ReleaseFile(None, a, NOW))  # job a lets go of everything it owns
+    assert r.value == {"released": 2, "dropped": [fid(2)]}
+    assert ledger.file_view(fid(1))["refs"] == {b.hex(): "ref.fa"} and a not in ledger.state.named
+    before = copy(ledger)
+    assert_refused(ledger, before, apply(ledger, ReleaseFile(fid(1), a, NOW)), "not_referenced", a.hex())
+    before = copy(ledger)
+    assert_refused(ledger, before, apply(ledger, ReleaseFile(None, None, NOW)), "bad_release")
+    assert apply(ledger, ReleaseFile(fid(1), b, NOW)).value == {"released": 1, "dropped": [fid(1)]}
+    assert not ledger.state.files and not ledger.state.named
+    ledger.validate_state()
 
 
 def test_barrier_raises_the_term_and_never_lowers_it():

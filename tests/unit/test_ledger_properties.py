@@ -23,6 +23,7 @@ from master.commands import (
     CompleteTask,
     DropFile,
     RegisterFile,
+    ReleaseFile,
     SubmitJob,
     decode,
     encode,
@@ -300,6 +301,28 @@ class LedgerMachine(RuleBasedStateMachine):
         known = fid(n) in self.ledger.state.files
         assert self.apply(DropFile(fid(n), self.now)).ok is known
         assert fid(n) not in self.ledger.state.files
+
+    @rule(n=st.integers(0, 3), owner=st.integers(0, 3), every=st.booleans())
+    def release_file(self, n: int, owner: int, every: bool) -> None:
+        owner_id = None if owner == 0 else jid(owner)
+        key = b"" if owner_id is None else owner_id
+        if every:
+            if owner_id is None:
+                assert not self.apply(ReleaseFile(None, None, self.now)).ok
+                return
+            held = [f for f, rec in self.ledger.state.files.items() if key in rec.refs]
+            r = self.apply(ReleaseFile(None, owner_id, self.now))
+            assert r.ok and r.value["released"] == len(held)
+            assert all(key not in rec.refs for rec in self.ledger.state.files.values())
+            return
+        record = self.ledger.state.files.get(fid(n))
+        referenced = record is not None and key in record.refs
+        only = referenced and len(record.refs) == 1
+        r = self.apply(ReleaseFile(fid(n), owner_id, self.now))
+        assert r.ok is referenced, r
+        if r.ok:
+            assert (fid(n) not in self.ledger.state.files) is only
+            assert r.value["dropped"] == ([fid(n)] if only else [])
 
     @rule(now=st.integers(0, 2))
     def new_leader(self, now: int) -> None:

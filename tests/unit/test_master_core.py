@@ -19,6 +19,10 @@ from master.jobs import MAX_SPEC_BYTES
 from master.ledger import Ledger
 from proto import AppReason
 from proto.messages import (
+    FileList,
+    FileLookup,
+    FileRegister,
+    FileRelease,
     Attach,
     Attached,
     CancelJob,
@@ -289,6 +293,43 @@ def test_cancel_is_committed_then_answered_with_the_job_view():
     h.commit_all()
     (reply,) = h.take(QueryReply)
     assert reply.value["state"] == "cancelled" and reply.value["error"] == "not needed"
+
+
+def test_files_are_registered_looked_up_listed_and_released_through_the_leader():
+    h = Harness()
+    h.message(submit(1))
+    h.flush()
+    h.commit_all()
+    (ack,) = h.take(SubmitAck)
+    job = join128(ack.job_uuid_upper, ack.job_uuid_lower)
+    fid = bytes(range(16))
+    h.message(FileRegister(2, *split128(fid), 300, 0, ["s2", "s1"], job, "genome.fa"))
+    h.message(FileRegister(3, *split128(b"\xff" * 16), 5, 0, ["s1"], job, "genome.fa"))  # the name is taken
+    h.flush()
+    assert not h.take(QueryReply)  # nothing answered before the commit
+    h.commit_all()
+    (reply,) = h.take(QueryReply)
+    assert reply.request_id == 2 and reply.value == {"file": fid, "replicas": ["s1", "s2"]}
+    (err,) = h.take(Error)
+    assert err.request_id == 3 and err.detail["code"] == "name_taken" and "genome.fa" in err.text
+    h.message(FileLookup(4, [fid, b"\x00" * 16]))
+    (reply,) = h.take(QueryReply)
+    assert reply.value[fid.hex()]["refs"] == {job.hex(): "genome.fa"} and reply.value["00" * 16] is None
+    h.message(FileList(5, 10, job, None))
+    (reply,) = h.take(QueryReply)
+    assert [f["name"] for f in reply.value["files"]] == ["genome.fa"]
+    h.message(FileList(6, 10, b"\x01" * 16, None))
+    (err,) = h.take(Error)
+    assert err.reason == AppReason.NOT_FOUND
+    h.message(FileLookup(7, [fid] * 10_001))
+    (err,) = h.take(Error)
+    assert err.detail["code"] == "too_many_ids"
+    h.message(FileRelease(8, None, job))
+    h.flush()
+    h.commit_all()
+    (reply,) = h.take(QueryReply)
+    assert reply.value == {"released": 1, "dropped": [fid]}
+    assert h.core.ledger.file_view(fid) is None
 
 
 def test_unanswered_proposals_expire_as_outcome_unknown():
