@@ -1,6 +1,7 @@
 """The ``cluster`` command line: for users and operators.
 
-Built so far: ``status`` (ask any node) and ``probe`` (run a probe node between machines).
+Built so far: ``status`` (ask any node), ``probe`` (a probe node between machines), the node
+commands ``master`` and ``storage``, and the file commands ``upload``, ``download``, ``files``.
 Read commands take ``--json``. Errors are one line that says what to do, never a traceback.
 """
 
@@ -108,6 +109,163 @@ def master_command(config_path: Path, name: str, data_dir: Path | None, log_leve
         raise click.ClickException(f"master {name}: cannot open its API address: {exc} (port in use?)")
     except OSError as exc:
         raise click.ClickException(f"master {name}: {exc}")
+
+
+@cli.command("storage")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cluster's TOML file ([storage.nodes.NAME] address, [masters.NAME] api).")
+@click.option("--name", required=True, help="Which storage node of the config this process is.")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the blobs live (blobs/, partial/).")
+@click.option("--log-level", default="INFO", show_default=True)
+def storage_command(config_path: Path, name: str, data_dir: Path, log_level: str) -> None:
+    """Run a storage node: content-addressed blobs, transfers, replication, scrub; stops on SIGTERM."""
+    from cluster.config import ConfigError
+    from cluster.runtime.logs import configure
+    from storage.node import run_storage
+
+    try:
+        configure(log_level)
+        sys.exit(run_storage(config_path, name, data_dir))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"storage {name}: cannot open its address: {exc} (port in use?)")
+    except OSError as exc:
+        raise click.ClickException(f"storage {name}: {exc}")
+
+
+CONFIG_OPTION = click.option(
+    "--config", "config_path", envvar="CLUSTER_CONFIG", required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The cluster's TOML file (or set CLUSTER_CONFIG).")
+
+
+def _client(config_path: Path) -> Any:
+    from cluster.client import Client
+    from cluster.config import ConfigError, load_cluster_config
+
+    try:
+        config = load_cluster_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    if not config.masters:
+        raise click.ClickException(f"{config_path}: no [masters.NAME] entries: the file commands need the masters")
+    return Client(list(config.masters.values()), storage=config.storage_nodes, replicas=config.storage.replicas,
+                  timeout=15.0)
+
+
+def _progress(total: int, what: str) -> Any:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn, TimeRemainingColumn
+
+    progress = Progress("[bold]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    task = progress.add_task(what, total=total)
+    return progress, (lambda n: progress.advance(task, n))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@CONFIG_OPTION
+@click.option("--job", default=None, help="The job (hex id) that owns the file; without it the file is pinned by you.")
+@click.option("--name", default=None, help="The name it has in the job's listing (default: the file's name).")
+@click.option("--copies", type=int, default=None, help="Storage nodes that must hold it (default: the config's replicas).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (id, size, replicas, name).")
+def upload(path: Path, config_path: Path, job: str | None, name: str | None, copies: int | None, as_json: bool) -> None:
+    """Store PATH in the cluster; prints its content id."""
+    from cluster.client import ClusterError
+
+    client = _client(config_path)
+    try:
+        progress, advance = _progress(path.stat().st_size, f"upload {path.name}")
+        with progress:
+            ref = client.upload(path, owner=job, name=name, copies=copies, progress=advance)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc))
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps({"id": ref.id, "size": ref.size, "replicas": ref.replicas, "name": ref.name}))
+    else:
+        click.echo(ref.id)
+
+
+@cli.command()
+@click.argument("file_id")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@CONFIG_OPTION
+def download(file_id: str, path: Path, config_path: Path) -> None:
+    """Fetch the stored file FILE_ID into PATH (verified against its id)."""
+    from cluster.client import ClusterError
+
+    client = _client(config_path)
+    try:
+        if not _is_id(file_id):
+            raise ClusterError(f"{file_id!r} is not a file id (32 hex digits)")
+        file_id = file_id.lower()
+        record = client.lookup_files([bytes.fromhex(file_id)]).value.get(file_id)
+        progress, advance = _progress((record or {}).get("size", 0), f"download {file_id[:12]}")
+        with progress:
+            size = client.download(file_id, path, progress=advance)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc))
+    finally:
+        client.close()
+    click.echo(f"{path}: {size} bytes", err=True)
+
+
+def _is_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text.lower())
+
+
+@cli.group(invoke_without_command=True)
+@CONFIG_OPTION
+@click.option("--job", default=None, help="Only the files of this job (hex id), with their names.")
+@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def files(ctx: click.Context, config_path: Path, job: str | None, limit: int, as_json: bool) -> None:
+    """List registered files (or `files rm ID` to drop your pin)."""
+    ctx.obj = config_path
+    if ctx.invoked_subcommand is not None:
+        return
+    from cluster.client import ClusterError
+
+    client = _client(config_path)
+    try:
+        answer = client.files(limit, owner=job)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc))
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps(answer.value, indent=2, sort_keys=True))
+        return
+    table = Table(title="files" + (" (stale: a follower answered)" if answer.stale else ""))
+    for col in ("id", "name" if job else "refs", "size", "replicas"):
+        table.add_column(col)
+    for f in answer.value["files"]:
+        label = f.get("name") if job else ", ".join(f"{k[:8]}:{v}" for k, v in f["refs"].items())
+        table.add_row(f["id"], label, f"{f['size']:,}", ", ".join(f["replicas"]))
+    Console().print(table)
+
+
+@files.command("rm")
+@click.argument("file_id")
+@click.option("--job", default=None, help="Drop this job's reference instead of your pin.")
+@click.pass_obj
+def files_rm(config_path: Path, file_id: str, job: str | None) -> None:
+    """Drop your pin (or a job's reference) on FILE_ID; it is deleted once nothing refers to it."""
+    from cluster.client import ClusterError
+
+    client = _client(config_path)
+    try:
+        result = client.release_files(file_id, owner=job)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc))
+    finally:
+        client.close()
+    click.echo(f"released; {len(result['dropped'])} file(s) no longer referenced will be deleted by the storage nodes")
 
 
 def main() -> None:

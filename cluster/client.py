@@ -35,7 +35,21 @@ import zmq
 
 from proto import AppReason, Codec, ProtocolError, new_node_id
 from proto.ids import join128, split128
-from proto.messages import CancelJob, Error, JobList, JobQuery, NotLeader, QueryReply, Submit, SubmitAck, TaskQuery
+from proto.messages import (
+    CancelJob,
+    Error,
+    FileList,
+    FileLookup,
+    FileRegister,
+    FileRelease,
+    JobList,
+    JobQuery,
+    NotLeader,
+    QueryReply,
+    Submit,
+    SubmitAck,
+    TaskQuery,
+)
 from proto.types import Message
 
 RETRYABLE = {AppReason.UNAVAILABLE, AppReason.OUTCOME_UNKNOWN}
@@ -71,6 +85,16 @@ class JobRef:
 
 
 @dataclass(frozen=True)
+class FileRef:
+    """A stored, registered file: its content id (hex), size, replicas and name."""
+
+    id: str
+    size: int
+    replicas: list[str]
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class Answer:
     """A read's value; ``stale`` when no leader with a quorum answered (it may be behind)."""
 
@@ -100,10 +124,13 @@ class _Call:
 class Client:
     """Talks to the masters at ``masters`` (their client API addresses)."""
 
-    def __init__(self, masters: Sequence[str], *, timeout: float = 30.0, attempt_timeout: float = 1.0) -> None:
+    def __init__(self, masters: Sequence[str], *, timeout: float = 30.0, attempt_timeout: float = 1.0,
+                 storage: dict[str, str] | None = None, replicas: int = 2) -> None:
         if not masters:
             raise ClusterError("no master addresses given: pass masters=['tcp://host:port', ...]")
         self.masters = list(masters)
+        self.storage = dict(storage or {})  # storage node name → address, for upload/download
+        self.replicas = replicas
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.leader = 0  # index of the master believed to lead
@@ -175,6 +202,49 @@ class Client:
         """A task's state, attempts and result reference."""
         upper, lower = _split(job)
         return self._one(lambda rid: TaskQuery(rid, upper, lower, task_id), write=False)
+
+    # ---- files ------------------------------------------------------------------------------
+
+    def register_file(self, file_id: bytes, size: int, replicas: Sequence[str], *, owner: str | None = None,
+                      name: str = "", pin: bool = False) -> dict[str, Any]:
+        """Record a durable file in the ledger, referred to by job ``owner`` or a user ``pin``."""
+        upper, lower = split128(file_id)
+        job = _id_bytes(owner) if owner else None
+        return self._one(lambda rid: FileRegister(rid, upper, lower, size, int(pin), list(replicas), job, name), write=True).value
+
+    def release_files(self, file_id: str | None = None, *, owner: str | None = None) -> dict[str, Any]:
+        """Drop ``owner``'s reference (a job; None: the user pin) on a file, or on every file of
+        ``owner``. A file nothing refers to any more is deleted by the storage nodes."""
+        fid = _id_bytes(file_id) if file_id else None
+        job = _id_bytes(owner) if owner else None
+        return self._one(lambda rid: FileRelease(rid, fid, job), write=True).value
+
+    def lookup_files(self, file_ids: Sequence[bytes]) -> Answer:
+        """The ledger's records (size, replicas, refs) of ``file_ids``, by hex id; None if unknown."""
+        ids = list(file_ids)
+        return self._one(lambda rid: FileLookup(rid, ids), write=False)
+
+    def files(self, limit: int = 100, *, owner: str | None = None, after: str | None = None) -> Answer:
+        """Registered files in id order (of one job with ``owner``); ``value["next"]`` pages on."""
+        job = _id_bytes(owner) if owner else None
+        start = _id_bytes(after) if after else None
+        return self._one(lambda rid: FileList(rid, limit, job, start), write=False)
+
+    def upload(self, path: str | os.PathLike[str], *, owner: str | None = None, name: str | None = None,
+               copies: int | None = None, progress: Callable[[int], None] | None = None) -> FileRef:
+        """Store a local file on ``copies`` storage nodes (default: the cluster's replicas), then
+        register it, owned by job ``owner`` or pinned by the user. Returns its FileRef."""
+        from cluster.files import upload_file
+
+        return upload_file(self, path, owner=owner, name=name, copies=copies or self.replicas, progress=progress)
+
+    def download(self, file_id: str, path: str | os.PathLike[str], *,
+                 progress: Callable[[int], None] | None = None) -> int:
+        """Fetch a stored file into ``path`` from any replica (failing over), verified by its
+        content id; returns its size."""
+        from cluster.files import download_file
+
+        return download_file(self, _id_bytes(file_id), path, progress=progress)
 
     # ---- the engine --------------------------------------------------------------------------
 
@@ -308,6 +378,10 @@ class Client:
                 "(`cluster status` shows which) and retry: a retried submit with the same key is never doubled."
             )
         return NoQuorum(f"no master answered within {self.timeout:g} s ({said}); are the masters running?")
+
+
+def _id_bytes(hex_id: str) -> bytes:
+    return join128(*_split(hex_id))
 
 
 def _split(hex_id: str) -> tuple[int, int]:

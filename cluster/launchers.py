@@ -23,8 +23,10 @@ def balancer() -> None:
 
 
 def storage() -> None:
-    """``cluster-storage``: the content-addressed blob store (the storage issue)."""
-    _not_built("cluster-storage", "the storage issue builds it")
+    """``cluster-storage --config cluster.toml --name s1 --data-dir D``: one storage node."""
+    from cluster.cli import storage_command
+
+    storage_command(prog_name="cluster-storage")
 
 
 def worker() -> None:

@@ -115,3 +115,28 @@ def master_nodes(directory: Path, count: int = 3, *, snapshot_every: int = 20_00
         )
         for m in masters.values()
     ]
+
+
+def storage_nodes(directory: Path, count: int = 2, *, masters: list[LocalNode] | None = None, options=None,
+                  log_level: str = "INFO") -> tuple[Path, list[LocalNode]]:
+    """``count`` storage nodes on free 127.0.0.1 ports. The cluster config (the masters' file,
+    when ``masters`` came from ``master_nodes`` in the same directory, plus the storage part)
+    is written to ``directory/cluster.toml``; each node's blobs live in ``directory/<name>``."""
+    from cluster.config import StorageOptions, write_storage_section
+
+    options = options or StorageOptions(replicas=min(2, count))
+    nodes = {f"s{i}": f"tcp://127.0.0.1:{free_port()}" for i in range(1, count + 1)}
+    directory.mkdir(parents=True, exist_ok=True)
+    masters_toml = directory / "masters.toml"
+    text = masters_toml.read_text() + "\n" if masters and masters_toml.exists() else ""
+    config = directory / "cluster.toml"
+    config.write_text(text + write_storage_section(nodes, options))
+    return config, [
+        LocalNode(
+            name,
+            ["storage", "--config", str(config), "--name", name, "--data-dir", str(directory / name), "--log-level", log_level],
+            address,
+            directory / f"{name}.log",
+        )
+        for name, address in nodes.items()
+    ]

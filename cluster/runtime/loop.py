@@ -14,7 +14,9 @@ Other threads (a Raft library's, a worker pool's) hand events to the core with `
 event is queued and the poll is woken, so every event still reaches the core on the loop's own
 thread, one at a time. A ``guard`` (a lock shared with such a thread) is held while the core
 handles an event or reports status, so the core may read state that thread mutates. Effects the
-runtime does not know (a master's ``Propose``) go to the ``performers`` given for their type.
+runtime does not know (a master's ``Propose``, a storage node's disk operations) go to the
+``performers`` given for their type; a performer may return events (the outcome of a disk write),
+which the core handles next, before anything else.
 
 On SIGTERM or SIGINT the core gets ``StopRequested`` (its farewells are still sent), then every
 socket is closed with a bounded linger and ``run`` returns 0. A core that raises is a bug: the
@@ -274,19 +276,24 @@ class NodeLoop:
         return max(0, min(1000, int((self._timers[0][0] - self.clock()) * 1000) + 1))
 
     def _dispatch(self, event: Event) -> None:
-        try:
-            with self._guard:
-                effects = self.core.handle(event, self.clock())
-        except Exception:
-            self.counters["core_errors"] += 1
-            self.log.exception("%s core failed on %s; the node goes on serving", self.core.role, type(event).__name__)
-            return
-        for effect in effects:
-            self._perform(effect)
+        followups: list[Event] = [event]
+        while followups:
+            event = followups.pop(0)
+            try:
+                with self._guard:
+                    effects = self.core.handle(event, self.clock())
+            except Exception:
+                self.counters["core_errors"] += 1
+                self.log.exception("%s core failed on %s; the node goes on serving", self.core.role, type(event).__name__)
+                continue
+            for effect in effects:
+                result = self._perform(effect)
+                if result:
+                    followups.extend(result)
 
     # ---- effects out ---------------------------------------------------------------------
 
-    def _perform(self, effect: Effect) -> None:
+    def _perform(self, effect: Effect) -> list[Event] | None:
         if isinstance(effect, Send):
             sock = self._sockets[effect.socket]
             try:
@@ -320,7 +327,9 @@ class NodeLoop:
             self.log.info("stopping: %s", effect.reason)
             self._stopping = True
         elif type(effect) in self._performers:
-            self._performers[type(effect)](effect)
+            # A performer may answer at once with events (a disk write's outcome): they reach
+            # the core right after this event's effects, before any other message.
+            return self._performers[type(effect)](effect)
         else:
             raise TypeError(f"unknown effect {effect!r}")
 

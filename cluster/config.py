@@ -1,0 +1,88 @@
+"""The cluster's config file: one TOML that every node and client of a cluster reads.
+
+It holds the masters (``[masters.NAME]``, see ``master.node``), the storage nodes
+(``[storage.nodes.NAME]``) and the storage options (``[storage]``). ``deploy/cluster.example.toml``
+shows every key. ``load_cluster_config`` checks it and says where it is wrong.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The config file is wrong; the message says where and how."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    replicas: int = 2
+    scrub_interval_s: float = 3600.0
+    scrub_rate_mb_s: float = 64.0
+    gc_grace_s: float = 600.0
+    gc_interval_s: float = 60.0
+    partial_ttl_s: float = 86400.0
+    fsync: bool = True  # false only for throwaway local clusters on tmpfs
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    masters: dict[str, str] = field(default_factory=dict)  # name → client API address
+    storage_nodes: dict[str, str] = field(default_factory=dict)  # name → address
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    path: str = ""
+
+
+def load_cluster_config(path: Path | str) -> ClusterConfig:
+    """Read and check the cluster's TOML file."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_cluster_config(data, str(path))
+
+
+def parse_cluster_config(data: dict[str, Any], where: str = "config") -> ClusterConfig:
+    masters = {}
+    for name, entry in (data.get("masters") or {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("api"), str):
+            raise ConfigError(f"{where}: [masters.{name}] needs api = \"tcp://host:port\"")
+        masters[name] = entry["api"]
+    section = data.get("storage") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: [storage] must be a table")
+    nodes = {}
+    for name, entry in (section.get("nodes") or {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("address"), str) or not entry["address"].startswith("tcp://"):
+            raise ConfigError(f"{where}: [storage.nodes.{name}] needs address = \"tcp://host:port\"")
+        nodes[name] = entry["address"]
+    known = set(StorageOptions.__dataclass_fields__)
+    options = {k: v for k, v in section.items() if k != "nodes"}
+    unknown = set(options) - known
+    if unknown:
+        raise ConfigError(f"{where}: [storage] has unknown keys {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    try:
+        storage = StorageOptions(**options)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: [storage]: {exc}") from None
+    if storage.replicas < 1:
+        raise ConfigError(f"{where}: [storage] replicas must be at least 1")
+    if nodes and storage.replicas > len(nodes):
+        raise ConfigError(f"{where}: [storage] replicas = {storage.replicas} but only {len(nodes)} storage nodes are listed")
+    return ClusterConfig(masters, nodes, storage, where)
+
+
+def write_storage_section(nodes: dict[str, str], options: StorageOptions) -> str:
+    """The TOML text of the storage part (used by local clusters and tests)."""
+    lines = ["[storage]"]
+    for key in StorageOptions.__dataclass_fields__:
+        value = getattr(options, key)
+        lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+    for name, address in nodes.items():
+        lines += ["", f"[storage.nodes.{name}]", f'address = "{address}"']
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,119 @@
+"""Uploads and downloads for users: the client side of the storage tier.
+
+An upload hashes the file first (its content id names it everywhere, and a file the cluster
+has already is stored instantly), sends it to the storage node ranked first for that id
+(rendezvous hashing: the node that fans the copies out), and registers it with the masters
+only once the node says every copy is durable. A failed node is skipped for the next in rank;
+a node that comes back resumes its partial copy where it stopped.
+
+A download asks the masters where the file lives, streams it from the first replica with a
+window of range reads, fails over to the next replica on an error, and checks the content id
+of what it wrote before renaming it into place: a corrupt or half file is never left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from storage.blobs import file_id_of_path
+from storage.core import rank
+from storage.transfer import StorageLink, TransferError
+
+if TYPE_CHECKING:
+    from cluster.client import Client, FileRef
+
+log = logging.getLogger("cluster.client")
+
+
+def upload_file(client: "Client", path: str | os.PathLike[str], *, owner: str | None, name: str | None,
+                copies: int, progress: Callable[[int], None] | None) -> "FileRef":
+    from cluster.client import ClusterError, FileRef
+
+    if not client.storage:
+        raise ClusterError("no storage nodes configured: give Client(storage={name: address}) or use the cluster config")
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        fid = file_id_of_path(path)
+    except OSError as exc:
+        raise ClusterError(f"cannot read {path}: {exc.strerror}") from None
+    if copies > len(client.storage):
+        raise ClusterError(f"{copies} copies asked for but only {len(client.storage)} storage nodes are configured")
+    name = path.name if name is None else name
+    errors: dict[str, str] = {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for node in rank(fid, list(client.storage)):
+            sent = [0]
+
+            def counted(n: int) -> None:
+                sent[0] += n
+                if progress:
+                    progress(n)
+
+            try:
+                with StorageLink(client.storage[node], name=node, timeout=client.attempt_timeout * 10) as link:
+                    replicas = link.upload(fid, size, lambda offset, n: os.pread(fd, n, offset), copies=copies,
+                                           origin="client", progress=counted)
+                break
+            except TransferError as exc:
+                errors[node] = str(exc)
+                log.warning("upload of %s via %s failed: %s", path, node, exc)
+                if progress and sent[0]:
+                    progress(-sent[0])  # the next node starts over (or resumes its own partial)
+                if exc.status is not None and not exc.retryable:
+                    raise ClusterError(f"upload of {path} refused: {exc}") from None
+        else:
+            said = "; ".join(f"{n}: {e}" for n, e in errors.items())
+            raise ClusterError(f"upload of {path} failed on every storage node ({said}); nothing was registered. "
+                               "Check `cluster status` and retry: the storage nodes resume partial uploads.")
+    finally:
+        os.close(fd)
+    client.register_file(fid, size, replicas, owner=owner, name=name, pin=owner is None)
+    return FileRef(fid.hex(), size, sorted(replicas), name)
+
+
+def download_file(client: "Client", fid: bytes, path: str | os.PathLike[str], *,
+                  progress: Callable[[int], None] | None) -> int:
+    from cluster.client import ClusterError, NotFound
+
+    record = client.lookup_files([fid]).value.get(fid.hex())
+    if record is None:
+        raise NotFound(f"no file {fid.hex()} is registered; `cluster files` lists what is")
+    sources = [n for n in record["replicas"] if n in client.storage]
+    sources += [n for n in rank(fid, list(client.storage)) if n not in sources]
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    errors: dict[str, str] = {}
+    for node in sources:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        got = [0]
+
+        def write_at(offset: int, data: Any) -> None:
+            os.pwrite(fd, data, offset)
+            got[0] += len(data)
+            if progress:
+                progress(len(data))
+
+        try:
+            with StorageLink(client.storage[node], name=node, timeout=client.attempt_timeout * 10) as link:
+                size = link.download(fid, write_at)
+            os.fsync(fd)
+        except TransferError as exc:
+            errors[node] = str(exc)
+            if progress and got[0]:
+                progress(-got[0])
+            continue
+        finally:
+            os.close(fd)
+        if file_id_of_path(part) != fid:
+            errors[node] = "the bytes it sent do not match the file id"
+            continue
+        os.replace(part, path)
+        return size
+    part.unlink(missing_ok=True)
+    said = "; ".join(f"{n}: {e}" for n, e in errors.items())
+    raise ClusterError(f"could not download {fid.hex()} from any replica ({said})")

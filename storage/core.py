@@ -1,0 +1,438 @@
+"""The storage node's core: the transfer protocol as a state machine (sans-I/O).
+
+Theory of operation
+-------------------
+Uploads follow the zguide's credit-based file transfer. UPLOAD_OPEN names the file by the content
+id the sender computed, its size and how many copies must be durable. The core asks the disk to
+begin (``BeginUpload``): the answer is where to resume (0, the length of a partial upload left by
+an earlier try, or "stored already": dedupe, answered at once). UPLOAD_READY then grants
+``window`` bytes of credit; every chunk must continue exactly where the upload stands, fit the
+credit, the chunk limit and the announced size, or the upload ends with UPLOAD_DONE saying why
+(the partial is kept for a resume unless the bytes themselves were bad). As chunks are written
+the core grants more credit, so at most ``window`` bytes are ever in flight towards this node.
+The last chunk makes the disk hash, fsync and rename (``FinishUpload``); with ``copies`` > 1 the
+core then asks for ``Replicate`` to the peers ranked first for this id by rendezvous hashing
+(the same order everywhere, so repairs and readers agree where a file should be), and answers
+UPLOAD_DONE with the replicas only once ``copies`` of them are durable. The sender registers
+the file with the masters after that, never before.
+
+Reads (FILE_REQUEST) become ``ReadRange``; the disk verifies every block it reads and the answer
+(bytes or a status) goes back as FILE_RESPONSE, the bytes as a raw frame.
+
+Disk work happens in the node's performers, which answer with ``DiskDone`` at once; replication
+runs on a thread and answers with ``Replicated`` later. The core has no sockets, clock, threads
+or disk: tests drive it with events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from cluster.runtime.events import (
+    Effect,
+    Event,
+    Log,
+    MessageReceived,
+    Refuse,
+    Send,
+    Started,
+    StartTimer,
+    TimerFired,
+)
+from proto.errors import StorageStatus
+from proto.ids import join128, split128
+from proto.messages import FileChunk, FileRequest, FileResponse, UploadCredit, UploadDone, UploadOpen, UploadReady
+
+API = "api"
+MiB = 1 << 20
+
+# StoreError codes (storage.blobs) as wire statuses
+STATUS_OF = {
+    "not_found": StorageStatus.NOT_FOUND,
+    "out_of_range": StorageStatus.OUT_OF_RANGE,
+    "corrupt": StorageStatus.CORRUPT,
+    "no_space": StorageStatus.NO_SPACE,
+    "too_large": StorageStatus.TOO_LARGE,
+    "bad_offset": StorageStatus.BAD_OFFSET,
+    "size_mismatch": StorageStatus.SIZE_MISMATCH,
+    "hash_mismatch": StorageStatus.HASH_MISMATCH,
+    "bad_id": StorageStatus.BAD_REQUEST,
+}
+
+
+# ---- effects (performed by storage.node) and their answers ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BeginUpload:
+    token: int
+    file_id: bytes
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteChunk:
+    token: int
+    file_id: bytes
+    offset: int
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class FinishUpload:
+    token: int
+    file_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AbortUpload:
+    file_id: bytes
+    keep: bool  # keep the partial for a resume
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRange:
+    token: int
+    file_id: bytes
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replicate:
+    """Push a stored file to ``needed`` of ``targets`` (storage node names, best first)."""
+
+    token: int
+    file_id: bytes
+    size: int
+    targets: tuple[str, ...]
+    needed: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiskDone:
+    """A disk operation's outcome: ``value`` (resume offset, end, file size), ``data`` (bytes
+    read; for a begin, True when the file is stored already), or ``error`` (code, text)."""
+
+    token: int
+    value: int = 0
+    data: Any = None
+    error: tuple[str, str] | None = None
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Replicated:
+    token: int
+    stored: tuple[str, ...]
+    failed: dict[str, str]
+    stimulus_id: str = ""
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """What a node accepts; the defaults suit a rack (see doc/storage.md)."""
+
+    window: int = 16 * MiB  # upload credit: bytes in flight towards this node per upload
+    chunk_max: int = 4 * MiB  # largest FILE_CHUNK payload
+    read_max: int = 16 * MiB  # largest FILE_REQUEST length
+    idle_timeout: float = 30.0  # an upload with no chunk for this long is closed (partial kept)
+    max_uploads: int = 256
+
+
+def rank(file_id: bytes, nodes: list[str] | tuple[str, ...]) -> list[str]:
+    """Storage nodes in rendezvous-hash order for ``file_id``: the first k hold its replicas."""
+    return sorted(nodes, key=lambda n: hashlib.blake2b(file_id + n.encode(), digest_size=8).digest(), reverse=True)
+
+
+@dataclass
+class Upload:
+    upload_id: int
+    file_id: bytes
+    size: int
+    copies: int
+    route: bytes | None
+    request_id: int
+    origin: str
+    received: int = 0  # bytes accepted (written or being written)
+    granted: int = 0  # the sender may send up to this offset
+    state: str = "opening"  # opening → open → finishing → replicating
+    last_seen: float = 0.0
+    finish: bool = False
+
+
+@dataclass
+class StorageCore:
+    """One storage node's protocol state. ``peers``: the other storage nodes' names."""
+
+    name: str
+    peers: list[str]
+    settings: StorageSettings = field(default_factory=StorageSettings)
+    capacity: Callable[[], dict[str, Any]] = dict
+    upkeep: Callable[[], dict[str, Any]] = dict  # the scrub/repair/collector's figures
+    role: str = "storage"
+
+    def __post_init__(self) -> None:
+        self.uploads: dict[int, Upload] = {}
+        self.by_file: dict[bytes, int] = {}
+        self.pending: dict[int, tuple[str, Any]] = {}  # disk/replication token → what it was for
+        self.counters: dict[str, int] = {}
+        self._ids = itertools.count(1)
+
+    # ---- events in ---------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        if isinstance(event, MessageReceived):
+            handler = _HANDLERS.get(type(event.message))
+            if handler is None:
+                return [Refuse(event.socket, event.route, event.message.code, getattr(event.message, "request_id", 0),
+                               f"a storage node does not take {type(event.message).__name__} messages", event.stimulus_id)]
+            return handler(self, event, event.message, now)
+        if isinstance(event, DiskDone):
+            return self._on_disk(event, now)
+        if isinstance(event, Replicated):
+            return self._on_replicated(event)
+        if isinstance(event, TimerFired) and event.name == "expire":
+            return self._expire(now, event.stimulus_id) + [StartTimer("expire", 1.0, event.stimulus_id)]
+        if isinstance(event, Started):
+            return [StartTimer("expire", 1.0, event.stimulus_id)]
+        return []
+
+    # ---- uploads -----------------------------------------------------------------------------
+
+    def _on_open(self, ev: MessageReceived, m: UploadOpen, now: float) -> list[Effect]:
+        file_id = join128(m.file_id_upper, m.file_id_lower)
+        fail = self._open_problem(m)
+        if fail is not None:
+            self._count("uploads_refused")
+            return [self._done_to(ev.route, m.request_id, 0, file_id, m.size, fail[0], fail[1], ev.stimulus_id)]
+        out: list[Effect] = []
+        old = self.by_file.get(file_id)
+        if old is not None:
+            # The same file again: its sender reconnected to resume, or a second sender raced
+            # the first. The newest wins (a dead sender cannot hold a file hostage); the older
+            # one's next chunk is answered UNKNOWN_UPLOAD.
+            previous = self.uploads.pop(old)
+            if previous.state in ("finishing", "replicating"):
+                self.uploads[old] = previous  # nearly done: let it end; the newcomer retries
+                return [self._done_to(ev.route, m.request_id, 0, file_id, m.size, StorageStatus.UNKNOWN_UPLOAD,
+                                      "this file is being stored by another upload right now; retry in a moment", ev.stimulus_id)]
+            self._count("uploads_superseded")
+            out.append(Log(logging.INFO, f"upload {previous.upload_id} of {file_id.hex()} superseded by one from {m.origin or 'a peer'}", ev.stimulus_id))
+        upload = Upload(next(self._ids), file_id, m.size, m.copies, ev.route, m.request_id, m.origin, last_seen=now)
+        self.uploads[upload.upload_id] = upload
+        self.by_file[file_id] = upload.upload_id
+        token = next(self._ids)
+        self.pending[token] = ("begin", upload.upload_id)
+        self._count("uploads_opened")
+        return out + [BeginUpload(token, file_id, m.size)]
+
+    def _open_problem(self, m: UploadOpen) -> tuple[int, str] | None:
+        if m.copies < 1:
+            return StorageStatus.BAD_REQUEST, "copies must be at least 1"
+        if m.copies > 1 + len(self.peers):
+            return StorageStatus.BAD_REQUEST, (
+                f"{m.copies} copies asked for, but there are only {1 + len(self.peers)} storage nodes: "
+                "ask for fewer copies or add storage nodes")
+        if len(self.uploads) >= self.settings.max_uploads:
+            return StorageStatus.UNKNOWN_UPLOAD, f"this node has {len(self.uploads)} uploads open; retry in a moment"
+        return None
+
+    def _on_chunk(self, ev: MessageReceived, m: FileChunk, now: float) -> list[Effect]:
+        upload = self.uploads.get(m.upload_id)
+        if upload is None or upload.route != ev.route:
+            self._count("chunks_unknown_upload")
+            return [self._done_to(ev.route, 0, m.upload_id, b"\0" * 16, 0, StorageStatus.UNKNOWN_UPLOAD,
+                                  f"no upload {m.upload_id} open for this sender (expired, superseded or never opened): "
+                                  "open it again to resume", ev.stimulus_id)]
+        n = len(m.payload)
+        upload.last_seen = now
+        problem = None
+        if upload.state != "open":
+            problem = StorageStatus.BAD_OFFSET, f"a chunk while the upload is {upload.state}"
+        elif n > self.settings.chunk_max:
+            problem = StorageStatus.TOO_LARGE, f"a chunk of {n} bytes; the limit is {self.settings.chunk_max}"
+        elif m.offset != upload.received:
+            problem = StorageStatus.BAD_OFFSET, f"a chunk at offset {m.offset}; the upload stands at {upload.received}"
+        elif m.offset + n > upload.granted:
+            problem = StorageStatus.NO_CREDIT, (
+                f"a chunk up to offset {m.offset + n}, beyond the credit granted (up to {upload.granted}): "
+                "wait for UPLOAD_CREDIT")
+        elif m.offset + n > upload.size:
+            problem = StorageStatus.SIZE_MISMATCH, f"bytes up to offset {m.offset + n} of a {upload.size}-byte file"
+        elif m.last and m.offset + n != upload.size:
+            problem = StorageStatus.SIZE_MISMATCH, f"the last chunk ends at {m.offset + n}, the file has {upload.size} bytes"
+        if problem is not None:
+            self._count("chunks_refused")
+            return self._fail(upload, problem[0], problem[1], keep=True, cause=ev.stimulus_id, peer=True)
+        upload.received += n
+        upload.finish = bool(m.last)
+        self._count("chunks")
+        self._count("bytes_in", n)
+        token = next(self._ids)
+        self.pending[token] = ("write", upload.upload_id)
+        return [WriteChunk(token, upload.file_id, m.offset, m.payload)]
+
+    def _on_disk(self, ev: DiskDone, now: float) -> list[Effect]:
+        what = self.pending.pop(ev.token, None)
+        if what is None:
+            return []
+        kind, ref = what
+        if kind == "read":
+            return [self._read_answer(ref, ev)]
+        upload = self.uploads.get(ref)
+        if upload is None:
+            return []  # superseded or expired meanwhile
+        if ev.error is not None:
+            code, text = ev.error
+            status = STATUS_OF.get(code, StorageStatus.BAD_REQUEST)
+            # bytes that did not hash right, or a full disk: the store already dropped the partial
+            return self._fail(upload, status, text, keep=code not in ("hash_mismatch", "no_space"), cause=ev.stimulus_id)
+        if kind == "begin":
+            if ev.data is True:  # stored already: dedupe
+                self._count("dedupes")
+                return self._stored(upload, ev.stimulus_id)
+            upload.state = "open"
+            upload.received = ev.value
+            upload.granted = ev.value + self.settings.window
+            if ev.value:
+                self._count("uploads_resumed")
+            return [Send(API, UploadReady(upload.request_id, upload.upload_id, ev.value, self.settings.window), upload.route, ev.stimulus_id)]
+        if kind == "write":
+            if upload.finish and ev.value == upload.size:
+                upload.state = "finishing"
+                token = next(self._ids)
+                self.pending[token] = ("finish", upload.upload_id)
+                return [FinishUpload(token, upload.file_id)]
+            # Grant in steps of half the window: one credit message per several chunks.
+            if upload.granted - ev.value <= self.settings.window // 2 and upload.granted < upload.size:
+                more = ev.value + self.settings.window - upload.granted
+                upload.granted += more
+                return [Send(API, UploadCredit(upload.upload_id, more), upload.route, ev.stimulus_id)]
+            return []
+        if kind == "finish":
+            self._count("uploads_stored")
+            self._count("bytes_stored", upload.size)
+            return self._stored(upload, ev.stimulus_id)
+        return []
+
+    def _stored(self, upload: Upload, cause: str) -> list[Effect]:
+        if upload.copies <= 1:
+            return self._finish(upload, StorageStatus.OK, None, [self.name], cause)
+        upload.state = "replicating"
+        token = next(self._ids)
+        self.pending[token] = ("replicate", upload.upload_id)
+        targets = tuple(rank(upload.file_id, self.peers))
+        return [Replicate(token, upload.file_id, upload.size, targets, upload.copies - 1)]
+
+    def _on_replicated(self, ev: Replicated) -> list[Effect]:
+        what = self.pending.pop(ev.token, None)
+        if what is None:
+            return []
+        upload = self.uploads.get(what[1])
+        if upload is None:
+            return []
+        replicas = [self.name, *ev.stored]
+        if len(replicas) >= upload.copies:
+            self._count("replications")
+            return self._finish(upload, StorageStatus.OK, None, replicas, ev.stimulus_id)
+        self._count("replications_failed")
+        why = "; ".join(f"{n}: {t}" for n, t in ev.failed.items()) or "no peer reachable"
+        text = (f"stored on {', '.join(replicas)} but {upload.copies} copies were asked for ({why}); "
+                "the file is not registered: retry the upload once the storage nodes are back")
+        return self._finish(upload, StorageStatus.REPLICATION_FAILED, text, replicas, ev.stimulus_id)
+
+    def _finish(self, upload: Upload, status: int, error: str | None, replicas: list[str], cause: str) -> list[Effect]:
+        self._forget(upload)
+        out: list[Effect] = [self._done_to(upload.route, upload.request_id, upload.upload_id, upload.file_id,
+                                           upload.size, status, error, cause, replicas)]
+        if status != StorageStatus.OK:
+            out.append(Log(logging.WARNING, f"upload of {upload.file_id.hex()} from {upload.origin or '?'}: {error}", cause))
+        return out
+
+    def _fail(self, upload: Upload, status: int, text: str, *, keep: bool, cause: str, peer: bool = False) -> list[Effect]:
+        out = self._finish(upload, status, text, [], cause)
+        if peer:  # the sender broke the protocol: one line naming it, counted
+            self._count(f"refused.{StorageStatus(status).name}")
+        if upload.state in ("opening", "open"):
+            out.append(AbortUpload(upload.file_id, keep))
+        return out
+
+    def _forget(self, upload: Upload) -> None:
+        self.uploads.pop(upload.upload_id, None)
+        if self.by_file.get(upload.file_id) == upload.upload_id:
+            del self.by_file[upload.file_id]
+
+    def _done_to(self, route: bytes | None, request_id: int, upload_id: int, file_id: bytes, size: int, status: int,
+                 error: str | None, cause: str, replicas: list[str] | None = None) -> Effect:
+        upper, lower = split128(file_id)
+        return Send(API, UploadDone(request_id, upload_id, upper, lower, size, int(status), replicas or [], error), route, cause)
+
+    def _expire(self, now: float, cause: str) -> list[Effect]:
+        out: list[Effect] = []
+        for upload in [u for u in self.uploads.values() if u.state in ("opening", "open")]:
+            if now - upload.last_seen > self.settings.idle_timeout:
+                self._count("uploads_expired")
+                out += self._fail(upload, StorageStatus.UNKNOWN_UPLOAD,
+                                  f"no chunk for {self.settings.idle_timeout:g} s; the partial upload is kept: open it again to resume",
+                                  keep=True, cause=cause)
+        return out
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def _on_read(self, ev: MessageReceived, m: FileRequest, now: float) -> list[Effect]:
+        file_id = join128(m.file_id_upper, m.file_id_lower)
+        if m.length > self.settings.read_max:
+            self._count("reads_refused")
+            return [Send(API, FileResponse(m.request_id, m.file_id_upper, m.file_id_lower, m.offset, 0,
+                                           int(StorageStatus.TOO_LARGE), b"",
+                                           f"a read of {m.length} bytes; the limit is {self.settings.read_max}: read in pieces"),
+                         ev.route, ev.stimulus_id)]
+        token = next(self._ids)
+        self.pending[token] = ("read", (ev.route, m, ev.stimulus_id))
+        return [ReadRange(token, file_id, m.offset, m.length)]
+
+    def _read_answer(self, ref: tuple, ev: DiskDone) -> Effect:
+        route, m, cause = ref
+        if ev.error is not None:
+            code, text = ev.error
+            self._count(f"reads_{code}")
+            return Send(API, FileResponse(m.request_id, m.file_id_upper, m.file_id_lower, m.offset, ev.value,
+                                          int(STATUS_OF.get(code, StorageStatus.BAD_REQUEST)), b"", text), route, cause)
+        self._count("reads")
+        self._count("bytes_out", len(ev.data))
+        return Send(API, FileResponse(m.request_id, m.file_id_upper, m.file_id_lower, m.offset, ev.value, 0, ev.data), route, cause)
+
+    # ---- operators ---------------------------------------------------------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": "serving",
+            "peers": list(self.peers),
+            "uploads_open": len(self.uploads),
+            "disk": self.capacity(),
+            "upkeep": self.upkeep(),
+            "settings": {"window": self.settings.window, "chunk_max": self.settings.chunk_max, "read_max": self.settings.read_max},
+            "core": dict(self.counters),
+        }
+
+    def validate_state(self) -> None:
+        for file_id, upload_id in self.by_file.items():
+            assert self.uploads[upload_id].file_id == file_id
+        for upload in self.uploads.values():
+            assert upload.received <= upload.size and (upload.state == "opening" or upload.received <= upload.granted)
+
+
+_HANDLERS: dict[type, Callable] = {
+    UploadOpen: StorageCore._on_open,
+    FileChunk: StorageCore._on_chunk,
+    FileRequest: StorageCore._on_read,
+}

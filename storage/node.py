@@ -1,0 +1,172 @@
+"""A storage process: the config, the blob store, the core, its loop, replication and upkeep.
+
+The cluster's TOML file (the masters' file, ``deploy/cluster.example.toml``) gains::
+
+    [storage]
+    replicas = 2                 # copies of every file (uploads wait until all are durable)
+    scrub_interval_s = 3600      # a full verification pass over every blob, this often
+    scrub_rate_mb_s = 64         # at most this much disk read per second by the scrub
+    gc_grace_s = 600             # a blob the ledger does not know is deleted after this age
+    [storage.nodes.s1]
+    address = "tcp://10.0.0.1:5700"
+
+``cluster-storage --config cluster.toml --name s1 --data-dir /var/lib/cluster/s1`` runs one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from cluster.config import ClusterConfig, ConfigError, load_cluster_config
+from cluster.runtime.loop import NodeLoop, SocketSpec
+from storage.blobs import BlobStore, StoreError
+from storage.core import (
+    API,
+    AbortUpload,
+    BeginUpload,
+    DiskDone,
+    FinishUpload,
+    ReadRange,
+    Replicate,
+    Replicated,
+    StorageCore,
+    StorageSettings,
+    WriteChunk,
+)
+from storage.maintenance import Maintenance
+from storage.transfer import StorageLink, TransferError
+
+log = logging.getLogger("cluster.storage")
+
+
+class DiskPerformer:
+    """Performs the core's disk effects on a BlobStore, answering each with a DiskDone."""
+
+    def __init__(self, store: BlobStore) -> None:
+        self.store = store
+
+    def begin(self, e: BeginUpload) -> list[Any]:
+        try:
+            if self.store.has(e.file_id):
+                return [DiskDone(e.token, e.size, True)]
+            return [DiskDone(e.token, self.store.begin(e.file_id, e.size))]
+        except StoreError as exc:
+            return [DiskDone(e.token, error=(exc.code, str(exc)))]
+
+    def write(self, e: WriteChunk) -> list[Any]:
+        try:
+            return [DiskDone(e.token, self.store.write(e.file_id, e.offset, e.data))]
+        except StoreError as exc:
+            return [DiskDone(e.token, error=(exc.code, str(exc)))]
+
+    def finish(self, e: FinishUpload) -> list[Any]:
+        try:
+            self.store.finish(e.file_id)
+            return [DiskDone(e.token, self.store.size(e.file_id))]
+        except StoreError as exc:
+            return [DiskDone(e.token, error=(exc.code, str(exc)))]
+
+    def abort(self, e: AbortUpload) -> None:
+        self.store.abort(e.file_id, keep=e.keep)
+
+    def read(self, e: ReadRange) -> list[Any]:
+        try:
+            size = self.store.size(e.file_id)
+            return [DiskDone(e.token, size, self.store.read(e.file_id, e.offset, e.length))]
+        except StoreError as exc:
+            size = self.store.size(e.file_id) if exc.code not in ("not_found", "bad_id") and self.store.has(e.file_id) else 0
+            return [DiskDone(e.token, size, error=(exc.code, str(exc)))]
+
+
+def push(store: BlobStore, file_id: bytes, size: int, link: StorageLink, origin: str) -> list[str]:
+    """Copy a stored file to the node behind ``link`` (one copy there; dedupe makes it instant
+    when the node has it already)."""
+    return link.upload(file_id, size, lambda offset, n: store.read(file_id, offset, n), copies=1, origin=origin)
+
+
+class Replicator:
+    """Runs the core's Replicate effects on threads and posts Replicated back to the loop."""
+
+    def __init__(self, store: BlobStore, name: str, addresses: dict[str, str], loop: NodeLoop, threads: int = 2) -> None:
+        self.store = store
+        self.name = name
+        self.addresses = addresses
+        self.loop = loop
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="replicate")
+        self.local = threading.local()
+
+    def __call__(self, e: Replicate) -> None:
+        self.pool.submit(self._run, e)
+
+    def _link(self, target: str) -> StorageLink:
+        links = getattr(self.local, "links", None)
+        if links is None:
+            links = self.local.links = {}
+        if target not in links:
+            links[target] = StorageLink(self.addresses[target], name=target, timeout=10.0)
+        return links[target]
+
+    def _run(self, e: Replicate) -> None:
+        stored: list[str] = []
+        failed: dict[str, str] = {}
+        for target in e.targets:
+            if len(stored) >= e.needed:
+                break
+            try:
+                push(self.store, e.file_id, e.size, self._link(target), self.name)
+                stored.append(target)
+            except (TransferError, StoreError) as exc:
+                failed[target] = str(exc)
+                log.warning("replicating %s to %s failed: %s", e.file_id.hex(), target, exc)
+                links = getattr(self.local, "links", {})
+                link = links.pop(target, None)
+                if link is not None:
+                    link.close()  # a fresh connection next time: no stale answers on it
+        self.loop.post(Replicated(e.token, tuple(stored), failed, self.loop.stimulus("replicated")))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bool = True,
+                  settings: StorageSettings | None = None) -> tuple[NodeLoop, list[Any]]:
+    """A storage node ready to ``run()``; close the returned closables after it returns."""
+    if name not in config.storage_nodes:
+        raise ConfigError(f"no storage node named {name!r} in the config (it has {', '.join(config.storage_nodes) or 'none'})")
+    store = BlobStore(Path(data_dir), fsync=fsync)
+    peers = [n for n in config.storage_nodes if n != name]
+    core = StorageCore(name, peers, settings or StorageSettings(), capacity=store.capacity)
+    disk = DiskPerformer(store)
+    # Credit bounds what each upload has in flight; the high-water marks only need to hold
+    # every sender's window of chunks and a burst of read requests.
+    options = {zmq.ROUTER_HANDOVER: 1, zmq.SNDHWM: 10_000, zmq.RCVHWM: 10_000}
+    sockets = [SocketSpec(API, zmq.ROUTER, bind=(config.storage_nodes[name],), options=options)]
+    holder: dict[str, Replicator] = {}
+    performers: dict[type, Any] = {
+        BeginUpload: disk.begin, WriteChunk: disk.write, FinishUpload: disk.finish,
+        AbortUpload: disk.abort, ReadRange: disk.read,
+        Replicate: lambda e: holder["replicator"](e),
+    }
+    loop = NodeLoop(core, sockets, performers=performers)
+    holder["replicator"] = replicator = Replicator(store, name, config.storage_nodes, loop)
+    upkeep = Maintenance(store, name, config)
+    core.upkeep = upkeep.status
+    return loop, [replicator, upkeep, store]
+
+
+def run_storage(config_path: Path, name: str, data_dir: Path) -> int:
+    config = load_cluster_config(config_path)
+    loop, closables = build_storage(config, name, data_dir, fsync=config.storage.fsync)
+    upkeep = closables[1]
+    upkeep.start()
+    try:
+        return loop.run()
+    finally:
+        for c in closables:
+            c.close()

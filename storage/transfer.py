@@ -1,0 +1,221 @@
+"""The sending and fetching side of the storage protocol, blocking, for one storage node.
+
+``StorageLink`` is what clients, workers and storage nodes (replication, repair) use to talk to
+a storage node: ``upload`` streams a file within the credit the node grants (never beyond it),
+``read`` fetches one range, ``download`` keeps a window of range reads in flight and writes each
+answer where it belongs. Payloads travel as raw ZeroMQ frames: a chunk is sent from the buffer
+it was read into (``copy=False``) and a received range is a view of the frame it came in.
+
+A link is not thread-safe; use one per thread. Failures raise ``TransferError`` with the
+node's status (``proto.errors.StorageStatus``) and a sentence that says what to do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from typing import Any, Callable
+
+import zmq
+
+from proto import Codec, ProtocolError, new_node_id
+from proto.errors import StorageStatus
+from proto.ids import split128
+from proto.messages import Error, FileChunk, FileRequest, FileResponse, UploadCredit, UploadDone, UploadOpen, UploadReady
+
+MiB = 1 << 20
+CHUNK = MiB
+
+
+class TransferError(Exception):
+    """A transfer failed. ``status`` is a StorageStatus (or None: the node did not answer)."""
+
+    def __init__(self, text: str, status: int | None = None, node: str = "") -> None:
+        super().__init__(text)
+        self.status = status
+        self.node = node
+
+    @property
+    def retryable(self) -> bool:
+        """Worth trying again (here later, or at another replica)."""
+        return self.status in (None, StorageStatus.CORRUPT, StorageStatus.UNKNOWN_UPLOAD, StorageStatus.REPLICATION_FAILED)
+
+
+class StorageLink:
+    """A connection to one storage node at ``address`` (``name`` is for messages)."""
+
+    def __init__(self, address: str, *, name: str = "", timeout: float = 10.0, ctx: zmq.Context | None = None,
+                 codec: Codec | None = None) -> None:
+        self.address = address
+        self.name = name or address
+        self.timeout = timeout
+        self._own_ctx = ctx is None
+        self._ctx = ctx or zmq.Context()
+        self._codec = codec or Codec(new_node_id())
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues towards a node that is down
+        self._sock.setsockopt(zmq.SNDHWM, 1000)
+        self._sock.setsockopt(zmq.RCVHWM, 1000)
+        self._sock.connect(address)
+        self._ids = itertools.count(random.getrandbits(40))
+
+    def close(self) -> None:
+        self._sock.close(0)
+        if self._own_ctx:
+            self._ctx.term()
+
+    def __enter__(self) -> "StorageLink":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- uploads -----------------------------------------------------------------------------
+
+    def upload(
+        self,
+        file_id: bytes,
+        size: int,
+        read_at: Callable[[int, int], Any],
+        *,
+        copies: int = 1,
+        origin: str = "",
+        chunk: int = CHUNK,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """Store ``size`` bytes (``read_at(offset, n)`` gives them) as ``file_id`` on this node
+        and ``copies - 1`` more; returns the replicas once all are durable. An interrupted upload
+        resumes where the node's partial copy stands: call again with the same file."""
+        request_id = next(self._ids)
+        upper, lower = split128(file_id)
+        self._send(UploadOpen(request_id, upper, lower, size, copies, origin))
+        reply = self._expect((UploadReady, UploadDone), "to open the upload")
+        if isinstance(reply, UploadDone):
+            return self._done(reply)
+        upload_id, offset, limit = reply.upload_id, reply.offset, reply.offset + reply.credit
+        if progress and offset:
+            progress(offset)
+        sent_last = False
+        while not sent_last:
+            n = min(chunk, size - offset, limit - offset)
+            if n > 0 or offset == size:
+                data = read_at(offset, n) if n else b""
+                sent_last = offset + n == size
+                self._send(FileChunk(upload_id, offset, int(sent_last), data))
+                offset += n
+                if progress and n:
+                    progress(n)
+                # Take credit as it comes without waiting: keeps the pipe full.
+                while True:
+                    reply = self._poll_one(0)
+                    if reply is None:
+                        break
+                    limit = self._on_upload_reply(reply, upload_id, limit)
+                continue
+            reply = self._expect((UploadCredit, UploadDone), "to grant credit")
+            limit = self._on_upload_reply(reply, upload_id, limit)
+        while True:
+            reply = self._expect((UploadDone, UploadCredit), "to store the file")
+            if isinstance(reply, UploadDone):
+                return self._done(reply)
+
+    def _on_upload_reply(self, reply: Any, upload_id: int, limit: int) -> int:
+        if isinstance(reply, UploadCredit) and reply.upload_id == upload_id:
+            return limit + reply.credit
+        if isinstance(reply, UploadDone):
+            self._done(reply)  # an early end is an error: raises
+        return limit
+
+    def _done(self, reply: UploadDone) -> list[str]:
+        if reply.status != StorageStatus.OK:
+            raise TransferError(f"storage node {self.name}: {reply.error or StorageStatus(reply.status).name}", reply.status, self.name)
+        return list(reply.replicas)
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def read(self, file_id: bytes, offset: int, length: int) -> tuple[Any, int]:
+        """``length`` bytes at ``offset`` (fewer at the end) and the file's size."""
+        request_id = next(self._ids)
+        upper, lower = split128(file_id)
+        self._send(FileRequest(request_id, upper, lower, offset, length))
+        while True:
+            reply = self._expect((FileResponse,), "to read")
+            if reply.request_id == request_id:
+                return self._payload(reply), reply.file_size
+
+    def size(self, file_id: bytes) -> int:
+        """The file's size; TransferError(NOT_FOUND) if this node does not hold it."""
+        return self.read(file_id, 0, 0)[1]
+
+    def download(
+        self,
+        file_id: bytes,
+        write_at: Callable[[int, Any], None],
+        *,
+        start: int = 0,
+        chunk: int = CHUNK,
+        window: int = 8,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Fetch the file from ``start`` to its end with ``window`` reads in flight, handing
+        each range to ``write_at(offset, data)`` (any order); returns the file's size."""
+        size = self.size(file_id)
+        upper, lower = split128(file_id)
+        inflight: dict[int, int] = {}
+        offset = start
+        while offset < size or inflight:
+            while offset < size and len(inflight) < window:
+                request_id = next(self._ids)
+                n = min(chunk, size - offset)
+                self._send(FileRequest(request_id, upper, lower, offset, n))
+                inflight[request_id] = offset
+                offset += n
+            reply = self._expect((FileResponse,), "to read")
+            at = inflight.pop(reply.request_id, None)
+            if at is None:
+                continue  # a late answer to an earlier call
+            data = self._payload(reply)
+            write_at(at, data)
+            if progress:
+                progress(len(data))
+        return size
+
+    def _payload(self, reply: FileResponse) -> Any:
+        if reply.status != StorageStatus.OK:
+            raise TransferError(f"storage node {self.name}: {reply.error or StorageStatus(reply.status).name}", reply.status, self.name)
+        return reply.payload
+
+    # ---- the socket --------------------------------------------------------------------------
+
+    def _send(self, message: Any) -> None:
+        try:
+            self._codec.send(self._sock, message, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            # IMMEDIATE: no connection (the node is down or not started) or its queue is full
+            if not self._sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
+                raise TransferError(f"storage node {self.name} at {self.address} is not reachable; is it running?", None, self.name) from None
+            self._codec.send(self._sock, message)
+
+    def _poll_one(self, timeout_ms: int) -> Any:
+        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        try:
+            _, _, message = self._codec.recv(self._sock)
+        except ProtocolError as exc:
+            raise TransferError(f"storage node {self.name} sent a malformed message ({exc}); is it the same version?", None, self.name) from None
+        if isinstance(message, Error):
+            raise TransferError(f"storage node {self.name} refused a message: {message.text}", None, self.name)
+        return message
+
+    def _expect(self, kinds: tuple[type, ...], what: str) -> Any:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransferError(f"storage node {self.name} at {self.address} did not answer within "
+                                    f"{self.timeout:g} s {what}; is it running?", None, self.name)
+            message = self._poll_one(int(left * 1000) + 1)
+            if message is not None and isinstance(message, kinds):
+                return message
