@@ -268,6 +268,42 @@ def files_rm(config_path: Path, file_id: str, job: str | None) -> None:
     click.echo(f"released; {len(result['dropped'])} file(s) no longer referenced will be deleted by the storage nodes")
 
 
+@cli.command("mount")
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@CONFIG_OPTION
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The on-disk block cache (kept across restarts; never needs invalidating).")
+@click.option("--cache-gb", default=10.0, show_default=True, help="Bound on the cache's size.")
+@click.option("--allow-other", is_flag=True, help="Let users other than the mounting one read.")
+@click.option("--log-level", default="INFO", show_default=True)
+def mount_command(mountpoint: Path, config_path: Path, cache_dir: Path, cache_gb: float, allow_other: bool,
+                  log_level: str) -> None:
+    """Mount the cluster's files read-only at MOUNTPOINT (files/<id>, jobs/<job>/<name>);
+    serves until SIGTERM or `fusermount3 -u MOUNTPOINT`."""
+    from cluster.config import ConfigError, load_cluster_config
+    from cluster.runtime.logs import configure
+    from worker.cache import BlockCache
+    from worker.fusefs import fuse_available, mount
+    from worker.view import ClusterView
+
+    configure(log_level)
+    ok, why = fuse_available()
+    if not ok:
+        raise click.ClickException(f"FUSE is unavailable here ({why}); workers on this machine read stored "
+                                   "files through the cache without a mount")
+    try:
+        config = load_cluster_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    view = ClusterView(list(config.masters.values()), config.storage_nodes)
+    try:
+        mount(view, BlockCache(cache_dir, int(cache_gb * 2**30)), mountpoint, allow_other=allow_other)
+    except (OSError, RuntimeError) as exc:
+        raise click.ClickException(f"cannot mount at {mountpoint}: {exc}")
+    finally:
+        view.close()
+
+
 def main() -> None:
     """Entry point of the ``cluster`` console script."""
     cli()

@@ -142,7 +142,9 @@ class ClusterView:
                 return None
 
     def _sources(self, fid: bytes, record: dict[str, Any]) -> list[str]:
-        listed = [n for n in record.get("replicas", []) if n in self.storage]
+        # the replicas first, in rendezvous order: readers of one file agree on a first choice
+        # (its cache stays warm), and different files spread over the nodes
+        listed = rank(fid, [n for n in record.get("replicas", []) if n in self.storage])
         return listed + [n for n in rank(fid, list(self.storage)) if n not in listed]
 
     def _link(self, node: str) -> StorageLink:
