@@ -1,6 +1,6 @@
 """A master process: the config file, the ledger, the Raft adapter, the core and its loop.
 
-One TOML file describes every master of a cluster (``deploy/masters.example.toml``)::
+One TOML file describes every master of a cluster (``deploy/cluster.example.toml``)::
 
     [masters.m1]
     api  = "tcp://10.0.0.1:5550"   # clients and balancers (ZeroMQ ROUTER)
@@ -10,7 +10,7 @@ One TOML file describes every master of a cluster (``deploy/masters.example.toml
     password = "…"                  # encrypts and authenticates Raft traffic (needs `cryptography`)
     snapshot_every = 20000          # log entries between snapshots
 
-``cluster-master --config masters.toml --name m1 --data-dir /var/lib/cluster/m1`` runs one.
+``cluster-master --config cluster.toml --name m1 --data-dir /var/lib/cluster/m1`` runs one.
 """
 
 from __future__ import annotations
