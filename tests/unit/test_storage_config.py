@@ -1,0 +1,75 @@
+"""The cluster config's storage part, and a worker's files without a FUSE mount."""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+
+import pytest
+
+from cluster.config import ConfigError, StorageOptions, parse_cluster_config, write_storage_section
+from storage.blobs import file_id
+from worker.cache import BlockCache
+from worker.files import WorkerFiles
+
+
+def test_the_storage_section_round_trips_and_is_checked():
+    nodes = {"s1": "tcp://127.0.0.1:5700", "s2": "tcp://127.0.0.1:5701"}
+    text = '[masters.m1]\napi = "tcp://127.0.0.1:5550"\nraft = "127.0.0.1:5560"\n' + write_storage_section(nodes, StorageOptions(replicas=2, fsync=False))
+    config = parse_cluster_config(tomllib.loads(text))
+    assert config.storage_nodes == nodes and config.storage.replicas == 2 and config.storage.fsync is False
+    assert config.masters == {"m1": "tcp://127.0.0.1:5550"}
+    bad = [
+        ({"storage": {"nodes": {"s1": {"address": "127.0.0.1:5700"}}}}, "tcp://host:port"),
+        ({"storage": {"replicas": 3, "nodes": {"s1": {"address": "tcp://a:1"}}}}, "only 1 storage nodes"),
+        ({"storage": {"replicas": 0}}, "at least 1"),
+        ({"storage": {"replcas": 2}}, "unknown keys replcas"),
+        ({"masters": {"m1": {"raft": "a:1"}}}, "needs api"),
+    ]
+    for data, fragment in bad:
+        with pytest.raises(ConfigError, match=fragment):
+            parse_cluster_config(data, "cluster.toml")
+
+
+class DictView:
+    """The stored files of the test, as a worker's StorageView would give them."""
+
+    def __init__(self, files: dict[bytes, bytes]) -> None:
+        self.files = files
+        self.reads = 0
+
+    def size(self, fid):
+        data = self.files.get(fid)
+        return None if data is None else len(data)
+
+    def read(self, fid, offset, length):
+        self.reads += 1
+        return self.files[fid][offset:offset + length]
+
+    def jobs(self):
+        return []
+
+    def job_files(self, job):
+        return None
+
+
+def test_without_a_mount_files_are_fetched_whole_into_the_cache_and_it_says_so_once(tmp_path, caplog):
+    data = bytes(range(256)) * 9000  # a few blocks
+    fid = file_id(data)
+    view = DictView({fid: data})
+    files = WorkerFiles(view, BlockCache(tmp_path / "cache", 64 << 20, durable=False), tmp_path / "no-mount")
+    with caplog.at_level(logging.WARNING, logger="cluster.worker"):
+        path = files.path(fid)
+        again = files.path(fid)
+    assert path.read_bytes() == data and again == path
+    assert sum("no FUSE view" in r.message for r in caplog.records) == 1
+    reads = view.reads
+    files.path(fid)
+    assert view.reads == reads  # complete in the cache: no fetch
+    with pytest.raises(FileNotFoundError):
+        files.path(b"\x01" * 16)
+    own = tmp_path / "out.bin"
+    own.write_bytes(b"written here")
+    files.add_own(file_id(b"written here"), own)
+    assert files.path(file_id(b"written here")).read_bytes() == b"written here"
+    assert view.reads == reads  # a file the worker wrote itself is never fetched
