@@ -26,6 +26,8 @@ class StorageOptions:
     gc_interval_s: float = 60.0
     partial_ttl_s: float = 86400.0
     fsync: bool = True  # false only for throwaway local clusters on tmpfs
+    window_mb: float = 16.0  # upload credit: MiB in flight towards a node per upload
+    idle_timeout_s: float = 30.0  # an upload with no chunk for this long is closed (partial kept)
 
 
 @dataclass(frozen=True)

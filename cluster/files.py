@@ -80,10 +80,13 @@ def download_file(client: "Client", fid: bytes, path: str | os.PathLike[str], *,
                   progress: Callable[[int], None] | None) -> int:
     from cluster.client import ClusterError, NotFound
 
-    record = client.lookup_files([fid]).value.get(fid.hex())
-    if record is None:
+    answer = client.lookup_files([fid])
+    record = answer.value.get(fid.hex())
+    if record is None and not answer.stale:
         raise NotFound(f"no file {fid.hex()} is registered; `cluster files` lists what is")
-    sources = [n for n in record["replicas"] if n in client.storage]
+    # A stale answer (a follower's) may not know a file registered a moment ago: the replicas
+    # only say where to look first, and what arrives is checked against the id anyway.
+    sources = [n for n in (record or {}).get("replicas", []) if n in client.storage]
     sources += [n for n in rank(fid, list(client.storage)) if n not in sources]
     path = Path(path)
     part = path.with_name(path.name + ".part")

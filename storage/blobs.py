@@ -809,6 +809,17 @@ class BlobStore:
         finally:
             os.close(fd)
 
+    def touch(self, fid: bytes) -> bool:
+        """Mark blob ``fid`` as just stored (its mtime): an upload that found it here (dedupe)
+        must not see it collected before its registration reaches the ledger."""
+        fid = _check_id(fid)
+        with self._name_lock(fid):
+            try:
+                os.utime(self._blob_path(fid))
+            except FileNotFoundError:
+                return False
+        return True
+
     def delete(self, fid: bytes) -> bool:
         """Delete blob ``fid``; returns whether it was stored. Readers already reading finish first."""
         fid = _check_id(fid)

@@ -290,6 +290,7 @@ class StorageCore:
         if ev.error is not None:
             code, text = ev.error
             status = STATUS_OF.get(code, StorageStatus.BAD_REQUEST)
+            self._count(f"uploads_failed.{StorageStatus(status).name}")
             # bytes that did not hash right, or a full disk: the store already dropped the partial
             return self._fail(upload, status, text, keep=code not in ("hash_mismatch", "no_space"), cause=ev.stimulus_id)
         if kind == "begin":

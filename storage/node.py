@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from cluster.config import ClusterConfig, ConfigError, load_cluster_config
+from cluster.config import ClusterConfig, ConfigError, StorageOptions, load_cluster_config
 from cluster.runtime.loop import NodeLoop, SocketSpec
 from storage.blobs import BlobStore, StoreError
 from storage.core import (
@@ -53,8 +53,16 @@ class DiskPerformer:
 
     def begin(self, e: BeginUpload) -> list[Any]:
         try:
-            if self.store.has(e.file_id):
-                return [DiskDone(e.token, e.size, True)]
+            stored = self.store.size(e.file_id)
+        except StoreError:
+            stored = None  # not stored here (a bad id: begin says so)
+        if stored is not None:
+            if stored != e.size:  # the id fixes the size: the sender's size or id is wrong
+                return [DiskDone(e.token, error=("size_mismatch", f"blob {e.file_id.hex()} is stored with {stored} "
+                                                 f"bytes, not {e.size}: the id or the size sent is wrong"))]
+            self.store.touch(e.file_id)  # a fresh grace period before the collector may take it
+            return [DiskDone(e.token, e.size, True)]
+        try:
             return [DiskDone(e.token, self.store.begin(e.file_id, e.size))]
         except StoreError as exc:
             return [DiskDone(e.token, error=(exc.code, str(exc)))]
@@ -143,9 +151,9 @@ def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bo
     peers = [n for n in config.storage_nodes if n != name]
     core = StorageCore(name, peers, settings or StorageSettings(), capacity=store.capacity)
     disk = DiskPerformer(store)
-    # Credit bounds what each upload has in flight; the high-water marks only need to hold
-    # every sender's window of chunks and a burst of read requests.
-    options = {zmq.ROUTER_HANDOVER: 1, zmq.SNDHWM: 10_000, zmq.RCVHWM: 10_000}
+    # Credit bounds what a well-behaved sender has in flight. The receive high-water mark is per sender: a sender that ignores credit fills it and
+    # then TCP pushes back on it, so no peer can queue more than ~64 chunks here.
+    options = {zmq.ROUTER_HANDOVER: 1, zmq.SNDHWM: 1_000, zmq.RCVHWM: 64}
     sockets = [SocketSpec(API, zmq.ROUTER, bind=(config.storage_nodes[name],), options=options)]
     holder: dict[str, Replicator] = {}
     performers: dict[type, Any] = {
@@ -160,9 +168,14 @@ def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bo
     return loop, [replicator, upkeep, store]
 
 
+def settings_of(options: StorageOptions) -> StorageSettings:
+    """The node core's settings from the config's ``[storage]`` table."""
+    return StorageSettings(window=int(options.window_mb * (1 << 20)), idle_timeout=options.idle_timeout_s)
+
+
 def run_storage(config_path: Path, name: str, data_dir: Path) -> int:
     config = load_cluster_config(config_path)
-    loop, closables = build_storage(config, name, data_dir, fsync=config.storage.fsync)
+    loop, closables = build_storage(config, name, data_dir, fsync=config.storage.fsync, settings=settings_of(config.storage))
     upkeep = closables[1]
     upkeep.start()
     try:
