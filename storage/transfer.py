@@ -25,7 +25,10 @@ from proto.ids import split128
 from proto.messages import Error, FileChunk, FileRequest, FileResponse, UploadCredit, UploadDone, UploadOpen, UploadReady
 
 MiB = 1 << 20
-CHUNK = MiB
+CHUNK = MiB  # bytes per upload chunk and per download read
+WINDOW = 8  # download reads in flight
+CONNECT_TIMEOUT = 3.0  # seconds to wait for a connection before calling a node unreachable
+PUSH_RATE = 50e6  # bytes/s a node is allowed for pushing a file to its peers before UPLOAD_DONE
 
 
 class TransferError(Exception):
@@ -43,13 +46,17 @@ class TransferError(Exception):
 
 
 class StorageLink:
-    """A connection to one storage node at ``address`` (``name`` is for messages)."""
+    """A connection to one storage node at ``address`` (``name`` is for messages). ``timeout``:
+    how long the node may stay silent; ``connect_timeout`` (default: the lesser of ``timeout``
+    and CONNECT_TIMEOUT): how long to wait for a connection, so a node that is down is
+    skipped quickly (a live node on the network is connected in milliseconds)."""
 
-    def __init__(self, address: str, *, name: str = "", timeout: float = 10.0, ctx: zmq.Context | None = None,
-                 codec: Codec | None = None) -> None:
+    def __init__(self, address: str, *, name: str = "", timeout: float = 10.0, connect_timeout: float | None = None,
+                 ctx: zmq.Context | None = None, codec: Codec | None = None) -> None:
         self.address = address
         self.name = name or address
         self.timeout = timeout
+        self.connect_timeout = min(timeout, CONNECT_TIMEOUT) if connect_timeout is None else connect_timeout
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
         self._codec = codec or Codec(new_node_id())
@@ -112,20 +119,26 @@ class StorageLink:
                     reply = self._poll_one(0)
                     if reply is None:
                         break
+                    if isinstance(reply, UploadDone):  # an error, or (after the last chunk) the answer
+                        return self._done(reply)
                     limit = self._on_upload_reply(reply, upload_id, limit)
                 continue
             reply = self._expect((UploadCredit, UploadDone), "to grant credit")
+            if isinstance(reply, UploadDone):
+                return self._done(reply)
             limit = self._on_upload_reply(reply, upload_id, limit)
+        # The node answers once the file is fsynced and pushed to copies - 1 peers: allow each
+        # push its time in proportion to the size (and a peer that is down), on top of the usual
+        # silence.
+        patience = self.timeout + (copies - 1) * (CONNECT_TIMEOUT + size / PUSH_RATE)
         while True:
-            reply = self._expect((UploadDone, UploadCredit), "to store the file")
+            reply = self._expect((UploadDone, UploadCredit), "to store the file", patience)
             if isinstance(reply, UploadDone):
                 return self._done(reply)
 
     def _on_upload_reply(self, reply: Any, upload_id: int, limit: int) -> int:
         if isinstance(reply, UploadCredit) and reply.upload_id == upload_id:
             return limit + reply.credit
-        if isinstance(reply, UploadDone):
-            self._done(reply)  # an early end is an error: raises
         return limit
 
     def _done(self, reply: UploadDone) -> list[str]:
@@ -156,7 +169,7 @@ class StorageLink:
         *,
         start: int = 0,
         chunk: int = CHUNK,
-        window: int = 8,
+        window: int = WINDOW,
         progress: Callable[[int], None] | None = None,
     ) -> int:
         """Fetch the file from ``start`` to its end with ``window`` reads in flight, handing
@@ -194,7 +207,7 @@ class StorageLink:
             self._codec.send(self._sock, message, flags=zmq.NOBLOCK)
         except zmq.Again:
             # IMMEDIATE: no connection (the node is down or not started) or its queue is full
-            if not self._sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
+            if not self._sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
                 raise TransferError(f"storage node {self.name} at {self.address} is not reachable; is it running?", None, self.name) from None
             self._codec.send(self._sock, message)
 
@@ -209,13 +222,14 @@ class StorageLink:
             raise TransferError(f"storage node {self.name} refused a message: {message.text}", None, self.name)
         return message
 
-    def _expect(self, kinds: tuple[type, ...], what: str) -> Any:
-        deadline = time.monotonic() + self.timeout
+    def _expect(self, kinds: tuple[type, ...], what: str, timeout: float | None = None) -> Any:
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TransferError(f"storage node {self.name} at {self.address} did not answer within "
-                                    f"{self.timeout:g} s {what}; is it running?", None, self.name)
+                                    f"{timeout:g} s {what}; is it running?", None, self.name)
             message = self._poll_one(int(left * 1000) + 1)
             if message is not None and isinstance(message, kinds):
                 return message
