@@ -13,7 +13,8 @@ the core grants more credit, so at most ``window`` bytes are ever in flight towa
 The last chunk makes the disk hash, fsync and rename (``FinishUpload``); with ``copies`` > 1 the
 core then asks for ``Replicate`` to the peers ranked first for this id by rendezvous hashing
 (the same order everywhere, so repairs and readers agree where a file should be), and answers
-UPLOAD_DONE with the replicas only once ``copies`` of them are durable. The sender registers
+UPLOAD_DONE with the replicas only once ``copies`` of them are durable (meanwhile a zero
+UPLOAD_CREDIT each second tells the sender the node is alive and working). The sender registers
 the file with the masters after that, never before.
 
 Reads (FILE_REQUEST) become ``ReadRange``; the disk verifies every block it reads and the answer
@@ -374,7 +375,10 @@ class StorageCore:
         return Send(API, UploadDone(request_id, upload_id, upper, lower, size, int(status), replicas or [], error), route, cause)
 
     def _expire(self, now: float, cause: str) -> list[Effect]:
-        out: list[Effect] = []
+        # A sender waits for UPLOAD_DONE while the copies are pushed, which takes as long as
+        # the file is large: a zero credit each second tells it the node is alive and working.
+        out: list[Effect] = [Send(API, UploadCredit(u.upload_id, 0), u.route, cause)
+                             for u in self.uploads.values() if u.state == "replicating"]
         for upload in [u for u in self.uploads.values() if u.state in ("opening", "open")]:
             if now - upload.last_seen > self.settings.idle_timeout:
                 self._count("uploads_expired")

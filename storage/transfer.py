@@ -28,7 +28,6 @@ MiB = 1 << 20
 CHUNK = MiB  # bytes per upload chunk and per download read
 WINDOW = 8  # download reads in flight
 CONNECT_TIMEOUT = 3.0  # seconds to wait for a connection before calling a node unreachable
-PUSH_RATE = 50e6  # bytes/s a node is allowed for pushing a file to its peers before UPLOAD_DONE
 
 
 class TransferError(Exception):
@@ -57,8 +56,9 @@ class StorageLink:
         self.name = name or address
         self.timeout = timeout
         self.connect_timeout = min(timeout, CONNECT_TIMEOUT) if connect_timeout is None else connect_timeout
-        self._own_ctx = ctx is None
-        self._ctx = ctx or zmq.Context()
+        # One context per process, not per link: a context is an I/O thread, and links come and
+        # go with the threads that use them (FUSE's worker threads, replication threads).
+        self._ctx = ctx or zmq.Context.instance()
         self._codec = codec or Codec(new_node_id())
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -70,8 +70,6 @@ class StorageLink:
 
     def close(self) -> None:
         self._sock.close(0)
-        if self._own_ctx:
-            self._ctx.term()
 
     def __enter__(self) -> "StorageLink":
         return self
@@ -127,12 +125,10 @@ class StorageLink:
             if isinstance(reply, UploadDone):
                 return self._done(reply)
             limit = self._on_upload_reply(reply, upload_id, limit)
-        # The node answers once the file is fsynced and pushed to copies - 1 peers: allow each
-        # push its time in proportion to the size (and a peer that is down), on top of the usual
-        # silence.
-        patience = self.timeout + (copies - 1) * (CONNECT_TIMEOUT + size / PUSH_RATE)
+        # The node answers once the file is fsynced and pushed to copies - 1 peers; while it
+        # pushes, a zero credit each second says it is alive, so silence still means trouble.
         while True:
-            reply = self._expect((UploadDone, UploadCredit), "to store the file", patience)
+            reply = self._expect((UploadDone, UploadCredit), "to store the file")
             if isinstance(reply, UploadDone):
                 return self._done(reply)
 

@@ -453,15 +453,17 @@ def test_an_upload_done_read_with_the_credit_is_not_lost(cluster):
 
 
 def test_the_sender_waits_while_the_node_pushes_copies_and_skips_dead_nodes_quickly():
-    """A fake node (a ROUTER in this process) that takes longer than ``timeout`` to push the
-    copies of a large file after its last chunk: the sender waits in proportion to the size."""
+    """A fake node (a ROUTER in this process) that takes longer than the link's ``timeout`` to
+    push the copies after the last chunk, saying it is alive (a zero credit) meanwhile: the
+    sender waits for it. One that goes silent instead is given up on after ``timeout``."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     codec = Codec(new_node_id())
     stop = threading.Event()
-    size = 60 * MiB  # 1.2 s of push time at the sender's 50 MB/s allowance
+    size = 4 * MiB
+    keep_alive = [True]
 
     def node() -> None:
         while not stop.is_set():
@@ -471,7 +473,11 @@ def test_the_sender_waits_while_the_node_pushes_copies_and_skips_dead_nodes_quic
             if isinstance(m, UploadOpen):
                 codec.send(sock, UploadReady(m.request_id, 1, 0, size), route=route)
             elif isinstance(m, FileChunk) and m.last:
-                stop.wait(1.5)  # "pushing to the peer": silent for longer than the link's timeout
+                for _ in range(5):  # "pushing to the peer" for 2.5 s, longer than the 1 s timeout
+                    if stop.wait(0.5):
+                        return
+                    if keep_alive[0]:
+                        codec.send(sock, UploadCredit(1, 0), route=route)
                 codec.send(sock, UploadDone(0, 1, 0, 0, size, 0, ["f1", "f2"]), route=route)
 
     thread = threading.Thread(target=node, daemon=True)
@@ -480,6 +486,10 @@ def test_the_sender_waits_while_the_node_pushes_copies_and_skips_dead_nodes_quic
     try:
         with StorageLink(f"tcp://127.0.0.1:{port}", name="fake", timeout=1.0) as link:
             assert link.upload(b"\1" * 16, size, lambda o, n: memoryview(data)[o:o + n], copies=2) == ["f1", "f2"]
+        keep_alive[0] = False
+        with StorageLink(f"tcp://127.0.0.1:{port}", name="fake", timeout=1.0) as link:
+            with pytest.raises(TransferError, match="did not answer within 1 s to store the file"):
+                link.upload(b"\1" * 16, size, lambda o, n: memoryview(data)[o:o + n], copies=2)
         # nothing listens here: the link says so after its connect timeout, not its answer timeout
         dead = StorageLink(f"tcp://127.0.0.1:{free_port()}", name="dead", timeout=30.0)
         assert dead.connect_timeout == 3.0, "by default a node that is down costs 3 s, not the answer timeout"

@@ -278,6 +278,9 @@ def test_two_copies_replicate_to_the_ranked_peers_before_done(h):
     assert (rep.file_id, rep.size) == (fid, len(data))
     assert h.blob_path(fid).is_file(), "stored here before it is pushed"
     h.core.validate_state()
+    # while the copy is pushed, the sender hears a zero credit each second: alive, working
+    (alive,) = messages(h.event(TimerFired("expire", "tick")), UploadCredit)
+    assert alive.credit == 0
     effects = h.event(Replicated(rep.token, (rep.targets[0],), {}, "replicated-1"))
     done = one(effects, UploadDone, CLIENT)
     assert done.status == StorageStatus.OK and done.replicas == ["s1", rep.targets[0]]
