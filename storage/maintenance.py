@@ -74,6 +74,7 @@ class Maintenance:
         self._thread: threading.Thread | None = None
         self._client = None
         self._links: dict[str, StorageLink] = {}
+        self._down: set[str] = set()
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -118,6 +119,7 @@ class Maintenance:
     def scrub(self) -> None:
         """One pass: verify every blob (rate-limited), repair bad ones, re-replicate lost ones."""
         limit = RateLimit(self.options.scrub_rate_mb_s * 1e6, burst=64e6)
+        self._down: set[str] = set()  # peers that failed this pass are not asked again in it
         batch: list[bytes] = []
         for fid, _ in list(self.store.ids()):
             if self._stop.is_set():
@@ -182,13 +184,15 @@ class Maintenance:
             if not record:
                 continue
             for node in record["replicas"]:
-                if node == self.name or node not in self.peers:
+                if node == self.name or node not in self.peers or node in self._down:
                     continue
                 link = self._link(node)
                 try:
                     link.size(fid)
                 except TransferError as exc:
                     if exc.status != StorageStatus.NOT_FOUND:
+                        if exc.status is None:
+                            self._down.add(node)
                         self._drop_link(node)
                         continue  # down or corrupt there: its own scrub or a later pass deals with it
                     try:
