@@ -1,0 +1,335 @@
+"""The processes of the storage benchmark (``bench/storage.py``): a worker that runs tasks sent
+by the parent over a pipe, and the tasks: the client side of ours (``StorageLink``) and of raw
+pyzmq, the raw server, and a dd-style sequential read.
+
+Every task takes the worker's zmq context and the pipe first and returns a dict of figures; a
+``profile`` argument (a path) runs it under cProfile and dumps the stats there. CPU figures are
+``time.process_time()`` deltas: the whole process, libzmq's I/O thread included.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import os
+import signal
+import struct
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+MiB = 1 << 20
+TIMEOUT_S = 120.0  # a silent peer for this long fails the trial (no hangs)
+
+
+# ---- benchmark processes --------------------------------------------------------------------
+
+
+def _worker_main(conn: Any) -> None:
+    """A benchmark process: runs tasks sent by the parent until it sends None (or goes away)."""
+    ctx = zmq.Context()
+    try:
+        while True:
+            try:
+                cmd = conn.recv()
+            except EOFError:
+                break
+            if cmd is None:
+                break
+            name, kwargs = cmd
+            try:
+                conn.send(("ok", _run_task(name, ctx, conn, kwargs)))
+            except Exception:  # reported to the parent, which stops the run
+                conn.send(("error", traceback.format_exc()))
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _run_task(name: str, ctx: zmq.Context, conn: Any, kwargs: dict) -> Any:
+    profile = kwargs.pop("profile", None)
+    if not profile:
+        return TASKS[name](ctx, conn, **kwargs)
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(TASKS[name], ctx, conn, **kwargs)
+    finally:
+        prof.dump_stats(profile)
+
+
+class Worker:
+    """One benchmark process and its command pipe."""
+
+    def __init__(self, mpctx: Any, name: str) -> None:
+        self.name = name
+        self.conn, child = mpctx.Pipe()
+        self.proc = mpctx.Process(target=_worker_main, args=(child,), name=name, daemon=True)
+        self.proc.start()
+        child.close()
+
+    def start(self, task: str, **kwargs: Any) -> None:
+        self.conn.send((task, kwargs))
+
+    def message(self, expect: str, timeout: float = 30.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while not self.conn.poll(0.2):  # bounded polling: notice a dead worker, never hang
+            if not self.proc.is_alive():
+                raise RuntimeError(f"{self.name} died (exit code {self.proc.exitcode})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no answer in {timeout:.0f} s")
+        tag, value = self.conn.recv()
+        if tag == "error":
+            raise RuntimeError(f"{self.name} failed:\n{value}")
+        if tag != expect:
+            raise RuntimeError(f"{self.name}: expected {expect!r}, got {tag!r}")
+        return value
+
+    def result(self, timeout: float = 3 * TIMEOUT_S) -> Any:
+        return self.message("ok", timeout)
+
+    def run(self, task: str, **kwargs: Any) -> Any:
+        self.start(task, **kwargs)
+        return self.result()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(3)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(3)
+        self.conn.close()
+
+
+# ---- raw pyzmq: the same bytes, the same chunks and window, none of our protocol ---------------
+#
+# Upload:   client [b"open", size] → server [b"ready", credit]; client [b"chunk", offset+last,
+#           payload] within the credit; the server pwrites each and grants more in half-window
+#           steps ([b"credit", n]); after the last it fsyncs and answers [b"done"].
+# Download: client [b"read", offset+length], ``window`` in flight; server [b"data", offset,
+#           payload] (pread, sent with copy=False); the client pwrites each where it belongs.
+
+_QQ = struct.Struct("<QQ")
+_QB = struct.Struct("<QB")
+_Q = struct.Struct("<Q")
+
+
+def _raw_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    sock.rcvtimeo = sock.sndtimeo = int(TIMEOUT_S * 1000)
+    sock.sndhwm = sock.rcvhwm = 1000  # as StorageLink's DEALER
+    return sock
+
+
+def task_raw_server(ctx: zmq.Context, conn: Any, mode: str, path: str, window: int) -> dict:
+    sock = _raw_socket(ctx, zmq.ROUTER)
+    try:
+        conn.send(("port", sock.bind_to_random_port("tcp://127.0.0.1")))
+        if mode == "upload":
+            return _raw_serve_upload(sock, path, window)
+        return _raw_serve_download(sock, path)
+    finally:
+        sock.close(linger=int(TIMEOUT_S * 1000))
+
+
+def _raw_serve_upload(sock: zmq.Socket, path: str, window: int) -> dict:
+    route, _, size = sock.recv_multipart()
+    size = _Q.unpack(size)[0]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        granted, written = min(window, size), 0
+        sock.send_multipart([route, b"ready", _Q.pack(granted)])
+        recv = sock.recv
+        while True:
+            recv()  # route
+            recv()  # b"chunk"
+            offset, last = _QB.unpack(recv())
+            payload = recv(copy=False)
+            view = payload.buffer
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+            written = offset
+            if last:
+                break
+            if granted - written <= window // 2 and granted < size:
+                more = min(size, written + window) - granted
+                granted += more
+                sock.send_multipart([route, b"credit", _Q.pack(more)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    sock.send_multipart([route, b"done"])
+    return {"bytes": written}
+
+
+def _raw_serve_download(sock: zmq.Socket, path: str) -> dict:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    size, sent = os.fstat(fd).st_size, 0
+    try:
+        while sent < size:
+            route, _, request = sock.recv_multipart()
+            offset, n = _QQ.unpack(request)
+            data = os.pread(fd, n, offset)
+            sock.send(route, zmq.SNDMORE)
+            sock.send(b"data", zmq.SNDMORE)
+            sock.send(_Q.pack(offset), zmq.SNDMORE)
+            sock.send(data, copy=False)
+            sent += len(data)
+    finally:
+        os.close(fd)
+    return {"bytes": sent}
+
+
+def _raw_result(t0: float, c0: float) -> dict:
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "transfer_s": seconds, "client_cpu_s": cpu, "client_transfer_cpu_s": cpu}
+
+
+def task_raw_upload(ctx: zmq.Context, conn: Any, port: int, src: str, chunk: int) -> dict:
+    sock = _raw_socket(ctx, zmq.DEALER)
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    size = os.fstat(fd).st_size
+    try:
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        sock.send_multipart([b"open", _Q.pack(size)])
+        kind, credit = sock.recv_multipart()
+        limit, offset = _Q.unpack(credit)[0], 0
+        while offset < size:
+            n = min(chunk, size - offset, limit - offset)
+            if n <= 0:  # out of credit: wait for more
+                limit += _Q.unpack(sock.recv_multipart()[1])[0]
+                continue
+            sock.send(b"chunk", zmq.SNDMORE)
+            sock.send(_QB.pack(offset, int(offset + n == size)), zmq.SNDMORE)
+            sock.send(os.pread(fd, n, offset), copy=False)
+            offset += n
+            while sock.poll(0, zmq.POLLIN):  # take credit as it comes: keeps the pipe full
+                kind, more = sock.recv_multipart()
+                if kind == b"credit":
+                    limit += _Q.unpack(more)[0]
+        while kind != b"done":
+            kind = sock.recv_multipart()[0]
+        return _raw_result(t0, c0)
+    finally:
+        os.close(fd)
+        sock.close()
+
+
+def task_raw_download(ctx: zmq.Context, conn: Any, port: int, dest: str, size: int, chunk: int, window: int) -> dict:
+    sock = _raw_socket(ctx, zmq.DEALER)
+    fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)  # preallocated: see prefill()
+    try:
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        offset = got = inflight = 0
+        recv = sock.recv
+        while got < size:
+            while offset < size and inflight < window:
+                n = min(chunk, size - offset)
+                sock.send_multipart([b"read", _QQ.pack(offset, n)])
+                offset, inflight = offset + n, inflight + 1
+            recv()  # b"data"
+            at = _Q.unpack(recv())[0]
+            view = recv(copy=False).buffer
+            got, inflight = got + len(view), inflight - 1
+            while view:
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+        return _raw_result(t0, c0)
+    finally:
+        os.close(fd)
+        sock.close()
+
+
+# ---- ours: StorageLink against a storage node ------------------------------------------------
+
+
+def task_ours_upload(ctx: zmq.Context, conn: Any, nodes: dict[str, str], src: str, copies: int,
+                     kill_after: int = 0, **tuning: Any) -> dict:
+    """What ``cluster.files.upload_file`` does short of registering: the content id, then an
+    upload to the node ranked first for it."""
+    from storage.blobs import file_id_of_path
+    from storage.core import rank
+    from storage.transfer import StorageLink
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    fid = file_id_of_path(src)
+    t1, c1 = time.perf_counter(), time.process_time()
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    size = os.fstat(fd).st_size
+    node = rank(fid, list(nodes))[0]
+    try:
+        with StorageLink(nodes[node], name=node, timeout=TIMEOUT_S, ctx=ctx) as link:
+            replicas = link.upload(fid, size, lambda offset, n: os.pread(fd, n, offset), copies=copies, origin="bench",
+                                   **tuning)
+        t2, c2 = time.perf_counter(), time.process_time()
+    finally:
+        os.close(fd)
+    if kill_after:
+        os.kill(kill_after, signal.SIGTERM)
+    return {"seconds": t2 - t0, "hash_s": t1 - t0, "transfer_s": t2 - t1, "fid": fid.hex(), "replicas": replicas,
+            "client_cpu_s": c2 - c0, "client_transfer_cpu_s": c2 - c1}
+
+
+def task_ours_download(ctx: zmq.Context, conn: Any, address: str, fid: str, dest: str, kill_after: int = 0,
+                       **tuning: Any) -> dict:
+    from storage.blobs import file_id_of_path
+    from storage.transfer import StorageLink
+
+    fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)  # preallocated: see prefill()
+
+    def write_at(offset: int, data: Any) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        with StorageLink(address, name="bench", timeout=TIMEOUT_S, ctx=ctx) as link:
+            link.download(bytes.fromhex(fid), write_at, **tuning)
+        t1, c1 = time.perf_counter(), time.process_time()
+    finally:
+        os.close(fd)
+    if kill_after:
+        os.kill(kill_after, signal.SIGTERM)
+    t2 = time.perf_counter()
+    ok = file_id_of_path(dest).hex() == fid  # what `cluster download` checks before the rename
+    return {"seconds": t1 - t0, "transfer_s": t1 - t0, "verify_s": time.perf_counter() - t2, "verified": ok,
+            "client_cpu_s": c1 - c0, "client_transfer_cpu_s": c1 - c0}
+
+
+def task_seq_read(ctx: zmq.Context, conn: Any, path: str, bs: int) -> dict:
+    """Read a file start to end with ``bs``-byte readv calls into one buffer (dd-style)."""
+    buf = bytearray(bs)
+    bufs = [buf]
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        total = 0
+        t0 = time.perf_counter()
+        while True:
+            n = os.readv(fd, bufs)
+            if n == 0:
+                break
+            total += n
+        return {"seconds": time.perf_counter() - t0, "bytes": total}
+    finally:
+        os.close(fd)
+
+
+TASKS = {
+    "raw_server": task_raw_server,
+    "raw_upload": task_raw_upload,
+    "raw_download": task_raw_download,
+    "ours_upload": task_ours_upload,
+    "ours_download": task_ours_download,
+    "seq_read": task_seq_read,
+}
