@@ -662,3 +662,11 @@ def test_concurrent_uploads_of_different_blobs(store):
     assert not errors, errors
     assert sorted(f for f, _m in store.ids()) == sorted(file_id(c) for c in contents)
 
+
+
+@pytest.mark.parametrize("size", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 8 * BLOCK, 8 * BLOCK + 5, 17 * BLOCK + 3])
+def test_the_threaded_path_hash_equals_the_single_pass_id(tmp_path, size):
+    data = os.urandom(size)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    assert file_id_of_path(path) == file_id_of_path(path, threads=1) == file_id(data)
