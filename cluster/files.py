@@ -43,6 +43,8 @@ def upload_file(client: "Client", path: str | os.PathLike[str], *, owner: str | 
     if copies > len(client.storage):
         raise ClusterError(f"{copies} copies asked for but only {len(client.storage)} storage nodes are configured")
     name = path.name if name is None else name
+    if owner is not None:
+        client.job(owner)  # NotFound before any byte moves, rather than an unregistered upload
     errors: dict[str, str] = {}
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -61,7 +63,7 @@ def upload_file(client: "Client", path: str | os.PathLike[str], *, owner: str | 
                 break
             except TransferError as exc:
                 errors[node] = str(exc)
-                log.warning("upload of %s via %s failed: %s", path, node, exc)
+                log.info("upload of %s via %s failed: %s", path, node, exc)
                 if progress and sent[0]:
                     progress(-sent[0])  # the next node starts over (or resumes its own partial)
                 if exc.status is not None and not exc.retryable:
