@@ -11,9 +11,11 @@ cache fetches block-aligned ranges (the last block of a file may be short) and k
 - ``<hex>.have``: a 16-byte header (magic, block size, file size) and a bitmap of the blocks
   present.
 
-Crash safety is an ordering rule: a block's bit is set only after its data is written (and,
-when ``durable``, fdatasync'ed), so a crash can lose bits (those blocks are fetched again) but
-never set one over a hole. A torn bitmap is therefore safe too. A ``.have`` that does not parse
+Crash safety is an ordering rule: a block's bit is set on disk only after its data is written
+(and, when ``durable``, fdatasync'ed), so a crash can lose bits (those blocks are fetched again)
+but never set one over a hole. In memory a block is present as soon as it is written (readers
+get it from the page cache); when ``durable`` its on-disk bit waits in ``pending`` for the next
+batched fdatasync (``SYNC_BATCH``), so a crash loses at most the unsynced batch. A torn bitmap is therefore safe too. A ``.have`` that does not parse
 drops its file, a ``.data`` without a ``.have`` is an orphan, and eviction unlinks ``.have``
 first. A file whose blocks are all present is *complete*.
 
@@ -41,6 +43,7 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -54,6 +57,18 @@ MAX_FETCH = 8 << 20
 # Open data fds kept for unpinned files; beyond it the least recently read are closed (the
 # soft RLIMIT_NOFILE is often 1024, and a cache may hold thousands of files).
 MAX_OPEN_FILES = 256
+# Read-ahead: a sequential reader's window grows from READ_AHEAD_MIN to READ_AHEAD_MAX bytes past
+# its furthest read; the window's missing blocks are fetched PREFETCH_RUN bytes at a time on
+# PREFETCH_THREADS threads, so several requests are in flight on the storage links at once
+# (each thread has its own link), as in StorageLink.download's window of 8 reads.
+READ_AHEAD_MIN = 2 << 20
+READ_AHEAD_MAX = 16 << 20
+PREFETCH_RUN = 1 << 20
+PREFETCH_THREADS = 8
+# When ``durable``, a file's new blocks are fdatasync'ed (and only then their bits written to the
+# ``.have``) once this many bytes are pending, when the file completes, and when its last pin
+# goes: one sync per batch instead of one per fetched run.
+SYNC_BATCH = 32 << 20
 
 _MAGIC = b"BCH1"
 _HEADER = struct.Struct("<4sIQ")  # magic, block size, file size
@@ -61,8 +76,9 @@ _HEADER = struct.Struct("<4sIQ")  # magic, block size, file size
 # The in-flight marker of a block being fetched; a module name so that tests can observe waits.
 _Event = threading.Event
 
-Fetch = Callable[[int, int], bytes]
-"""fetch(offset, length) -> exactly ``length`` bytes of the file at ``offset`` (block-aligned)."""
+Fetch = Callable[[int, int], bytes | memoryview]
+"""fetch(offset, length) -> exactly ``length`` bytes of the file at ``offset`` (block-aligned);
+any buffer (a memoryview over a received frame saves a copy)."""
 
 
 class StorageView(Protocol):
@@ -71,14 +87,42 @@ class StorageView(Protocol):
     def size(self, fid: bytes) -> int | None:
         """The size of file ``fid``; None when no replica knows it."""
 
-    def read(self, fid: bytes, offset: int, length: int) -> bytes:
-        """Bytes of ``fid`` from any replica, failing over; OSError(EIO) when none can serve."""
+    def read(self, fid: bytes, offset: int, length: int) -> bytes | memoryview:
+        """Bytes of ``fid`` (any buffer) from any replica, failing over; OSError(EIO) when none can serve."""
 
     def jobs(self) -> list[bytes]:
         """The ids (16 bytes) of the jobs that own files."""
 
     def job_files(self, job: bytes) -> dict[str, bytes] | None:
         """A job's files, readable name -> fid; None for an unknown job."""
+
+
+@dataclass(slots=True)
+class ReadAhead:
+    """Sequential-read detection for one open file, like the kernel's ``file_ra_state``.
+
+    ``advise(offset, n)`` is told of each read and answers the byte range to prefetch, or None.
+    A read that starts near the furthest read so far (within the window behind it, since a
+    threaded FUSE mount serves one file's requests a little out of order, or a block ahead)
+    continues the stream and doubles the window up to ``max_window``; any other read is random
+    access and resets it, so a random reader prefetches nothing. The first read at offset 0
+    counts as sequential. Unlocked: concurrent callers may lose an update, which only makes
+    the window a step smaller or larger.
+    """
+
+    max_window: int = READ_AHEAD_MAX
+    min_window: int = READ_AHEAD_MIN
+    front: int = 0
+    window: int = 0
+
+    def advise(self, offset: int, n: int) -> tuple[int, int] | None:
+        front = self.front
+        if front - max(self.window, self.min_window) <= offset <= front + BLOCK and self.max_window > 0:
+            self.window = min(self.max_window, max(2 * self.window, self.min_window))
+            self.front = front = max(front, offset + n)
+            return front, self.window
+        self.front, self.window = offset + n, 0
+        return None
 
 
 @dataclass(slots=True, eq=False)
@@ -95,6 +139,12 @@ class _File:
     fd: int = -1
     hfd: int = -1
     inflight: dict[int, threading.Event] = field(default_factory=dict)
+    # durable only: blocks present in memory whose data is not yet fdatasync'ed (bits not on
+    # disk), their bytes, the bitmap as written to disk, and flushes under way
+    pending: list[int] = field(default_factory=list)
+    unsynced: int = 0
+    disk: bytearray = field(default_factory=bytearray)
+    syncing: int = 0
 
     @property
     def complete(self) -> bool:
@@ -131,6 +181,9 @@ class BlockCache:
         self._open = 0
         self._cached = 0
         self._hits = self._misses = self._fetched = self._evictions = self._over = 0
+        self._prefetched = 0
+        self._pool: ThreadPoolExecutor | None = None  # started by the first prefetch
+        self._closing = False
         self._load()
 
     # ---- public API -------------------------------------------------------------------------
@@ -172,6 +225,45 @@ class BlockCache:
             return f.fd, n
         finally:
             self.unpin(fid)
+
+    def prefetch(self, fid: bytes, offset: int, length: int, fetch: Fetch) -> int:
+        """Start fetching the missing blocks of ``[offset, offset + length)`` in the background.
+
+        For read-ahead: only for a file that someone holds open (pinned), clipped at its size.
+        Each block is claimed as in-flight before it is queued, so a reader that needs it waits
+        for that fetch instead of fetching it again, and a block is never queued twice. A
+        failed prefetch releases its claims and marks nothing (the reader fetches the block
+        itself); it is logged at debug level only. Returns the number of blocks queued.
+        """
+        f = self._files.get(fid)
+        if f is None or f.complete or self._closing:
+            return 0
+        n = _clip(offset, length, f.size)
+        if n == 0:
+            return 0
+        first, last = offset // self.block_size, (offset + n - 1) // self.block_size
+        with self._lock:
+            if self._files.get(fid) is not f or f.fd < 0 or f.hfd < 0 or fid not in self._pins:
+                return 0
+            claims = [b for b in range(first, last + 1) if not f.has(b) and b not in f.inflight]
+            if not claims:
+                return 0
+            for b in claims:
+                f.inflight[b] = _Event()
+            runs = _runs(claims, max(1, PREFETCH_RUN // self.block_size))
+            self._pins[fid] += len(runs)  # one per task: fds stay open, no eviction meanwhile
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="cache-prefetch")
+            pool = self._pool
+        for i, run in enumerate(runs):
+            try:
+                pool.submit(self._prefetch_run, f, run, fetch)
+            except RuntimeError:  # shut down by close() meanwhile
+                for rest in runs[i:]:
+                    self._release(f, rest)
+                    self.unpin(fid)
+                break
+        return len(claims)
 
     def put_file(self, fid: bytes, src_path: Path) -> None:
         """Add a file the worker wrote itself, complete, without fetching anything.
@@ -221,6 +313,10 @@ class BlockCache:
         with self._lock:
             return self._data_path(fid) if fid in self._complete else None
 
+    def is_complete(self, fid: bytes) -> bool:
+        """Whether every block of ``fid`` is present (no lock: a hint that may be stale)."""
+        return fid in self._complete
+
     def size_of(self, fid: bytes) -> int | None:
         """The size of ``fid`` if the cache holds any of it (no network needed), else None."""
         f = self._files.get(fid)
@@ -243,6 +339,9 @@ class BlockCache:
 
     def unpin(self, fid: bytes) -> None:
         """Drop one pin on ``fid``; evicts if the cache was held over capacity by pins."""
+        f = self._files.get(fid)
+        if f is not None and f.pending and self._pins.get(fid, 0) == 1:
+            self._flush(f)  # the last pin (a racing pin only means an early flush): still held
         with self._lock:
             count = self._pins.get(fid, 0)
             if count <= 0:
@@ -257,13 +356,14 @@ class BlockCache:
                 self._pins[fid] = count - 1
 
     def stats(self) -> dict[str, int]:
-        """Counters: hits, misses, bytes_fetched, bytes_cached, files, complete_files,
+        """Counters: hits, misses, bytes_fetched, bytes_prefetched (the part of bytes_fetched fetched ahead), bytes_cached, files, complete_files,
         evictions, over_capacity (times pins kept the cache over), pinned, capacity_bytes."""
         with self._lock:
             return {
                 "hits": self._hits,
                 "misses": self._misses,
                 "bytes_fetched": self._fetched,
+                "bytes_prefetched": self._prefetched,
                 "bytes_cached": self._cached,
                 "files": len(self._files),
                 "complete_files": len(self._complete),
@@ -282,13 +382,23 @@ class BlockCache:
                 assert bits == f.present, (fid.hex(), bits, f.present)
                 assert f.nbytes == sum(self._block_len(f, b) for b in range(f.nblocks) if f.has(b))
                 assert (fid in self._complete) == f.complete, fid.hex()
+                assert all(f.has(b) for b in f.pending), fid.hex()
+                assert all(f.has(b) for b in range(f.nblocks) if f.disk[b >> 3] & (1 << (b & 7)))
                 total += f.nbytes
             assert total == self._cached, (total, self._cached)
             assert set(self._complete) <= set(self._files)
             assert self._open == sum(f.fd >= 0 for f in self._files.values())
 
     def close(self) -> None:
-        """Close every fd the cache holds; the on-disk state stays for the next start."""
+        """Stop prefetching, close every fd the cache holds; the on-disk state stays."""
+        self._closing = True
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)  # queued prefetches release their claims without fetching
+        for f in list(self._files.values()):
+            if f.pending:
+                self._flush(f)
         with self._lock:
             for f in self._files.values():
                 self._close_fds_locked(f)
@@ -315,6 +425,7 @@ class BlockCache:
             for b in range(nblocks):
                 have[b >> 3] |= 1 << (b & 7)
             f.present, f.nbytes = nblocks, size
+        f.disk = bytearray(have)
         return f
 
     def _header(self, f: _File) -> bytes:
@@ -438,12 +549,30 @@ class BlockCache:
                 self._fetch_run(f, run[0], run[-1], fetch, count)
                 done += len(run)
         except BaseException:
-            with self._lock:
-                for b in claims[done:]:
-                    event = f.inflight.pop(b, None)
-                    if event is not None:
-                        event.set()  # waiters look again and claim it themselves
+            self._release(f, claims[done:])
             raise
+
+    def _release(self, f: _File, blocks: list[int]) -> None:
+        """Give up claims on ``blocks`` without marking them present."""
+        with self._lock:
+            for b in blocks:
+                event = f.inflight.pop(b, None)
+                if event is not None:
+                    event.set()  # waiters look again and claim it themselves
+
+    def _prefetch_run(self, f: _File, run: list[int], fetch: Fetch) -> None:
+        """A pool task: fetch one run claimed by ``prefetch``, then drop its pin."""
+        try:
+            if self._closing:
+                self._release(f, run)
+                return
+            self._fetch_claims(f, run, fetch, count=True)
+            with self._lock:
+                self._prefetched += sum(self._block_len(f, b) for b in run)
+        except Exception as e:
+            log.debug("block cache: prefetch of %s blocks %d-%d failed: %s", f.fid.hex(), run[0], run[-1], e)
+        finally:
+            self.unpin(f.fid)
 
     def _fetch_run(self, f: _File, b0: int, b1: int, fetch: Fetch, count: bool) -> None:
         offset = b0 * self.block_size
@@ -453,8 +582,7 @@ class BlockCache:
             raise OSError(errno.EIO, f"{f.fid.hex()}: fetch at {offset} returned {len(data)} bytes, "
                                      f"not {length}")
         _pwrite_full(f.fd, memoryview(data), offset)
-        if self.durable:
-            os.fdatasync(f.fd)
+        flush = False
         with self._lock:
             for b in range(b0, b1 + 1):
                 f.have[b >> 3] |= 1 << (b & 7)
@@ -463,19 +591,61 @@ class BlockCache:
             self._cached += length
             if count:
                 self._fetched += length
-            lo, hi = b0 >> 3, (b1 >> 3) + 1
-            # Under the lock so that two runs sharing a bitmap byte cannot write it out of order.
-            try:
-                _pwrite_full(f.hfd, memoryview(f.have)[lo:hi], _HEADER.size + lo)
-            except OSError as e:  # the data is good; a restart merely fetches these blocks again
-                log.warning("block cache: bitmap of %s not updated: %s", f.fid.hex(), e)
+            if self.durable:
+                f.pending.extend(range(b0, b1 + 1))
+                f.unsynced += length
+                flush = f.unsynced >= SYNC_BATCH or f.complete
+            else:
+                self._write_bits_locked(f, range(b0, b1 + 1))
             if f.complete:
                 self._complete[f.fid] = f
-                os.close(f.hfd)
-                f.hfd = -1
+                if not f.pending and not f.syncing:
+                    os.close(f.hfd)
+                    f.hfd = -1
             for b in range(b0, b1 + 1):
                 f.inflight.pop(b).set()
             self._evict_locked()
+        if flush:
+            self._flush(f)
+
+    def _write_bits_locked(self, f: _File, blocks: range | list[int]) -> None:
+        """Set ``blocks`` in the on-disk bitmap; their data must be written (durable: synced)."""
+        for b in blocks:
+            f.disk[b >> 3] |= 1 << (b & 7)
+        lo, hi = min(blocks) >> 3, (max(blocks) >> 3) + 1
+        if f.hfd < 0:
+            return  # closed meanwhile (only when unpinned): the bits are lost, the data is not
+        # Under the lock so that two runs sharing a bitmap byte cannot write it out of order.
+        try:
+            _pwrite_full(f.hfd, memoryview(f.disk)[lo:hi], _HEADER.size + lo)
+        except OSError as e:  # the data is good; a restart merely fetches these blocks again
+            log.warning("block cache: bitmap of %s not updated: %s", f.fid.hex(), e)
+
+    def _flush(self, f: _File) -> None:
+        """fdatasync ``f``'s pending blocks, then set their on-disk bits (one batch).
+
+        The caller holds a pin on ``f`` (its fds stay open). A failed sync keeps the bits off
+        disk: the blocks stay readable now and are fetched again after a restart.
+        """
+        with self._lock:
+            blocks, f.pending, f.unsynced = f.pending, [], 0
+            if not blocks or f.fd < 0:
+                return
+            f.syncing += 1
+            fd = f.fd
+        try:
+            os.fdatasync(fd)
+            synced = True
+        except OSError as e:
+            log.warning("block cache: fdatasync of %s failed: %s", f.fid.hex(), e)
+            synced = False
+        with self._lock:
+            f.syncing -= 1
+            if synced:
+                self._write_bits_locked(f, blocks)
+            if f.complete and not f.pending and not f.syncing and f.hfd >= 0:
+                os.close(f.hfd)
+                f.hfd = -1
 
     # ---- files the worker wrote itself ----------------------------------------------------------
 
@@ -602,6 +772,7 @@ class BlockCache:
         if len(bitmap) != len(f.have):
             return None
         f.have[:] = bitmap
+        f.disk[:] = bitmap
         for b in range(f.nblocks, len(f.have) * 8):  # bits past the end: garbage from a torn write
             f.have[b >> 3] &= ~(1 << (b & 7)) & 0xFF
         present = [b for b in range(f.nblocks) if f.has(b)]

@@ -12,6 +12,9 @@ memoised briefly. A read asks the cache to make its blocks present and then hand
 cache file's fd and offset (``read_buf`` with an fd buffer): the bytes go from the page cache to
 /dev/fuse in C and never pass through Python, so Python's cost is per request, not per byte.
 An open pins the file in the cache (the fd must outlive the request); release unpins.
+Each open handle has a ``ReadAhead``: while its reads are sequential the cache prefetches up to
+``Tuning.cache_read_ahead`` bytes past them on its pool, several fetches in flight, so a request
+usually finds its blocks present (first read of 1 GiB from a storage node: ~142 -> ~280 MB/s).
 
 mfusepy binds libfuse2 if both are installed: ``FUSE_LIBRARY_NAME=fuse3`` is set before it is
 imported, here, and ``fuse_available()`` refuses a process where libfuse2 got loaded anyway.
@@ -52,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.cache import BLOCK, BlockCache, StorageView
+from worker.cache import BLOCK, READ_AHEAD_MAX, BlockCache, ReadAhead, StorageView
 
 if not os.environ.get("FUSE_LIBRARY_PATH"):
     os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
@@ -165,6 +168,8 @@ class Tuning:
     splice: bool = True  # libfuse splices that fd into /dev/fuse: no copy through user memory
     direct_io: bool = False  # True bypasses the page cache: every read(2) becomes a request
     readahead: int = 4 * _REQUEST_MAX  # bytes; the kernel's 128 KiB default means 128 KiB requests
+    # bytes the cache prefetches past a sequential reader (0: none); see worker.cache.ReadAhead
+    cache_read_ahead: int = READ_AHEAD_MAX
 
 
 class StorageFS(_Base):
@@ -201,6 +206,7 @@ class StorageFS(_Base):
         self._jobs: tuple[float, list[bytes]] | None = None
         self._trees: dict[bytes, tuple[float, dict[str, Any] | None]] = {}
         self._handles: dict[int, tuple[bytes, int]] = {}
+        self._streams: dict[int, ReadAhead] = {}  # per open handle, as the kernel's f_ra
         self._next_fh = itertools.count(1)
         self._fetchers: dict[bytes, Any] = {}
         if not tuning.zero_copy:
@@ -324,6 +330,8 @@ class StorageFS(_Base):
         self._cache.pin(fid)
         fh = next(self._next_fh)
         self._handles[fh] = node
+        if self._tuning.cache_read_ahead > 0:
+            self._streams[fh] = ReadAhead(self._tuning.cache_read_ahead)
         fi.fh = fh
         fi.keep_cache = 1  # immutable: pages cached by an earlier open are still right
         fi.direct_io = int(self._tuning.direct_io)
@@ -332,6 +340,7 @@ class StorageFS(_Base):
     def release(self, path: str, fi: Any) -> int:
         """Close: unpin the file."""
         node = self._handles.pop(fi.fh, None)
+        self._streams.pop(fi.fh, None)
         if node is not None:
             self._cache.unpin(node[0])
         return 0
@@ -341,6 +350,12 @@ class StorageFS(_Base):
         fetch = self._fetchers.get(fid)
         if fetch is None:
             fetch = _bounded(self._fetchers)[fid] = functools.partial(self._view.read, fid)
+        stream = self._streams.get(fi.fh)
+        if stream is not None and not self._cache.is_complete(fid):
+            # Before the read's own fetch, so that the window's fetches overlap it.
+            ahead = stream.advise(offset, size)
+            if ahead is not None:
+                self._cache.prefetch(fid, ahead[0], ahead[1], fetch)
         try:
             return self._cache.prepare(fid, offset, size, fsize, fetch)
         except Exception as e:

@@ -53,7 +53,7 @@ class ClusterView:
         record = self._record(fid)
         return None if record is None else record["size"]
 
-    def read(self, fid: bytes, offset: int, length: int) -> bytes:
+    def read(self, fid: bytes, offset: int, length: int) -> memoryview:
         record = self._record(fid)
         if record is None:
             raise OSError(errno.ENOENT, f"no file {fid.hex()}")
@@ -66,7 +66,7 @@ class ClusterView:
             try:
                 data, _ = self._link(node).read(fid, offset, length)
                 self.counters["reads"] += 1
-                return bytes(data)
+                return memoryview(data)  # a view of the received frame: the cache writes it as is
             except TransferError as exc:
                 errors.append(f"{node}: {exc}")
                 self._bad[node] = time.monotonic() + self.penalty_s

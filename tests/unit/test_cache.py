@@ -419,3 +419,82 @@ def test_a_failed_fetch_leaves_nothing_present_on_disk(tmp_path):
     assert again.stats()["bytes_cached"] == 0
     data = payload(3 * BS)
     assert again.read(fid, 0, 3 * BS, 3 * BS, lambda o, n: data[o:o + n]) == data
+
+
+# ---- read-ahead and batched syncs ---------------------------------------------------------------
+
+def test_read_ahead_grows_for_a_sequential_reader_and_stops_on_random_access():
+    ra = cache_mod.ReadAhead(max_window=8 * cache_mod.BLOCK, min_window=2 * cache_mod.BLOCK)
+    mib = cache_mod.BLOCK
+    assert ra.advise(0, mib) == (mib, 2 * mib)
+    assert ra.advise(mib, mib) == (2 * mib, 4 * mib)
+    assert ra.advise(3 * mib, mib) == (4 * mib, 8 * mib)  # a little out of order: still a stream
+    assert ra.advise(2 * mib, mib) == (4 * mib, 8 * mib)  # capped at max_window
+    assert ra.advise(100 * mib, mib) is None  # a jump: random access
+    assert ra.advise(7 * mib, mib) is None
+    assert ra.advise(8 * mib, mib) == (9 * mib, 2 * mib)  # two in a row start a new stream
+    assert cache_mod.ReadAhead(max_window=0).advise(0, mib) is None
+
+
+def test_prefetch_fetches_each_block_once_in_the_background(tmp_path, watched):
+    fid = fid_of(1)
+    data = payload(20 * BS + 3)
+    src = Source({fid: data})
+    cache = make(tmp_path)
+    assert cache.prefetch(fid, 0, 4 * BS, src.fetcher(fid)) == 0  # not held by a reader: nothing
+    cache.pin(fid)
+    assert src.read(cache, fid, 0, 10) == data[:10]
+    assert cache.prefetch(fid, BS, 30 * BS, src.fetcher(fid)) == 20  # clipped at the size
+    assert cache.prefetch(fid, BS, 30 * BS, src.fetcher(fid)) == 0  # claimed: never twice
+    assert src.read(cache, fid, 0, len(data)) == data  # waits for the prefetches as needed
+    cache.close()  # waits for the pool
+    assert sorted(src.blocks_fetched()) == [(fid, b) for b in range(21)]
+    assert cache.stats()["bytes_prefetched"] == 19 * BS + 3  # blocks 1-20
+    cache.unpin(fid)
+    cache.validate_state()
+
+
+def test_a_failing_prefetch_marks_nothing_and_the_reader_fetches_for_itself(tmp_path):
+    fid = fid_of(1)
+    data = payload(4 * BS)
+    cache = make(tmp_path)
+    cache.pin(fid)
+    cache.read(fid, 0, 1, len(data), lambda o, n: data[o:o + n])
+
+    def failing(offset, length):
+        raise OSError(errno.EIO, "no replica")
+
+    assert cache.prefetch(fid, BS, 3 * BS, failing) == 3
+    assert cache.read(fid, 0, len(data), len(data), lambda o, n: data[o:o + n]) == data
+    cache.close()
+    assert cache.stats()["bytes_prefetched"] == 0
+    cache.unpin(fid)
+    cache.validate_state()
+
+
+def test_durable_bits_reach_disk_only_after_a_batched_sync(tmp_path, monkeypatch):
+    fid = fid_of(1)
+    data = payload(6 * BS)
+    syncs = []
+    real = os.fdatasync
+    monkeypatch.setattr(cache_mod.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    monkeypatch.setattr(cache_mod, "SYNC_BATCH", 4 * BS)
+    cache = make(tmp_path, durable=True)
+    have = tmp_path / f"{fid.hex()}.have"
+    header = cache_mod._HEADER.size
+    cache.pin(fid)
+    for b in range(3):
+        cache.read(fid, b * BS, BS, len(data), lambda o, n: data[o:o + n])
+    assert syncs == [] and have.read_bytes()[header:] == b"\0"  # present in memory, not on disk
+    cache.read(fid, 3 * BS, BS, len(data), lambda o, n: data[o:o + n])
+    assert len(syncs) == 1 and have.read_bytes()[header:] == b"\x0f"  # a batch of 4 blocks
+    cache.read(fid, 4 * BS, BS, len(data), lambda o, n: data[o:o + n])
+    cache.validate_state()
+    cache.unpin(fid)  # the last pin flushes
+    assert len(syncs) == 2 and have.read_bytes()[header:] == b"\x1f"
+    cache.read(fid, 5 * BS, BS, len(data), lambda o, n: data[o:o + n])  # completes: flushes
+    assert len(syncs) == 3 and cache.path_if_complete(fid) is not None
+    cache.validate_state()
+    cache.close()
+    again = make(tmp_path)
+    assert again.path_if_complete(fid) is not None
