@@ -1,0 +1,165 @@
+"""The Binary Star pair: every transition, the split-brain guard, and two simulated balancers
+exchanging heartbeats over a lossy, partitionable link (seeded)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balancer.binary_star import BinaryStar, State
+
+A, B, P = State.ACTIVE, State.BACKUP, State.PASSIVE
+PR = State.PRIMARY
+EXPIRY = 0.25 * 4
+
+
+def star(primary: bool, state: State | None = None) -> BinaryStar:
+    s = BinaryStar(primary, interval=0.25, liveness=4, now=0.0)
+    if state is not None:
+        s.state = state
+    return s
+
+
+@pytest.mark.parametrize(
+    ("primary", "state", "peer", "after"),
+    [
+        (True, PR, B, A),  # the primary meets its backup: serves
+        (True, PR, P, A),
+        (True, PR, A, P),  # the backup took over while the primary was away: it stays in charge
+        (True, PR, PR, PR),  # two primaries: a misconfiguration, nothing settles
+        (False, B, A, P),
+        (False, B, P, A),
+        (False, B, B, B),
+        (False, B, PR, B),  # the backup waits for the primary to settle
+        (True, A, B, A),
+        (True, A, P, A),
+        (True, A, A, A),  # dual active: the primary keeps serving
+        (False, A, A, P),  # ... and the backup steps down
+        (False, P, PR, A),  # the peer restarted: this one serves
+        (True, P, B, A),
+        (False, P, A, P),
+        (True, P, P, A),  # dual passive: the primary serves
+        (False, P, P, P),
+    ],
+)
+def test_peer_heartbeats_move_the_state(primary, state, peer, after):
+    s = star(primary, state)
+    s.on_peer(peer, 0.1)
+    assert s.state == after
+
+
+def test_a_passive_takes_over_only_when_the_peer_is_silent_and_a_client_turns_to_it():
+    s = star(False)
+    s.on_peer(A, 0.0)
+    assert s.state == P
+    # the peer is alive: a client is refused (it should be talking to the active one)
+    assert s.on_client(0.5) == (False, None)
+    # silence alone changes nothing: no client asked (the split-brain case)
+    for t in (1.5, 5.0, 60.0):
+        assert not s.peer_alive(t) and s.state == P
+    served, change = s.on_client(60.0)
+    assert served and change.new == A and "taking over" in change.why
+    assert s.counters["takeovers"] == 1
+
+
+def test_a_primary_alone_serves_after_giving_its_backup_a_chance():
+    s = star(True)
+    assert s.on_client(0.1) == (False, None)  # the backup may still announce itself (or be active)
+    served, change = s.on_client(EXPIRY + 0.01)
+    assert served and s.state == A and "no backup answers" in change.why
+
+
+def test_a_restarting_primary_does_not_serve_while_the_backup_is_active():
+    s = star(True)
+    assert s.on_client(0.05)[0] is False
+    s.on_peer(A, 0.1)
+    assert s.state == P and s.on_client(0.2)[0] is False
+
+
+def test_a_backup_whose_primary_never_came_up_serves_once_asked_after_liveness():
+    s = star(False)
+    assert s.on_client(0.5)[0] is False
+    assert s.on_client(EXPIRY + 0.01)[0] is True and s.state == A
+
+
+def test_status_says_role_state_and_peer():
+    s = star(True)
+    s.on_peer(B, 1.0)
+    st_ = s.status(1.5)
+    assert st_["role"] == "primary" and st_["state"] == "active" and st_["peer_state"] == "backup"
+    assert st_["peer_alive"] and st_["peer_silent_s"] == 0.5
+
+
+# ---- two balancers over a simulated link -------------------------------------------------------
+
+
+def run_pair(seed: int, steps: int, drop: float, partitions: list[tuple[float, float]],
+             client_asks: float, dead: tuple[float, float] | None = None):
+    """Step two stars 50 ms at a time. Heartbeats every 250 ms, dropped with ``drop`` and during
+    ``partitions``; clients ask both sides with probability ``client_asks`` per step only while
+    the side they talk to is unreachable (a client goes to the backup only when the primary does
+    not answer). ``dead``: the primary is down (no heartbeats, no service) in that interval."""
+    rng = random.Random(seed)
+    primary, backup = star(True), star(False)
+    serving_both = 0
+    restarted = False
+    for i in range(steps):
+        t = i * 0.05
+        cut = any(a <= t < b for a, b in partitions)
+        primary_down = dead is not None and dead[0] <= t < dead[1]
+        if dead is not None and t >= dead[1] and not restarted:
+            restarted = True
+            primary = BinaryStar(True, interval=0.25, liveness=4, now=t)  # restarted: fresh state
+        if i % 5 == 0:
+            if not primary_down and not cut and rng.random() > drop:
+                backup.on_peer(primary.heartbeat(), t)
+            if not primary_down and not cut and rng.random() > drop:
+                primary.on_peer(backup.heartbeat(), t)
+        if rng.random() < client_asks:
+            if primary_down:
+                backup.on_client(t)  # the clients fail over to the backup
+            else:
+                primary.on_client(t)
+        if primary.serving() and backup.serving() and not primary_down:
+            serving_both += 1
+    return primary, backup, serving_both
+
+
+def test_a_dead_primary_is_replaced_and_the_restarted_primary_stands_by():
+    primary, backup, both = run_pair(seed=1, steps=400, drop=0.0, partitions=[], client_asks=0.5, dead=(5.0, 12.0))
+    assert backup.state == State.ACTIVE and backup.counters.get("takeovers") == 1
+    assert primary.state == State.PASSIVE
+    assert both == 0
+
+
+def test_a_partition_between_the_balancers_alone_does_not_make_two_actives():
+    # the clients still reach the primary: nobody turns to the backup, it stays passive
+    primary, backup, both = run_pair(seed=2, steps=600, drop=0.0, partitions=[(5.0, 20.0)], client_asks=0.5)
+    assert primary.state == State.ACTIVE and backup.state == State.PASSIVE and both == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), drop=st.floats(0.0, 0.5))
+def test_with_lossy_heartbeats_at_most_one_side_serves_while_clients_reach_the_primary(seed, drop):
+    # Losing heartbeats (not a dead primary) may delay settling but never makes two actives,
+    # because a client turns to the backup only when the primary does not answer.
+    primary, backup, both = run_pair(seed=seed, steps=400, drop=drop, partitions=[], client_asks=0.3)
+    assert both == 0
+    assert primary.state == State.ACTIVE
+
+
+def test_after_a_partition_in_which_both_served_the_backup_steps_down_on_heal():
+    primary, backup = star(True), star(False)
+    primary.on_peer(B, 0.0)
+    backup.on_peer(A, 0.0)
+    assert (primary.state, backup.state) == (A, P)
+    # the link breaks and a client that cannot reach the primary turns to the backup
+    assert backup.on_client(2.0)[0] and backup.state == A
+    # the link heals: each hears the other active
+    primary.on_peer(backup.heartbeat(), 2.5)
+    backup.on_peer(State.ACTIVE, 2.5)
+    assert (primary.state, backup.state) == (A, P)
+    assert primary.counters["dual_active"] == 1 and backup.counters["dual_active"] == 1
