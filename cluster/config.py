@@ -38,15 +38,19 @@ class ClusterConfig:
     path: str = ""
 
 
-def load_cluster_config(path: Path | str) -> ClusterConfig:
-    """Read and check the cluster's TOML file."""
+def read_toml(path: Path | str) -> dict[str, Any]:
+    """The TOML file at ``path`` as a dict; ConfigError says what is wrong with it."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_cluster_config(data, str(path))
+
+
+def load_cluster_config(path: Path | str) -> ClusterConfig:
+    """Read and check the cluster's TOML file."""
+    return parse_cluster_config(read_toml(path), str(path))
 
 
 def parse_cluster_config(data: dict[str, Any], where: str = "config") -> ClusterConfig:

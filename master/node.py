@@ -16,23 +16,19 @@ One TOML file describes every master of a cluster (``deploy/cluster.example.toml
 from __future__ import annotations
 
 import logging
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
 
+from cluster.config import ConfigError, read_toml
 from cluster.runtime.loop import NodeLoop, SocketSpec
 from master.core import API, Committed, MasterCore, Propose, ProposalFailed
 from master.ledger import Ledger
 from master.raft import RaftAdapter
 
 log = logging.getLogger("cluster.master")
-
-
-class ConfigError(ValueError):
-    """The masters' config file is wrong; the message says where."""
 
 
 @dataclass(frozen=True)
@@ -51,14 +47,8 @@ class MastersConfig:
 
 
 def load_config(path: Path) -> MastersConfig:
-    """Read and check the masters' TOML file."""
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, str(path))
+    """Read and check the masters' part of the cluster's TOML file."""
+    return parse_config(read_toml(path), str(path))
 
 
 def parse_config(data: dict[str, Any], where: str = "config") -> MastersConfig:
