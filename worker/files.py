@@ -8,9 +8,11 @@ and its cache path is returned, and the worker says so once in its log.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Iterator, Sequence
 
 from worker.cache import BlockCache, StorageView
 
@@ -50,6 +52,26 @@ class WorkerFiles:
         if size is None:
             raise FileNotFoundError(f"no stored file {fid.hex()}")
         return self.cache.materialize(fid, size, lambda offset, n: self.view.read(fid, offset, n))
+
+    @contextlib.contextmanager
+    def inputs(self, fids: Sequence[bytes]) -> Iterator[list[Path]]:
+        """Paths of a task's inputs, good until the block ends. A file already complete in the
+        cache is handed out as the cache's own file, pinned so it is not evicted meanwhile:
+        the task reads it at native speed instead of through FUSE (measured: a FUSE read of a
+        cached file runs at ~18% of a direct read, doc/benchmarks.md). Others go through the
+        mount (fetched on demand) or, without it, are fetched whole first."""
+        pinned: list[bytes] = []
+        try:
+            paths = []
+            for fid in fids:
+                self.cache.pin(fid)
+                pinned.append(fid)
+                done = self.cache.path_if_complete(fid)
+                paths.append(done if done is not None else self.path(fid))
+            yield paths
+        finally:
+            for fid in pinned:
+                self.cache.unpin(fid)
 
     def add_own(self, fid: bytes, path: Path) -> None:
         """A file this worker wrote and stored: it is in the cache already, no fetch needed."""

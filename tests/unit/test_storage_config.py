@@ -73,3 +73,17 @@ def test_without_a_mount_files_are_fetched_whole_into_the_cache_and_it_says_so_o
     files.add_own(file_id(b"written here"), own)
     assert files.path(file_id(b"written here")).read_bytes() == b"written here"
     assert view.reads == reads  # a file the worker wrote itself is never fetched
+
+
+def test_a_tasks_inputs_are_the_cache_files_pinned_while_the_task_runs(tmp_path):
+    a, b = bytes(range(256)) * 5000, b"second input" * 1000
+    fa, fb = file_id(a), file_id(b)
+    view = DictView({fa: a, fb: b})
+    cache = BlockCache(tmp_path / "cache", 64 << 20, durable=False)
+    files = WorkerFiles(view, cache, None)
+    cache.put_bytes(fa, a)  # complete already: handed out as the cache's own file
+    with files.inputs([fa, fb]) as (pa, pb):
+        assert pa == cache.path_if_complete(fa) and pa.read_bytes() == a
+        assert pb.read_bytes() == b  # fetched whole (no mount here)
+        assert cache._pins.get(fa) == 1 and cache._pins.get(fb) == 1
+    assert not cache._pins.get(fa) and not cache._pins.get(fb)
