@@ -130,13 +130,14 @@ class LedgerState(msgspec.Struct, array_like=True):
     jobs: dict[bytes, Job] = {}
     keys: dict[bytes, tuple[bytes, bytes]] = {}  # idempotency key → (body digest, job id)
     files: dict[bytes, FileRecord] = {}
-    named: dict[bytes, dict[str, bytes]] = {}  # owner → name → file id (the per-job listings)
     fence: tuple[int, int] = (0, 0)  # the newest fencing token handed out
     job_seq: int = 0
     term: int = 0  # of the newest committed Barrier
     leader: str = ""
     applied: int = 0  # commands applied (a batch counts each of its commands)
     counters: dict[str, int] = {}
+    # appended (array-like: a new field goes last, so older snapshots still decode)
+    named: dict[bytes, dict[str, bytes]] = {}  # owner → name → file id (the per-job listings)
 
 
 @dataclass(frozen=True, slots=True)
