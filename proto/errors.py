@@ -74,3 +74,4 @@ class StorageStatus(enum.IntEnum):
     UNKNOWN_UPLOAD = 10  # no such upload in progress (expired, superseded or never opened)
     REPLICATION_FAILED = 11  # stored here, but fewer than the requested copies became durable
     BAD_REQUEST = 12  # a request this node cannot make sense of (e.g. zero copies)
+    IO_ERROR = 13  # this node's disk failed: try another node (the operator should look at it)

@@ -582,6 +582,7 @@ class BlobStore:
             self._check_space(session.size, session.size - have, session)
             session.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if have:
+            os.utime(session.fd)  # resumed now: not a stale partial for drop_stale_partials
             # After a crash the tail may be garbage on some file systems (written size, unwritten
             # data): then the id will not match at finish, and the upload is discarded, not stored.
             session.hasher = _hash_fd(session.fd, have)
@@ -849,23 +850,39 @@ class BlobStore:
                 return False
         return True
 
+    def delete_if_older(self, fid: bytes, cutoff: float) -> bool:
+        """Delete blob ``fid`` only if its mtime is still before ``cutoff`` (wall clock), checked
+        under the lock ``touch`` takes: a dedupe that touched it since the collector looked
+        keeps it. Returns whether it was deleted."""
+        fid = _check_id(fid)
+        with self._name_lock(fid):
+            try:
+                if os.stat(self._blob_path(fid)).st_mtime >= cutoff:
+                    return False
+            except FileNotFoundError:
+                return False
+            return self._delete_locked(fid)
+
     def delete(self, fid: bytes) -> bool:
         """Delete blob ``fid``; returns whether it was stored. Readers already reading finish first."""
         fid = _check_id(fid)
-        dest = self._blob_path(fid)
         with self._name_lock(fid):
-            size = self._stored_size(fid)
+            return self._delete_locked(fid)
+
+    def _delete_locked(self, fid: bytes) -> bool:
+        dest = self._blob_path(fid)
+        size = self._stored_size(fid)
+        if size is not None:
+            _unlink_quietly(dest)
+        # The sidecar after the data: a crash between leaves an orphan sidecar, which startup removes.
+        _unlink_quietly(dest + ".blocks")
+        with self._lock:
+            self._epoch += 1
+            self._uncache(fid)
             if size is not None:
-                _unlink_quietly(dest)
-            # The sidecar after the data: a crash between leaves an orphan sidecar, which startup removes.
-            _unlink_quietly(dest + ".blocks")
-            with self._lock:
-                self._epoch += 1
-                self._uncache(fid)
-                if size is not None:
-                    self._blob_count -= 1
-                    self._blob_bytes -= size
-                    self.counters["deleted"] += 1
+                self._blob_count -= 1
+                self._blob_bytes -= size
+                self.counters["deleted"] += 1
         return size is not None
 
     def ids(self) -> Iterator[tuple[bytes, float]]:

@@ -62,6 +62,7 @@ STATUS_OF = {
     "size_mismatch": StorageStatus.SIZE_MISMATCH,
     "hash_mismatch": StorageStatus.HASH_MISMATCH,
     "bad_id": StorageStatus.BAD_REQUEST,
+    "io_error": StorageStatus.IO_ERROR,
 }
 
 
@@ -213,6 +214,11 @@ class StorageCore:
             return [self._done_to(ev.route, m.request_id, 0, file_id, m.size, fail[0], fail[1], ev.stimulus_id)]
         out: list[Effect] = []
         old = self.by_file.get(file_id)
+        if old is not None and self.uploads[old].size != m.size:
+            self._count("uploads_refused")
+            return [self._done_to(ev.route, m.request_id, 0, file_id, m.size, StorageStatus.SIZE_MISMATCH,
+                                  f"file {file_id.hex()} is being uploaded with {self.uploads[old].size} bytes, not "
+                                  f"{m.size}: the id or the size sent is wrong", ev.stimulus_id)]
         if old is not None:
             # The same file again: its sender reconnected to resume, or a second sender raced
             # the first. The newest wins (a dead sender cannot hold a file hostage); the older
@@ -250,6 +256,10 @@ class StorageCore:
             return [self._done_to(ev.route, 0, m.upload_id, b"\0" * 16, 0, StorageStatus.UNKNOWN_UPLOAD,
                                   f"no upload {m.upload_id} open for this sender (expired, superseded or never opened): "
                                   "open it again to resume", ev.stimulus_id)]
+        if not isinstance(m.payload, (bytes, bytearray, memoryview)):
+            self._count("chunks_refused")
+            return self._fail(upload, StorageStatus.BAD_REQUEST, "a chunk without a payload", keep=True,
+                              cause=ev.stimulus_id, peer=True)
         n = len(m.payload)
         upload.last_seen = now
         problem = None
@@ -292,8 +302,10 @@ class StorageCore:
             code, text = ev.error
             status = STATUS_OF.get(code, StorageStatus.BAD_REQUEST)
             self._count(f"uploads_failed.{StorageStatus(status).name}")
-            # bytes that did not hash right, or a full disk: the store already dropped the partial
-            return self._fail(upload, status, text, keep=code not in ("hash_mismatch", "no_space"), cause=ev.stimulus_id)
+            # bytes that did not hash right, or a full disk mid-write: the store already dropped
+            # the partial. A begin that finds no room keeps the partial it would have resumed.
+            drop = code in ("hash_mismatch", "io_error") or (code == "no_space" and kind != "begin")
+            return self._fail(upload, status, text, keep=not drop, cause=ev.stimulus_id)
         if kind == "begin":
             if ev.data is True:  # stored already: dedupe
                 self._count("dedupes")

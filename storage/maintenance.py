@@ -126,18 +126,29 @@ class Maintenance:
                 return
             try:
                 size = self.store.size(fid)
-            except StoreError:
+            except (StoreError, OSError):
                 continue  # deleted meanwhile
             wait = limit.delay(size, time.monotonic())
             if wait and self._stop.wait(wait):
                 return
-            problem = self.store.verify(fid)
+            try:
+                problem = self.store.verify(fid)
+            except StoreError as exc:
+                if exc.code == "not_found":
+                    continue  # deleted meanwhile
+                problem = str(exc)
+            except OSError as exc:  # unreadable: as bad as corrupt, and one blob must not stop the pass
+                problem = f"unreadable: {exc}"
             self._count("blobs_verified")
             self._count("bytes_verified", size)
             if problem is not None:
                 self._count("corrupt_found")
                 log.warning("scrub: %s is corrupt here (%s); repairing from another replica", fid.hex(), problem)
-                self.repair(fid)
+                try:
+                    self.repair(fid)
+                except Exception as exc:
+                    self._count("repair_failed")
+                    log.error("repair of %s failed: %s", fid.hex(), exc)
             batch.append(fid)
             if len(batch) >= LOOKUP_BATCH:
                 self._check_replicas(batch)
@@ -155,8 +166,8 @@ class Maintenance:
             link = self._link(source)
             try:
                 size = link.size(fid)
-                self.store.replace_from(fid, self._chunks(link, fid, size))
-            except (TransferError, StoreError) as exc:
+                self.store.replace_from(fid, self._chunks(link, fid, size), size=size)
+            except (TransferError, StoreError, OSError) as exc:
                 log.warning("repair of %s from %s failed: %s", fid.hex(), source, exc)
                 self._drop_link(source)
                 continue
@@ -172,6 +183,9 @@ class Maintenance:
         offset = 0
         while offset < size:
             data, _ = link.read(fid, offset, min(CHUNK * 4, size - offset))
+            if not len(data):
+                raise TransferError(f"storage node {link.name} sent nothing at offset {offset} of a {size}-byte file",
+                                    None, link.name)
             yield data
             offset += len(data)
 
@@ -217,9 +231,10 @@ class Maintenance:
             batch = old[i:i + LOOKUP_BATCH]
             known = self._lookup([fid for fid, _ in batch], fresh=True)
             for fid in collectable(batch, known, now, self.options.gc_grace_s):
-                self.store.delete(fid)
-                self._count("collected")
-                log.info("collected %s: no job or pin refers to it", fid.hex())
+                # the lookup took time: a dedupe that touched the blob meanwhile keeps it
+                if self.store.delete_if_older(fid, now - self.options.gc_grace_s):
+                    self._count("collected")
+                    log.info("collected %s: no job or pin refers to it", fid.hex())
         self.last["gc_at"] = now
 
     def _lookup(self, fids: list[bytes], fresh: bool = False) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from storage.core import (
     WriteChunk,
 )
 from storage.maintenance import Maintenance
-from storage.transfer import StorageLink, TransferError
+from storage.transfer import StorageLink
 
 log = logging.getLogger("cluster.storage")
 
@@ -51,27 +51,40 @@ class DiskPerformer:
     def __init__(self, store: BlobStore) -> None:
         self.store = store
 
+    # Every performer answers: a disk that fails in a way the store does not name (EIO on a
+    # write or fsync, EMFILE, a rename that fails) is an error for that one upload or read,
+    # never an exception out of the node's loop.
+
     def begin(self, e: BeginUpload) -> list[Any]:
         try:
             stored = self.store.size(e.file_id)
         except StoreError:
             stored = None  # not stored here (a bad id: begin says so)
-        if stored is not None:
-            if stored != e.size:  # the id fixes the size: the sender's size or id is wrong
-                return [DiskDone(e.token, error=("size_mismatch", f"blob {e.file_id.hex()} is stored with {stored} "
-                                                 f"bytes, not {e.size}: the id or the size sent is wrong"))]
-            self.store.touch(e.file_id)  # a fresh grace period before the collector may take it
-            return [DiskDone(e.token, e.size, True)]
+        except OSError as exc:
+            return [_disk_error(e.token, exc)]
         try:
+            if stored is not None:
+                if stored != e.size:  # the id fixes the size: the sender's size or id is wrong
+                    return [DiskDone(e.token, error=("size_mismatch", f"blob {e.file_id.hex()} is stored with {stored} "
+                                                     f"bytes, not {e.size}: the id or the size sent is wrong"))]
+                # a fresh grace period before the collector may take it; if it was collected
+                # this very moment, store it again
+                if self.store.touch(e.file_id):
+                    return [DiskDone(e.token, e.size, True)]
             return [DiskDone(e.token, self.store.begin(e.file_id, e.size))]
         except StoreError as exc:
             return [DiskDone(e.token, error=(exc.code, str(exc)))]
+        except Exception as exc:
+            return [_disk_error(e.token, exc)]
 
     def write(self, e: WriteChunk) -> list[Any]:
         try:
             return [DiskDone(e.token, self.store.write(e.file_id, e.offset, e.data))]
         except StoreError as exc:
             return [DiskDone(e.token, error=(exc.code, str(exc)))]
+        except Exception as exc:
+            self._drop_session(e.file_id)
+            return [_disk_error(e.token, exc)]
 
     def finish(self, e: FinishUpload) -> list[Any]:
         try:
@@ -79,17 +92,40 @@ class DiskPerformer:
             return [DiskDone(e.token, self.store.size(e.file_id))]
         except StoreError as exc:
             return [DiskDone(e.token, error=(exc.code, str(exc)))]
+        except Exception as exc:
+            self._drop_session(e.file_id)
+            return [_disk_error(e.token, exc)]
 
     def abort(self, e: AbortUpload) -> None:
-        self.store.abort(e.file_id, keep=e.keep)
+        try:
+            self.store.abort(e.file_id, keep=e.keep)
+        except Exception as exc:
+            log.error("could not close the upload of %s: %s", e.file_id.hex(), exc)
 
     def read(self, e: ReadRange) -> list[Any]:
         try:
             size = self.store.size(e.file_id)
             return [DiskDone(e.token, size, self.store.read(e.file_id, e.offset, e.length))]
         except StoreError as exc:
-            size = self.store.size(e.file_id) if exc.code not in ("not_found", "bad_id") and self.store.has(e.file_id) else 0
+            try:
+                size = self.store.size(e.file_id) if exc.code not in ("not_found", "bad_id") else 0
+            except (StoreError, OSError):
+                size = 0  # deleted meanwhile
             return [DiskDone(e.token, size, error=(exc.code, str(exc)))]
+        except Exception as exc:
+            return [_disk_error(e.token, exc)]
+
+    def _drop_session(self, file_id: bytes) -> None:
+        try:
+            self.store.abort(file_id, keep=False)
+        except Exception:
+            pass  # the partial is unreadable anyway; startup and the collector clear it
+
+
+def _disk_error(token: int, exc: BaseException) -> DiskDone:
+    log.error("disk error: %s: %s", type(exc).__name__, exc)
+    return DiskDone(token, error=("io_error", f"the storage node's disk failed ({exc}): try another node; "
+                                              "the operator should check its disk"))
 
 
 def push(store: BlobStore, file_id: bytes, size: int, link: StorageLink, origin: str) -> list[str]:
@@ -126,17 +162,22 @@ class Replicator:
         for target in e.targets:
             if len(stored) >= e.needed:
                 break
-            try:
-                push(self.store, e.file_id, e.size, self._link(target), self.name)
-                stored.append(target)
-            except (TransferError, StoreError) as exc:
-                failed[target] = str(exc)
-                log.warning("replicating %s to %s failed: %s", e.file_id.hex(), target, exc)
-                links = getattr(self.local, "links", {})
-                link = links.pop(target, None)
-                if link is not None:
-                    link.close()  # a fresh connection next time: no stale answers on it
-        self.loop.post(Replicated(e.token, tuple(stored), failed, self.loop.stimulus("replicated")))
+        try:
+            for target in e.targets:
+                if len(stored) >= e.needed:
+                    break
+                try:
+                    push(self.store, e.file_id, e.size, self._link(target), self.name)
+                    stored.append(target)
+                except Exception as exc:  # whatever fails, the upload must get its answer
+                    failed[target] = str(exc)
+                    log.warning("replicating %s to %s failed: %s", e.file_id.hex(), target, exc)
+                    links = getattr(self.local, "links", {})
+                    link = links.pop(target, None)
+                    if link is not None:
+                        link.close()  # a fresh connection next time: no stale answers on it
+        finally:
+            self.loop.post(Replicated(e.token, tuple(stored), failed, self.loop.stimulus("replicated")))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -96,10 +96,16 @@ class StorageLink:
         request_id = next(self._ids)
         upper, lower = split128(file_id)
         self._send(UploadOpen(request_id, upper, lower, size, copies, origin))
-        reply = self._expect((UploadReady, UploadDone), "to open the upload")
+        while True:  # answers to an earlier upload on this link are not ours
+            reply = self._expect((UploadReady, UploadDone), "to open the upload")
+            if reply.request_id == request_id:
+                break
         if isinstance(reply, UploadDone):
             return self._done(reply)
         upload_id, offset, limit = reply.upload_id, reply.offset, reply.offset + reply.credit
+
+        def ours(done: UploadDone) -> bool:
+            return done.request_id == request_id or done.upload_id == upload_id
         if progress and offset:
             progress(offset)
         sent_last = False
@@ -107,6 +113,9 @@ class StorageLink:
             n = min(chunk, size - offset, limit - offset)
             if n > 0 or offset == size:
                 data = read_at(offset, n) if n else b""
+                if len(data) != n:
+                    raise TransferError(f"the source gave {len(data)} bytes at offset {offset} where {n} were due: "
+                                        "did the file change while it was uploaded?", None, self.name)
                 sent_last = offset + n == size
                 self._send(FileChunk(upload_id, offset, int(sent_last), data))
                 offset += n
@@ -117,19 +126,19 @@ class StorageLink:
                     reply = self._poll_one(0)
                     if reply is None:
                         break
-                    if isinstance(reply, UploadDone):  # an error, or (after the last chunk) the answer
+                    if isinstance(reply, UploadDone) and ours(reply):  # an error, or the answer
                         return self._done(reply)
                     limit = self._on_upload_reply(reply, upload_id, limit)
                 continue
             reply = self._expect((UploadCredit, UploadDone), "to grant credit")
-            if isinstance(reply, UploadDone):
+            if isinstance(reply, UploadDone) and ours(reply):
                 return self._done(reply)
             limit = self._on_upload_reply(reply, upload_id, limit)
         # The node answers once the file is fsynced and pushed to copies - 1 peers; while it
         # pushes, a zero credit each second says it is alive, so silence still means trouble.
         while True:
             reply = self._expect((UploadDone, UploadCredit), "to store the file")
-            if isinstance(reply, UploadDone):
+            if isinstance(reply, UploadDone) and ours(reply):
                 return self._done(reply)
 
     def _on_upload_reply(self, reply: Any, upload_id: int, limit: int) -> int:
@@ -172,20 +181,24 @@ class StorageLink:
         each range to ``write_at(offset, data)`` (any order); returns the file's size."""
         size = self.size(file_id)
         upper, lower = split128(file_id)
-        inflight: dict[int, int] = {}
+        inflight: dict[int, tuple[int, int]] = {}  # request id → (offset, length)
         offset = start
         while offset < size or inflight:
             while offset < size and len(inflight) < window:
                 request_id = next(self._ids)
                 n = min(chunk, size - offset)
                 self._send(FileRequest(request_id, upper, lower, offset, n))
-                inflight[request_id] = offset
+                inflight[request_id] = (offset, n)
                 offset += n
             reply = self._expect((FileResponse,), "to read")
-            at = inflight.pop(reply.request_id, None)
-            if at is None:
+            asked = inflight.pop(reply.request_id, None)
+            if asked is None:
                 continue  # a late answer to an earlier call
+            at, n = asked
             data = self._payload(reply)
+            if len(data) != n:
+                raise TransferError(f"storage node {self.name} sent {len(data)} bytes at offset {at} where {n} were "
+                                    "due (the file is immutable: a short answer is a fault)", None, self.name)
             write_at(at, data)
             if progress:
                 progress(len(data))

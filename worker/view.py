@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from cluster.client import Client, ClusterError
+from proto.errors import StorageStatus
 from storage.core import rank
 from storage.transfer import StorageLink, TransferError
 
@@ -69,7 +70,10 @@ class ClusterView:
                 return memoryview(data)  # a view of the received frame: the cache writes it as is
             except TransferError as exc:
                 errors.append(f"{node}: {exc}")
-                self._bad[node] = time.monotonic() + self.penalty_s
+                if exc.status not in (StorageStatus.NOT_FOUND, StorageStatus.OUT_OF_RANGE):
+                    # down, slow, or a bad disk there: skip it for a while; a node that simply
+                    # lacks this file is fine for others
+                    self._bad[node] = time.monotonic() + self.penalty_s
                 self._drop_link(node)
                 self.counters["failovers"] += 1
                 log.warning("read of %s at %d from %s failed (%s); trying the next replica", fid.hex(), offset, node, exc)

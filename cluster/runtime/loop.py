@@ -287,7 +287,12 @@ class NodeLoop:
                 self.log.exception("%s core failed on %s; the node goes on serving", self.core.role, type(event).__name__)
                 continue
             for effect in effects:
-                result = self._perform(effect)
+                try:
+                    result = self._perform(effect)
+                except Exception:  # a performer's bug: logged and counted, the node serves on
+                    self.counters["performer_errors"] += 1
+                    self.log.exception("%s could not perform %s; the node goes on serving", self.core.role, type(effect).__name__)
+                    continue
                 if result:
                     followups.extend(result)
 

@@ -623,3 +623,54 @@ def test_rate_limit_allows_a_burst_then_paces_reads():
 def test_settings_from_the_config():
     assert settings_of(StorageOptions()) == StorageSettings()
     assert settings_of(StorageOptions(window_mb=1, idle_timeout_s=1.5)) == StorageSettings(window=1 << 20, idle_timeout=1.5)
+
+# ---- faults the review found ----------------------------------------------------------------
+
+
+def test_a_disk_that_fails_mid_upload_ends_that_upload_with_io_error_and_nothing_else(h, monkeypatch):
+    import errno
+
+    data = payload(300 * KiB, seed=40)
+    fid = file_id(data)
+    upload_id = one(h.open(fid, len(data)), UploadReady).upload_id
+
+    def broken(*_a, **_k):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(h.store, "write", broken)
+    done = one(h.chunk(upload_id, 0, data[:KiB]), UploadDone, CLIENT)
+    assert done.status == StorageStatus.IO_ERROR and "try another node" in done.error
+    assert h.core.uploads == {} and not h.partials() and not h.store.has(fid)
+    monkeypatch.undo()
+    assert one(h.upload(data), UploadDone, CLIENT).status == StorageStatus.OK  # the node goes on
+
+
+def test_a_chunk_without_a_payload_is_refused_clearly(h):
+    data = payload(10 * KiB, seed=41)
+    fid = file_id(data)
+    upload_id = one(h.open(fid, len(data)), UploadReady).upload_id
+    done = one(h.chunk(upload_id, 0, None), UploadDone, CLIENT)
+    assert done.status == StorageStatus.BAD_REQUEST and "without a payload" in done.error
+
+
+def test_an_open_with_another_size_does_not_supersede_a_running_upload(h):
+    data = payload(200 * KiB, seed=42)
+    fid = file_id(data)
+    first = one(h.open(fid, len(data)), UploadReady).upload_id
+    refused = one(h.open(fid, len(data) + 1, route=OTHER), UploadDone, OTHER)
+    assert refused.status == StorageStatus.SIZE_MISMATCH and h.core.uploads[first].route == CLIENT
+    assert one(h.send_rest(first, data, 0, CLIENT), UploadDone, CLIENT).status == StorageStatus.OK
+
+
+def test_the_collector_spares_a_blob_a_dedupe_touched_after_it_looked(h):
+    import os
+
+    data = payload(5 * KiB, seed=43)
+    fid = h.store.put_bytes(data)
+    path = h.blob_path(fid)
+    os.utime(path, (1000.0, 1000.0))  # old: past any grace
+    cutoff = 2000.0
+    assert h.store.touch(fid)  # a dedupe now
+    assert not h.store.delete_if_older(fid, cutoff) and h.store.has(fid)
+    os.utime(path, (1000.0, 1000.0))
+    assert h.store.delete_if_older(fid, cutoff) and not h.store.has(fid)
