@@ -87,3 +87,15 @@ def test_a_tasks_inputs_are_the_cache_files_pinned_while_the_task_runs(tmp_path)
         assert pb.read_bytes() == b  # fetched whole (no mount here)
         assert cache._pins.get(fa) == 1 and cache._pins.get(fb) == 1
     assert not cache._pins.get(fa) and not cache._pins.get(fb)
+
+
+def test_the_example_config_in_deploy_is_valid_for_every_reader():
+    from pathlib import Path
+
+    from cluster.config import load_cluster_config
+    from master.node import load_config
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "cluster.example.toml"
+    config = load_cluster_config(path)
+    assert config.storage.replicas == 2 and len(config.storage_nodes) == 2 and len(config.masters) == 3
+    assert set(load_config(path).masters) == set(config.masters)
