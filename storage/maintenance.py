@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 from cluster.config import ClusterConfig
 from proto.errors import StorageStatus
 from storage.blobs import BlobStore, StoreError
-from storage.transfer import CHUNK, StorageLink, TransferError
+from storage.transfer import CHUNK, LinkPool, StorageLink, TransferError, push
 
 log = logging.getLogger("cluster.storage")
 
@@ -73,7 +73,7 @@ class Maintenance:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = None
-        self._links: dict[str, StorageLink] = {}
+        self._links = LinkPool(self.peers)
         self._down: set[str] = set()
 
     # ---- life cycle ------------------------------------------------------------------------
@@ -86,8 +86,7 @@ class Maintenance:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        for link in self._links.values():
-            link.close()
+        self._links.close()
         if self._client is not None:
             self._client.close()
 
@@ -163,13 +162,13 @@ class Maintenance:
         record = self._lookup([fid]).get(fid.hex()) if self.config.masters else None
         sources = [n for n in (record or {}).get("replicas", []) if n in self.peers] or list(self.peers)
         for source in sources:
-            link = self._link(source)
+            link = self._links.get(source)
             try:
                 size = link.size(fid)
                 self.store.replace_from(fid, self._chunks(link, fid, size), size=size)
             except (TransferError, StoreError, OSError) as exc:
                 log.warning("repair of %s from %s failed: %s", fid.hex(), source, exc)
-                self._drop_link(source)
+                self._links.drop(source)
                 continue
             self._count("repaired")
             log.info("repaired %s from %s", fid.hex(), source)
@@ -200,22 +199,22 @@ class Maintenance:
             for node in record["replicas"]:
                 if node == self.name or node not in self.peers or node in self._down:
                     continue
-                link = self._link(node)
+                link = self._links.get(node)
                 try:
                     link.size(fid)
                 except TransferError as exc:
                     if exc.status != StorageStatus.NOT_FOUND:
                         if exc.status is None:
                             self._down.add(node)
-                        self._drop_link(node)
+                        self._links.drop(node)
                         continue  # down or corrupt there: its own scrub or a later pass deals with it
                     try:
-                        link.upload(fid, record["size"], lambda o, n, f=fid: self.store.read(f, o, n), copies=1, origin=self.name)
+                        push(self.store, fid, record["size"], link, self.name)
                         self._count("replicas_recreated")
                         log.info("re-created the replica of %s on %s", fid.hex(), node)
                     except (TransferError, StoreError) as exc2:
                         log.warning("could not re-create %s on %s: %s", fid.hex(), node, exc2)
-                        self._drop_link(node)
+                        self._links.drop(node)
 
     # ---- collection ------------------------------------------------------------------------
 
@@ -252,16 +251,6 @@ class Maintenance:
         if fresh and answer.stale:
             return {}
         return answer.value
-
-    def _link(self, node: str) -> StorageLink:
-        if node not in self._links:
-            self._links[node] = StorageLink(self.peers[node], name=node, timeout=10.0)
-        return self._links[node]
-
-    def _drop_link(self, node: str) -> None:
-        link = self._links.pop(node, None)
-        if link is not None:
-            link.close()
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n

@@ -16,7 +16,6 @@ The cluster's TOML file (the masters' file, ``deploy/cluster.example.toml``) gai
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from storage.core import (
     WriteChunk,
 )
 from storage.maintenance import Maintenance
-from storage.transfer import StorageLink
+from storage.transfer import LinkPool, push
 
 log = logging.getLogger("cluster.storage")
 
@@ -128,12 +127,6 @@ def _disk_error(token: int, exc: BaseException) -> DiskDone:
                                               "the operator should check its disk"))
 
 
-def push(store: BlobStore, file_id: bytes, size: int, link: StorageLink, origin: str) -> list[str]:
-    """Copy a stored file to the node behind ``link`` (one copy there; dedupe makes it instant
-    when the node has it already)."""
-    return link.upload(file_id, size, lambda offset, n: store.read(file_id, offset, n), copies=1, origin=origin)
-
-
 class Replicator:
     """Runs the core's Replicate effects on threads and posts Replicated back to the loop."""
 
@@ -143,44 +136,31 @@ class Replicator:
         self.addresses = addresses
         self.loop = loop
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="replicate")
-        self.local = threading.local()
+        self.links = LinkPool(addresses)
 
     def __call__(self, e: Replicate) -> None:
         self.pool.submit(self._run, e)
 
-    def _link(self, target: str) -> StorageLink:
-        links = getattr(self.local, "links", None)
-        if links is None:
-            links = self.local.links = {}
-        if target not in links:
-            links[target] = StorageLink(self.addresses[target], name=target, timeout=10.0)
-        return links[target]
-
     def _run(self, e: Replicate) -> None:
         stored: list[str] = []
         failed: dict[str, str] = {}
-        for target in e.targets:
-            if len(stored) >= e.needed:
-                break
         try:
             for target in e.targets:
                 if len(stored) >= e.needed:
                     break
                 try:
-                    push(self.store, e.file_id, e.size, self._link(target), self.name)
+                    push(self.store, e.file_id, e.size, self.links.get(target), self.name)
                     stored.append(target)
                 except Exception as exc:  # whatever fails, the upload must get its answer
                     failed[target] = str(exc)
                     log.warning("replicating %s to %s failed: %s", e.file_id.hex(), target, exc)
-                    links = getattr(self.local, "links", {})
-                    link = links.pop(target, None)
-                    if link is not None:
-                        link.close()  # a fresh connection next time: no stale answers on it
+                    self.links.drop(target)
         finally:
             self.loop.post(Replicated(e.token, tuple(stored), failed, self.loop.stimulus("replicated")))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.links.close()
 
 
 def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bool = True,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 from typing import Any, Callable
 
@@ -242,3 +243,52 @@ class StorageLink:
             message = self._poll_one(int(left * 1000) + 1)
             if message is not None and isinstance(message, kinds):
                 return message
+
+
+class LinkPool:
+    """Links to storage nodes by name, one set per thread: a ZeroMQ socket must stay on the
+    thread that made it, and FUSE, replication and upkeep each read from several threads.
+    ``drop`` a link after a failure so the next use connects afresh: a late answer on the old
+    socket can then never be taken for a new request's."""
+
+    def __init__(self, addresses: dict[str, str], *, timeout: float = 10.0) -> None:
+        self.addresses = addresses
+        self.timeout = timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: set[StorageLink] = set()
+
+    def get(self, node: str) -> StorageLink:
+        links = self._links()
+        link = links.get(node)
+        if link is None:
+            link = links[node] = StorageLink(self.addresses[node], name=node, timeout=self.timeout)
+            with self._lock:
+                self._all.add(link)
+        return link
+
+    def drop(self, node: str) -> None:
+        link = self._links().pop(node, None)
+        if link is not None:
+            with self._lock:
+                self._all.discard(link)
+            link.close()
+
+    def close(self) -> None:
+        """Close every link of every thread; call once the threads using them are done."""
+        with self._lock:
+            links, self._all = self._all, set()
+        for link in links:
+            link.close()
+
+    def _links(self) -> dict[str, StorageLink]:
+        links = getattr(self._local, "links", None)
+        if links is None:
+            links = self._local.links = {}
+        return links
+
+
+def push(store: Any, file_id: bytes, size: int, link: StorageLink, origin: str) -> list[str]:
+    """Copy a file stored in ``store`` (a ``storage.blobs.BlobStore``) to the node behind
+    ``link``: one copy there; dedupe makes it instant when the node has it already."""
+    return link.upload(file_id, size, lambda offset, n: store.read(file_id, offset, n), copies=1, origin=origin)

@@ -22,7 +22,7 @@ from typing import Any
 from cluster.client import Client, ClusterError
 from proto.errors import StorageStatus
 from storage.core import rank
-from storage.transfer import StorageLink, TransferError
+from storage.transfer import LinkPool, TransferError
 
 log = logging.getLogger("cluster.worker")
 
@@ -42,11 +42,12 @@ class ClusterView:
         self._listings: dict[bytes, tuple[float, dict[str, bytes] | None]] = {}
         self._bad: dict[str, float] = {}  # node → until when it is skipped
         self._lock = threading.Lock()  # the masters' client is one set of sockets
-        self._local = threading.local()
+        self._links = LinkPool(self.storage, timeout=read_timeout)
         self.counters: dict[str, int] = {"reads": 0, "failovers": 0, "lookups": 0}
 
     def close(self) -> None:
         self.client.close()
+        self._links.close()
 
     # ---- StorageView -------------------------------------------------------------------------
 
@@ -65,7 +66,7 @@ class ClusterView:
         order = [n for n in order if self._bad.get(n, 0) <= now] + [n for n in order if self._bad.get(n, 0) > now]
         for node in order:
             try:
-                data, _ = self._link(node).read(fid, offset, length)
+                data, _ = self._links.get(node).read(fid, offset, length)
                 self.counters["reads"] += 1
                 return memoryview(data)  # a view of the received frame: the cache writes it as is
             except TransferError as exc:
@@ -74,7 +75,7 @@ class ClusterView:
                     # down, slow, or a bad disk there: skip it for a while; a node that simply
                     # lacks this file is fine for others
                     self._bad[node] = time.monotonic() + self.penalty_s
-                self._drop_link(node)
+                self._links.drop(node)
                 self.counters["failovers"] += 1
                 log.warning("read of %s at %d from %s failed (%s); trying the next replica", fid.hex(), offset, node, exc)
         raise OSError(errno.EIO, f"no replica could serve {fid.hex()} at {offset}: {'; '.join(errors)}")
@@ -150,18 +151,3 @@ class ClusterView:
         # (its cache stays warm), and different files spread over the nodes
         listed = rank(fid, [n for n in record.get("replicas", []) if n in self.storage])
         return listed + [n for n in rank(fid, list(self.storage)) if n not in listed]
-
-    def _link(self, node: str) -> StorageLink:
-        links = getattr(self._local, "links", None)
-        if links is None:
-            links = self._local.links = {}
-        link = links.get(node)
-        if link is None:
-            link = links[node] = StorageLink(self.storage[node], name=node, timeout=self.read_timeout)
-        return link
-
-    def _drop_link(self, node: str) -> None:
-        links = getattr(self._local, "links", {})
-        link = links.pop(node, None)
-        if link is not None:
-            link.close()  # a late answer must not be taken for the next request's
