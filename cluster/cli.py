@@ -197,12 +197,14 @@ def upload(path: Path, config_path: Path, job: str | None, name: str | None, cop
 def download(file_id: str, path: Path, config_path: Path) -> None:
     """Fetch the stored file FILE_ID into PATH (verified against its id)."""
     from cluster.client import ClusterError
+    from storage.blobs import parse_id
 
     client = _client(config_path)
     try:
-        if not _is_id(file_id):
-            raise ClusterError(f"{file_id!r} is not a file id (32 hex digits)")
-        file_id = file_id.lower()
+        try:
+            file_id = parse_id(file_id).hex()
+        except ValueError as exc:
+            raise ClusterError(str(exc)) from None
         record = client.lookup_files([bytes.fromhex(file_id)]).value.get(file_id)
         progress, advance = _progress((record or {}).get("size", 0), f"download {file_id[:12]}")
         with progress:
@@ -212,10 +214,6 @@ def download(file_id: str, path: Path, config_path: Path) -> None:
     finally:
         client.close()
     click.echo(f"{path}: {size} bytes", err=True)
-
-
-def _is_id(text: str) -> bool:
-    return len(text) == 32 and all(c in "0123456789abcdef" for c in text.lower())
 
 
 @cli.group(invoke_without_command=True)

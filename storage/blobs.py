@@ -260,7 +260,9 @@ def _unlink_quietly(path: str) -> bool:
         return False
 
 
-def _is_hex_id(name: str) -> bool:
+def is_hex_id(name: str) -> bool:
+    """Whether ``name`` is a file id as files and paths spell it: 32 lowercase hex digits (one
+    spelling per id, so a directory listing or the kernel's dentries never hold two)."""
     return len(name) == 2 * HASH_SIZE and set(name) <= _HEX
 
 
@@ -359,7 +361,7 @@ class BlobStore:
                     removed += _unlink_quietly(e.path)
                 elif e.name.endswith(".blocks") and e.name[:-7] not in names:
                     orphans += _unlink_quietly(e.path)
-                elif _is_hex_id(e.name):
+                elif is_hex_id(e.name):
                     self._blob_count += 1
                     self._blob_bytes += e.stat().st_size
                     if e.name + ".blocks" not in names:
@@ -891,7 +893,7 @@ class BlobStore:
             dirs = sorted(e.path for e in top if len(e.name) == 2 and e.is_dir())
         for d in dirs:
             with os.scandir(d) as it:
-                entries = sorted((e for e in it if _is_hex_id(e.name)), key=lambda e: e.name)
+                entries = sorted((e for e in it if is_hex_id(e.name)), key=lambda e: e.name)
             for e in entries:
                 try:
                     mtime = e.stat().st_mtime
@@ -925,7 +927,7 @@ class BlobStore:
         out = []
         with os.scandir(self._partial) as it:
             for e in it:
-                if e.name.endswith(".part") and _is_hex_id(e.name[:-5]):
+                if e.name.endswith(".part") and is_hex_id(e.name[:-5]):
                     try:
                         st = e.stat()
                     except FileNotFoundError:

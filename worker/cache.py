@@ -48,9 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+# The cache's block is the storage's verification block: a fetch of whole blocks is what a
+# storage node verifies with the least reading.
+from storage.blobs import BLOCK, is_hex_id
+
 log = logging.getLogger("cluster.worker")
 
-BLOCK = 1 << 20
 # One fetch covers at most this many bytes of adjacent missing blocks: large enough to amortise
 # a round trip, small enough that one request does not hold a replica's link for long.
 MAX_FETCH = 8 << 20
@@ -799,12 +802,7 @@ def _runs(blocks: list[int], max_run: int) -> list[list[int]]:
 
 
 def _parse_hex(name: str) -> bytes | None:
-    if len(name) != 32:
-        return None
-    try:
-        return bytes.fromhex(name)
-    except ValueError:
-        return None
+    return bytes.fromhex(name) if is_hex_id(name) else None
 
 
 def _pread_full(fd: int, n: int, offset: int) -> bytes:

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.blobs import is_hex_id
 from worker.cache import BLOCK, READ_AHEAD_MAX, BlockCache, ReadAhead, StorageView
 
 if not os.environ.get("FUSE_LIBRARY_PATH"):
@@ -134,13 +135,7 @@ def _fuse_error(code: int) -> OSError:
 
 
 def _parse_id(name: str) -> bytes | None:
-    """A 32-char lowercase hex id (one spelling per file keeps the kernel's dentries unique)."""
-    if len(name) != 32 or name != name.lower():
-        return None
-    try:
-        return bytes.fromhex(name)
-    except ValueError:
-        return None
+    return bytes.fromhex(name) if is_hex_id(name) else None
 
 
 def _job_tree(files: dict[str, bytes]) -> dict[str, Any]:
