@@ -29,7 +29,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 from bench import machine  # noqa: E402
+from bench.procs import Worker  # noqa: E402
 from proto.codec import DEFAULT_LIMITS, Codec, new_node_id  # noqa: E402
 from proto.messages import FileChunk, FileRequest, FileResponse  # noqa: E402
 
@@ -70,27 +70,6 @@ def hwm_for(size: int) -> int:
 
 
 # ---- worker processes ---------------------------------------------------------------------
-
-
-def _worker_main(conn: Any) -> None:
-    """A benchmark process: runs tasks sent by the parent until it sends None (or goes away)."""
-    ctx = zmq.Context()
-    try:
-        while True:
-            try:
-                cmd = conn.recv()
-            except EOFError:
-                break
-            if cmd is None:
-                break
-            name, kwargs = cmd
-            try:
-                result = TASKS[name](ctx, conn, **kwargs)
-                conn.send(("ok", result))
-            except Exception:  # reported to the parent, which stops the run
-                conn.send(("error", traceback.format_exc()))
-    finally:
-        ctx.destroy(linger=0)
 
 
 def task_tp_recv(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int, hwm: int) -> dict:
@@ -232,54 +211,6 @@ TASKS = {
     "lat_server": task_lat_server,
     "lat_client": task_lat_client,
 }
-
-
-class Worker:
-    """One benchmark process and its command pipe."""
-
-    def __init__(self, mpctx: Any, name: str) -> None:
-        self.name = name
-        self.conn, child = mpctx.Pipe()
-        self.proc = mpctx.Process(target=_worker_main, args=(child,), name=name, daemon=True)
-        self.proc.start()
-        child.close()
-
-    def start(self, task: str, **kwargs: Any) -> None:
-        self.conn.send((task, kwargs))
-
-    def _get(self, timeout: float) -> tuple[str, Any]:
-        deadline = time.monotonic() + timeout
-        while not self.conn.poll(0.2):  # bounded polling: notice a dead worker, never hang
-            if not self.proc.is_alive():
-                raise RuntimeError(f"{self.name} died (exit code {self.proc.exitcode})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: no answer in {timeout:.0f} s")
-        return self.conn.recv()
-
-    def message(self, expect: str, timeout: float = 30.0) -> Any:
-        tag, value = self._get(timeout)
-        if tag == "error":
-            raise RuntimeError(f"{self.name} failed:\n{value}")
-        if tag != expect:
-            raise RuntimeError(f"{self.name}: expected {expect!r}, got {tag!r}")
-        return value
-
-    def result(self, timeout: float = RESULT_TIMEOUT_S) -> Any:
-        return self.message("ok", timeout)
-
-    def stop(self) -> None:
-        try:
-            self.conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(3)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(3)
-        self.conn.close()
 
 
 # ---- throughput ------------------------------------------------------------------------------
@@ -634,8 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     cpu_before = machine.cpu_times()
     mpctx = mp.get_context("spawn")
-    a = Worker(mpctx, "bench-a")
-    b = Worker(mpctx, "bench-b")
+    a = Worker(mpctx, "bench-a", "bench.messaging", RESULT_TIMEOUT_S)
+    b = Worker(mpctx, "bench-b", "bench.messaging", RESULT_TIMEOUT_S)
     try:
         log("throughput (raw and ours alternate) …")
         res["throughput"] = run_throughput(a, b, reps, target_s, log)

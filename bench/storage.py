@@ -89,7 +89,8 @@ if str(ROOT) not in sys.path:
 import zmq  # noqa: E402
 
 from bench import machine  # noqa: E402
-from bench.storage_procs import Worker  # noqa: E402
+from bench.procs import Worker  # noqa: E402
+from bench.storage_procs import worker  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -368,7 +369,7 @@ def bench_transfers(tmp: dict[str, Path], reps: int, sizes: tuple[int, ...], cop
         for base in tmp.values():
             for side in ("raw", "ours"):
                 prefill(download_dest(base, side, size), size)
-    server, client = Worker(mpctx, "raw-server"), Worker(mpctx, "client")
+    server, client = worker(mpctx, "raw-server"), worker(mpctx, "client")
     trials: dict = {}
     cpu0 = machine.cpu_times()
     try:
@@ -492,7 +493,7 @@ def bench_fuse(base: Path, size: int, reps: int, mpctx: Any) -> dict:
         make_source(src, size)
     masters = master_nodes(d, 3, log_level="WARNING")
     trials: dict[str, list[dict]] = {}
-    reader = Worker(mpctx, "reader")
+    reader = worker(mpctx, "reader")
     cpu0 = machine.cpu_times()
     try:
         for m in masters:
@@ -571,7 +572,7 @@ def profile_side(node_dir: Path, client: Worker, task: str, out: Path, **kwargs:
 def bench_profile(tmp: dict[str, Path], size: int, store: str, mpctx: Any, out: Path) -> dict:
     src = tmp["disk"] / "source-profile.bin"
     make_source(src, size)
-    client = Worker(mpctx, "client")
+    client = worker(mpctx, "client")
     node_dir = tmp[store] / "profile-node"
     try:
         up = profile_side(node_dir, client, "ours_upload", out, src=str(src), copies=1)

@@ -9,101 +9,23 @@ Every task takes the worker's zmq context and the pipe first and returns a dict 
 
 from __future__ import annotations
 
-import cProfile
 import os
 import signal
 import struct
 import time
-import traceback
 from typing import Any
 
 import zmq
+
+from bench.procs import Worker
 
 MiB = 1 << 20
 TIMEOUT_S = 120.0  # a silent peer for this long fails the trial (no hangs)
 
 
-# ---- benchmark processes --------------------------------------------------------------------
-
-
-def _worker_main(conn: Any) -> None:
-    """A benchmark process: runs tasks sent by the parent until it sends None (or goes away)."""
-    ctx = zmq.Context()
-    try:
-        while True:
-            try:
-                cmd = conn.recv()
-            except EOFError:
-                break
-            if cmd is None:
-                break
-            name, kwargs = cmd
-            try:
-                conn.send(("ok", _run_task(name, ctx, conn, kwargs)))
-            except Exception:  # reported to the parent, which stops the run
-                conn.send(("error", traceback.format_exc()))
-    finally:
-        ctx.destroy(linger=0)
-
-
-def _run_task(name: str, ctx: zmq.Context, conn: Any, kwargs: dict) -> Any:
-    profile = kwargs.pop("profile", None)
-    if not profile:
-        return TASKS[name](ctx, conn, **kwargs)
-    prof = cProfile.Profile()
-    try:
-        return prof.runcall(TASKS[name], ctx, conn, **kwargs)
-    finally:
-        prof.dump_stats(profile)
-
-
-class Worker:
-    """One benchmark process and its command pipe."""
-
-    def __init__(self, mpctx: Any, name: str) -> None:
-        self.name = name
-        self.conn, child = mpctx.Pipe()
-        self.proc = mpctx.Process(target=_worker_main, args=(child,), name=name, daemon=True)
-        self.proc.start()
-        child.close()
-
-    def start(self, task: str, **kwargs: Any) -> None:
-        self.conn.send((task, kwargs))
-
-    def message(self, expect: str, timeout: float = 30.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while not self.conn.poll(0.2):  # bounded polling: notice a dead worker, never hang
-            if not self.proc.is_alive():
-                raise RuntimeError(f"{self.name} died (exit code {self.proc.exitcode})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: no answer in {timeout:.0f} s")
-        tag, value = self.conn.recv()
-        if tag == "error":
-            raise RuntimeError(f"{self.name} failed:\n{value}")
-        if tag != expect:
-            raise RuntimeError(f"{self.name}: expected {expect!r}, got {tag!r}")
-        return value
-
-    def result(self, timeout: float = 3 * TIMEOUT_S) -> Any:
-        return self.message("ok", timeout)
-
-    def run(self, task: str, **kwargs: Any) -> Any:
-        self.start(task, **kwargs)
-        return self.result()
-
-    def stop(self) -> None:
-        try:
-            self.conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(3)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(3)
-        self.conn.close()
+def worker(mpctx: Any, name: str) -> Worker:
+    """A benchmark process running this module's TASKS."""
+    return Worker(mpctx, name, "bench.storage_procs", result_timeout=3 * TIMEOUT_S)
 
 
 # ---- raw pyzmq: the same bytes, the same chunks and window, none of our protocol ---------------
