@@ -63,7 +63,7 @@ import zmq  # noqa: E402
 from bench import machine  # noqa: E402
 from bench.raft_counter import counter_cluster  # noqa: E402
 from cluster.client import Client, ClusterError  # noqa: E402
-from cluster.local import LocalNode, master_nodes  # noqa: E402
+from cluster.local import LocalNode, master_nodes, start_all, stop_all  # noqa: E402
 from cluster.status import query_status  # noqa: E402
 from master.echo_balancer import EchoBalancer  # noqa: E402
 from master.raft import DEFAULT_TIMINGS  # noqa: E402
@@ -107,25 +107,14 @@ class Masters:
         self.addresses = [n.address for n in self.nodes]
 
     def __enter__(self) -> "Masters":
-        try:
-            for n in self.nodes:
-                n.start()
-            for n in self.nodes:
-                n.wait_ready(30)
-        except BaseException:
-            self.close()
-            raise
+        start_all(self.nodes, 30)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def close(self) -> None:
-        for n in self.nodes:
-            try:
-                n.stop()
-            except Exception as exc:  # keep stopping the others
-                log(f"  stopping {n.name} (pid {n.pid}): {exc}")
+        stop_all(self.nodes)
 
     def statuses(self, timeout: float = 1.0) -> list[dict | None]:
         return [r.reply.detail if r.reply is not None else None

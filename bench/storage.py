@@ -91,6 +91,7 @@ import zmq  # noqa: E402
 from bench import machine  # noqa: E402
 from bench.procs import Worker  # noqa: E402
 from bench.storage_procs import worker  # noqa: E402
+from cluster.local import start_all, stop_all  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -202,22 +203,14 @@ class Nodes:
         return [n.pid for n in self.nodes]
 
     def __enter__(self) -> "Nodes":
-        try:
-            for n in self.nodes:
-                n.start()
-            for n in self.nodes:
-                n.wait_ready()
-        except BaseException:
-            self.close()
-            raise
+        start_all(self.nodes)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def close(self) -> None:
-        for n in self.nodes:
-            n.stop()
+        stop_all(self.nodes)
         for n in self.nodes:
             shutil.rmtree(self.root / n.name, ignore_errors=True)
 
@@ -496,10 +489,7 @@ def bench_fuse(base: Path, size: int, reps: int, mpctx: Any) -> dict:
     reader = worker(mpctx, "reader")
     cpu0 = machine.cpu_times()
     try:
-        for m in masters:
-            m.start()
-        for m in masters:
-            m.wait_ready()
+        start_all(masters)
         with Nodes(d, 1, masters=masters) as nodes:
             with Client([m.address for m in masters], storage=nodes.addresses, replicas=1) as client:
                 ref = client.upload(src, name="bench-fuse", copies=1)
@@ -507,8 +497,7 @@ def bench_fuse(base: Path, size: int, reps: int, mpctx: Any) -> dict:
                 fuse_round(r, d, nodes.config, ref.id, size, reader, trials)
     finally:
         reader.stop()
-        for m in masters:
-            m.stop()
+        stop_all(masters)
     return _fuse_summary(size, trials, machine.cpu_shares(cpu0, machine.cpu_times()), fs_of(d))
 
 

@@ -7,6 +7,7 @@ STATUS_QUERY, and is stopped with SIGTERM (SIGKILL only if it does not exit in t
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.status import query_status
+
+log = logging.getLogger("cluster.local")
 
 
 def free_port() -> int:
@@ -83,6 +86,33 @@ class LocalNode:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def start_all(nodes: list[LocalNode], timeout: float = 20.0) -> list[LocalNode]:
+    """Start every node, then wait until each answers; if any fails, stop those started (by
+    pid) and raise. Starting them all first lets them find each other while we wait."""
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            node.wait_ready(timeout)
+    except BaseException:
+        stop_all(nodes)
+        raise
+    return nodes
+
+
+def stop_all(nodes: list[LocalNode]) -> list[int | None]:
+    """SIGTERM every node (SIGKILL the ones that do not exit); one that fails to stop does
+    not keep the others running. Returns their exit statuses."""
+    codes: list[int | None] = []
+    for node in nodes:
+        try:
+            codes.append(node.stop())
+        except Exception as exc:  # keep stopping the others
+            log.warning("stopping %s (pid %s): %s", node.name, node.pid, exc)
+            codes.append(None)
+    return codes
 
 
 def probe_node(name: str, directory: Path, port: int, peers: list[int] = (), interval: float = 0.2, extra: list[str] = ()) -> LocalNode:

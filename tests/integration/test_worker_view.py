@@ -10,32 +10,22 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cluster.client import Client
 from cluster.config import StorageOptions, load_cluster_config
-from cluster.local import LocalNode, master_nodes, storage_nodes
+from cluster.local import LocalNode, master_nodes, start_all, stop_all, storage_nodes
 from storage.core import rank
 from worker.fusefs import fuse_available, unmount
+
+from .conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
 BIG = int(os.environ.get("CLUSTER_TEST_BIG_MIB", "1024")) * MiB
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +41,18 @@ def cluster(tmp_path_factory):
     mount = LocalNode("mount", ["mount", str(mountpoint), "--config", str(config), "--cache", str(d / "cache"),
                                 "--cache-gb", "0.25"], "", d / "mount.log")
     try:
-        for n in nodes:
-            n.start()
-        for n in nodes:
-            n.wait_ready()
+        start_all(nodes)
         conf = load_cluster_config(config)
         client = Client(list(conf.masters.values()), storage=conf.storage_nodes, replicas=2)
         mount.start()
-        _wait(lambda: os.path.ismount(mountpoint) and (mountpoint / "files").is_dir(), 20, "the mount")
+        wait_for(lambda: os.path.ismount(mountpoint) and (mountpoint / "files").is_dir(), 20, "the mount")
         yield {"dir": d, "client": client, "storage": {n.name: n for n in storage}, "mnt": mountpoint, "mount": mount}
         client.close()
     finally:
         mount.stop()
         if os.path.ismount(mountpoint):
             unmount(mountpoint, lazy=True)
-        for n in nodes:
-            n.stop()
+        stop_all(nodes)
 
 
 def _random_file(path: Path, size: int, seed: int) -> Path:
@@ -97,7 +83,7 @@ def test_cat_sha256sum_and_dd_read_exactly_what_was_uploaded(cluster):
     # the pinned upload has no job; a job's listing shows its names
     job = cluster["client"].submit("range", {"count": 1}).job
     named = cluster["client"].upload(src, owner=job, name="reads.fa")
-    listed = _wait(lambda: (cluster["mnt"] / "jobs" / job / "reads.fa").exists(), 10, "the job's listing")
+    listed = wait_for(lambda: (cluster["mnt"] / "jobs" / job / "reads.fa").exists(), 10, "the job's listing")
     assert listed and (cluster["mnt"] / "jobs" / job / "reads.fa").read_bytes() == src.read_bytes()
     assert named.id == ref.id  # the same bytes: one blob, two references
     with pytest.raises(FileNotFoundError):
