@@ -44,6 +44,7 @@ enum cluster_message_type {
     CLUSTER_MSG_JOB_LIST       = 15,
     CLUSTER_MSG_TASK_QUERY     = 16,
     CLUSTER_MSG_QUERY_REPLY    = 17,
+    CLUSTER_MSG_WATCH          = 18,
     CLUSTER_MSG_WORKER_REQUEST = 20,
     CLUSTER_MSG_TASK_RESULT    = 21,
     CLUSTER_MSG_RESULT_ACK     = 22,
@@ -51,6 +52,7 @@ enum cluster_message_type {
     CLUSTER_MSG_CREDIT         = 24,
     CLUSTER_MSG_ATTACH         = 25,
     CLUSTER_MSG_ATTACHED       = 26,
+    CLUSTER_MSG_PEER_STATE     = 27,
     CLUSTER_MSG_FILE_REQUEST   = 30,
     CLUSTER_MSG_FILE_RESPONSE  = 31,
     CLUSTER_MSG_FILE_CHUNK     = 32,
@@ -274,6 +276,25 @@ struct cluster_query_reply {
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_query_reply) == CLUSTER_QUERY_REPLY_HEADER_LENGTH, "cluster_query_reply size");
 
 /*
+ * WATCH (18): Wait for tasks of `jobs` to end (a long poll). `jobs` maps a job id to a cursor:
+ * how many of its task endings the client has seen. The leader answers (QUERY_REPLY) as soon
+ * as any listed job has endings past its cursor or is over, or after `wait_ms`; the reply maps
+ * each job id (hex) to its state, new cursor and the tasks that ended (state, summary, result
+ * file, error). Endings are in the ledger, so a watch resumes on a new leader unchanged.
+ *
+ * client -> master leader.
+ *
+ * Body: jobs.
+ */
+struct cluster_watch {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint32_t wait_ms;
+} __attribute__((packed));
+#define CLUSTER_WATCH_HEADER_LENGTH 40u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_watch) == CLUSTER_WATCH_HEADER_LENGTH, "cluster_watch size");
+
+/*
  * WORKER_REQUEST (20): Run a task (the seed's `worker_request`). `fence_term`/`fence_sequence`
  * are the fencing token: receivers refuse tokens older than the newest they have seen.
  *
@@ -300,7 +321,7 @@ CLUSTER_STATIC_ASSERT(sizeof(struct cluster_worker_request) == CLUSTER_WORKER_RE
  *
  * worker -> balancer, then master leader.
  *
- * Body: summary, result_file, error, worker.
+ * Body: summary, result_file, error, worker, files.
  */
 struct cluster_task_result {
     struct cluster_generic_message generic;
@@ -334,12 +355,12 @@ struct cluster_result_ack {
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_result_ack) == CLUSTER_RESULT_ACK_HEADER_LENGTH, "cluster_result_ack size");
 
 /*
- * WORKER_STATUS (23): A worker's capacity and capabilities (the seed's `worker_status`); sent
- * on registration and whenever they change.
+ * WORKER_STATUS (23): A worker's capacity and capabilities (the seed's `worker_status`), and
+ * its heartbeat.
  *
  * worker -> balancer.
  *
- * Body: labels, capabilities.
+ * Body: labels, capabilities, name, register, received, tasks, cache_add, cache_drop.
  */
 struct cluster_worker_status {
     struct cluster_generic_message generic;
@@ -403,6 +424,25 @@ struct cluster_attached {
 } __attribute__((packed));
 #define CLUSTER_ATTACHED_HEADER_LENGTH 48u
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_attached) == CLUSTER_ATTACHED_HEADER_LENGTH, "cluster_attached size");
+
+/*
+ * PEER_STATE (27): A balancer's Binary Star heartbeat to its peer: its `state`
+ * (balancer.binary_star.State: 1 primary, 2 backup, 3 active, 4 passive) and `epoch` (grows
+ * each time one becomes active; the masters fence balancers by it). `workers` is the endpoint
+ * workers use, so a passive one can send them to the active one.
+ *
+ * balancer -> its peer balancer.
+ *
+ * Body: name, workers.
+ */
+struct cluster_peer_state {
+    struct cluster_generic_message generic;
+    uint8_t state;
+    uint64_t epoch;
+    uint64_t sequence;
+} __attribute__((packed));
+#define CLUSTER_PEER_STATE_HEADER_LENGTH 45u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_peer_state) == CLUSTER_PEER_STATE_HEADER_LENGTH, "cluster_peer_state size");
 
 /*
  * FILE_REQUEST (30): Read `length` bytes at `offset` of an immutable file (the seed's

@@ -200,6 +200,23 @@ class QueryReply(Message, frozen=True, gc=False):
     leader: str | None = None
 
 
+class Watch(Message, frozen=True, gc=False):
+    """Wait for tasks of ``jobs`` to end (a long poll). ``jobs`` maps a job id to a cursor: how
+    many of its task endings the client has seen. The leader answers (QUERY_REPLY) as soon as
+    any listed job has endings past its cursor or is over, or after ``wait_ms``; the reply maps
+    each job id (hex) to its state, new cursor and the tasks that ended (state, summary, result
+    file, error). Endings are in the ledger, so a watch resumes on a new leader unchanged."""
+
+    code = 18
+    struct_name = "watch"
+    sender = "client"
+    receiver = "master leader"
+
+    request_id: U64
+    wait_ms: U32
+    jobs: dict[bytes, int]
+
+
 class FileRegister(Message, frozen=True, gc=False):
     """Record that a file is durable on ``replicas`` (storage node names) and who refers to it:
     the job ``owner`` (under ``name`` in its listing) and/or a user ``pin``. A file nothing
@@ -317,6 +334,9 @@ class TaskResult(Message, frozen=True, gc=False):
     result_file: bytes | None = None
     error: str | None = None
     worker: str = ""  # the worker that ran it, filled in by the balancer
+    # Files the task wrote to storage, registered with the job when the result is recorded:
+    # [file id (16 bytes), size, [storage node names], name].
+    files: list[list[Any]] = []
 
 
 class ResultAck(Message, frozen=True, gc=False):
@@ -335,8 +355,14 @@ class ResultAck(Message, frozen=True, gc=False):
 
 
 class WorkerStatus(Message, frozen=True, gc=False):
-    """A worker's capacity and capabilities (the seed's ``worker_status``); sent on
-    registration and whenever they change."""
+    """A worker's capacity and capabilities (the seed's ``worker_status``), and its heartbeat.
+
+    With ``register`` set it (re)registers: ``capabilities`` (cores, memory_mb, gpus, kernel),
+    ``cache_add`` the whole cache and ``tasks`` every task it still runs or holds a result of
+    (``[job id, task id, fence term, fence sequence]``), so a balancer that just took over
+    learns them. Without it, it is the worker's heartbeat: ``slots_free`` now, ``received`` the
+    WORKER_REQUESTs it has had since registering (so credit in flight is not counted twice), and
+    the cache changes since the last one."""
 
     code = 23
     struct_name = "worker_status"
@@ -349,6 +375,12 @@ class WorkerStatus(Message, frozen=True, gc=False):
     running: U32
     labels: list[str] = []
     capabilities: dict[str, Any] = {}
+    name: str = ""
+    register: bool = False
+    received: int = 0
+    tasks: list[list[Any]] = []
+    cache_add: list[bytes] = []
+    cache_drop: list[bytes] = []
 
 
 class Credit(Message, frozen=True, gc=False):
@@ -394,6 +426,24 @@ class Attached(Message, frozen=True, gc=False):
     term: U64
     open_assignments: U32
     leader: str
+
+
+class PeerState(Message, frozen=True, gc=False):
+    """A balancer's Binary Star heartbeat to its peer: its ``state`` (balancer.binary_star.State:
+    1 primary, 2 backup, 3 active, 4 passive) and ``epoch`` (grows each time one becomes
+    active; the masters fence balancers by it). ``workers`` is the endpoint workers use, so a
+    passive one can send them to the active one."""
+
+    code = 27
+    struct_name = "peer_state"
+    sender = "balancer"
+    receiver = "its peer balancer"
+
+    state: U8
+    epoch: U64
+    sequence: U64
+    name: str
+    workers: str = ""
 
 
 # ---- storage ---------------------------------------------------------------------------------
@@ -528,6 +578,7 @@ CATALOGUE: tuple[type[Message], ...] = (
     JobList,
     TaskQuery,
     QueryReply,
+    Watch,
     WorkerRequest,
     TaskResult,
     ResultAck,
@@ -535,6 +586,7 @@ CATALOGUE: tuple[type[Message], ...] = (
     Credit,
     Attach,
     Attached,
+    PeerState,
     FileRequest,
     FileResponse,
     FileChunk,
