@@ -158,10 +158,13 @@ class NodeLoop:
             for sock in self._sockets.values():
                 if sock.socket_type not in (zmq.PUSH, zmq.PUB):
                     poller.register(sock, zmq.POLLIN)
-            poller.register(wake_r, zmq.POLLIN)
+            # pyzmq's poll reports a plain socket by its file descriptor, not by the object
+            # registered: test the fd, or the pipe is never drained and the loop spins.
+            wake_fd = wake_r.fileno()
+            poller.register(wake_fd, zmq.POLLIN)
             while not self._stopping:
                 ready = dict(poller.poll(self._poll_timeout_ms()))
-                if wake_r in ready:
+                if wake_fd in ready:
                     _drain_pipe(wake_r)
                 while self._posted and not self._stopping:
                     self._dispatch(self._posted.popleft())
