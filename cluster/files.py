@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from storage.blobs import file_id_of_path
 from storage.core import rank
-from storage.transfer import StorageLink, TransferError
+from storage.transfer import LinkPool, StorageLink, TransferError, upload_ranked
 
 if TYPE_CHECKING:
     from cluster.client import Client, FileRef
@@ -45,34 +45,18 @@ def upload_file(client: "Client", path: str | os.PathLike[str], *, owner: str | 
     name = path.name if name is None else name
     if owner is not None:
         client.job(owner)  # NotFound before any byte moves, rather than an unregistered upload
-    errors: dict[str, str] = {}
     fd = os.open(path, os.O_RDONLY)
+    links = LinkPool(client.storage, timeout=client.attempt_timeout * 10)
     try:
-        for node in rank(fid, list(client.storage)):
-            sent = [0]
-
-            def counted(n: int) -> None:
-                sent[0] += n
-                if progress:
-                    progress(n)
-
-            try:
-                with StorageLink(client.storage[node], name=node, timeout=client.attempt_timeout * 10) as link:
-                    replicas = link.upload(fid, size, lambda offset, n: os.pread(fd, n, offset), copies=copies,
-                                           origin="client", progress=counted)
-                break
-            except TransferError as exc:
-                errors[node] = str(exc)
-                log.info("upload of %s via %s failed: %s", path, node, exc)
-                if progress and sent[0]:
-                    progress(-sent[0])  # the next node starts over (or resumes its own partial)
-                if exc.status is not None and not exc.retryable:
-                    raise ClusterError(f"upload of {path} refused: {exc}") from None
-        else:
-            said = "; ".join(f"{n}: {e}" for n, e in errors.items())
-            raise ClusterError(f"upload of {path} failed on every storage node ({said}); nothing was registered. "
-                               "Check `cluster status` and retry: the storage nodes resume partial uploads.")
+        replicas = upload_ranked(links, fid, size, lambda offset, n: os.pread(fd, n, offset), copies=copies,
+                                 origin="client", progress=progress)
+    except TransferError as exc:
+        if exc.status is not None and not exc.retryable:
+            raise ClusterError(f"upload of {path} refused: {exc}") from None
+        raise ClusterError(f"upload of {path} failed: {exc}; nothing was registered. "
+                           "Check `cluster status` and retry: the storage nodes resume partial uploads.") from None
     finally:
+        links.close()
         os.close(fd)
     client.register_file(fid, size, replicas, owner=owner, name=name, pin=owner is None)
     return FileRef(fid.hex(), size, sorted(replicas), name)

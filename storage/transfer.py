@@ -292,3 +292,35 @@ def push(store: Any, file_id: bytes, size: int, link: StorageLink, origin: str) 
     """Copy a file stored in ``store`` (a ``storage.blobs.BlobStore``) to the node behind
     ``link``: one copy there; dedupe makes it instant when the node has it already."""
     return link.upload(file_id, size, lambda offset, n: store.read(file_id, offset, n), copies=1, origin=origin)
+
+
+def upload_ranked(links: LinkPool, file_id: bytes, size: int, read_at: Callable[[int, int], Any], *, copies: int,
+                  origin: str, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Store a file through the node ranked first for its id (rendezvous hashing: that node
+    fans the copies out), falling back to the next in rank when a node fails; returns the
+    replicas once ``copies`` are durable. A refusal that another node would repeat (the file
+    does not hash to its id, too large) raises at once; when every node failed, the last
+    ``TransferError`` says what each one answered. ``progress`` gets bytes sent, and minus
+    what a failed node had taken (the next one starts over or resumes its own partial)."""
+    from storage.core import rank
+
+    errors: dict[str, str] = {}
+    for node in rank(file_id, list(links.addresses)):
+        sent = [0]
+
+        def counted(n: int) -> None:
+            sent[0] += n
+            if progress:
+                progress(n)
+
+        try:
+            return links.get(node).upload(file_id, size, read_at, copies=copies, origin=origin, progress=counted)
+        except TransferError as exc:
+            links.drop(node)
+            errors[node] = str(exc)
+            if progress and sent[0]:
+                progress(-sent[0])
+            if exc.status is not None and not exc.retryable:
+                raise
+    said = "; ".join(f"{n}: {e}" for n, e in errors.items()) or "no storage nodes are configured"
+    raise TransferError(f"every storage node failed ({said})")
