@@ -219,6 +219,15 @@ class Registry:
             out.append((w, lost))
         return out
 
+    def remove(self, name: str) -> Worker | None:
+        """Forget worker ``name`` now (it left or was replaced); returns it, with the tasks it was
+        running still in ``running``, or None when it was not registered."""
+        w = self._workers.pop(name, None)
+        if w is not None:
+            self._forget(name, list(w.running))
+            self._count("removed")
+        return w
+
     # ---- queries -----------------------------------------------------------------------------
 
     def workers(self) -> list[Worker]:

@@ -1,6 +1,7 @@
 """The cluster's config file: one TOML that every node and client of a cluster reads.
 
-It holds the masters (``[masters.NAME]``, see ``master.node``), the storage nodes
+It holds the masters (``[masters.NAME]``, see ``master.node``), the balancer pair
+(``[balancers.NAME]``: ``workers`` and ``peer`` endpoints, ``primary``), the storage nodes
 (``[storage.nodes.NAME]``) and the storage options (``[storage]``). ``deploy/cluster.example.toml``
 shows every key. ``load_cluster_config`` checks it and says where it is wrong.
 """
@@ -31,8 +32,19 @@ class StorageOptions:
 
 
 @dataclass(frozen=True)
+class BalancerAddress:
+    """One balancer of the pair: where workers connect, where its peer listens for its state."""
+
+    name: str
+    workers: str
+    peer: str
+    primary: bool
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     masters: dict[str, str] = field(default_factory=dict)  # name → client API address
+    balancers: dict[str, BalancerAddress] = field(default_factory=dict)
     storage_nodes: dict[str, str] = field(default_factory=dict)  # name → address
     storage: StorageOptions = field(default_factory=StorageOptions)
     path: str = ""
@@ -80,7 +92,39 @@ def parse_cluster_config(data: dict[str, Any], where: str = "config") -> Cluster
         raise ConfigError(f"{where}: [storage] replicas must be at least 1")
     if nodes and storage.replicas > len(nodes):
         raise ConfigError(f"{where}: [storage] replicas = {storage.replicas} but only {len(nodes)} storage nodes are listed")
-    return ClusterConfig(masters, nodes, storage, where)
+    return ClusterConfig(masters, _balancers(data, where), nodes, storage, where)
+
+
+def _balancers(data: dict[str, Any], where: str) -> dict[str, BalancerAddress]:
+    section = data.get("balancers") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: [balancers] must be a table of [balancers.<name>]")
+    out = {}
+    for name, entry in section.items():
+        ok = isinstance(entry, dict) and all(isinstance(entry.get(k), str) and entry[k].startswith("tcp://")
+                                             for k in ("workers", "peer"))
+        if not ok:
+            raise ConfigError(f"{where}: [balancers.{name}] needs workers = \"tcp://host:port\" and peer = \"tcp://host:port\"")
+        primary = entry.get("primary", False)
+        if not isinstance(primary, bool):
+            raise ConfigError(f"{where}: [balancers.{name}] primary must be true or false")
+        out[name] = BalancerAddress(name, entry["workers"], entry["peer"], primary)
+    if len(out) > 2:
+        raise ConfigError(f"{where}: {len(out)} balancers listed; a Binary Star pair is one or two")
+    if len(out) == 2 and sum(b.primary for b in out.values()) != 1:
+        raise ConfigError(f"{where}: of the two balancers exactly one must have primary = true")
+    if len(out) == 1 and not next(iter(out.values())).primary:
+        raise ConfigError(f"{where}: a lone balancer must be the primary (primary = true)")
+    return out
+
+
+def write_balancers_section(balancers: dict[str, BalancerAddress]) -> str:
+    """The TOML text of the balancer part (used by local clusters and tests)."""
+    lines = []
+    for b in balancers.values():
+        lines += [f"[balancers.{b.name}]", f'workers = "{b.workers}"', f'peer = "{b.peer}"',
+                  f"primary = {str(b.primary).lower()}", ""]
+    return "\n".join(lines)
 
 
 def write_storage_section(nodes: dict[str, str], options: StorageOptions) -> str:

@@ -1,0 +1,645 @@
+"""The balancer core: the Binary Star pair, the worker registry and dispatch, between masters
+and workers.
+
+Theory of operation
+-------------------
+A balancer sits between the master leader and the workers (design.md, "Balancer pair"). Two
+run, a primary and a backup; ``BinaryStar`` decides which one serves. This core joins that
+machine to the registry (``balancer.registry``) and the dispatcher (``balancer.dispatch``):
+
+- **Peer.** Every ``interval`` it publishes PEER_STATE (its Binary Star state and epoch) to
+  its peer and feeds what it hears to ``BinaryStar.on_peer``.
+- **Workers are the clients.** A worker's registration (WORKER_STATUS with ``register``) is
+  the "client turns to me" event of Binary Star: a passive balancer whose peer is alive answers
+  NOT_LEADER with the peer's worker endpoint; one whose peer went silent takes over. The split
+  brain guard follows: if only the link between the two balancers breaks, workers keep talking
+  to the active one and the passive one never serves.
+- **Masters.** The active balancer ATTACHes to the master leader with its *epoch*, which grows
+  at every activation (``max(epoch_base, peer's epoch + 1, own + 1)``; ``epoch_base`` is the
+  wall clock in ms at process start, so a restarted balancer outranks its earlier self). The
+  masters refuse an older epoch: a deposed balancer cannot take the stream back. On ATTACHED
+  the leader sends the open assignments again, then ready tasks within the credit this core
+  grants; each WORKER_REQUEST goes to the dispatcher, placements go to workers. A master that
+  stops answering heartbeats, or answers NOT_LEADER, is replaced by the next one (followers
+  name the leader).
+- **Credit towards the master.** The core asks for at most ``queue_factor`` × the workers'
+  slots (at least ``min_queue``) tasks held at once (pending here + running on workers +
+  credit the master still holds), so a burst never piles up here and a freed slot finds a task
+  waiting. Credit travels as CREDIT(stream = epoch); open assignments resent on ATTACH are not
+  charged against it (the master does not charge them).
+- **Credit from workers.** A worker's heartbeat says its free slots and how many WORKER_REQUESTs
+  it has received since registering; the difference to what was sent is in flight and is not
+  counted twice. Nothing is sent beyond it (``Registry.sent`` refuses).
+- **Results** go to the master leader with the worker's name; RESULT_ACK (or a final refusal
+  of the result) comes back and is routed to the worker that sent it. Workers keep results
+  until acknowledged and resend them, so nothing is lost when a balancer or a master dies.
+- **Liveness.** A worker silent for ``worker_liveness`` seconds is purged; each task it ran is
+  reported to the master as a LOST attempt (the ledger retries it up to the job's limit).
+
+After a takeover the new active one rebuilds everything from the others: outstanding tasks
+from the master leader (open assignments on ATTACH), running tasks from the workers' new
+registrations (``tasks``), so a task that still runs is not sent again (``Dispatcher`` drops
+one a worker already runs under the same or a newer fence).
+
+Pure: no sockets, clocks, threads or disk; ``now`` comes with each event. Sockets named here:
+``workers`` (ROUTER), ``m0`` … (one DEALER per master), ``peer_out`` (PUB), ``peer_in`` (SUB).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from balancer.binary_star import BinaryStar, State, Transition
+from balancer.dispatch import Dispatcher, DispatchError, Need, Task
+from balancer.registry import Capabilities, Registry, RegistryError
+from cluster.runtime.events import (
+    Effect,
+    Event,
+    Log,
+    MessageReceived,
+    Refuse,
+    Send,
+    Started,
+    StartTimer,
+    StopRequested,
+    TimerFired,
+)
+from proto.errors import AppReason
+from proto.ids import join128, split128
+from proto.messages import (
+    Attach,
+    Attached,
+    Credit,
+    Error,
+    Heartbeat,
+    NotLeader,
+    PeerState,
+    ResultAck,
+    TaskResult,
+    WorkerRequest,
+    WorkerStatus,
+)
+
+WORKERS = "workers"
+PEER_OUT = "peer_out"
+LOST = 3  # TaskResult outcome (master.commands.LOST)
+FAILED = 1
+
+# Sanity bounds on what a worker may claim: past these it is a bug or a lie, not a machine.
+MAX_SLOTS = 4096
+MAX_CORES = 4096
+MAX_GPUS = 64
+MAX_MEMORY_MB = 64 << 20  # 64 TiB
+
+
+def master_socket(index: int) -> str:
+    """The name of the DEALER socket connected to master ``index``."""
+    return f"m{index}"
+
+
+@dataclass(frozen=True)
+class BalancerOptions:
+    """Timings and sizes (seconds, tasks)."""
+
+    interval: float = 0.25  # Binary Star heartbeats, worker heartbeats, housekeeping
+    peer_liveness: int = 4  # peer heartbeats missed before it counts as gone
+    worker_liveness: float = 1.5  # seconds of worker silence before it is purged
+    master_timeout: float = 1.5  # seconds without any answer from the attached master
+    attach_retry: float = 0.5
+    # Tasks held here or on workers per slot: deep enough that a slot freed finds its next task
+    # waiting while the master commits more (two Raft rounds away), shallow enough that a
+    # balancer failover re-sends little.
+    queue_factor: int = 16
+    min_queue: int = 64
+
+
+@dataclass
+class _MasterLink:
+    index: int = 0
+    attached: bool = False
+    attach_sent: float | None = None
+    last_heard: float = 0.0
+    term: int = 0
+    leader: str = ""
+    credit: int = 0  # credit the master still holds
+    uncharged: int = 0  # open assignments still to come after ATTACHED (not charged)
+    heartbeat_seq: int = 0
+
+
+class BalancerCore:
+    """One balancer of the pair. ``masters`` are the masters' client endpoints (in socket order);
+    ``peer_workers`` is the peer's worker endpoint (where a passive one sends workers)."""
+
+    role = "balancer"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        primary: bool,
+        masters: list[str],
+        workers_endpoint: str,
+        peer_workers: str,
+        epoch_base: int,
+        options: BalancerOptions = BalancerOptions(),
+        now: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.masters = list(masters)
+        self.workers_endpoint = workers_endpoint
+        self.peer_workers = peer_workers
+        self.options = options
+        self.star = BinaryStar(primary, interval=options.interval, liveness=options.peer_liveness, now=now)
+        self.registry = Registry(options.worker_liveness)
+        self.dispatcher = Dispatcher()
+        self.epoch = 0
+        self.epoch_base = epoch_base
+        self.peer_epoch = 0
+        self.peer_seq = 0
+        self.link = _MasterLink()
+        self.orders: dict[tuple[bytes, int], WorkerRequest] = {}  # pending here, by task
+        self.routes: dict[bytes, str] = {}  # worker route → name
+        self.sent_count: dict[str, int] = {}  # WORKER_REQUESTs sent to a worker since it registered
+        self.ack_routes: dict[tuple[bytes, int], bytes] = {}  # results forwarded: who to acknowledge
+        self.counters: dict[str, int] = {}
+        self.transitions: list[tuple[float, str]] = []  # (when, why), the newest last
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        if isinstance(event, MessageReceived):
+            out = self._on_message(event, now)
+        elif isinstance(event, TimerFired):
+            if event.name != "tick":
+                return []
+            out = self._tick(now, event.stimulus_id) + [StartTimer("tick", self.options.interval, event.stimulus_id)]
+        elif isinstance(event, Started):
+            self.star.peer_expiry = now + self.options.interval * self.options.peer_liveness
+            return [Log(logging.INFO, f"balancer {self.name} starts as {self.star.state.name.lower()}", event.stimulus_id),
+                    StartTimer("tick", 0.0, event.stimulus_id)]
+        elif isinstance(event, StopRequested):
+            return []
+        else:
+            return []
+        if self.star.serving():
+            cause = getattr(event, "stimulus_id", "")
+            out += self._place(now, cause)
+            out += self._grant(cause)
+        return out
+
+    def _on_message(self, ev: MessageReceived, now: float) -> list[Effect]:
+        m = ev.message
+        if ev.socket == WORKERS:
+            if isinstance(m, WorkerStatus):
+                return self._on_worker_status(ev, m, now)
+            if isinstance(m, TaskResult):
+                return self._on_result(ev, m, now)
+            return [_refuse(ev, f"a balancer does not take {type(m).__name__} from workers")]
+        if ev.socket == "peer_in":
+            if isinstance(m, PeerState):
+                return self._on_peer(m, now, ev.stimulus_id)
+            return []
+        if ev.socket.startswith("m"):
+            return self._on_master(ev, m, now)
+        return []
+
+    # ---- the pair ----------------------------------------------------------------------------
+
+    def _on_peer(self, m: PeerState, now: float, cause: str) -> list[Effect]:
+        try:
+            peer = State(m.state)
+        except ValueError:
+            self._count("peer_bad_state")
+            return [Log(logging.WARNING, f"peer {m.name} sent an unknown Binary Star state {m.state}; ignored", cause)]
+        self.peer_epoch = max(self.peer_epoch, m.epoch)
+        if m.workers:
+            self.peer_workers = m.workers
+        t = self.star.on_peer(peer, now)
+        return self._transition(t, now, cause)
+
+    def _transition(self, t: Transition | None, now: float, cause: str) -> list[Effect]:
+        if t is None or t.old == t.new:
+            return []
+        self.transitions.append((now, t.why))
+        del self.transitions[:-20]
+        out: list[Effect] = [Log(logging.WARNING if t.new == State.PASSIVE and t.old == State.ACTIVE else logging.INFO,
+                                 f"{t.old.name.lower()} -> {t.new.name.lower()}: {t.why}", cause)]
+        if t.new == State.ACTIVE:
+            self.epoch = max(self.epoch_base, self.peer_epoch + 1, self.epoch + 1)
+            self.link = _MasterLink(index=self.link.index)
+            out += self._attach(now, cause)
+        elif t.old == State.ACTIVE:
+            out += self._stand_down(cause)
+        return out
+
+    def _stand_down(self, cause: str) -> list[Effect]:
+        """This one is passive now: send its workers to the peer and forget the soft state."""
+        out: list[Effect] = []
+        for w in self.registry.workers():
+            out.append(Send(WORKERS, NotLeader(0, self.epoch, self.peer_workers), w.route, cause))
+        self.registry = Registry(self.options.worker_liveness)
+        self.dispatcher = Dispatcher()
+        self.orders.clear()
+        self.routes.clear()
+        self.sent_count.clear()
+        self.ack_routes.clear()
+        self.link = _MasterLink(index=self.link.index)
+        return out
+
+    def _client_turns(self, now: float, cause: str) -> tuple[bool, list[Effect]]:
+        serve, t = self.star.on_client(now)
+        return serve, self._transition(t, now, cause)
+
+    # ---- workers -----------------------------------------------------------------------------
+
+    def _on_worker_status(self, ev: MessageReceived, m: WorkerStatus, now: float) -> list[Effect]:
+        if m.register:
+            serve, out = self._client_turns(now, ev.stimulus_id)
+            if not serve:
+                return out + [Send(WORKERS, NotLeader(0, self.epoch, self.peer_workers), ev.route, ev.stimulus_id)]
+            return out + self._register(ev, m, now)
+        if not self.star.serving():
+            return [Send(WORKERS, NotLeader(0, self.epoch, self.peer_workers), ev.route, ev.stimulus_id)]
+        name = self.routes.get(ev.route)
+        if name is None or name != m.name:
+            return [self._to_worker_error(ev, "not_registered",
+                                          f"worker {m.name!r} is not registered with balancer {self.name}; register again")]
+        free = m.slots_free - max(0, self.sent_count.get(name, 0) - m.received)
+        try:
+            self.registry.heartbeat(name, now, max(0, free), m.cache_add, m.cache_drop)
+        except RegistryError as exc:
+            return [self._to_worker_error(ev, exc.code, exc.text)]
+        return []
+
+    def _register(self, ev: MessageReceived, m: WorkerStatus, now: float) -> list[Effect]:
+        caps, tasks, why = _parse_registration(m)
+        if why is not None:
+            self._count("workers_refused")
+            return [Log(logging.WARNING, f"worker registration refused from {m.name or ev.route.hex()}: {why}", ev.stimulus_id),
+                    self._to_worker_error(ev, "bad_registration", why)]
+        old_name = self.routes.get(ev.route)
+        if old_name is not None and old_name != m.name:  # one route, a new name: the old one is gone
+            out = self._purge(old_name, "it registered again under another name", ev.stimulus_id)
+        else:
+            out = []
+        free = min(m.slots_free, m.slots_total)
+        before = self.registry.get(m.name)
+        fences = dict(before.running) if before is not None else {}
+        try:
+            lost = self.registry.register(m.name, ev.route, caps, m.slots_total, now, free=free,
+                                          cached=m.cache_add, running=tasks)
+        except RegistryError as exc:
+            self._count("workers_refused")
+            return out + [Log(logging.WARNING, f"worker registration refused: {exc.text}", ev.stimulus_id),
+                          self._to_worker_error(ev, exc.code, exc.text)]
+        for route, name in list(self.routes.items()):
+            if name == m.name and route != ev.route:
+                del self.routes[route]
+        self.routes[ev.route] = m.name
+        self.sent_count[m.name] = 0
+        for key in tasks:  # it runs these: never dispatch them again from here
+            if self.dispatcher.remove(*key):
+                self.orders.pop(key, None)
+                self._count("pending_found_running")
+        out += self._report_lost(m.name, {k: fences[k] for k in lost if k in fences}, "it restarted", ev.stimulus_id)
+        out.append(Log(logging.INFO, f"worker {m.name} registered: {m.slots_total} slots, {caps.cores} cores, "
+                                     f"{len(tasks)} running, {len(m.cache_add)} cached files", ev.stimulus_id))
+        out.append(Send(WORKERS, Heartbeat(self.epoch, 0, 1), ev.route, ev.stimulus_id))
+        return out
+
+    def _on_result(self, ev: MessageReceived, m: TaskResult, now: float) -> list[Effect]:
+        name = self.routes.get(ev.route)
+        key = (join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id)
+        if name is not None:
+            self.registry.finished(name, key)
+        else:
+            self._count("results_from_unregistered")
+        self.ack_routes[key] = ev.route
+        if not self.star.serving() or not self.link.attached:
+            self._count("results_held_back")  # the worker resends it; the master is not reachable now
+            return []
+        self._count("results_forwarded")
+        forwarded = TaskResult(m.job_uuid_upper, m.job_uuid_lower, m.task_id, m.fence_term, m.fence_sequence,
+                               m.outcome, m.exit_code, m.summary, m.result_file, m.error, name or m.worker, m.files)
+        return [Send(master_socket(self.link.index), forwarded, None, ev.stimulus_id)]
+
+    def _to_worker_error(self, ev: MessageReceived, code: str, text: str) -> Effect:
+        return Send(WORKERS, Error(0, int(AppReason.REFUSED), ev.message.code, text, {"code": code}), ev.route, ev.stimulus_id)
+
+    def _purge(self, name: str, why: str, cause: str) -> list[Effect]:
+        w = self.registry.remove(name)
+        if w is None:
+            return []
+        self.sent_count.pop(name, None)
+        return self._report_lost(name, dict(w.running), why, cause)
+
+    def _report_lost(self, name: str, lost: dict[tuple[bytes, int], tuple[int, int]], why: str, cause: str) -> list[Effect]:
+        """Tell the master that ``name``'s tasks ended without a result: a LOST attempt each,
+        under the fence each ran with (the ledger retries them up to the job's limit)."""
+        if not lost:
+            return []
+        self._count("tasks_lost", len(lost))
+        out: list[Effect] = [Log(logging.WARNING, f"worker {name}: {len(lost)} task(s) lost ({why}); the masters retry them", cause)]
+        if not self.link.attached:
+            return out  # the next leader sends them again as open assignments
+        for key, fence in sorted(lost.items()):
+            upper, lower = split128(key[0])
+            result = TaskResult(upper, lower, key[1], fence[0], fence[1], LOST, -1, {}, None,
+                                f"worker {name} was lost while running it ({why})", name)
+            out.append(Send(master_socket(self.link.index), result, None, cause))
+        return out
+
+    # ---- masters -----------------------------------------------------------------------------
+
+    def _attach(self, now: float, cause: str) -> list[Effect]:
+        link = self.link
+        link.attached = False
+        link.attach_sent = now
+        link.last_heard = now
+        credit = max(0, self._target() - self._holding())
+        link.credit = credit
+        self._count("attaches")
+        return [Send(master_socket(link.index), Attach(1, self.epoch, credit, self.name), None, cause)]
+
+    def _next_master(self, now: float, cause: str, leader: str | None = None) -> list[Effect]:
+        link = self.link
+        if leader and leader in self.masters:
+            link.index = self.masters.index(leader)
+        else:
+            link.index = (link.index + 1) % len(self.masters)
+        return self._attach(now, cause)
+
+    def _on_master(self, ev: MessageReceived, m: Any, now: float) -> list[Effect]:
+        link = self.link
+        if ev.socket != master_socket(link.index) or not self.star.serving():
+            if isinstance(m, WorkerRequest):
+                self._count("requests_from_other_master")
+            return []
+        link.last_heard = now
+        if isinstance(m, Attached):
+            link.attached = True
+            link.term = m.term
+            link.leader = m.leader
+            link.uncharged = m.open_assignments
+            self._count("attached")
+            return [Log(logging.INFO, f"attached to master {m.leader} (term {m.term}, epoch {self.epoch}, "
+                                      f"{m.open_assignments} open assignments, credit {link.credit})", ev.stimulus_id)]
+        if isinstance(m, WorkerRequest):
+            return self._on_request(ev, m, now)
+        if isinstance(m, ResultAck):
+            key = (join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id)
+            route = self.ack_routes.pop(key, None)
+            if route is None:
+                self._count("acks_unroutable")
+                return []
+            return [Send(WORKERS, m, route, ev.stimulus_id)]
+        if isinstance(m, NotLeader):
+            self._count("not_leader")
+            if m.leader in self.masters and self.masters.index(m.leader) != link.index:
+                return self._next_master(now, ev.stimulus_id, m.leader)
+            # an election is on (no leader named): ask the next master after attach_retry, not
+            # at once, or the pair would spin through the masters until one wins
+            link.attached = False
+            link.index = (link.index + 1) % len(self.masters)
+            link.attach_sent = now
+            return []
+        if isinstance(m, Heartbeat):
+            return []
+        if isinstance(m, Error):
+            return self._on_master_error(ev, m, now)
+        return []
+
+    def _on_master_error(self, ev: MessageReceived, m: Error, now: float) -> list[Effect]:
+        code = m.detail.get("code", "") if isinstance(m.detail, dict) else ""
+        if m.refers_to == TaskResult.code:
+            job = m.detail.get("job") if isinstance(m.detail, dict) else None
+            task = m.detail.get("task_id") if isinstance(m.detail, dict) else None
+            if m.reason == AppReason.OUTCOME_UNKNOWN:
+                return []  # the worker resends it
+            try:
+                key = (bytes.fromhex(job), int(task))
+            except (TypeError, ValueError):
+                return [Log(logging.WARNING, f"master refused a result: {m.text}", ev.stimulus_id)]
+            route = self.ack_routes.pop(key, None)
+            self._count("results_refused")
+            out: list[Effect] = [Log(logging.WARNING, f"master refused the result of task {job}/{task}: {m.text}", ev.stimulus_id)]
+            if route is not None:  # final: the worker drops it
+                out.append(Send(WORKERS, m, route, ev.stimulus_id))
+            return out
+        if m.refers_to == Attach.code:
+            self.link.attached = False
+            self._count("attach_refused")
+            return [Log(logging.WARNING, f"master refused ATTACH ({code}): {m.text}", ev.stimulus_id)]
+        if m.reason == AppReason.UNAVAILABLE:
+            return []
+        return [Log(logging.WARNING, f"master error ({code or m.reason}): {m.text}", ev.stimulus_id)]
+
+    def _on_request(self, ev: MessageReceived, m: WorkerRequest, now: float) -> list[Effect]:
+        link = self.link
+        if link.uncharged > 0:
+            link.uncharged -= 1
+        else:
+            link.credit = max(0, link.credit - 1)
+        job = join128(m.job_uuid_upper, m.job_uuid_lower)
+        key = (job, m.task_id)
+        fence = (m.fence_term, m.fence_sequence)
+        running = self.registry.newest_fence(key)
+        if running is not None and tuple(running[1]) >= fence:
+            self._count("requests_already_running")
+            return []
+        need, priority, why = _need_of(m)
+        if why is not None:
+            self._count("tasks_refused")
+            upper, lower = m.job_uuid_upper, m.job_uuid_lower
+            fail = TaskResult(upper, lower, m.task_id, m.fence_term, m.fence_sequence, FAILED, -1, {}, None,
+                              f"the task cannot be placed: {why}", self.name)
+            return [Log(logging.WARNING, f"task {job.hex()}/{m.task_id} refused: {why}", ev.stimulus_id),
+                    Send(master_socket(link.index), fail, None, ev.stimulus_id)]
+        old = self.orders.get(key)
+        if old is not None:
+            if (old.fence_term, old.fence_sequence) >= fence:
+                self._count("requests_duplicate")
+                return []
+            self.dispatcher.remove(job, m.task_id)
+        task = Task(job, m.task_id, fence, need, tuple(m.input_files), (), priority)
+        try:
+            self.dispatcher.add(task, now)
+        except DispatchError as exc:
+            self._count("tasks_refused")
+            return [Log(logging.WARNING, f"task {job.hex()}/{m.task_id} not queued: {exc.text}", ev.stimulus_id)]
+        self.orders[key] = m
+        return []
+
+    # ---- placing and credit ------------------------------------------------------------------
+
+    def _place(self, now: float, cause: str) -> list[Effect]:
+        if not self.dispatcher.pending() or not self.link.attached:
+            return []
+        out: list[Effect] = []
+        for p in self.dispatcher.place(self.registry, now):
+            order = self.orders.pop(p.task.key, None)
+            w = self.registry.get(p.worker_name)
+            if order is None or w is None:
+                continue
+            self.sent_count[w.name] = self.sent_count.get(w.name, 0) + 1
+            out.append(Send(WORKERS, order, w.route, cause))
+        self._count("placed", len(out))
+        return out
+
+    def _target(self) -> int:
+        slots = sum(w.slots for w in self.registry.workers())
+        return max(self.options.min_queue, self.options.queue_factor * slots) if slots else 0
+
+    def _holding(self) -> int:
+        return self.dispatcher.pending() + sum(len(w.running) for w in self.registry.workers())
+
+    def _grant(self, cause: str) -> list[Effect]:
+        link = self.link
+        if not link.attached:
+            return []
+        target = self._target()
+        want = target - self._holding() - link.credit
+        if want <= 0 or (want < max(1, target // 4) and link.credit > 0):
+            return []  # grant in batches: one CREDIT per quarter of the queue, not per task
+        link.credit += want
+        return [Send(master_socket(link.index), Credit(self.epoch, want, 0), None, cause)]
+
+    # ---- housekeeping ------------------------------------------------------------------------
+
+    def _tick(self, now: float, cause: str) -> list[Effect]:
+        self.peer_seq += 1
+        out: list[Effect] = [Send(PEER_OUT, PeerState(int(self.star.heartbeat()), self.epoch, self.peer_seq,
+                                                      self.name, self.workers_endpoint), None, cause)]
+        if not self.star.serving():
+            return out
+        for w, lost in self.registry.expire(now):
+            self.sent_count.pop(w.name, None)
+            for route in [r for r, n in self.routes.items() if n == w.name]:
+                del self.routes[route]
+            out += self._report_lost(w.name, {k: w.running[k] for k in lost},
+                                     f"silent for more than {self.options.worker_liveness:g} s", cause)
+        for w in self.registry.workers():
+            out.append(Send(WORKERS, Heartbeat(self.epoch, self.peer_seq, 0), w.route, cause))
+        link = self.link
+        if link.attached:
+            if now - link.last_heard > self.options.master_timeout:
+                self._count("master_silent")
+                out.append(Log(logging.WARNING, f"master {self.masters[link.index]} silent for "
+                                                f"{now - link.last_heard:.1f} s; trying the next one", cause))
+                out += self._next_master(now, cause)
+            else:
+                link.heartbeat_seq += 1
+                out.append(Send(master_socket(link.index), Heartbeat(self.epoch, link.heartbeat_seq, 0), None, cause))
+        elif link.attach_sent is None or now - link.attach_sent > self.options.attach_retry:
+            out += self._attach(now, cause)
+        return out
+
+    # ---- operators ---------------------------------------------------------------------------
+
+    def story(self, job: bytes, task: int) -> str:
+        """Where a task went and why, or why it waits (see ``Dispatcher.story``)."""
+        return self.dispatcher.story(job, task)
+
+    def status(self, now: float) -> dict[str, Any]:
+        link = self.link
+        waiting = []
+        for key in list(self.orders)[:10]:
+            waiting.append({"task": f"{key[0].hex()}/{key[1]}", "story": self.dispatcher.story(*key)})
+        return {
+            "name": self.name,
+            "state": self.star.state.name.lower(),
+            "epoch": self.epoch,
+            "star": self.star.status(now),
+            "master": {
+                "address": self.masters[link.index] if self.masters else None,
+                "attached": link.attached,
+                "term": link.term,
+                "leader": link.leader,
+                "credit": link.credit,
+            },
+            "registry": self.registry.status(),
+            "dispatch": self.dispatcher.status(),
+            "workers": [
+                {"name": w.name, "slots": w.slots, "free": w.free, "running": len(w.running),
+                 "cached": len(w.cached), "silent_s": round(now - w.last_heard, 3),
+                 "cores": w.caps.cores, "memory_mb": w.caps.memory_mb, "gpus": w.caps.gpus,
+                 "labels": sorted(w.caps.labels), "kernel": w.caps.kernel}
+                for w in self.registry.workers()
+            ],
+            "waiting": waiting,
+            "transitions": [{"at": at, "why": why} for at, why in self.transitions[-5:]],
+            "core": dict(self.counters),
+        }
+
+    def validate_state(self) -> None:
+        self.registry.validate_state()
+        self.dispatcher.validate_state()
+        assert len(self.orders) == self.dispatcher.pending(), "every order waits in the dispatcher, and only those"
+        assert all(self.dispatcher.story(*k).startswith("waiting") for k in self.orders)
+        assert set(self.routes.values()) <= {w.name for w in self.registry.workers()}
+        if not self.star.serving():
+            assert not self.registry.workers() and not self.orders
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+
+# ---- parsing what workers and masters send -------------------------------------------------------
+
+
+def _parse_registration(m: WorkerStatus) -> tuple[Capabilities, dict, str | None]:
+    """(capabilities, running tasks by key, None) or (.., .., why it is refused)."""
+    c = m.capabilities if isinstance(m.capabilities, dict) else {}
+    bad = Capabilities(), {}
+    if not m.name:
+        return *bad, "a worker must register with a name"
+    if not 0 < m.slots_total <= MAX_SLOTS:
+        return *bad, f"worker {m.name}: {m.slots_total} slots is impossible (1 to {MAX_SLOTS})"
+    if m.slots_free > m.slots_total:
+        return *bad, f"worker {m.name}: {m.slots_free} free slots of {m.slots_total}"
+    cores, memory, gpus, kernel = c.get("cores", 1), c.get("memory_mb", 0), c.get("gpus", 0), c.get("kernel", "")
+    for label, value, high in (("cores", cores, MAX_CORES), ("memory_mb", memory, MAX_MEMORY_MB), ("gpus", gpus, MAX_GPUS)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+            return *bad, f"worker {m.name}: {label} = {value!r} is impossible (an integer from 0 to {high})"
+    if cores < 1:
+        return *bad, f"worker {m.name}: a worker needs at least 1 core"
+    if not isinstance(kernel, str) or not all(isinstance(x, str) for x in m.labels):
+        return *bad, f"worker {m.name}: labels and kernel must be strings"
+    if any(not isinstance(f, bytes) or len(f) != 16 for f in m.cache_add):
+        return *bad, f"worker {m.name}: cached file ids must be 16 bytes"
+    tasks = {}
+    for t in m.tasks:
+        if not (isinstance(t, (list, tuple)) and len(t) == 4 and isinstance(t[0], bytes) and len(t[0]) == 16
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t[1:])):
+            return *bad, f"worker {m.name}: a running task is [job id (16 bytes), task, term, sequence], not {t!r}"
+        tasks[(t[0], t[1])] = (t[2], t[3])
+    caps = Capabilities(cores, memory, gpus, frozenset(m.labels), kernel)
+    return caps, tasks, None
+
+
+def _need_of(m: WorkerRequest) -> tuple[Need, int, str | None]:
+    """What the task needs of a worker and its priority, from the job's ``run`` section."""
+    args = m.arguments if isinstance(m.arguments, dict) else {}
+    run = args.get("run", {}) if isinstance(args.get("run", {}), dict) else {}
+    priority = args.get("priority", run.get("priority", 0))
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        priority = 0
+    spec = run.get("need", {})
+    if not isinstance(spec, dict):
+        return Need(), priority, "'need' must be a map (cores, memory_mb, gpus, labels, kernel)"
+    unknown = set(spec) - {"cores", "memory_mb", "gpus", "labels", "kernel"}
+    if unknown:
+        return Need(), priority, f"unknown need {', '.join(sorted(unknown))} (known: cores, memory_mb, gpus, labels, kernel)"
+    labels = spec.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        return Need(), priority, "need 'labels' must be a list of strings"
+    need = Need(spec.get("cores", 1), spec.get("memory_mb", 0), spec.get("gpus", 0), frozenset(labels), spec.get("kernel", ""))
+    why = need.problem()
+    return need, priority, why
+
+
+def _refuse(ev: MessageReceived, detail: str) -> Effect:
+    return Refuse(ev.socket, ev.route, ev.message.code, getattr(ev.message, "request_id", 0), detail, ev.stimulus_id)
+

@@ -1,0 +1,301 @@
+"""The balancer core driven directly: workers registering, the pair taking over, credit both
+ways, results and acknowledgements routed, dead workers purged. No sockets, no sleeps."""
+
+from __future__ import annotations
+
+import pytest
+
+from balancer.binary_star import State
+from balancer.core import PEER_OUT, WORKERS, BalancerCore, BalancerOptions
+from cluster.runtime.events import Log, MessageReceived, Send, Started, TimerFired
+from proto.ids import split128
+from proto.messages import (
+    Attach,
+    Attached,
+    Credit,
+    Error,
+    Heartbeat,
+    NotLeader,
+    PeerState,
+    ResultAck,
+    TaskResult,
+    WorkerRequest,
+    WorkerStatus,
+)
+
+JOB = bytes(range(16))
+MASTERS = ["tcp://m1:1", "tcp://m2:1", "tcp://m3:1"]
+OPTIONS = BalancerOptions(interval=0.25, peer_liveness=4, worker_liveness=1.5, master_timeout=1.5,
+                          queue_factor=2, min_queue=4)
+
+
+class Harness:
+    def __init__(self, primary: bool = True, epoch_base: int = 1000) -> None:
+        self.core = BalancerCore("b1" if primary else "b2", primary=primary, masters=MASTERS,
+                                 workers_endpoint="tcp://b:1", peer_workers="tcp://peer:1",
+                                 epoch_base=epoch_base, options=OPTIONS, now=0.0)
+        self.now = 0.0
+        self.n = 0
+        self.out: list = []
+        self.event(Started("s"))
+
+    def event(self, ev) -> list:
+        effects = self.core.handle(ev, self.now)
+        self.out += effects
+        self.core.validate_state()
+        return effects
+
+    def msg(self, socket: str, message, route: bytes | None = None) -> list:
+        self.n += 1
+        return self.event(MessageReceived(socket, route, 1, message, f"m{self.n}"))
+
+    def tick(self, dt: float = 0.25) -> list:
+        self.now += dt
+        return self.event(TimerFired("tick", "t"))
+
+    def peer(self, state: State, epoch: int = 0) -> list:
+        return self.msg("peer_in", PeerState(int(state), epoch, 1, "peer", "tcp://peer:1"))
+
+    def register(self, name: str, slots: int = 2, route: bytes | None = None, tasks=(), **caps) -> list:
+        caps = {"cores": 2, "memory_mb": 1024, **caps}
+        return self.msg(WORKERS, WorkerStatus(slots, slots, 0, 0, [], caps, name, True, 0, list(tasks), [], []),
+                        route or name.encode())
+
+    def heartbeat(self, name: str, free: int, received: int, slots: int = 2) -> list:
+        return self.msg(WORKERS, WorkerStatus(slots, free, 0, 0, [], {}, name, False, received, [], [], []), name.encode())
+
+    def attach(self, open_assignments: int = 0, socket: str = "m0") -> list:
+        return self.msg(socket, Attached(1, 5, open_assignments, "m1"))
+
+    def request(self, task: int, fence=(5, 1), need=None, socket: str = "m0") -> list:
+        up, lo = split128(JOB)
+        run = {"kind": "call"} if need is None else {"kind": "call", "need": need}
+        return self.msg(socket, WorkerRequest(up, lo, task, fence[0], fence[1], 0, 0, "call", b"", [], {"run": run, "task": {}}))
+
+    def sent(self, kind=None, socket=None, route=None) -> list:
+        return [e for e in self.out if isinstance(e, Send) and (kind is None or isinstance(e.message, kind))
+                and (socket is None or e.socket == socket) and (route is None or e.route == route)]
+
+
+def active() -> Harness:
+    h = Harness()
+    h.peer(State.BACKUP)  # the primary meets its backup: it serves and attaches
+    assert h.core.star.state == State.ACTIVE
+    h.attach()
+    return h
+
+
+def test_a_primary_meeting_its_backup_serves_and_attaches_with_a_fresh_epoch():
+    h = Harness(epoch_base=1000)
+    h.peer(State.BACKUP, epoch=0)
+    attach = h.sent(Attach)
+    assert attach and attach[0].message.epoch == 1000 and attach[0].socket == "m0"
+    assert attach[0].message.credit == 0  # no workers yet: nothing to ask for
+    h.attach()
+    assert h.core.link.attached
+
+
+def test_a_passive_balancer_sends_workers_to_its_peer_while_the_peer_lives():
+    h = Harness(primary=False)
+    h.peer(State.ACTIVE, epoch=7)
+    assert h.core.star.state == State.PASSIVE
+    h.register("w1")
+    refusal = h.sent(NotLeader, WORKERS, b"w1")
+    assert refusal and refusal[0].message.leader == "tcp://peer:1"
+    assert len(h.core.registry) == 0 and not h.sent(Attach)
+
+
+def test_a_passive_balancer_takes_over_only_when_the_peer_is_silent_and_a_worker_turns_to_it():
+    h = Harness(primary=False)
+    h.peer(State.ACTIVE, epoch=7)
+    for _ in range(8):  # the peer falls silent: silence alone changes nothing (split-brain guard)
+        h.tick()
+    assert h.core.star.state == State.PASSIVE and not h.sent(Attach)
+    h.register("w1")  # ... until a worker turns to it
+    assert h.core.star.state == State.ACTIVE
+    attach = h.sent(Attach)
+    assert attach and attach[0].message.epoch > 7  # outranks the silent peer at the masters
+    assert "w1" in h.core.registry
+
+
+def test_heartbeats_to_the_peer_carry_state_and_epoch():
+    h = active()
+    h.tick()
+    states = [e.message for e in h.sent(PeerState, PEER_OUT)]
+    assert states[-1].state == int(State.ACTIVE) and states[-1].epoch == h.core.epoch
+
+
+def test_credit_to_the_master_follows_the_workers_slots_and_what_is_held():
+    h = active()
+    h.register("w1", slots=2)
+    credit = h.sent(Credit)
+    assert credit and credit[-1].message.stream == h.core.epoch
+    granted = sum(c.message.amount for c in credit)
+    assert granted == OPTIONS.min_queue  # max(min_queue 4, 2 × 2 slots)
+    for t in range(granted):
+        h.request(t, (5, t + 1))
+    placed = h.sent(WorkerRequest, WORKERS, b"w1")
+    assert len(placed) == 2  # only the worker's credit
+    assert h.core.dispatcher.pending() == 2
+    assert not [c for c in h.sent(Credit) if c not in credit]  # holding 4 of 4: no more asked
+
+
+def test_open_assignments_after_attach_are_not_charged_against_credit():
+    h = Harness()
+    h.peer(State.BACKUP)
+    h.register("w1", slots=2)
+    h.attach(open_assignments=3)
+    before = h.core.link.credit
+    for t in range(3):
+        h.request(t, (4, t))
+    assert h.core.link.credit == before
+
+
+def test_credit_in_flight_is_not_counted_twice():
+    h = active()
+    h.register("w1", slots=2)
+    h.request(0, (5, 1))
+    h.request(1, (5, 2))
+    assert h.core.registry.get("w1").free == 0
+    # a heartbeat written before the worker saw the two tasks says 2 free: still 0 really
+    h.heartbeat("w1", free=2, received=0)
+    assert h.core.registry.get("w1").free == 0
+    h.heartbeat("w1", free=1, received=2)  # it got both and finished one
+    assert h.core.registry.get("w1").free == 1
+
+
+def test_results_go_to_the_master_with_the_worker_name_and_acks_come_back_to_that_worker():
+    h = active()
+    h.register("w1")
+    h.request(0, (5, 1))
+    up, lo = split128(JOB)
+    h.msg(WORKERS, TaskResult(up, lo, 0, 5, 1, 0, 0, {"v": 1}, None, None, "", []), b"w1")
+    forwarded = h.sent(TaskResult, "m0")
+    assert forwarded and forwarded[0].message.worker == "w1"
+    h.msg("m0", ResultAck(up, lo, 0, 5, 1))
+    assert h.sent(ResultAck, WORKERS, b"w1")
+
+
+def test_a_master_refusing_a_result_for_good_tells_the_worker():
+    h = active()
+    h.register("w1")
+    up, lo = split128(JOB)
+    h.msg(WORKERS, TaskResult(up, lo, 9, 5, 1, 0, 0, {}, None, None, "", []), b"w1")
+    h.msg("m0", Error(0, 1003, TaskResult.code, "stale", {"code": "stale_fence", "task_id": 9, "job": JOB.hex()}))
+    assert h.sent(Error, WORKERS, b"w1")
+
+
+def test_a_silent_worker_is_purged_and_its_tasks_reported_lost_under_their_fences():
+    h = active()
+    h.register("w1")
+    h.request(0, (5, 1))
+    h.request(1, (5, 2))
+    for _ in range(8):  # 2 s without a heartbeat
+        h.tick()
+    assert "w1" not in h.core.registry
+    lost = [e.message for e in h.sent(TaskResult, "m0")]
+    assert sorted((m.task_id, m.fence_sequence, m.outcome) for m in lost) == [(0, 1, 3), (1, 2, 3)]
+    assert all("w1" in m.error for m in lost)
+
+
+def test_a_worker_that_restarts_loses_its_old_tasks_and_reports_what_it_still_runs():
+    h = active()
+    h.register("w1")
+    h.request(0, (5, 1))
+    h.register("w1", route=b"w1-new", tasks=[[JOB, 7, 5, 9]])  # a new process under the same name
+    lost = [e.message for e in h.sent(TaskResult, "m0")]
+    assert [(m.task_id, m.outcome) for m in lost] == [(0, 3)]
+    assert h.core.registry.get("w1").running == {(JOB, 7): (5, 9)}
+
+
+def test_a_request_for_a_task_a_worker_already_runs_is_not_sent_again():
+    h = active()
+    h.register("w1", tasks=[[JOB, 3, 5, 4]])
+    h.request(3, (5, 4))  # the new leader resends its open assignment after a failover
+    assert not h.sent(WorkerRequest, WORKERS)
+    assert h.core.counters["requests_already_running"] == 1
+
+
+@pytest.mark.parametrize(("caps", "slots", "words"), [
+    ({"cores": -1}, 2, "cores"),
+    ({"cores": 1, "memory_mb": 2**60}, 2, "memory_mb"),
+    ({"cores": 1, "gpus": 1000}, 2, "gpus"),
+    ({"cores": 1}, 0, "slots"),
+    ({"cores": 1}, 100_000, "slots"),
+    ({"cores": "many"}, 2, "cores"),
+])
+def test_impossible_capabilities_are_refused_with_a_reason_and_nothing_registered(caps, slots, words):
+    h = active()
+    h.register("w1", slots=slots, **caps)
+    refusal = h.sent(Error, WORKERS, b"w1")
+    assert refusal and words in refusal[0].message.text
+    assert "w1" not in h.core.registry
+
+
+def test_a_heartbeat_from_an_unknown_worker_asks_it_to_register():
+    h = active()
+    h.heartbeat("ghost", free=1, received=0)
+    err = h.sent(Error, WORKERS, b"ghost")
+    assert err and err[0].message.detail["code"] == "not_registered"
+
+
+def test_a_task_with_a_malformed_need_fails_clearly_instead_of_waiting_forever():
+    h = active()
+    h.register("w1")
+    h.request(0, (5, 1), need={"gpus": "two"})
+    failed = [e.message for e in h.sent(TaskResult, "m0")]
+    assert failed and failed[0].outcome == 1 and "gpus" in failed[0].error
+
+
+def test_a_task_no_worker_can_run_waits_and_says_why():
+    h = active()
+    h.register("w1")
+    h.request(0, (5, 1), need={"gpus": 1})
+    assert not h.sent(WorkerRequest, WORKERS)
+    assert "GPU" in h.core.story(JOB, 0)
+
+
+def test_a_silent_master_is_replaced_by_the_next_and_not_leader_redirects():
+    h = active()
+    for _ in range(7):
+        h.tick()
+    attaches = h.sent(Attach)
+    assert attaches[-1].socket == "m1"
+    h.msg("m1", NotLeader(1, 6, "tcp://m3:1"))
+    assert h.sent(Attach)[-1].socket == "m2"
+
+
+def test_not_leader_without_a_leader_waits_before_the_next_attach():
+    h = active()
+    n = len(h.sent(Attach))
+    h.msg("m0", NotLeader(1, 6, None))
+    assert len(h.sent(Attach)) == n  # no hot loop through the masters during an election
+    h.tick(0.75)
+    assert len(h.sent(Attach)) == n + 1 and h.sent(Attach)[-1].socket == "m1"
+
+
+def test_messages_from_a_master_it_is_not_attached_to_are_ignored():
+    h = active()
+    h.register("w1")
+    h.request(0, (5, 1), socket="m2")
+    assert not h.sent(WorkerRequest, WORKERS)
+
+
+def test_dual_active_the_backup_steps_down_and_sends_its_workers_to_the_primary():
+    h = Harness(primary=False)
+    h.peer(State.PASSIVE)
+    assert h.core.star.state == State.ACTIVE
+    h.attach()
+    h.register("w1")
+    h.peer(State.ACTIVE)  # a healed partition: both active
+    assert h.core.star.state == State.PASSIVE
+    assert h.sent(NotLeader, WORKERS, b"w1")
+    assert len(h.core.registry) == 0 and not h.core.link.attached
+
+
+def test_workers_get_heartbeats_from_the_active_balancer():
+    h = active()
+    h.register("w1")
+    h.tick()
+    assert h.sent(Heartbeat, WORKERS, b"w1")
+    assert any(isinstance(e, Log) for e in h.out)
