@@ -1,7 +1,7 @@
 """The ``cluster`` command line: for users and operators.
 
 Built so far: ``status`` (ask any node), ``probe`` (a probe node between machines), the node
-commands ``master`` and ``storage``, and the file commands ``upload``, ``download``, ``files``.
+commands ``master``, ``balancer``, ``storage`` and ``worker``, and the file commands ``upload``, ``download``, ``files``.
 Read commands take ``--json``. Errors are one line that says what to do, never a traceback.
 """
 
@@ -133,6 +133,57 @@ def storage_command(config_path: Path, name: str, data_dir: Path, log_level: str
         raise click.ClickException(f"storage {name}: cannot open its address: {exc} (port in use?)")
     except OSError as exc:
         raise click.ClickException(f"storage {name}: {exc}")
+
+
+@cli.command("balancer")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cluster's TOML file ([balancers.NAME] workers/peer/primary, [masters.NAME] api).")
+@click.option("--name", required=True, help="Which balancer of the config this process is.")
+@click.option("--log-level", default="INFO", show_default=True)
+def balancer_command(config_path: Path, name: str, log_level: str) -> None:
+    """Run a balancer of the Binary Star pair: worker registry and dispatch; stops on SIGTERM."""
+    from balancer.node import run_balancer
+    from cluster.config import ConfigError
+    from cluster.runtime.logs import configure
+
+    try:
+        configure(log_level)
+        sys.exit(run_balancer(config_path, name))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"balancer {name}: cannot open its addresses: {exc} (port in use?)")
+
+
+@cli.command("worker")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cluster's TOML file (balancers, masters, storage nodes).")
+@click.option("--name", required=True, help="This worker's name (unique in the cluster, e.g. the host name).")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Scratch space, the file cache and the FUSE mount point.")
+@click.option("--slots", type=click.IntRange(1, 4096), default=None, help="Tasks at once (default: one per core).")
+@click.option("--label", "labels", multiple=True, help="A label tasks may ask for (repeatable).")
+@click.option("--memory-mb", type=click.IntRange(0), default=None, help="Memory to announce (default: this machine's).")
+@click.option("--no-mount", is_flag=True, help="Do not mount the FUSE view; fetch stored files into the cache.")
+@click.option("--bind", default=None, help="Endpoint answering `cluster status`, e.g. tcp://0.0.0.0:5580.")
+@click.option("--log-level", default="INFO", show_default=True)
+def worker_command(config_path: Path, name: str, data_dir: Path, slots: int | None, labels: tuple[str, ...],
+                   memory_mb: int | None, no_mount: bool, bind: str | None, log_level: str) -> None:
+    """Run a worker: task slots for callables, commands and alignment tiles; stops on SIGTERM."""
+    from cluster.config import ConfigError
+    from cluster.runtime.logs import configure
+    from worker.node import default_identity, run_worker
+
+    try:
+        configure(log_level)
+        me = default_identity(name, slots, list(labels), memory_mb)
+        sys.exit(run_worker(config_path, me, data_dir, mount=not no_mount, control=bind))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"worker {name}: cannot connect: {exc}")
+    except OSError as exc:
+        raise click.ClickException(f"worker {name}: {exc}")
 
 
 CONFIG_OPTION = click.option(

@@ -1,13 +1,6 @@
-"""Console scripts of the node tiers; those not built yet say so in one line and exit 2."""
+"""Console scripts of the node tiers: each is the matching ``cluster`` subcommand."""
 
 from __future__ import annotations
-
-import sys
-
-
-def _not_built(name: str, issue: str) -> None:
-    print(f"{name}: not built yet ({issue}); see README.md for what runs today", file=sys.stderr)
-    sys.exit(2)
 
 
 def master() -> None:
@@ -18,8 +11,10 @@ def master() -> None:
 
 
 def balancer() -> None:
-    """``cluster-balancer``: the Binary Star pair (the balancer/worker issue)."""
-    _not_built("cluster-balancer", "the balancer/worker issue builds it")
+    """``cluster-balancer --config cluster.toml --name b1``: one balancer of the pair."""
+    from cluster.cli import balancer_command
+
+    balancer_command(prog_name="cluster-balancer")
 
 
 def storage() -> None:
@@ -30,5 +25,7 @@ def storage() -> None:
 
 
 def worker() -> None:
-    """``cluster-worker``: task execution and the FUSE view (the balancer/worker issue)."""
-    _not_built("cluster-worker", "the balancer/worker issue builds it")
+    """``cluster-worker --config cluster.toml --name w1 --data-dir D``: one worker."""
+    from cluster.cli import worker_command
+
+    worker_command(prog_name="cluster-worker")

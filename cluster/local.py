@@ -170,3 +170,39 @@ def storage_nodes(directory: Path, count: int = 2, *, masters: list[LocalNode] |
         )
         for name, address in nodes.items()
     ]
+
+
+def balancer_nodes(directory: Path, count: int = 2, *, log_level: str = "INFO") -> tuple[Path, list[LocalNode]]:
+    """The Binary Star pair (``count`` 2) or a lone primary (1) on free 127.0.0.1 ports, added
+    to ``directory/cluster.toml`` (made from ``masters.toml`` if there is none yet)."""
+    from cluster.config import BalancerAddress, write_balancers_section
+
+    if count not in (1, 2):
+        raise ValueError("a balancer pair is one or two balancers")
+    config = directory / "cluster.toml"
+    text = config.read_text() if config.exists() else (directory / "masters.toml").read_text()
+    pair = {f"b{i}": BalancerAddress(f"b{i}", f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", i == 1)
+            for i in range(1, count + 1)}
+    config.write_text(text + "\n" + write_balancers_section(pair))
+    return config, [
+        LocalNode(b.name, ["balancer", "--config", str(config), "--name", b.name, "--log-level", log_level],
+                  b.workers, directory / f"{b.name}.log")
+        for b in pair.values()
+    ]
+
+
+def worker_nodes(directory: Path, config: Path, count: int = 1, *, slots: int = 1, mount: bool = False,
+                 log_level: str = "INFO", first: int = 1) -> list[LocalNode]:
+    """``count`` workers of ``slots`` slots each, data under ``directory/<name>``. A worker connects
+    out to the balancers; its ``address`` is where it answers STATUS_QUERY (ready = answering;
+    registered = listed in the active balancer's status)."""
+    out = []
+    for i in range(first, first + count):
+        name = f"w{i}"
+        address = f"tcp://127.0.0.1:{free_port()}"
+        argv = ["worker", "--config", str(config), "--name", name, "--data-dir", str(directory / name),
+                "--slots", str(slots), "--bind", address, "--log-level", log_level]
+        if not mount:
+            argv.append("--no-mount")
+        out.append(LocalNode(name, argv, address, directory / f"{name}.log"))
+    return out

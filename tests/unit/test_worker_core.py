@@ -1,0 +1,159 @@
+"""The worker core driven directly: registration and failover between the two balancers,
+credit, fencing, results kept until acknowledged. No sockets, no sleeps."""
+
+from __future__ import annotations
+
+from cluster.runtime.events import MessageReceived, Send, Started, TimerFired
+from proto.ids import split128
+from proto.messages import Error, Heartbeat, NotLeader, ResultAck, TaskResult, WorkerRequest, WorkerStatus
+from worker.core import RunTask, TaskEnded, WorkerCore, WorkerIdentity, WorkerOptions
+
+JOB = bytes(range(16))
+
+
+class Harness:
+    def __init__(self, slots: int = 1, prefetch: int = 1) -> None:
+        self.core = WorkerCore(WorkerIdentity("w1", slots, 2, 1024, prefetch=prefetch), 2,
+                               WorkerOptions(interval=0.25, liveness=1.0, result_retry=2.0))
+        self.now = 0.0
+        self.out: list = []
+        self.event(Started("s"))
+
+    def event(self, ev) -> list:
+        effects = self.core.handle(ev, self.now)
+        self.out += effects
+        self.core.validate_state()
+        return effects
+
+    def msg(self, socket: str, m) -> list:
+        return self.event(MessageReceived(socket, None, 1, m, "m"))
+
+    def tick(self, dt: float = 0.25) -> list:
+        self.now += dt
+        return self.event(TimerFired("tick", "t"))
+
+    def accepted(self, socket: str = "b0") -> list:
+        return self.msg(socket, Heartbeat(42, 0, 1))
+
+    def request(self, task: int, fence=(5, 1), socket: str = "b0") -> list:
+        up, lo = split128(JOB)
+        return self.msg(socket, WorkerRequest(up, lo, task, fence[0], fence[1], 0, 0, "call", b"", [], {}))
+
+    def end(self, task: int, fence=(5, 1), outcome: int = 0) -> list:
+        return self.event(TaskEnded(JOB, task, fence, outcome, 0, {"v": task}, None, None, [], (), "e"))
+
+    def sent(self, kind, socket=None) -> list:
+        return [e.message for e in self.out if isinstance(e, Send) and isinstance(e.message, kind)
+                and (socket is None or e.socket == socket)]
+
+    def runs(self) -> list:
+        return [e.request.task_id for e in self.out if isinstance(e, RunTask)]
+
+
+def registered(slots: int = 1, prefetch: int = 1) -> Harness:
+    h = Harness(slots, prefetch)
+    h.accepted()
+    assert h.core.registered
+    return h
+
+
+def test_it_registers_with_the_primary_first_with_its_capabilities():
+    h = Harness()
+    reg = h.sent(WorkerStatus, "b0")
+    assert reg and reg[0].register and reg[0].name == "w1" and reg[0].capabilities["cores"] == 2
+    assert reg[0].slots_total == 2  # 1 slot + 1 prefetched
+
+
+def test_a_passive_balancer_sends_it_to_the_other_one():
+    h = Harness()
+    h.msg("b0", NotLeader(0, 0, "tcp://b2"))
+    h.tick()
+    assert h.sent(WorkerStatus, "b1")[-1].register
+
+
+def test_a_silent_balancer_makes_it_turn_to_the_other_and_register_there():
+    h = registered()
+    for _ in range(5):
+        h.tick()
+    assert h.core.current == 1 and not h.core.registered
+    assert h.sent(WorkerStatus, "b1")[-1].register
+
+
+def test_tasks_run_up_to_the_slots_and_the_prefetched_wait_in_line():
+    h = registered(slots=1, prefetch=1)
+    h.request(0, (5, 1))
+    h.request(1, (5, 2))
+    assert h.runs() == [0]
+    h.end(0, (5, 1))
+    assert h.runs() == [0, 1]
+    assert h.sent(TaskResult, "b0")[0].task_id == 0
+
+
+def test_a_stale_token_is_refused_and_a_duplicate_not_run_twice():
+    h = registered(slots=2)
+    h.request(0, (5, 3))
+    h.request(0, (5, 3))  # the same assignment again
+    h.request(0, (4, 9))  # an older leader's
+    assert h.runs() == [0]
+    assert h.core.counters["duplicate_requests"] == 1 and h.core.counters["stale_requests"] == 1
+
+
+def test_results_are_kept_until_acknowledged_and_resent_meanwhile():
+    h = registered()
+    h.request(0)
+    h.end(0)
+    assert len(h.sent(TaskResult)) == 1
+    for _ in range(9):
+        h.tick()
+        h.msg("b0", Heartbeat(42, 1, 0))
+    assert len(h.sent(TaskResult)) >= 2  # resent after result_retry
+    up, lo = split128(JOB)
+    h.msg("b0", ResultAck(up, lo, 0, 5, 1))
+    assert not h.core.held
+
+
+def test_a_request_for_a_task_it_already_finished_resends_the_result_not_the_work():
+    h = registered()
+    h.request(0)
+    h.end(0)
+    h.request(0)  # a new balancer, told by the master, asks again before the ack came
+    assert h.runs() == [0]
+    assert len(h.sent(TaskResult)) == 2
+
+
+def test_after_failover_it_reports_what_it_runs_and_resends_unacknowledged_results():
+    h = registered(slots=2)
+    h.request(0, (5, 1))
+    h.request(1, (5, 2))
+    h.end(0, (5, 1))
+    for _ in range(5):  # b0 dies
+        h.tick()
+    reg = h.sent(WorkerStatus, "b1")[-1]
+    assert sorted(t[1] for t in reg.tasks) == [0, 1]
+    h.accepted("b1")
+    assert [m.task_id for m in h.sent(TaskResult, "b1")] == [0]
+
+
+def test_a_final_refusal_of_a_result_drops_it():
+    h = registered()
+    h.request(0)
+    h.end(0)
+    h.msg("b0", Error(0, 1003, TaskResult.code, "stale", {"code": "stale_fence", "job": JOB.hex(), "task_id": 0}))
+    assert not h.core.held
+
+
+def test_an_unknown_worker_error_makes_it_register_again():
+    h = registered()
+    n = len(h.sent(WorkerStatus))
+    h.msg("b0", Error(0, 1000, WorkerStatus.code, "who?", {"code": "not_registered"}))
+    assert h.sent(WorkerStatus)[n:][0].register
+
+
+def test_credit_goes_back_soon_after_a_task_ends():
+    h = registered()
+    h.request(0)
+    effects = h.end(0)
+    assert any(isinstance(e, type(effects[-1])) and getattr(e, "name", "") == "status" for e in effects)
+    h.event(TimerFired("status", "x"))
+    hb = h.sent(WorkerStatus, "b0")[-1]
+    assert not hb.register and hb.slots_free == 2 and hb.received == 1

@@ -1,0 +1,389 @@
+"""The worker core: registration, heartbeats, credit, fencing and results, without I/O.
+
+Theory of operation
+-------------------
+A worker talks to one balancer of the pair at a time (zguide's Binary Star client): it
+registers (WORKER_STATUS with ``register``: capabilities, slots, the tasks it still runs or
+holds results of, its cache) and from then on heartbeats every ``interval`` with its free slots
+(its credit) and the cache changes. The balancer heartbeats back (Paranoid Pirate). When the
+balancer has been silent for ``liveness`` seconds, or answers NOT_LEADER (it is passive), the
+worker turns to the other one and registers there; that is what lets a passive balancer take
+over, and only then.
+
+Tasks (WORKER_REQUEST) become ``RunTask`` effects, at most one per slot; the loop runs them and
+posts ``TaskEnded``. Fencing: a request whose token is older than the newest this worker has
+seen for that task is refused (a deposed leader's); a task already running here is not started
+twice, and one whose result is waiting for its acknowledgement gets that result again instead
+of a second run. The credit a worker announces is its slots plus a small prefetch queue, so a
+slot that frees starts the next task at once instead of waiting for a round trip to the
+balancer; a request beyond that (it should not happen: credit) waits in the same queue rather
+than being dropped.
+
+Results are kept until RESULT_ACK (the master committed them) or a final refusal, and sent
+again every ``result_retry`` seconds and after every registration, so a result survives the
+death of a balancer or of the master leader. Recording is exactly-once in the ledger; sending
+is at-least-once here.
+
+Pure: no sockets, clocks, threads or disk; ``now`` comes with each event. Sockets: ``b0`` and
+``b1``, DEALERs connected to the two balancers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.runtime.events import (
+    Effect,
+    Event,
+    Log,
+    MessageReceived,
+    Refuse,
+    Send,
+    Started,
+    StartTimer,
+    StopRequested,
+    TimerFired,
+)
+from proto.ids import join128, split128
+from proto.messages import Error, Heartbeat, NotLeader, ResultAck, TaskResult, WorkerRequest, WorkerStatus
+
+TaskKey = tuple[bytes, int]
+Fence = tuple[int, int]
+
+
+def balancer_socket(index: int) -> str:
+    return f"b{index}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunTask:
+    """Effect: run ``request`` on a free slot; the loop posts ``TaskEnded`` when it is over."""
+
+    request: WorkerRequest
+    cause: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEnded:
+    """Event: a task ran. Fields as in TASK_RESULT; ``cached`` are files now in the cache."""
+
+    job: bytes
+    task: int
+    fence: Fence
+    outcome: int
+    exit_code: int
+    summary: dict[str, Any]
+    result_file: bytes | None
+    error: str | None
+    files: list[list[Any]]
+    cached: tuple[bytes, ...]
+    stimulus_id: str
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    interval: float = 0.25  # heartbeats
+    liveness: float = 1.0  # balancer silence before turning to the other one
+    result_retry: float = 2.0  # an unacknowledged result is sent again this often
+
+
+@dataclass
+class _Running:
+    request: WorkerRequest
+    fence: Fence
+    started: float
+
+
+@dataclass
+class _Held:
+    result: TaskResult
+    sent_at: float
+
+
+@dataclass
+class WorkerIdentity:
+    """What the worker announces when it registers."""
+
+    name: str
+    slots: int
+    cores: int
+    memory_mb: int = 0
+    gpus: int = 0
+    labels: list[str] = field(default_factory=list)
+    kernel: str = ""
+    # Tasks held ready beyond the slots (Celery's prefetch, Dask's ready queue): a slot that
+    # frees starts its next task at once instead of waiting a round trip to the balancer.
+    prefetch: int = 0
+
+    @property
+    def credit(self) -> int:
+        """Tasks this worker takes at once: its slots and its prefetch queue."""
+        return self.slots + self.prefetch
+
+
+class WorkerCore:
+    """One worker's protocol logic."""
+
+    role = "worker"
+
+    def __init__(self, me: WorkerIdentity, balancers: int, options: WorkerOptions = WorkerOptions(),
+                 cached: tuple[bytes, ...] = ()) -> None:
+        if balancers not in (1, 2):
+            raise ValueError("a worker talks to one balancer or a pair")
+        self.me = me
+        self.balancers = balancers
+        self.options = options
+        self.current = 0
+        self.registered = False
+        self.register_sent: float | None = None
+        self.last_heard = 0.0
+        self.received = 0
+        self.running: dict[TaskKey, _Running] = {}
+        self.queued: deque[WorkerRequest] = deque()
+        self.held: dict[TaskKey, _Held] = {}  # results awaiting RESULT_ACK
+        self.newest: dict[TaskKey, Fence] = {}  # newest token seen per live task
+        self.cached: set[bytes] = set(cached)
+        self.cache_added: list[bytes] = []
+        self.status_due = False
+        self.epoch = 0
+        self.counters: dict[str, int] = {}
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        if isinstance(event, MessageReceived):
+            return self._on_message(event, now)
+        if isinstance(event, TaskEnded):
+            return self._on_ended(event, now)
+        if isinstance(event, TimerFired):
+            if event.name == "tick":
+                return self._tick(now, event.stimulus_id) + [StartTimer("tick", self.options.interval, event.stimulus_id)]
+            if event.name == "status":
+                self.status_due = False
+                return self._heartbeat(event.stimulus_id) if self.registered else []
+            return []
+        if isinstance(event, Started):
+            self.last_heard = now
+            return self._register(now, event.stimulus_id) + [StartTimer("tick", self.options.interval, event.stimulus_id)]
+        if isinstance(event, StopRequested):
+            return []
+        return []
+
+    def _on_message(self, ev: MessageReceived, now: float) -> list[Effect]:
+        m = ev.message
+        if ev.socket == "control":  # STATUS_QUERY is answered by the loop; nothing else comes here
+            return [Refuse(ev.socket, ev.route, m.code, getattr(m, "request_id", 0),
+                           f"a worker's control socket answers STATUS_QUERY only, not {type(m).__name__}", ev.stimulus_id)]
+        from_current = ev.socket == balancer_socket(self.current)
+        if from_current:
+            self.last_heard = now
+        if isinstance(m, WorkerRequest):
+            return self._on_request(ev, m, now)
+        if isinstance(m, ResultAck):
+            key = (join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id)
+            if self.held.pop(key, None) is not None:
+                self.newest.pop(key, None)
+                self._count("results_acked")
+            return []
+        if isinstance(m, Heartbeat):
+            if from_current and m.reply == 1 and not self.registered:
+                return self._on_registered(m, now, ev.stimulus_id)
+            return []
+        if isinstance(m, NotLeader):
+            if not from_current:
+                return []
+            self._count("redirected")
+            self.registered = False
+            self.current = (self.current + 1) % self.balancers
+            self.register_sent = None  # register with the other at the next tick
+            return [Log(logging.INFO, f"balancer {self.current ^ 1 if self.balancers == 2 else 0} is passive; "
+                                      f"turning to balancer {self.current}", ev.stimulus_id)]
+        if isinstance(m, Error):
+            return self._on_error(ev, m, now)
+        return [Refuse(ev.socket, ev.route, m.code, 0, f"a worker does not take {type(m).__name__}", ev.stimulus_id)]
+
+    def _on_error(self, ev: MessageReceived, m: Error, now: float) -> list[Effect]:
+        detail = m.detail if isinstance(m.detail, dict) else {}
+        code = detail.get("code", "")
+        if code == "not_registered":
+            self.registered = False
+            return self._register(now, ev.stimulus_id)
+        if m.refers_to == TaskResult.code and "task_id" in detail and "job" in detail:
+            try:
+                key = (bytes.fromhex(detail["job"]), int(detail["task_id"]))
+            except (TypeError, ValueError):
+                key = None
+            if key is not None and self.held.pop(key, None) is not None:
+                self.newest.pop(key, None)
+                self._count("results_refused")
+                return [Log(logging.WARNING, f"result of {detail['job']}/{detail['task_id']} refused for good: {m.text}",
+                            ev.stimulus_id)]
+            return []
+        if m.refers_to == WorkerStatus.code:
+            self._count("registration_refused")
+            self.registered = False
+            return [Log(logging.ERROR, f"the balancer refused this worker: {m.text}", ev.stimulus_id)]
+        return [Log(logging.WARNING, f"balancer error: {m.text}", ev.stimulus_id)]
+
+    # ---- registration and heartbeats -----------------------------------------------------------
+
+    def _register(self, now: float, cause: str) -> list[Effect]:
+        self.register_sent = now
+        self.registered = False
+        me = self.me
+        tasks = [[k[0], k[1], r.fence[0], r.fence[1]] for k, r in self.running.items()]
+        tasks += [[k[0], k[1], h.result.fence_term, h.result.fence_sequence] for k, h in self.held.items() if k not in self.running]
+        status = WorkerStatus(
+            me.credit, self._free(), 0, len(self.running), list(me.labels),
+            {"cores": me.cores, "memory_mb": me.memory_mb, "gpus": me.gpus, "kernel": me.kernel},
+            me.name, True, 0, tasks, sorted(self.cached), [],
+        )
+        self._count("registrations_sent")
+        return [Send(balancer_socket(self.current), status, None, cause)]
+
+    def _on_registered(self, m: Heartbeat, now: float, cause: str) -> list[Effect]:
+        self.registered = True
+        self.received = 0
+        self.cache_added.clear()  # the registration carried the whole cache
+        self.epoch = m.epoch
+        self._count("registered")
+        out: list[Effect] = [Log(logging.INFO, f"registered with balancer {self.current} (epoch {m.epoch}); "
+                                               f"{len(self.running)} running, {len(self.held)} results to resend", cause)]
+        for key, held in self.held.items():
+            held.sent_at = now
+            out.append(Send(balancer_socket(self.current), held.result, None, cause))
+        return out
+
+    def _heartbeat(self, cause: str) -> list[Effect]:
+        me = self.me
+        added, self.cache_added = self.cache_added, []
+        status = WorkerStatus(me.credit, self._free(), 0, len(self.running), [], {}, me.name, False,
+                              self.received, [], added, [])
+        return [Send(balancer_socket(self.current), status, None, cause)]
+
+    def _tick(self, now: float, cause: str) -> list[Effect]:
+        out: list[Effect] = []
+        if self.registered and now - self.last_heard > self.options.liveness:
+            self._count("balancer_silent")
+            old = self.current
+            self.current = (self.current + 1) % self.balancers
+            out.append(Log(logging.WARNING, f"balancer {old} silent for {now - self.last_heard:.1f} s; "
+                                            f"turning to balancer {self.current}", cause))
+            self.last_heard = now
+            return out + self._register(now, cause)
+        if not self.registered:
+            if self.register_sent is None or now - self.register_sent >= self.options.interval:
+                if self.register_sent is not None and now - self.last_heard > self.options.liveness:
+                    # no answer at all from this one: it may be down, try the other
+                    self.current = (self.current + 1) % self.balancers
+                    self.last_heard = now
+                out += self._register(now, cause)
+            return out
+        out += self._heartbeat(cause)
+        for held in self.held.values():
+            if now - held.sent_at >= self.options.result_retry:
+                held.sent_at = now
+                self._count("results_resent")
+                out.append(Send(balancer_socket(self.current), held.result, None, cause))
+        return out
+
+    # ---- tasks -------------------------------------------------------------------------------
+
+    def _on_request(self, ev: MessageReceived, m: WorkerRequest, now: float) -> list[Effect]:
+        key = (join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id)
+        fence = (m.fence_term, m.fence_sequence)
+        self.received += 1
+        newest = self.newest.get(key)
+        if newest is not None and fence < newest:
+            self._count("stale_requests")
+            self.status_due = True
+            return [Log(logging.WARNING, f"task {key[0].hex()}/{key[1]} refused: token {fence} is older than {newest}",
+                        ev.stimulus_id)] + self._status_soon(ev.stimulus_id)
+        self.newest[key] = fence if newest is None else max(newest, fence)
+        if key in self.running or any(_key_of(q) == key for q in self.queued):
+            self._count("duplicate_requests")
+            return self._status_soon(ev.stimulus_id)
+        held = self.held.get(key)
+        if held is not None:  # ran here already; its result is on its way: send it again
+            self._count("results_resent")
+            held.sent_at = now
+            return [Send(balancer_socket(self.current), held.result, None, ev.stimulus_id)] + self._status_soon(ev.stimulus_id)
+        if len(self.running) >= self.me.slots:
+            if len(self.queued) >= self.me.prefetch:
+                self._count("queued_beyond_credit")
+            self.queued.append(m)
+            return []
+        return self._start(m, now, ev.stimulus_id)
+
+    def _start(self, m: WorkerRequest, now: float, cause: str) -> list[Effect]:
+        key = _key_of(m)
+        self.running[key] = _Running(m, (m.fence_term, m.fence_sequence), now)
+        self._count("tasks_started")
+        return [RunTask(m, cause)]
+
+    def _on_ended(self, ev: TaskEnded, now: float) -> list[Effect]:
+        key = (ev.job, ev.task)
+        if self.running.pop(key, None) is None:
+            self._count("unknown_endings")
+            return []
+        self._count("tasks_done" if ev.outcome == 0 else "tasks_failed")
+        upper, lower = split128(ev.job)
+        result = TaskResult(upper, lower, ev.task, ev.fence[0], ev.fence[1], ev.outcome, ev.exit_code, ev.summary,
+                            ev.result_file, ev.error, self.me.name, ev.files)
+        self.held[key] = _Held(result, now)
+        for fid in ev.cached:
+            if fid not in self.cached:
+                self.cached.add(fid)
+                self.cache_added.append(fid)
+        out: list[Effect] = []
+        if self.registered:
+            out.append(Send(balancer_socket(self.current), result, None, ev.stimulus_id))
+        if self.queued:
+            out += self._start(self.queued.popleft(), now, ev.stimulus_id)
+        return out + self._status_soon(ev.stimulus_id)
+
+    def _status_soon(self, cause: str) -> list[Effect]:
+        """A heartbeat with the new credit right after this burst (a zero-delay timer fires once
+        the loop has drained what is waiting, so many endings share one message)."""
+        if self.status_due or not self.registered:
+            return []
+        self.status_due = True
+        return [StartTimer("status", 0.0, cause)]
+
+    def _free(self) -> int:
+        return max(0, self.me.credit - len(self.running) - len(self.queued))
+
+    # ---- operators ---------------------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "name": self.me.name,
+            "state": "registered" if self.registered else "registering",
+            "balancer": self.current,
+            "epoch": self.epoch,
+            "slots": self.me.slots,
+            "prefetch": self.me.prefetch,
+            "free": self._free(),
+            "running": [{"task": f"{k[0].hex()}/{k[1]}", "kind": r.request.kind, "for_s": round(now - r.started, 3)}
+                        for k, r in list(self.running.items())[:50]],
+            "queued": len(self.queued),
+            "results_unacked": len(self.held),
+            "cached_files": len(self.cached),
+            "capabilities": {"cores": self.me.cores, "memory_mb": self.me.memory_mb, "gpus": self.me.gpus,
+                             "labels": list(self.me.labels), "kernel": self.me.kernel},
+            "core": dict(self.counters),
+        }
+
+    def validate_state(self) -> None:
+        assert len(self.running) <= self.me.slots
+        assert all(_key_of(q) not in self.running for q in self.queued)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+
+def _key_of(m: WorkerRequest) -> TaskKey:
+    return (join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id)
