@@ -52,7 +52,10 @@ class AssignTasks(msgspec.Struct, tag="assign", array_like=True, frozen=True):
 
 
 class CompleteTask(msgspec.Struct, tag="complete", array_like=True, frozen=True):
-    """An attempt ended (``outcome`` as in TASK_RESULT). Recorded once per task."""
+    """An attempt ended (``outcome`` as in TASK_RESULT). Recorded once per task. ``files`` are
+    what the worker stored, ``[file id (16 bytes), size, [storage node names], name]`` each, as
+    in TASK_RESULT; the ledger checks them (the core does too, earlier) and registers them with
+    the job when the completion ends the task."""
 
     job_id: bytes
     task_id: int
@@ -64,6 +67,8 @@ class CompleteTask(msgspec.Struct, tag="complete", array_like=True, frozen=True)
     result_file: bytes | None
     error: str | None
     now: float
+    # appended: a new field goes last with a default, so older log entries still decode
+    files: list[list[Any]] = []
 
 
 class RegisterFile(msgspec.Struct, tag="file", array_like=True, frozen=True):

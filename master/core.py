@@ -23,7 +23,15 @@ leader's first entry of its term (a ``Barrier``, Raft §8) has committed, the le
 TASK_RESULT and are acknowledged with RESULT_ACK once recorded (or found to be duplicates).
 
 Reads (JOB_QUERY, JOB_LIST, TASK_QUERY) are answered by any master from its own ledger;
-``stale`` is 0 only when a serving leader with a quorum answers.
+``stale`` is 0 only when a serving leader with a quorum answers. HEARTBEAT is answered by every
+master with its Raft term (balancers use it to notice a dead or deposed leader).
+
+WATCH is a long poll on the jobs' ``endings`` (the ledger's record of which tasks ended, in
+order): the leader answers at once if a watched job has endings past the client's cursor or is
+over; otherwise it parks the watch (one per connection: a newer one replaces it) until a commit
+brings news for one of its jobs, or its deadline (a ``watch`` timer at the earliest one), when it
+answers with no news. Only the leader parks watches: it alone learns of commits as they happen.
+Parked watches are indexed by job, so a commit looks only at those watching the jobs it touched.
 
 Pure: no sockets, clocks, threads or disk; ``now`` comes with each event.
 """
@@ -31,8 +39,9 @@ Pure: no sockets, clocks, threads or disk; ``now`` comes with each event.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import msgspec
@@ -61,7 +70,7 @@ from master.commands import (
     ReleaseFile,
     SubmitJob,
 )
-from master.ledger import Applied, Ledger, spec_digest
+from master.ledger import Applied, Ledger, spec_digest, task_files_problem
 from proto.errors import AppReason
 from proto.ids import join128, split128
 from proto.messages import (
@@ -74,6 +83,7 @@ from proto.messages import (
     FileLookup,
     FileRegister,
     FileRelease,
+    Heartbeat,
     JobList,
     JobQuery,
     NotLeader,
@@ -83,6 +93,7 @@ from proto.messages import (
     SubmitAck,
     TaskQuery,
     TaskResult,
+    Watch,
     WorkerRequest,
 )
 
@@ -91,6 +102,9 @@ RAFT_POLL = 0.02  # how often the core looks at Raft's role and leader (seconds)
 PROPOSAL_TIMEOUT = 5.0  # a proposal unanswered this long is answered OUTCOME_UNKNOWN
 MAX_LIST = 10_000
 MAX_LOOKUP = 10_000  # file ids per FILE_LOOKUP
+MAX_WATCH_JOBS = 10_000  # jobs per WATCH
+MAX_WATCH_TASKS = 10_000  # task endings per WATCH reply (the cursor advances only that far)
+MAX_WATCH_WAIT = 60.0  # seconds a WATCH may be parked
 
 
 # ---- the vocabulary between this core and its loop ---------------------------------------------
@@ -155,6 +169,19 @@ class _BalancerLink:
 class _Proposal:
     replies: list[tuple]  # one per command: how to answer it
     proposed_at: float
+    jobs: set[bytes] = field(default_factory=set)  # whose endings or state its commit may change
+
+
+@dataclass
+class _Watcher:
+    """A parked WATCH: answered when a commit brings news for one of ``jobs``, or at ``deadline``."""
+
+    route: bytes
+    request_id: int
+    jobs: dict[bytes, int]  # job id → the client's cursor
+    deadline: float
+    seq: int  # tells this watch from an earlier one of the same route in the deadline heap
+    cause: str
 
 
 class MasterCore:
@@ -195,6 +222,11 @@ class MasterCore:
         self.counters: dict[str, int] = {}
         self.leader_since: float | None = None
         self.first_commit_at: float | None = None
+        self.watchers: dict[bytes, _Watcher] = {}  # route → its parked watch
+        self.watching: dict[bytes, dict[bytes, None]] = {}  # job id → routes parked on it (ordered)
+        self.watch_deadlines: list[tuple[float, int, bytes]] = []  # a heap; answered ones stay until popped
+        self.watch_timer_at: float | None = None  # when the pending ``watch`` timer fires
+        self.watch_seq = 0
 
     # ---- events --------------------------------------------------------------------------
 
@@ -213,6 +245,8 @@ class MasterCore:
                 return self._flush(now, event.stimulus_id)
             if event.name == "expire":
                 return self._expire(now, event.stimulus_id) + [StartTimer("expire", 1.0)]
+            if event.name == "watch":
+                return self._expire_watches(now, event.stimulus_id)
             return []
         if isinstance(event, Started):
             return [StartTimer("raft", 0.0, event.stimulus_id), StartTimer("expire", 1.0, event.stimulus_id)]
@@ -257,6 +291,11 @@ class MasterCore:
             self.balancer = None
         self.inflight.clear()
         self.serving_term = 0
+        for route in list(self.watchers):  # the next leader parks them: it alone hears of commits
+            w = self._unpark(route)
+            out.append(Send(API, NotLeader(w.request_id, self.view.term, self._leader_address()), route, cause))
+        self.watch_deadlines.clear()
+        self.watch_timer_at = None
         return out
 
     def _leader_address(self) -> str | None:
@@ -331,9 +370,14 @@ class MasterCore:
             # A token from a newer term than ours: this leader has been deposed and not yet heard.
             return [_app_error(ev, 0, AppReason.STALE_FENCE, "stale_leader",
                                f"token term {m.fence_term} is newer than this master's term {self.view.term}")]
+        job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
+        problem = task_files_problem(m.files, m.task_id, m.result_file)
+        if problem:  # refused before it costs a Raft round (the ledger would refuse it too)
+            return [_app_error_to(ev.route, 0, AppReason.REFUSED, "bad_files", f"task {m.task_id} of job {job_id.hex()}: {problem}",
+                                  ev.stimulus_id, refers_to=TaskResult.code, extra={"task_id": m.task_id, "job": job_id.hex()})]
         command = CompleteTask(
-            join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id, m.fence_term, m.fence_sequence,
-            m.outcome, m.worker, m.summary, m.result_file, m.error, now,
+            job_id, m.task_id, m.fence_term, m.fence_sequence,
+            m.outcome, m.worker, m.summary, m.result_file, m.error, now, [list(f) for f in m.files],
         )
         return self._enqueue(command, ("complete", ev.route, m), ev.stimulus_id)
 
@@ -355,8 +399,9 @@ class MasterCore:
 
     def _propose(self, items: list[tuple[Any, tuple]], now: float, cause: str) -> list[Effect]:
         self.tokens += 1
-        self.proposals[self.tokens] = _Proposal([reply for _, reply in items], now)
         commands = [c for c, _ in items]
+        touched = {c.job_id for c in commands if isinstance(c, (CompleteTask, CancelCommand))}
+        self.proposals[self.tokens] = _Proposal([reply for _, reply in items], now, touched)
         entry = commands[0] if len(commands) == 1 else Batch(commands)
         self._count("proposals")
         self._count("commands_proposed", len(commands))
@@ -372,7 +417,10 @@ class MasterCore:
         out: list[Effect] = []
         for reply, result in zip(proposal.replies, results):
             out += self._answer(reply, result, ev.log_index, now, ev.stimulus_id)
-        return out + self._dispatch(now, ev.stimulus_id)
+        out += self._dispatch(now, ev.stimulus_id)
+        # A Barrier commits after every entry of earlier terms: any watched job may have changed.
+        every = any(reply[0] == "barrier" for reply in proposal.replies)
+        return out + self._wake(list(self.watching) if every else proposal.jobs, ev.stimulus_id)
 
     def _answer(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
         kind = reply[0]
@@ -527,9 +575,12 @@ class MasterCore:
     # ---- reads -----------------------------------------------------------------------------
 
     def _reply(self, ev: MessageReceived, request_id: int, value: Any) -> Effect:
+        return self._reply_to(ev.route, request_id, value, ev.stimulus_id)
+
+    def _reply_to(self, route: bytes | None, request_id: int, value: Any, cause: str) -> Effect:
         stale = 0 if (self.view.role == "leader" and self.view.has_quorum and self.serving_term == self.view.term) else 1
         return Send(API, QueryReply(request_id, stale, self.view.term, self.view.last_applied, value, self._leader_address()),
-                    ev.route, ev.stimulus_id)
+                    route, cause)
 
     def _on_job_query(self, ev: MessageReceived, m: JobQuery, now: float) -> list[Effect]:
         job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
@@ -559,6 +610,119 @@ class MasterCore:
             return [self._not_found(ev, m.request_id, f"no job {m.owner.hex()}")]
         return [self._reply(ev, m.request_id, self.ledger.files_view(max(1, min(m.limit, MAX_LIST)), m.owner, m.after))]
 
+    def _on_heartbeat(self, ev: MessageReceived, m: Heartbeat, now: float) -> list[Effect]:
+        if m.reply:
+            return []  # masters send no heartbeats: a stray answer
+        self._count("heartbeats")
+        # Followers answer too: a balancer learns "not leader" from the answers to its other messages.
+        return [Send(API, Heartbeat(self.view.term, m.sequence, 1), ev.route, ev.stimulus_id)]
+
+    # ---- watches (long polls on task endings) ------------------------------------------------
+
+    def _on_watch(self, ev: MessageReceived, m: Watch, now: float) -> list[Effect]:
+        if self.view.role != "leader":  # only the leader hears of commits as they happen
+            self._count("redirected")
+            return [Send(API, NotLeader(m.request_id, self.view.term, self._leader_address()), ev.route, ev.stimulus_id)]
+        if len(m.jobs) > MAX_WATCH_JOBS:
+            return [_app_error(ev, m.request_id, AppReason.REFUSED, "too_many_jobs",
+                               f"{len(m.jobs)} jobs in one watch; watch at most {MAX_WATCH_JOBS} "
+                               "(one watch per connection is parked: split them over several)")]
+        bad = next(((j, c) for j, c in m.jobs.items() if c < 0), None)
+        if bad is not None:
+            return [_app_error(ev, m.request_id, AppReason.REFUSED, "bad_cursor",
+                               f"the cursor of job {bad[0].hex()} is {bad[1]}: a cursor counts the endings seen, from 0")]
+        out: list[Effect] = []
+        old = self._unpark(ev.route)
+        if old is not None:  # one parked watch per connection: the newer one replaces it
+            self._count("watches_replaced")
+            out.append(self._reply_to(old.route, old.request_id, _no_news(), ev.stimulus_id))
+        value = self._watch_news(m.jobs)
+        if value is not None or m.wait_ms == 0:
+            self._count("watches_answered")
+            return out + [self._reply(ev, m.request_id, value if value is not None else _no_news())]
+        self.watch_seq += 1
+        w = _Watcher(ev.route, m.request_id, dict(m.jobs), now + min(m.wait_ms / 1000, MAX_WATCH_WAIT),
+                     self.watch_seq, ev.stimulus_id)
+        return out + self._park(w, now)
+
+    def _watch_news(self, watched: dict[bytes, int]) -> dict[str, Any] | None:
+        """WATCH's reply value for ``watched`` (job → cursor), or None if nothing is new. Jobs go
+        in request order until ``MAX_WATCH_TASKS`` endings are in; a job with endings left past
+        that waits for the next watch, which is answered at once."""
+        budget = MAX_WATCH_TASKS
+        found: dict[str, Any] = {}
+        unknown: list[str] = []
+        for job_id, cursor in watched.items():
+            if not self.ledger.has_news(job_id, cursor):
+                continue
+            view = self.ledger.endings_view(job_id, cursor, budget)
+            if view is None:
+                unknown.append(job_id.hex())
+            elif view["cursor"] > cursor or view["done"] + view["failed"] <= cursor:
+                # (else endings are left and no room for them: the next watch gets them at once)
+                found[job_id.hex()] = view
+                budget -= len(view["tasks"])
+        if not found and not unknown:
+            return None
+        return {"jobs": found, "unknown": unknown}
+
+    def _park(self, w: _Watcher, now: float) -> list[Effect]:
+        self.watchers[w.route] = w
+        for job_id in w.jobs:
+            self.watching.setdefault(job_id, {})[w.route] = None
+        if len(self.watch_deadlines) > 2 * len(self.watchers) + 64:  # drop the answered ones' entries
+            self.watch_deadlines = [e for e in self.watch_deadlines if self._current(e)]
+            heapq.heapify(self.watch_deadlines)
+        heapq.heappush(self.watch_deadlines, (w.deadline, w.seq, w.route))
+        self._count("watches_parked")
+        if self.watch_timer_at is not None and self.watch_timer_at <= w.deadline:
+            return []
+        self.watch_timer_at = w.deadline
+        return [StartTimer("watch", max(0.0, w.deadline - now), w.cause)]
+
+    def _current(self, entry: tuple[float, int, bytes]) -> bool:
+        w = self.watchers.get(entry[2])
+        return w is not None and w.seq == entry[1]
+
+    def _unpark(self, route: bytes) -> _Watcher | None:
+        w = self.watchers.pop(route, None)
+        if w is not None:
+            for job_id in w.jobs:
+                routes = self.watching[job_id]
+                del routes[route]
+                if not routes:
+                    del self.watching[job_id]
+        return w
+
+    def _wake(self, job_ids: Any, cause: str) -> list[Effect]:
+        """Answer the parked watches that a commit touching ``job_ids`` brought news for."""
+        routes: dict[bytes, None] = {}
+        for job_id in job_ids:
+            for route in self.watching.get(job_id, ()):
+                if self.ledger.has_news(job_id, self.watchers[route].jobs[job_id]):
+                    routes[route] = None
+        out: list[Effect] = []
+        for route in routes:
+            w = self._unpark(route)
+            self._count("watches_woken")
+            out.append(self._reply_to(route, w.request_id, self._watch_news(w.jobs) or _no_news(), cause))
+        return out
+
+    def _expire_watches(self, now: float, cause: str) -> list[Effect]:
+        self.watch_timer_at = None
+        out: list[Effect] = []
+        heap = self.watch_deadlines
+        while heap and (heap[0][0] <= now or not self._current(heap[0])):
+            entry = heapq.heappop(heap)
+            if self._current(entry):
+                w = self._unpark(entry[2])
+                self._count("watches_expired")
+                out.append(self._reply_to(w.route, w.request_id, _no_news(), cause))
+        if heap:
+            self.watch_timer_at = heap[0][0]
+            out.append(StartTimer("watch", max(0.0, heap[0][0] - now), cause))
+        return out
+
     def _not_found(self, ev: MessageReceived, request_id: int, text: str) -> Effect:
         if self.view.role != "leader":
             text += " on this master (a follower: it may be behind the leader)"
@@ -584,6 +748,7 @@ class MasterCore:
             **self.raft_detail(),
             "ledger": {**self.ledger.footprint(), "commands_applied": self.ledger.state.applied, **self.ledger.state.counters},
             "queued_writes": len(self.queue),
+            "watches_parked": len(self.watchers),
             "proposals_in_flight": len(self.proposals),
             "balancer": None if self.balancer is None else {
                 "name": self.balancer.name, "epoch": self.balancer.epoch,
@@ -600,6 +765,18 @@ class MasterCore:
         assert all(p.replies for p in self.proposals.values())
         if self.balancer is not None:
             assert self.balancer.credit >= 0 or self.balancer.sent > 0
+        for route, w in self.watchers.items():
+            assert w.route == route and all(route in self.watching[j] for j in w.jobs)
+        for job_id, routes in self.watching.items():
+            assert routes and all(job_id in self.watchers[r].jobs for r in routes)
+        if self.watchers:
+            assert self.watch_timer_at is not None, "parked watches with no timer to expire them"
+            assert self.watch_timer_at <= min(w.deadline for w in self.watchers.values())
+        assert self.watchers or not self.watching
+
+
+def _no_news() -> dict[str, Any]:
+    return {"jobs": {}, "unknown": []}
 
 
 def _refuse(ev: MessageReceived, detail: str) -> Effect:
@@ -628,4 +805,6 @@ _MESSAGE_HANDLERS: dict[type, Callable] = {
     FileRelease: MasterCore._on_file_release,
     FileLookup: MasterCore._on_file_lookup,
     FileList: MasterCore._on_file_list,
+    Heartbeat: MasterCore._on_heartbeat,
+    Watch: MasterCore._on_watch,
 }

@@ -8,7 +8,9 @@ dependency rule. The ledger materialises a task record only when the task become
 drops what it no longer needs, so it holds the frontier, not the universe:
 
 - list/range: at most ``WINDOW`` unfinished records at a time; the next ones are materialised
-  as earlier ones finish. Finished records stay (they hold the results users look up).
+  as earlier ones end. Finished records stay (they hold the results users look up). A task
+  that fails for good in a job that goes on (``fail_fast: false``) has *ended* too: the sources
+  count done and such failed tasks alike, so the window keeps refilling past failures.
 - grid with ``depends: wavefront`` (tile (i, j) needs (i-1, j) and (i, j-1), the
   Smith-Waterman dependency): the done tiles of each row form a prefix whose length never grows
   down the rows, so the done set is ``full_rows`` plus the prefix lengths of the partial rows.
@@ -89,7 +91,26 @@ def validate_spec(kind: str, spec: Any, encoded_size: int) -> dict[str, Any]:
     if not isinstance(keep, bool):
         raise SpecError("bad_spec", "'keep_results' must be true or false")
     out["keep_results"] = keep
+    _failure_rules(kind, spec, out)
     return out
+
+
+def _failure_rules(kind: str, spec: dict[str, Any], out: dict[str, Any]) -> None:
+    """``retry_failed`` (default true): false ends a task at its first FAILED attempt (the task's
+    own failure: it raised, exited non-zero, timed out); LOST attempts are retried either way, up
+    to ``max_attempts``. ``fail_fast`` (default true): a task failing for good fails the job and
+    cancels the rest; false (independent tasks only) records the failure and lets the job go on."""
+    for name in ("retry_failed", "fail_fast"):
+        value = spec.get(name, True)
+        if not isinstance(value, bool):
+            raise SpecError("bad_spec", f"'{name}' must be true or false, not {value!r}")
+        out[name] = value
+    if not out["fail_fast"] and kind == "grid" and out["depends"] == "wavefront":
+        raise SpecError(
+            "bad_spec",
+            "'fail_fast': false needs independent tasks (a list, a range, or a grid with depends: none); "
+            "in a wavefront grid a failed tile leaves every tile below and right of it unable to run",
+        )
 
 
 def _reduce_rule(rule: Any) -> dict[str, Any]:
@@ -112,8 +133,8 @@ class ListSource(msgspec.Struct, tag="list", array_like=True):
 
     count: int
     cursor: int = 0  # next index to materialise
-    done_below: int = 0  # every task id below this is done
-    # done ids at or above done_below (a sparse tail, like TCP SACK). A dict used as an ordered
+    done_below: int = 0  # every task id below this has ended (done, or failed in a job that goes on)
+    # ended ids at or above done_below (a sparse tail, like TCP SACK). A dict used as an ordered
     # set: a set would encode in hash-table order, which depends on its history, and masters
     # that restored a snapshot would then serialise differently from those that replayed.
     done_above: dict[int, None] = {}
@@ -126,7 +147,12 @@ class ListSource(msgspec.Struct, tag="list", array_like=True):
         _mark_done(self, task_id)
         return []  # list/range refill through take()
 
+    def on_failed(self, task_id: int) -> None:
+        """A task failed for good and its job goes on: it has ended, like a done one."""
+        _mark_done(self, task_id)
+
     def is_done(self, task_id: int) -> bool:
+        """Whether the task has ended (done, or failed in a job that goes on)."""
         return task_id < self.done_below or task_id in self.done_above
 
     def exists(self, task_id: int) -> bool:
@@ -187,6 +213,11 @@ class GridSource(msgspec.Struct, tag="grid", array_like=True):
 
     def exists(self, task_id: int) -> bool:
         return 0 <= task_id < self.rows * self.cols
+
+    def on_failed(self, task_id: int) -> None:
+        """As ListSource.on_failed; only independent tiles go on past a failure (see validate_spec)."""
+        assert not self.wavefront, "a wavefront job stops at its first failed tile"
+        _mark_done(self, task_id)
 
     def on_done(self, task_id: int) -> list[int]:
         """Record (i, j) done; return the tiles it makes ready."""

@@ -14,7 +14,13 @@ balancer sends can raise out of ``apply``.
 
 Tasks move through ``TASK_TRANSITIONS`` (ready → assigned → done | ready again | failed;
 cancelled when their job is). Execution is at-least-once, recording exactly-once: the first
-completion of a task is recorded, later ones are acknowledged, ignored and counted. An
+completion of a task is recorded, later ones are acknowledged, ignored and counted. A job's
+``endings`` lists its tasks in the order their final outcome (done, or failed for good) was
+recorded: clients watch it with a cursor (WATCH) instead of polling every task. A failed attempt
+is retried up to ``max_attempts`` (only LOST ones when the spec says ``retry_failed: false``); a
+task failing for good fails its job, or with ``fail_fast: false`` is recorded and the job goes
+on, ending "failed" with a count once every task has ended. The files a worker stored are
+registered with the job (named ``task-<id>.<name>``) when its completion ends the task. An
 assignment carries a fencing token (Raft term, sequence) that only grows; a completion must
 name the token of one of the task's attempts, so results of assignments that never committed
 (a deposed leader's) are refused.
@@ -36,6 +42,7 @@ from master import jobs
 from master.commands import (
     CANCELLED,
     DONE,
+    FAILED,
     OUTCOMES,
     AssignTasks,
     Barrier,
@@ -109,6 +116,10 @@ class Job(msgspec.Struct, array_like=True):
     reduced: dict[str, Any] = {}
     finished_at: float | None = None
     error: str | None = None
+    # appended (array-like: a new field goes last, so older snapshots still decode)
+    endings: list[int] = []  # task ids in the order their final outcome was recorded, after the dropped
+    failed: int = 0  # tasks failed for good
+    endings_dropped: int = 0  # leading endings forgotten: done tasks folded away (see _trim_endings)
 
     @property
     def total(self) -> int:
@@ -117,6 +128,8 @@ class Job(msgspec.Struct, array_like=True):
 
 PIN = b""  # the owner key of a user's pin in FileRecord.refs
 MAX_NAME = 255
+MAX_TASK_FILES = 1024  # files one completion may register
+ENDINGS_KEPT = 2 * jobs.WINDOW  # the newest endings always held; older folded ones may be dropped
 
 
 class FileRecord(msgspec.Struct, array_like=True):
@@ -177,7 +190,12 @@ class Ledger:
 
     @classmethod
     def restore(cls, data: bytes) -> "Ledger":
-        return cls(_snapshot_decoder.decode(data))
+        state = _snapshot_decoder.decode(data)
+        for job in state.jobs.values():
+            # A snapshot from before the endings log: what ended then counts as dropped (a
+            # watcher is told it skipped them), so cursors and counts agree from here on.
+            job.endings_dropped = job.done + job.failed - len(job.endings)
+        return cls(state)
 
     # ---- applying the log ----------------------------------------------------------------
 
@@ -297,6 +315,9 @@ class Ledger:
             return refused("bad_outcome", f"outcome {c.outcome} is not one of {sorted(OUTCOMES)}")
         if not job.source.exists(c.task_id):
             return refused("unknown_task", f"job {c.job_id.hex()} has no task {c.task_id}")
+        problem = task_files_problem(c.files, c.task_id, c.result_file)
+        if problem:
+            return refused("bad_files", f"task {c.task_id} of job {c.job_id.hex()}: {problem}")
         task = job.tasks.get(c.task_id)
         if task is None:
             if job.source.is_done(c.task_id):  # finished and folded away
@@ -326,12 +347,16 @@ class Ledger:
             if attempt.outcome is None:
                 _end(attempt, c, c.outcome, c.error)
             self._count("late_completions")
-            return Applied(True, "ignored", f"the job is {job.state}; the result is not recorded")
+            why = f"the job is {job.state}" if job.state != "active" else f"task {c.task_id} is {task.state}"
+            return Applied(True, "ignored", f"{why}; the result is not recorded")
         if c.outcome == DONE:
             return self._record_done(job, c, task, attempt)
         return self._record_failure(job, c, task, attempt)
 
     def _record_done(self, job: Job, c: CompleteTask, task: Task, attempt: Attempt) -> Applied:
+        files, refusal = self._task_files(job, c)
+        if refusal is not None:
+            return refusal
         _end(attempt, c, DONE, None)
         for other in task.attempts:
             if other.outcome is None:
@@ -343,6 +368,8 @@ class Ledger:
         task.result_file = c.result_file
         task.summary = c.summary
         job.done += 1
+        job.endings.append(c.task_id)
+        self._store_files(files)
         self._count("tasks_done")
         self._reduce(job, c.task_id, c.summary)
         newly_ready = job.source.on_done(c.task_id)
@@ -352,42 +379,119 @@ class Ledger:
                 source_task.readers_left -= 1
                 self._maybe_fold(job, reader_of, source_task)
         self._maybe_fold(job, c.task_id, task)
+        self._trim_endings(job)
         self._materialise(job, newly_ready)
+        self._refill(job)
+        self._finish_if_ended(job, c.now)
+        return Applied(True, "recorded", value={"newly_ready": len(newly_ready)})
+
+    def _trim_endings(self, job: Job) -> None:
+        """Forget the oldest endings of tasks folded away, keeping the newest ``ENDINGS_KEPT``: a
+        folded ending says only "task i is done", and holding all of them would make a grid job's
+        ledger O(tiles), not O(frontier). A held record (kept results, a failed task) stops the
+        trim, so no watcher misses a result or a failure; one that falls behind is told how many
+        it skipped. Trimmed in chunks of ``ENDINGS_KEPT``, so the cost is O(1) per ending."""
+        if len(job.endings) < 2 * ENDINGS_KEPT or job.endings[0] in job.tasks:
+            return
+        drop = 0
+        while drop < len(job.endings) - ENDINGS_KEPT and job.endings[drop] not in job.tasks:
+            drop += 1
+        del job.endings[:drop]
+        job.endings_dropped += drop
+
+    def _refill(self, job: Job) -> None:
         if not isinstance(job.source, jobs.GridSource) or not job.source.wavefront:
             self._materialise(job, job.source.take(jobs.WINDOW - job.live))
-        if job.done == job.total:
-            job.state = "done"
-            job.finished_at = c.now
-            self._count("jobs_done")
-        return Applied(True, "recorded", value={"newly_ready": len(newly_ready)})
 
     def _maybe_fold(self, job: Job, task_id: int, task: Task) -> None:
         if task.state == "done" and task.readers_left <= 0 and not job.spec["keep_results"]:
             del job.tasks[task_id]
 
     def _record_failure(self, job: Job, c: CompleteTask, task: Task, attempt: Attempt) -> Applied:
-        current = attempt.outcome is None and task.open_attempt() is attempt
-        _end(attempt, c, c.outcome, c.error or OUTCOMES[c.outcome])
-        if not current:
+        error = c.error or OUTCOMES[c.outcome]
+        if attempt.outcome is not None or task.open_attempt() is not attempt:
+            _end(attempt, c, c.outcome, error)
             return Applied(True, "ignored", "an older attempt ended; a newer one is running")
-        job.failed_attempts += 1
-        self._count(f"attempts_{OUTCOMES[c.outcome]}")
-        ended = sum(1 for a in task.attempts if a.outcome not in (None, DONE))
-        if ended < job.spec["max_attempts"]:
+        ended = 1 + sum(1 for a in task.attempts if a.outcome not in (None, DONE))
+        # Only the task's own failure may end it early: a LOST attempt says nothing about the task.
+        own_failure_final = c.outcome == FAILED and not job.spec.get("retry_failed", True)
+        if ended < job.spec["max_attempts"] and not own_failure_final:
+            _end(attempt, c, c.outcome, error)
+            job.failed_attempts += 1
+            self._count(f"attempts_{OUTCOMES[c.outcome]}")
             task.state = _next(task.state, "retry")
             job.ready[c.task_id] = None
             return Applied(True, "retry", f"attempt {ended} of {job.spec['max_attempts']} failed")
+        files, refusal = self._task_files(job, c)
+        if refusal is not None:
+            return refusal
+        _end(attempt, c, c.outcome, error)
+        job.failed_attempts += 1
+        self._count(f"attempts_{OUTCOMES[c.outcome]}")
         task.state = _next(task.state, "fail")
+        # what the failure left (an exception's type and text, a pickled exception): for the client
+        task.result_file = c.result_file
+        task.summary = c.summary
+        job.failed += 1
+        job.endings.append(c.task_id)
+        self._store_files(files)
+        self._count("tasks_failed")
+        text = f"task {c.task_id} failed after {ended} attempt{'s' * (ended != 1)}: {error}"
+        if not job.spec.get("fail_fast", True):
+            job.live -= 1
+            job.source.on_failed(c.task_id)  # ended: the window moves past it
+            self._refill(job)
+            self._finish_if_ended(job, c.now)
+            return Applied(True, "failed", text, value={"job_state": job.state})
         job.live = 0  # the job stops: its other tasks are cancelled or finish unrecorded
         job.state = "failed"
         job.finished_at = c.now
-        job.error = f"task {c.task_id} failed after {ended} attempts: {c.error or OUTCOMES[c.outcome]}"
+        job.error = text
         for other in job.tasks.values():  # the rest will not run, or finish unrecorded
             if other.state in ("ready", "assigned"):
                 other.state = _next(other.state, "cancel")
         job.ready.clear()
         self._count("jobs_failed")
-        return Applied(True, "failed", job.error)
+        return Applied(True, "failed", job.error, value={"job_state": job.state})
+
+    def _finish_if_ended(self, job: Job, now: float) -> None:
+        """Every task has ended: the job is done, or failed with a count (``fail_fast: false``)."""
+        if job.done + job.failed < job.total:
+            return
+        job.finished_at = now
+        if not job.failed:
+            job.state = "done"
+            self._count("jobs_done")
+            return
+        first = next(t for t in job.endings if t in job.tasks and job.tasks[t].state == "failed")
+        job.state = "failed"
+        job.error = f"{job.failed} of {job.total} tasks failed (first: task {first}: {job.tasks[first].attempts[-1].error})"
+        self._count("jobs_failed")
+
+    def _task_files(self, job: Job, c: CompleteTask) -> tuple[list[RegisterFile], Applied | None]:
+        """The registrations that recording ``c`` makes, every one checked; or the refusal.
+        Each listed file is named ``task-<id>.<name>`` in the job's listing; a result file the
+        ledger already knows is referenced too, as ``task-<id>.result``, unless listed."""
+        out = [
+            RegisterFile(file_id, size, list(replicas), job.job_id, c.now, task_file_name(c.task_id, name or file_id.hex()))
+            for file_id, size, replicas, name in c.files
+        ]
+        known = self.state.files.get(c.result_file) if c.result_file is not None else None
+        listed = {entry[0] for entry in c.files}
+        if known is not None and c.result_file not in listed and job.job_id not in known.refs:
+            out.append(RegisterFile(c.result_file, known.size, list(known.replicas), job.job_id, c.now,
+                                    task_file_name(c.task_id, "result")))
+        for command in out:
+            refusal = self._file_refusal(command)
+            if refusal is not None:
+                return [], refused(refusal.code, f"task {c.task_id}'s files: {refusal.text}")
+        return out, None
+
+    def _store_files(self, commands: list[RegisterFile]) -> None:
+        for command in commands:
+            self._file_store(command)
+        if commands:
+            self._count("task_files_registered", len(commands))
 
     def _reduce(self, job: Job, task_id: int, summary: dict[str, Any]) -> None:
         rule = job.spec["reduce"]
@@ -409,6 +513,15 @@ class Ledger:
     # ---- files and leadership ------------------------------------------------------------
 
     def _register_file(self, c: RegisterFile) -> Applied:
+        refusal = self._file_refusal(c)
+        if refusal is not None:
+            return refusal
+        record = self._file_store(c)
+        return Applied(True, value={"file": c.file_id, "replicas": record.replicas})
+
+    def _file_refusal(self, c: RegisterFile) -> Applied | None:
+        """Why ``c`` cannot apply, or None: every check of a registration, before any change
+        (a completion checks all its files with this before it registers one)."""
         if len(c.file_id) != 16:
             return refused("bad_file_id", "a file id is 16 bytes")
         if not c.replicas:
@@ -429,17 +542,23 @@ class Ledger:
                 return refused("name_taken", f"{_owner_text(owner)} already has a file named {name!r} ({taken.hex()})")
         elif record is None:
             return refused("unknown_file", f"no file {c.file_id.hex()} to add replicas to (it was released or never registered)")
+        return None
+
+    def _file_store(self, c: RegisterFile) -> FileRecord:
+        record = self.state.files.get(c.file_id)
         if record is None:
             record = self.state.files[c.file_id] = FileRecord(c.size, sorted(set(c.replicas)), c.now)
         else:
             record.replicas = sorted(set(record.replicas) | set(c.replicas))
         if c.add_ref:
+            owner = PIN if c.owner is None else c.owner
+            name = c.name or c.file_id.hex()
             old = record.refs.get(owner)
             if old is not None and old != name:
                 del self.state.named[owner][old]
             record.refs[owner] = name
             self.state.named.setdefault(owner, {})[name] = c.file_id
-        return Applied(True, value={"file": c.file_id, "replicas": record.replicas})
+        return record
 
     def _release_file(self, c: ReleaseFile) -> Applied:
         owner = PIN if c.owner is None else c.owner
@@ -549,6 +668,7 @@ class Ledger:
             "done": job.done,
             "ready": states.get("ready", 0),
             "assigned": states.get("assigned", 0),
+            "failed": job.failed,
             "failed_attempts": job.failed_attempts,
             "duplicates": job.duplicates,
             "reduced": job.reduced,
@@ -597,6 +717,37 @@ class Ledger:
             ],
         }
 
+    def has_news(self, job_id: bytes, cursor: int) -> bool:
+        """Whether a watcher at ``cursor`` of the job's endings has something to hear: endings
+        past it, or the job is over (or unknown)."""
+        job = self.state.jobs.get(job_id)
+        return job is None or job.endings_dropped + len(job.endings) > cursor or job.state != "active"
+
+    def endings_view(self, job_id: bytes, cursor: int, limit: int) -> dict[str, Any] | None:
+        """The job's state and up to ``limit`` task endings past ``cursor`` (WATCH's reply for one
+        job); ``cursor`` in the answer is where the next watch starts, ``more`` whether endings are
+        left past it (a job "done" with ``more`` has not told all yet), ``skipped`` how many endings
+        past the old cursor had been dropped (done tasks folded away: see ``_trim_endings``).
+        None if the job is unknown."""
+        job = self.state.jobs.get(job_id)
+        if job is None:
+            return None
+        skipped = max(0, job.endings_dropped - cursor) if limit > 0 else 0
+        start = cursor + skipped - job.endings_dropped
+        ids = job.endings[start:start + limit] if 0 <= start < len(job.endings) and limit > 0 else []
+        after = cursor + skipped + len(ids)
+        return {
+            "state": job.state,
+            "cursor": after,
+            "more": after < job.endings_dropped + len(job.endings),  # endings left: watch again at once
+            "skipped": skipped,
+            "error": job.error,
+            "done": job.done,
+            "failed": job.failed,
+            "total": job.total,
+            "tasks": [_ending(job, t) for t in ids],
+        }
+
     def file_view(self, file_id: bytes) -> dict[str, Any] | None:
         """A file's size, replicas and who refers to it (by name), or None if unknown."""
         record = self.state.files.get(file_id)
@@ -639,7 +790,8 @@ class Ledger:
             assert job_id in s.jobs, f"idempotency key {key.hex()} names a missing job"
         for job in s.jobs.values():
             assert job.state in JOB_STATES, job.state
-            assert 0 <= job.done <= job.total
+            assert 0 <= job.done and 0 <= job.failed and job.done + job.failed <= job.total
+            self._validate_endings(job)
             for task_id in job.ready:
                 assert job.tasks[task_id].state == "ready", f"task {task_id} in the ready set is {job.tasks[task_id].state}"
             for task_id, task in job.tasks.items():
@@ -652,12 +804,14 @@ class Ledger:
                     assert job.source.is_done(task_id), f"done task {task_id} not done in its source"
                     assert sum(a.outcome == DONE for a in task.attempts) == 1, f"task {task_id} completed twice"
                     assert all(a.outcome is not None for a in task.attempts)
+                if task.state == "failed" and not job.spec.get("fail_fast", True):
+                    assert job.source.is_done(task_id), f"failed task {task_id} has not ended in its source"
                 for a in task.attempts:
                     assert (a.fence_term, a.fence_sequence) <= s.fence, "an attempt token newer than the fence"
             live = sum(t.state in ("ready", "assigned") for t in job.tasks.values())
             assert job.state != "active" or job.live == live, f"live count {job.live} != {live}"
             if job.state == "done":
-                assert job.done == job.total and not job.ready
+                assert job.done == job.total and not job.failed and not job.ready
             if job.state != "active":
                 assert not job.ready
         for file_id, record in s.files.items():
@@ -669,6 +823,65 @@ class Ledger:
             assert names, f"empty name table for {owner.hex()}"
             for name, file_id in names.items():
                 assert s.files[file_id].refs[owner] == name
+
+    @staticmethod
+    def _validate_endings(job: Job) -> None:
+        """``endings`` holds each ended task once: done ones (or their folded trace) and failed ones,
+        and nothing else; ``done`` and ``failed`` count them."""
+        assert len(set(job.endings)) == len(job.endings), "a task ended twice"
+        ended = job.endings_dropped + len(job.endings)
+        assert ended == job.done + job.failed, f"{ended} endings for {job.done} + {job.failed}"
+        failed = 0
+        for task_id in job.endings:
+            task = job.tasks.get(task_id)
+            assert task is not None or job.source.is_done(task_id), f"ending {task_id} is neither held nor done"
+            assert task is None or task.state in ("done", "failed"), f"ending {task_id} is {task.state}"
+            failed += task is not None and task.state == "failed"
+        assert failed == job.failed == sum(t.state == "failed" for t in job.tasks.values())
+
+
+def task_file_name(task_id: int, name: str) -> str:
+    """A task's file's name in its job's listing: one path component, unique per task."""
+    return f"task-{task_id}.{name}"
+
+
+def task_files_problem(files: Any, task_id: int, result_file: bytes | None) -> str | None:
+    """What is wrong with a completion's ``files``, or None. Each entry is ``[file id (16 bytes),
+    size (0 .. 2**63 - 1), [storage node names, at least one], name]``; ids and names are unique
+    and ``result`` is kept for the result file unless that is listed. Needs no state: the core
+    runs it on TASK_RESULT before proposing, the ledger again on apply."""
+    if not isinstance(files, (list, tuple)):
+        return "'files' must be a list of [file id, size, replicas, name]"
+    if len(files) > MAX_TASK_FILES:
+        return f"{len(files)} files; one task registers at most {MAX_TASK_FILES}"
+    ids: set[bytes] = set()
+    names: set[str] = set()
+    for i, entry in enumerate(files):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 4:
+            return f"file {i} must be [file id, size, replicas, name], not {entry!r:.80}"
+        file_id, size, replicas, name = entry
+        if not isinstance(file_id, bytes) or len(file_id) != 16:
+            return f"file {i}: a file id is 16 bytes, not {file_id!r:.40}"
+        what = f"file {i} ({file_id.hex()})"
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= INT64_MAX:
+            return f"{what}: the size must be an integer from 0 to 2**63 - 1, not {size!r:.40}"
+        if not isinstance(replicas, (list, tuple)) or not replicas or not all(isinstance(r, str) and r for r in replicas):
+            return f"{what}: replicas must be a non-empty list of storage node names, not {replicas!r:.80}"
+        if not isinstance(name, str):
+            return f"{what}: the name must be a string, not {name!r:.40}"
+        name = name or file_id.hex()
+        problem = _name_problem(name) or _name_problem(task_file_name(task_id, name))
+        if problem:
+            return f"{what}: the name {name!r:.80} (as {task_file_name(task_id, name)!r:.80}) {problem}"
+        if file_id in ids:
+            return f"{what} is listed twice"
+        if name in names:
+            return f"{what}: two files are named {name!r}"
+        ids.add(file_id)
+        names.add(name)
+    if "result" in names and result_file is not None and result_file not in ids:
+        return "the name 'result' is kept for the task's result file (list the result file to give it that name)"
+    return None
 
 
 def _name_problem(name: str) -> str | None:
@@ -690,6 +903,22 @@ def _next(state: str, event: str) -> str:
         return TASK_TRANSITIONS[(state, event)]
     except KeyError:
         raise AssertionError(f"illegal task transition: {event} in state {state}") from None
+
+
+def _ending(job: Job, task_id: int) -> dict[str, Any]:
+    task = job.tasks.get(task_id)
+    if task is None:  # a done tile whose readers consumed it: its result is in the job's reduced one
+        return {"task": task_id, "state": "done", "summary": None, "result_file": None, "error": None,
+                "attempts": None, "folded": True}
+    last = task.attempts[-1] if task.attempts else None
+    return {
+        "task": task_id,
+        "state": task.state,
+        "summary": task.summary,
+        "result_file": task.result_file,
+        "error": last.error if task.state == "failed" and last is not None else None,
+        "attempts": len(task.attempts),
+    }
 
 
 def _end(attempt: Attempt, c: CompleteTask, outcome: int, error: str | None) -> None:

@@ -28,7 +28,7 @@ from master.commands import (
     decode,
     encode,
 )
-from master.ledger import Ledger, spec_digest
+from master.ledger import ENDINGS_KEPT, MAX_TASK_FILES, Ledger, spec_digest
 
 NOW = 1_000.0
 
@@ -68,9 +68,21 @@ def fences(result) -> dict[tuple[bytes, int], tuple[int, int]]:
     return {(j, t): f for j, t, f in result.value["assigned"]}
 
 
-def complete(ledger, job, task, fence, outcome=DONE, summary=None, result_file=None, error=None, worker="w1"):
-    c = CompleteTask(job, task, fence[0], fence[1], outcome, worker, summary or {}, result_file, error, NOW + 1)
+def complete(ledger, job, task, fence, outcome=DONE, summary=None, result_file=None, error=None, worker="w1", files=None):
+    c = CompleteTask(job, task, fence[0], fence[1], outcome, worker, summary or {}, result_file, error, NOW + 1,
+                     [] if files is None else files)
     return apply(ledger, c)
+
+
+def run_many(ledger, job, tasks, validate: bool = True) -> None:
+    """Assign ``tasks`` and complete them well, validating once at the end (not after each
+    command: ``validate_state`` is O(tasks), and big jobs would make that quadratic)."""
+    t0, s0 = ledger.state.fence
+    r = ledger.apply(AssignTasks(max(t0, 1), s0 + 1, "balancer-1", [(job, t) for t in tasks], NOW))
+    results = ledger.apply(Batch([CompleteTask(job, t, *f, DONE, "w1", {}, None, None, NOW + 1) for _, t, f in r.value["assigned"]]))
+    assert [x.code for x in results] == ["recorded"] * len(tasks)
+    if validate:
+        ledger.validate_state()
 
 
 def run_task(ledger, job, task, **kw):
@@ -213,6 +225,9 @@ BAD_SUBMISSIONS = [
     ("range", {"count": 1, "priority": 2**31}, "bad_spec", ["'priority'"]),
     ("range", {"count": 1, "run": ["sw"]}, "bad_spec", ["'run'"]),
     ("range", {"count": 1, "keep_results": 1}, "bad_spec", ["'keep_results'"]),
+    ("range", {"count": 1, "retry_failed": 0}, "bad_spec", ["'retry_failed'", "true or false"]),
+    ("list", {"tasks": [{}], "fail_fast": "no"}, "bad_spec", ["'fail_fast'", "'no'"]),
+    ("grid", {"rows": 2, "cols": 2, "fail_fast": False}, "bad_spec", ["'fail_fast'", "wavefront"]),
     # size is checked before the fields: an oversized spec is refused as such even if also malformed
     ("grid", {"run": {"blob": b"x" * (1 << 20)}}, "spec_too_large", [str(1 << 20), "storage"]),
 ]
@@ -567,6 +582,253 @@ def test_ready_tasks_serve_priority_first_and_round_robin_within_a_priority():
     assert ledger.ready_tasks(20) == [(A, 0), (B, 0), (A, 2), (B, 1), (D, 0), (D, 1)]
 
 
+# ---- endings, failure rules and the files a task stored --------------------------------------
+
+
+def test_endings_list_final_outcomes_in_the_order_they_were_recorded():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 5, "max_attempts": 2, "fail_fast": False})
+    f = fences(assign(ledger, [(jid(1), t) for t in range(5)]))
+    complete(ledger, jid(1), 3, f[(jid(1), 3)], summary={"v": 3}, result_file=fid(3))
+    assert complete(ledger, jid(1), 1, f[(jid(1), 1)], outcome=FAILED, error="boom").code == "retry"
+    complete(ledger, jid(1), 4, f[(jid(1), 4)])
+    complete(ledger, jid(1), 4, f[(jid(1), 4)])  # a duplicate ends nothing twice
+    job = ledger.state.jobs[jid(1)]
+    assert job.endings == [3, 4], "a retried attempt is not an ending"
+    r = run_task(ledger, jid(1), 1, outcome=FAILED, error="boom again", summary={"type": "KeyError"}, result_file=fid(7))
+    assert r.code == "failed"
+    assert job.endings == [3, 4, 1] and (job.done, job.failed) == (2, 1)
+    view = ledger.endings_view(jid(1), 1, 10)
+    assert view == {
+        "state": "active", "cursor": 3, "more": False, "skipped": 0, "error": None, "done": 2, "failed": 1, "total": 5,
+        "tasks": [
+            {"task": 4, "state": "done", "summary": {}, "result_file": None, "error": None, "attempts": 1},
+            {"task": 1, "state": "failed", "summary": {"type": "KeyError"}, "result_file": fid(7), "error": "boom again",
+             "attempts": 2},  # what the failure left is kept: the client re-raises from it
+        ],
+    }
+    assert ledger.endings_view(jid(1), 0, 1)["cursor"] == 1 and ledger.endings_view(jid(1), 0, 1)["more"] is True
+    assert ledger.endings_view(jid(1), 3, 10)["tasks"] == []
+    assert ledger.has_news(jid(1), 2) and not ledger.has_news(jid(1), 3) and ledger.has_news(jid(9), 0)
+    assert ledger.endings_view(jid(9), 0, 10) is None
+    restored = copy(ledger)
+    assert restored.state.jobs[jid(1)].endings == [3, 4, 1], "endings survive a snapshot"
+
+
+def test_a_folded_tile_still_appears_in_the_endings():
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": 1, "cols": 3})
+    for t in range(3):
+        run_task(ledger, jid(1), t, summary={"score": t}, result_file=fid(t))
+    job = ledger.state.jobs[jid(1)]
+    assert job.state == "done" and job.endings == [0, 1, 2] and job.tasks == {}
+    first = ledger.endings_view(jid(1), 0, 1)["tasks"][0]
+    assert first == {"task": 0, "state": "done", "summary": None, "result_file": None, "error": None,
+                     "attempts": None, "folded": True}
+
+
+def test_old_folded_endings_are_dropped_and_a_late_watcher_is_told_how_many_it_skipped():
+    ledger = Ledger()
+    n = 3 * ENDINGS_KEPT
+    submit(ledger, "grid", {"rows": 1, "cols": n})
+    for t in range(n):  # one tile at a time: each waits for its left neighbour
+        run_many(ledger, jid(1), [t], validate=t % 1000 == 0)
+    ledger.validate_state()
+    job = ledger.state.jobs[jid(1)]
+    assert job.endings_dropped + len(job.endings) == n and len(job.endings) <= 2 * ENDINGS_KEPT
+    assert job.endings_dropped > 0 and job.endings == list(range(job.endings_dropped, n))
+    view = ledger.endings_view(jid(1), 5, 3)
+    assert view["skipped"] == job.endings_dropped - 5 and view["cursor"] == job.endings_dropped + 3
+    assert [t["task"] for t in view["tasks"]] == [job.endings_dropped + i for i in range(3)]
+
+
+def test_a_snapshot_from_before_the_endings_log_counts_what_ended_as_dropped():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 3})
+    run_task(ledger, jid(1), 0)
+    raw = msgspec.msgpack.decode(ledger.snapshot())  # the LedgerState as plain arrays
+    del raw[0][jid(1)][-3:]  # endings, failed, endings_dropped: the Job's fields that came later
+    restored = Ledger.restore(msgspec.msgpack.encode(raw))
+    restored.validate_state()
+    job = restored.state.jobs[jid(1)]
+    assert (job.endings, job.failed, job.endings_dropped) == ([], 0, 1)
+    view = restored.endings_view(jid(1), 0, 10)
+    assert (view["skipped"], view["cursor"], view["tasks"]) == (1, 1, [])
+    run_task(restored, jid(1), 2)
+    assert restored.endings_view(jid(1), 1, 10)["tasks"][0]["task"] == 2
+
+
+def test_held_records_stop_the_trim_so_no_result_is_skipped():
+    ledger = Ledger()
+    n = 3 * ENDINGS_KEPT
+    submit(ledger, "range", {"count": n})  # keep_results: every record stays, and every ending
+    for batch in range(0, n, 512):
+        run_many(ledger, jid(1), range(batch, batch + 512))
+    job = ledger.state.jobs[jid(1)]
+    assert job.state == "done" and job.endings == list(range(n)) and job.endings_dropped == 0
+
+
+def test_retry_failed_false_ends_a_task_at_its_own_failure_but_retries_lost_attempts():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2, "max_attempts": 3, "retry_failed": False})
+    assert run_task(ledger, jid(1), 0, outcome=LOST).code == "retry", "a dead worker says nothing about the task"
+    assert run_task(ledger, jid(1), 0, outcome=LOST).code == "retry"
+    assert run_task(ledger, jid(1), 0, outcome=LOST).code == "failed", "LOST still ends at max_attempts"
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2, "max_attempts": 3, "retry_failed": False})
+    assert run_task(ledger, jid(1), 1, outcome=LOST).code == "retry"
+    r = run_task(ledger, jid(1), 1, outcome=FAILED, error="ValueError: x")
+    job = ledger.state.jobs[jid(1)]
+    assert r.code == "failed" and r.value == {"job_state": "failed"}
+    assert job.error == "task 1 failed after 2 attempts: ValueError: x"  # fail_fast: the job fails
+    assert job.endings == [1] and job.failed == 1 and job.tasks[0].state == "cancelled"
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1, "retry_failed": False})
+    assert run_task(ledger, jid(1), 0, outcome=FAILED).text == "task 0 failed after 1 attempt: failed"
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1})  # the default retries the task's own failures
+    assert run_task(ledger, jid(1), 0, outcome=FAILED).code == "retry"
+
+
+def test_fail_fast_false_records_failures_and_the_window_keeps_refilling():
+    ledger = Ledger()
+    n = 3000
+    submit(ledger, "range", {"count": n, "max_attempts": 2, "retry_failed": False, "fail_fast": False,
+                             "reduce": {"sum": ["v"]}})
+    job = ledger.state.jobs[jid(1)]
+    lost_once = set()
+
+    def end(t, fence, outcome, error=None):  # validated once a round: per command would be quadratic
+        return ledger.apply(CompleteTask(jid(1), t, *fence, outcome, "w", {"v": 1}, None, error, NOW + 1))
+
+    while job.state == "active":
+        picked = ledger.ready_tasks(700)
+        assert picked, "an active job with nothing ready"
+        _, s0 = ledger.state.fence
+        for _, t, fence in ledger.apply(AssignTasks(1, s0 + 1, "b", picked, NOW)).value["assigned"]:
+            if t % 100 == 50 and t not in lost_once:  # a worker died: retried though retry_failed is off
+                lost_once.add(t)
+                assert end(t, fence, LOST).code == "retry"
+            elif t % 7 == 3:
+                r = end(t, fence, FAILED, f"bad input {t}")
+                assert r.code == "failed" and (r.value["job_state"] == "active" or len(job.endings) == n)
+            else:
+                assert end(t, fence, DONE).code == "recorded"
+        ledger.validate_state()
+        assert job.live <= jobs.WINDOW
+    failed = [t for t in range(n) if t % 7 == 3]
+    assert (job.done, job.failed) == (n - len(failed), len(failed)) and job.reduced["sum"] == {"v": n - len(failed)}
+    assert job.state == "failed" and job.error == f"{len(failed)} of {n} tasks failed (first: task 3: bad input 3)"
+    assert sorted(job.endings) == list(range(n)) and job.source.done_below == n
+    assert all(job.tasks[t].state == "failed" and len(job.tasks[t].attempts) == 1 + (t in lost_once) for t in failed)
+    assert ledger.state.counters["tasks_failed"] == len(failed) and ledger.state.counters["jobs_failed"] == 1
+    view = ledger.job_view(jid(1))
+    assert (view["done"], view["failed"]) == (n - len(failed), len(failed))
+
+
+def test_fail_fast_false_job_with_no_failure_is_done_and_a_failed_task_ignores_late_results():
+    ledger = Ledger()
+    submit(ledger, "list", {"tasks": [{}, {}], "fail_fast": False, "max_attempts": 1})
+    f = fences(assign(ledger, [(jid(1), 0)]))[(jid(1), 0)]
+    assert complete(ledger, jid(1), 0, f, outcome=FAILED, error="x").code == "failed"
+    r = complete(ledger, jid(1), 0, f)  # the same attempt reports success after all
+    assert r.code == "ignored" and "task 0 is failed" in r.text
+    assert run_task(ledger, jid(1), 1).code == "recorded"
+    job = ledger.state.jobs[jid(1)]
+    assert job.state == "failed" and job.error == "1 of 2 tasks failed (first: task 0: x)" and job.finished_at == NOW + 1
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": 2, "cols": 2, "depends": "none", "fail_fast": False})
+    for t in range(4):
+        run_task(ledger, jid(1), t)
+    assert ledger.state.jobs[jid(1)].state == "done"
+
+
+def file_entry(n: int, name: str, size: int = 10, replicas=("s1", "s2")):
+    return [fid(n), size, list(replicas), name]
+
+
+def test_a_completion_registers_the_task_files_with_the_job_and_they_go_with_its_release():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 3, "max_attempts": 2, "fail_fast": False})
+    apply(ledger, RegisterFile(fid(9), 5, ["s3"], None, NOW))  # a result file the ledger knows already
+    r = run_task(ledger, jid(1), 0, result_file=fid(1), files=[file_entry(1, "result"), file_entry(2, "stdout")])
+    assert r.code == "recorded"
+    assert run_task(ledger, jid(1), 1, result_file=fid(9)).code == "recorded"
+    f = fences(assign(ledger, [(jid(1), 2)]))[(jid(1), 2)]
+    retry = complete(ledger, jid(1), 2, f, outcome=FAILED, files=[file_entry(3, "stderr")])
+    assert retry.code == "retry" and fid(3) not in ledger.state.files, "a retried attempt registers nothing"
+    r = run_task(ledger, jid(1), 2, outcome=FAILED, error="exit 1", files=[file_entry(4, "stderr", size=0)])
+    assert r.code == "failed"
+    assert ledger.state.named[jid(1)] == {
+        "task-0.result": fid(1), "task-0.stdout": fid(2), "task-1.result": fid(9), "task-2.stderr": fid(4),
+    }
+    assert ledger.file_view(fid(1))["replicas"] == ["s1", "s2"] and ledger.file_view(fid(4))["size"] == 0
+    assert ledger.state.counters["task_files_registered"] == 4
+    r = apply(ledger, ReleaseFile(None, jid(1), NOW))
+    assert r.value == {"released": 4, "dropped": [fid(1), fid(2), fid(4)]}
+    assert ledger.state.files == {fid(9): ledger.state.files[fid(9)]} and jid(1) not in ledger.state.named
+
+
+def test_duplicate_and_ignored_completions_register_nothing():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2, "max_attempts": 1})
+    f = fences(assign(ledger, [(jid(1), 0), (jid(1), 1)]))
+    complete(ledger, jid(1), 0, f[(jid(1), 0)])
+    assert complete(ledger, jid(1), 0, f[(jid(1), 0)], files=[file_entry(1, "out")]).code == "duplicate"
+    complete(ledger, jid(1), 1, f[(jid(1), 1)], outcome=LOST)  # the job fails
+    assert ledger.state.jobs[jid(1)].state == "failed"
+    assert complete(ledger, jid(1), 1, f[(jid(1), 1)], files=[file_entry(2, "out")]).code == "ignored"
+    assert ledger.state.files == {}
+
+
+BAD_FILES = [
+    ("not a list", "must be a list"),
+    ([[fid(1), 1, ["s1"]]], "must be [file id, size, replicas, name]"),
+    ([[b"short", 1, ["s1"], "a"]], "16 bytes"),
+    ([[fid(1), -1, ["s1"], "a"]], "size must be an integer"),
+    ([[fid(1), True, ["s1"], "a"]], "size must be an integer"),
+    ([[fid(1), 2**63, ["s1"], "a"]], "size must be an integer"),
+    ([[fid(1), 1, [], "a"]], "non-empty list of storage node names"),
+    ([[fid(1), 1, ["s1", 3], "a"]], "non-empty list of storage node names"),
+    ([[fid(1), 1, "s1", "a"]], "non-empty list of storage node names"),
+    ([[fid(1), 1, ["s1"], 7]], "the name must be a string"),
+    ([[fid(1), 1, ["s1"], "a/b"]], "'/'"),
+    ([[fid(1), 1, ["s1"], ".."]], "reserved"),
+    ([[fid(1), 1, ["s1"], "x" * 250]], "255 bytes"),
+    ([[fid(1), 1, ["s1"], "a"], [fid(1), 1, ["s1"], "b"]], "listed twice"),
+    ([[fid(1), 1, ["s1"], "a"], [fid(2), 1, ["s1"], "a"]], "two files are named 'a'"),
+    ([[fid(1), 1, ["s1"], "result"]], "the name 'result' is kept"),
+    ([[fid(n), 1, ["s1"], f"f{n}"] for n in range(MAX_TASK_FILES + 1)], f"at most {MAX_TASK_FILES}"),
+]
+
+
+@pytest.mark.parametrize(("files", "fragment"), BAD_FILES, ids=[f"bad-files-{i}" for i in range(len(BAD_FILES))])
+def test_a_completion_with_malformed_files_is_refused_and_changes_nothing(files, fragment):
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2})
+    f = fences(assign(ledger, [(jid(1), 0)]))[(jid(1), 0)]
+    before = copy(ledger)
+    r = complete(ledger, jid(1), 0, f, result_file=fid(99), files=files)
+    assert_refused(ledger, before, r, "bad_files", fragment, "task 0")
+    assert complete(ledger, jid(1), 0, f).code == "recorded", "the attempt is still open"
+
+
+def test_a_completion_whose_files_clash_with_the_registry_is_refused_whole():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2})
+    apply(ledger, RegisterFile(fid(5), 10, ["s1"], jid(1), NOW, "task-0.log"))  # a user took the name
+    apply(ledger, RegisterFile(fid(6), 10, ["s1"], None, NOW))
+    f = fences(assign(ledger, [(jid(1), 0)]))[(jid(1), 0)]
+    for files, code, fragment in [
+        ([file_entry(1, "out"), file_entry(2, "log")], "name_taken", "task-0.log"),
+        ([file_entry(1, "out"), file_entry(6, "six", size=11)], "size_mismatch", "10 bytes, not 11"),
+    ]:
+        before = copy(ledger)
+        assert_refused(ledger, before, complete(ledger, jid(1), 0, f, files=files), code, fragment, "task 0's files")
+    assert fid(1) not in ledger.state.files, "nothing half-applied"
+
+
+
 # ---- files and leadership -------------------------------------------------------------------
 
 
@@ -742,6 +1004,8 @@ def test_ledger_memory_for_a_400x400_tile_alignment_job_is_o_frontier():
     assert max_records <= 3 * n, max_records
     assert max_frontier <= 2 * n, max_frontier
     assert max_snapshot < 200_000, max_snapshot  # 160,000 task records would be many MB
+    # the endings log keeps only its newest folded entries: O(frontier) too
+    assert job.endings_dropped + len(job.endings) == n * n and len(job.endings) < 2 * ENDINGS_KEPT
     best = max(range(n * n), key=lambda t: ((t * 7919) % 10007, -t))
     assert job.reduced["max"]["task"] == best and job.reduced["sum"] == {"cells": n * n}
     assert elapsed < 30, elapsed

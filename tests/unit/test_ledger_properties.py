@@ -87,6 +87,8 @@ def job_bodies(draw) -> tuple[str, dict[str, Any]]:
                     [{}, {"max": "score"}, {"sum": ["score"]}, {"max": "score", "sum": ["score", "cells"]}]
                 ),
                 "run": st.dictionaries(st.text(max_size=4), st.integers(0, 9), max_size=2),
+                "retry_failed": st.booleans(),
+                "fail_fast": st.booleans(),
             },
         )
     )
@@ -98,6 +100,8 @@ def job_bodies(draw) -> tuple[str, dict[str, Any]]:
     else:
         spec["rows"], spec["cols"] = draw(st.integers(1, 3)), draw(st.integers(1, 4))
         spec["depends"] = draw(st.sampled_from(jobs.DEPENDS))
+        if spec["depends"] == "wavefront" and spec.get("fail_fast") is False:
+            del spec["fail_fast"]  # refused: a wavefront stops at its first failed tile
     return kind, spec
 
 
@@ -116,6 +120,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.jobs: list[bytes] = []
         self.attempts: list[tuple[bytes, int, tuple[int, int]]] = []  # every token handed out
         self.recorded: set[tuple[bytes, int]] = set()
+        self.failed: set[tuple[bytes, int]] = set()  # tasks failed for good
         self.recorded_commands: list[CompleteTask] = []
         self.now = 0.0
 
@@ -215,7 +220,8 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def complete_one(self, job: bytes, task: int, fence: tuple[int, int], outcome: int) -> None:
         summary = {"score": task % 3, "cells": 1}
-        c = CompleteTask(job, task, fence[0], fence[1], outcome, "worker", summary, fid(task), None, self.now)
+        files = [[fid(100 + task), 1, ["s1"], "out"]] if task % 2 else []  # the same file for each job's task
+        c = CompleteTask(job, task, fence[0], fence[1], outcome, "worker", summary, fid(task), None, self.now, files)
         was_recorded = (job, task) in self.recorded
         r = self.apply(c)
         assert r.ok, r  # a real token is never refused
@@ -231,8 +237,16 @@ class LedgerMachine(RuleBasedStateMachine):
         if r.code in ("retry", "failed"):
             record = self.ledger.state.jobs[job]
             ended = sum(a.outcome not in (None, DONE) for a in record.tasks[task].attempts)
-            assert (ended == record.spec["max_attempts"]) is (r.code == "failed"), (ended, r)
-            assert record.state == ("failed" if r.code == "failed" else "active")
+            final = ended == record.spec["max_attempts"] or (outcome == FAILED and not record.spec["retry_failed"])
+            assert final is (r.code == "failed"), (ended, r)
+            if r.code == "failed":
+                self.failed.add((job, task))
+            if record.spec["fail_fast"] or r.code == "retry":
+                assert record.state == ("failed" if r.code == "failed" else "active")
+            else:  # the job goes on, or every task has ended
+                assert record.state == "active" or record.done + record.failed == record.total
+        if r.code in ("recorded", "failed") and files:
+            assert self.ledger.state.named[job][f"task-{task}.out"] == fid(100 + task)
 
     @precondition(lambda self: self.recorded_commands)
     @rule(data=st.data())
@@ -270,7 +284,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert r.value["changed"] is (was == "active")
         assert job.state == ("cancelled" if was == "active" else was)
         if was == "active":
-            assert not job.ready and all(t.state in ("done", "cancelled") for t in job.tasks.values())
+            # (failed ones too: a fail_fast: false job goes on past its failed tasks)
+            assert not job.ready and all(t.state in ("done", "cancelled", "failed") for t in job.tasks.values())
 
     @rule(
         n=st.integers(0, 3),
@@ -348,6 +363,18 @@ class LedgerMachine(RuleBasedStateMachine):
             assert self.ledger.state.jobs[job_id].source.is_done(task_id)
 
     @invariant()
+    def endings_are_the_recorded_and_the_failed_tasks(self) -> None:
+        for job_id in self.jobs:
+            job = self.ledger.state.jobs[job_id]
+            ended = {t for j, t in self.recorded | self.failed if j == job_id}
+            assert set(job.endings) == ended and job.endings_dropped == 0  # (small jobs: nothing trimmed)
+            assert job.failed == sum(1 for j, _ in self.failed if j == job_id)
+            if job.state == "done":
+                assert not job.failed and job.done == job.total
+            if job.state == "failed" and not job.spec["fail_fast"]:
+                assert job.done + job.failed == job.total and f"{job.failed} of {job.total} tasks failed" in job.error
+
+    @invariant()
     def every_assigned_task_has_an_open_attempt(self) -> None:
         handed = {(j, t, f) for j, t, f in self.attempts}
         for job_id in self.jobs:
@@ -402,7 +429,8 @@ def make_log(rng: random.Random, steps: int) -> list:
             kind = rng.choice(jobs.KINDS + ("bogus",))
             spec = {"count": rng.randint(0, 5), "rows": rng.randint(1, 3), "cols": rng.randint(1, 3),
                     "depends": rng.choice(jobs.DEPENDS), "tasks": [{"i": i} for i in range(rng.randint(0, 3))],
-                    "max_attempts": rng.randint(1, 2), "reduce": {"max": "score", "sum": ["cells"]}}
+                    "max_attempts": rng.randint(1, 2), "reduce": {"max": "score", "sum": ["cells"]},
+                    "retry_failed": rng.random() < 0.5, "fail_fast": rng.random() < 0.5}
             n = state["jobs"] + 1
             key = key_of(rng.randint(1, n))  # sometimes a reused key
             r = emit(SubmitJob(jid(n), key, spec_digest(kind, spec), kind, spec, "c", now))
@@ -419,7 +447,8 @@ def make_log(rng: random.Random, steps: int) -> list:
             job, task, (ft, fs) = rng.choice(attempts)
             outcome = rng.choice([DONE, DONE, DONE, FAILED, LOST])
             summary = {"score": rng.randint(0, 9), "cells": rng.random()}
-            emit(CompleteTask(job, task, ft, fs, outcome, "w", summary, fid(rng.randint(0, 99)), None, now))
+            files = [[fid(rng.randint(0, 5)), rng.randint(1, 2), ["a"], rng.choice(["out", "err"])]] * rng.randint(0, 1)
+            emit(CompleteTask(job, task, ft, fs, outcome, "w", summary, fid(rng.randint(0, 99)), None, now, files))
         elif op == "cancel" and jobs_known:
             emit(CancelJob(rng.choice(jobs_known), "", now))
         elif op == "file":
@@ -471,6 +500,8 @@ floats = st.floats(allow_nan=False)
 texts = st.text(max_size=10)
 job_ids = st.sampled_from([jid(1), jid(2), jid(3)]) | bytes16
 summaries = st.dictionaries(texts, msgpack_values, max_size=3)
+file_entries = st.tuples(bytes16 | st.binary(max_size=17), small_ints | wire_ints, st.lists(texts, max_size=2), texts).map(list)
+task_files = st.lists(file_entries | st.lists(msgpack_values, max_size=5), max_size=3)
 commands = st.one_of(
     st.builds(
         SubmitJob, job_ids, bytes16, bytes16, st.sampled_from(jobs.KINDS) | texts, summaries, texts, floats
@@ -479,7 +510,7 @@ commands = st.one_of(
     st.builds(AssignTasks, tokens, tokens, texts, st.lists(st.tuples(job_ids, small_ints | wire_ints), max_size=4), floats),
     st.builds(
         CompleteTask, job_ids, small_ints | wire_ints, small_ints, small_ints, st.integers(-1, 4) | wire_ints,
-        texts, summaries, st.none() | bytes16, st.none() | texts, floats,
+        texts, summaries, st.none() | bytes16, st.none() | texts, floats, task_files,
     ),
     st.builds(RegisterFile, bytes16 | st.binary(max_size=20), wire_ints, st.lists(texts, max_size=3), st.none() | job_ids, floats),
     st.builds(DropFile, bytes16, floats),
@@ -525,7 +556,8 @@ def test_arbitrary_commands_never_raise_and_refusals_change_nothing(cmds):
 # ---- (c) refusals of garbage specs ---------------------------------------------------------
 
 VALID = {"list": {"tasks": [{"a": 1}]}, "range": {"count": 3}, "grid": {"rows": 2, "cols": 2}}
-FIELDS = ["tasks", "count", "rows", "cols", "depends", "priority", "max_attempts", "run", "reduce", "keep_results"]
+FIELDS = ["tasks", "count", "rows", "cols", "depends", "priority", "max_attempts", "run", "reduce", "keep_results",
+          "retry_failed", "fail_fast"]
 REQUIRED = {"list": ["tasks"], "range": ["count"], "grid": ["rows", "cols"]}
 
 

@@ -11,12 +11,12 @@ import os
 
 import pytest
 
-from cluster.runtime.events import Log, MessageReceived, Send, Started, StartTimer, TimerFired
-from master.core import API, Committed, MasterCore, ProposalFailed, Propose, RaftView
+from cluster.runtime.events import Log, MessageReceived, Refuse, Send, Started, StartTimer, TimerFired
+from master.core import API, MAX_WATCH_JOBS, MAX_WATCH_TASKS, MAX_WATCH_WAIT, Committed, MasterCore, ProposalFailed, Propose, RaftView
 from proto.ids import join128, split128
-from master.commands import AssignTasks, Batch
+from master.commands import AssignTasks, Batch, CompleteTask, SubmitJob
 from master.jobs import MAX_SPEC_BYTES
-from master.ledger import Ledger
+from master.ledger import Ledger, spec_digest
 from proto import AppReason
 from proto.messages import (
     FileList,
@@ -28,6 +28,7 @@ from proto.messages import (
     CancelJob,
     Credit,
     Error,
+    Heartbeat,
     JobQuery,
     NotLeader,
     QueryReply,
@@ -36,11 +37,16 @@ from proto.messages import (
     SubmitAck,
     TaskQuery,
     TaskResult,
+    Watch,
     WorkerRequest,
 )
 
 CLIENT = b"client-route"
 BALANCER = b"balancer-route"
+
+
+def jid(n: int) -> bytes:
+    return n.to_bytes(16, "big")
 
 
 class Harness:
@@ -360,3 +366,236 @@ def test_an_assignment_committing_across_a_balancer_change_goes_to_the_new_balan
     h.commit_all()
     routes = {s.route for s in h.sent if isinstance(s.message, WorkerRequest)}
     assert routes == {b"b2-route"}
+
+
+# ---- heartbeats ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["leader", "follower"])
+def test_every_master_answers_a_heartbeat_with_its_term(role):
+    h = Harness(role=role, term=6)
+    h.message(Heartbeat(2, 41, 0), BALANCER)
+    (hb,) = h.take(Heartbeat)
+    assert (hb.epoch, hb.sequence, hb.reply) == (6, 41, 1)
+    assert not any(isinstance(e, (Send, Refuse)) for e in h.message(Heartbeat(2, 41, 1), BALANCER)), "an answer is not answered"
+
+
+# ---- watches ------------------------------------------------------------------------------------
+
+
+def timers(effects) -> list[tuple[str, float]]:
+    return [(e.name, e.delay) for e in effects if isinstance(e, StartTimer)]
+
+
+def running_job(h: Harness, count: int, spec=None) -> tuple[bytes, list[WorkerRequest]]:
+    """Submit a range job, attach a balancer with room for all of it; the job id and its requests."""
+    h.message(submit(1, spec={"count": count, **(spec or {})}))
+    h.flush()
+    h.commit_all()
+    (ack,) = h.take(SubmitAck)
+    attach(h, count)
+    return join128(ack.job_uuid_upper, ack.job_uuid_lower), h.take(WorkerRequest)
+
+
+def result(r: WorkerRequest, outcome: int = 0, summary=None, error=None, files=()) -> TaskResult:
+    return TaskResult(r.job_uuid_upper, r.job_uuid_lower, r.task_id, r.fence_term, r.fence_sequence,
+                      outcome, 0, summary or {}, None, error, "w1", list(files))
+
+
+def finish(h: Harness, *results: TaskResult) -> None:
+    for m in results:
+        h.message(m, BALANCER)
+    h.flush()
+    h.commit_all()
+    h.take(ResultAck)
+
+
+def test_a_watch_with_news_is_answered_at_once_with_the_endings_past_its_cursor():
+    h = Harness()
+    job, reqs = running_job(h, 3, {"retry_failed": False, "fail_fast": False})
+    finish(h, result(reqs[2], summary={"v": 2}), result(reqs[0], outcome=1, summary={"type": "ValueError"}, error="ValueError: x"))
+    effects = h.message(Watch(5, 30_000, {job: 0, b"\x07" * 16: 0}))
+    assert not timers(effects), "nothing parked"
+    (reply,) = h.take(QueryReply)
+    assert reply.request_id == 5 and reply.stale == 0
+    assert reply.value == {
+        "jobs": {job.hex(): {
+            "state": "active", "cursor": 2, "more": False, "skipped": 0, "error": None, "done": 1, "failed": 1, "total": 3,
+            "tasks": [
+                {"task": 2, "state": "done", "summary": {"v": 2}, "result_file": None, "error": None, "attempts": 1},
+                {"task": 0, "state": "failed", "summary": {"type": "ValueError"}, "result_file": None, "error": "ValueError: x",
+                 "attempts": 1},
+            ],
+        }},
+        "unknown": [("\x07" * 16).encode().hex()],
+    }
+    h.message(Watch(6, 0, {job: 2}))  # nothing new and no wait: answered empty at once
+    (reply,) = h.take(QueryReply)
+    assert reply.value == {"jobs": {}, "unknown": []} and not h.core.watchers
+
+
+def test_a_parked_watch_is_woken_by_the_commit_that_brings_news():
+    h = Harness()
+    job, reqs = running_job(h, 2)
+    effects = h.message(Watch(7, 10_000, {job: 0}))
+    assert timers(effects) == [("watch", 10.0)] and not h.take(QueryReply)
+    h.message(result(reqs[1], summary={"v": 1}), BALANCER)
+    h.flush()
+    assert not h.take(QueryReply), "the news is told once it commits"
+    h.commit_all()
+    (reply,) = h.take(QueryReply)
+    assert reply.request_id == 7 and [t["task"] for t in reply.value["jobs"][job.hex()]["tasks"]] == [1]
+    assert not h.core.watchers and not h.core.watching
+    h.message(Watch(8, 10_000, {job: 1}))  # the client's next cursor
+    finish(h, result(reqs[0]))
+    (reply,) = h.take(QueryReply)
+    view = reply.value["jobs"][job.hex()]
+    assert view["state"] == "done" and view["cursor"] == 2 and [t["task"] for t in view["tasks"]] == [0]
+    h.message(Watch(9, 10_000, {job: 2}))  # a job that is over is news by itself
+    (reply,) = h.take(QueryReply)
+    assert reply.value["jobs"][job.hex()]["tasks"] == [] and reply.value["jobs"][job.hex()]["state"] == "done"
+
+
+def test_a_commit_without_news_for_the_watch_leaves_it_parked():
+    h = Harness()
+    job, reqs = running_job(h, 2, {"max_attempts": 3})
+    h.message(Watch(7, 10_000, {job: 0}))
+    finish(h, result(reqs[0], outcome=3))  # lost: retried, not an ending
+    assert not h.take(QueryReply) and h.core.watchers
+
+
+def test_a_cancel_wakes_the_watchers_of_the_job():
+    h = Harness()
+    job, _ = running_job(h, 2)
+    h.message(Watch(7, 10_000, {job: 0}), b"watcher")
+    h.message(CancelJob(8, *split128(job), "enough"))
+    h.flush()
+    h.commit_all()
+    replies = {r.request_id: r for r in h.take(QueryReply)}
+    assert replies[7].value["jobs"][job.hex()]["state"] == "cancelled"
+    assert replies[7].value["jobs"][job.hex()]["error"] == "enough"
+
+
+def test_an_unanswered_watch_expires_at_its_deadline_with_no_news():
+    h = Harness()
+    job, _ = running_job(h, 2)
+    effects = h.message(Watch(3, 500_000, {job: 0}), b"a")  # capped at 60 s
+    assert timers(effects) == [("watch", MAX_WATCH_WAIT)]
+    effects = h.message(Watch(4, 2_000, {job: 0}), b"b")
+    assert timers(effects) == [("watch", 2.0)], "an earlier deadline moves the timer"
+    assert not timers(h.message(Watch(5, 3_000, {job: 0}), b"c"))
+    h.now += 2.0
+    effects = h.event(TimerFired("watch", "w1"))
+    (reply,) = h.take(QueryReply)
+    assert reply.request_id == 4 and reply.value == {"jobs": {}, "unknown": []}
+    assert timers(effects) == [("watch", 1.0)], "the timer moves on to the next deadline"
+    h.now += 58.0
+    h.event(TimerFired("watch", "w2"))
+    assert sorted(r.request_id for r in h.take(QueryReply)) == [3, 5] and not h.core.watchers
+
+
+def test_a_newer_watch_from_the_same_connection_replaces_the_parked_one():
+    h = Harness()
+    job, reqs = running_job(h, 2)
+    h.message(Watch(1, 10_000, {job: 0}))
+    h.message(Watch(2, 10_000, {job: 0}))
+    (old,) = h.take(QueryReply)
+    assert old.request_id == 1 and old.value == {"jobs": {}, "unknown": []}
+    assert list(h.core.watchers) == [CLIENT] and h.core.watchers[CLIENT].request_id == 2
+    finish(h, result(reqs[0]))
+    (reply,) = h.take(QueryReply)
+    assert reply.request_id == 2
+    h.now += 20
+    h.event(TimerFired("watch", "w"))  # the replaced watch's deadline passes: nothing more
+    assert not h.take(QueryReply)
+
+
+def test_parked_watches_are_answered_not_leader_when_the_leader_steps_down():
+    h = Harness()
+    job, _ = running_job(h, 2)
+    h.message(Watch(1, 10_000, {job: 0}), b"a")
+    h.message(Watch(2, 10_000, {job: 0}), b"b")
+    h.raft = RaftView("follower", 4, "10.0.0.2:6000", True)
+    h.event(TimerFired("raft", "t"))
+    answers = {s.route: s.message for s in h.sent if isinstance(s.message, NotLeader) and s.route in (b"a", b"b")}
+    assert {m.request_id for m in answers.values()} == {1, 2} and answers[b"a"].leader == "tcp://m2:5000"
+    assert not h.core.watchers and not h.core.watching and not h.core.watch_deadlines
+    h.message(Watch(3, 10_000, {job: 0}), b"a")  # a follower sends watches to the leader
+    assert [m.request_id for m in h.take(NotLeader) if m.request_id == 3] == [3]
+
+
+def test_a_new_leader_answers_watches_from_its_ledger_before_it_serves_and_wakes_them_at_its_barrier():
+    h = Harness()
+    job, reqs = running_job(h, 2)
+    h.raft = RaftView("leader", 4, "10.0.0.1:6000", True)
+    h.event(TimerFired("raft", "t"))  # a new term: its Barrier is proposed, not yet committed
+    assert h.core.serving_term != 4
+    h.message(Watch(1, 10_000, {job: 0}))
+    assert not h.take(QueryReply) and h.core.watchers
+    # an entry of the old term commits (the Raft thread applies it; this core proposed none of it)
+    r = reqs[0]
+    h.ledger.apply(CompleteTask(job, r.task_id, r.fence_term, r.fence_sequence, 0, "w", {}, None, None, h.now))
+    h.commit_all()  # the Barrier
+    (reply,) = h.take(QueryReply)
+    assert [t["task"] for t in reply.value["jobs"][job.hex()]["tasks"]] == [r.task_id]
+
+
+def test_watch_bounds_are_refused_with_clear_errors():
+    h = Harness()
+    job, _ = running_job(h, 1)
+    h.message(Watch(1, 100, {i.to_bytes(16, "big"): 0 for i in range(MAX_WATCH_JOBS + 1)}))
+    (err,) = h.take(Error)
+    assert err.detail["code"] == "too_many_jobs" and str(MAX_WATCH_JOBS) in err.text
+    h.message(Watch(2, 100, {job: -1}))
+    (err,) = h.take(Error)
+    assert err.detail["code"] == "bad_cursor" and job.hex() in err.text and not h.core.watchers
+
+
+def test_a_watch_reply_holds_at_most_max_watch_tasks_endings_and_the_cursor_says_where_it_stopped():
+    h = Harness()
+    n = 6_000
+    for j, count in ((1, n), (2, n), (4, 1)):  # finished jobs, made in the ledger directly
+        spec = {"count": count}
+        h.ledger.apply(SubmitJob(jid(j), jid(j), spec_digest("range", spec), "range", spec, "c", h.now))
+        while h.ledger.state.jobs[jid(j)].state == "active":  # a window at a time
+            _, s0 = h.ledger.state.fence
+            r = h.ledger.apply(AssignTasks(3, s0 + 1, "b", h.ledger.ready_tasks(n), h.now))
+            h.ledger.apply(Batch([CompleteTask(jid(j), t, *f, 0, "w", {}, None, None, h.now) for _, t, f in r.value["assigned"]]))
+    h.message(Watch(1, 100, {jid(1): 0, jid(2): 0}))
+    (reply,) = h.take(QueryReply)
+    views = reply.value["jobs"]
+    assert len(views[jid(1).hex()]["tasks"]) == n and len(views[jid(2).hex()]["tasks"]) == MAX_WATCH_TASKS - n
+    assert views[jid(2).hex()]["cursor"] == MAX_WATCH_TASKS - n and views[jid(2).hex()]["state"] == "done"
+    assert views[jid(2).hex()]["more"] is True and views[jid(1).hex()]["more"] is False, "done, but not all told"
+    h.message(Watch(2, 100, {jid(1): n, jid(2): MAX_WATCH_TASKS - n}))
+    (reply,) = h.take(QueryReply)
+    assert reply.value["jobs"][jid(2).hex()]["cursor"] == n and reply.value["jobs"][jid(1).hex()]["tasks"] == []
+    h.message(Watch(3, 100, {jid(1): 0, jid(2): 0, jid(3): 0}))
+    (reply,) = h.take(QueryReply)
+    assert list(reply.value["jobs"]) == [jid(1).hex(), jid(2).hex()] and reply.value["unknown"] == [jid(3).hex()]
+    h.message(Watch(4, 100, {jid(1): 0, jid(2): n}))  # a job whose endings do not fit waits for the next watch
+    (reply,) = h.take(QueryReply)
+    assert reply.value["jobs"][jid(1).hex()]["cursor"] == n and jid(2).hex() in reply.value["jobs"]
+    h.message(Watch(5, 100, {jid(2): 0, jid(1): 2_000, jid(4): 0}))
+    (reply,) = h.take(QueryReply)
+    assert list(reply.value["jobs"]) == [jid(2).hex(), jid(1).hex()], "no room left for job 4's ending: next time"
+
+
+# ---- files with results -------------------------------------------------------------------------
+
+
+def test_task_files_travel_with_the_result_and_malformed_ones_are_refused_before_raft():
+    h = Harness()
+    job, (r0, r1) = running_job(h, 2)
+    fid = bytes(range(16))
+    h.message(result(r0, files=[[fid, 12, ["s1"], "stdout"]]), BALANCER)
+    h.flush()
+    (proposal,) = h.proposed
+    assert proposal.entry.files == [[fid, 12, ["s1"], "stdout"]]
+    h.commit_all()
+    assert h.take(ResultAck) and h.ledger.state.named[job] == {f"task-{r0.task_id}.stdout": fid}
+    h.message(result(r1, files=[[fid, 12, [], "x"]]), BALANCER)
+    (err,) = h.take(Error)
+    assert err.reason == AppReason.REFUSED and err.detail == {"code": "bad_files", "task_id": r1.task_id, "job": job.hex()}
+    assert "storage node names" in err.text and err.refers_to == TaskResult.code
+    assert not h.proposed and not h.core.queue

@@ -7,7 +7,8 @@ loses the commit callback (the "committed, but the answer was lost" case). A cli
 library's retry rules (same key on every retry, follow NOT_LEADER, move on after silence)
 submits jobs while messages are dropped and leaders change. What must hold, for every seed:
 every acknowledged job is in the ledger once, no key ever made two jobs, and all masters that
-have applied the same log hold byte-identical ledgers.
+have applied the same log hold byte-identical ledgers. A watcher (WATCH with a cursor, following
+NOT_LEADER, resending after silence) sees every task ending once and in order across elections.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from cluster.runtime.events import MessageReceived, Send, Started, TimerFired
 from master.core import API, Committed, MasterCore, ProposalFailed, Propose, RaftView
 from proto.ids import join128
 from master.ledger import Ledger
-from proto.messages import Error, NotLeader, Submit, SubmitAck
+from master.commands import AssignTasks, SubmitJob
+from master.ledger import spec_digest
+from proto.ids import split128
+from proto.messages import Error, NotLeader, QueryReply, Submit, SubmitAck, TaskResult, Watch
 
 ADDRS = [f"10.0.0.{i}:6000" for i in range(3)]
 CLIENT = b"client"
+WATCHER = b"watcher"
 
 
 class SimCluster:
@@ -43,6 +48,7 @@ class SimCluster:
         ]
         self.pending: list[tuple[int, Propose]] = []  # proposals awaiting the next Raft step
         self.to_client: list = []
+        self.to_watcher: list = []
         self.delivered: dict[int, int] = {}
         self.n = 0
         for i in range(len(ADDRS)):
@@ -59,9 +65,9 @@ class SimCluster:
         for effect in self.cores[i].handle(event, self.now):
             if isinstance(effect, Propose):
                 self.pending.append((i, effect))
-            elif isinstance(effect, Send) and effect.route == CLIENT:
+            elif isinstance(effect, Send) and effect.route in (CLIENT, WATCHER):
                 if self.rng.random() >= self.drop:
-                    self.to_client.append((i, effect.message))
+                    (self.to_client if effect.route == CLIENT else self.to_watcher).append((i, effect.message))
         self.cores[i].validate_state()
 
     def deliver(self, i: int, message) -> None:
@@ -72,6 +78,23 @@ class SimCluster:
         self.n += 1
         self._feed(i, MessageReceived(API, CLIENT, 1, message, f"m{self.n}"))
         self._feed(i, TimerFired("flush", "f"))
+
+    def send(self, i: int, message, route: bytes) -> None:
+        """Any message, dropped like the others; a write is flushed at once."""
+        if not self.up[i] or self.rng.random() < self.drop:
+            return
+        self.n += 1
+        self._feed(i, MessageReceived(API, route, 1, message, f"m{self.n}"))
+        self._feed(i, TimerFired("flush", "f"))
+
+    def append(self, entry):
+        """An entry committed without a callback to any core (as a balancer's assignments are, here)."""
+        self.log.append(entry)
+        self._catch_up()
+        return self._results[(len(self.log), self.ledgers.index(self.truth()))]
+
+    def truth(self) -> Ledger:
+        return self.ledgers[self.up.index(True)]
 
     def raft_step(self) -> None:
         pending, self.pending = self.pending, []
@@ -109,6 +132,7 @@ class SimCluster:
             if self.up[i]:
                 self._feed(i, TimerFired("raft", "r"))
                 self._feed(i, TimerFired("expire", "e"))
+                self._feed(i, TimerFired("watch", "w"))
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -158,3 +182,46 @@ def test_acknowledged_submits_land_exactly_once_under_drops_and_elections(seed):
     snapshots = {lg.snapshot() for lg in sim.ledgers}
     assert len(snapshots) == 1, "masters that applied the same log differ"
     assert len(acked) >= len(keys) // 2, f"too few submits got through ({len(acked)}): the sim is not exercising much"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_watcher_sees_every_task_ending_once_and_in_order_across_elections(seed):
+    sim = SimCluster(seed, drop=0.15)
+    job, n = b"\x01" * 16, 80
+    spec = {"count": n, "max_attempts": 1, "retry_failed": False, "fail_fast": False}
+    sim.append(SubmitJob(job, job, spec_digest("range", spec), "range", spec, "c", 0.0))
+    seen: list[int] = []
+    target, request, silent = 0, 0, 99
+    for step in range(600):
+        truth = sim.truth()
+        ready = truth.ready_tasks(4)
+        if ready:  # a balancer's assignments commit; the workers' results go to some master
+            t0, s0 = truth.state.fence
+            sim.append(AssignTasks(sim.term, 1 if sim.term > t0 else s0 + 1, "b", ready, sim.now))
+        for job_id, task_id, a in truth.open_assignments():
+            if sim.rng.random() < 0.3:
+                m = TaskResult(*split128(job_id), task_id, a.fence_term, a.fence_sequence, 1 if task_id % 4 == 1 else 0,
+                               0, {"t": task_id}, None, "boom" if task_id % 4 == 1 else None, "w")
+                sim.send(sim.leader if sim.rng.random() < 0.8 else sim.rng.randrange(3), m, b"balancer")
+        silent += 1
+        if silent > 6:  # no answer: ask again, from where we are, perhaps elsewhere
+            request, silent = request + 1, 0
+            sim.send(target, Watch(request, 2_000, {job: len(seen)}), WATCHER)
+        sim.raft_step()
+        for i, m in sim.to_watcher:
+            if isinstance(m, NotLeader) and m.request_id == request and m.leader:
+                target, silent = int(m.leader[3:]), 99
+            elif isinstance(m, QueryReply) and m.request_id == request:
+                view = m.value["jobs"].get(job.hex())
+                if view is not None:
+                    assert view["skipped"] == 0 and view["cursor"] == len(seen) + len(view["tasks"])
+                    seen += [t["task"] for t in view["tasks"]]
+                    assert seen == sim.ledgers[i].state.jobs[job].endings[:len(seen)], "an ending missed, repeated or reordered"
+                silent = 99  # answered: watch again at once
+        sim.to_watcher.clear()
+        sim.chaos()
+        if len(seen) == n:
+            break
+    final = sim.truth().state.jobs[job]
+    assert seen == final.endings and sorted(seen) == list(range(n)), f"saw {len(seen)} of {n} endings"
+    assert final.state == "failed" and final.failed == len([t for t in range(n) if t % 4 == 1])
