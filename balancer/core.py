@@ -165,6 +165,7 @@ class BalancerCore:
         self.ack_routes: dict[tuple[bytes, int], bytes] = {}  # results forwarded: who to acknowledge
         self.counters: dict[str, int] = {}
         self.transitions: list[tuple[float, str]] = []  # (when, why), the newest last
+        self.place_due = False
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -172,6 +173,11 @@ class BalancerCore:
         if isinstance(event, MessageReceived):
             out = self._on_message(event, now)
         elif isinstance(event, TimerFired):
+            if event.name == "place":
+                self.place_due = False
+                if not self.star.serving():
+                    return []
+                return self._place(now, event.stimulus_id) + self._grant(event.stimulus_id)
             if event.name != "tick":
                 return []
             out = self._tick(now, event.stimulus_id) + [StartTimer("tick", self.options.interval, event.stimulus_id)]
@@ -183,10 +189,11 @@ class BalancerCore:
             return []
         else:
             return []
-        if self.star.serving():
-            cause = getattr(event, "stimulus_id", "")
-            out += self._place(now, cause)
-            out += self._grant(cause)
+        if self.star.serving() and not self.place_due:
+            # place and grant once the loop has drained what is waiting (a zero-delay timer fires
+            # after the burst): one pass over the workers per burst, not one per message
+            self.place_due = True
+            out.append(StartTimer("place", 0.0, getattr(event, "stimulus_id", "")))
         return out
 
     def _on_message(self, ev: MessageReceived, now: float) -> list[Effect]:

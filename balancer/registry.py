@@ -10,8 +10,9 @@ too (the loop does that); this module only keeps the state the dispatcher decide
 
 Credit follows FileMQ (zguide chapter 7): a worker's ``free`` is the credit it last announced
 minus the tasks ``sent`` to it since. Nothing may be sent to a worker with no credit: ``sent``
-refuses it. Finishing a task gives no credit back by itself; the worker's next heartbeat does,
-so the worker (not the balancer) says when it can take more.
+refuses it. A task's result gives its slot back (``finished``): the result is the worker's own
+word that the slot is free, and waiting for the next heartbeat instead would cost a message
+and a round trip per task. The heartbeat then restates the count, so a drift cannot last.
 
 Liveness follows the Paranoid Pirate pattern (zguide chapter 4): a worker silent for longer
 than ``liveness`` seconds (the heartbeat interval times the number of heartbeats it may miss)
@@ -199,10 +200,12 @@ class Registry:
 
     def finished(self, name: str, key: TaskKey) -> Fence | None:
         """Worker ``name`` ended task ``key``; returns the fence it ran under, or None when the
-        task was not running there (a duplicate result). Credit comes back with its heartbeat."""
-        fence = self._known(name).running.pop(key, None)
+        task was not running there (a duplicate result). The task's slot comes back as credit."""
+        w = self._known(name)
+        fence = w.running.pop(key, None)
         if fence is not None:
             self._forget(name, [key])
+            w.free = min(w.slots, w.free + 1)
         return fence
 
     def expire(self, now: float) -> list[tuple[Worker, list[TaskKey]]]:

@@ -340,10 +340,12 @@ class WorkerCore:
                 self.cache_added.append(fid)
         out: list[Effect] = []
         if self.registered:
+            # the result is also the credit for the slot it frees (the balancer counts it so);
+            # the next heartbeat restates the count, so no extra message per task
             out.append(Send(balancer_socket(self.current), result, None, ev.stimulus_id))
         if self.queued:
             out += self._start(self.queued.popleft(), now, ev.stimulus_id)
-        return out + self._status_soon(ev.stimulus_id)
+        return out
 
     def _status_soon(self, cause: str) -> list[Effect]:
         """A heartbeat with the new credit right after this burst (a zero-delay timer fires once

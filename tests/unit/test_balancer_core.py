@@ -7,7 +7,7 @@ import pytest
 
 from balancer.binary_star import State
 from balancer.core import PEER_OUT, WORKERS, BalancerCore, BalancerOptions
-from cluster.runtime.events import Log, MessageReceived, Send, Started, TimerFired
+from cluster.runtime.events import Log, MessageReceived, Send, Started, StartTimer, TimerFired
 from proto.ids import split128
 from proto.messages import (
     Attach,
@@ -42,6 +42,10 @@ class Harness:
     def event(self, ev) -> list:
         effects = self.core.handle(ev, self.now)
         self.out += effects
+        # the loop fires a zero-delay timer once it has drained the socket: here, at once
+        while any(isinstance(e, StartTimer) and e.name == "place" and e.delay == 0 for e in effects):
+            effects = self.core.handle(TimerFired("place", "p"), self.now)
+            self.out += effects
         self.core.validate_state()
         return effects
 
@@ -172,6 +176,7 @@ def test_results_go_to_the_master_with_the_worker_name_and_acks_come_back_to_tha
     h.msg(WORKERS, TaskResult(up, lo, 0, 5, 1, 0, 0, {"v": 1}, None, None, "", []), b"w1")
     forwarded = h.sent(TaskResult, "m0")
     assert forwarded and forwarded[0].message.worker == "w1"
+    assert h.core.registry.get("w1").free == 2  # the result gave its slot back
     h.msg("m0", ResultAck(up, lo, 0, 5, 1))
     assert h.sent(ResultAck, WORKERS, b"w1")
 

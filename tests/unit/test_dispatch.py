@@ -52,7 +52,7 @@ def test_register_heartbeat_credit_and_cache():
     assert w.free == 2 and w.running == {(JOB_A, 0): (1, 1), (JOB_A, 1): (1, 2)}
     assert reg.finished("w1", (JOB_A, 0)) == (1, 1)
     assert reg.finished("w1", (JOB_A, 0)) is None  # a duplicate result
-    assert w.free == 2  # credit comes back only with the worker's heartbeat
+    assert w.free == 3  # the result gives its slot back; a duplicate does not
     reg.heartbeat("w1", 2.0, free=3, cached_add=[fid(2), fid(3)], cached_drop=[fid(1)])
     assert (w.free, w.cached, w.last_heard) == (3, {fid(2), fid(3)}, 2.0)
     reg.heartbeat("w1", 2.5, free=3, cached_drop=[fid(9)])  # dropping an unknown id is harmless

@@ -149,11 +149,11 @@ def test_an_unknown_worker_error_makes_it_register_again():
     assert h.sent(WorkerStatus)[n:][0].register
 
 
-def test_credit_goes_back_soon_after_a_task_ends():
+def test_the_result_is_the_credit_and_the_next_heartbeat_restates_it():
     h = registered()
     h.request(0)
     effects = h.end(0)
-    assert any(isinstance(e, type(effects[-1])) and getattr(e, "name", "") == "status" for e in effects)
-    h.event(TimerFired("status", "x"))
+    assert [type(e.message).__name__ for e in effects if isinstance(e, Send)] == ["TaskResult"]  # one message
+    h.tick()
     hb = h.sent(WorkerStatus, "b0")[-1]
     assert not hb.register and hb.slots_free == 2 and hb.received == 1
