@@ -192,7 +192,7 @@ def bench_masters(root: Path, reps: int, n_submits: int, n_tasks: int) -> dict:
                     raise RuntimeError(f"drain: only {r['acked']} of {n} one-task jobs completed")
 
             def completions(m: int) -> dict:
-                ref = c.submit("range", {"count": m, "keep_results": False})
+                ref = c.submit_job("range", {"count": m, "keep_results": False})
                 r = echo_run(ms.addresses, m, ECHO_EPOCH, 60)
                 view = c.job(ref.job).value
                 r.update(count=m, job_state=view["state"], job_done=view["done"])
@@ -291,7 +291,7 @@ class Submitter(threading.Thread):
         with Client(self.addresses, timeout=30, attempt_timeout=ATTEMPT_TIMEOUT) as c:
             while not self.stop.is_set():
                 try:
-                    c.submit("range", {"count": 1})
+                    c.submit_job("range", {"count": 1})
                     with self.lock:
                         self.acks.append((time.monotonic(), c.leader))
                 except ClusterError as exc:

@@ -24,12 +24,14 @@ client raises ``NoQuorum`` with what each master said, in words a user can act o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import zmq
 
@@ -52,7 +54,11 @@ from proto.messages import (
 )
 from proto.types import Message
 
+if TYPE_CHECKING:
+    from cluster.futures import TaskFuture
+
 RETRYABLE = {AppReason.UNAVAILABLE, AppReason.OUTCOME_UNKNOWN}
+SPEC_BUDGET = 900 << 10  # bytes of task arguments per job (the masters refuse specs over 1 MiB)
 
 
 class ClusterError(Exception):
@@ -121,6 +127,42 @@ class _Call:
     stale_retry: bool = False
 
 
+@dataclass(frozen=True)
+class TaskOptions:
+    """How tasks from ``submit``/``map``/``run`` run. ``need``: what a worker must offer
+    (cores, memory_mb, gpus, labels, kernel). ``max_attempts`` counts runs lost to a dead worker;
+    a task that fails by itself (raises, exits non-zero, times out) is retried only with
+    ``retry_failed`` (Ray's ``retry_exceptions``)."""
+
+    timeout_s: float | None = None
+    memory_mb: int | None = None
+    need: dict[str, Any] | None = None
+    priority: int = 0
+    max_attempts: int = 3
+    retry_failed: bool = False
+
+    def replace(self, **changes: Any) -> "TaskOptions":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ClusterError(f"unknown task options {', '.join(sorted(unknown))}; "
+                               f"known: {', '.join(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **changes)
+
+    def run(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.timeout_s is not None:
+            out["timeout_s"] = self.timeout_s
+        if self.memory_mb is not None:
+            out["memory_mb"] = self.memory_mb
+        if self.need:
+            out["need"] = dict(self.need)
+        return out
+
+    def job(self) -> dict[str, Any]:
+        return {"priority": self.priority, "max_attempts": self.max_attempts, "retry_failed": self.retry_failed,
+                "fail_fast": False}
+
+
 class Client:
     """Talks to the masters at ``masters`` (their client API addresses)."""
 
@@ -144,8 +186,13 @@ class Client:
             sock.connect(address)
             self._sockets.append(sock)
         self._ids = itertools.count(random.getrandbits(40))
+        self._watcher: Any = None
+        self._task_options = TaskOptions()
 
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
         for sock in self._sockets:
             sock.close()
         self._ctx.term()
@@ -158,9 +205,104 @@ class Client:
 
     # ---- the API -----------------------------------------------------------------------------
 
-    def submit(self, kind: str, spec: dict[str, Any], *, key: bytes | None = None) -> JobRef:
-        """Submit a job; returns once a quorum of masters has committed it."""
+    def submit_job(self, kind: str, spec: dict[str, Any], *, key: bytes | None = None) -> JobRef:
+        """Submit a job (``master.jobs`` says what a spec holds); returns once a quorum of
+        masters has committed it."""
         return self.submit_many([(kind, spec)], keys=[key] if key else None)[0]
+
+    # ---- tasks as futures ---------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "TaskFuture":
+        """Run ``fn(*args, **kwargs)`` on a worker; returns its future once the task is durable
+        (committed by a quorum of masters). Options: ``Client.options(...)``."""
+        return self.map_args(fn, [(args, kwargs)])[0]
+
+    def map(self, fn: Callable[..., Any], *iterables: Any) -> list["TaskFuture"]:
+        """Run ``fn`` over the items of ``iterables`` (like the built-in ``map``), one task each,
+        submitted as one job (several when the arguments are large); futures in input order."""
+        return self.map_args(fn, [(args, {}) for args in zip(*iterables)])
+
+    def map_args(self, fn: Callable[..., Any], calls: Sequence[tuple[tuple, dict]]) -> list["TaskFuture"]:
+        """Run ``fn(*args, **kwargs)`` for each ``(args, kwargs)`` of ``calls``."""
+        import cloudpickle
+
+        from cluster.futures import TaskFuture
+
+        try:
+            program = cloudpickle.dumps(fn)
+            tasks = [{"args": cloudpickle.dumps((tuple(a), dict(k)))} for a, k in calls]
+        except Exception as exc:  # noqa: BLE001 - whatever pickling raises, the user gets one line
+            raise ClusterError(f"cannot ship {getattr(fn, '__name__', fn)!r} or its arguments to the workers: "
+                               f"{type(exc).__name__}: {exc}") from None
+        if not tasks:
+            return []
+        name = getattr(fn, "__qualname__", getattr(fn, "__name__", "call"))
+        run = {"kind": "call", "program": program, **self._task_options.run()}
+        out: list[TaskFuture] = []
+        for chunk in _chunks(tasks, SPEC_BUDGET - len(program)):
+            spec = {"name": name, "run": run, "tasks": chunk, **self._task_options.job()}
+            ref = self.submit_job("list", spec)
+            futures = {i: TaskFuture(ref.job, i, "call") for i in range(len(chunk))}
+            self._watch(ref.job, futures)
+            out += futures.values()
+        return out
+
+    def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None, inputs: dict[str, str] | None = None,
+            outputs: Sequence[str] = ()) -> "TaskFuture":
+        """Run a command on a worker: ``argv`` in a scratch directory, ``env`` added to a minimal
+        environment, ``inputs`` (name → stored file id) visible there by name, ``outputs`` the
+        files it must leave (stored, ids in the ``CommandResult``)."""
+        from cluster.futures import TaskFuture
+
+        argv = list(argv)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise ClusterError("a command is a non-empty list of strings, e.g. ['sort', '-o', 'out', 'in']")
+        run = {"kind": "command", "argv": argv, "env": dict(env or {}), "inputs": dict(inputs or {}),
+               "outputs": list(outputs), **self._task_options.run()}
+        ref = self.submit_job("list", {"name": argv[0], "run": run, "tasks": [{}], **self._task_options.job()})
+        future = TaskFuture(ref.job, 0, "command")
+        self._watch(ref.job, {0: future})
+        return future
+
+    def options(self, **options: Any) -> "Client":
+        """A view of this client whose ``submit``/``map``/``run`` use ``options``
+        (``TaskOptions``: timeout_s, memory_mb, need, priority, max_attempts, retry_failed)."""
+        import copy
+
+        view = copy.copy(self)
+        view._task_options = self._task_options.replace(**options)
+        return view
+
+    def task_result(self, job: str, task_id: int, *, kind: str = "call") -> Any:
+        """The value of a finished task, looked up by id (raises ``TaskError`` if it failed)."""
+        from cluster.futures import TaskFuture, resolve
+
+        view = self.task(job, task_id).value
+        if view.get("state") not in ("done", "failed"):
+            raise ClusterError(f"task {task_id} of job {job} is {view.get('state')}: it has no result yet")
+        future = TaskFuture(job, task_id, kind)
+        attempts = view.get("attempts", [])
+        errors = [a.get("error") for a in attempts if a.get("error")]
+        result_file = bytes.fromhex(view["result_file"]) if view.get("result_file") else None
+        resolve(future, view["state"], view.get("summary"), errors[-1] if errors else None, len(attempts),
+                self._fetch, result_file)
+        return future.result(0)
+
+    def _watch(self, job: str, futures: dict) -> None:
+        if self._watcher is None:
+            from cluster.futures import Watcher
+
+            self._watcher = Watcher(self.masters, self._fetch, attempt_timeout=self.attempt_timeout)
+            self._watcher.start()
+        self._watcher.add(job, futures)
+
+    def _fetch(self, file_id: str) -> bytes:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="cluster-result-") as d:
+            path = Path(d) / "value"
+            self.download(file_id, path)
+            return path.read_bytes()
 
     def submit_many(
         self,
@@ -378,6 +520,21 @@ class Client:
                 "(`cluster status` shows which) and retry: a retried submit with the same key is never doubled."
             )
         return NoQuorum(f"no master answered within {self.timeout:g} s ({said}); are the masters running?")
+
+
+def _chunks(tasks: list[dict], budget: int) -> Iterable[list[dict]]:
+    """Tasks in runs whose arguments fit one job's spec."""
+    chunk: list[dict] = []
+    size = 0
+    for t in tasks:
+        n = len(t["args"]) + 16
+        if chunk and size + n > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(t)
+        size += n
+    if chunk:
+        yield chunk
 
 
 def _id_bytes(hex_id: str) -> bytes:

@@ -154,7 +154,7 @@ def test_submits_survive_leader_kill(masters, clients):
 
     # A retried submit with the same key lands on the same job: no duplicates.
     for i in random.Random(1).sample(range(total), 20):
-        again = client.submit(*specs[i], key=keys[i])
+        again = client.submit_job(*specs[i], key=keys[i])
         assert again.job == acked[i].job
     assert detail(new_leader)["ledger"]["jobs"] == total
 
@@ -176,7 +176,7 @@ def test_five_masters_two_kills_still_writable(masters, clients):
     follower.kill()
 
     client = clients([n.address for n in nodes], timeout=30)
-    ref = client.submit(*list_spec(1))
+    ref = client.submit_job(*list_spec(1))
     answer = client.job(ref.job)
     assert answer.stale is False
     assert answer.value["job"] == ref.job
@@ -192,7 +192,7 @@ def test_minority_refuses_writes_reads_stale(masters, clients):
     nodes = masters(3)
     leader = serving_leader(nodes)
     client = clients([n.address for n in nodes], timeout=3)
-    ref = client.submit(*list_spec(1))
+    ref = client.submit_job(*list_spec(1))
     survivor = next(n for n in nodes if n is not leader)
     wait_for(lambda: (d := detail(survivor)) and d["ledger"]["jobs"] == 1, 10, "the survivor to apply the job")
 
@@ -202,7 +202,7 @@ def test_minority_refuses_writes_reads_stale(masters, clients):
 
     started = time.monotonic()
     with pytest.raises(NoQuorum) as caught:
-        client.submit(*list_spec(2))
+        client.submit_job(*list_spec(2))
     assert time.monotonic() - started < 10
     assert "majority" in str(caught.value)
 
@@ -237,7 +237,7 @@ def test_follower_redirects(masters, clients):
     # follower's connection is up, so that the submit really goes to the follower first.
     wait_for(lambda: client._sockets[0].poll(0, zmq.POLLOUT), 5, "the client to connect to the follower")
     assert client.leader == 0
-    ref = client.submit(*list_spec(1))
+    ref = client.submit_job(*list_spec(1))
     assert client.leader == 1  # the redirect was followed
     assert detail(follower)["core"].get("redirected", 0) == redirected + 1
     assert client.job(ref.job).stale is False
@@ -253,7 +253,7 @@ def test_results_survive_leader_kill(masters, clients):
     addresses = [n.address for n in nodes]
     client = clients(addresses, timeout=30)
     total, kill_at = 3000, 1000
-    ref = client.submit("range", {"count": total, "keep_results": True})
+    ref = client.submit_job("range", {"count": total, "keep_results": True})
 
     echo = EchoBalancer(addresses, credit=256)
     killed_at = {}
@@ -364,14 +364,14 @@ def test_bad_input_leaves_ledger_unchanged(masters, clients):
     leader = serving_leader(nodes)
     client = clients([n.address for n in nodes], timeout=10)
     key = os.urandom(16)
-    ref = client.submit("list", {"tasks": [{"i": 1}]}, key=key)
+    ref = client.submit_job("list", {"tasks": [{"i": 1}]}, key=key)
     for node in nodes:
         wait_converged(node, leader)
     before = {n.name: detail(n)["ledger"] for n in nodes}
 
     def refused(kind, spec, key=None) -> str:
         with pytest.raises(Refused) as caught:
-            client.submit(kind, spec, key=key)
+            client.submit_job(kind, spec, key=key)
         return caught.value.code
 
     assert refused("nonsense", {"tasks": [{"i": 1}]}) == "unknown_kind"
@@ -379,7 +379,7 @@ def test_bad_input_leaves_ledger_unchanged(masters, clients):
     assert refused("list", {"tasks": [{"i": 2}]}, key=key) == "idempotency_conflict"
     assert refused("range", {"count": -1}) == "bad_spec"
     assert refused("list", {"tasks": []}) == "bad_spec"
-    assert client.submit("list", {"tasks": [{"i": 1}]}, key=key).job == ref.job  # same body: same job
+    assert client.submit_job("list", {"tasks": [{"i": 1}]}, key=key).job == ref.job  # same body: same job
 
     raw = RawClient(leader.address)
     try:

@@ -81,7 +81,7 @@ def test_cat_sha256sum_and_dd_read_exactly_what_was_uploaded(cluster):
         data = src.read_bytes()
         assert out == data[bs * skip: bs * (skip + count)], (bs, skip, count)
     # the pinned upload has no job; a job's listing shows its names
-    job = cluster["client"].submit("range", {"count": 1}).job
+    job = cluster["client"].submit_job("range", {"count": 1}).job
     named = cluster["client"].upload(src, owner=job, name="reads.fa")
     listed = wait_for(lambda: (cluster["mnt"] / "jobs" / job / "reads.fa").exists(), 10, "the job's listing")
     assert listed and (cluster["mnt"] / "jobs" / job / "reads.fa").read_bytes() == src.read_bytes()

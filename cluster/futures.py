@@ -1,0 +1,288 @@
+"""Futures for tasks run on the cluster: ``Client.submit``, ``map`` and ``run`` return these.
+
+Theory of operation
+-------------------
+A call (``submit(fn, *args)``), a batch of calls (``map``) or a command (``run``) becomes a job
+in the ledger, committed by a quorum before the call returns: a task's future exists only once
+its task is durable. Its result is recorded by the masters when a worker finishes it, with the
+value in the ledger (small) or in storage (large).
+
+One thread per client (``Watcher``) learns the endings with the masters' WATCH long poll: it
+asks the leader "anything past these cursors for these jobs?", the leader answers as soon as a
+commit brings one (or after ``WAIT_MS``), and the thread resolves the futures and asks again at
+once. A job added while a watch is parked sends a new watch straight away (the leader answers
+the older one empty), so a fresh task is never waiting for the previous watch to time out. The
+cursors are positions in the ledger's per-job list of endings, so a watch resumes unchanged on
+a new leader after a failover; nothing is lost in between.
+
+``TaskFuture`` is a ``concurrent.futures.Future``: ``result``, ``exception``,
+``add_done_callback``, ``concurrent.futures.wait`` and ``as_completed`` work as usual. A task
+that raised gives its exception's line in a ``TaskError`` (the traceback, captured on the
+worker, is in ``TaskError.stderr``); a command gives a ``CommandResult``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cloudpickle
+import zmq
+
+from proto import AppReason, Codec, ProtocolError, new_node_id
+from proto.messages import Error, NotLeader, QueryReply, Watch
+
+log = logging.getLogger("cluster.client")
+
+WAIT_MS = 10_000  # how long the leader may hold a watch
+MAX_JOBS_PER_WATCH = 10_000
+
+
+class TaskError(Exception):
+    """A task failed for good: ``error`` is its one-line reason (e.g. ``ZeroDivisionError:
+    division by zero``), ``stderr`` the end of what it wrote there (a traceback for a call)."""
+
+    def __init__(self, job: str, task: int, error: str, stderr: bytes = b"", attempts: int = 0) -> None:
+        super().__init__(f"task {task} of job {job} failed: {error}")
+        self.job = job
+        self.task = task
+        self.error = error
+        self.stderr = stderr
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """How a command ended: exit code, output (the end of it, when it was stored whole too)
+    and the declared output files by name (file ids, hex)."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    outputs: dict[str, str] = field(default_factory=dict)
+    stdout_file: str | None = None
+    stderr_file: str | None = None
+
+
+class TaskFuture(concurrent.futures.Future):
+    """The future of one task: ``job`` (hex id) and ``task`` (its index in the job)."""
+
+    def __init__(self, job: str, task: int, kind: str) -> None:
+        super().__init__()
+        self.job = job
+        self.task = task
+        self.kind = kind
+        self.set_running_or_notify_cancel()  # it is durable and queued: it cannot be cancelled here
+
+    def __repr__(self) -> str:
+        return f"<TaskFuture {self.job}/{self.task} {self._state.lower()}>"
+
+
+def resolve(future: TaskFuture, state: str, summary: dict | None, error: str | None, attempts: int,
+            fetch: Callable[[str], bytes], result_file: bytes | str | None = None) -> None:
+    """Settle ``future`` from a task's recorded ending (the WATCH reply or a TASK_QUERY)."""
+    summary = summary or {}
+    try:
+        if state != "done":
+            stderr = summary.get("stderr", b"")
+            future.set_exception(TaskError(future.job, future.task, error or state,
+                                           stderr if isinstance(stderr, bytes) else b"", attempts))
+            return
+        future.set_result(decode_value(future.kind, summary, fetch, result_file))
+    except Exception as exc:  # noqa: BLE001 - an undecodable value is this future's failure only
+        if not future.done():
+            future.set_exception(exc)
+
+
+def decode_value(kind: str, summary: dict, fetch: Callable[[str], bytes], result_file: bytes | str | None = None) -> Any:
+    """A task's value from its summary (or its result file, when the value was too large to
+    travel inline): a call's return value, a command's ``CommandResult``."""
+    if kind == "command":
+        return CommandResult(summary.get("exit_code", 0) or 0, summary.get("stdout", b""), summary.get("stderr", b""),
+                             dict(summary.get("outputs", {})), summary.get("stdout_file"), summary.get("stderr_file"))
+    if "value" in summary:
+        return cloudpickle.loads(summary["value"])
+    if result_file:
+        return cloudpickle.loads(fetch(result_file.hex() if isinstance(result_file, bytes) else result_file))
+    return None
+
+
+@dataclass
+class _Watched:
+    cursor: int = 0
+    futures: dict[int, TaskFuture] = field(default_factory=dict)
+
+
+class Watcher(threading.Thread):
+    """Resolves the futures of one client from the leader's WATCH answers (see the module doc)."""
+
+    def __init__(self, masters: list[str], fetch: Callable[[str], bytes], *, attempt_timeout: float = 1.0) -> None:
+        super().__init__(name="cluster-watcher", daemon=True)
+        self.masters = masters
+        self.fetch = fetch
+        self.attempt_timeout = attempt_timeout
+        self.leader = 0
+        self._lock = threading.Lock()
+        self._jobs: dict[bytes, _Watched] = {}
+        self._dirty = False
+        self._closing = False
+        self._ctx = zmq.Context()
+        self._wake_addr = f"inproc://watcher-{id(self)}"
+        self._wake_r = self._ctx.socket(zmq.PAIR)
+        self._wake_r.bind(self._wake_addr)
+        self._wake_w = self._ctx.socket(zmq.PAIR)
+        self._wake_w.connect(self._wake_addr)
+        self._wake_lock = threading.Lock()
+        self.counters: dict[str, int] = {"watches": 0, "resolved": 0}
+
+    def add(self, job: str, futures: dict[int, TaskFuture]) -> None:
+        """Watch ``futures`` (task id → future) of ``job`` until each is settled."""
+        key = bytes.fromhex(job)
+        with self._lock:
+            watched = self._jobs.setdefault(key, _Watched())
+            watched.futures.update(futures)
+            self._dirty = True
+        self._wake()
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(len(w.futures) for w in self._jobs.values())
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake()
+        self.join(5)
+        with self._lock:
+            for watched in self._jobs.values():
+                for f in watched.futures.values():
+                    if not f.done():
+                        f.set_exception(RuntimeError("the client was closed before this task ended; "
+                                                     "look it up with Client.task_result(job, task)"))
+            self._jobs.clear()
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            try:
+                self._wake_w.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def run(self) -> None:
+        codec = Codec(new_node_id())
+        socks = []
+        for address in self.masters:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.IMMEDIATE, 1)
+            s.connect(address)
+            socks.append(s)
+        poller = zmq.Poller()
+        for s in socks:
+            poller.register(s, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        outstanding: tuple[int, float] | None = None  # (request id, sent at)
+        rid = 0
+        not_before = 0.0
+        backoff = 0.05
+        try:
+            while not self._closing:
+                now = time.monotonic()
+                with self._lock:
+                    dirty, self._dirty = self._dirty, False
+                    jobs = {k: w.cursor for k, w in self._jobs.items() if w.futures}
+                if jobs and (outstanding is None or dirty) and now >= not_before:
+                    rid += 1
+                    batch = dict(list(jobs.items())[:MAX_JOBS_PER_WATCH])
+                    try:
+                        codec.send(socks[self.leader], Watch(rid, WAIT_MS, batch), flags=zmq.NOBLOCK)
+                        outstanding = (rid, now)
+                        self.counters["watches"] += 1
+                    except zmq.Again:  # that master is down: try the next
+                        self.leader = (self.leader + 1) % len(socks)
+                        outstanding = None
+                        not_before = now + backoff
+                        backoff = min(backoff * 2, 0.5)
+                elif dirty and not jobs:
+                    outstanding = None
+                timeout = 1000 if outstanding is not None or not jobs else max(1, int((not_before - now) * 1000) + 1)
+                for sock, _ in poller.poll(timeout):
+                    if sock is self._wake_r:
+                        while self._wake_r.poll(0):
+                            self._wake_r.recv()
+                        continue
+                    while True:
+                        try:
+                            _, _, reply = codec.recv(sock, flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        except ProtocolError:
+                            continue
+                        if outstanding is None or getattr(reply, "request_id", -1) != outstanding[0]:
+                            continue  # an answer to a watch we replaced
+                        outstanding = None
+                        if isinstance(reply, QueryReply):
+                            backoff = 0.05
+                            self._apply(reply.value)
+                        elif isinstance(reply, NotLeader):
+                            self.leader = (self.masters.index(reply.leader) if reply.leader in self.masters
+                                           else (self.leader + 1) % len(socks))
+                            if reply.leader not in self.masters:
+                                not_before = time.monotonic() + backoff
+                                backoff = min(backoff * 2, 0.5)
+                        elif isinstance(reply, Error):
+                            self._on_error(reply)
+                            not_before = time.monotonic() + backoff
+                            backoff = min(backoff * 2, 0.5)
+                if outstanding is not None and time.monotonic() - outstanding[1] > WAIT_MS / 1000 + self.attempt_timeout:
+                    outstanding = None  # the leader died holding it: ask the next master
+                    self.leader = (self.leader + 1) % len(socks)
+        finally:
+            for s in socks:
+                s.close(0)
+            self._wake_r.close(0)
+            with self._wake_lock:
+                self._wake_w.close(0)
+            self._ctx.term()
+
+    def _on_error(self, reply: Error) -> None:
+        if reply.reason not in (AppReason.UNAVAILABLE, AppReason.OUTCOME_UNKNOWN):
+            log.warning("watch refused: %s", reply.text)
+        self.leader = (self.leader + 1) % len(self.masters)
+
+    def _apply(self, value: Any) -> None:
+        if not isinstance(value, dict):
+            return
+        settled: list[tuple[TaskFuture, dict]] = []
+        orphaned: list[tuple[TaskFuture, str]] = []
+        with self._lock:
+            for job_hex in value.get("unknown", []):
+                watched = self._jobs.pop(bytes.fromhex(job_hex), None)
+                for f in (watched.futures.values() if watched else []):
+                    orphaned.append((f, f"job {job_hex} is unknown to the leader"))
+            for job_hex, entry in value.get("jobs", {}).items():
+                key = bytes.fromhex(job_hex)
+                watched = self._jobs.get(key)
+                if watched is None:
+                    continue
+                watched.cursor = max(watched.cursor, entry.get("cursor", watched.cursor))
+                for t in entry.get("tasks", []):
+                    f = watched.futures.pop(t.get("task"), None)
+                    if f is not None:
+                        settled.append((f, t))
+                if entry.get("state") not in (None, "active") and not entry.get("more"):
+                    for f in watched.futures.values():  # the job ended without these (cancelled, failed fast)
+                        orphaned.append((f, f"the job is {entry.get('state')}: {entry.get('error') or 'no result'}"))
+                    watched.futures.clear()
+                if not watched.futures:
+                    del self._jobs[key]
+        for f, t in settled:
+            resolve(f, t.get("state", "failed"), t.get("summary"), t.get("error"), t.get("attempts", 0), self.fetch,
+                    t.get("result_file"))
+            self.counters["resolved"] += 1
+        for f, why in orphaned:
+            if not f.done():
+                f.set_exception(TaskError(f.job, f.task, why))
