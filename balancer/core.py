@@ -396,12 +396,7 @@ class BalancerCore:
         if isinstance(m, WorkerRequest):
             return self._on_request(ev, m, now)
         if isinstance(m, ResultAck):
-            key = (join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id)
-            route = self.ack_routes.pop(key, None)
-            if route is None:
-                self._count("acks_unroutable")
-                return []
-            return [Send(WORKERS, m, route, ev.stimulus_id)]
+            return self._route_acks(m, ev.stimulus_id)
         if isinstance(m, NotLeader):
             self._count("not_leader")
             if m.leader in self.masters and self.masters.index(m.leader) != link.index:
@@ -417,6 +412,18 @@ class BalancerCore:
         if isinstance(m, Error):
             return self._on_master_error(ev, m, now)
         return []
+
+    def _route_acks(self, m: ResultAck, cause: str) -> list[Effect]:
+        """Each acknowledgement to the worker that sent the result, one message per worker."""
+        by_route: dict[bytes, list[tuple]] = {}
+        for ack in m.acks():
+            route = self.ack_routes.pop((join128(ack[0], ack[1]), ack[2]), None)
+            if route is None:
+                self._count("acks_unroutable")
+                continue
+            by_route.setdefault(route, []).append(ack)
+        return [Send(WORKERS, ResultAck(*acks[0], [list(a) for a in acks[1:]]), route, cause)
+                for route, acks in by_route.items()]
 
     def _on_master_error(self, ev: MessageReceived, m: Error, now: float) -> list[Effect]:
         code = m.detail.get("code", "") if isinstance(m.detail, dict) else ""

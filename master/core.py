@@ -417,6 +417,7 @@ class MasterCore:
         out: list[Effect] = []
         for reply, result in zip(proposal.replies, results):
             out += self._answer(reply, result, ev.log_index, now, ev.stimulus_id)
+        out = _merge_acks(out)
         out += self._dispatch(now, ev.stimulus_id)
         # A Barrier commits after every entry of earlier terms: any watched job may have changed.
         every = any(reply[0] == "barrier" for reply in proposal.replies)
@@ -777,6 +778,31 @@ class MasterCore:
 
 def _no_news() -> dict[str, Any]:
     return {"jobs": {}, "unknown": []}
+
+
+def _merge_acks(effects: list[Effect]) -> list[Effect]:
+    """One RESULT_ACK per route for all the results one commit recorded (``ResultAck.more``),
+    in place of the first one; the other effects keep their order."""
+    acks: dict[bytes | None, list[Send]] = {}
+    for e in effects:
+        if isinstance(e, Send) and type(e.message) is ResultAck:
+            acks.setdefault(e.route, []).append(e)
+    if all(len(group) == 1 for group in acks.values()):
+        return effects
+    out: list[Effect] = []
+    for e in effects:
+        if isinstance(e, Send) and type(e.message) is ResultAck:
+            group = acks.pop(e.route, None)
+            if group is None:
+                continue  # merged into the first of its route
+            more = [[r.message.job_uuid_upper, r.message.job_uuid_lower, r.message.task_id,
+                     r.message.fence_term, r.message.fence_sequence] for r in group[1:]]
+            first = group[0].message
+            out.append(Send(e.socket, ResultAck(first.job_uuid_upper, first.job_uuid_lower, first.task_id,
+                                                first.fence_term, first.fence_sequence, more), e.route, e.cause))
+        else:
+            out.append(e)
+    return out
 
 
 def _refuse(ev: MessageReceived, detail: str) -> Effect:

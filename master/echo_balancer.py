@@ -115,12 +115,13 @@ class EchoBalancer:
             self.sent_at[key] = time.monotonic()
             self.codec.send(self.sock, result)
         elif isinstance(m, ResultAck):
-            key = (m.job_uuid_upper, m.job_uuid_lower, m.task_id)
-            if self.unacked.pop(key, None) is not None:
-                self.sent_at.pop(key, None)
-                self.stats.acked += 1
-                self.stats.acked_keys.add(key)
-                self.pending_credit += 1
+            for upper, lower, task, _term, _seq in m.acks():
+                key = (upper, lower, task)
+                if self.unacked.pop(key, None) is not None:
+                    self.sent_at.pop(key, None)
+                    self.stats.acked += 1
+                    self.stats.acked_keys.add(key)
+                    self.pending_credit += 1
         elif isinstance(m, NotLeader):
             self.attached = False
             index = self.masters.index(m.leader) if m.leader in self.masters else (self.target + 1) % len(self.masters)

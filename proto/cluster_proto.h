@@ -338,10 +338,13 @@ CLUSTER_STATIC_ASSERT(sizeof(struct cluster_task_result) == CLUSTER_TASK_RESULT_
 
 /*
  * RESULT_ACK (22): The task's completion is committed in the ledger; the worker may forget it.
+ * `more` acknowledges further results in the same message, each `[job uuid upper, lower, task
+ * id, fence term, fence sequence]`: one commit records many results, and one message per task
+ * on two hops was most of the acknowledgement's cost.
  *
  * master leader, via balancer -> worker.
  *
- * Body: none.
+ * Body: more.
  */
 struct cluster_result_ack {
     struct cluster_generic_message generic;

@@ -340,7 +340,10 @@ class TaskResult(Message, frozen=True, gc=False):
 
 
 class ResultAck(Message, frozen=True, gc=False):
-    """The task's completion is committed in the ledger; the worker may forget it."""
+    """The task's completion is committed in the ledger; the worker may forget it. ``more``
+    acknowledges further results in the same message, each ``[job uuid upper, lower, task id,
+    fence term, fence sequence]``: one commit records many results, and one message per task
+    on two hops was most of the acknowledgement's cost."""
 
     code = 22
     struct_name = "result_ack"
@@ -352,6 +355,12 @@ class ResultAck(Message, frozen=True, gc=False):
     task_id: U64
     fence_term: U64
     fence_sequence: U64
+    more: list[list[int]] = []
+
+    def acks(self) -> list[tuple[int, int, int, int, int]]:
+        """Every result acknowledged: (job upper, job lower, task, term, sequence)."""
+        first = (self.job_uuid_upper, self.job_uuid_lower, self.task_id, self.fence_term, self.fence_sequence)
+        return [first] + [tuple(a) for a in self.more]
 
 
 class WorkerStatus(Message, frozen=True, gc=False):

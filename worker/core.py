@@ -183,10 +183,11 @@ class WorkerCore:
         if isinstance(m, WorkerRequest):
             return self._on_request(ev, m, now)
         if isinstance(m, ResultAck):
-            key = (join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id)
-            if self.held.pop(key, None) is not None:
-                self.newest.pop(key, None)
-                self._count("results_acked")
+            for upper, lower, task, _term, _seq in m.acks():
+                key = (join128(upper, lower), task)
+                if self.held.pop(key, None) is not None:
+                    self.newest.pop(key, None)
+                    self._count("results_acked")
             return []
         if isinstance(m, Heartbeat):
             if from_current and m.reply == 1 and not self.registered:

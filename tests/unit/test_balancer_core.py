@@ -181,6 +181,21 @@ def test_results_go_to_the_master_with_the_worker_name_and_acks_come_back_to_tha
     assert h.sent(ResultAck, WORKERS, b"w1")
 
 
+def test_acks_of_one_commit_are_split_per_worker_one_message_each():
+    h = active()
+    h.register("w1")
+    h.register("w2")
+    up, lo = split128(JOB)
+    for t, w in ((0, b"w1"), (1, b"w2"), (2, b"w1")):
+        h.msg(WORKERS, TaskResult(up, lo, t, 5, t + 1, 0, 0, {}, None, None, "", []), w)
+    h.msg("m0", ResultAck(up, lo, 0, 5, 1, [[up, lo, 1, 5, 2], [up, lo, 2, 5, 3], [up, lo, 99, 5, 9]]))
+    to_w1 = [e.message for e in h.sent(ResultAck, WORKERS, b"w1")]
+    to_w2 = [e.message for e in h.sent(ResultAck, WORKERS, b"w2")]
+    assert [[a[2] for a in m.acks()] for m in to_w1] == [[0, 2]]
+    assert [[a[2] for a in m.acks()] for m in to_w2] == [[1]]
+    assert h.core.counters["acks_unroutable"] == 1
+
+
 def test_a_master_refusing_a_result_for_good_tells_the_worker():
     h = active()
     h.register("w1")
