@@ -311,7 +311,7 @@ class BalancerCore:
                 self.orders.pop(key, None)
                 self._count("pending_found_running")
         out += self._report_lost(m.name, {k: fences[k] for k in lost if k in fences}, "it restarted", ev.stimulus_id)
-        out.append(Log(logging.INFO, f"worker {m.name} registered: {m.slots_total} slots, {caps.cores} cores, "
+        out.append(Log(logging.INFO, f"worker {m.name} registered: takes {m.slots_total} tasks at once (slots + prefetch), {caps.cores} cores, "
                                      f"{len(tasks)} running, {len(m.cache_add)} cached files", ev.stimulus_id))
         out.append(Send(WORKERS, Heartbeat(self.epoch, 0, 1), ev.route, ev.stimulus_id))
         return out

@@ -114,12 +114,18 @@ def _failure_rules(kind: str, spec: dict[str, Any], out: dict[str, Any]) -> None
 
 
 def _reduce_rule(rule: Any) -> dict[str, Any]:
-    """``{"max": field}`` keeps the summary with the largest ``field`` (ties: the lowest task id);
-    ``{"sum": [fields]}`` adds those fields up. Both may be given."""
-    if not isinstance(rule, dict) or set(rule) - {"max", "sum"}:
-        raise SpecError("bad_spec", "'reduce' is a map with 'max' (a field name) and/or 'sum' (field names)")
+    """``{"max": field}`` keeps the summary with the largest ``field``; among equal ones, the
+    smallest values of the ``ties`` fields in order (e.g. ``["end_b", "end_a"]``: parasail's
+    first cell in row-major order), then the lowest task id. ``{"sum": [fields]}`` adds those
+    fields up. Both may be given."""
+    if not isinstance(rule, dict) or set(rule) - {"max", "sum", "ties"}:
+        raise SpecError("bad_spec", "'reduce' is a map with 'max' (a field name), 'ties' (field names) "
+                                    "and/or 'sum' (field names)")
     if "max" in rule and not isinstance(rule["max"], str):
         raise SpecError("bad_spec", "reduce 'max' names one summary field")
+    if "ties" in rule and ("max" not in rule or not isinstance(rule["ties"], list)
+                           or not all(isinstance(f, str) for f in rule["ties"])):
+        raise SpecError("bad_spec", "reduce 'ties' is a list of summary field names, used with 'max'")
     if "sum" in rule and (not isinstance(rule["sum"], list) or not all(isinstance(f, str) for f in rule["sum"])):
         raise SpecError("bad_spec", "reduce 'sum' is a list of summary field names")
     return dict(rule)

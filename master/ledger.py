@@ -499,8 +499,9 @@ class Ledger:
             field = rule["max"]
             value = summary.get(field)
             best = job.reduced.get("max")
-            if isinstance(value, (int, float)) and (
-                best is None or (value, -task_id) > (best["summary"][field], -best["task"])
+            ties = rule.get("ties", ())
+            if _is_number(value) and (
+                best is None or _rank(value, summary, ties, task_id) > _rank(best["summary"][field], best["summary"], ties, best["task"])
             ):
                 job.reduced["max"] = {"task": task_id, "summary": summary}
         for field in rule.get("sum", ()):
@@ -646,7 +647,12 @@ class Ledger:
             t = job.tasks.get(other)
             if t is not None and t.result_file is not None:
                 inputs.append(t.result_file)
-        return {"run": job.spec["run"], "arguments": jobs.task_arguments(job.kind, job.spec, task_id), "inputs": inputs}
+        arguments = jobs.task_arguments(job.kind, job.spec, task_id)
+        best = job.reduced.get("max")
+        if job.spec["run"].get("share_best") and best is not None:
+            # the best so far, for block pruning: a tile that cannot reach it is skipped
+            arguments = {**arguments, "best_so_far": best["summary"][job.spec["reduce"]["max"]]}
+        return {"run": job.spec["run"], "arguments": arguments, "inputs": inputs}
 
     def job_view(self, job_id: bytes) -> dict[str, Any] | None:
         job = self.state.jobs.get(job_id)
@@ -882,6 +888,17 @@ def task_files_problem(files: Any, task_id: int, result_file: bytes | None) -> s
     if "result" in names and result_file is not None and result_file not in ids:
         return "the name 'result' is kept for the task's result file (list the result file to give it that name)"
     return None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _rank(value: Any, summary: dict[str, Any], ties: Any, task_id: int) -> tuple:
+    """Order of candidates for a ``max`` reduce: larger value, then smaller ``ties`` fields (a
+    missing one loses), then lower task id."""
+    tie_key = tuple(-summary[t] if _is_number(summary.get(t)) else float("-inf") for t in ties)
+    return (value, tie_key, -task_id)
 
 
 def _name_problem(name: str) -> str | None:

@@ -218,6 +218,8 @@ BAD_SUBMISSIONS = [
     ("range", {"count": 1, "reduce": ["max"]}, "bad_spec", ["'reduce'"]),
     ("range", {"count": 1, "reduce": {"max": 3}}, "bad_spec", ["reduce 'max'"]),
     ("range", {"count": 1, "reduce": {"sum": "score"}}, "bad_spec", ["reduce 'sum'"]),
+    ("range", {"count": 1, "reduce": {"ties": ["end_b"]}}, "bad_spec", ["reduce 'ties'"]),
+    ("range", {"count": 1, "reduce": {"max": "score", "ties": "end_b"}}, "bad_spec", ["reduce 'ties'"]),
     ("range", {"count": 1, "reduce": {"sum": ["a", 1]}}, "bad_spec", ["reduce 'sum'"]),
     ("range", {"count": 1, "max_attempts": 0}, "bad_spec", ["'max_attempts'"]),
     ("range", {"count": 1, "max_attempts": jobs.MAX_ATTEMPTS + 1}, "bad_spec", ["'max_attempts'"]),
@@ -555,6 +557,26 @@ def test_reduce_max_prefers_the_lowest_task_on_ties_and_sum_adds_up(order):
     reduced = ledger.job_view(jid(1))["reduced"]
     assert reduced["max"] == {"task": 1, "summary": {"score": 5, "cells": 10}}
     assert reduced["sum"] == {"score": 16.5, "cells": 50}
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]])
+def test_reduce_max_breaks_ties_by_the_smallest_tie_fields_in_any_completion_order(order):
+    # parasail's tie-break across tiles: the first best cell in row-major order (end_b, end_a)
+    cells = {0: (9, 5, 7), 1: (9, 5, 3), 2: (9, 4, 8), 3: (8, 0, 0)}  # score, end_b, end_a
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 4, "reduce": {"max": "score", "ties": ["end_b", "end_a"]}})
+    for task in order:
+        score, eb, ea = cells[task]
+        run_task(ledger, jid(1), task, summary={"score": score, "end_b": eb, "end_a": ea})
+    assert ledger.job_view(jid(1))["reduced"]["max"]["task"] == 2
+
+
+def test_a_job_sharing_its_best_hands_it_to_the_next_tasks():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 3, "run": {"kind": "tile", "share_best": True}, "reduce": {"max": "score"}})
+    assert "best_so_far" not in ledger.task_order(jid(1), 1)["arguments"]  # nothing known yet
+    run_task(ledger, jid(1), 0, summary={"score": 41})
+    assert ledger.task_order(jid(1), 1)["arguments"]["best_so_far"] == 41
 
 
 def test_reduce_without_rules_reduces_nothing():

@@ -1,0 +1,167 @@
+"""The whole-genome alignment job: two FASTA records in, the exact best local score out.
+
+Theory of operation
+-------------------
+Both sequences are read (pyfastx: plain or gzipped, multi-record; the user picks a record or
+gets the first), checked, and stored once in storage as plain letters. The DP matrix is cut into
+a grid of tiles, rows over the reference B and columns over the query A (parasail's s2 and s1),
+and submitted as one ``grid`` job with the wavefront rule: tile (i, j) is ready when (i-1, j)
+and (i, j-1) are done, and the ledger holds only the wavefront (``master.jobs.GridSource``).
+Each tile is a ``tile`` task (``worker.tiles``): it reads its slices of A and B and the
+neighbours' boundary files, and stores its own boundary. The job keeps the global best with
+parasail's tie-break (the largest score, then the smallest end in B, then in A: ``reduce``
+``max`` + ``ties``), and hands it to later tiles (``share_best``) for block pruning. The answer
+is bit-identical to ``python -m worker.sw`` on one machine.
+
+The job lives in the ledger, not in this client: a client that disconnects can watch it again
+(``wait``) by its id, and it finishes without anyone watching.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from cluster.client import Client, ClusterError
+
+# About a second of one core per tile at the kernels' ~1-2 GCUPS: the cluster's cost per task
+# (a few ms of CPU, doc/benchmarks.md) is then under 1% of it. Smaller pairs get smaller tiles
+# so that their wavefront still spreads over the slots.
+MAX_TILE = 32_768
+MIN_TILE = 1_024
+BLOCK = 128  # the kernels' block width (worker.sw.tile.BLOCK): tiles are multiples of it
+
+
+@dataclass(frozen=True)
+class Pair:
+    """The two records of an alignment, as read from their files."""
+
+    name_a: str
+    seq_a: str
+    name_b: str
+    seq_b: str
+
+
+def read_pair(fasta_a: str | os.PathLike, fasta_b: str | os.PathLike, record_a: str | None = None,
+              record_b: str | None = None) -> Pair:
+    """Read and check both records; ClusterError says what is wrong with which file."""
+    from worker.sw.fasta import RecordNotFound, read_fasta
+    from worker.sw.scoring import SequenceError, encode
+
+    out = []
+    for what, path, record in (("A", fasta_a, record_a), ("B", fasta_b, record_b)):
+        if not Path(path).is_file():
+            raise ClusterError(f"{what}: no file at {path}")
+        try:
+            name, seq = read_fasta(path, record)
+        except RecordNotFound as exc:
+            raise ClusterError(f"{what}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - pyfastx raises plain RuntimeErrors on junk
+            raise ClusterError(f"{what}: {path} is not a FASTA file ({exc})") from None
+        if not seq:
+            raise ClusterError(f"{what}: record {name!r} of {path} is empty")
+        try:
+            encode(seq[:1_000_000], f"{what} ({name})")  # letters checked on a prefix: encode is strict
+        except SequenceError as exc:
+            raise ClusterError(str(exc)) from None
+        out += [name, seq]
+    return Pair(*out)
+
+
+def tile_size(length_a: int, length_b: int, slots: int) -> tuple[int, int]:
+    """(rows, cols) of a tile: near a second of compute, and at least ~2 tiles per slot across
+    the longer side so the wavefront has work for every slot."""
+    slots = max(1, slots)
+
+    def side(n: int) -> int:
+        want = math.ceil(n / (2 * slots))
+        return max(MIN_TILE, min(MAX_TILE, -(-want // BLOCK) * BLOCK))
+
+    return side(length_b), side(length_a)
+
+
+def submit_alignment(client: Client, pair: Pair, *, scoring: dict[str, int] | None = None, kernel: str = "int16",
+                     slots: int = 2, tile: tuple[int, int] | None = None, prune: bool = True,
+                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Store both sequences and submit the tile grid; returns the job's description (its id,
+    grid and sizes) for ``wait``."""
+    from worker.sw.scoring import Scoring, ScoringError
+
+    scoring = dict(scoring or {})
+    try:
+        Scoring(**scoring).check_lengths(len(pair.seq_a), len(pair.seq_b))
+    except (ScoringError, TypeError, ValueError) as exc:
+        raise ClusterError(f"scoring: {exc}") from None
+    tile_rows, tile_cols = tile or tile_size(len(pair.seq_a), len(pair.seq_b), slots)
+    rows, cols = math.ceil(len(pair.seq_b) / tile_rows), math.ceil(len(pair.seq_a) / tile_cols)
+    refs = {}
+    with tempfile.TemporaryDirectory(prefix="cluster-align-") as d:
+        for side, name, seq in (("a", pair.name_a, pair.seq_a), ("b", pair.name_b, pair.seq_b)):
+            path = Path(d) / f"{side}.seq"
+            path.write_bytes(seq.encode("ascii", "replace"))
+            if progress:
+                progress(f"storing {side.upper()} ({name}, {len(seq):,} letters)")
+            refs[side] = client.upload(path, name=f"{side}-{_safe(name)}.seq")
+    spec = {
+        "name": f"align {pair.name_a} x {pair.name_b}",
+        "rows": rows, "cols": cols, "depends": "wavefront",
+        "run": {"kind": "tile", "a": refs["a"].id, "b": refs["b"].id, "tile_rows": tile_rows,
+                "tile_cols": tile_cols, "scoring": scoring, "kernel": kernel, "share_best": prune},
+        "reduce": {"max": "score", "ties": ["end_b", "end_a"], "sum": ["cells"]},
+        "max_attempts": 5,
+        "align": {"length_a": len(pair.seq_a), "length_b": len(pair.seq_b), "name_a": pair.name_a,
+                  "name_b": pair.name_b},
+    }
+    ref = client.submit_job("grid", spec)
+    for side in ("a", "b"):  # the job holds the sequences now; the user's pin can go
+        f = refs[side]
+        client.register_file(bytes.fromhex(f.id), f.size, f.replicas, owner=ref.job, name=f"{side}.seq")
+        client.release_files(f.id)
+    return {"job": ref.job, "rows": rows, "cols": cols, "tile_rows": tile_rows, "tile_cols": tile_cols,
+            "length_a": len(pair.seq_a), "length_b": len(pair.seq_b), "submitted": time.time()}
+
+
+def wait(client: Client, job: str, *, progress: Callable[[dict[str, Any]], None] | None = None,
+         poll_s: float = 0.25, timeout: float | None = None, slots: int = 0) -> dict[str, Any]:
+    """Wait for an alignment job and return its answer: the keys of ``python -m worker.sw
+    --json`` (score, end_a, end_b, cells, seconds, gcups, threads) plus ``job`` and the grid's
+    figures. ``progress`` gets the job's view at each poll (done/total tiles). Raises
+    ClusterError when the job failed or was cancelled, with the ledger's reason."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        view = client.job(job).value
+        if progress:
+            progress(view)
+        if view["state"] != "active":
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            raise ClusterError(f"job {job} still running after {timeout:g} s ({view['done']} of {view['total']} tiles); "
+                               f"`cluster align --job {job}` watches it again")
+        time.sleep(poll_s)  # polling the ledger's job view: the tiles end inside the cluster
+    if view["state"] != "done":
+        raise ClusterError(f"alignment job {job} {view['state']}: {view.get('error') or 'no reason given'}")
+    return answer(view, slots)
+
+
+def answer(view: dict[str, Any], slots: int = 0) -> dict[str, Any]:
+    """The alignment's result from the job's ledger view; ``threads`` is the cluster's task
+    slots (``worker.sw``'s threads), when the caller knows them."""
+    best = view["reduced"].get("max", {}).get("summary", {"score": 0, "end_a": 0, "end_b": 0})
+    cells = int(view["reduced"].get("sum", {}).get("cells", 0))
+    seconds = max(1e-9, (view.get("finished_at") or 0) - (view.get("submitted_at") or 0))
+    return {
+        "score": int(best["score"]), "end_a": int(best["end_a"]), "end_b": int(best["end_b"]),
+        "cells": cells, "seconds": round(seconds, 6), "gcups": round(cells / seconds / 1e9, 4),
+        "threads": slots, "job": view["job"], "tiles": view["total"],
+        "failed_attempts": view.get("failed_attempts", 0),
+    }
+
+
+def _safe(name: str) -> str:
+    """A record name as a file name in the job's listing (no '/', bounded)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:100] or "seq"
