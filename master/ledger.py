@@ -406,6 +406,25 @@ class Ledger:
     def _maybe_fold(self, job: Job, task_id: int, task: Task) -> None:
         if task.state == "done" and task.readers_left <= 0 and not job.spec["keep_results"]:
             del job.tasks[task_id]
+            self._release_task_files(job, task_id)
+
+    def _release_task_files(self, job: Job, task_id: int) -> None:
+        """A folded task's stored outputs (a tile's boundary) have been read by every task that
+        needed them: the job lets go of them, and the storage nodes collect those nothing else
+        refers to. A wavefront job so keeps O(frontier) files, not one per tile."""
+        names = self.state.named.get(job.job_id)
+        if not names:
+            return
+        prefix = f"task-{task_id}."
+        for name in [n for n in names if n.startswith(prefix)]:
+            file_id = names[name]
+            self._unname(job.job_id, name)
+            record = self.state.files.get(file_id)
+            if record is not None:
+                record.refs.pop(job.job_id, None)
+                if not record.refs:
+                    del self.state.files[file_id]
+            self._count("files_released_on_fold")
 
     def _record_failure(self, job: Job, c: CompleteTask, task: Task, attempt: Attempt) -> Applied:
         error = c.error or OUTCOMES[c.outcome]

@@ -103,6 +103,9 @@ def test_a_wavefront_grid_of_tiles_finds_the_best_cell_of_the_whole_pair(tmp_pat
             "run": {"kind": "tile", "a": query.id, "b": reference.id,
                     "tile_rows": TILE_ROWS, "tile_cols": TILE_COLS},
             "reduce": {"max": "score", "sum": ["cells"]},
+            # keep every tile's record and boundary, so the test can read them back (by default a
+            # consumed boundary is released: test_ledger checks that)
+            "keep_results": True,
         }).job
 
         oracle = align(a, b)  # while the cluster works

@@ -535,6 +535,25 @@ def test_grid_results_are_passed_to_their_readers_then_folded():
     assert ledger.task_view(J, 8)["folded"] is True
 
 
+def test_a_consumed_boundary_is_released_so_the_job_holds_only_its_frontier():
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": 2, "cols": 2})
+    J = jid(1)
+
+    def run(tile):
+        files = [[fid(tile), 10, ["s1", "s2"], "boundary"]]
+        assert run_task(ledger, J, tile, result_file=fid(tile), files=files).code == "recorded"
+
+    run(0)
+    assert ledger.state.named[J] == {"task-0.boundary": fid(0)}
+    run(1)
+    assert fid(0) in ledger.state.files  # (1,0) has not read it yet
+    run(2)
+    assert fid(0) not in ledger.state.files and "task-0.boundary" not in ledger.state.named[J]
+    run(3)
+    assert J not in ledger.state.named and not ledger.state.files  # every boundary read: none kept
+
+
 def test_grid_with_keep_results_keeps_every_tile():
     ledger = Ledger()
     submit(ledger, "grid", {"rows": 2, "cols": 2, "keep_results": True})
