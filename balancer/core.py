@@ -166,6 +166,7 @@ class BalancerCore:
         self.counters: dict[str, int] = {}
         self.transitions: list[tuple[float, str]] = []  # (when, why), the newest last
         self.place_due = False
+        self.worker_slots: dict[str, int] = {}  # task slots each worker runs (its credit adds a prefetch queue)
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -251,6 +252,7 @@ class BalancerCore:
         self.orders.clear()
         self.routes.clear()
         self.sent_count.clear()
+        self.worker_slots.clear()
         self.ack_routes.clear()
         self.link = _MasterLink(index=self.link.index)
         return out
@@ -306,6 +308,8 @@ class BalancerCore:
                 del self.routes[route]
         self.routes[ev.route] = m.name
         self.sent_count[m.name] = 0
+        slots = m.capabilities.get("slots") if isinstance(m.capabilities, dict) else None
+        self.worker_slots[m.name] = slots if isinstance(slots, int) and 0 < slots <= m.slots_total else m.slots_total
         for key in tasks:  # it runs these: never dispatch them again from here
             if self.dispatcher.remove(*key):
                 self.orders.pop(key, None)
@@ -340,6 +344,7 @@ class BalancerCore:
         if w is None:
             return []
         self.sent_count.pop(name, None)
+        self.worker_slots.pop(name, None)
         return self._report_lost(name, dict(w.running), why, cause)
 
     def _report_lost(self, name: str, lost: dict[tuple[bytes, int], tuple[int, int]], why: str, cause: str) -> list[Effect]:
@@ -530,6 +535,7 @@ class BalancerCore:
             return out
         for w, lost in self.registry.expire(now):
             self.sent_count.pop(w.name, None)
+            self.worker_slots.pop(w.name, None)
             for route in [r for r, n in self.routes.items() if n == w.name]:
                 del self.routes[route]
             out += self._report_lost(w.name, {k: w.running[k] for k in lost},
@@ -576,7 +582,8 @@ class BalancerCore:
             "registry": self.registry.status(),
             "dispatch": self.dispatcher.status(),
             "workers": [
-                {"name": w.name, "slots": w.slots, "free": w.free, "running": len(w.running),
+                {"name": w.name, "slots": self.worker_slots.get(w.name, w.slots), "credit": w.slots, "free": w.free,
+                 "running": len(w.running),
                  "cached": len(w.cached), "silent_s": round(now - w.last_heard, 3),
                  "cores": w.caps.cores, "memory_mb": w.caps.memory_mb, "gpus": w.caps.gpus,
                  "labels": sorted(w.caps.labels), "kernel": w.caps.kernel}

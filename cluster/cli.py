@@ -1,6 +1,7 @@
 """The ``cluster`` command line: for users and operators.
 
-Built so far: ``status`` (ask any node), ``probe`` (a probe node between machines), the node
+Built so far: ``up``/``down`` (a local cluster in the background, see ``cluster.up``), ``status``
+(every node of a cluster, or any node by address), ``probe`` (a probe node between machines), the node
 commands ``master``, ``balancer``, ``storage`` and ``worker``, and the file commands ``upload``, ``download``, ``files``.
 Read commands take ``--json``. Errors are one line that says what to do, never a traceback.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,50 @@ def cli() -> None:
     """Operate a ZeroMQ compute cluster."""
 
 
+DIR_OPTION = click.option(
+    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="The local cluster's directory (default: $CLUSTER_HOME, else ~/.cluster).")
+
+
 @cli.command()
-@click.argument("addresses", nargs=-1, required=True)
+@click.argument("addresses", nargs=-1)
+@DIR_OPTION
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A cluster's TOML file (default: --dir's, else $CLUSTER_CONFIG, else the default directory's).")
 @click.option("--timeout", default=2.0, show_default=True, help="Seconds each node has to answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(addresses: tuple[str, ...], timeout: float, as_json: bool) -> None:
-    """Ask nodes at ADDRESSES (e.g. tcp://127.0.0.1:5600) for role, health, uptime, counters."""
+def status(addresses: tuple[str, ...], directory: Path | None, config_path: Path | None, timeout: float,
+           as_json: bool) -> None:
+    """Every node of the cluster (its config: `cluster up`'s, --dir's or --config's), or the
+    nodes at ADDRESSES (e.g. tcp://127.0.0.1:5600): role, state, health, pid, version."""
+    if addresses:
+        _status_of_addresses(addresses, timeout, as_json)
+        return
+    from cluster.up import UpError, cluster_status, find_config
+
+    path, looked = find_config(directory, config_path)
+    if path is None:
+        raise click.ClickException(f"no cluster config found ({looked}): start a local cluster with `cluster up`, "
+                                   "or pass --config FILE or node ADDRESSES")
+    try:
+        nodes = cluster_status(path, timeout=timeout)
+    except UpError as exc:
+        raise click.ClickException(str(exc))
+    if as_json:
+        click.echo(json.dumps({"config": str(path), "nodes": nodes}, indent=2, sort_keys=True))
+    else:
+        table = Table(title=f"cluster status ({path})")
+        for col in ("role", "name", "state", "address", "pid", "version"):
+            table.add_column(col, no_wrap=col in ("name", "address", "pid"))
+        for n in nodes:
+            state = n["state"] if n["health"] == "up" else "[red]down[/red] (--json says why)"
+            table.add_row(n["role"], str(n["name"]), state, n["address"] or "-", str(n["pid"] or "-"), n["version"] or "-")
+        Console().print(table)
+    if any(n["health"] != "up" for n in nodes):
+        sys.exit(1)
+
+
+def _status_of_addresses(addresses: tuple[str, ...], timeout: float, as_json: bool) -> None:
     results = query_status(list(addresses), timeout=timeout)
     if as_json:
         out = []
@@ -61,6 +102,65 @@ def status(addresses: tuple[str, ...], timeout: float, as_json: bool) -> None:
         Console().print(table)
     if any(r.reply is None for r in results):
         sys.exit(1)
+
+
+@cli.command()
+@DIR_OPTION
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Workers to start.")
+@click.option("--slots", type=click.IntRange(1, 4096), default=None,
+              help="Task slots per worker (default: this machine's cores / workers, at least 1).")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds the cluster has to come up.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (dir, config, nodes) instead of a table.")
+def up(directory: Path | None, workers: int, slots: int | None, timeout: float, as_json: bool) -> None:
+    """Start a local cluster in the background: 3 masters, the balancer pair, 2 storage nodes and
+    --workers workers on 127.0.0.1; returns once it serves. `cluster down` stops it."""
+    from cluster.up import UpError, cluster_home, up as start
+    from worker.fusefs import fuse_available
+
+    directory = (directory or cluster_home()).expanduser().absolute()
+    err = Console(stderr=True)
+    try:
+        with err.status("starting the cluster") as spinner:
+            records = start(directory, workers, slots, timeout=timeout,
+                            progress=lambda what: spinner.update(f"waiting for the cluster: {what}"))
+    except UpError as exc:
+        raise click.ClickException(str(exc))
+    config = directory / "cluster.toml"
+    if as_json:
+        click.echo(json.dumps({"dir": str(directory), "config": str(config),
+                               "nodes": [asdict(r) for r in records]}, indent=2))
+        return
+    table = Table(title=f"cluster up: {directory}")
+    for col in ("role", "name", "address", "pid", "log"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(r.role, r.name, r.address, str(r.pid), Path(r.log).name)
+    Console().print(table)
+    ok, why = fuse_available()
+    if not ok:
+        click.echo(f"FUSE is unavailable ({why}): workers fetch stored files into their caches instead.")
+    hint = "" if directory == cluster_home() else f" (in another shell: export CLUSTER_HOME={directory})"
+    click.echo(f"config: {config}; Client() and the cluster commands find it{hint}. Stop it with `cluster down`.")
+
+
+@cli.command()
+@DIR_OPTION
+@click.option("--timeout", default=15.0, show_default=True, help="Seconds the nodes have to exit on SIGTERM.")
+def down(directory: Path | None, timeout: float) -> None:
+    """Stop the local cluster `cluster up` started (by pid: workers, balancers, storage, masters)."""
+    from cluster.up import UpError, cluster_home, down as stop
+
+    directory = (directory or cluster_home()).expanduser().absolute()
+    try:
+        report = stop(directory, timeout=timeout)
+    except UpError as exc:
+        raise click.ClickException(str(exc))
+    mounts = f"; unmounted {len(report.unmounted)} leftover FUSE mount(s)" if report.unmounted else ""
+    if report.running == 0:
+        click.echo(f"no cluster running in {directory}{mounts}")
+        return
+    killed = f", {report.killed} killed after the deadline" if report.killed else ""
+    click.echo(f"stopped {report.running} node processes in {directory}{killed}{mounts}; logs are kept there")
 
 
 @cli.command()
@@ -187,15 +287,21 @@ def worker_command(config_path: Path, name: str, data_dir: Path, slots: int | No
 
 
 CONFIG_OPTION = click.option(
-    "--config", "config_path", envvar="CLUSTER_CONFIG", required=True,
+    "--config", "config_path", envvar="CLUSTER_CONFIG", default=None,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The cluster's TOML file (or set CLUSTER_CONFIG).")
+    help="The cluster's TOML file (default: $CLUSTER_CONFIG, else the one `cluster up` wrote).")
 
 
-def _client(config_path: Path) -> Any:
+def _client(config_path: Path | None) -> Any:
     from cluster.client import Client
     from cluster.config import ConfigError, load_cluster_config
+    from cluster.up import find_config
 
+    if config_path is None:
+        config_path, looked = find_config()
+        if config_path is None:
+            raise click.ClickException(f"no cluster config found ({looked}): start one with `cluster up` "
+                                       "or give --config")
     try:
         config = load_cluster_config(config_path)
     except ConfigError as exc:
@@ -315,6 +421,102 @@ def files_rm(config_path: Path, file_id: str, job: str | None) -> None:
     finally:
         client.close()
     click.echo(f"released; {len(result['dropped'])} file(s) no longer referenced will be deleted by the storage nodes")
+
+
+@cli.command()
+@click.argument("fasta_a", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("fasta_b", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@CONFIG_OPTION
+@click.option("--record-a", help="Record of A to align (default: the first; you are told which).")
+@click.option("--record-b", help="Record of B to align (default: the first).")
+@click.option("--match", type=int, default=2, show_default=True)
+@click.option("--mismatch", type=int, default=-3, show_default=True)
+@click.option("--open", "gap_open", type=int, default=5, show_default=True,
+              help="Gap open penalty: a gap of length k costs open + (k-1)*extend.")
+@click.option("--extend", "gap_extend", type=int, default=2, show_default=True)
+@click.option("--kernel", type=click.Choice(["int16", "int32"]), default="int16", show_default=True)
+@click.option("--tile", type=click.IntRange(128, 1 << 20), default=None,
+              help="Tile side in letters (default: sized from the kernels' rate and the slots).")
+@click.option("--job", "job_id", default=None, help="Watch an alignment job already submitted, instead of a new one.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (python -m worker.sw's keys + job).")
+def align(fasta_a: Path | None, fasta_b: Path | None, config_path: Path | None, record_a: str | None,
+          record_b: str | None, match: int, mismatch: int, gap_open: int, gap_extend: int, kernel: str,
+          tile: int | None, job_id: str | None, as_json: bool) -> None:
+    """Align FASTA_A (query) against FASTA_B (reference) on the cluster: the exact best local
+    score and where it ends, as `python -m worker.sw` gives it on one machine."""
+    from cluster import align as job_lib
+    from cluster.client import ClusterError
+
+    err = Console(stderr=True)
+    client = _client(config_path)
+    try:
+        slots = _cluster_slots(config_path)
+        if job_id is None:
+            if fasta_a is None or fasta_b is None:
+                raise click.UsageError("give two FASTA files (or --job ID to watch a submitted alignment)")
+            pair = job_lib.read_pair(fasta_a, fasta_b, record_a, record_b)
+            if not as_json:
+                err.print(f"A {pair.name_a} ({len(pair.seq_a):,} bp) x B {pair.name_b} ({len(pair.seq_b):,} bp)"
+                          + ("" if record_a or record_b else "  (first records; --record-a/-b pick others)"))
+            scoring = {"match": match, "mismatch": mismatch, "gap_open": gap_open, "gap_extend": gap_extend}
+            desc = job_lib.submit_alignment(client, pair, scoring=scoring, kernel=kernel, slots=max(1, slots),
+                                            tile=(tile, tile) if tile else None,
+                                            progress=None if as_json else err.print)
+            job_id = desc["job"]
+            if not as_json:
+                err.print(f"job {job_id}: {desc['rows']} x {desc['cols']} tiles of {desc['tile_rows']:,} x "
+                          f"{desc['tile_cols']:,} (Ctrl-C leaves it running: `cluster align --job {job_id}`)")
+        result = _watch_alignment(client, job_id, slots, quiet=as_json)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc))
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"score {result['score']}, ends at A[{result['end_a']}] B[{result['end_b']}]")
+        click.echo(f"{result['cells']:,} cells in {result['seconds']:.2f} s: {result['gcups']:.2f} GCUPS "
+                   f"({result['tiles']} tiles on {slots} slots; job {result['job']})")
+
+
+def _cluster_slots(config_path: Path | None) -> int:
+    """The task slots of the workers registered with the active balancer (0 if unknown)."""
+    from cluster.config import load_cluster_config
+    from cluster.up import find_config
+
+    path = config_path or find_config()[0]
+    try:
+        config = load_cluster_config(path)
+    except Exception:  # noqa: BLE001 - the slot count only sizes tiles and labels the output
+        return 0
+    for b in config.balancers.values():
+        reply = query_status([b.workers], timeout=1.0)[0].reply
+        if reply is not None and reply.detail.get("state") == "active":
+            return sum(w.get("slots", 0) for w in reply.detail.get("workers", []))
+    return 0
+
+
+def _watch_alignment(client: Any, job_id: str, slots: int, quiet: bool) -> dict:
+    """Wait for the job, with a progress bar of tiles, cells, GCUPS and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from cluster import align as job_lib
+
+    if quiet:
+        return job_lib.wait(client, job_id, slots=slots)
+    columns = [TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("align", total=None, rate="")
+
+        def show(view: dict) -> None:
+            cells = view["reduced"].get("sum", {}).get("cells", 0)
+            started = view.get("submitted_at") or 0
+            elapsed = max(1e-6, time.time() - started) if started else 0
+            rate = f"{cells / elapsed / 1e9:.2f} GCUPS" if elapsed else ""
+            bar.update(task, total=view["total"], completed=view["done"], rate=rate)
+
+        return job_lib.wait(client, job_id, slots=slots, progress=show)
 
 
 @cli.command("mount")

@@ -164,15 +164,37 @@ class TaskOptions:
 
 
 class Client:
-    """Talks to the masters at ``masters`` (their client API addresses)."""
+    """Talks to the masters at ``masters`` (their client API addresses).
 
-    def __init__(self, masters: Sequence[str], *, timeout: float = 30.0, attempt_timeout: float = 1.0,
-                 storage: dict[str, str] | None = None, replicas: int = 2) -> None:
+    Without ``masters`` it reads the cluster config: ``$CLUSTER_CONFIG`` if set, else
+    ``cluster.toml`` in the default cluster directory (``$CLUSTER_HOME``, else ``~/.cluster``,
+    where ``cluster up`` puts it); the config also gives ``storage`` and ``replicas`` unless
+    they are passed."""
+
+    def __init__(self, masters: Sequence[str] | None = None, *, timeout: float = 30.0, attempt_timeout: float = 1.0,
+                 storage: dict[str, str] | None = None, replicas: int | None = None) -> None:
+        if masters is None:
+            from cluster.config import ConfigError, load_cluster_config
+            from cluster.up import find_config
+
+            path, looked = find_config()
+            if path is None:
+                raise ClusterError(f"no cluster config found ({looked}): start one with `cluster up` "
+                                   "or pass masters=[...]")
+            try:
+                config = load_cluster_config(path)
+            except ConfigError as exc:
+                raise ClusterError(str(exc)) from None
+            if not config.masters:
+                raise ClusterError(f"{path}: no [masters.NAME] entries: add them or pass masters=[...]")
+            masters = list(config.masters.values())
+            storage = config.storage_nodes if storage is None else storage
+            replicas = config.storage.replicas if replicas is None else replicas
         if not masters:
             raise ClusterError("no master addresses given: pass masters=['tcp://host:port', ...]")
         self.masters = list(masters)
         self.storage = dict(storage or {})  # storage node name → address, for upload/download
-        self.replicas = replicas
+        self.replicas = 2 if replicas is None else replicas
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.leader = 0  # index of the master believed to lead

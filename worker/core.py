@@ -239,7 +239,7 @@ class WorkerCore:
         tasks += [[k[0], k[1], h.result.fence_term, h.result.fence_sequence] for k, h in self.held.items() if k not in self.running]
         status = WorkerStatus(
             me.credit, self._free(), 0, len(self.running), list(me.labels),
-            {"cores": me.cores, "memory_mb": me.memory_mb, "gpus": me.gpus, "kernel": me.kernel},
+            {"cores": me.cores, "memory_mb": me.memory_mb, "gpus": me.gpus, "kernel": me.kernel, "slots": me.slots},
             me.name, True, 0, tasks, sorted(self.cached), [],
         )
         self._count("registrations_sent")

@@ -83,6 +83,8 @@ class MountChild:
         self.process: subprocess.Popen | None = None
         self.config_path = config_path
         self.cache = cache
+        # The child's pid, for `cluster down` when this worker was SIGKILLed and left it behind.
+        self.pid_file = mountpoint.parent / "mount.pid"
 
     def start(self, timeout: float = 15.0) -> bool:
         from worker.fusefs import fuse_available
@@ -100,6 +102,7 @@ class MountChild:
             [sys.executable, "-m", "cluster", "mount", str(self.mountpoint), "--config", str(self.config_path),
              "--cache", str(self.cache)], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
         logf.close()
+        self.pid_file.write_text(f"{self.process.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if os.path.ismount(self.mountpoint) and (self.mountpoint / "files").is_dir():
@@ -129,6 +132,7 @@ class MountChild:
                 self.process.kill()
                 self.process.wait(5)
         self.process = None
+        self.pid_file.unlink(missing_ok=True)
 
 
 def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, mount: bool = True,
