@@ -1,10 +1,10 @@
 # make test : set up everything (system packages, .venv, the project) and run the tests
-# make demo : set up everything and show what runs today (see README.md)
+# make demo : set up everything, start a local cluster, align a real pair, stop it (see README.md)
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench setup clean
+.PHONY: test demo demo-genome bench setup clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,12 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP)
+	./deploy/fetch-data.sh
 	$(VENV)/bin/python -m cluster.demo
+
+demo-genome: $(STAMP)
+	./deploy/fetch-data.sh
+	$(VENV)/bin/python -m cluster.demo --genome
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/messaging.py

@@ -1,46 +1,65 @@
-"""``make demo`` until the alignment job exists: two probe nodes, their status, a clean stop.
+"""``make demo``: a local cluster aligns a real pair of sequences, then stops and leaves nothing.
 
-The whole-genome alignment demo arrives with the alignment-job issue; this shows honestly what
-runs today: the wire protocol and the node runtime, on two real processes on 127.0.0.1.
+What it runs is what a user types: ``cluster up`` (3 masters, the balancer pair, 2 storage
+nodes, a worker), ``cluster status``, ``cluster align`` on pseudocat × pseudopig2 from Debian's
+``lastz-examples`` (fetched by ``deploy/fetch-data.sh``), the same pair on this machine alone
+with ``python -m worker.sw`` for comparison, and ``cluster down``. ``--genome`` (``make
+demo-genome``) aligns the two *Helicobacter pylori* genomes of ``sibelia-examples`` instead
+(1.58 × 1.71 Mbp: minutes, not seconds).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from cluster.local import free_port, probe_node
-from cluster.status import query_status
+ROOT = Path(__file__).resolve().parent.parent
+PAIRS = {
+    "small": ("pseudocat.fa", "pseudopig2.fa"),
+    "genome": ("hpylori_a.fa", "hpylori_b.fa"),
+}
 
 
-def main() -> int:
-    print("What runs today: the wire protocol and the node runtime (two probe nodes).")
-    print("The alignment demo comes with the alignment-job issue.\n")
-    with tempfile.TemporaryDirectory(prefix="cluster-demo-") as tmp:
-        pa, pb = free_port(), free_port()
-        a = probe_node("probe-a", Path(tmp), pa, [pb])
-        b = probe_node("probe-b", Path(tmp), pb, [pa])
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """A ``cluster`` command as a user would type it, echoed first."""
+    print(f"\n$ cluster {' '.join(args)}", flush=True)
+    done = subprocess.run([sys.executable, "-m", "cluster", *args], text=True)
+    if check and done.returncode != 0:
+        raise SystemExit(f"demo: `cluster {args[0]}` failed (exit {done.returncode}); see the lines above")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    which = "genome" if "--genome" in argv else "small"
+    data = Path(os.environ.get("DATA_DIR", ROOT / "data"))
+    a, b = (data / name for name in PAIRS[which])
+    for f in (a, b):
+        if not f.is_file():
+            print(f"demo: {f} is missing; run ./deploy/fetch-data.sh (make demo does)", file=sys.stderr)
+            return 1
+    with tempfile.TemporaryDirectory(prefix="cluster-demo-") as d:
+        nodes_file = Path(d) / "nodes.json"
+        pids: list[int] = []
         try:
-            for node in (a, b):
-                node.start()
-            for node in (a, b):
-                node.wait_ready()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:  # until each sees the other alive
-                replies = [r.reply for r in query_status([a.address, b.address], timeout=1)]
-                if all(r and all(p["state"] == "alive" for p in r.detail["peers"].values()) for r in replies):
-                    break
-            subprocess.run([sys.executable, "-m", "cluster", "status", a.address, b.address], check=False)
-            for r in query_status([a.address, b.address]):
-                for peer, s in r.reply.detail["peers"].items():
-                    print(f"{r.address} sees {peer}: {s['state']}, round trip {s['rtt_ms']} ms")
+            run("up", "--dir", d)
+            pids = [n["pid"] for n in json.loads(nodes_file.read_text())["nodes"] if n.get("pid")]
+            run("status", "--dir", d, check=False)
+            run("align", str(a), str(b), "--config", str(Path(d) / "cluster.toml"))
+            print(f"\n$ python -m worker.sw {a.name} {b.name}   # the same pair on this machine alone", flush=True)
+            subprocess.run([sys.executable, "-m", "worker.sw", str(a), str(b), "--threads", str(os.cpu_count() or 1)])
         finally:
-            codes = [node.stop() for node in (a, b)]
-        print(f"\nstopped with SIGTERM, exit statuses {codes}")
-        return 0 if codes == [0, 0] else 1
+            run("down", "--dir", d, check=False)
+        left = [p for p in pids if Path(f"/proc/{p}").exists()]
+        if left:
+            print(f"demo: processes still running after `cluster down`: {left}", file=sys.stderr)
+            return 1
+        print(f"\nthe cluster stopped; none of its {len(pids)} processes is left running")
+    return 0
 
 
 if __name__ == "__main__":
