@@ -196,6 +196,8 @@ class Maintenance:
             record = known.get(fid.hex())
             if not record:
                 continue
+            if len(record["replicas"]) < self.options.replicas and self.name == min(record["replicas"], default=None):
+                self._top_up(fid, record)
             for node in record["replicas"]:
                 if node == self.name or node not in self.peers or node in self._down:
                     continue
@@ -215,6 +217,38 @@ class Maintenance:
                     except (TransferError, StoreError) as exc2:
                         log.warning("could not re-create %s on %s: %s", fid.hex(), node, exc2)
                         self._links.drop(node)
+
+    def _top_up(self, fid: bytes, record: dict[str, Any]) -> None:
+        """A file stored with fewer copies than ``replicas`` (a degraded write while a node was
+        down): copy it to the next nodes in its rank and tell the masters. Only the first of its
+        holders by name does it, so two holders do not race."""
+        from storage.core import rank
+
+        have = list(record["replicas"])
+        for node in rank(fid, [self.name, *self.peers]):
+            if len(have) >= self.options.replicas:
+                break
+            if node in have or node in self._down:
+                continue
+            try:
+                push(self.store, fid, record["size"], self._links.get(node), self.name)
+            except (TransferError, StoreError) as exc:
+                log.warning("could not add a copy of %s on %s: %s", fid.hex(), node, exc)
+                self._links.drop(node)
+                self._down.add(node)
+                continue
+            have.append(node)
+        if len(have) > len(record["replicas"]):
+            from cluster.client import ClusterError
+
+            try:
+                self._client.register_file(fid, record["size"], have)  # adds replicas, no reference
+            except ClusterError as exc:
+                log.warning("copies of %s made on %s but not registered yet: %s", fid.hex(), ", ".join(have), exc)
+                return
+            self._count("replicas_added", len(have) - len(record["replicas"]))
+            log.info("%s had %d of %d copies; now on %s", fid.hex(), len(record["replicas"]), self.options.replicas,
+                     ", ".join(have))
 
     # ---- collection ------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ The cluster's TOML file (the masters' file, ``deploy/cluster.example.toml``) gai
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from storage.core import (
     WriteChunk,
 )
 from storage.maintenance import Maintenance
-from storage.transfer import LinkPool, push
+from storage.transfer import LinkPool, TransferError, push
 
 log = logging.getLogger("cluster.storage")
 
@@ -127,6 +128,9 @@ def _disk_error(token: int, exc: BaseException) -> DiskDone:
                                               "the operator should check its disk"))
 
 
+DOWN_PENALTY_S = 10.0
+
+
 class Replicator:
     """Runs the core's Replicate effects on threads and posts Replicated back to the loop."""
 
@@ -145,9 +149,15 @@ class Replicator:
         stored: list[str] = []
         failed: dict[str, str] = {}
         try:
-            for target in e.targets:
+            now = time.monotonic()
+            # a peer that did not answer lately goes last, and is not waited for again within
+            # DOWN_PENALTY_S: one dead node must not cost every upload a connect timeout
+            for target in sorted(e.targets, key=lambda t: self.links.down_until.get(t, 0.0) > now):
                 if len(stored) >= e.needed:
                     break
+                if self.links.down_until.get(target, 0.0) > now:
+                    failed[target] = f"did not answer within the last {DOWN_PENALTY_S:g} s"
+                    continue
                 try:
                     push(self.store, e.file_id, e.size, self.links.get(target), self.name)
                     stored.append(target)
@@ -155,6 +165,8 @@ class Replicator:
                     failed[target] = str(exc)
                     log.warning("replicating %s to %s failed: %s", e.file_id.hex(), target, exc)
                     self.links.drop(target)
+                    if isinstance(exc, TransferError) and exc.status is None:
+                        self.links.down_until[target] = time.monotonic() + DOWN_PENALTY_S
         finally:
             self.loop.post(Replicated(e.token, tuple(stored), failed, self.loop.stimulus("replicated")))
 

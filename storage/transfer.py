@@ -254,6 +254,7 @@ class LinkPool:
     def __init__(self, addresses: dict[str, str], *, timeout: float = 10.0) -> None:
         self.addresses = addresses
         self.timeout = timeout
+        self.down_until: dict[str, float] = {}  # node → until when it is tried last (it did not answer)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all: set[StorageLink] = set()
@@ -295,17 +296,26 @@ def push(store: Any, file_id: bytes, size: int, link: StorageLink, origin: str) 
 
 
 def upload_ranked(links: LinkPool, file_id: bytes, size: int, read_at: Callable[[int, int], Any], *, copies: int,
-                  origin: str, progress: Callable[[int], None] | None = None) -> list[str]:
+                  origin: str, progress: Callable[[int], None] | None = None, min_copies: int | None = None,
+                  penalty_s: float = 10.0) -> list[str]:
     """Store a file through the node ranked first for its id (rendezvous hashing: that node
     fans the copies out), falling back to the next in rank when a node fails; returns the
     replicas once ``copies`` are durable. A refusal that another node would repeat (the file
     does not hash to its id, too large) raises at once; when every node failed, the last
     ``TransferError`` says what each one answered. ``progress`` gets bytes sent, and minus
-    what a failed node had taken (the next one starts over or resumes its own partial)."""
+    what a failed node had taken (the next one starts over or resumes its own partial).
+
+    ``min_copies`` below ``copies`` accepts a degraded write: when the node holding the file
+    could not make every copy (a peer is down), the copies that are durable are returned and
+    the storage nodes' upkeep adds the missing ones later (HDFS's pipeline does the same).
+    A node that did not answer is tried last for ``penalty_s``, so one dead node does not cost
+    every upload a connect timeout."""
     from storage.core import rank
 
+    now = time.monotonic()
+    order = sorted(rank(file_id, list(links.addresses)), key=lambda n: links.down_until.get(n, 0.0) > now)
     errors: dict[str, str] = {}
-    for node in rank(file_id, list(links.addresses)):
+    for node in order:
         sent = [0]
 
         def counted(n: int) -> None:
@@ -318,8 +328,13 @@ def upload_ranked(links: LinkPool, file_id: bytes, size: int, read_at: Callable[
         except TransferError as exc:
             links.drop(node)
             errors[node] = str(exc)
+            if exc.status is None:
+                links.down_until[node] = time.monotonic() + penalty_s
             if progress and sent[0]:
                 progress(-sent[0])
+            if exc.status == StorageStatus.REPLICATION_FAILED and min_copies is not None and min_copies < copies:
+                # durable on this node already: a copies=1 upload is an instant dedupe there
+                return links.get(node).upload(file_id, size, read_at, copies=1, origin=origin)
             if exc.status is not None and not exc.retryable:
                 raise
     said = "; ".join(f"{n}: {e}" for n, e in errors.items()) or "no storage nodes are configured"

@@ -217,8 +217,10 @@ class TaskRunner:
         fid = file_id_of_path(path)
         fd = os.open(path, os.O_RDONLY)
         try:
+            # a task's output may be stored degraded (fewer copies while a storage node is down):
+            # losing the job to a storage outage would be worse, and the upkeep adds the copies
             replicas = upload_ranked(self.links, fid, size, lambda offset, n: os.pread(fd, n, offset),
-                                     copies=self.copies, origin=f"worker:{self.name}")
+                                     copies=self.copies, origin=f"worker:{self.name}", min_copies=1)
         except TransferError as exc:
             raise TaskError(f"could not store {name}: {exc}") from None
         finally:

@@ -1,0 +1,198 @@
+"""`cluster jobs`, `workers`, `submit`, `cancel`, `logs` and `align`'s bad input: the commands
+users and operators type, run as the real console script against one local cluster.
+
+The module starts one cluster (`cluster up --workers 1 --slots 1`) under a CLUSTER_HOME in a
+temporary directory (nothing touches ~/.cluster) and stops it at the end, whatever happened:
+`cluster down`, then SIGKILL by pid for anything of ours still there. Every error a command gives
+must be one line on stderr (never a traceback) with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.local import free_port
+from cluster.up import is_ours, read_nodes
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(sys.executable).parent / "cluster"
+CLUSTER = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "cluster"]
+JOB_ID = re.compile(r"\b[0-9a-f]{32}\b")
+
+
+def env_for(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("CLUSTER_HOME", "CLUSTER_CONFIG")}
+    env["CLUSTER_HOME"] = str(home)
+    return env
+
+
+def run(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLUSTER, *args], capture_output=True, text=True, timeout=timeout, env=env_for(home))
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The one line a failed command printed on stderr."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line, got: {result.stderr!r}"
+    return lines[0]
+
+
+def as_json(result: subprocess.CompletedProcess):
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)  # the poll interval of a deadline loop
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def pids_of(home: Path) -> list[int]:
+    pids = [r.pid for r in read_nodes(home) or [] if r.pid]
+    return pids + [int(f.read_text().split()[0]) for f in home.glob("*/mount.pid")]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """The CLUSTER_HOME of the module's running cluster; stopped by pid at the end."""
+    d = tmp_path_factory.mktemp("clicmd") / "home"
+    started = run(d, "up", "--workers", "1", "--slots", "1", timeout=120)
+    seen = pids_of(d)
+    try:
+        assert started.returncode == 0, started.stderr
+        yield d
+    finally:
+        seen += pids_of(d)
+        run(d, "down", timeout=60)
+        for pid in seen:
+            if is_ours(pid, d):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_submit_prints_output_and_jobs_shows_it(home):
+    done = run(home, "submit", "--", "sh", "-c", "echo hi")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "hi\n"
+    assert "exit code 0" in done.stderr
+    job = JOB_ID.search(done.stderr).group(0)
+
+    listed = as_json(run(home, "jobs", "--json"))
+    mine = [v for v in listed if v["job"] == job]
+    assert mine and mine[0]["state"] == "done" and mine[0]["name"] == "sh" and mine[0]["age_s"] >= 0
+    assert all(v["state"] == "done" for v in as_json(run(home, "jobs", "--state", "done", "--json")))
+
+    view = as_json(run(home, "jobs", job, "--json"))
+    assert (view["job"], view["kind"], view["done"], view["total"], view["alignment"]) == (job, "list", 1, 1, None)
+    table = run(home, "jobs", "--limit", "5")
+    assert table.returncode == 0 and job in table.stdout
+
+    quiet = as_json(run(home, "submit", "--json", "--env", "WHO=you", "--", "sh", "-c", "echo hi $WHO"))
+    assert (quiet["exit_code"], quiet["stdout"]) == (0, "hi you\n")
+
+
+def test_submit_of_a_failing_command_is_one_line(home):
+    failed = run(home, "submit", "--", "sh", "-c", "echo boom >&2; exit 3")
+    line = one_line_error(failed)
+    assert "exit status 3" in line and "boom" in line and JOB_ID.search(line)
+    assert "--env 'novalue' is not K=V" in one_line_error(run(home, "submit", "--env", "novalue", "--", "true"))
+    assert "not a file id" in one_line_error(run(home, "submit", "--input", "x=zz", "--", "true"))
+
+
+def test_workers_lists_the_worker(home):
+    found = as_json(run(home, "workers", "--json"))
+    assert found["balancer"] in ("b1", "b2")
+    assert [(w["name"], w["slots"]) for w in found["workers"]] == [("w1", 1)]
+    assert {"free", "running", "cached", "cores", "memory_mb", "labels", "silent_s"} <= set(found["workers"][0])
+    table = run(home, "workers")
+    assert table.returncode == 0 and "w1" in table.stdout
+
+
+def test_logs(home, tmp_path):
+    tail = run(home, "logs", "m1", "--lines", "5")
+    assert tail.returncode == 0, tail.stderr
+    assert 1 <= len(tail.stdout.splitlines()) <= 5 and "cluster.master" in tail.stdout
+    assert "m1, m2, m3" in one_line_error(run(home, "logs", "nobody"))
+
+    out = tmp_path / "follow.out"
+    with open(out, "wb") as sink:
+        follow = subprocess.Popen([*CLUSTER, "logs", "w1", "--follow", "--lines", "1"], stdout=sink,
+                                  stderr=subprocess.PIPE, env=env_for(home))
+    try:
+        wait_for(lambda: out.stat().st_size > 0, 20, "`logs --follow` to print")
+        follow.send_signal(signal.SIGINT)  # Ctrl-C
+        assert follow.wait(10) == 0
+        assert b"Traceback" not in follow.stderr.read()
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait(10)
+
+
+def test_align_rejects_bad_input_in_one_line(home, tmp_path):
+    good = tmp_path / "good.fa"
+    good.write_text(">good\nACGTACGTAC\n")
+    junk = tmp_path / "junk.fa"
+    junk.write_bytes(random.Random(0).randbytes(4096))
+    empty = tmp_path / "empty.fa"
+    empty.write_text(">nothing\n")
+    assert "no file" in one_line_error(run(home, "align", str(tmp_path / "missing.fa"), str(good)))
+    assert "not a FASTA file" in one_line_error(run(home, "align", str(good), str(junk)))
+    assert "empty" in one_line_error(run(home, "align", str(empty), str(good)))
+
+
+def test_cancel_a_running_command(home):
+    started = run(home, "submit", "--no-wait", "--", "sleep", "60")
+    assert started.returncode == 0, started.stderr
+    job = started.stdout.strip()
+    assert JOB_ID.fullmatch(job)
+    wait_for(lambda: as_json(run(home, "jobs", job, "--json"))["assigned"] == 1, 30, "the sleep to start")
+    cancelled = run(home, "cancel", job, "--reason", "not needed")
+    assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"cancelled job {job}", cancelled.stderr
+    view = as_json(run(home, "jobs", job, "--json"))
+    assert (view["state"], view["error"]) == ("cancelled", "not needed")
+    again = run(home, "cancel", job)
+    assert again.returncode == 0 and "already cancelled" in again.stdout
+    assert "not an id" in one_line_error(run(home, "cancel", "1234"))
+
+
+def test_unreachable_masters_are_one_line_in_bounded_time(tmp_path):
+    ports = [free_port() for _ in range(7)]  # bound once and closed: nothing listens there
+    config = tmp_path / "cluster.toml"
+    config.write_text("".join(f'[masters.m{i}]\napi = "tcp://127.0.0.1:{p}"\n' for i, p in enumerate(ports[:3], 1))
+                      + f'[balancers.b1]\nworkers = "tcp://127.0.0.1:{ports[3]}"\npeer = "tcp://127.0.0.1:{ports[4]}"\n'
+                      + f'primary = true\n[balancers.b2]\nworkers = "tcp://127.0.0.1:{ports[5]}"\n'
+                      + f'peer = "tcp://127.0.0.1:{ports[6]}"\nprimary = false\n')
+    for command in (["jobs"], ["workers"]):
+        began = time.monotonic()
+        line = one_line_error(run(tmp_path / "nohome", *command, "--config", str(config), timeout=30))
+        assert time.monotonic() - began < 20, line
+        assert "no master answered" in line or "no active balancer" in line
+
+
+def test_after_down_every_command_says_no_cluster(home, tmp_path):
+    stopped = run(home, "down", timeout=60)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+    for fa in ("a.fa", "b.fa"):
+        (tmp_path / fa).write_text(f">{fa}\nACGTACGT\n")
+    assert "no cluster" in one_line_error(run(home, "jobs"))
+    assert "no cluster" in one_line_error(run(home, "align", str(tmp_path / "a.fa"), str(tmp_path / "b.fa")))
+    assert "no cluster" in one_line_error(run(home, "workers"))
+    assert "no cluster" in one_line_error(run(home, "submit", "--", "true"))
