@@ -602,23 +602,11 @@ def _ago(seconds: float | None) -> str:
 
 
 def _ledger_age(stamp: float | None, masters: list[str]) -> float | None:
-    """Seconds since ``stamp``, a time the ledger recorded (submitted_at, finished_at), or None
-    when this machine cannot tell. The ledger's times come from the master leader's loop clock,
-    ``time.monotonic()``: only a machine the masters run on shares it (a `cluster up` cluster).
-    Epoch times (past 2001) are read as wall-clock times, should the ledger record those."""
+    """Seconds since ``stamp``, a wall-clock time the ledger recorded (submitted_at,
+    finished_at); None when there is none. ``masters`` is kept for callers' symmetry."""
     if not stamp:
         return None
-    if stamp > 1e9:
-        return max(0.0, time.time() - stamp)
-    return max(0.0, time.monotonic() - stamp) if _masters_here(masters) else None
-
-
-def _masters_here(masters: list[str]) -> bool:
-    import socket
-
-    here = {"localhost", "::1", "0.0.0.0", socket.gethostname()}
-    hosts = [a.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") for a in masters]
-    return all(h.startswith("127.") or h in here for h in hosts)
+    return max(0.0, time.time() - stamp)
 
 
 def _when(age: float | None) -> str:

@@ -201,8 +201,13 @@ class MasterCore:
         raft_detail: Callable[[], dict[str, Any]] = dict,
         batch_max: int = 2048,
         dispatch_max: int = 1024,
+        wall_offset: float = 0.0,
     ) -> None:
         self.ledger = ledger
+        # Ledger times (submitted, assigned, ended) are wall-clock seconds, read on any master
+        # after a failover; ``now`` is the loop's monotonic clock (timers, timeouts). The loop
+        # gives the offset between them once, at start.
+        self.wall_offset = wall_offset
         self.name = name
         self.raft_view = raft_view
         self.raft_detail = raft_detail
@@ -277,7 +282,7 @@ class MasterCore:
             self.sequence = 0
             self.leader_since = now
             self.first_commit_at = None
-            out += self._propose([(Barrier(self.view.term, self.name, now), ("barrier", self.view.term))], now, cause)
+            out += self._propose([(Barrier(self.view.term, self.name, self.wall(now)), ("barrier", self.view.term))], now, cause)
         return out
 
     def _step_down(self, cause: str) -> list[Effect]:
@@ -302,6 +307,10 @@ class MasterCore:
         if self.view.leader is None:
             return None
         return self.client_address.get(self.view.leader, self.view.leader)
+
+    def wall(self, now: float) -> float:
+        """Wall-clock seconds for ``now`` (what the ledger records)."""
+        return now + self.wall_offset
 
     def _writable(self, ev: MessageReceived, request_id: int) -> Effect | None:
         """None if this master may take a write now; else the answer that says where to go."""
@@ -335,8 +344,8 @@ class MasterCore:
                                    f"idempotency key {key.hex()} was used for another job with a different body")]
             upper, lower = split128(known[1])
             return [Send(API, SubmitAck(m.request_id, upper, lower, self.view.last_applied), ev.route, ev.stimulus_id)]
-        command = SubmitJob(job_id_for(key), key, digest, m.kind, m.spec, f"node:{ev.sender:032x}", now)
-        return self._enqueue(command, ("submit", ev.route, m.request_id), ev.stimulus_id)
+        command = SubmitJob(job_id_for(key), key, digest, m.kind, m.spec, f"node:{ev.sender:032x}", self.wall(now))
+        return self._enqueue(command, ("submit", ev.route, m.request_id), ev.stimulus_id, now)
 
     def _on_cancel(self, ev: MessageReceived, m: CancelJob, now: float) -> list[Effect]:
         refusal = self._writable(ev, m.request_id)
@@ -345,7 +354,7 @@ class MasterCore:
         job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
         if job_id not in self.ledger.state.jobs:
             return [_app_error(ev, m.request_id, AppReason.NOT_FOUND, "unknown_job", f"no job {job_id.hex()}")]
-        return self._enqueue(CancelCommand(job_id, m.reason, now), ("cancel", ev.route, m.request_id), ev.stimulus_id)
+        return self._enqueue(CancelCommand(job_id, m.reason, self.wall(now)), ("cancel", ev.route, m.request_id), ev.stimulus_id, now)
 
     def _on_file_register(self, ev: MessageReceived, m: FileRegister, now: float) -> list[Effect]:
         refusal = self._writable(ev, m.request_id)
@@ -353,14 +362,14 @@ class MasterCore:
             return [refusal]
         file_id = join128(m.file_id_upper, m.file_id_lower)
         # pin=0 without an owner is a repair: it adds replicas and no reference
-        command = RegisterFile(file_id, m.size, list(m.replicas), m.owner, now, m.name, add_ref=bool(m.pin or m.owner))
-        return self._enqueue(command, ("write", ev.route, m.request_id), ev.stimulus_id)
+        command = RegisterFile(file_id, m.size, list(m.replicas), m.owner, self.wall(now), m.name, add_ref=bool(m.pin or m.owner))
+        return self._enqueue(command, ("write", ev.route, m.request_id), ev.stimulus_id, now)
 
     def _on_file_release(self, ev: MessageReceived, m: FileRelease, now: float) -> list[Effect]:
         refusal = self._writable(ev, m.request_id)
         if refusal is not None:
             return [refusal]
-        return self._enqueue(ReleaseFile(m.file_id, m.owner, now), ("write", ev.route, m.request_id), ev.stimulus_id)
+        return self._enqueue(ReleaseFile(m.file_id, m.owner, self.wall(now)), ("write", ev.route, m.request_id), ev.stimulus_id, now)
 
     def _on_result(self, ev: MessageReceived, m: TaskResult, now: float) -> list[Effect]:
         refusal = self._writable(ev, 0)
@@ -377,14 +386,14 @@ class MasterCore:
                                   ev.stimulus_id, refers_to=TaskResult.code, extra={"task_id": m.task_id, "job": job_id.hex()})]
         command = CompleteTask(
             job_id, m.task_id, m.fence_term, m.fence_sequence,
-            m.outcome, m.worker, m.summary, m.result_file, m.error, now, [list(f) for f in m.files],
+            m.outcome, m.worker, m.summary, m.result_file, m.error, self.wall(now), [list(f) for f in m.files],
         )
-        return self._enqueue(command, ("complete", ev.route, m), ev.stimulus_id)
+        return self._enqueue(command, ("complete", ev.route, m), ev.stimulus_id, now)
 
-    def _enqueue(self, command: Any, reply: tuple, cause: str) -> list[Effect]:
+    def _enqueue(self, command: Any, reply: tuple, cause: str, now: float) -> list[Effect]:
         self.queue.append((command, reply))
         if len(self.queue) >= self.batch_max:
-            return self._flush(command.now, cause)
+            return self._flush(now, cause)
         if not self.flush_pending:
             self.flush_pending = True
             # zero delay: the loop fires it after draining the socket, so a burst is one batch
@@ -558,7 +567,7 @@ class MasterCore:
         first = self.sequence + 1
         self.sequence += len(tasks)
         self.inflight.update(tasks)
-        command = AssignTasks(self.view.term, first, link.name, tasks, now)
+        command = AssignTasks(self.view.term, first, link.name, tasks, self.wall(now))
         return self._propose([(command, ("assign", link.epoch, tasks))], now, cause)
 
     def _worker_request(self, job_id: bytes, task_id: int, fence: tuple[int, int]) -> WorkerRequest:

@@ -16,6 +16,7 @@ One TOML file describes every master of a cluster (``deploy/cluster.example.toml
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ def build_master(config: MastersConfig, name: str, data_dir: Path | None, bind: 
         password=config.password, snapshot_every=config.snapshot_every, timings=config.timings,
     )
     core = MasterCore(ledger, name, adapter.view, {m.raft: m.api for m in config.masters.values()},
-                      raft_detail=adapter.detail)
+                      raft_detail=adapter.detail, wall_offset=time.time() - time.monotonic())
     # A burst of WORKER_REQUESTs (up to the balancer's credit) or replies must not hit the default
     # high-water mark of 1000: a ROUTER drops silently beyond it.
     options = {zmq.ROUTER_HANDOVER: 1, zmq.SNDHWM: 200_000, zmq.RCVHWM: 200_000}
