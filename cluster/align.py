@@ -29,10 +29,13 @@ from typing import Any, Callable
 
 from cluster.client import Client, ClusterError
 
-# About a second of one core per tile at the kernels' ~1-2 GCUPS: the cluster's cost per task
-# (a few ms of CPU, doc/benchmarks.md) is then under 1% of it. Smaller pairs get smaller tiles
-# so that their wavefront still spreads over the slots.
-MAX_TILE = 32_768
+# Tiles of up to 65,536 letters a side: ~0.6 s of one core at the kernels' ~7 GCUPS here. On the
+# H. pylori pair (bench/align.py) the cluster ran at 87% of the raw kernel with 32,768 (each tile
+# also pays a Raft commit, two boundary copies and its input fetches: ~24 ms of idle slot per
+# tile), 106% with 65,536 and 110% with 131,072 (fewer, longer tiles; a longer ramp). 65,536
+# keeps a retried tile short. Smaller pairs get smaller tiles so that their wavefront still
+# spreads over the slots.
+MAX_TILE = 65_536
 MIN_TILE = 1_024
 BLOCK = 128  # the kernels' block width (worker.sw.tile.BLOCK): tiles are multiples of it
 
@@ -74,8 +77,8 @@ def read_pair(fasta_a: str | os.PathLike, fasta_b: str | os.PathLike, record_a: 
 
 
 def tile_size(length_a: int, length_b: int, slots: int) -> tuple[int, int]:
-    """(rows, cols) of a tile: near a second of compute, and at least ~2 tiles per slot across
-    the longer side so the wavefront has work for every slot."""
+    """(rows, cols) of a tile: at most ``MAX_TILE`` a side, and at least ~2 tiles per slot
+    across each side so the wavefront has work for every slot."""
     slots = max(1, slots)
 
     def side(n: int) -> int:
