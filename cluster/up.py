@@ -123,6 +123,15 @@ def is_ours(pid: int, directory: Path) -> bool:
     return "cluster" in args[:4] and any(a.startswith(under) for a in args)
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _open(pid: int | None, directory: Path | None) -> int | None:
     """A pidfd for ``pid`` if it is alive (and, with ``directory``, one of D's nodes)."""
     if not pid or pid <= 0:
@@ -137,8 +146,9 @@ def _open(pid: int | None, directory: Path | None) -> int | None:
     return fd
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live descendant of ``pid`` (from /proc)."""
+def descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (from /proc), e.g. a worker's slot processes, which run
+    in sessions of their own."""
     out: set[int] = set()
     todo = [pid]
     while todo:
@@ -264,7 +274,7 @@ def _family_of(fds: dict[int, str]) -> dict[int, str]:
     out: dict[int, str] = {}
     for fd, name in fds.items():
         pid = _pid_of(fd)
-        for kid in _descendants(pid) if pid else ():
+        for kid in descendants(pid) if pid else ():
             kfd = _open(kid, None)
             if kfd is not None:
                 out[kfd] = f"{name}/{kid}"

@@ -65,7 +65,13 @@ class EchoBalancer:
     def run(self, until: float, stop_after: int | None = None) -> EchoStats:
         """Serve until ``until`` (a monotonic time) or ``stop_after`` acknowledged results."""
         self._connect(self.target)
+        checked = time.monotonic()
         while time.monotonic() < until and (stop_after is None or self.stats.acked < stop_after):
+            # the timers (re-attach, resend) run every 100 ms even while messages keep coming:
+            # a stream of answers from a master that does not accept us must not starve them
+            if time.monotonic() - checked > 0.1:
+                checked = time.monotonic()
+                self._on_silence()
             if not self.sock.poll(50):
                 self._on_silence()
                 continue

@@ -42,6 +42,7 @@ from cluster.client import Client
 from cluster.config import load_cluster_config
 from cluster.local import LocalNode, balancer_nodes, master_nodes, start_all, stop_all, storage_nodes, worker_nodes
 from cluster.status import query_status
+from cluster.up import alive, descendants
 from worker.sw import align
 
 from .conftest import wait_for
@@ -118,36 +119,6 @@ def detail(node: LocalNode, timeout: float = 1.0) -> dict | None:
     return reply.detail if reply is not None else None
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live descendant of ``pid`` (read from /proc): a worker's slot processes."""
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
-            except OSError:
-                continue
-            for k in map(int, kids):
-                if k not in out:
-                    out.add(k)
-                    todo.append(k)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @dataclass
 class Cluster:
     masters: list[LocalNode]
@@ -206,7 +177,7 @@ def running(d: Path, storage_count: int = 2):
             c.client.close()
         stop_all(c.nodes[::-1])  # workers first
         for pid in c.extra_pids:
-            if _alive(pid):
+            if alive(pid):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
 

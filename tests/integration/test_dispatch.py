@@ -35,6 +35,7 @@ from cluster.config import BalancerAddress, write_balancers_section
 from cluster.futures import TaskError
 from cluster.local import LocalNode, balancer_nodes, free_port, master_nodes, start_all, stop_all, worker_nodes
 from cluster.status import query_status
+from cluster.up import alive, descendants
 from proto import Codec, new_node_id
 from proto.errors import AppReason
 from proto.messages import Error, TaskResult, WorkerStatus
@@ -167,38 +168,8 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live descendant of ``pid`` (read from /proc)."""
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
-            except OSError:
-                continue
-            for k in map(int, kids):
-                if k not in out:
-                    out.add(k)
-                    todo.append(k)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _kill_pid(pid: int) -> None:
-    if _alive(pid):
+    if alive(pid):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
 
@@ -442,7 +413,7 @@ def test_worker_sigkilled_mid_task_its_task_finishes_on_the_other(tmp_path):
         other = next(w.name for w in c.workers if w is not victim)
         assert attempts == [("lost", victim_name), ("done", other)], view
         # The orphaned slot process ends by itself once its task is over (its pipes are gone).
-        c.wait(lambda: not any(_alive(p) for p in children), 15,
+        c.wait(lambda: not any(alive(p) for p in children), 15,
                f"the slot processes {children} of the killed worker to exit")
         assert c.registered() == [other]
 
