@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             pids = [n["pid"] for n in json.loads(nodes_file.read_text())["nodes"] if n.get("pid")]
             run("status", "--dir", d, check=False)
             run("align", str(a), str(b), "--config", str(Path(d) / "cluster.toml"))
+            if which == "small":
+                print("(a pair this small is mostly the slots' kernel load and per-tile costs; `make demo-genome` "
+                      "shows the cluster's rate: ~15 GCUPS on 2 cores, doc/benchmarks.md)")
             print(f"\n$ python -m worker.sw {a.name} {b.name}   # the same pair on this machine alone", flush=True)
             subprocess.run([sys.executable, "-m", "worker.sw", str(a), str(b), "--threads", str(os.cpu_count() or 1)])
         finally:
