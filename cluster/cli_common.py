@@ -1,0 +1,107 @@
+"""What the ``cluster`` command modules share: the --dir and --config options, a Client of the
+config's masters, progress bars, and the helpers of the read commands (JSON, durations, tables)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+from rich.console import Console
+
+DIR_OPTION = click.option(
+    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="The local cluster's directory (default: $CLUSTER_HOME, else ~/.cluster).")
+
+CONFIG_OPTION = click.option(
+    "--config", "config_path", envvar="CLUSTER_CONFIG", default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The cluster's TOML file (default: $CLUSTER_CONFIG, else the one `cluster up` wrote).")
+
+
+def _client(config_path: Path | None, timeout: float = 15.0) -> Any:
+    from cluster.client import Client
+    from cluster.config import ConfigError, load_cluster_config
+    from cluster.up import find_config
+
+    if config_path is None:
+        config_path, looked = find_config()
+        if config_path is None:
+            raise click.ClickException(f"no cluster config found ({looked}): start one with `cluster up` "
+                                       "or give --config")
+    try:
+        config = load_cluster_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    if not config.masters:
+        raise click.ClickException(f"{config_path}: no [masters.NAME] entries: the file commands need the masters")
+    return Client(list(config.masters.values()), storage=config.storage_nodes, replicas=config.storage.replicas,
+                  timeout=timeout)
+
+
+def _progress(total: int, what: str) -> Any:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn, TimeRemainingColumn
+
+    progress = Progress("[bold]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    task = progress.add_task(what, total=total)
+    return progress, (lambda n: progress.advance(task, n))
+
+READ_TIMEOUT = 5.0  # seconds a read command gives the masters (a Client's default, 30 s, is long for a prompt)
+WRITE_TIMEOUT = 15.0  # seconds a submit or cancel gives them: a leader election fits in it
+
+
+def _json(value: Any) -> str:
+    """JSON of a ledger view (ids that travel as bytes are written as hex)."""
+    return json.dumps(value, indent=2, sort_keys=True,
+                      default=lambda o: o.hex() if isinstance(o, (bytes, bytearray)) else str(o))
+
+
+@contextmanager
+def _session(config_path: Path | None, timeout: float = READ_TIMEOUT) -> Iterator[Any]:
+    """A Client of the cluster's masters; a ClusterError becomes the command's one-line error."""
+    from cluster.client import ClusterError
+
+    client = _client(config_path, timeout)
+    try:
+        yield client
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        client.close()
+
+
+def _ago(seconds: float | None) -> str:
+    """A duration as people read it: 42 s, 7 min, 3.5 h, 2 d ("-" when unknown)."""
+    if seconds is None:
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} d"
+
+
+def _ledger_age(stamp: float | None, masters: list[str]) -> float | None:
+    """Seconds since ``stamp``, a wall-clock time the ledger recorded (submitted_at,
+    finished_at); None when there is none. ``masters`` is kept for callers' symmetry."""
+    if not stamp:
+        return None
+    return max(0.0, time.time() - stamp)
+
+
+def _when(age: float | None) -> str:
+    """The local time ``age`` seconds ago."""
+    return "-" if age is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - age))
+
+
+def _table_console() -> Console:
+    """A console for tables: a pipe gets 160 columns, not rich's 80 (job ids are 32 wide)."""
+    console = Console()
+    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=160)

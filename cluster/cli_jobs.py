@@ -1,0 +1,441 @@
+"""The job commands of ``cluster``, for users and operators: ``jobs``, ``workers``, ``submit``,
+``cancel``, ``logs`` and ``align``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cluster.cli_common import (CONFIG_OPTION, WRITE_TIMEOUT, _ago, _client, _json, _ledger_age, _session,
+                                _table_console, _when)
+from cluster.status import query_status
+
+
+@click.command()
+@click.argument("fasta_a", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("fasta_b", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@CONFIG_OPTION
+@click.option("--record-a", help="Record of A to align (default: the first; you are told which).")
+@click.option("--record-b", help="Record of B to align (default: the first).")
+@click.option("--match", type=int, default=2, show_default=True)
+@click.option("--mismatch", type=int, default=-3, show_default=True)
+@click.option("--open", "gap_open", type=int, default=5, show_default=True,
+              help="Gap open penalty: a gap of length k costs open + (k-1)*extend.")
+@click.option("--extend", "gap_extend", type=int, default=2, show_default=True)
+@click.option("--kernel", type=click.Choice(["int16", "int32"]), default="int16", show_default=True)
+@click.option("--tile", type=click.IntRange(128, 1 << 20), default=None,
+              help="Tile side in letters (default: sized from the kernels' rate and the slots).")
+@click.option("--job", "job_id", default=None, help="Watch an alignment job already submitted, instead of a new one.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (python -m worker.sw's keys + job).")
+def align(fasta_a: Path | None, fasta_b: Path | None, config_path: Path | None, record_a: str | None,
+          record_b: str | None, match: int, mismatch: int, gap_open: int, gap_extend: int, kernel: str,
+          tile: int | None, job_id: str | None, as_json: bool) -> None:
+    """Align FASTA_A (query) against FASTA_B (reference) on the cluster: the exact best local
+    score and where it ends, as `python -m worker.sw` gives it on one machine."""
+    from cluster import align as job_lib
+    from cluster.client import ClusterError
+
+    err = Console(stderr=True)
+    client = _client(config_path)
+    try:
+        slots = _cluster_slots(config_path)
+        if job_id is None:
+            if fasta_a is None or fasta_b is None:
+                raise click.UsageError("give two FASTA files (or --job ID to watch a submitted alignment)")
+            pair = job_lib.read_pair(fasta_a, fasta_b, record_a, record_b)
+            if not as_json:
+                err.print(f"A {pair.name_a} ({len(pair.seq_a):,} bp) x B {pair.name_b} ({len(pair.seq_b):,} bp)"
+                          + ("" if record_a or record_b else "  (first records; --record-a/-b pick others)"))
+            scoring = {"match": match, "mismatch": mismatch, "gap_open": gap_open, "gap_extend": gap_extend}
+            desc = job_lib.submit_alignment(client, pair, scoring=scoring, kernel=kernel, slots=max(1, slots),
+                                            tile=(tile, tile) if tile else None,
+                                            progress=None if as_json else err.print)
+            job_id = desc["job"]
+            if not as_json:
+                err.print(f"job {job_id}: {desc['rows']} x {desc['cols']} tiles of {desc['tile_rows']:,} x "
+                          f"{desc['tile_cols']:,} (Ctrl-C leaves it running: `cluster align --job {job_id}`)")
+        result = _watch_alignment(client, job_id, slots, quiet=as_json)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc))
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"score {result['score']}, ends at A[{result['end_a']}] B[{result['end_b']}]")
+        click.echo(f"{result['cells']:,} cells in {result['seconds']:.2f} s: {result['gcups']:.2f} GCUPS "
+                   f"({result['tiles']} tiles on {slots} slots; job {result['job']})")
+
+
+def _cluster_slots(config_path: Path | None) -> int:
+    """The task slots of the workers registered with the active balancer (0 if unknown)."""
+    from cluster.config import load_cluster_config
+    from cluster.up import find_config
+
+    path = config_path or find_config()[0]
+    try:
+        config = load_cluster_config(path)
+    except Exception:  # noqa: BLE001 - the slot count only sizes tiles and labels the output
+        return 0
+    for b in config.balancers.values():
+        reply = query_status([b.workers], timeout=1.0)[0].reply
+        if reply is not None and reply.detail.get("state") == "active":
+            return sum(w.get("slots", 0) for w in reply.detail.get("workers", []))
+    return 0
+
+
+def _watch_alignment(client: Any, job_id: str, slots: int, quiet: bool) -> dict:
+    """Wait for the job, with a progress bar of tiles, cells, GCUPS and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from cluster import align as job_lib
+
+    if quiet:
+        return job_lib.wait(client, job_id, slots=slots)
+    columns = [TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("align", total=None, rate="")
+
+        def show(view: dict) -> None:
+            cells = view["reduced"].get("sum", {}).get("cells", 0)
+            elapsed = _ledger_age(view.get("submitted_at"), client.masters)  # the ledger's clock is not time.time()
+            rate = f"{cells / max(1e-6, elapsed) / 1e9:.2f} GCUPS" if elapsed else ""
+            bar.update(task, total=view["total"], completed=view["done"], rate=rate)
+
+        return job_lib.wait(client, job_id, slots=slots, progress=show)
+
+
+@click.command()
+@click.argument("job_id", required=False)
+@CONFIG_OPTION
+@click.option("--state", type=click.Choice(["active", "done", "failed", "cancelled"]), default=None,
+              help="Only the jobs in this state.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True, help="How many of the newest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the masters' job views (+ age_s) as JSON.")
+def jobs(job_id: str | None, config_path: Path | None, state: str | None, limit: int, as_json: bool) -> None:
+    """The newest jobs, newest first; with JOB (hex id), that job's view (an alignment's
+    cells done, GCUPS so far and ETA too)."""
+    if job_id is not None:
+        _show_job(config_path, job_id, as_json)
+        return
+    with _session(config_path) as client:
+        answer = client.jobs(limit, state)
+        masters = client.masters
+    views = [{**v, "age_s": _ledger_age(v.get("submitted_at"), masters)} for v in answer.value]
+    if as_json:
+        click.echo(_json(views))
+        return
+    table = Table(title=f"jobs{f' ({state})' if state else ''}" + (" (stale: a follower answered)" if answer.stale else ""))
+    for col in ("id", "name", "kind", "state", "done/total", "failed", "submitted", "age"):
+        table.add_column(col, no_wrap=col in ("id", "submitted"))
+    for v in views:
+        table.add_row(v["job"], v.get("name") or "-", v["kind"], v["state"], f"{v['done']}/{v['total']}",
+                      str(v["failed"]), _when(v["age_s"]), _ago(v["age_s"]))
+    _table_console().print(table)
+    if not views:
+        click.echo("no jobs" + (f" in state {state}" if state else "") + ": `cluster submit -- CMD` runs one", err=True)
+
+
+def _show_job(config_path: Path | None, job_id: str, as_json: bool) -> None:
+    with _session(config_path) as client:
+        answer = client.job(job_id.lower())
+        view = answer.value
+        lengths = _alignment_lengths(client, view["job"]) if view["kind"] == "grid" else None
+        age = _ledger_age(view.get("submitted_at"), client.masters)
+    alignment = _alignment_progress(view, lengths, age)
+    if as_json:
+        click.echo(_json({**view, "age_s": age, "stale": answer.stale, "alignment": alignment}))
+        return
+    ran = view["finished_at"] - view["submitted_at"] if view.get("finished_at") and view.get("submitted_at") else None
+    lines = [f"job {view['job']}  {view.get('name') or ''}".rstrip(),
+             f"kind {view['kind']}, {view['state']}" + (" (stale: a follower answered)" if answer.stale else ""),
+             f"tasks: {view['done']} of {view['total']} done, {view['failed']} failed, {view['assigned']} running, "
+             f"{view['ready']} ready; {view['failed_attempts']} failed attempts",
+             f"submitted {_when(age)} ({_ago(age)} ago)" + (f", ended after {_ago(ran)}" if ran is not None else "")]
+    if view.get("error"):
+        lines.append(f"error: {view['error']}")
+    if alignment is not None:
+        a = alignment
+        total = (f"{a['total_cells']:,}" + ("" if a["exact_total"] else " (estimated)")) if a["total_cells"] else "?"
+        rate = "" if a["gcups"] is None else f", {a['gcups']:.2f} GCUPS so far"
+        eta = "" if a["eta_s"] is None else f", ETA {_ago(a['eta_s'])}"
+        lines.append(f"alignment: {a['cells']:,} of {total} cells{rate}{eta}")
+        if a["best"]:
+            lines.append(f"best so far: score {a['best']['score']} at A[{a['best']['end_a']}] B[{a['best']['end_b']}]")
+    click.echo("\n".join(lines))
+
+
+def _alignment_lengths(client: Any, job: str) -> tuple[int, int] | None:
+    """The lengths of an alignment job's two sequences: the sizes of the files `cluster align`
+    attaches to it as a.seq and b.seq (the job view does not carry the spec). None if absent.
+    The job's files are those and its live tile boundaries (O(rows + cols)): one page holds them."""
+    from cluster.client import ClusterError
+
+    try:
+        listed = client.files(10_000, owner=job).value["files"]
+    except ClusterError:
+        return None
+    sizes = {f.get("name"): f["size"] for f in listed}
+    return (sizes["a.seq"], sizes["b.seq"]) if "a.seq" in sizes and "b.seq" in sizes else None
+
+
+def _alignment_progress(view: dict[str, Any], lengths: tuple[int, int] | None,
+                        age: float | None) -> dict[str, Any] | None:
+    """Cells done and in all, GCUPS so far and an ETA from a grid job's view (its reduced sum
+    of ``cells`` and its times; ``age``: seconds since it was submitted, None if unknown here);
+    None when the job is no alignment (no sequences, no cells)."""
+    sums = (view.get("reduced") or {}).get("sum", {})
+    if view["kind"] != "grid" or (lengths is None and "cells" not in sums):
+        return None
+    cells = int(sums.get("cells", 0))
+    if lengths is not None:
+        total = lengths[0] * lengths[1]
+    elif view["state"] == "done":
+        total = cells
+    else:  # tiles are near-equal: scale by the tiles done (the edge tiles make it a slight overestimate)
+        total = round(cells / view["done"] * view["total"]) if view["done"] else 0
+    if view.get("finished_at") and view.get("submitted_at"):
+        seconds = view["finished_at"] - view["submitted_at"]  # both on the leader's clock
+    else:
+        seconds = age
+    rate = cells / max(1e-9, seconds) if seconds is not None else None
+    eta = None
+    if view["state"] == "active" and rate and total:
+        eta = round(max(0, total - cells) / rate, 1)
+    best = (view.get("reduced") or {}).get("max", {}).get("summary")
+    return {"cells": cells, "total_cells": total, "exact_total": lengths is not None or view["state"] == "done",
+            "seconds": None if seconds is None else round(seconds, 3),
+            "gcups": None if rate is None else round(rate / 1e9, 4), "eta_s": eta,
+            "best": {k: best[k] for k in ("score", "end_a", "end_b") if k in best} if best else None}
+
+
+@click.command()
+@CONFIG_OPTION
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds each balancer has to answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (balancer, workers) instead of a table.")
+def workers(config_path: Path | None, timeout: float, as_json: bool) -> None:
+    """The workers as the active balancer sees them: slots, free, running, cached files, cores,
+    memory, labels, and how long each has been silent."""
+    name, found = _active_balancer(config_path, timeout)
+    listed = found.get("workers", [])
+    if as_json:
+        click.echo(_json({"balancer": name, "workers": listed}))
+        return
+    table = Table(title=f"workers (active balancer {name})")
+    for col in ("name", "slots", "free", "running", "cached", "cores", "memory", "labels", "silent"):
+        table.add_column(col, no_wrap=col == "name")
+    for w in listed:
+        memory = f"{w.get('memory_mb', 0) / 1024:.1f} GiB" if w.get("memory_mb") else "-"
+        table.add_row(w["name"], str(w["slots"]), str(w["free"]), str(w["running"]), str(w["cached"]),
+                      str(w.get("cores", "-")), memory, ", ".join(w.get("labels", [])) or "-",
+                      f"{w.get('silent_s', 0):.1f} s")
+    _table_console().print(table)
+    if not listed:
+        click.echo("no worker is registered: start one with `cluster worker` (or `cluster up --workers N`)", err=True)
+
+
+def _active_balancer(config_path: Path | None, timeout: float) -> tuple[str, dict[str, Any]]:
+    """(name, status detail) of the balancer of the config's pair that is active; else one line
+    saying what each balancer answered."""
+    from cluster.config import ConfigError, load_cluster_config
+    from cluster.up import find_config
+
+    path, looked = find_config(None, config_path)
+    if path is None:
+        raise click.ClickException(f"no cluster config found ({looked}): start one with `cluster up` or give --config")
+    try:
+        config = load_cluster_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    if not config.balancers:
+        raise click.ClickException(f"{path}: no [balancers.NAME] entries: the workers are known to the balancers")
+    pair = list(config.balancers.values())
+    said = []
+    for b, r in zip(pair, query_status([b.workers for b in pair], timeout=timeout)):
+        if r.reply is not None and r.reply.detail.get("state") == "active":
+            return b.name, r.reply.detail
+        said.append(f"{b.name} ({b.workers}): {r.error if r.reply is None else r.reply.detail.get('state')}")
+    raise click.ClickException(f"no active balancer ({'; '.join(said)}); `cluster status` shows the nodes")
+
+
+def _pairs(values: tuple[str, ...], what: str, option: str) -> dict[str, str]:
+    """``K=V`` option values as a dict; a value without ``=`` is a one-line error."""
+    out = {}
+    for v in values:
+        key, eq, value = v.partition("=")
+        if not eq or not key:
+            raise click.ClickException(f"{option} {v!r} is not {what}")
+        out[key] = value
+    return out
+
+
+@click.command(context_settings={"allow_interspersed_args": False})
+@click.argument("argv", nargs=-1, required=True, metavar="-- CMD [ARGS...]")
+@CONFIG_OPTION
+@click.option("--env", "env", multiple=True, metavar="K=V", help="An environment variable for the command (repeatable).")
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILEID",
+              help="A stored file, visible to the command as NAME in its directory (repeatable).")
+@click.option("--output", "outputs", multiple=True, metavar="NAME",
+              help="A file the command must leave; it is stored and its id printed (repeatable).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds the command may run on its worker.")
+@click.option("--no-wait", is_flag=True, help="Print the job id and return; `cluster jobs JOB` follows it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (job, exit_code, stdout, stderr, outputs).")
+def submit(argv: tuple[str, ...], config_path: Path | None, env: tuple[str, ...], inputs: tuple[str, ...],
+           outputs: tuple[str, ...], timeout_s: float | None, no_wait: bool, as_json: bool) -> None:
+    """Run a command on a worker and print its output and exit code. E.g.
+    `cluster submit -- sh -c "echo hi"`; a command that fails gives one line and a non-zero exit."""
+    from storage.blobs import parse_id
+
+    files = _pairs(inputs, "NAME=FILEID", "--input")
+    for name, file_id in files.items():
+        try:
+            files[name] = parse_id(file_id).hex()
+        except ValueError as exc:
+            raise click.ClickException(f"--input {name}: {exc}")
+    with _session(config_path, WRITE_TIMEOUT) as client:
+        runner = client.options(timeout_s=timeout_s) if timeout_s else client
+        future = runner.run(list(argv), env=_pairs(env, "K=V", "--env"), inputs=files, outputs=list(outputs))
+        if no_wait:
+            click.echo(_json({"job": future.job, "task": future.task}) if as_json else future.job)
+            return
+        result = _wait_command(future, argv[0])
+    if as_json:
+        click.echo(_json({"job": future.job, "exit_code": result.exit_code,
+                          "stdout": result.stdout.decode(errors="replace"), "stderr": result.stderr.decode(errors="replace"),
+                          "outputs": result.outputs, "stdout_file": result.stdout_file, "stderr_file": result.stderr_file}))
+        return
+    click.get_binary_stream("stdout").write(result.stdout)
+    sys.stdout.flush()
+    click.get_binary_stream("stderr").write(result.stderr)
+    for name, file_id in result.outputs.items():
+        click.echo(f"output {name}: {file_id}", err=True)
+    if result.stdout_file:
+        click.echo(f"(the end of its output; all of it: `cluster download {result.stdout_file} PATH`)", err=True)
+    click.echo(f"exit code {result.exit_code} (job {future.job})", err=True)
+
+
+def _wait_command(future: Any, program: str) -> Any:
+    """The CommandResult of ``future``; its failure as one line; Ctrl-C leaves the job running."""
+    import concurrent.futures
+
+    from cluster.futures import TaskError
+
+    try:
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                continue
+    except TaskError as exc:
+        tail = exc.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        said = f"; its stderr ends: {tail[0].strip()[:300]!r}" if tail else ""
+        raise click.ClickException(f"{program} failed on the cluster: {exc.error} (job {future.job}){said}") from None
+    except KeyboardInterrupt:
+        click.echo(f"\njob {future.job} keeps running: `cluster jobs {future.job}` follows it, "
+                   f"`cluster cancel {future.job}` stops it", err=True)
+        sys.exit(130)
+
+
+@click.command()
+@click.argument("job_id")
+@CONFIG_OPTION
+@click.option("--reason", default="", help="Why, recorded as the job's error.")
+def cancel(job_id: str, config_path: Path | None, reason: str) -> None:
+    """Cancel JOB: no more of its tasks start; those already running end on their workers and
+    their results are dropped."""
+    with _session(config_path, WRITE_TIMEOUT) as client:
+        before = client.job(job_id.lower()).value["state"]  # the cancel's answer is the job's view after it
+        if before != "active":
+            click.echo(f"job {job_id} is already {before}: nothing to cancel")
+            return
+        after = client.cancel(job_id.lower(), reason or "cancelled with `cluster cancel`")
+    click.echo(f"cancelled job {job_id}" if after.get("state") == "cancelled"
+               else f"job {job_id} is {after.get('state')}: it ended before the cancel")
+
+
+@click.command()
+@click.argument("name")
+@CONFIG_OPTION
+@click.option("--lines", "-n", type=click.IntRange(0), default=20, show_default=True, help="How many of its last lines.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing what the node writes, until Ctrl-C.")
+def logs(name: str, config_path: Path | None, lines: int, follow: bool) -> None:
+    """The end of node NAME's log (m1, b1, s1, w1, ...) of a local cluster (`cluster up`)."""
+    directory, known = _node_logs(config_path)
+    if name not in known:
+        raise click.ClickException(f"no node {name!r} in {directory}; known: {', '.join(sorted(known)) or 'none'}")
+    path = known[name]
+    out = click.get_binary_stream("stdout")
+    try:
+        text, offset = _tail(path, lines)
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {name}'s log {path}: {exc.strerror or exc}")
+    out.write(text)
+    out.flush()
+    if follow:
+        try:
+            _follow(path, offset, out)
+        except KeyboardInterrupt:
+            pass
+
+
+def _node_logs(config_path: Path | None) -> tuple[Path, dict[str, Path]]:
+    """The local cluster's directory (the config's) and its nodes' logs by name: from nodes.json,
+    or, for a stopped cluster, the logs `cluster down` keeps."""
+    from cluster.up import cluster_home, find_config, read_nodes
+
+    path, looked = find_config(None, config_path)
+    if path is None and config_path is not None:
+        raise click.ClickException(f"no cluster config at {config_path}")
+    directory = path.absolute().parent if path is not None else cluster_home()
+    records = read_nodes(directory)
+    if records:
+        return directory, {r.name: Path(r.log) for r in records}
+    if (directory / ".local-cluster").exists():
+        kept = {p.stem: p for p in directory.glob("*.log")}
+        if kept:
+            return directory, kept
+    raise click.ClickException(f"no local cluster in {directory} ({looked}): `cluster logs` reads the logs of a "
+                               "cluster `cluster up` started (nodes elsewhere log where they were started)")
+
+
+def _tail(path: Path, lines: int, block: int = 1 << 16) -> tuple[bytes, int]:
+    """The last ``lines`` lines of ``path`` and its size, read from the end."""
+    with open(path, "rb") as f:
+        end = f.seek(0, 2)
+        data, pos = b"", end
+        while pos > 0 and data.count(b"\n") <= lines:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+    kept = data.splitlines(keepends=True)[-lines:] if lines else []
+    return b"".join(kept), end
+
+
+def _follow(path: Path, offset: int, out: Any, poll_s: float = 0.25) -> None:
+    """Print what is appended to ``path`` past ``offset`` until Ctrl-C (from the start again if
+    the file is replaced or truncated, as by a new `cluster up`)."""
+    while True:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < offset:
+            offset = 0
+        if size > offset:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read(size - offset)
+            offset += len(chunk)
+            out.write(chunk)
+            out.flush()
+        time.sleep(poll_s)  # a log file gives no wake-up: poll it, like tail -f

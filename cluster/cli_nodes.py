@@ -1,0 +1,310 @@
+"""The node commands of ``cluster``: ``up``, ``down`` and ``status`` of a cluster, and the nodes
+themselves: ``probe``, ``master``, ``storage``, ``balancer``, ``worker`` and ``mount``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+import zmq
+from rich.console import Console
+from rich.table import Table
+
+from cluster.cli_common import CONFIG_OPTION, DIR_OPTION
+from cluster.status import query_status
+from proto import Limits
+
+
+@click.command()
+@click.argument("addresses", nargs=-1)
+@DIR_OPTION
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A cluster's TOML file (default: --dir's, else $CLUSTER_CONFIG, else the default directory's).")
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds each node has to answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(addresses: tuple[str, ...], directory: Path | None, config_path: Path | None, timeout: float,
+           as_json: bool) -> None:
+    """Every node of the cluster (its config: `cluster up`'s, --dir's or --config's), or the
+    nodes at ADDRESSES (e.g. tcp://127.0.0.1:5600): role, state, health, pid, version."""
+    if addresses:
+        _status_of_addresses(addresses, timeout, as_json)
+        return
+    from cluster.up import UpError, cluster_status, find_config
+
+    path, looked = find_config(directory, config_path)
+    if path is None:
+        raise click.ClickException(f"no cluster config found ({looked}): start a local cluster with `cluster up`, "
+                                   "or pass --config FILE or node ADDRESSES")
+    try:
+        nodes = cluster_status(path, timeout=timeout)
+    except UpError as exc:
+        raise click.ClickException(str(exc))
+    if as_json:
+        click.echo(json.dumps({"config": str(path), "nodes": nodes}, indent=2, sort_keys=True))
+    else:
+        table = Table(title=f"cluster status ({path})")
+        for col in ("role", "name", "state", "address", "pid", "version"):
+            table.add_column(col, no_wrap=col in ("name", "address", "pid"))
+        for n in nodes:
+            state = n["state"] if n["health"] == "up" else "[red]down[/red] (--json says why)"
+            table.add_row(n["role"], str(n["name"]), state, n["address"] or "-", str(n["pid"] or "-"), n["version"] or "-")
+        Console().print(table)
+    if any(n["health"] != "up" for n in nodes):
+        sys.exit(1)
+
+
+def _status_of_addresses(addresses: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    results = query_status(list(addresses), timeout=timeout)
+    if as_json:
+        out = []
+        for r in results:
+            entry: dict[str, Any] = {"address": r.address, "ok": r.reply is not None}
+            if r.reply is not None:
+                m = r.reply
+                entry.update(role=m.role, version=m.version, pid=m.pid, uptime_s=m.uptime_ms / 1000,
+                             counters=m.counters, detail=m.detail)
+            else:
+                entry["error"] = r.error
+            out.append(entry)
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        table = Table(title="cluster status")
+        for col in ("address", "role", "health", "pid", "uptime", "version", "rejected"):
+            table.add_column(col)
+        for r in results:
+            if r.reply is None:
+                table.add_row(r.address, "?", f"[red]down[/red]: {r.error}", "", "", "", "")
+                continue
+            m = r.reply
+            table.add_row(r.address, m.role, "[green]up[/green]", str(m.pid), f"{m.uptime_ms / 1000:.1f} s",
+                          m.version, str(m.counters.get("rejected_total", 0)))
+        Console().print(table)
+    if any(r.reply is None for r in results):
+        sys.exit(1)
+
+
+@click.command()
+@DIR_OPTION
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Workers to start.")
+@click.option("--slots", type=click.IntRange(1, 4096), default=None,
+              help="Task slots per worker (default: this machine's cores / workers, at least 1).")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds the cluster has to come up.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (dir, config, nodes) instead of a table.")
+def up(directory: Path | None, workers: int, slots: int | None, timeout: float, as_json: bool) -> None:
+    """Start a local cluster in the background: 3 masters, the balancer pair, 2 storage nodes and
+    --workers workers on 127.0.0.1; returns once it serves. `cluster down` stops it."""
+    from cluster.up import UpError, cluster_home, up as start
+    from worker.fusefs import fuse_available
+
+    directory = (directory or cluster_home()).expanduser().absolute()
+    err = Console(stderr=True)
+    try:
+        with err.status("starting the cluster") as spinner:
+            records = start(directory, workers, slots, timeout=timeout,
+                            progress=lambda what: spinner.update(f"waiting for the cluster: {what}"))
+    except UpError as exc:
+        raise click.ClickException(str(exc))
+    config = directory / "cluster.toml"
+    if as_json:
+        click.echo(json.dumps({"dir": str(directory), "config": str(config),
+                               "nodes": [asdict(r) for r in records]}, indent=2))
+        return
+    table = Table(title=f"cluster up: {directory}")
+    for col in ("role", "name", "address", "pid", "log"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(r.role, r.name, r.address, str(r.pid), Path(r.log).name)
+    Console().print(table)
+    ok, why = fuse_available()
+    if not ok:
+        click.echo(f"FUSE is unavailable ({why}): workers fetch stored files into their caches instead.")
+    hint = "" if directory == cluster_home() else f" (in another shell: export CLUSTER_HOME={directory})"
+    click.echo(f"config: {config}; Client() and the cluster commands find it{hint}. Stop it with `cluster down`.")
+
+
+@click.command()
+@DIR_OPTION
+@click.option("--timeout", default=15.0, show_default=True, help="Seconds the nodes have to exit on SIGTERM.")
+def down(directory: Path | None, timeout: float) -> None:
+    """Stop the local cluster `cluster up` started (by pid: workers, balancers, storage, masters)."""
+    from cluster.up import UpError, cluster_home, down as stop
+
+    directory = (directory or cluster_home()).expanduser().absolute()
+    try:
+        report = stop(directory, timeout=timeout)
+    except UpError as exc:
+        raise click.ClickException(str(exc))
+    mounts = f"; unmounted {len(report.unmounted)} leftover FUSE mount(s)" if report.unmounted else ""
+    if report.running == 0:
+        click.echo(f"no cluster running in {directory}{mounts}")
+        return
+    killed = f", {report.killed} killed after the deadline" if report.killed else ""
+    click.echo(f"stopped {report.running} node processes in {directory}{killed}{mounts}; logs are kept there")
+
+
+@click.command()
+@click.option("--bind", required=True, help="Endpoint to serve on, e.g. tcp://0.0.0.0:5600.")
+@click.option("--peer", "peers", multiple=True, help="Another probe's endpoint (repeatable).")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between heartbeats.")
+@click.option("--liveness", default=3, show_default=True, help="Missed intervals before a peer is silent.")
+@click.option("--max-message-bytes", default=Limits().max_message_bytes, show_default=True,
+              help="Larger messages are refused as TOO_LARGE.")
+@click.option("--log-level", default="INFO", show_default=True)
+def probe(bind: str, peers: tuple[str, ...], interval: float, liveness: int, max_message_bytes: int, log_level: str) -> None:
+    """Run a probe node: heartbeats to PEERs with round-trip times; stops on SIGTERM/Ctrl-C."""
+    from cluster.probe.node import build_probe
+    from cluster.runtime.logs import configure
+
+    try:
+        configure(log_level)
+        limits = Limits(max_message_bytes=max_message_bytes,
+                        max_frame0_bytes=min(Limits().max_frame0_bytes, max_message_bytes))
+        node = build_probe(bind, list(peers), interval=interval, liveness=liveness, limits=limits)
+        sys.exit(node.run())
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"cannot open {bind}: {exc} (is the port in use, or the address not local?)")
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+
+
+@click.command("master")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The masters' TOML file (every master's api and raft address).")
+@click.option("--name", required=True, help="Which master of the config this process is.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Raft journal and ledger snapshots; without it the ledger lives in memory only.")
+@click.option("--log-level", default="INFO", show_default=True)
+def master_command(config_path: Path, name: str, data_dir: Path | None, log_level: str) -> None:
+    """Run a master: the Raft-replicated ledger and the client API; stops on SIGTERM."""
+    from cluster.runtime.logs import configure
+    from master.node import ConfigError, run_master
+
+    try:
+        configure(log_level)
+        sys.exit(run_master(config_path, name, data_dir))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"master {name}: cannot open its API address: {exc} (port in use?)")
+    except OSError as exc:
+        raise click.ClickException(f"master {name}: {exc}")
+
+
+@click.command("storage")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cluster's TOML file ([storage.nodes.NAME] address, [masters.NAME] api).")
+@click.option("--name", required=True, help="Which storage node of the config this process is.")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the blobs live (blobs/, partial/).")
+@click.option("--log-level", default="INFO", show_default=True)
+def storage_command(config_path: Path, name: str, data_dir: Path, log_level: str) -> None:
+    """Run a storage node: content-addressed blobs, transfers, replication, scrub; stops on SIGTERM."""
+    from cluster.config import ConfigError
+    from cluster.runtime.logs import configure
+    from storage.node import run_storage
+
+    try:
+        configure(log_level)
+        sys.exit(run_storage(config_path, name, data_dir))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"storage {name}: cannot open its address: {exc} (port in use?)")
+    except OSError as exc:
+        raise click.ClickException(f"storage {name}: {exc}")
+
+
+@click.command("balancer")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cluster's TOML file ([balancers.NAME] workers/peer/primary, [masters.NAME] api).")
+@click.option("--name", required=True, help="Which balancer of the config this process is.")
+@click.option("--log-level", default="INFO", show_default=True)
+def balancer_command(config_path: Path, name: str, log_level: str) -> None:
+    """Run a balancer of the Binary Star pair: worker registry and dispatch; stops on SIGTERM."""
+    from balancer.node import run_balancer
+    from cluster.config import ConfigError
+    from cluster.runtime.logs import configure
+
+    try:
+        configure(log_level)
+        sys.exit(run_balancer(config_path, name))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"balancer {name}: cannot open its addresses: {exc} (port in use?)")
+
+
+@click.command("worker")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cluster's TOML file (balancers, masters, storage nodes).")
+@click.option("--name", required=True, help="This worker's name (unique in the cluster, e.g. the host name).")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Scratch space, the file cache and the FUSE mount point.")
+@click.option("--slots", type=click.IntRange(1, 4096), default=None, help="Tasks at once (default: one per core).")
+@click.option("--label", "labels", multiple=True, help="A label tasks may ask for (repeatable).")
+@click.option("--memory-mb", type=click.IntRange(0), default=None, help="Memory to announce (default: this machine's).")
+@click.option("--no-mount", is_flag=True, help="Do not mount the FUSE view; fetch stored files into the cache.")
+@click.option("--bind", default=None, help="Endpoint answering `cluster status`, e.g. tcp://0.0.0.0:5580.")
+@click.option("--log-level", default="INFO", show_default=True)
+def worker_command(config_path: Path, name: str, data_dir: Path, slots: int | None, labels: tuple[str, ...],
+                   memory_mb: int | None, no_mount: bool, bind: str | None, log_level: str) -> None:
+    """Run a worker: task slots for callables, commands and alignment tiles; stops on SIGTERM."""
+    from cluster.config import ConfigError
+    from cluster.runtime.logs import configure
+    from worker.node import default_identity, run_worker
+
+    try:
+        configure(log_level)
+        me = default_identity(name, slots, list(labels), memory_mb)
+        sys.exit(run_worker(config_path, me, data_dir, mount=not no_mount, control=bind))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"worker {name}: cannot connect: {exc}")
+    except OSError as exc:
+        raise click.ClickException(f"worker {name}: {exc}")
+
+
+@click.command("mount")
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@CONFIG_OPTION
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The on-disk block cache (kept across restarts; never needs invalidating).")
+@click.option("--cache-gb", default=10.0, show_default=True, help="Bound on the cache's size.")
+@click.option("--allow-other", is_flag=True, help="Let users other than the mounting one read.")
+@click.option("--log-level", default="INFO", show_default=True)
+def mount_command(mountpoint: Path, config_path: Path, cache_dir: Path, cache_gb: float, allow_other: bool,
+                  log_level: str) -> None:
+    """Mount the cluster's files read-only at MOUNTPOINT (files/<id>, jobs/<job>/<name>);
+    serves until SIGTERM or `fusermount3 -u MOUNTPOINT`."""
+    from cluster.config import ConfigError, load_cluster_config
+    from cluster.runtime.logs import configure
+    from worker.cache import BlockCache
+    from worker.fusefs import fuse_available, mount
+    from worker.view import ClusterView
+
+    configure(log_level)
+    ok, why = fuse_available()
+    if not ok:
+        raise click.ClickException(f"FUSE is unavailable here ({why}); workers on this machine read stored "
+                                   "files through the cache without a mount")
+    from cluster.up import find_config
+
+    path, looked = find_config(None, config_path)  # with no --config: $CLUSTER_CONFIG, else `cluster up`'s
+    if path is None:
+        raise click.ClickException(f"no cluster config found ({looked}): start one with `cluster up` or give --config")
+    try:
+        config = load_cluster_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    view = ClusterView(list(config.masters.values()), config.storage_nodes)
+    try:
+        mount(view, BlockCache(cache_dir, int(cache_gb * 2**30)), mountpoint, allow_other=allow_other)
+    except (OSError, RuntimeError) as exc:
+        raise click.ClickException(f"cannot mount at {mountpoint}: {exc}")
+    finally:
+        view.close()
