@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from proto import AppReason, Codec, ProtocolError, new_node_id
-from proto.messages import Attach, Attached, Credit, Error, NotLeader, ResultAck, TaskResult, WorkerRequest
+from proto.messages import Attach, Attached, Credit, Error, Heartbeat, NotLeader, ResultAck, TaskResult, WorkerRequest
 
 
 @dataclass
@@ -60,7 +60,7 @@ class EchoBalancer:
         self.attached = False
         self.codec.send(self.sock, Attach(1, self.epoch, self.credit, self.name))
         self.stats.attaches += 1
-        self.attach_sent = self.last_heard = time.monotonic()
+        self.attach_sent = self.last_heard = self.pinged = time.monotonic()
 
     def run(self, until: float, stop_after: int | None = None) -> EchoStats:
         """Serve until ``until`` (a monotonic time) or ``stop_after`` acknowledged results."""
@@ -94,11 +94,15 @@ class EchoBalancer:
         if not self.attached and now - self.attach_sent > 1.0:
             self._connect((self.target + 1) % len(self.masters))
             return
-        if self.unacked and now - self.last_heard > 1.5:
-            # A killed leader sends no NOT_LEADER: silence with results outstanding means it is
-            # gone. Try the next master; a follower redirects to the new leader.
+        if self.attached and now - self.last_heard > 1.5:
+            # A killed leader sends no NOT_LEADER, and with every result acknowledged it may
+            # have nothing to send either: the heartbeats below go unanswered. Try the next
+            # master; a follower redirects to the new leader.
             self._connect((self.target + 1) % len(self.masters))
             return
+        if self.attached and now - self.last_heard > 0.5 and now - self.pinged > 0.5:
+            self.pinged = now
+            self.codec.send(self.sock, Heartbeat(self.epoch, 0, 0))  # masters answer every heartbeat
         # results unanswered for a while: the leader may have died mid-commit; send again
         for key, sent in list(self.sent_at.items()):
             if now - sent > 1.0 and self.attached:

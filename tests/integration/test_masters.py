@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import shutil
 import threading
 import time
@@ -137,6 +138,7 @@ def test_submits_survive_leader_kill(masters, clients):
         acked += client.submit_many(specs[start:start + chunk], keys=keys[start:start + chunk], progress=progress)
 
     assert killed_at and killed_at["acked"] < total, "the leader was not killed partway"
+    leader.process.wait(30)
     assert not alive(leader)
     assert len(acked) == total
     assert [bytes.fromhex(r.key) for r in acked] == keys
@@ -263,21 +265,24 @@ def test_results_survive_leader_kill(masters, clients):
         original_on(m)
         if not killed_at and echo.stats.acked >= kill_at:
             killed_at["acked"] = echo.stats.acked
-            leader.kill()  # a dead leader says nothing: the echo must notice the silence
+            # a dead leader says nothing: the echo must notice the silence. SIGKILL without
+            # waiting here: reaping a master stuck in an msync can take seconds on a loaded disk,
+            # and the echo's thread must go on meanwhile (the main thread reaps it below)
+            os.kill(leader.pid, signal.SIGKILL)
 
     echo._on = on_message
     outcome = {}
 
     def serve():
         try:
-            outcome["stats"] = echo.run(time.monotonic() + 15, stop_after=total)
+            outcome["stats"] = echo.run(time.monotonic() + 30, stop_after=total)
         except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
             outcome["error"] = exc
 
     thread = threading.Thread(target=serve, name="echo-balancer", daemon=True)
     thread.start()
     try:
-        thread.join(25)
+        thread.join(40)
         assert not thread.is_alive(), "the echo balancer did not stop by its deadline"
     finally:
         if not thread.is_alive():
@@ -285,6 +290,7 @@ def test_results_survive_leader_kill(masters, clients):
     assert "error" not in outcome, outcome.get("error")
     stats = outcome["stats"]
     assert killed_at and killed_at["acked"] < total, "the leader was not killed partway"
+    leader.process.wait(30)
     assert not alive(leader)
 
     survivors = [n for n in nodes if n is not leader]
