@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 import zmq
@@ -171,6 +171,23 @@ def probe(bind: str, peers: tuple[str, ...], interval: float, liveness: int, max
         raise click.ClickException(str(exc))
 
 
+def _serve(what: str, log_level: str, run: Callable[[], int], zmq_problem: Callable[[Exception], str]) -> None:
+    """Run a node process (``run`` returns its exit status) with logging at ``log_level``; its
+    start-up failures become one line each, prefixed with ``what`` (e.g. "master m1")."""
+    from cluster.config import ConfigError
+    from cluster.runtime.logs import configure
+
+    try:
+        configure(log_level)
+        sys.exit(run())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"{what}: {zmq_problem(exc)}")
+    except OSError as exc:
+        raise click.ClickException(f"{what}: {exc}")
+
+
 @click.command("master")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The masters' TOML file (every master's api and raft address).")
@@ -180,18 +197,10 @@ def probe(bind: str, peers: tuple[str, ...], interval: float, liveness: int, max
 @click.option("--log-level", default="INFO", show_default=True)
 def master_command(config_path: Path, name: str, data_dir: Path | None, log_level: str) -> None:
     """Run a master: the Raft-replicated ledger and the client API; stops on SIGTERM."""
-    from cluster.runtime.logs import configure
-    from master.node import ConfigError, run_master
+    from master.node import run_master
 
-    try:
-        configure(log_level)
-        sys.exit(run_master(config_path, name, data_dir))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc))
-    except zmq.ZMQError as exc:
-        raise click.ClickException(f"master {name}: cannot open its API address: {exc} (port in use?)")
-    except OSError as exc:
-        raise click.ClickException(f"master {name}: {exc}")
+    _serve(f"master {name}", log_level, lambda: run_master(config_path, name, data_dir),
+           lambda exc: f"cannot open its API address: {exc} (port in use?)")
 
 
 @click.command("storage")
@@ -203,19 +212,10 @@ def master_command(config_path: Path, name: str, data_dir: Path | None, log_leve
 @click.option("--log-level", default="INFO", show_default=True)
 def storage_command(config_path: Path, name: str, data_dir: Path, log_level: str) -> None:
     """Run a storage node: content-addressed blobs, transfers, replication, scrub; stops on SIGTERM."""
-    from cluster.config import ConfigError
-    from cluster.runtime.logs import configure
     from storage.node import run_storage
 
-    try:
-        configure(log_level)
-        sys.exit(run_storage(config_path, name, data_dir))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc))
-    except zmq.ZMQError as exc:
-        raise click.ClickException(f"storage {name}: cannot open its address: {exc} (port in use?)")
-    except OSError as exc:
-        raise click.ClickException(f"storage {name}: {exc}")
+    _serve(f"storage {name}", log_level, lambda: run_storage(config_path, name, data_dir),
+           lambda exc: f"cannot open its address: {exc} (port in use?)")
 
 
 @click.command("balancer")
@@ -226,16 +226,9 @@ def storage_command(config_path: Path, name: str, data_dir: Path, log_level: str
 def balancer_command(config_path: Path, name: str, log_level: str) -> None:
     """Run a balancer of the Binary Star pair: worker registry and dispatch; stops on SIGTERM."""
     from balancer.node import run_balancer
-    from cluster.config import ConfigError
-    from cluster.runtime.logs import configure
 
-    try:
-        configure(log_level)
-        sys.exit(run_balancer(config_path, name))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc))
-    except zmq.ZMQError as exc:
-        raise click.ClickException(f"balancer {name}: cannot open its addresses: {exc} (port in use?)")
+    _serve(f"balancer {name}", log_level, lambda: run_balancer(config_path, name),
+           lambda exc: f"cannot open its addresses: {exc} (port in use?)")
 
 
 @click.command("worker")
@@ -253,20 +246,12 @@ def balancer_command(config_path: Path, name: str, log_level: str) -> None:
 def worker_command(config_path: Path, name: str, data_dir: Path, slots: int | None, labels: tuple[str, ...],
                    memory_mb: int | None, no_mount: bool, bind: str | None, log_level: str) -> None:
     """Run a worker: task slots for callables, commands and alignment tiles; stops on SIGTERM."""
-    from cluster.config import ConfigError
-    from cluster.runtime.logs import configure
     from worker.node import default_identity, run_worker
 
-    try:
-        configure(log_level)
-        me = default_identity(name, slots, list(labels), memory_mb)
-        sys.exit(run_worker(config_path, me, data_dir, mount=not no_mount, control=bind))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc))
-    except zmq.ZMQError as exc:
-        raise click.ClickException(f"worker {name}: cannot connect: {exc}")
-    except OSError as exc:
-        raise click.ClickException(f"worker {name}: {exc}")
+    _serve(f"worker {name}", log_level,
+           lambda: run_worker(config_path, default_identity(name, slots, list(labels), memory_mb), data_dir,
+                              mount=not no_mount, control=bind),
+           lambda exc: f"cannot connect: {exc}")
 
 
 @click.command("mount")

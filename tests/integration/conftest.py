@@ -83,3 +83,36 @@ def client_for():
     yield make
     for c in clients:
         c.close()
+
+
+def detail(node: LocalNode, timeout: float = 1.0) -> dict | None:
+    """The node's status detail, or None if it is not running or does not answer."""
+    if node.process is None or node.process.poll() is not None:
+        return None
+    reply = query_status([node.address], timeout=timeout)[0].reply
+    return reply.detail if reply is not None else None
+
+
+class NodeGroup:
+    """What the real-cluster harnesses share; a subclass has ``nodes`` and ``balancers``."""
+
+    nodes: list[LocalNode]
+    balancers: list[LocalNode]
+
+    def logs(self, tail: int = 1500) -> str:
+        return "\n".join(f"--- {n.name} ---\n{n.log_text()[-tail:]}" for n in self.nodes)
+
+    def wait(self, predicate, timeout: float, what: str):
+        """``wait_for`` whose failure message carries every node's log tail."""
+        try:
+            return wait_for(predicate, timeout, what)
+        except pytest.fail.Exception as exc:
+            pytest.fail(f"{exc}\n{self.logs()}")
+
+    def active(self) -> tuple[LocalNode, dict] | None:
+        """The active balancer and its status detail, or None."""
+        for b in self.balancers:
+            d = detail(b)
+            if d is not None and d["state"] == "active":
+                return b, d
+        return None

@@ -41,11 +41,10 @@ from cluster.align import Pair, read_pair, submit_alignment, wait
 from cluster.client import Client
 from cluster.config import load_cluster_config
 from cluster.local import LocalNode, balancer_nodes, master_nodes, start_all, stop_all, storage_nodes, worker_nodes
-from cluster.status import query_status
 from cluster.up import alive, descendants
 from worker.sw import align
 
-from .conftest import wait_for
+from .conftest import NodeGroup, detail
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -111,16 +110,8 @@ def case(tmp_path_factory) -> Case:
 # ---- a cluster --------------------------------------------------------------------------------------
 
 
-def detail(node: LocalNode, timeout: float = 1.0) -> dict | None:
-    """The node's status detail, or None if it is not running or does not answer."""
-    if node.process is None or node.process.poll() is not None:
-        return None
-    reply = query_status([node.address], timeout=timeout)[0].reply
-    return reply.detail if reply is not None else None
-
-
 @dataclass
-class Cluster:
+class Cluster(NodeGroup):
     masters: list[LocalNode]
     storage: list[LocalNode]
     balancers: list[LocalNode]  # b1 (primary), b2
@@ -131,23 +122,6 @@ class Cluster:
     @property
     def nodes(self) -> list[LocalNode]:
         return self.masters + self.storage + self.balancers + self.workers
-
-    def logs(self, tail: int = 1500) -> str:
-        return "\n".join(f"--- {n.name} ---\n{n.log_text()[-tail:]}" for n in self.nodes)
-
-    def wait(self, predicate: Callable, timeout: float, what: str):
-        """``wait_for`` whose failure message carries every node's log tail."""
-        try:
-            return wait_for(predicate, timeout, what)
-        except pytest.fail.Exception as exc:
-            pytest.fail(f"{exc}\n{self.logs()}")
-
-    def active(self) -> tuple[LocalNode, dict] | None:
-        for b in self.balancers:
-            d = detail(b)
-            if d is not None and d["state"] == "active":
-                return b, d
-        return None
 
     def leader(self) -> LocalNode | None:
         return next((m for m in self.masters if (d := detail(m)) and d["state"] == "leader" and d["serving"]), None)

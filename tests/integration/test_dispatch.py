@@ -40,7 +40,7 @@ from proto import Codec, new_node_id
 from proto.errors import AppReason
 from proto.messages import Error, TaskResult, WorkerStatus
 
-from .conftest import wait_for
+from .conftest import NodeGroup, detail
 
 pytestmark = pytest.mark.integration
 
@@ -74,16 +74,8 @@ def slow_double(x, seconds=3.0):
 # ---- a cluster ---------------------------------------------------------------------------------
 
 
-def detail(node: LocalNode, timeout: float = 1.0) -> dict | None:
-    """The node's status detail, or None if it is not running or does not answer."""
-    if node.process is None or node.process.poll() is not None:
-        return None
-    reply = query_status([node.address], timeout=timeout)[0].reply
-    return reply.detail if reply is not None else None
-
-
 @dataclass
-class Cluster:
+class Cluster(NodeGroup):
     dir: Path
     masters: list[LocalNode]
     balancers: list[LocalNode]  # b1 (primary), b2
@@ -97,23 +89,6 @@ class Cluster:
 
     def worker(self, name: str) -> LocalNode:
         return next(w for w in self.workers if w.name == name)
-
-    def logs(self, tail: int = 1500) -> str:
-        return "\n".join(f"--- {n.name} ---\n{n.log_text()[-tail:]}" for n in self.nodes)
-
-    def wait(self, predicate, timeout: float, what: str):
-        """``wait_for`` whose failure message carries every node's log tail."""
-        try:
-            return wait_for(predicate, timeout, what)
-        except pytest.fail.Exception as exc:
-            pytest.fail(f"{exc}\n{self.logs()}")
-
-    def active(self) -> tuple[LocalNode, dict] | None:
-        for b in self.balancers:
-            d = detail(b)
-            if d is not None and d["state"] == "active":
-                return b, d
-        return None
 
     def cluster_active(self) -> tuple[LocalNode, dict]:
         return self.wait(self.active, 15, "an active balancer")

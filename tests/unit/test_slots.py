@@ -14,8 +14,9 @@ import time
 import cloudpickle
 import pytest
 
-from worker.executor import Limits, Outcome, unpack_result
+from worker.executor import Limits, unpack_result
 from worker.slots import Slot
+from tests.unit.test_executor import exits_soon, failed  # the same checks as the one-shot executor
 
 MiB = 1 << 20
 NO_ARGS = cloudpickle.dumps(((), {}))
@@ -27,26 +28,6 @@ def fn(f) -> bytes:
 
 def args(*a, **kw) -> bytes:
     return cloudpickle.dumps((a, kw))
-
-
-def exits_soon(pid: int) -> bool:
-    """True if ``pid`` is gone or exits within 5 s (waits on its pidfd, not a sleep)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        return bool(poller.poll(5000))
-    finally:
-        os.close(pidfd)
-
-
-def failed(outcome: Outcome) -> str:
-    assert isinstance(outcome, Outcome)
-    assert not outcome.ok and outcome.result is None
-    return outcome.error
 
 
 @pytest.fixture()
