@@ -255,8 +255,14 @@ class LinkPool:
         self.addresses = addresses
         self.timeout = timeout
         self.down_until: dict[str, float] = {}  # node → until when it is tried last (it did not answer)
-        self._local = threading.local()
+        # Keyed by the native thread id, not threading.local: FUSE calls in on libfuse's own
+        # threads, and each call from a thread Python did not start gets a fresh thread state,
+        # so thread-local links were made anew (and never closed) on every read: the mount ran
+        # out of ZeroMQ sockets (EMFILE) after ~500 reads. A thread id that is reused belongs to
+        # a thread that has ended, so its links pass on safely (the lock is the memory barrier
+        # ZeroMQ asks for when a socket changes threads).
         self._lock = threading.Lock()
+        self._by_thread: dict[int, dict[str, StorageLink]] = {}
         self._all: set[StorageLink] = set()
 
     def get(self, node: str) -> StorageLink:
@@ -279,14 +285,13 @@ class LinkPool:
         """Close every link of every thread; call once the threads using them are done."""
         with self._lock:
             links, self._all = self._all, set()
+            self._by_thread.clear()
         for link in links:
             link.close()
 
     def _links(self) -> dict[str, StorageLink]:
-        links = getattr(self._local, "links", None)
-        if links is None:
-            links = self._local.links = {}
-        return links
+        with self._lock:
+            return self._by_thread.setdefault(threading.get_ident(), {})
 
 
 def push(store: Any, file_id: bytes, size: int, link: StorageLink, origin: str) -> list[str]:
