@@ -38,6 +38,13 @@ the whole genomes (1,578,824 x 1,709,911), or the first ``--prefix`` letters of 
 the 200 kbp pair does both). Repeats: ``--reps`` (default 3 on pairs under 1e11 cells, 1 above;
 ``--quick`` 1), cluster and raw interleaved (their order swapped every other repeat); medians.
 
+The traceback (issue 9; bench/traceback.py): after the default tile's score pass,
+``cluster.trace.traceback`` runs stages 2-5 on the cluster (crosspoints, boxes, join and
+re-scoring); its seconds are reported as a fraction of that score pass (goal <= 25%), with the
+special rows' disk. Every score pass keeps special rows (``--rows-budget``, the CLI's default);
+one more run of the default tile without them (``cluster (no rows)``) shows what keeping them
+costs the score pass.
+
 Where the cluster's time goes (per cluster run, ``losses``): the slots' busy share
 (sum of the tiles' ``wall_s`` / (2 x seconds)); the wavefront's own bound, a list-scheduling
 replay of the measured tile times on 2 slots with zero overhead (ramp-up, ramp-down, uneven
@@ -75,9 +82,10 @@ if str(ROOT) not in sys.path:
 import zmq  # noqa: E402
 
 from bench import machine  # noqa: E402
+from bench import traceback as trace_bench  # noqa: E402
 from bench.data import ensure_data, read_fasta  # noqa: E402
 from cluster import __version__  # noqa: E402
-from cluster.align import answer, read_pair, submit_alignment, tile_size, wait  # noqa: E402
+from cluster.align import ROWS_BUDGET, answer, read_pair, submit_alignment, tile_size, wait  # noqa: E402
 from cluster.client import Client  # noqa: E402
 from cluster.config import load_cluster_config  # noqa: E402
 from cluster.local import balancer_nodes, master_nodes, start_all, stop_all, storage_nodes, worker_nodes  # noqa: E402
@@ -299,14 +307,17 @@ class TileWatch(threading.Thread):
 # ---- one cluster run -------------------------------------------------------------------------------
 
 
-def run_cluster(client: Client, roles: dict, pair: dict, tile: int | None) -> dict:
-    """Submit the pair as one alignment job, wait, and return its answer, tiles and losses."""
+def run_cluster(client: Client, roles: dict, pair: dict, tile: int | None, *, rows: bool = True,
+                trace: bool = False) -> dict:
+    """Submit the pair as one alignment job, wait, and return its answer, tiles and losses;
+    ``rows``: keep special rows; ``trace``: then run the traceback (bench/traceback.py)."""
     fa, fb = pair["fasta_a"], pair["fasta_b"]
     aligned = read_pair(fa, fb)
     size = (tile, tile) if tile else tile_size(pair["len_a"], pair["len_b"], SLOTS)
     cpu0, busy0, t0 = cpu_by_role(roles), machine_busy_s(), time.perf_counter()
     hooked = _WatchOnSubmit(client)
-    job = submit_alignment(hooked, aligned, slots=SLOTS, tile=(tile, tile) if tile else None)
+    job = submit_alignment(hooked, aligned, slots=SLOTS, tile=(tile, tile) if tile else None,
+                           rows_budget=ROWS_BUDGET if rows else None)
     watch = hooked.watch
     try:
         result = wait(client, job["job"], slots=SLOTS, timeout=3600)
@@ -317,13 +328,17 @@ def run_cluster(client: Client, roles: dict, pair: dict, tile: int | None) -> di
     cpu = cpu_delta(cpu0, cpu_by_role(roles))
     others = others_share(busy0, sum(cpu.values()), time.perf_counter() - t0)
     assert answer(view, SLOTS)["seconds"] == result["seconds"]
-    out = {"system": "cluster", "tile_rows": size[0], "tile_cols": size[1], "tile_arg": tile or "default",
+    out = {"system": "cluster" if rows else "cluster (no rows)", "tile_rows": size[0], "tile_cols": size[1],
+           "tile_arg": tile or "default", "special_rows_bytes": result.get("special_rows_bytes", 0),
            "grid": [job["rows"], job["cols"]], "tiles": result["tiles"], **_answer_fields(result),
            "failed_attempts": result["failed_attempts"], "cpu_by_role_s": cpu,
            "ours_cpu_s": round(sum(cpu.values()), 3),
            "others_cpu_share": round(others, 3),
            "submitted_at": view["submitted_at"], "finished_at": view["finished_at"]}
     out.update(tile_figures(job, view, watch, cpu))
+    if trace:
+        out["traceback"] = trace_bench.measure(client, job["job"], aligned.seq_a, aligned.seq_b, out,
+                                               job["special_stride"], client.replicas)
     return out
 
 
@@ -518,12 +533,16 @@ def measure_pair(client: Client, roles: dict, pair: dict, tiles: list[int | None
                 log(f"  {pair['pair']} raw: {r['seconds']:.2f} s, {r['gcups']:.2f} GCUPS, score {r['score']}; "
                     f"others used {r['others_cpu_share']:.0%} of the CPUs")
                 continue
-            for tile in tiles:
-                r = run_cluster(client, roles, pair, tile)
-                trials.setdefault(f"cluster {r['tile_arg']}", []).append(r)
-                log(f"  {pair['pair']} cluster tile {r['tile_rows']} ({r['tiles']} tiles, {r['tiles_pruned']} "
+            # the traceback after the default tile's score pass; and the default tile once without
+            # special rows, for what keeping them costs the score pass
+            for tile, rows in [(t, True) for t in tiles] + [(None, False)]:
+                r = run_cluster(client, roles, pair, tile, rows=rows, trace=rows and tile is None)
+                trials.setdefault(f"{r['system']} {r['tile_arg']}", []).append(r)
+                log(f"  {pair['pair']} {r['system']} tile {r['tile_rows']} ({r['tiles']} tiles, {r['tiles_pruned']} "
                     f"pruned): {r['seconds']:.2f} s, {r['gcups']:.2f} GCUPS, score {r['score']}; others used "
                     f"{r['others_cpu_share']:.0%} of the CPUs")
+                if r.get("traceback"):
+                    trace_bench.report(lambda line: log("  " + line), [r])
         if pair["parasail"]:
             r = run_parasail(pair, min(os.sched_getaffinity(0)))
             trials.setdefault("parasail", []).append(r)
@@ -574,6 +593,17 @@ def compare(rows: list[dict]) -> tuple[list[dict], list[dict], list[str]]:
                 speed.append({"pair": pair, "ours": f"{r['system']} {r.get('tile_arg', '')}".strip(), "ours_gcups": r["gcups"],
                               "parasail_gcups": para["gcups"], "speedup": r["gcups"] / para["gcups"]})
     return eff, speed, bad
+
+
+def rows_cost(rows: list[dict]) -> list[dict]:
+    """The default tile's score pass with special rows against without, per pair (medians)."""
+    out = []
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        mine = {r["system"]: r for r in rows if r["pair"] == pair and r.get("tile_arg") == "default"}
+        if "cluster" in mine and "cluster (no rows)" in mine:
+            w, wo = mine["cluster"]["seconds"], mine["cluster (no rows)"]["seconds"]
+            out.append({"pair": pair, "with_rows_s": w, "without_rows_s": wo, "ratio": w / wo})
+    return out
 
 
 def best_tile(eff: list[dict]) -> dict | None:
@@ -663,6 +693,10 @@ def print_report(res: dict) -> None:
     for e in res["estimate"]:
         out(f"estimate from {e['from']} on {e['pair']} ({e['gcups']:.2f} GCUPS): 5 Mbp x 5 Mbp {mmss(e['five_mbp_s'])}; "
             f"CUDAlign 2.1's pair {mmss(e['cudalign_pair_s'])} vs its 9 min 18 s ({e['vs_cudalign']:.1f}x)")
+    trace_bench.report(out, res["rows"])
+    for cost in res.get("rows_cost", []):
+        out(f"keeping special rows cost the score pass on {cost['pair']}: {cost['with_rows_s']:.2f} s with vs "
+            f"{cost['without_rows_s']:.2f} s without ({cost['ratio']:.3f}x)")
     for r in res["rows"]:
         if r["system"] == "cluster":
             print_losses(out, r)
@@ -752,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     res["rows"] = rows
     res["efficiency"], res["speedup"], res["disagreements"] = compare(rows)
     res["estimate"] = estimate(rows)
+    res["traceback"] = [{"pair": r["pair"], "tile": r["tile_rows"], **r["traceback"]} for r in rows if r.get("traceback")]
+    res["rows_cost"] = rows_cost(rows)
     res["best_tile"] = best_tile(res["efficiency"])
     res["all_agree"] = not res["disagreements"]
     machine.finish(res, cpu0, started, args.json)

@@ -38,6 +38,13 @@ from cluster.client import Client, ClusterError
 MAX_TILE = 65_536
 MIN_TILE = 1_024
 BLOCK = 128  # the kernels' block width (worker.sw.tile.BLOCK): tiles are multiples of it
+# The special rows the traceback starts from (worker.sw.special_rows): every `stride`-th reference
+# row's H and F, 8 bytes a query letter before compression (they pack 9-15x smaller on disk).
+# The budget bounds those raw bytes; a denser stride makes the traceback's crosspoint search
+# cheaper (it costs about stride x the path's length). 4 GiB keeps 8,192-row strides on the
+# H. pylori pair (~0.3 GB on disk).
+ROWS_BUDGET = 4 << 30
+MIN_STRIDE = 1_024  # below this a tile's stacked rectangles waste their lanes' ramp
 
 
 @dataclass(frozen=True)
@@ -88,11 +95,23 @@ def tile_size(length_a: int, length_b: int, slots: int) -> tuple[int, int]:
     return side(length_b), side(length_a)
 
 
+def special_stride(length_a: int, length_b: int, tile_rows: int, budget: int = ROWS_BUDGET) -> int:
+    """The rows between two special rows: ``tile_rows`` halved until the rows' raw bytes
+    (8 per query letter a row) would pass ``budget`` or the stride ``MIN_STRIDE``; at least one
+    special row per tile row whatever the budget."""
+    stride = tile_rows
+    while stride % 2 == 0 and stride // 2 >= MIN_STRIDE and (length_b // (stride // 2)) * 8 * length_a <= budget:
+        stride //= 2
+    return stride
+
+
 def submit_alignment(client: Client, pair: Pair, *, scoring: dict[str, int] | None = None, kernel: str = "int16",
                      slots: int = 2, tile: tuple[int, int] | None = None, prune: bool = True,
+                     rows_budget: int | None = ROWS_BUDGET,
                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Store both sequences and submit the tile grid; returns the job's description (its id,
-    grid and sizes) for ``wait``."""
+    grid and sizes) for ``wait``. ``rows_budget`` (bytes, see ``special_stride``) keeps the
+    special rows for the traceback (``cluster.trace``); None keeps none (score only)."""
     from worker.sw.scoring import Scoring, ScoringError
 
     scoring = dict(scoring or {})
@@ -100,8 +119,6 @@ def submit_alignment(client: Client, pair: Pair, *, scoring: dict[str, int] | No
         Scoring(**scoring).check_lengths(len(pair.seq_a), len(pair.seq_b))
     except (ScoringError, TypeError, ValueError) as exc:
         raise ClusterError(f"scoring: {exc}") from None
-    tile_rows, tile_cols = tile or tile_size(len(pair.seq_a), len(pair.seq_b), slots)
-    rows, cols = math.ceil(len(pair.seq_b) / tile_rows), math.ceil(len(pair.seq_a) / tile_cols)
     refs = {}
     with tempfile.TemporaryDirectory(prefix="cluster-align-") as d:
         for side, name, seq in (("a", pair.name_a, pair.seq_a), ("b", pair.name_b, pair.seq_b)):
@@ -110,23 +127,59 @@ def submit_alignment(client: Client, pair: Pair, *, scoring: dict[str, int] | No
             if progress:
                 progress(f"storing {side.upper()} ({name}, {len(seq):,} letters)")
             refs[side] = client.upload(path, name=f"{side}-{_safe(name)}.seq")
+    desc = submit_grid(client, refs["a"].id, refs["b"].id,
+                       {"length_a": len(pair.seq_a), "length_b": len(pair.seq_b), "name_a": pair.name_a,
+                        "name_b": pair.name_b}, scoring=scoring, kernel=kernel, slots=slots, tile=tile,
+                       prune=prune, rows_budget=rows_budget)
+    for side in ("a", "b"):  # the job holds the sequences now; the user's pin can go
+        client.release_files(refs[side].id)
+    return desc
+
+
+def submit_grid(client: Client, a_id: str, b_id: str, pair: dict[str, Any], *, scoring: dict[str, int],
+                kernel: str = "int16", slots: int = 2, tile: tuple[int, int] | None = None, prune: bool = True,
+                rows_budget: int | None = ROWS_BUDGET) -> dict[str, Any]:
+    """Submit the tile grid over two stored sequences (``pair``: length_a/b, name_a/b) and make
+    the job own them (``a.seq``, ``b.seq``); returns the job's description."""
+    length_a, length_b = pair["length_a"], pair["length_b"]
+    tile_rows, tile_cols = tile or tile_size(length_a, length_b, slots)
+    rows, cols = math.ceil(length_b / tile_rows), math.ceil(length_a / tile_cols)
+    stride = special_stride(length_a, length_b, tile_rows, rows_budget) if rows_budget else None
     spec = {
-        "name": f"align {pair.name_a} x {pair.name_b}",
+        "name": f"align {pair['name_a']} x {pair['name_b']}",
         "rows": rows, "cols": cols, "depends": "wavefront",
-        "run": {"kind": "tile", "a": refs["a"].id, "b": refs["b"].id, "tile_rows": tile_rows,
-                "tile_cols": tile_cols, "scoring": scoring, "kernel": kernel, "share_best": prune},
-        "reduce": {"max": "score", "ties": ["end_b", "end_a"], "sum": ["cells"]},
+        "run": {"kind": "tile", "a": a_id, "b": b_id, "tile_rows": tile_rows, "tile_cols": tile_cols,
+                "scoring": scoring, "kernel": kernel, "share_best": prune,
+                **({"special_stride": stride} if stride else {})},
+        "reduce": {"max": "score", "ties": ["end_b", "end_a"], "sum": ["cells", "rows_bytes"]},
         "max_attempts": 5,
-        "align": {"length_a": len(pair.seq_a), "length_b": len(pair.seq_b), "name_a": pair.name_a,
-                  "name_b": pair.name_b},
+        "keep_files": ["rows"] if stride else [],
+        # what the traceback (cluster.trace) and --recompute need to know of the pair
+        "align": {**{k: pair[k] for k in ("length_a", "length_b", "name_a", "name_b")}, "a": a_id, "b": b_id,
+                  "scoring": scoring, "kernel": kernel, "rows": rows, "cols": cols, "tile_rows": tile_rows,
+                  "tile_cols": tile_cols, "special_stride": stride},
     }
     ref = client.submit_job("grid", spec)
-    for side in ("a", "b"):  # the job holds the sequences now; the user's pin can go
-        f = refs[side]
-        client.register_file(bytes.fromhex(f.id), f.size, f.replicas, owner=ref.job, name=f"{side}.seq")
-        client.release_files(f.id)
+    known = client.lookup_files([bytes.fromhex(a_id), bytes.fromhex(b_id)]).value
+    for side, fid in (("a", a_id), ("b", b_id)):
+        record = known.get(fid) if isinstance(known, dict) else None
+        if record is None:
+            raise ClusterError(f"the {side.upper()} sequence ({fid}) is no longer stored; align the FASTA files anew")
+        client.register_file(bytes.fromhex(fid), record["size"], record["replicas"], owner=ref.job, name=f"{side}.seq")
     return {"job": ref.job, "rows": rows, "cols": cols, "tile_rows": tile_rows, "tile_cols": tile_cols,
-            "length_a": len(pair.seq_a), "length_b": len(pair.seq_b), "submitted": time.time()}
+            "length_a": length_a, "length_b": length_b, "special_stride": stride, "submitted": time.time()}
+
+
+def recompute(client: Client, job: str, *, slots: int = 2, rows_budget: int | None = ROWS_BUDGET) -> dict[str, Any]:
+    """Submit alignment job ``job``'s score pass again (its stored sequences, scoring, kernel and
+    tiles), keeping special rows: for a job whose rows were deleted or never kept."""
+    view = client.job(job).value
+    info = view.get("align")
+    if not info or "a" not in info:
+        raise ClusterError(f"job {job} is not an alignment job this version can recompute; align the FASTA files anew")
+    tile = (info["tile_rows"], info["tile_cols"]) if "tile_rows" in info else None
+    return submit_grid(client, info["a"], info["b"], info, scoring=info.get("scoring") or {},
+                       kernel=info.get("kernel", "int16"), slots=slots, tile=tile, rows_budget=rows_budget)
 
 
 def wait(client: Client, job: str, *, progress: Callable[[dict[str, Any]], None] | None = None,
@@ -162,6 +215,7 @@ def answer(view: dict[str, Any], slots: int = 0) -> dict[str, Any]:
         "cells": cells, "seconds": round(seconds, 6), "gcups": round(cells / seconds / 1e9, 4),
         "threads": slots, "job": view["job"], "tiles": view["total"],
         "failed_attempts": view.get("failed_attempts", 0),
+        "special_rows_bytes": int(view["reduced"].get("sum", {}).get("rows_bytes", 0)),
     }
 
 

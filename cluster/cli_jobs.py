@@ -33,19 +33,45 @@ from cluster.status import query_status
 @click.option("--tile", type=click.IntRange(128, 1 << 20), default=None,
               help="Tile side in letters (default: sized from the kernels' rate and the slots).")
 @click.option("--job", "job_id", default=None, help="Watch an alignment job already submitted, instead of a new one.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (python -m worker.sw's keys + job).")
+@click.option("--recompute", is_flag=True,
+              help="With --job: run that job's score pass again (its stored sequences and scoring) to keep new "
+                   "special rows, then trace.")
+@click.option("--paf", type=click.Path(dir_okay=False, path_type=Path), help="Write the alignment as PAF (with cg:Z).")
+@click.option("--sam", type=click.Path(dir_okay=False, path_type=Path), help="Write the alignment as SAM.")
+@click.option("--text", type=click.Path(dir_okay=False, path_type=Path), help="Write a pairwise text view.")
+@click.option("--dotplot", type=click.Path(dir_okay=False, path_type=Path), help="Write a dotplot PNG of the path.")
+@click.option("--no-traceback", is_flag=True, help="The score and end cell only: keep no special rows, trace nothing.")
+@click.option("--rows-budget", default="4G", show_default=True,
+              help="Raw bytes of special rows the score pass may keep for the traceback (K/M/G suffixes); "
+                   "more rows make the traceback faster. They pack ~10x smaller on disk.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (python -m worker.sw's keys, job, and start_a, start_b, cigar).")
 def align(fasta_a: Path | None, fasta_b: Path | None, config_path: Path | None, record_a: str | None,
           record_b: str | None, match: int, mismatch: int, gap_open: int, gap_extend: int, kernel: str,
-          tile: int | None, job_id: str | None, as_json: bool) -> None:
+          tile: int | None, job_id: str | None, recompute: bool, paf: Path | None, sam: Path | None,
+          text: Path | None, dotplot: Path | None, no_traceback: bool, rows_budget: str, as_json: bool) -> None:
     """Align FASTA_A (query) against FASTA_B (reference) on the cluster: the exact best local
-    score and where it ends, as `python -m worker.sw` gives it on one machine."""
+    score and where it ends, as `python -m worker.sw` gives it on one machine, then the alignment
+    itself (traced in linear space on the cluster): its start, CIGAR, and on request PAF, SAM, a
+    text view and a dotplot."""
     from cluster import align as job_lib
     from cluster.client import ClusterError
 
     err = Console(stderr=True)
+    budget = None if no_traceback else _size(rows_budget)
+    if no_traceback and (paf or sam or text or dotplot):
+        raise click.ClickException("--paf/--sam/--text/--dotplot need the traceback: drop --no-traceback")
+    if recompute and job_id is None:
+        raise click.ClickException("--recompute goes with --job ID (a new alignment computes its rows anyway)")
     client = _client(config_path)
+    pair = None
     try:
         slots = _cluster_slots(config_path)
+        if recompute:
+            desc = job_lib.recompute(client, job_id, slots=max(1, slots), rows_budget=budget or job_lib.ROWS_BUDGET)
+            if not as_json:
+                err.print(f"job {job_id} recomputed as job {desc['job']}")
+            job_id = desc["job"]
         if job_id is None:
             if fasta_a is None or fasta_b is None:
                 raise click.UsageError("give two FASTA files (or --job ID to watch a submitted alignment)")
@@ -55,23 +81,99 @@ def align(fasta_a: Path | None, fasta_b: Path | None, config_path: Path | None, 
                           + ("" if record_a or record_b else "  (first records; --record-a/-b pick others)"))
             scoring = {"match": match, "mismatch": mismatch, "gap_open": gap_open, "gap_extend": gap_extend}
             desc = job_lib.submit_alignment(client, pair, scoring=scoring, kernel=kernel, slots=max(1, slots),
-                                            tile=(tile, tile) if tile else None,
+                                            tile=(tile, tile) if tile else None, rows_budget=budget,
                                             progress=None if as_json else err.print)
             job_id = desc["job"]
             if not as_json:
                 err.print(f"job {job_id}: {desc['rows']} x {desc['cols']} tiles of {desc['tile_rows']:,} x "
                           f"{desc['tile_cols']:,} (Ctrl-C leaves it running: `cluster align --job {job_id}`)")
         result = _watch_alignment(client, job_id, slots, quiet=as_json)
+        record = None
+        if not no_traceback and result["score"] > 0:
+            record = _trace(client, job_id, pair, result, quiet=as_json)
+            _write_outputs(record, paf, sam, text, dotplot)
     except ClusterError as exc:
         raise click.ClickException(str(exc))
+    except (OSError, ValueError) as exc:  # an output path that cannot be written, a bad record
+        raise click.ClickException(f"cannot write the outputs: {exc}")
     finally:
         client.close()
     if as_json:
         click.echo(json.dumps(result))
+        return
+    click.echo(f"score {result['score']}, ends at A[{result['end_a']}] B[{result['end_b']}]")
+    click.echo(f"{result['cells']:,} cells in {result['seconds']:.2f} s: {result['gcups']:.2f} GCUPS "
+               f"({result['tiles']} tiles on {slots} slots; job {result['job']})")
+    if record is not None:
+        t = result["traceback"]
+        click.echo(f"starts at A[{result['start_a']}] B[{result['start_b']}]: {t['columns']:,} columns, "
+                   f"identity {t['identity']:.1%}, {t['gap_opens']:,} gaps ({t['insertions']:,} I + "
+                   f"{t['deletions']:,} D letters)")
+        click.echo(f"traceback {t['seconds']:.2f} s ({t['seconds'] / max(result['seconds'], 1e-9):.0%} of the score "
+                   f"pass): {t['crosspoints']} crosspoints, {t['boxes']} boxes; CIGAR re-scores to {result['score']}")
+        for what, path in (("PAF", paf), ("SAM", sam), ("text", text), ("dotplot", dotplot)):
+            if path:
+                click.echo(f"{what}: {path}")
+
+
+def _size(text: str) -> int:
+    """'4G', '512M', '100000' as bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        if t and t[-1] in units:
+            value = int(float(t[:-1]) * units[t[-1]])
+        else:
+            value = int(t)
+    except ValueError:
+        raise click.ClickException(f"--rows-budget {text!r} is not a size (e.g. 4G, 512M, 1000000)") from None
+    if value <= 0:
+        raise click.ClickException(f"--rows-budget {text!r}: the budget must be positive")
+    return value
+
+
+def _trace(client: Any, job_id: str, pair: Any, result: dict, quiet: bool):
+    """The traceback (with a progress line per stage); adds start_a, start_b, cigar and the
+    traceback's figures to ``result`` and returns the alignment record for the writers."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cluster import trace
+    from cluster.alnout import summary
+
+    seqs = {"seq_a": pair.seq_a, "seq_b": pair.seq_b} if pair is not None else {}
+    if quiet:
+        traced = trace.traceback(client, job_id, **seqs)
     else:
-        click.echo(f"score {result['score']}, ends at A[{result['end_a']}] B[{result['end_b']}]")
-        click.echo(f"{result['cells']:,} cells in {result['seconds']:.2f} s: {result['gcups']:.2f} GCUPS "
-                   f"({result['tiles']} tiles on {slots} slots; job {result['job']})")
+        columns = [TextColumn("traceback: {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("trace", total=None, stage="")
+
+            def show(stage: str, view: dict) -> None:
+                bar.update(task, total=view["total"], completed=view["done"], stage=stage)
+
+            traced = trace.traceback(client, job_id, progress=show, **seqs)
+    info = client.job(job_id).value.get("align", {})
+    record = trace.record(traced, info)
+    counts = summary(record)
+    result.update(start_a=traced.start_a, start_b=traced.start_b, cigar=traced.cigar)
+    result["traceback"] = {"seconds": round(traced.timings["total_s"], 6), **{k: round(v, 6) for k, v in traced.timings.items()},
+                           "crosspoints": traced.crosspoints, "boxes": traced.boxes,
+                           **{k: counts[k] for k in ("columns", "identity", "gap_opens", "insertions", "deletions")
+                              if k in counts}}
+    return record
+
+
+def _write_outputs(record: Any, paf: Path | None, sam: Path | None, text: Path | None, dotplot: Path | None) -> None:
+    from cluster import alnout
+
+    if paf:
+        alnout.write_paf(record, paf)
+    if sam:
+        alnout.write_sam(record, sam)
+    if text:
+        alnout.write_text(record, text)
+    if dotplot:
+        alnout.write_dotplot(record, dotplot)
 
 
 def _cluster_slots(config_path: Path | None) -> int:

@@ -2,7 +2,9 @@
 
 What it runs is what a user types: ``cluster up`` (3 masters, the balancer pair, 2 storage
 nodes, a worker), ``cluster status``, ``cluster align`` on pseudocat × pseudopig2 from Debian's
-``lastz-examples`` (fetched by ``deploy/fetch-data.sh``), the same pair on this machine alone
+``lastz-examples`` (fetched by ``deploy/fetch-data.sh``) with its traceback written as PAF, SAM,
+a text view and a dotplot under ``demo-output/`` (the text view's first blocks are shown), the
+same pair on this machine alone
 with ``python -m worker.sw`` for comparison, and ``cluster down``. ``--genome`` (``make
 demo-genome``) aligns the two *Helicobacter pylori* genomes of ``sibelia-examples`` instead
 (1.58 × 1.71 Mbp: minutes, not seconds).
@@ -33,6 +35,23 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return done
 
 
+def show_alignment(text: Path, blocks: int = 2) -> None:
+    """The text view's header and first blocks: what the alignment looks like."""
+    lines = text.read_text().splitlines()
+    head = [ln for ln in lines if ln.startswith("#") and ln.strip("# ")]
+    body = [ln for ln in lines if not ln.startswith("#")]
+    print(f"\n$ head {text.relative_to(ROOT)}   # the pairwise view (also PAF, SAM and a dotplot PNG there)")
+    print("\n".join(head[-8:]))
+    shown, seen = [], 0
+    for ln in body:
+        shown.append(ln)
+        if not ln.strip() and shown[:-1] and shown[-2].strip():
+            seen += 1
+            if seen == blocks + 1:
+                break
+    print("\n".join(shown).strip("\n"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     which = "genome" if "--genome" in argv else "small"
@@ -49,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             run("up", "--dir", d)
             pids = [n["pid"] for n in json.loads(nodes_file.read_text())["nodes"] if n.get("pid")]
             run("status", "--dir", d, check=False)
-            run("align", str(a), str(b), "--config", str(Path(d) / "cluster.toml"))
+            out = ROOT / "demo-output"
+            out.mkdir(exist_ok=True)
+            files = {k: out / f"{which}.{ext}" for k, ext in (("paf", "paf"), ("sam", "sam"), ("text", "txt"),
+                                                              ("dotplot", "png"))}
+            run("align", str(a), str(b), "--config", str(Path(d) / "cluster.toml"),
+                *[x for k, f in files.items() for x in (f"--{k}", str(f))])
+            show_alignment(files["text"])
             if which == "small":
                 print("(a pair this small is mostly the slots' kernel load and per-tile costs; `make demo-genome` "
                       "shows the cluster's rate: ~15 GCUPS on 2 cores, doc/benchmarks.md)")

@@ -91,6 +91,12 @@ def validate_spec(kind: str, spec: Any, encoded_size: int) -> dict[str, Any]:
     if not isinstance(keep, bool):
         raise SpecError("bad_spec", "'keep_results' must be true or false")
     out["keep_results"] = keep
+    # Output names a task keeps when it is folded away (e.g. a tile's special rows, which the
+    # traceback reads after the score pass): the job owns them until it is released.
+    keep_files = spec.get("keep_files", [])
+    if not isinstance(keep_files, list) or not all(isinstance(n, str) and n for n in keep_files):
+        raise SpecError("bad_spec", "'keep_files' must be a list of output names (e.g. [\"rows\"])")
+    out["keep_files"] = keep_files
     _failure_rules(kind, spec, out)
     return out
 

@@ -416,7 +416,8 @@ class Ledger:
         if not names:
             return
         prefix = f"task-{task_id}."
-        for name in [n for n in names if n.startswith(prefix)]:
+        kept = {prefix + n for n in job.spec.get("keep_files", ())}
+        for name in [n for n in names if n.startswith(prefix) and n not in kept]:
             file_id = names[name]
             self._unname(job.job_id, name)
             record = self.state.files.get(file_id)
@@ -698,6 +699,7 @@ class Ledger:
             "duplicates": job.duplicates,
             "reduced": job.reduced,
             "error": job.error,
+            **({"align": job.spec["align"]} if "align" in job.spec else {}),
         }
 
     def jobs_view(self, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:

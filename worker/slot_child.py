@@ -149,6 +149,8 @@ class Server:
     def _run(self, request: dict) -> bytes:
         if request["op"] == "tile":
             return self._tile(request)
+        if request["op"] == "trace":
+            return self._trace(request)
         fn = self._function(request["function"])
         try:
             args, kwargs = pickle.loads(request["arguments"])
@@ -181,6 +183,20 @@ class Server:
         if len(self.functions) > FUNCTION_CACHE:
             self.functions.popitem(last=False)
         return fn
+
+    def _trace(self, request: dict) -> bytes:
+        from worker import trace_tasks
+
+        try:
+            summary = trace_tasks.run_trace(request["request"], request["out"])
+        except trace_tasks.TraceTaskError as exc:
+            print(f"trace task refused: {exc}", file=sys.stderr)
+            raise _Failed(RAISED, str(exc)) from None
+        except BaseException as exc:  # noqa: BLE001
+            raise _fail(RAISED, "", exc) from None
+        import msgspec
+
+        return msgspec.msgpack.encode(summary)
 
     def _tile(self, request: dict) -> bytes:
         if self.tiles is None:

@@ -42,6 +42,7 @@ import dataclasses
 import os
 import pickle
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -57,7 +58,7 @@ from worker.executor import OUTPUT_CAP_BYTES, Limits, Outcome, _Capture, _mib, _
 CLOSE_GRACE_S = 2.0
 _LENGTH = struct.Struct("<Q")
 _READ_CHUNK = 1 << 16
-_COUNTERS = ("tasks", "callables", "tiles", "commands", "failed", "spawns", "restarts",
+_COUNTERS = ("tasks", "callables", "tiles", "traces", "commands", "failed", "spawns", "restarts",
              "timeouts", "deaths", "idle_deaths", "limit_restarts")
 
 
@@ -160,10 +161,32 @@ class Slot:
             request = {**request, **{k: _absolute(request[k]) for k in ("a", "b", "boundaries")
                                      if k in request}}
         _unlink(out)  # a stale file from an earlier run must not pass for this one's
+        _unlink(out.with_name("rows.swr"))
         outcome = self._run_in_child("tile", {"op": "tile", "request": request, "out": str(out)},
                                      scratch, limits)
         if outcome.ok:
-            outcome = dataclasses.replace(outcome, outputs={"boundary": out})
+            outputs = {"boundary": out}
+            rows = out.with_name("rows.swr")  # worker.tiles.rows_path: the special rows, if kept
+            if rows.exists():
+                outputs["rows"] = rows
+            outcome = dataclasses.replace(outcome, outputs=outputs)
+        return outcome
+
+    def run_trace(self, request: dict, scratch: Path, limits: Limits = Limits()) -> Outcome:
+        """Run a traceback task (``worker.trace_tasks``) in the slot's child. ``Outcome.result``
+        is the summary in MessagePack; a CIGAR too long to travel inline is
+        ``Outcome.outputs["cigar"]``."""
+        scratch = Path(os.path.abspath(scratch))
+        out = scratch / "trace"
+        if isinstance(request, dict):
+            request = {**request, **{k: _absolute(request[k]) for k in ("a", "b", "rows") if k in request}}
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        outcome = self._run_in_child("trace", {"op": "trace", "request": request, "out": str(out)},
+                                     scratch, limits)
+        if outcome.ok:
+            outputs = {p.stem: p for p in out.iterdir() if p.is_file()}
+            outcome = dataclasses.replace(outcome, outputs=outputs)
         return outcome
 
     def run_command(self, argv: list[str], env: dict[str, str] | None, scratch: Path,
@@ -369,7 +392,7 @@ class Slot:
         else:
             self.counters["deaths"] += 1
             ending_error = run.ending_error(Limits(memory_bytes=child.memory_bytes))
-            done = "the callable returned" if kind == "callable" else "the tile was done"
+            done = {"callable": "the callable returned", "trace": "the trace task was done"}.get(kind, "the tile was done")
             error = f"{ending_error or 'exit status 0'} before {done}"
         usage = ending.usage
         cpu_s = max(0.0, usage.ru_utime + usage.ru_stime - cpu_before)

@@ -37,7 +37,7 @@ from proto.ids import join128
 from proto.messages import WorkerRequest
 from storage.blobs import file_id_of_path, parse_id
 from storage.transfer import LinkPool, TransferError, upload_ranked
-from worker import slot_child, tiles
+from worker import slot_child, tiles, trace_tasks
 from worker.executor import Limits, Outcome
 
 log = logging.getLogger("cluster.worker")
@@ -95,7 +95,9 @@ class TaskRunner:
                 return self._command(slot, run, task, scratch, limits)
             if request.kind == "tile":
                 return self._tile(slot, request, run, task, scratch, limits)
-            raise TaskError(f"unknown task kind {request.kind!r} (this worker runs call, command, tile)")
+            if request.kind == "trace":
+                return self._trace(slot, run, task, scratch, limits)
+            raise TaskError(f"unknown task kind {request.kind!r} (this worker runs call, command, tile, trace)")
         except TaskError as exc:
             return Ended(FAILED, -1, {}, error=str(exc))
         except Exception as exc:  # a bug or an I/O failure here is the attempt's, not the worker's
@@ -174,6 +176,41 @@ class TaskRunner:
             if boundary is None:
                 raise TaskError("the tile left no boundary file")
             ended.result_file = self._store(boundary, "boundary", ended)
+            rows = outcome.outputs.get("rows")
+            if rows is not None:  # the traceback's special rows: the job keeps them (keep_files)
+                ended.summary["rows_bytes"] = rows.stat().st_size
+                self._store(rows, "rows", ended)
+        self._logs(outcome, scratch, ended)
+        return ended
+
+    def _trace(self, slot: Any, run: dict, task: dict, scratch: Path, limits: Limits) -> Ended:
+        order = {k: v for k, v in {**run, **task}.items() if k in trace_tasks.REQUEST_KEYS}
+        for side in ("a", "b"):
+            fid = parse_id(order.get(side)) if isinstance(order.get(side), str) else None
+            if fid is None:
+                raise TaskError(f"a trace task needs '{side}': the file id of a sequence")
+            order[side] = str(self._path(fid))
+        if "rows" in order:
+            rows = order["rows"]
+            if not isinstance(rows, list) or not all(isinstance(r, str) and parse_id(r) for r in rows):
+                raise TaskError("'rows' must list the special-rows files' ids")
+            missing = []
+            paths = []
+            for hex_id in rows:
+                try:
+                    paths.append(str(self._path(parse_id(hex_id))))
+                except TaskError:
+                    missing.append(hex_id)
+            if missing:
+                raise TaskError(f"{len(missing)} of the {len(rows)} special-rows files are no longer stored "
+                                f"(first {missing[0]}): the score pass must be recomputed")
+            order["rows"] = paths
+        outcome = slot.run_trace(order, scratch, limits)
+        ended = self._base(outcome)
+        if outcome.ok:
+            ended.summary.update(msgspec.msgpack.decode(outcome.result) if outcome.result else {})
+            if "cigar" in outcome.outputs:
+                ended.result_file = self._store(outcome.outputs["cigar"], "cigar", ended)
         self._logs(outcome, scratch, ended)
         return ended
 

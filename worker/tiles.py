@@ -23,6 +23,10 @@ Boundary file (little-endian): a 68-byte header (magic ``b"SWB1"``, version u32,
 col, T, W, score, end_a, end_b as i64, then flags u32, bit 0 = pruned), then ``bottom_h``
 (W + 1 int32), ``bottom_f`` (W), ``right_h`` (T), ``right_e`` (T). It is written under a temporary name and renamed, so a reader
 never sees half of one.
+
+With ``special_stride`` the tile also keeps the traceback's special rows (every reference row
+``r`` with ``(r + 1) % special_stride == 0``) in ``rows.swr`` beside the boundary file
+(``worker.sw.special_rows``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 
 from worker.sw import kernels
 from worker.sw.scoring import Scoring, ScoringError, SequenceError, encode
+from worker.sw.special_rows import write_rows
 from worker.sw.tile import edge_left, edge_top, sw_tile
 
 MAGIC = b"SWB1"
@@ -44,7 +49,7 @@ FLAG_PRUNED = 1
 _HEADER = struct.Struct("<4sIqqqqqqqI")
 _INT32 = np.dtype("<i4")
 _REQUIRED = ("a", "b", "row", "col", "tile_rows", "tile_cols", "boundaries")
-_OPTIONAL = ("scoring", "kernel", "best_so_far")
+_OPTIONAL = ("scoring", "kernel", "best_so_far", "special_stride")
 REQUEST_KEYS = frozenset(_REQUIRED + _OPTIONAL)  # what run_tile takes, and nothing else
 
 
@@ -137,13 +142,16 @@ def run_tile(request: dict, out_path: str | Path) -> dict:
     its summary: ``score``, ``end_a``, ``end_b`` (global coordinates), ``cells``, ``pruned``,
     ``fallback_steps``. A bad request raises ``TileError`` (see the module docstring)."""
     _check_keys(request)
-    scoring = _scoring(request.get("scoring"))
+    scoring = parse_scoring(request.get("scoring"))
     kernel = request.get("kernel", "int16")
     if kernel not in kernels.BUILDS:
         raise TileError(f"kernel must be one of {sorted(kernels.BUILDS)}, got {kernel!r}")
     best_so_far = request.get("best_so_far")
     if best_so_far is not None and not _is_int(best_so_far):
         raise TileError(f"best_so_far must be an integer, got {best_so_far!r}")
+    stride = request.get("special_stride")
+    if stride is not None and (not _is_int(stride) or stride < 1):
+        raise TileError(f"special_stride must be a positive integer, got {stride!r}")
     grid = _locate(request)
     try:
         scoring.check_lengths(grid.len_a, grid.len_b)
@@ -155,13 +163,23 @@ def run_tile(request: dict, out_path: str | Path) -> dict:
     try:
         result = sw_tile(a, b, top_h, top_f, left_h, left_e, grid.row0, grid.col0, scoring,
                          kernel=kernel, best_so_far=best_so_far,
-                         rows_to_end=grid.len_b - grid.row0, cols_to_end=grid.len_a - grid.col0)
+                         rows_to_end=grid.len_b - grid.row0, cols_to_end=grid.len_a - grid.col0,
+                         special_stride=stride)
     except ValueError as exc:  # sw_tile checks the borders' values (lengths were checked above)
         raise BoundaryError(f"the neighbours' borders are unusable: {exc}") from None
     write_boundary(out_path, grid.row, grid.col, result)
+    if stride:
+        write_rows(rows_path(out_path), grid.row, grid.col, grid.row0, grid.col0, grid.width, stride,
+                   result.special, pruned=result.pruned)
     return {"score": result.score, "end_a": result.end_a, "end_b": result.end_b,
             "cells": grid.height * grid.width, "pruned": result.pruned,
             "fallback_steps": result.fallback_steps}
+
+
+def rows_path(out_path: str | Path) -> Path:
+    """Where ``run_tile`` writes the tile's special rows (with ``special_stride``): next to its
+    boundary file."""
+    return Path(out_path).with_name("rows.swr")
 
 
 def _is_int(value) -> bool:
@@ -193,7 +211,8 @@ def _check_keys(request) -> None:
         raise TileError(f"boundaries must be a list of paths, got {boundaries!r}")
 
 
-def _scoring(given) -> Scoring:
+def parse_scoring(given) -> Scoring:
+    """A request's ``scoring`` dict (None: the defaults) as a Scoring; TileError if it is bad."""
     if given is None:
         return Scoring()
     if not isinstance(given, dict):

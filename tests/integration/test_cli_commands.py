@@ -158,6 +158,51 @@ def test_align_rejects_bad_input_in_one_line(home, tmp_path):
     assert "empty" in one_line_error(run(home, "align", str(empty), str(good)))
 
 
+def test_align_traces_the_alignment_and_writes_every_output(home, tmp_path):
+    """A planted 1.5 kbp copy in random flanks: --json has the start and the CIGAR, which re-score
+    to the score; PAF, SAM (htslib), the text view and the dotplot PNG are written."""
+    import numpy as np
+
+    from worker.sw import cigar
+    from worker.sw.scoring import Scoring, encode
+
+    rng = random.Random(9)
+    core = "".join(rng.choice("ACGT") for _ in range(1500))
+    mutated = "".join(c if rng.random() > 0.05 else rng.choice("ACGT") for c in core)
+    a = "".join(rng.choice("ACGT") for _ in range(700)) + core + "".join(rng.choice("ACGT") for _ in range(300))
+    b = "".join(rng.choice("ACGT") for _ in range(400)) + mutated[:700] + mutated[712:] + "".join(rng.choice("ACGT") for _ in range(900))
+    (tmp_path / "a.fa").write_text(f">chrA test pair\n{a}\n")
+    (tmp_path / "b.fa").write_text(f">chrB\n{b}\n")
+    out = {k: tmp_path / f"out.{k}" for k in ("paf", "sam", "text", "png")}
+    result = as_json(run(home, "align", str(tmp_path / "a.fa"), str(tmp_path / "b.fa"), "--json", "--tile", "512",
+                         "--paf", str(out["paf"]), "--sam", str(out["sam"]), "--text", str(out["text"]),
+                         "--dotplot", str(out["png"]), timeout=240))
+    ops = cigar.parse(result["cigar"])
+    assert cigar.rescore(ops, encode(a), encode(b), result["start_a"], result["start_b"], Scoring()) == result["score"]
+    in_a, in_b = cigar.consumed(ops)
+    assert result["start_a"] + int(in_a.sum()) - 1 == result["end_a"]
+    assert result["start_b"] + int(in_b.sum()) - 1 == result["end_b"]
+    assert 600 <= result["start_a"] <= 760 and 350 <= result["start_b"] <= 460, result  # the planted copy
+    paf = out["paf"].read_text().rstrip("\n").split("\t")
+    assert paf[0] == "chrA" and int(paf[2]) == result["start_a"] and int(paf[3]) == result["end_a"] + 1
+    assert f"cg:Z:{result['cigar']}" in paf and f"AS:i:{result['score']}" in paf
+    pysam = pytest.importorskip("pysam")
+    with pysam.AlignmentFile(str(out["sam"])) as sam:
+        (read,) = list(sam)
+        assert read.reference_start == result["start_b"] and read.get_tag("AS") == result["score"]
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Score: " in out["text"].read_text()
+    assert np.all(ops <= 3)
+
+
+def test_align_refuses_contradictory_options_in_one_line(home, tmp_path):
+    (tmp_path / "a.fa").write_text(">a\nACGTACGTAC\n")
+    fa = str(tmp_path / "a.fa")
+    assert "need the traceback" in one_line_error(run(home, "align", fa, fa, "--no-traceback", "--paf", "x.paf"))
+    assert "--recompute goes with --job" in one_line_error(run(home, "align", fa, fa, "--recompute"))
+    assert "not a size" in one_line_error(run(home, "align", fa, fa, "--rows-budget", "lots"))
+
+
 def test_cancel_a_running_command(home):
     started = run(home, "submit", "--no-wait", "--", "sleep", "60")
     assert started.returncode == 0, started.stderr

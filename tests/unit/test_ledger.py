@@ -204,6 +204,9 @@ BAD_SUBMISSIONS = [
     ("grid", {"rows": 2, "cols": 0}, "bad_spec", ["'cols'", "0"]),
     ("grid", {"rows": 2**31, "cols": 2**31}, "bad_spec", ["over"]),
     ("grid", {"rows": 2, "cols": 2, "depends": "diagonal"}, "bad_spec", ["'depends'", "'diagonal'"]),
+    ("grid", {"rows": 2, "cols": 2, "keep_files": "rows"}, "bad_spec", ["'keep_files'"]),
+    ("grid", {"rows": 2, "cols": 2, "keep_files": ["rows", ""]}, "bad_spec", ["'keep_files'"]),
+    ("grid", {"rows": 2, "cols": 2, "keep_files": [3]}, "bad_spec", ["'keep_files'"]),
     ("range", {}, "bad_spec", ["'count'"]),
     ("range", {"count": -1}, "bad_spec", ["'count'", "-1"]),
     ("range", {"count": 0}, "bad_spec", ["'count'"]),
@@ -552,6 +555,20 @@ def test_a_consumed_boundary_is_released_so_the_job_holds_only_its_frontier():
     assert fid(0) not in ledger.state.files and "task-0.boundary" not in ledger.state.named[J]
     run(3)
     assert J not in ledger.state.named and not ledger.state.files  # every boundary read: none kept
+
+
+def test_keep_files_survive_the_fold_and_stay_owned_by_the_job():
+    """An alignment's special rows: the traceback reads them after the score pass."""
+    ledger = Ledger()
+    submit(ledger, "grid", {"rows": 2, "cols": 2, "keep_files": ["rows"]})
+    J = jid(1)
+    for tile in (0, 1, 2, 3):
+        files = [[fid(tile), 10, ["s1", "s2"], "boundary"], [fid(10 + tile), 99, ["s1", "s2"], "rows"]]
+        assert run_task(ledger, J, tile, result_file=fid(tile), files=files).code == "recorded"
+    assert ledger.state.named[J] == {f"task-{t}.rows": fid(10 + t) for t in (0, 1, 2, 3)}
+    assert all(fid(t) not in ledger.state.files for t in (0, 1, 2, 3))  # the boundaries went
+    assert ledger.state.files[fid(12)].refs == {J: "task-2.rows"}
+    ledger.validate_state()
 
 
 def test_grid_with_keep_results_keeps_every_tile():

@@ -148,6 +148,53 @@ def test_a_two_by_two_grid_through_a_slot(tmp_path):
     assert best_of(summaries) == (whole.score, whole.end_a, whole.end_b)
 
 
+def test_special_rows_and_the_trace_tasks_through_a_slot(tmp_path):
+    """The score pass keeps its special rows through a slot (rows.swr beside the boundary), and
+    the traceback's two task kinds read them there: the crosspoints, then every box, whose CIGARs
+    re-score to the best."""
+    from worker.sw import cigar, trace
+    from worker.sw.scoring import Scoring
+    from worker.sw.special_rows import read_rows
+
+    a, b = planted_pair(520, 480, seed=3)
+    pa, pb = write_pair(tmp_path, a, b)
+    out_of = lambda r, c: tmp_path / f"s{r}{c}" / "boundary.swb"  # noqa: E731
+    summaries, rows = [], []
+    with Slot(0) as slot:
+        for row, col in wavefront(2, 2):
+            out = slot.run_tile(request_for(pa, pb, row, col, out_of, special_stride=64),
+                                tmp_path / f"s{row}{col}", Limits(timeout_s=60))
+            assert out.ok, out.error
+            assert set(out.outputs) == {"boundary", "rows"}
+            rows.append(str(out.outputs["rows"]))
+            summaries.append(msgspec.msgpack.decode(out.result))
+        assert [r for r in sorted(read_rows(rows[0]).offsets)] == [63, 127, 191, 255]
+        score, end_a, end_b = best_of(summaries)
+        crossing = slot.run_trace({"op": "crosspoints", "a": str(pa), "b": str(pb), "scoring": SCORING,
+                                   "end_a": end_a, "end_b": end_b, "score": score, "rows": rows},
+                                  tmp_path / "x", Limits(timeout_s=60))
+        assert crossing.ok, crossing.error
+        points = [trace.Point(*p) for p in msgspec.msgpack.decode(crossing.result)["points"]]
+        ops = []
+        for box in trace.boxes(points):
+            out = slot.run_trace({"op": "box", "a": str(pa), "b": str(pb), "scoring": SCORING, **box.as_dict()},
+                                 tmp_path / "x", Limits(timeout_s=60))
+            assert out.ok, out.error
+            ops.append(cigar.parse(msgspec.msgpack.decode(out.result)["cigar"]))
+        bad = slot.run_trace({"op": "crosspoints", "a": str(pa), "b": str(pb), "end_a": end_a, "end_b": end_b,
+                              "score": score, "rows": rows[:3]}, tmp_path / "x")
+        assert not bad.ok and "a tile's file is missing" in bad.error
+    start_a, start_b = points[-1].a + 1, points[-1].b + 1
+    assert cigar.rescore(np.concatenate(ops), encode(a), encode(b), start_a, start_b, Scoring(**SCORING)) == score
+
+
+def test_a_bad_special_stride_is_refused(tmp_path):
+    a, b = planted_pair(200, 200)
+    pa, pb = write_pair(tmp_path, a, b)
+    with pytest.raises(TileError, match="special_stride must be a positive integer"):
+        run_tile(request_for(pa, pb, 0, 0, lambda r, c: tmp_path / "x", special_stride=0), tmp_path / "o.swb")
+
+
 # -- bad requests ------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ Such outputs are lower bounds that cannot change any cell scoring ``best_so_far`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,6 +47,7 @@ class TileResult:
     end_b: int
     pruned: bool = False
     fallback_steps: int = 0
+    special: list = field(default_factory=list)  # (row, h, f): see sw_tile's special_stride
 
 
 def edge_top(width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +83,11 @@ def compute_rectangle(build: kernels.Build, a_q: np.ndarray, b: np.ndarray,
     wb = min(BLOCK, W)
     nblocks = W // wb
     wmain = nblocks * wb
-    hb = max(1, min(BAND, T // L))
+    # As many rounds of L bands as BAND-row bands need, then the rows spread evenly over them:
+    # a rectangle of 8,192 rows runs as 2 full rounds of 256-row bands rather than 25 bands of
+    # 320 (1.6 rounds, the second one 9 lanes of 16 busy).
+    rounds = max(1, -(-T // (L * BAND)))
+    hb = max(1, min(BAND, T // (L * rounds)))
     nbands = T // hb
     tmain = nbands * hb
     right_top = bnd_h[wmain:].copy()  # the right strip's top row, corner included
@@ -142,13 +147,19 @@ def _as_border(values, length: int, name: str) -> np.ndarray:
 def sw_tile(a: np.ndarray, b: np.ndarray, top_h, top_f, left_h, left_e, row0: int = 0,
             col0: int = 0, scoring: Scoring = Scoring(), *, kernel: str = "int16",
             best_so_far: int | None = None, rows_to_end: int | None = None,
-            cols_to_end: int | None = None) -> TileResult:
+            cols_to_end: int | None = None, special_stride: int | None = None) -> TileResult:
     """Compute one tile (see the module docstring for the contract).
 
     ``a``/``b`` are codes from ``scoring.encode`` (query and reference segments). ``kernel``
     picks the build: "int16" (int16 lanes, exact int32 fallback per step) or "int32". Pruning
     applies when ``best_so_far`` is given; ``rows_to_end``/``cols_to_end`` default to the
     tile's own size (a tile at the matrix end).
+
+    ``special_stride`` keeps the traceback's special rows: the H and F rows of every global
+    reference row ``r`` of the tile with ``(r + 1) % special_stride == 0`` land in
+    ``TileResult.special`` as ``(r, h, f)`` (``h`` with the corner in front, as ``bottom_h``).
+    The tile is then computed as a stack of rectangles cut at those rows; a pruned tile keeps
+    none (its rows are H = 0, F = NEG by definition).
     """
     a = np.ascontiguousarray(a, dtype=np.uint8)
     b = np.ascontiguousarray(b, dtype=np.uint8)
@@ -167,7 +178,24 @@ def sw_tile(a: np.ndarray, b: np.ndarray, top_h, top_f, left_h, left_e, row0: in
         return TileResult(*pruned_borders(W, T, int(col_h[-1])), 0, col0, row0, pruned=True)
     best = np.array([0, row0, col0], np.int64)
     build = kernels.load(kernel)
-    fallbacks = compute_rectangle(build, query_codes(a), b, bnd_h, bnd_f, col_h, col_e,
-                                  scoring, row0, col0, best)
+    a_q = query_codes(a)
+    special = []
+    cuts = [T]
+    if special_stride:
+        if special_stride < 1:
+            raise ValueError(f"special_stride must be at least 1, got {special_stride}")
+        first = (-(row0 + 1)) % special_stride  # the first local row r with (row0+r+1) % stride == 0
+        cuts = list(range(first + 1, T + 1, special_stride))
+        if not cuts or cuts[-1] != T:
+            cuts.append(T)
+    fallbacks = 0
+    start = 0
+    for stop in cuts:
+        fallbacks += compute_rectangle(build, a_q, b[start:stop], bnd_h, bnd_f,
+                                       col_h[start:stop], col_e[start:stop], scoring,
+                                       row0 + start, col0, best)
+        if special_stride and (row0 + stop) % special_stride == 0:
+            special.append((row0 + stop - 1, bnd_h.copy(), bnd_f.copy()))
+        start = stop
     return TileResult(bnd_h, bnd_f, col_h, col_e, int(best[0]), int(best[2]), int(best[1]),
-                      fallback_steps=fallbacks)
+                      fallback_steps=fallbacks, special=special)
