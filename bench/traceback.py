@@ -55,7 +55,7 @@ def report(out, rows: list[dict]) -> None:
         t = r.get("traceback")
         if not t:
             continue
-        out(f"traceback {r['pair']} tile {r['tile_rows']}: {t['seconds']:.2f} s = {t['fraction_of_score_pass']:.1%} of the "
+        out(f"traceback {r.get('pair', '')} tile {r['tile_rows']}: {t['seconds']:.2f} s = {t['fraction_of_score_pass']:.1%} of the "
             f"score pass ({r['seconds']:.2f} s; goal <= 25%): crosspoints {t['crosspoints_s']:.2f} s ({t['crosspoints']} "
             f"points, task {t['crosspoints_task_s']:.2f} s of which loading rows {t['crosspoints_load_rows_s']:.2f} s), "
             f"boxes {t['boxes_s']:.2f} s ({t['boxes']} tasks, {t['box_task_s_sum']:.2f} s of slot time), join and "

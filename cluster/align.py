@@ -39,12 +39,12 @@ MAX_TILE = 65_536
 MIN_TILE = 1_024
 BLOCK = 128  # the kernels' block width (worker.sw.tile.BLOCK): tiles are multiples of it
 # The special rows the traceback starts from (worker.sw.special_rows): every `stride`-th reference
-# row's H and F, 8 bytes a query letter before compression (they pack 9-15x smaller on disk).
+# row's H and F, 8 bytes a query letter before compression (they pack ~14x smaller on disk).
 # The budget bounds those raw bytes; a denser stride makes the traceback's crosspoint search
 # cheaper (it costs about stride x the path's length). 4 GiB keeps 8,192-row strides on the
 # H. pylori pair (~0.3 GB on disk).
 ROWS_BUDGET = 4 << 30
-MIN_STRIDE = 1_024  # below this a tile's stacked rectangles waste their lanes' ramp
+MIN_STRIDE = 8_192  # two rounds of the 16 lanes x 256-row bands: fewer rows pay the lanes' ramp too often
 
 
 @dataclass(frozen=True)
@@ -90,19 +90,25 @@ def tile_size(length_a: int, length_b: int, slots: int) -> tuple[int, int]:
 
     def side(n: int) -> int:
         want = math.ceil(n / (2 * slots))
-        return max(MIN_TILE, min(MAX_TILE, -(-want // BLOCK) * BLOCK))
+        # past one round of the kernels' lanes, whole rounds (multiples of MIN_STRIDE): the tile's
+        # special rows then cut it into rectangles that split into whole rounds too
+        unit = MIN_STRIDE if want > MIN_STRIDE else BLOCK
+        return max(MIN_TILE, min(MAX_TILE, -(-want // unit) * unit))
 
     return side(length_b), side(length_a)
 
 
 def special_stride(length_a: int, length_b: int, tile_rows: int, budget: int = ROWS_BUDGET) -> int:
-    """The rows between two special rows: ``tile_rows`` halved until the rows' raw bytes
-    (8 per query letter a row) would pass ``budget`` or the stride ``MIN_STRIDE``; at least one
-    special row per tile row whatever the budget."""
-    stride = tile_rows
-    while stride % 2 == 0 and stride // 2 >= MIN_STRIDE and (length_b // (stride // 2)) * 8 * length_a <= budget:
-        stride //= 2
-    return stride
+    """The rows between two special rows: the smallest divisor of ``tile_rows`` that is a
+    multiple of ``MIN_STRIDE`` and keeps the rows' raw bytes (8 per query letter a row) within
+    ``budget``; ``tile_rows`` itself (one special row per tile row, whatever the budget) when
+    none is."""
+    if tile_rows % MIN_STRIDE:
+        return tile_rows
+    for stride in range(MIN_STRIDE, tile_rows, MIN_STRIDE):
+        if tile_rows % stride == 0 and (length_b // stride) * 8 * length_a <= budget:
+            return stride
+    return tile_rows
 
 
 def submit_alignment(client: Client, pair: Pair, *, scoring: dict[str, int] | None = None, kernel: str = "int16",

@@ -83,11 +83,7 @@ def compute_rectangle(build: kernels.Build, a_q: np.ndarray, b: np.ndarray,
     wb = min(BLOCK, W)
     nblocks = W // wb
     wmain = nblocks * wb
-    # As many rounds of L bands as BAND-row bands need, then the rows spread evenly over them:
-    # a rectangle of 8,192 rows runs as 2 full rounds of 256-row bands rather than 25 bands of
-    # 320 (1.6 rounds, the second one 9 lanes of 16 busy).
-    rounds = max(1, -(-T // (L * BAND)))
-    hb = max(1, min(BAND, T // (L * rounds)))
+    hb = _band_height(T, L)
     nbands = T // hb
     tmain = nbands * hb
     right_top = bnd_h[wmain:].copy()  # the right strip's top row, corner included
@@ -104,6 +100,22 @@ def compute_rectangle(build: kernels.Build, a_q: np.ndarray, b: np.ndarray,
         fallbacks += compute_rectangle(build, a_q, b[tmain:], bnd_h, bnd_f, col_h[tmain:],
                                        col_e[tmain:], scoring, row0 + tmain, col0, best)
     return fallbacks
+
+
+def _band_height(T: int, L: int) -> int:
+    """Rows per band: whole rounds of L bands. Where T splits exactly into rounds of bands of
+    BAND/2..BAND rows, that split (53,248 rows: 13 rounds of 256); else as many rounds as
+    BAND-row bands need, the rows spread evenly over them (8,000 rows: 2 rounds of 250, not 25
+    bands of 320, whose second round keeps 9 of 16 lanes busy). The rows left over run as a
+    strip of short bands, a whole sweep of the width for a few rows: worth avoiding."""
+    if T % L == 0:
+        per_lane = T // L
+        exact = [per_lane // r for r in range(max(1, per_lane // BAND), per_lane // (BAND // 2) + 1)
+                 if per_lane % r == 0 and BAND // 2 <= per_lane // r <= BAND]
+        if exact:
+            return max(exact)
+    rounds = max(1, -(-T // (L * BAND)))
+    return max(1, min(BAND, T // (L * rounds)))
 
 
 def _schedule(nbands: int, nblocks: int, lanes: int) -> np.ndarray:
