@@ -110,7 +110,8 @@ def align(fasta_a: Path | None, fasta_b: Path | None, config_path: Path | None, 
                    f"identity {t['identity']:.1%}, {t['gap_opens']:,} gaps ({t['insertions']:,} I + "
                    f"{t['deletions']:,} D letters)")
         click.echo(f"traceback {t['seconds']:.2f} s ({t['seconds'] / max(result['seconds'], 1e-9):.0%} of the score "
-                   f"pass): {t['crosspoints']} crosspoints, {t['boxes']} boxes; CIGAR re-scores to {result['score']}")
+                   f"pass): {t['crosspoints']} crosspoints, {t['boxes']} box{'es' if t['boxes'] != 1 else ''}; CIGAR re-scores to "
+                   f"{result['score']}")
         for what, path in (("PAF", paf), ("SAM", sam), ("text", text), ("dotplot", dotplot)):
             if path:
                 click.echo(f"{what}: {path}")

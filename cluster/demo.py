@@ -41,7 +41,7 @@ def show_alignment(text: Path, blocks: int = 2) -> None:
     head = [ln for ln in lines if ln.startswith("#") and ln.strip("# ")]
     body = [ln for ln in lines if not ln.startswith("#")]
     print(f"\n$ head {text.relative_to(ROOT)}   # the pairwise view (also PAF, SAM and a dotplot PNG there)")
-    print("\n".join(head[-8:]))
+    print("\n".join(head[-8:]) + "\n")
     shown, seen = [], 0
     for ln in body:
         shown.append(ln)
