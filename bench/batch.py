@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Batch-work benchmark (issue 10), first part: the work-unit core (``master.workspec``) alone.
+
+What it measures, in this process, on this machine:
+
+* loading 10^6 units (``--units``) into one spec's ``UnitTable`` in batches of 10,000 (the size
+  one ledger command would carry): seconds, units/s, and the resident memory it added (RSS read
+  from /proc before and after, the Python objects, lists and numpy columns together);
+* a snapshot: ``to_state`` + MessagePack (msgspec) encode, its bytes and seconds; then decode +
+  ``from_state`` (the restore), and a check that the restored table is the same;
+* leasing and ending every unit in batches of 1,000 (what dispatch would do, without the
+  network): units/s; and one vectorised lease-expiry scan of the whole table.
+
+NOT measured yet (the issue's other figures need the work specs inside the replicated ledger
+and the balancer, which are not built): units drained through the cluster, the ledger's RSS per
+master, 1,000 simulated workers' dispatch latency. The JSON says so (``not_measured``).
+
+    .venv/bin/python bench/batch.py [--quick] [--units N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import msgspec  # noqa: E402
+
+from bench import machine  # noqa: E402
+from cluster import __version__  # noqa: E402
+from master.workspec import DONE, UnitTable  # noqa: E402
+
+BATCH = 10_000
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(n: int) -> dict:
+    t = UnitTable()
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    for start in range(0, n, BATCH):
+        t.add([[f"unit-{k:08d}", b"s3://bucket/input-%08d" % k] for k in range(start, min(n, start + BATCH))])
+    load_s = time.perf_counter() - t0
+    rss1 = rss_bytes()
+    t0 = time.perf_counter()
+    blob = msgspec.msgpack.encode(t.to_state())
+    snap_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    again = UnitTable.from_state(msgspec.msgpack.decode(blob))
+    restore_s = time.perf_counter() - t0
+    assert again.summary() == t.summary() and again.keys[-1] == t.keys[-1]
+    del again
+    t0 = time.perf_counter()
+    now = 0.0
+    while True:
+        got = t.lease(1000, f"w{int(now) % 1000}", now, 300.0)
+        if not got:
+            break
+        for uid in got:
+            t.end(uid, DONE, now + 1, 3)
+        now += 1
+    drain_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    t.expired(now)
+    scan_s = time.perf_counter() - t0
+    assert t.summary()["finished"] == n
+    return {"units": n, "load_s": round(load_s, 3), "load_units_per_s": round(n / load_s),
+            "rss_added_bytes": rss1 - rss0, "rss_bytes_per_unit": round((rss1 - rss0) / n, 1),
+            "snapshot_bytes": len(blob), "snapshot_s": round(snap_s, 3), "restore_s": round(restore_s, 3),
+            "snapshot_plus_restore_s": round(snap_s + restore_s, 3),
+            "lease_and_end_units_per_s": round(n / drain_s), "expiry_scan_s": round(scan_s, 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="10^5 units (a few seconds)")
+    ap.add_argument("--units", type=int, default=None, help="units to load (default 10^6; --quick 10^5)")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "batch.json"))
+    args = ap.parse_args(argv)
+    n = args.units or (100_000 if args.quick else 1_000_000)
+    started, cpu0 = time.perf_counter(), machine.cpu_times()
+    res = {"machine": machine.machine_info(cluster=__version__, msgspec=msgspec.__version__),
+           "config": {"units": n, "batch": BATCH, "what": "master.workspec.UnitTable in one process"},
+           "core": measure(n),
+           "not_measured": ["units drained through the cluster (work specs are not in the ledger yet)",
+                            "ledger RSS per master with 10^6 units", "1,000 simulated workers: dispatch p50/p99"]}
+    machine.finish(res, cpu0, started, args.json)
+    c = res["core"]
+    rows = [("units", f"{c['units']:,}"), ("load", f"{c['load_s']:.2f} s ({c['load_units_per_s']:,} units/s)"),
+            ("memory added", f"{c['rss_added_bytes'] / 2**20:.0f} MiB ({c['rss_bytes_per_unit']:.0f} B/unit)"),
+            ("snapshot", f"{c['snapshot_bytes'] / 2**20:.0f} MiB in {c['snapshot_s']:.2f} s"),
+            ("restore", f"{c['restore_s']:.2f} s (snapshot + restore {c['snapshot_plus_restore_s']:.2f} s)"),
+            ("lease + end", f"{c['lease_and_end_units_per_s']:,} units/s"),
+            ("expiry scan", f"{c['expiry_scan_s'] * 1e3:.1f} ms over all units")]
+    print("work units, master.workspec core alone (one process):")
+    for k, v in rows:
+        print(f"  {k:<14} {v}")
+    print(f"not measured yet: {'; '.join(res['not_measured'])}")
+    print(f"results in {res['json_path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""Work specs and work units: the Coordinate model's state and scheduling, as a pure core.
+
+Theory of operation
+-------------------
+A **work spec** names what to run (``run``: a callable, a command template or a tile kind, as a
+job's ``run``) and how it is scheduled: ``priority`` (absolute: a spec runs only when every spec
+of higher priority can take no more), ``weight`` (among specs of equal priority, running slots
+are shared in proportion to weight), ``max_running``, ``max_attempts``, ``lease_s`` and
+``then`` (the spec fed each finished unit's output). Its **work units** are ``(key, data)``
+pairs added in batches; a unit is available, pending (leased to a worker until ``lease_s``
+after it was handed out), finished, or failed; a lost or failed attempt makes it available
+again until its attempts run out. Every attempt is recorded (worker, start, end, outcome).
+
+Units are kept column by column (``UnitTable``): one numpy array per field (state, priority,
+attempts, lease end, holder) and plain lists for keys and data, so that a million units cost
+tens of bytes each, a snapshot is a handful of array copies, and "which leases have expired" is
+one vectorised comparison. The available units wait in one FIFO per unit priority.
+
+``allocate`` decides how many units each spec gets when the balancers ask for ``n``: strict
+priority between tiers, then, within a tier, one slot at a time to the spec whose running
+count is lowest relative to its weight (stride scheduling: the shares converge to the weights),
+never past ``max_running`` or a spec's available units.
+
+Nothing here reads a clock, a socket or a disk: ``now`` is an argument, as everywhere in the
+ledger, so that every master applying the same commands reaches the same state.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+AVAILABLE, PENDING, FINISHED, FAILED = 0, 1, 2, 3
+STATE_NAMES = ("available", "pending", "finished", "failed")
+DONE, LOST, FAILED_OUTCOME = 0, 1, 2  # how an attempt ended
+OUTCOME_NAMES = ("done", "lost", "failed")
+MAX_KEY = 1024  # bytes of a unit key
+MAX_DATA = 64 << 10  # bytes of a unit's data; bigger inputs belong in storage files
+SPEC_KEYS = frozenset(("name", "run", "priority", "weight", "max_running", "max_attempts", "lease_s", "then",
+                       "paused"))
+
+
+class WorkSpecError(ValueError):
+    """A spec or a batch of units the ledger refuses; ``code`` is stable, ``text`` says why."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+@dataclass
+class WorkSpec:
+    """A validated work spec (see the module docstring)."""
+
+    name: str
+    run: dict[str, Any]
+    priority: int = 0
+    weight: float = 1.0
+    max_running: int | None = None
+    max_attempts: int = 3
+    lease_s: float = 300.0
+    then: str | None = None
+    paused: bool = False
+
+
+def validate_spec(spec: Any, known: Iterable[str] = ()) -> WorkSpec:
+    """Check a submitted spec; ``known`` are the specs already there (for ``then``).
+    Raises WorkSpecError naming the field."""
+    if not isinstance(spec, dict) or not all(isinstance(k, str) for k in spec):
+        raise WorkSpecError("bad_spec", "a work spec is a map with string keys")
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise WorkSpecError("bad_spec", f"a work spec has no {', '.join(repr(k) for k in unknown)}; "
+                                        f"it takes {', '.join(sorted(SPEC_KEYS))}")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name or len(name) > 200 or "/" in name:
+        raise WorkSpecError("bad_spec", f"'name' must be 1-200 characters without '/', not {name!r}")
+    run = spec.get("run")
+    if not isinstance(run, dict) or not isinstance(run.get("kind"), str):
+        raise WorkSpecError("bad_spec", "'run' must be a map with a 'kind' (call, command, tile...)")
+    priority = spec.get("priority", 0)
+    if not _is_int(priority) or not -(2**31) <= priority < 2**31:
+        raise WorkSpecError("bad_spec", f"'priority' must be an integer, not {priority!r}")
+    weight = spec.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise WorkSpecError("bad_weight", f"'weight' must be a positive number (a share of the running slots), "
+                                          f"not {weight!r}")
+    max_running = spec.get("max_running")
+    if max_running is not None and (not _is_int(max_running) or max_running < 0):
+        raise WorkSpecError("bad_spec", f"'max_running' must be a non-negative integer or absent, not {max_running!r}")
+    max_attempts = spec.get("max_attempts", 3)
+    if not _is_int(max_attempts) or not 1 <= max_attempts <= 100:
+        raise WorkSpecError("bad_spec", f"'max_attempts' must be an integer from 1 to 100, not {max_attempts!r}")
+    lease_s = spec.get("lease_s", 300)
+    if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 < lease_s <= 7 * 86400:
+        raise WorkSpecError("bad_spec", f"'lease_s' must be seconds from 0 to a week, not {lease_s!r}")
+    then = spec.get("then")
+    if then is not None:
+        if not isinstance(then, str):
+            raise WorkSpecError("bad_spec", f"'then' names another work spec, not {then!r}")
+        if then == name:
+            raise WorkSpecError("then_cycle", f"spec {name!r} cannot feed itself ('then' is its own name)")
+        if then not in set(known):
+            raise WorkSpecError("unknown_spec", f"'then' names {then!r}, which is not a work spec; add it first")
+    paused = spec.get("paused", False)
+    if not isinstance(paused, bool):
+        raise WorkSpecError("bad_spec", f"'paused' must be true or false, not {paused!r}")
+    return WorkSpec(name, run, priority, float(weight), max_running, max_attempts, float(lease_s), then, paused)
+
+
+def check_chain(specs: dict[str, WorkSpec], name: str, then: str | None) -> None:
+    """Refuse a ``then`` that closes a cycle through existing specs."""
+    path = [name]
+    while then is not None:
+        path.append(then)
+        if then in path[:-1]:
+            raise WorkSpecError("then_cycle", f"'then' makes a cycle: {' -> '.join(path)}")
+        then = specs[then].then if then in specs else None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Column:
+    """A growable numpy column (amortised doubling)."""
+
+    def __init__(self, dtype: Any, fill: Any = 0) -> None:
+        self.fill = fill
+        self.data = np.full(16, fill, dtype)
+        self.n = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        need = self.n + len(values)
+        if need > len(self.data):
+            grown = np.full(max(need, 2 * len(self.data)), self.fill, self.data.dtype)
+            grown[:self.n] = self.data[:self.n]
+            self.data = grown
+        self.data[self.n:need] = values
+        self.n = need
+
+    @property
+    def view(self) -> np.ndarray:
+        return self.data[:self.n]
+
+
+@dataclass
+class Attempt:
+    """One attempt of a unit, as the history keeps it."""
+
+    unit: int
+    worker: str
+    start: float
+    end: float | None
+    outcome: str | None
+
+
+class UnitTable:
+    """The work units of one spec, column by column (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.data: list[bytes] = []
+        self.index: dict[str, int] = {}
+        self.state = _Column(np.uint8)
+        self.priority = _Column(np.int32)
+        self.attempts = _Column(np.uint8)
+        self.lease_until = _Column(np.float64, np.inf)
+        self.holder = _Column(np.int32, -1)
+        self.workers: list[str] = []  # holder index -> worker name
+        self._worker_ix: dict[str, int] = {}
+        self.available: dict[int, deque[int]] = {}  # unit priority -> FIFO of unit ids
+        self.counts = [0, 0, 0, 0]  # per state
+        # the attempt history, one row per attempt (unit, worker, start, end, outcome; end NaN: open)
+        self.h_unit = _Column(np.int64)
+        self.h_worker = _Column(np.int32)
+        self.h_start = _Column(np.float64)
+        self.h_end = _Column(np.float64, np.nan)
+        self.h_outcome = _Column(np.int8, -1)
+        self.open_attempt: dict[int, int] = {}  # unit -> its open history row
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    # ---- adding ---------------------------------------------------------------------------------
+
+    def add(self, units: list, priority: int = 0) -> int:
+        """Add ``units``, each ``[key, data]`` (str, bytes) or ``[key, data, priority]``, all or
+        nothing: a malformed unit or a key already there (or twice in the batch) refuses the
+        whole batch. Returns how many were added."""
+        keys, datas, prios = [], [], []
+        seen: set[str] = set()
+        for k, unit in enumerate(units):
+            if not isinstance(unit, (list, tuple)) or len(unit) not in (2, 3):
+                raise WorkSpecError("bad_units", f"unit {k} must be [key, data] or [key, data, priority], not {unit!r:.80}")
+            key, data = unit[0], unit[1]
+            if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY:
+                raise WorkSpecError("bad_units", f"unit {k}: the key must be a non-empty string of at most {MAX_KEY} bytes")
+            if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_DATA:
+                raise WorkSpecError("bad_units", f"unit {k} ({key!r}): data must be bytes, at most {MAX_DATA}")
+            p = unit[2] if len(unit) == 3 else priority
+            if not _is_int(p) or not -(2**31) <= p < 2**31:
+                raise WorkSpecError("bad_units", f"unit {k} ({key!r}): priority must be an int32, not {p!r}")
+            if key in self.index or key in seen:
+                raise WorkSpecError("duplicate_key", f"unit {k}: key {key!r} is already a unit of this spec; "
+                                                     "nothing of the batch was added")
+            seen.add(key)
+            keys.append(key)
+            datas.append(bytes(data))
+            prios.append(p)
+        first = len(self.keys)
+        n = len(keys)
+        self.keys.extend(keys)
+        self.data.extend(datas)
+        self.index.update(zip(keys, range(first, first + n)))
+        self.state.extend(np.zeros(n, np.uint8))
+        self.priority.extend(np.array(prios, np.int32))
+        self.attempts.extend(np.zeros(n, np.uint8))
+        self.lease_until.extend(np.full(n, np.inf))
+        self.holder.extend(np.full(n, -1, np.int32))
+        for uid, p in zip(range(first, first + n), prios):
+            self.available.setdefault(p, deque()).append(uid)
+        self.counts[AVAILABLE] += n
+        return n
+
+    # ---- leasing ----------------------------------------------------------------------------------
+
+    def lease(self, n: int, worker: str, now: float, lease_s: float) -> list[int]:
+        """Hand out up to ``n`` available units (highest unit priority first, FIFO within one)
+        to ``worker`` until ``now + lease_s``; each starts an attempt."""
+        out: list[int] = []
+        w = self._worker(worker)
+        for p in sorted(self.available, reverse=True):
+            q = self.available[p]
+            while q and len(out) < n:
+                out.append(q.popleft())
+            if not q:
+                del self.available[p]
+            if len(out) >= n:
+                break
+        if out:
+            ids = np.array(out, np.int64)
+            self.state.data[ids] = PENDING
+            self.lease_until.data[ids] = now + lease_s
+            self.holder.data[ids] = w
+            self.attempts.data[ids] += 1
+            first = self.h_unit.n
+            self.h_unit.extend(ids)
+            self.h_worker.extend(np.full(len(ids), w, np.int32))
+            self.h_start.extend(np.full(len(ids), now))
+            self.h_end.extend(np.full(len(ids), np.nan))
+            self.h_outcome.extend(np.full(len(ids), -1, np.int8))
+            self.open_attempt.update(zip(out, range(first, first + len(out))))
+            self.counts[AVAILABLE] -= len(out)
+            self.counts[PENDING] += len(out)
+        return out
+
+    def end(self, uid: int, outcome: int, now: float, max_attempts: int) -> int:
+        """End ``uid``'s open attempt with ``outcome`` (DONE, LOST or FAILED_OUTCOME); returns
+        the unit's new state (FINISHED, AVAILABLE again, or FAILED once its attempts ran out).
+        A unit that is not pending (a late or duplicate report) is left as it is."""
+        if not 0 <= uid < len(self.keys) or self.state.data[uid] != PENDING:
+            return int(self.state.data[uid]) if 0 <= uid < len(self.keys) else -1
+        row = self.open_attempt.pop(uid)
+        self.h_end.data[row] = now
+        self.h_outcome.data[row] = outcome
+        self.counts[PENDING] -= 1
+        self.lease_until.data[uid] = np.inf
+        self.holder.data[uid] = -1
+        if outcome == DONE:
+            new = FINISHED
+        elif self.attempts.data[uid] >= max_attempts:
+            new = FAILED
+        else:
+            new = AVAILABLE
+            self.available.setdefault(int(self.priority.data[uid]), deque()).append(uid)
+        self.state.data[uid] = new
+        self.counts[new] += 1
+        return new
+
+    def expired(self, now: float) -> np.ndarray:
+        """Pending units whose lease ended before ``now`` (one vectorised pass)."""
+        return np.flatnonzero((self.state.view == PENDING) & (self.lease_until.view < now))
+
+    def held_by(self, worker: str) -> np.ndarray:
+        """Pending units leased to ``worker``."""
+        w = self._worker_ix.get(worker)
+        if w is None:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero((self.state.view == PENDING) & (self.holder.view == w))
+
+    def retry(self, uids: Iterable[int]) -> int:
+        """Make failed units available again with a fresh attempt budget; returns how many."""
+        n = 0
+        for uid in uids:
+            if 0 <= uid < len(self.keys) and self.state.data[uid] == FAILED:
+                self.state.data[uid] = AVAILABLE
+                self.attempts.data[uid] = 0
+                self.available.setdefault(int(self.priority.data[uid]), deque()).append(uid)
+                self.counts[FAILED] -= 1
+                self.counts[AVAILABLE] += 1
+                n += 1
+        return n
+
+    def attempts_of(self, uid: int) -> list[Attempt]:
+        """The attempt history of one unit, oldest first."""
+        rows = np.flatnonzero(self.h_unit.view == uid)
+        return [Attempt(uid, self.workers[int(self.h_worker.data[r])], float(self.h_start.data[r]),
+                        None if math.isnan(self.h_end.data[r]) else float(self.h_end.data[r]),
+                        None if self.h_outcome.data[r] < 0 else OUTCOME_NAMES[int(self.h_outcome.data[r])])
+                for r in rows]
+
+    def summary(self) -> dict[str, int]:
+        """Units per state and in total (Coordinate's ``summary`` row)."""
+        return {**dict(zip(STATE_NAMES, self.counts)), "total": len(self.keys)}
+
+    def _worker(self, name: str) -> int:
+        ix = self._worker_ix.get(name)
+        if ix is None:
+            ix = self._worker_ix[name] = len(self.workers)
+            self.workers.append(name)
+        return ix
+
+    # ---- snapshots ----------------------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """Everything, as plain values and bytes (for the ledger's msgspec snapshot)."""
+        cols = {name: getattr(self, name).view.tobytes() for name in _COLUMNS}
+        return {"keys": self.keys, "data": self.data, "workers": self.workers,
+                "available": [[p, list(q)] for p, q in self.available.items()],
+                "open": [[u, r] for u, r in self.open_attempt.items()], **cols}
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> "UnitTable":
+        t = cls()
+        t.keys, t.data, t.workers = list(s["keys"]), list(s["data"]), list(s["workers"])
+        t.index = dict(zip(t.keys, range(len(t.keys))))
+        t._worker_ix = {w: i for i, w in enumerate(t.workers)}
+        for name in _COLUMNS:
+            col = getattr(t, name)
+            col.data = np.frombuffer(s[name], col.data.dtype).copy()
+            col.n = len(col.data)
+        t.available = {int(p): deque(q) for p, q in s["available"]}
+        t.open_attempt = {int(u): int(r) for u, r in s["open"]}
+        t.counts = [int(np.count_nonzero(t.state.view == k)) for k in range(4)]
+        return t
+
+
+_COLUMNS = ("state", "priority", "attempts", "lease_until", "holder", "h_unit", "h_worker", "h_start", "h_end",
+            "h_outcome")
+
+
+# ---- scheduling across specs -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What ``allocate`` needs to know of a spec right now."""
+
+    name: str
+    priority: int
+    weight: float
+    running: int
+    available: int
+    max_running: int | None = None
+    paused: bool = False
+
+
+def allocate(specs: Iterable[Demand], n: int) -> dict[str, int]:
+    """How many of ``n`` free slots each spec gets: strict priority between tiers (a lower tier
+    gets slots only when the higher ones can take no more), then stride scheduling within a tier
+    (each slot to the spec with the lowest (running + given) / weight, ties by name), never past
+    ``max_running`` or what a spec has available. Paused specs get nothing."""
+    out: dict[str, int] = {}
+    tiers: dict[int, list[Demand]] = {}
+    for d in specs:
+        if not d.paused and d.available > 0:
+            tiers.setdefault(d.priority, []).append(d)
+    left = n
+    for p in sorted(tiers, reverse=True):
+        if left <= 0:
+            break
+        heap = []
+        for d in tiers[p]:
+            room = d.available if d.max_running is None else min(d.available, d.max_running - d.running)
+            if room > 0:
+                heap.append((d.running / d.weight, d.name, d, room))
+        heapq.heapify(heap)
+        while heap and left > 0:
+            _, name, d, room = heapq.heappop(heap)
+            got = out.get(name, 0) + 1
+            out[name] = got
+            left -= 1
+            if got < room:
+                heapq.heappush(heap, ((d.running + got) / d.weight, name, d, room))
+    return out

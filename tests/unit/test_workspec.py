@@ -1,0 +1,201 @@
+"""master.workspec: work specs, columnar work units, leases and the share of slots (pure core).
+
+The scheduler is driven with a simulated clock and simulated slots: no sockets, no sleeps.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from master.workspec import (AVAILABLE, DONE, FAILED, FAILED_OUTCOME, FINISHED, LOST, PENDING, Demand, UnitTable,
+                             WorkSpecError, allocate, check_chain, validate_spec)
+
+
+def units(n: int, prefix: str = "u") -> list:
+    return [[f"{prefix}{k}", f"data {k}".encode()] for k in range(n)]
+
+
+def check_invariants(t: UnitTable) -> None:
+    state = t.state.view
+    assert t.counts == [int(np.count_nonzero(state == k)) for k in range(4)]
+    queued = [u for q in t.available.values() for u in q]
+    assert sorted(queued) == sorted(np.flatnonzero(state == AVAILABLE).tolist())
+    assert sorted(t.open_attempt) == sorted(np.flatnonzero(state == PENDING).tolist())
+    assert len(t.keys) == len(t.data) == len(t.index) == t.state.n == t.priority.n == t.attempts.n
+
+
+# ---- the share of slots -----------------------------------------------------------------------------
+
+
+def simulate(specs: dict[str, dict], slots: int, rounds: int, seed: int = 1):
+    """Slots run units of the specs; each round every running unit ends with probability 0.3
+    and the free slots are allocated. Returns the mean running count per spec."""
+    rng = random.Random(seed)
+    running = {name: 0 for name in specs}
+    total = {name: 0 for name in specs}
+    for _ in range(rounds):
+        for name in running:
+            running[name] -= sum(1 for _ in range(running[name]) if rng.random() < 0.3)
+        free = slots - sum(running.values())
+        demands = [Demand(name, s.get("priority", 0), s.get("weight", 1), running[name], s.get("available", 10**9),
+                          s.get("max_running")) for name, s in specs.items()]
+        for name, got in allocate(demands, free).items():
+            running[name] += got
+            assert s_max(specs[name]) is None or running[name] <= s_max(specs[name])
+        assert sum(running.values()) <= slots
+        for name in running:
+            total[name] += running[name]
+    return {name: total[name] / rounds for name in specs}
+
+
+def s_max(spec: dict):
+    return spec.get("max_running")
+
+
+def test_weights_converge_to_their_shares():
+    specs = {"a": {"weight": 1}, "b": {"weight": 2}, "c": {"weight": 3}}
+    mean = simulate(specs, slots=60, rounds=3000)
+    for name, spec in specs.items():
+        assert abs(mean[name] / 60 - spec["weight"] / 6) < 0.02, mean
+
+
+def test_priorities_come_strictly_first():
+    got = allocate([Demand("low", 0, 100.0, 0, 50), Demand("high", 5, 1.0, 3, 7)], 10)
+    assert got == {"high": 7, "low": 3}  # the high tier takes all it can, the rest goes down
+    got = allocate([Demand("low", 0, 100.0, 0, 50), Demand("high", 5, 1.0, 3, 70)], 10)
+    assert got == {"high": 10}
+
+
+def test_a_spec_at_max_running_gets_nothing_and_its_share_goes_to_the_others():
+    mean = simulate({"capped": {"weight": 10, "max_running": 5}, "other": {"weight": 1}}, slots=40, rounds=2000)
+    assert mean["capped"] <= 5 and mean["other"] > 30
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(-2, 2), st.floats(0.1, 10), st.integers(0, 20), st.integers(0, 30),
+                          st.one_of(st.none(), st.integers(0, 25)), st.booleans()), min_size=1, max_size=8),
+       st.integers(0, 60))
+def test_allocate_never_passes_max_running_available_or_the_slots(rows, n):
+    demands = [Demand(f"s{k}", p, w, r, a, m, paused) for k, (p, w, r, a, m, paused) in enumerate(rows)]
+    got = allocate(demands, n)
+    assert sum(got.values()) <= n and all(v > 0 for v in got.values())
+    by = {d.name: d for d in demands}
+    for name, k in got.items():
+        d = by[name]
+        assert not d.paused and k <= d.available
+        assert d.max_running is None or d.running + k <= d.max_running
+    # strict priority: a spec of a lower tier got slots only if no higher-tier spec had room left
+    for name in got:
+        for d in demands:
+            if d.priority > by[name].priority and not d.paused:
+                room = d.available if d.max_running is None else min(d.available, d.max_running - d.running)
+                assert got.get(d.name, 0) >= room
+
+
+# ---- units, leases, attempts --------------------------------------------------------------------
+
+
+def test_leases_expire_on_the_simulated_clock_and_attempts_are_recorded():
+    t = UnitTable()
+    t.add(units(5))
+    leased = t.lease(3, "w1", now=100.0, lease_s=10)
+    assert leased == [0, 1, 2] and t.summary() == {"available": 2, "pending": 3, "finished": 0, "failed": 0, "total": 5}
+    assert t.expired(109.9).size == 0
+    assert t.expired(110.5).tolist() == [0, 1, 2]
+    assert t.end(0, LOST, 110.5, max_attempts=2) == AVAILABLE  # back in the queue, after the others
+    assert t.end(1, DONE, 111.0, max_attempts=2) == FINISHED
+    assert t.end(1, DONE, 112.0, max_attempts=2) == FINISHED  # a duplicate report changes nothing
+    assert t.lease(10, "w2", now=120.0, lease_s=10) == [3, 4, 0]
+    assert t.end(0, FAILED_OUTCOME, 121.0, max_attempts=2) == FAILED  # its second attempt: no more
+    assert [(a.worker, a.start, a.end, a.outcome) for a in t.attempts_of(0)] == \
+        [("w1", 100.0, 110.5, "lost"), ("w2", 120.0, 121.0, "failed")]
+    assert t.held_by("w1").tolist() == [2] and t.held_by("w2").tolist() == [3, 4]
+    assert t.retry([0, 1]) == 1 and t.state.data[0] == AVAILABLE  # a finished unit is not retried
+    check_invariants(t)
+
+
+def test_unit_priority_orders_the_queue():
+    t = UnitTable()
+    t.add([["low", b""], ["high", b"", 9], ["mid", b"", 3]])
+    assert [t.keys[u] for u in t.lease(3, "w", 0.0, 1.0)] == ["high", "mid", "low"]
+
+
+@pytest.mark.parametrize("batch,code,fragment", [
+    ([["a", b""], ["a", b"x"]], "duplicate_key", "'a'"),
+    ([["b", b""], ["old", b""]], "duplicate_key", "'old'"),
+    ([["c", "text, not bytes"]], "bad_units", "data must be bytes"),
+    ([["", b""]], "bad_units", "non-empty"),
+    ([["d"]], "bad_units", "[key, data]"),
+    ([["e", b"", 2**40]], "bad_units", "int32"),
+    (["f"], "bad_units", "[key, data]"),
+])
+def test_a_bad_batch_is_refused_whole(batch, code, fragment):
+    t = UnitTable()
+    t.add([["old", b"1"]])
+    before = t.to_state()
+    with pytest.raises(WorkSpecError) as refused:
+        t.add([["fine", b""], *batch])
+    assert refused.value.code == code and fragment in refused.value.text
+    assert t.to_state() == before  # nothing of the batch was applied
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "lease", "end", "expire", "retry"]), st.integers(0, 30),
+                          st.integers(0, 2)), max_size=60))
+def test_any_sequence_keeps_the_columns_consistent_and_snapshots_round_trip(ops):
+    t = UnitTable()
+    now, added = 0.0, 0
+    for op, k, outcome in ops:
+        now += 1.0
+        if op == "add":
+            t.add([[f"k{added + j}", b"d", j % 3] for j in range(k)])
+            added += k
+        elif op == "lease":
+            t.lease(k, f"w{outcome}", now, 5.0)
+        elif op == "end" and t.open_attempt:
+            uid = sorted(t.open_attempt)[k % len(t.open_attempt)]
+            t.end(uid, outcome, now, max_attempts=2)
+        elif op == "expire":
+            for uid in t.expired(now):
+                t.end(int(uid), LOST, now, max_attempts=2)
+        elif op == "retry":
+            t.retry(range(k))
+        check_invariants(t)
+    again = UnitTable.from_state(t.to_state())
+    check_invariants(again)
+    assert again.to_state() == t.to_state()
+
+
+# ---- specs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec,code,fragment", [
+    ({"name": "a", "run": {"kind": "call"}, "weight": 0}, "bad_weight", "positive"),
+    ({"name": "a", "run": {"kind": "call"}, "weight": -2}, "bad_weight", "positive"),
+    ({"name": "a", "run": {"kind": "call"}, "weight": float("nan")}, "bad_weight", "positive"),
+    ({"name": "a", "run": {"kind": "call"}, "then": "a"}, "then_cycle", "itself"),
+    ({"name": "a", "run": {"kind": "call"}, "then": "nowhere"}, "unknown_spec", "'nowhere'"),
+    ({"name": "a", "run": {"kind": "call"}, "colour": 1}, "bad_spec", "'colour'"),
+    ({"name": "", "run": {"kind": "call"}}, "bad_spec", "'name'"),
+    ({"name": "a", "run": "echo"}, "bad_spec", "'run'"),
+    ({"name": "a", "run": {"kind": "call"}, "max_running": -1}, "bad_spec", "'max_running'"),
+    ({"name": "a", "run": {"kind": "call"}, "max_attempts": 0}, "bad_spec", "'max_attempts'"),
+])
+def test_bad_specs_are_refused_with_the_field_named(spec, code, fragment):
+    with pytest.raises(WorkSpecError) as refused:
+        validate_spec(spec, known=["b"])
+    assert refused.value.code == code and fragment in refused.value.text
+
+
+def test_a_then_cycle_through_other_specs_is_refused():
+    specs = {"b": validate_spec({"name": "b", "run": {"kind": "call"}, "then": "c"}, known=["c"]),
+             "c": validate_spec({"name": "c", "run": {"kind": "call"}})}
+    check_chain(specs, "a", "b")  # a -> b -> c: fine
+    specs["c"].then = "a"
+    with pytest.raises(WorkSpecError, match="a -> b -> c -> a"):
+        check_chain(specs, "a", "b")
