@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Batch-work benchmark (issue 10), first part: the work-unit core (``master.workspec``) alone.
+"""Batch-work benchmark (issue 10), first part: work units in the core and in the ledger.
 
-What it measures, in this process, on this machine:
+What it measures on this machine, each part in a fresh process of its own (so that the memory
+it reports is its own):
 
 * loading 10^6 units (``--units``) into one spec's ``UnitTable`` in batches of 10,000 (the size
   one ledger command would carry): seconds, units/s, and the resident memory it added (RSS read
@@ -9,11 +10,15 @@ What it measures, in this process, on this machine:
 * a snapshot: ``to_state`` + MessagePack (msgspec) encode, its bytes and seconds; then decode +
   ``from_state`` (the restore), and a check that the restored table is the same;
 * leasing and ending every unit in batches of 1,000 (what dispatch would do, without the
-  network): units/s; and one vectorised lease-expiry scan of the whole table.
+  network): units/s; and one vectorised lease-expiry scan of the whole table;
+* the same 10^6 units through the ledger (``master.ledger.Ledger``), as the masters apply them:
+  one ``AddWorkSpec`` and batches of ``AddUnits`` commands, each encoded and decoded as the Raft
+  log carries it; the process's RSS at the end (what one master's state machine holds, without
+  pysyncobj's log), the ledger snapshot's bytes and seconds, and ``Ledger.restore``'s seconds.
 
-NOT measured yet (the issue's other figures need the work specs inside the replicated ledger
-and the balancer, which are not built): units drained through the cluster, the ledger's RSS per
-master, 1,000 simulated workers' dispatch latency. The JSON says so (``not_measured``).
+NOT measured yet (they need work units dispatched through the balancers, which is not built):
+units drained through the cluster, a running master's RSS with its Raft log, 1,000 simulated
+workers' dispatch latency. The JSON says so (``not_measured``).
 
     .venv/bin/python bench/batch.py [--quick] [--units N] [--json PATH]
 """
@@ -80,6 +85,43 @@ def measure(n: int) -> dict:
             "lease_and_end_units_per_s": round(n / drain_s), "expiry_scan_s": round(scan_s, 4)}
 
 
+def measure_ledger(n: int) -> dict:
+    from master import commands
+    from master.ledger import Ledger
+
+    rss0 = rss_bytes()
+    ledger = Ledger()
+    t0 = time.perf_counter()
+    ledger.apply(commands.decode(commands.encode(commands.AddWorkSpec({"name": "bench", "run": {"kind": "call"}}, 0.0))))
+    for start in range(0, n, BATCH):
+        batch = [[f"unit-{k:08d}", b"s3://bucket/input-%08d" % k] for k in range(start, min(n, start + BATCH))]
+        entry = commands.encode(commands.AddUnits("bench", batch, 0.0))
+        assert ledger.apply(commands.decode(entry)).ok
+    load_s = time.perf_counter() - t0
+    rss = rss_bytes()
+    t0 = time.perf_counter()
+    blob = ledger.snapshot()
+    snap_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    again = Ledger.restore(blob)
+    restore_s = time.perf_counter() - t0
+    assert again.work_summary() == ledger.work_summary()
+    return {"units": n, "load_s": round(load_s, 3), "load_units_per_s": round(n / load_s),
+            "rss_bytes": rss, "rss_added_bytes": rss - rss0, "snapshot_bytes": len(blob),
+            "snapshot_s": round(snap_s, 3), "restore_s": round(restore_s, 3),
+            "snapshot_plus_restore_s": round(snap_s + restore_s, 3)}
+
+
+def part(name: str, n: int) -> dict:
+    """Run one part in a fresh interpreter and return its figures."""
+    import json
+    import subprocess
+
+    code = f"import json, bench.batch as b; print(json.dumps(b.{name}({n})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10^5 units (a few seconds)")
@@ -90,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     started, cpu0 = time.perf_counter(), machine.cpu_times()
     res = {"machine": machine.machine_info(cluster=__version__, msgspec=msgspec.__version__),
            "config": {"units": n, "batch": BATCH, "what": "master.workspec.UnitTable in one process"},
-           "core": measure(n),
-           "not_measured": ["units drained through the cluster (work specs are not in the ledger yet)",
-                            "ledger RSS per master with 10^6 units", "1,000 simulated workers: dispatch p50/p99"]}
+           "core": part("measure", n), "ledger": part("measure_ledger", n),
+           "not_measured": ["units drained through the cluster (units are not dispatched yet)",
+                            "a running master's RSS with its Raft log", "1,000 simulated workers: dispatch p50/p99"]}
     machine.finish(res, cpu0, started, args.json)
     c = res["core"]
     rows = [("units", f"{c['units']:,}"), ("load", f"{c['load_s']:.2f} s ({c['load_units_per_s']:,} units/s)"),
@@ -103,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             ("expiry scan", f"{c['expiry_scan_s'] * 1e3:.1f} ms over all units")]
     print("work units, master.workspec core alone (one process):")
     for k, v in rows:
+        print(f"  {k:<14} {v}")
+    g = res["ledger"]
+    print(f"through the ledger (AddUnits commands of {BATCH:,}, encoded and decoded as the log carries them):")
+    for k, v in [("load", f"{g['load_s']:.2f} s ({g['load_units_per_s']:,} units/s)"),
+                 ("process RSS", f"{g['rss_bytes'] / 2**20:.0f} MiB (the ledger added {g['rss_added_bytes'] / 2**20:.0f} MiB)"),
+                 ("snapshot", f"{g['snapshot_bytes'] / 2**20:.0f} MiB in {g['snapshot_s']:.2f} s"),
+                 ("restore", f"{g['restore_s']:.2f} s (snapshot + restore {g['snapshot_plus_restore_s']:.2f} s)")]:
         print(f"  {k:<14} {v}")
     print(f"not measured yet: {'; '.join(res['not_measured'])}")
     print(f"results in {res['json_path']}")

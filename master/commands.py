@@ -110,7 +110,34 @@ class Barrier(msgspec.Struct, tag="barrier", array_like=True, frozen=True):
     now: float
 
 
-Command = SubmitJob | CancelJob | AssignTasks | CompleteTask | RegisterFile | ReleaseFile | DropFile | Barrier
+class AddWorkSpec(msgspec.Struct, tag="workspec", array_like=True, frozen=True):
+    """Create a work spec (``master.workspec.validate_spec``); its name must be new."""
+
+    spec: dict[str, Any]
+    now: float
+
+
+class AddUnits(msgspec.Struct, tag="units", array_like=True, frozen=True):
+    """Add a batch of work units (``[key, data]`` or ``[key, data, priority]``) to spec
+    ``spec``: all of them, or none when one is malformed or its key is already there."""
+
+    spec: str
+    units: list[Any]
+    now: float
+
+
+class ControlSpec(msgspec.Struct, tag="control", array_like=True, frozen=True):
+    """An operator's action on a spec: ``pause``, ``resume``, ``prioritize`` (``value``: the
+    new priority), ``weight`` (``value``: the new weight) or ``retry`` (its failed units)."""
+
+    spec: str
+    action: str
+    now: float
+    value: Any = None
+
+
+Command = (SubmitJob | CancelJob | AssignTasks | CompleteTask | RegisterFile | ReleaseFile | DropFile | Barrier
+           | AddWorkSpec | AddUnits | ControlSpec)
 
 
 class Batch(msgspec.Struct, tag="batch", array_like=True, frozen=True):

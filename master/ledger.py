@@ -44,17 +44,21 @@ from master.commands import (
     DONE,
     FAILED,
     OUTCOMES,
+    AddUnits,
+    AddWorkSpec,
     AssignTasks,
     Barrier,
     Batch,
     CancelJob,
     CompleteTask,
+    ControlSpec,
     DropFile,
     Entry,
     RegisterFile,
     ReleaseFile,
     SubmitJob,
 )
+from master.workspec import WorkSpecError, WorkState
 
 TASK_TRANSITIONS: dict[tuple[str, str], str] = {
     ("ready", "assign"): "assigned",
@@ -151,6 +155,9 @@ class LedgerState(msgspec.Struct, array_like=True):
     counters: dict[str, int] = {}
     # appended (array-like: a new field goes last, so older snapshots still decode)
     named: dict[bytes, dict[str, bytes]] = {}  # owner → name → file id (the per-job listings)
+    # the work specs and their units (master.workspec.WorkState), encoded: the live WorkState is
+    # Ledger.work (numpy columns); it is written here only when a snapshot is taken
+    work: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,12 +188,17 @@ class Ledger:
 
     def __init__(self, state: LedgerState | None = None) -> None:
         self.state = state if state is not None else LedgerState()
+        self.work = WorkState.from_state(msgspec.msgpack.decode(self.state.work)) if self.state.work else WorkState()
 
     # ---- snapshots -----------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
         """The whole state as bytes; ``Ledger.restore`` gives an equal ledger back."""
-        return _snapshot_encoder.encode(self.state)
+        self.state.work = msgspec.msgpack.encode(self.work.to_state()) if self.work.specs else b""
+        try:
+            return _snapshot_encoder.encode(self.state)
+        finally:
+            self.state.work = b""  # the live copy is self.work
 
     @classmethod
     def restore(cls, data: bytes) -> "Ledger":
@@ -195,7 +207,9 @@ class Ledger:
             # A snapshot from before the endings log: what ended then counts as dropped (a
             # watcher is told it skipped them), so cursors and counts agree from here on.
             job.endings_dropped = job.done + job.failed - len(job.endings)
-        return cls(state)
+        ledger = cls(state)
+        state.work = b""
+        return ledger
 
     # ---- applying the log ----------------------------------------------------------------
 
@@ -702,6 +716,10 @@ class Ledger:
             **({"align": job.spec["align"]} if "align" in job.spec else {}),
         }
 
+    def work_summary(self) -> list[dict[str, Any]]:
+        """Per work spec: its scheduling keys and units per state (``cluster summary``)."""
+        return self.work.summary()
+
     def jobs_view(self, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
         """The newest ``limit`` jobs (optionally only those in ``state``), newest first."""
         out = []
@@ -966,7 +984,23 @@ def _end(attempt: Attempt, c: CompleteTask, outcome: int, error: str | None) -> 
     attempt.error = error
 
 
+def _work(apply):
+    """A work-spec command's handler: WorkState checks before it changes anything, so a
+    refusal (WorkSpecError) leaves the state as it was."""
+
+    def handler(ledger: Ledger, c: Any) -> Applied:
+        try:
+            return Applied(True, value=apply(ledger.work, c))
+        except WorkSpecError as exc:
+            return refused(exc.code, exc.text)
+
+    return handler
+
+
 _HANDLERS = {
+    AddWorkSpec: _work(lambda w, c: {"spec": w.add_spec(c.spec).name}),
+    AddUnits: _work(lambda w, c: {"added": w.add_units(c.spec, c.units), "total": len(w.tables[c.spec])}),
+    ControlSpec: _work(lambda w, c: w.control(c.spec, c.action, c.value)),
     SubmitJob: Ledger._submit,
     CancelJob: Ledger._cancel,
     AssignTasks: Ledger._assign,

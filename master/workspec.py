@@ -400,3 +400,86 @@ def allocate(specs: Iterable[Demand], n: int) -> dict[str, int]:
             if got < room:
                 heapq.heappush(heap, ((d.running + got) / d.weight, name, d, room))
     return out
+
+
+# ---- the ledger's work state -----------------------------------------------------------------------
+
+
+CONTROL_ACTIONS = ("pause", "resume", "prioritize", "weight", "retry")
+
+
+class WorkState:
+    """Every work spec and its units, as the ledger keeps them (``Ledger.work``). Each method
+    applies one command: it checks everything first and changes nothing when it refuses."""
+
+    def __init__(self) -> None:
+        self.specs: dict[str, WorkSpec] = {}
+        self.tables: dict[str, UnitTable] = {}
+
+    def add_spec(self, spec: Any) -> WorkSpec:
+        got = validate_spec(spec, known=self.specs)
+        if got.name in self.specs:
+            raise WorkSpecError("duplicate_spec", f"a work spec named {got.name!r} exists already")
+        check_chain(self.specs, got.name, got.then)
+        self.specs[got.name] = got
+        self.tables[got.name] = UnitTable()
+        return got
+
+    def add_units(self, name: str, units: Any) -> int:
+        if not isinstance(units, list) or not units:
+            raise WorkSpecError("bad_units", "units must be a non-empty list of [key, data] pairs")
+        return self._table(name).add(units)
+
+    def control(self, name: str, action: str, value: Any = None) -> dict[str, Any]:
+        spec, table = self._spec(name), self._table(name)
+        if action == "pause":
+            spec.paused = True
+        elif action == "resume":
+            spec.paused = False
+        elif action == "prioritize":
+            if not _is_int(value) or not -(2**31) <= value < 2**31:
+                raise WorkSpecError("bad_control", f"prioritize takes an integer priority, not {value!r}")
+            spec.priority = value
+        elif action == "weight":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise WorkSpecError("bad_weight", f"'weight' must be a positive number, not {value!r}")
+            spec.weight = float(value)
+        elif action == "retry":
+            return {"retried": table.retry(np.flatnonzero(table.state.view == FAILED).tolist())}
+        else:
+            raise WorkSpecError("bad_control", f"unknown action {action!r}; the actions are {', '.join(CONTROL_ACTIONS)}")
+        return {"spec": name, "action": action}
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per spec, highest priority first: Coordinate's ``summary`` table."""
+        rows = []
+        for name, spec in sorted(self.specs.items(), key=lambda kv: (-kv[1].priority, kv[0])):
+            rows.append({"spec": name, "priority": spec.priority, "weight": spec.weight, "paused": spec.paused,
+                         "max_running": spec.max_running, **self.tables[name].summary()})
+        return rows
+
+    def _spec(self, name: str) -> WorkSpec:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise WorkSpecError("unknown_spec", f"no work spec named {name!r}"
+                                + (f"; the specs are {', '.join(sorted(self.specs)[:10])}" if self.specs else ""))
+        return spec
+
+    def _table(self, name: str) -> UnitTable:
+        self._spec(name)
+        return self.tables[name]
+
+    def to_state(self) -> dict[str, Any]:
+        return {"specs": [[s.name, s.run, s.priority, s.weight, s.max_running, s.max_attempts, s.lease_s, s.then,
+                           s.paused] for s in self.specs.values()],
+                "tables": {name: t.to_state() for name, t in self.tables.items()}}
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> "WorkState":
+        w = cls()
+        for row in s["specs"]:
+            spec = WorkSpec(*row)
+            w.specs[spec.name] = spec
+            w.tables[spec.name] = UnitTable.from_state(s["tables"][spec.name])
+        return w
+

@@ -199,3 +199,64 @@ def test_a_then_cycle_through_other_specs_is_refused():
     specs["c"].then = "a"
     with pytest.raises(WorkSpecError, match="a -> b -> c -> a"):
         check_chain(specs, "a", "b")
+
+
+# ---- in the ledger: commands through the log's codec, refusals, snapshots ---------------------------
+
+
+def ledger_apply(ledger, command):
+    from master import commands
+
+    return ledger.apply(commands.decode(commands.encode(command)))  # as the log carries it
+
+
+def test_work_specs_and_units_through_the_ledger_and_its_snapshot():
+    from master.commands import AddUnits, AddWorkSpec, ControlSpec
+    from master.ledger import Ledger
+
+    ledger = Ledger()
+    assert ledger_apply(ledger, AddWorkSpec({"name": "parse", "run": {"kind": "command", "argv": ["parse"]},
+                                             "weight": 2}, 1.0)).value == {"spec": "parse"}
+    assert ledger_apply(ledger, AddWorkSpec({"name": "fetch", "run": {"kind": "call"}, "then": "parse",
+                                             "priority": 5}, 1.0)).ok
+    got = ledger_apply(ledger, AddUnits("fetch", units(1000), 2.0))
+    assert got.ok and got.value == {"added": 1000, "total": 1000}
+    assert ledger_apply(ledger, AddUnits("parse", units(10, "p"), 2.0)).ok
+    assert ledger_apply(ledger, ControlSpec("parse", "pause", 3.0)).ok
+    assert ledger_apply(ledger, ControlSpec("parse", "prioritize", 3.0, 7)).ok
+    rows = ledger.work_summary()
+    assert [(r["spec"], r["priority"], r["paused"], r["available"], r["total"]) for r in rows] == \
+        [("parse", 7, True, 10, 10), ("fetch", 5, False, 1000, 1000)]
+    ledger.work.tables["fetch"].lease(3, "w1", 4.0, 30.0)
+    again = Ledger.restore(ledger.snapshot())
+    assert again.work_summary() == ledger.work_summary()
+    assert again.work.tables["fetch"].to_state() == ledger.work.tables["fetch"].to_state()
+    assert again.snapshot() == ledger.snapshot()  # a snapshot does not leave a copy behind
+    assert ledger.state.work == b""
+
+
+@pytest.mark.parametrize("command,code,fragment", [
+    (lambda C: C.AddUnits("nowhere", [["a", b""]], 1.0), "unknown_spec", "'nowhere'"),
+    (lambda C: C.AddUnits("s", [["a", b""], ["a", b""]], 1.0), "duplicate_key", "'a'"),
+    (lambda C: C.AddUnits("s", [["k0", b""]], 1.0), "duplicate_key", "'k0'"),
+    (lambda C: C.AddUnits("s", [], 1.0), "bad_units", "non-empty"),
+    (lambda C: C.AddUnits("s", [["z", 3]], 1.0), "bad_units", "bytes"),
+    (lambda C: C.AddWorkSpec({"name": "s", "run": {"kind": "call"}}, 1.0), "duplicate_spec", "'s'"),
+    (lambda C: C.AddWorkSpec({"name": "t", "run": {"kind": "call"}, "weight": 0}, 1.0), "bad_weight", "positive"),
+    (lambda C: C.AddWorkSpec({"name": "t", "run": {"kind": "call"}, "then": "u"}, 1.0), "unknown_spec", "'u'"),
+    (lambda C: C.ControlSpec("s", "explode", 1.0), "bad_control", "'explode'"),
+    (lambda C: C.ControlSpec("s", "weight", 1.0, -1), "bad_weight", "positive"),
+    (lambda C: C.ControlSpec("s", "prioritize", 1.0, "high"), "bad_control", "integer"),
+])
+def test_bad_work_commands_are_refused_and_change_nothing(command, code, fragment):
+    from master import commands as C
+    from master.ledger import Ledger
+
+    ledger = Ledger()
+    ledger_apply(ledger, C.AddWorkSpec({"name": "s", "run": {"kind": "call"}}, 0.0))
+    ledger_apply(ledger, C.AddUnits("s", [["k0", b"x"]], 0.0))
+    before = ledger.work.to_state()
+    got = ledger_apply(ledger, command(C))
+    assert not got.ok and got.code == code and fragment in got.text
+    assert ledger.state.counters[f"refused.{code}"] == 1
+    assert ledger.work.to_state() == before  # nothing half-applied
