@@ -3,7 +3,9 @@
 Built so far: ``up``/``down`` (a local cluster in the background, see ``cluster.up``), ``status``
 (every node of a cluster, or any node by address), ``probe`` (a probe node between machines), the node
 commands ``master``, ``balancer``, ``storage`` and ``worker``, the file commands ``upload``, ``download``, ``files``,
-``align``, and for users and operators ``jobs``, ``workers``, ``submit``, ``cancel`` and ``logs``.
+``align``, for users and operators ``jobs``, ``workers``, ``submit``, ``cancel`` and ``logs``, and the
+work-spec commands ``add-spec``, ``load``, ``summary``, ``specs``, ``pause``, ``resume``, ``prioritize``,
+``reweight`` and ``retry``.
 Read commands take ``--json``. Errors are one line that says what to do, never a traceback.
 """
 
@@ -17,6 +19,7 @@ from cluster.cli_files import download, files, upload
 from cluster.cli_jobs import align, cancel, jobs, logs, submit, workers
 from cluster.cli_nodes import (balancer_command, down, master_command, mount_command, probe, status,
                                storage_command, up, worker_command)
+from cluster.cli_work import COMMANDS as WORK_COMMANDS
 
 __all__ = ["cli", "main", "CONFIG_OPTION", "DIR_OPTION", "_client", "_progress",
            "master_command", "storage_command", "balancer_command", "worker_command"]
@@ -29,7 +32,7 @@ def cli() -> None:
 
 
 for _command in (status, up, down, probe, master_command, storage_command, balancer_command, worker_command,
-                 mount_command, upload, download, files, align, jobs, workers, submit, cancel, logs):
+                 mount_command, upload, download, files, align, jobs, workers, submit, cancel, logs, *WORK_COMMANDS):
     cli.add_command(_command)
 
 

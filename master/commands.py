@@ -124,6 +124,7 @@ class AddUnits(msgspec.Struct, tag="units", array_like=True, frozen=True):
     spec: str
     units: list[Any]
     now: float
+    key: bytes | None = None  # the batch's idempotency key: a resent batch is answered, not added twice
 
 
 class ControlSpec(msgspec.Struct, tag="control", array_like=True, frozen=True):

@@ -60,11 +60,14 @@ from cluster.runtime.events import (
 )
 from master import jobs
 from master.commands import (
+    AddUnits,
+    AddWorkSpec,
     AssignTasks,
     Barrier,
     Batch,
     CancelJob as CancelCommand,
     CompleteTask,
+    ControlSpec,
     Entry,
     RegisterFile,
     ReleaseFile,
@@ -94,6 +97,7 @@ from proto.messages import (
     TaskQuery,
     TaskResult,
     Watch,
+    Work,
     WorkerRequest,
 )
 
@@ -370,6 +374,30 @@ class MasterCore:
         if refusal is not None:
             return [refusal]
         return self._enqueue(ReleaseFile(m.file_id, m.owner, self.wall(now)), ("write", ev.route, m.request_id), ev.stimulus_id, now)
+
+    def _on_work(self, ev: MessageReceived, m: Work, now: float) -> list[Effect]:
+        """Work specs and units: ``summary`` is read here, the rest are writes for the log."""
+        if m.op == "summary":
+            return [self._reply(ev, m.request_id, self.ledger.work_summary())]
+        if m.op not in ("add_spec", "add_units", "control"):
+            return [_app_error(ev, m.request_id, AppReason.REFUSED, "bad_op",
+                               f"unknown work op {m.op!r}; the ops are add_spec, add_units, control, summary")]
+        refusal = self._writable(ev, m.request_id)
+        if refusal is not None:
+            return [refusal]
+        at = self.wall(now)
+        shape = {"add_spec": dict, "add_units": list, "control": dict}[m.op]
+        if not isinstance(m.body, shape):  # refused before it costs a Raft round
+            return [_app_error(ev, m.request_id, AppReason.REFUSED, "bad_units" if m.op == "add_units" else "bad_spec",
+                               f"{m.op} takes a {'list of units' if shape is list else 'map'} as its body, "
+                               f"not {type(m.body).__name__}")]
+        if m.op == "add_spec":
+            command: Any = AddWorkSpec(m.body, at)
+        elif m.op == "add_units":
+            command = AddUnits(m.spec, m.body, at, m.key)
+        else:
+            command = ControlSpec(m.spec, str(m.body.get("action", "")), at, m.body.get("value"))
+        return self._enqueue(command, ("write", ev.route, m.request_id), ev.stimulus_id, now)
 
     def _on_result(self, ev: MessageReceived, m: TaskResult, now: float) -> list[Effect]:
         refusal = self._writable(ev, 0)
@@ -842,4 +870,5 @@ _MESSAGE_HANDLERS: dict[type, Callable] = {
     FileList: MasterCore._on_file_list,
     Heartbeat: MasterCore._on_heartbeat,
     Watch: MasterCore._on_watch,
+    Work: MasterCore._on_work,
 }

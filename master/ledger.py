@@ -999,7 +999,7 @@ def _work(apply):
 
 _HANDLERS = {
     AddWorkSpec: _work(lambda w, c: {"spec": w.add_spec(c.spec).name}),
-    AddUnits: _work(lambda w, c: {"added": w.add_units(c.spec, c.units), "total": len(w.tables[c.spec])}),
+    AddUnits: _work(lambda w, c: w.add_units(c.spec, c.units, c.key)),
     ControlSpec: _work(lambda w, c: w.control(c.spec, c.action, c.value)),
     SubmitJob: Ledger._submit,
     CancelJob: Ledger._cancel,

@@ -415,6 +415,7 @@ class WorkState:
     def __init__(self) -> None:
         self.specs: dict[str, WorkSpec] = {}
         self.tables: dict[str, UnitTable] = {}
+        self.batches: dict[str, dict[bytes, int]] = {}  # spec -> batch key -> units it added
 
     def add_spec(self, spec: Any) -> WorkSpec:
         got = validate_spec(spec, known=self.specs)
@@ -425,10 +426,19 @@ class WorkState:
         self.tables[got.name] = UnitTable()
         return got
 
-    def add_units(self, name: str, units: Any) -> int:
+    def add_units(self, name: str, units: Any, key: bytes | None = None) -> dict[str, Any]:
+        """Add a batch; a ``key`` seen before for this spec answers again without adding (a
+        client resending a batch whose commit it did not hear of)."""
+        table = self._table(name)
+        done = self.batches.get(name, {})
+        if key is not None and key in done:
+            return {"added": done[key], "total": len(table), "again": True}
         if not isinstance(units, list) or not units:
             raise WorkSpecError("bad_units", "units must be a non-empty list of [key, data] pairs")
-        return self._table(name).add(units)
+        added = table.add(units)
+        if key is not None:
+            self.batches.setdefault(name, {})[key] = added
+        return {"added": added, "total": len(table)}
 
     def control(self, name: str, action: str, value: Any = None) -> dict[str, Any]:
         spec, table = self._spec(name), self._table(name)
@@ -472,7 +482,8 @@ class WorkState:
     def to_state(self) -> dict[str, Any]:
         return {"specs": [[s.name, s.run, s.priority, s.weight, s.max_running, s.max_attempts, s.lease_s, s.then,
                            s.paused] for s in self.specs.values()],
-                "tables": {name: t.to_state() for name, t in self.tables.items()}}
+                "tables": {name: t.to_state() for name, t in self.tables.items()},
+                "batches": {name: [[k, n] for k, n in keys.items()] for name, keys in self.batches.items()}}
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> "WorkState":
@@ -481,5 +492,6 @@ class WorkState:
             spec = WorkSpec(*row)
             w.specs[spec.name] = spec
             w.tables[spec.name] = UnitTable.from_state(s["tables"][spec.name])
+        w.batches = {name: {bytes(k): n for k, n in rows} for name, rows in s.get("batches", {}).items()}
         return w
 

@@ -45,6 +45,7 @@ enum cluster_message_type {
     CLUSTER_MSG_TASK_QUERY     = 16,
     CLUSTER_MSG_QUERY_REPLY    = 17,
     CLUSTER_MSG_WATCH          = 18,
+    CLUSTER_MSG_WORK           = 19,
     CLUSTER_MSG_WORKER_REQUEST = 20,
     CLUSTER_MSG_TASK_RESULT    = 21,
     CLUSTER_MSG_RESULT_ACK     = 22,
@@ -293,6 +294,25 @@ struct cluster_watch {
 } __attribute__((packed));
 #define CLUSTER_WATCH_HEADER_LENGTH 40u
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_watch) == CLUSTER_WATCH_HEADER_LENGTH, "cluster_watch size");
+
+/*
+ * WORK (19): Work specs and units (Coordinate's model, `master.workspec`). Writes go to the
+ * leader and are answered (QUERY_REPLY) once committed: `add_spec` (`body`: the spec),
+ * `add_units` (`body`: a list of `[key, data]` or `[key, data, priority]`, all or none; `key`:
+ * the batch's idempotency key, so a resent batch lands once), `control` (`body`: `{"action":
+ * pause|resume|prioritize|weight|retry, "value": ...}`). Reads any master answers from what it
+ * has: `summary` (per spec: keys and units per state).
+ *
+ * client -> master leader.
+ *
+ * Body: op, spec, body, key.
+ */
+struct cluster_work {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+} __attribute__((packed));
+#define CLUSTER_WORK_HEADER_LENGTH 36u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_work) == CLUSTER_WORK_HEADER_LENGTH, "cluster_work size");
 
 /*
  * WORKER_REQUEST (20): Run a task (the seed's `worker_request`). `fence_term`/`fence_sequence`

@@ -217,6 +217,26 @@ class Watch(Message, frozen=True, gc=False):
     jobs: dict[bytes, int]
 
 
+class Work(Message, frozen=True, gc=False):
+    """Work specs and units (Coordinate's model, ``master.workspec``). Writes go to the leader
+    and are answered (QUERY_REPLY) once committed: ``add_spec`` (``body``: the spec),
+    ``add_units`` (``body``: a list of ``[key, data]`` or ``[key, data, priority]``, all or none;
+    ``key``: the batch's idempotency key, so a resent batch lands once), ``control`` (``body``:
+    ``{"action": pause|resume|prioritize|weight|retry, "value": ...}``). Reads any master answers
+    from what it has: ``summary`` (per spec: keys and units per state)."""
+
+    code = 19
+    struct_name = "work"
+    sender = "client"
+    receiver = "master leader"
+
+    request_id: U64
+    op: str
+    spec: str = ""
+    body: Any = None
+    key: bytes | None = None
+
+
 class FileRegister(Message, frozen=True, gc=False):
     """Record that a file is durable on ``replicas`` (storage node names) and who refers to it:
     the job ``owner`` (under ``name`` in its listing) and/or a user ``pin``. A file nothing
@@ -588,6 +608,7 @@ CATALOGUE: tuple[type[Message], ...] = (
     TaskQuery,
     QueryReply,
     Watch,
+    Work,
     WorkerRequest,
     TaskResult,
     ResultAck,

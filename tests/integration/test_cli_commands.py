@@ -203,6 +203,34 @@ def test_align_refuses_contradictory_options_in_one_line(home, tmp_path):
     assert "not a size" in one_line_error(run(home, "align", fa, fa, "--rows-budget", "lots"))
 
 
+def test_work_spec_commands(home, tmp_path):
+    """add-spec, load (a progress bar; TSV and JSON lines), summary, specs, pause, prioritize,
+    reweight, retry; bad input is one line and leaves the spec as it was."""
+    assert run(home, "add-spec", "fetch", "--run", '{"kind": "command", "argv": ["fetch.sh"]}', "--weight", "2",
+               "--max-running", "10").returncode == 0
+    units = tmp_path / "units.tsv"
+    units.write_text("".join(f"url-{k}\thttp://example.org/{k}\n" for k in range(25_000)))
+    loaded = run(home, "load", "fetch", str(units), timeout=120)
+    assert loaded.returncode == 0 and "25,000 units added to fetch" in loaded.stdout, loaded.stderr
+    (row,) = as_json(run(home, "summary", "--json"))
+    assert (row["spec"], row["available"], row["total"], row["weight"], row["max_running"]) == ("fetch", 25_000, 25_000, 2.0, 10)
+    assert run(home, "pause", "fetch").stdout.strip() == "pause fetch"
+    assert run(home, "prioritize", "fetch", "7").returncode == 0
+    assert run(home, "reweight", "fetch", "0.5").returncode == 0
+    assert "0 failed units available again" in run(home, "retry", "fetch").stdout
+    (row,) = as_json(run(home, "specs", "--json"))
+    assert (row["paused"], row["priority"], row["weight"]) == (True, 7, 0.5)
+    assert "fetch" in run(home, "specs").stdout and "25,000" in run(home, "summary").stdout
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text('{"key": "x", "data": "1", "priority": 3}\n{"key": "url-7", "data": "dup"}\n')
+    assert "already a unit" in one_line_error(run(home, "load", "fetch", str(jsonl)))
+    assert "positive" in one_line_error(run(home, "add-spec", "bad", "--run", '{"kind": "call"}', "--weight", "0"))
+    assert "not JSON" in one_line_error(run(home, "add-spec", "bad", "--run", "{kind"))
+    assert "no work spec named 'nope'" in one_line_error(run(home, "load", "nope", str(units)))
+    (row,) = as_json(run(home, "summary", "--json"))
+    assert row["total"] == 25_000  # the refused batch added nothing
+
+
 def test_cancel_a_running_command(home):
     started = run(home, "submit", "--no-wait", "--", "sleep", "60")
     assert started.returncode == 0, started.stderr

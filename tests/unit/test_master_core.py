@@ -600,3 +600,44 @@ def test_task_files_travel_with_the_result_and_malformed_ones_are_refused_before
     assert err.reason == AppReason.REFUSED and err.detail == {"code": "bad_files", "task_id": r1.task_id, "job": job.hex()}
     assert "storage node names" in err.text and err.refers_to == TaskResult.code
     assert not h.proposed and not h.core.queue
+
+
+def test_work_specs_and_units_are_committed_then_answered_and_read_anywhere():
+    from proto.messages import Work
+
+    h = Harness()
+    h.message(Work(1, "add_spec", "", {"name": "fetch", "run": {"kind": "call"}, "weight": 2}))
+    h.message(Work(2, "add_units", "fetch", [["a", b"1"], ["b", b"2"]], b"k" * 16))
+    h.message(Work(3, "add_units", "fetch", [["a", b"dup"]], b"j" * 16))
+    assert not h.take(QueryReply), "nothing is answered before it commits"
+    h.flush()
+    h.commit_all()
+    replies = {r.request_id: r.value for r in h.take(QueryReply)}
+    assert replies == {1: {"spec": "fetch"}, 2: {"added": 2, "total": 2}}
+    (err,) = h.take(Error)
+    assert err.request_id == 3 and err.detail["code"] == "duplicate_key"
+    h.message(Work(4, "add_units", "fetch", [["a", b"1"], ["b", b"2"]], b"k" * 16))  # a resent batch
+    h.flush()
+    h.commit_all()
+    (again,) = h.take(QueryReply)
+    assert again.value == {"added": 2, "total": 2, "again": True}
+    follower = Harness(role="follower")
+    follower.ledger = h.ledger
+    follower.core.ledger = h.ledger
+    follower.message(Work(5, "summary"))
+    (read,) = follower.take(QueryReply)
+    assert read.stale == 1 and read.value[0]["spec"] == "fetch" and read.value[0]["total"] == 2
+    follower.message(Work(6, "add_spec", "", {"name": "x", "run": {"kind": "call"}}))
+    assert follower.take(NotLeader) and not follower.proposed
+
+
+@pytest.mark.parametrize("op,body,code", [("explode", None, "bad_op"), ("add_units", {"a": 1}, "bad_units"),
+                                          ("add_spec", ["x"], "bad_spec"), ("control", "pause", "bad_spec")])
+def test_malformed_work_requests_are_refused_before_any_proposal(op, body, code):
+    from proto.messages import Work
+
+    h = Harness()
+    h.message(Work(7, op, "s", body))
+    h.flush()
+    (err,) = h.take(Error)
+    assert err.request_id == 7 and err.detail["code"] == code and not h.proposed

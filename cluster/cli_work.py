@@ -1,0 +1,146 @@
+"""The work-spec commands of ``cluster``: ``add-spec``, ``load``, ``summary``, ``specs``,
+``pause``, ``resume``, ``prioritize``, ``reweight`` and ``retry`` (Coordinate's verbs; see
+doc/workspecs.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+from rich.table import Table
+
+from cluster.cli_common import CONFIG_OPTION, WRITE_TIMEOUT, _json, _session, _table_console
+
+
+@click.command("add-spec")
+@click.argument("name")
+@CONFIG_OPTION
+@click.option("--run", "run_json", required=True,
+              help='What each unit runs, as JSON: e.g. \'{"kind": "command", "argv": ["process.sh"]}\'.')
+@click.option("--priority", type=int, default=0, show_default=True, help="Absolute: higher specs run first.")
+@click.option("--weight", type=float, default=1.0, show_default=True,
+              help="Share of the running slots among specs of equal priority.")
+@click.option("--max-running", type=click.IntRange(0), default=None, help="At most this many units running at once.")
+@click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--lease", "lease_s", type=float, default=300.0, show_default=True,
+              help="Seconds a worker holds a unit before it is handed to another.")
+@click.option("--then", default=None, help="The spec that gets each finished unit's output as a new unit.")
+@click.option("--paused", is_flag=True, help="Create it paused (`cluster resume NAME` starts it).")
+def add_spec(name: str, config_path: Path | None, run_json: str, priority: int, weight: float, max_running: int | None,
+             max_attempts: int, lease_s: float, then: str | None, paused: bool) -> None:
+    """Create the work spec NAME."""
+    try:
+        run = json.loads(run_json)
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"--run is not JSON: {exc}") from None
+    keys: dict[str, Any] = {"priority": priority, "weight": weight, "max_attempts": max_attempts, "lease_s": lease_s,
+                            "paused": paused}
+    if max_running is not None:
+        keys["max_running"] = max_running
+    if then:
+        keys["then"] = then
+    with _session(config_path, WRITE_TIMEOUT) as client:
+        _work(client).add_spec(name, run, **keys)
+    click.echo(f"work spec {name} added")
+
+
+def _units_from(path: Path) -> Iterator[tuple]:
+    """Units from a file: one per line, ``key<TAB>data`` (data the rest of the line, as UTF-8),
+    or JSON lines ``{"key": ..., "data": ..., "priority": ...}``."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    row = json.loads(line)
+                    unit = (row["key"], str(row.get("data", "")).encode())
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise click.ClickException(f"{path}:{number}: not a unit ({exc}); a JSON line needs a 'key'") from None
+                yield unit + ((row["priority"],) if "priority" in row else ())
+            else:
+                key, _, data = line.partition("\t")
+                yield key, data.encode()
+
+
+@click.command()
+@click.argument("spec")
+@click.argument("units_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@CONFIG_OPTION
+def load(spec: str, units_file: Path, config_path: Path | None) -> None:
+    """Add the units of UNITS_FILE to SPEC (a line each: key<TAB>data, or JSON lines), in
+    batches, with a progress bar. A refused batch is named; the batches before it stay."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    lines = sum(1 for line in open(units_file, "rb") if line.strip())
+    with _session(config_path, WRITE_TIMEOUT) as client, \
+            Progress(TextColumn("units"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("load", total=lines)
+        added = _work(client).add_units(spec, _units_from(units_file), progress=lambda n: bar.advance(task, n))
+    click.echo(f"{added:,} units added to {spec}")
+
+
+@click.command()
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def summary(config_path: Path | None, as_json: bool) -> None:
+    """Units per state of every work spec (Coordinate's summary), highest priority first."""
+    with _session(config_path) as client:
+        rows = _work(client).summary()
+    if as_json:
+        click.echo(_json(rows))
+        return
+    t = Table("spec", "available", "pending", "finished", "failed", "total")
+    for r in rows:
+        t.add_row(r["spec"], *(f"{r[k]:,}" for k in ("available", "pending", "finished", "failed", "total")))
+    _table_console().print(t)
+
+
+@click.command()
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def specs(config_path: Path | None, as_json: bool) -> None:
+    """Every work spec with its scheduling keys."""
+    with _session(config_path) as client:
+        rows = _work(client).summary()
+    if as_json:
+        click.echo(_json(rows))
+        return
+    t = Table("spec", "priority", "weight", "max running", "state", "units")
+    for r in rows:
+        t.add_row(r["spec"], str(r["priority"]), f"{r['weight']:g}", "-" if r["max_running"] is None else str(r["max_running"]),
+                  "paused" if r["paused"] else "active", f"{r['total']:,}")
+    _table_console().print(t)
+
+
+def _control(action: str, doc: str, value_type: Any = None):
+    @click.command(action, help=doc)
+    @click.argument("spec")
+    @CONFIG_OPTION
+    def command(spec: str, config_path: Path | None, **kw: Any) -> None:
+        with _session(config_path, WRITE_TIMEOUT) as client:
+            result = _work(client).control(spec, {"reweight": "weight"}.get(action, action), kw.get("value"))
+        click.echo(f"{action} {spec}" + (f": {result['retried']:,} failed units available again" if "retried" in result else ""))
+
+    if value_type is not None:
+        command = click.argument("value", type=value_type)(command)
+    return command
+
+
+pause = _control("pause", "Hand out no more units of SPEC (running ones finish).")
+resume = _control("resume", "Hand out SPEC's units again.")
+prioritize = _control("prioritize", "Set SPEC's priority to VALUE (absolute: higher specs run first).", int)
+reweight = _control("reweight", "Set SPEC's weight to VALUE (its share among specs of equal priority).", float)
+retry = _control("retry", "Make SPEC's failed units available again, with fresh attempts.")
+
+
+def _work(client: Any):
+    from cluster.work import Work
+
+    return Work(client)
+
+
+COMMANDS = (add_spec, load, summary, specs, pause, resume, prioritize, reweight, retry)
