@@ -16,7 +16,7 @@ it reports is its own):
   log carries it; the process's RSS at the end (what one master's state machine holds, without
   pysyncobj's log), the ledger snapshot's bytes and seconds, and ``Ledger.restore``'s seconds.
 
-NOT measured yet (they need work units dispatched through the balancers, which is not built):
+NOT measured yet (not written yet):
 units drained through the cluster, a running master's RSS with its Raft log, 1,000 simulated
 workers' dispatch latency. The JSON says so (``not_measured``).
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"machine": machine.machine_info(cluster=__version__, msgspec=msgspec.__version__),
            "config": {"units": n, "batch": BATCH, "what": "master.workspec.UnitTable in one process"},
            "core": part("measure", n), "ledger": part("measure_ledger", n),
-           "not_measured": ["units drained through the cluster (units are not dispatched yet)",
+           "not_measured": ["units drained through the cluster (not written yet)",
                             "a running master's RSS with its Raft log", "1,000 simulated workers: dispatch p50/p99"]}
     machine.finish(res, cpu0, started, args.json)
     c = res["core"]

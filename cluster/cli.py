@@ -4,7 +4,7 @@ Built so far: ``up``/``down`` (a local cluster in the background, see ``cluster.
 (every node of a cluster, or any node by address), ``probe`` (a probe node between machines), the node
 commands ``master``, ``balancer``, ``storage`` and ``worker``, the file commands ``upload``, ``download``, ``files``,
 ``align``, for users and operators ``jobs``, ``workers``, ``submit``, ``cancel`` and ``logs``, and the
-work-spec commands ``add-spec``, ``load``, ``summary``, ``specs``, ``pause``, ``resume``, ``prioritize``,
+work-spec commands ``add-spec``, ``load``, ``summary``, ``specs``, ``units``, ``pause``, ``resume``, ``prioritize``,
 ``reweight`` and ``retry``.
 Read commands take ``--json``. Errors are one line that says what to do, never a traceback.
 """

@@ -1,4 +1,4 @@
-"""The work-spec commands of ``cluster``: ``add-spec``, ``load``, ``summary``, ``specs``,
+"""The work-spec commands of ``cluster``: ``add-spec``, ``load``, ``summary``, ``specs``, ``units``,
 ``pause``, ``resume``, ``prioritize``, ``reweight`` and ``retry`` (Coordinate's verbs; see
 doc/workspecs.md)."""
 
@@ -116,6 +116,30 @@ def specs(config_path: Path | None, as_json: bool) -> None:
     _table_console().print(t)
 
 
+@click.command()
+@click.argument("spec")
+@CONFIG_OPTION
+@click.option("--state", type=click.Choice(["available", "pending", "finished", "failed"]), default=None,
+              help="Only the units in this state.")
+@click.option("--attempts", "min_attempts", type=click.IntRange(0), default=0, help="Only units tried at least this often.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the units and their attempts as JSON.")
+def units(spec: str, config_path: Path | None, state: str | None, min_attempts: int, limit: int, as_json: bool) -> None:
+    """SPEC's units (e.g. `--state failed`) with every attempt: worker, start, end, outcome."""
+    with _session(config_path) as client:
+        view = _work(client).units(spec, state=state, limit=limit, min_attempts=min_attempts)
+    if as_json:
+        click.echo(_json(view))
+        return
+    t = Table("unit", "key", "state", "attempts")
+    for u in view["units"]:
+        tried = "; ".join(f"{a['worker']}: {a['outcome'] or 'running'}" for a in u["attempts"]) or "-"
+        t.add_row(str(u["unit"]), u["key"], u["state"], tried)
+    _table_console().print(t)
+    if view["next"] is not None:
+        click.echo(f"(more: the first {limit} shown)")
+
+
 def _control(action: str, doc: str, value_type: Any = None):
     @click.command(action, help=doc)
     @click.argument("spec")
@@ -143,4 +167,4 @@ def _work(client: Any):
     return Work(client)
 
 
-COMMANDS = (add_spec, load, summary, specs, pause, resume, prioritize, reweight, retry)
+COMMANDS = (add_spec, load, summary, specs, units, pause, resume, prioritize, reweight, retry)

@@ -73,6 +73,14 @@ class Work:
         ``summary``), highest priority first."""
         return self.client._one(lambda rid: WorkMessage(rid, "summary"), write=False).value
 
+    def units(self, spec: str, *, state: str | None = None, limit: int = 100, min_attempts: int = 0,
+              after: int = -1) -> dict[str, Any]:
+        """Units of ``spec`` (optionally in ``state``: available, pending, finished, failed;
+        with at least ``min_attempts``), each with its attempts (worker, start, end, outcome);
+        ``value["next"]`` is the ``after`` of the next page."""
+        body = {"state": state, "limit": limit, "min_attempts": min_attempts, "after": after}
+        return self.client._one(lambda rid: WorkMessage(rid, "units", spec, body), write=False).value
+
     def control(self, spec: str, action: str, value: Any = None) -> dict[str, Any]:
         return self._write("control", spec, {"action": action, "value": value})
 

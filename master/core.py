@@ -74,6 +74,7 @@ from master.commands import (
     SubmitJob,
 )
 from master.ledger import Applied, Ledger, spec_digest, task_files_problem
+from master.workspec import WorkSpecError
 from proto.errors import AppReason
 from proto.ids import join128, split128
 from proto.messages import (
@@ -379,9 +380,17 @@ class MasterCore:
         """Work specs and units: ``summary`` is read here, the rest are writes for the log."""
         if m.op == "summary":
             return [self._reply(ev, m.request_id, self.ledger.work_summary())]
+        if m.op == "units":
+            q = m.body if isinstance(m.body, dict) else {}
+            try:
+                view = self.ledger.work.units_view(m.spec, q.get("state"), max(1, min(int(q.get("limit", 100)), MAX_LIST)),
+                                                   int(q.get("min_attempts", 0)), int(q.get("after", -1)))
+            except (WorkSpecError, TypeError, ValueError) as exc:
+                return [_app_error(ev, m.request_id, AppReason.REFUSED, getattr(exc, "code", "bad_query"), str(exc))]
+            return [self._reply(ev, m.request_id, view)]
         if m.op not in ("add_spec", "add_units", "control"):
             return [_app_error(ev, m.request_id, AppReason.REFUSED, "bad_op",
-                               f"unknown work op {m.op!r}; the ops are add_spec, add_units, control, summary")]
+                               f"unknown work op {m.op!r}; the ops are add_spec, add_units, control, summary, units")]
         refusal = self._writable(ev, m.request_id)
         if refusal is not None:
             return [refusal]

@@ -42,6 +42,7 @@ from master.commands import (
     CANCELLED,
     DONE,
     FAILED,
+    LOST,
     OUTCOMES,
     AddUnits,
     AddWorkSpec,
@@ -58,6 +59,9 @@ from master.commands import (
     SubmitJob,
 )
 from master.views import PIN, LedgerViews
+from master.workspec import DONE as UNIT_DONE
+from master.workspec import FAILED_OUTCOME as UNIT_FAILED
+from master.workspec import LOST as UNIT_LOST
 from master.workspec import WorkSpecError, WorkState
 
 TASK_TRANSITIONS: dict[tuple[str, str], str] = {
@@ -303,8 +307,11 @@ class Ledger(LedgerViews):
                 "stale_fence",
                 f"assignment token {first} is not newer than {self.state.fence}: from a deposed leader",
             )
-        assigned, skipped = [], []
+        assigned, skipped, units = [], [], []
         for i, (job_id, task_id) in enumerate(c.tasks):
+            if self.work.is_spec(job_id):
+                units.append((job_id, task_id, (c.term, c.first_sequence + i)))
+                continue
             job = self.state.jobs.get(job_id)
             task = job.tasks.get(task_id) if job is not None else None
             if job is None or job.state != "active" or task is None or task.state != "ready":
@@ -315,12 +322,18 @@ class Ledger(LedgerViews):
             task.attempts.append(Attempt(fence[0], fence[1], c.balancer, c.now))
             del job.ready[task_id]
             assigned.append((job_id, task_id, fence))
+        if units:
+            got, missed = self.work.assign(units, c.balancer, c.now)
+            assigned += got
+            skipped += missed
         self.state.fence = (c.term, c.first_sequence + max(len(c.tasks) - 1, 0))
         if skipped:
             self._count("assign_skipped", len(skipped))
         return Applied(True, value={"assigned": assigned, "skipped": skipped})
 
     def _complete(self, c: CompleteTask) -> Applied:
+        if self.work.is_spec(c.job_id):
+            return self._complete_unit(c)
         job = self.state.jobs.get(c.job_id)
         if job is None:
             return refused("unknown_job", f"no job {c.job_id.hex()}")
@@ -365,6 +378,28 @@ class Ledger(LedgerViews):
         if c.outcome == DONE:
             return self._record_done(job, c, task, attempt)
         return self._record_failure(job, c, task, attempt)
+
+    def _complete_unit(self, c: CompleteTask) -> Applied:
+        """A work unit's attempt ended: its table records it (master.workspec)."""
+        if c.outcome not in OUTCOMES:
+            return refused("bad_outcome", f"outcome {c.outcome} is not one of {sorted(OUTCOMES)}")
+        outcome = UNIT_DONE if c.outcome == DONE else UNIT_LOST if c.outcome == LOST else UNIT_FAILED
+        output = c.summary.get("stdout") if isinstance(c.summary, dict) else None
+        if not isinstance(output, (bytes, bytearray)):
+            value = c.summary.get("value") if isinstance(c.summary, dict) else None
+            output = value if isinstance(value, (bytes, bytearray)) else b""
+        try:
+            code = self.work.complete(c.job_id, c.task_id, (c.fence_term, c.fence_sequence), outcome, c.worker,
+                                      bytes(output), c.now)
+        except WorkSpecError as exc:
+            if exc.code == "stale_fence":
+                self._count("stale_completions")
+            return refused(exc.code, exc.text)
+        if code == "duplicate":
+            self._count("duplicate_completions")
+            return Applied(True, "duplicate", "the unit was already recorded as finished")
+        self._count("units_ended")
+        return Applied(True, "recorded")
 
     def _record_done(self, job: Job, c: CompleteTask, task: Task, attempt: Attempt) -> Applied:
         files, refusal = self._task_files(job, c)

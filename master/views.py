@@ -50,7 +50,8 @@ class LedgerViews:
                     if len(out) >= limit:
                         break
                 turn = still
-        return out
+        # then the work specs' units, shared by priority and weight (master.workspec.allocate)
+        return out + self.work.ready(limit - len(out), exclude)
 
     def open_assignments(self) -> Iterator[tuple[bytes, int, Attempt]]:
         """Every task handed out and not yet ended (a new balancer is told these again)."""
@@ -60,10 +61,16 @@ class LedgerViews:
             for task_id, task in job.tasks.items():
                 if task.state == "assigned":
                     yield job.job_id, task_id, task.open_attempt()
+        from master.ledger import Attempt
+
+        for sid, uid, term, seq, holder, started in self.work.open():
+            yield sid, uid, Attempt(term, seq, holder, started)
 
     def task_order(self, job_id: bytes, task_id: int) -> dict[str, Any]:
         """What a worker needs to run a task: the job's ``run``, the task's arguments, and the
         result files of the tasks it reads (e.g. the neighbouring tiles' boundaries)."""
+        if self.work.is_spec(job_id):
+            return self.work.order(job_id, task_id)
         job = self.state.jobs[job_id]
         inputs = []
         for other in job.source.inputs(task_id):

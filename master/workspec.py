@@ -27,11 +27,13 @@ ledger, so that every master applying the same commands reaches the same state.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
+import pickle
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -173,6 +175,8 @@ class UnitTable:
         self.attempts = _Column(np.uint8)
         self.lease_until = _Column(np.float64, np.inf)
         self.holder = _Column(np.int32, -1)
+        self.fence_term = _Column(np.int64)  # the fencing token of the unit's newest lease
+        self.fence_seq = _Column(np.int64)
         self.workers: list[str] = []  # holder index -> worker name
         self._worker_ix: dict[str, int] = {}
         self.available: dict[int, deque[int]] = {}  # unit priority -> FIFO of unit ids
@@ -224,6 +228,8 @@ class UnitTable:
         self.attempts.extend(np.zeros(n, np.uint8))
         self.lease_until.extend(np.full(n, np.inf))
         self.holder.extend(np.full(n, -1, np.int32))
+        self.fence_term.extend(np.zeros(n, np.int64))
+        self.fence_seq.extend(np.zeros(n, np.int64))
         for uid, p in zip(range(first, first + n), prios):
             self.available.setdefault(p, deque()).append(uid)
         self.counts[AVAILABLE] += n
@@ -235,7 +241,6 @@ class UnitTable:
         """Hand out up to ``n`` available units (highest unit priority first, FIFO within one)
         to ``worker`` until ``now + lease_s``; each starts an attempt."""
         out: list[int] = []
-        w = self._worker(worker)
         for p in sorted(self.available, reverse=True):
             q = self.available[p]
             while q and len(out) < n:
@@ -245,29 +250,74 @@ class UnitTable:
             if len(out) >= n:
                 break
         if out:
-            ids = np.array(out, np.int64)
-            self.state.data[ids] = PENDING
-            self.lease_until.data[ids] = now + lease_s
-            self.holder.data[ids] = w
-            self.attempts.data[ids] += 1
-            first = self.h_unit.n
-            self.h_unit.extend(ids)
-            self.h_worker.extend(np.full(len(ids), w, np.int32))
-            self.h_start.extend(np.full(len(ids), now))
-            self.h_end.extend(np.full(len(ids), np.nan))
-            self.h_outcome.extend(np.full(len(ids), -1, np.int8))
-            self.open_attempt.update(zip(out, range(first, first + len(out))))
-            self.counts[AVAILABLE] -= len(out)
-            self.counts[PENDING] += len(out)
+            self._start(np.array(out, np.int64), worker, now, lease_s)
         return out
 
-    def end(self, uid: int, outcome: int, now: float, max_attempts: int) -> int:
+    def _start(self, ids: np.ndarray, worker: str, now: float, lease_s: float) -> None:
+        """Units ``ids`` (available, out of their queues) start an attempt held by ``worker``."""
+        w = self._worker(worker)
+        self.state.data[ids] = PENDING
+        self.lease_until.data[ids] = now + lease_s
+        self.holder.data[ids] = w
+        self.attempts.data[ids] += 1
+        first = self.h_unit.n
+        self.h_unit.extend(ids)
+        self.h_worker.extend(np.full(len(ids), w, np.int32))
+        self.h_start.extend(np.full(len(ids), now))
+        self.h_end.extend(np.full(len(ids), np.nan))
+        self.h_outcome.extend(np.full(len(ids), -1, np.int8))
+        self.open_attempt.update(zip(ids.tolist(), range(first, first + len(ids))))
+        self.counts[AVAILABLE] -= len(ids)
+        self.counts[PENDING] += len(ids)
+
+    def peek(self, n: int, exclude: set[int] | frozenset = frozenset()) -> list[int]:
+        """The next ``n`` available units that ``lease`` would hand out, skipping ``exclude``
+        (units already proposed for assignment), without taking them."""
+        out: list[int] = []
+        for p in sorted(self.available, reverse=True):
+            for uid in self.available[p]:
+                if uid not in exclude:
+                    out.append(uid)
+                    if len(out) >= n:
+                        return out
+        return out
+
+    def lease_ids(self, uids: list[int], holder: str, now: float, lease_s: float,
+                  fences: list[tuple[int, int]]) -> list[int]:
+        """Lease exactly ``uids`` (those still available; returns them) under their fencing
+        tokens: what a committed assignment does. They sit at the front of their queues (``peek``
+        took them from there), so taking them out is cheap."""
+        taken, tokens = [], []
+        for uid, fence in zip(uids, fences):
+            if not 0 <= uid < len(self.keys) or self.state.data[uid] != AVAILABLE:
+                continue
+            p = int(self.priority.data[uid])
+            q = self.available[p]
+            if q[0] == uid:
+                q.popleft()
+            else:
+                q.remove(uid)
+            if not q:
+                del self.available[p]
+            taken.append(uid)
+            tokens.append(fence)
+        if taken:
+            ids = np.array(taken, np.int64)
+            self._start(ids, holder, now, lease_s)
+            self.fence_term.data[ids] = [f[0] for f in tokens]
+            self.fence_seq.data[ids] = [f[1] for f in tokens]
+        return taken
+
+    def end(self, uid: int, outcome: int, now: float, max_attempts: int, worker: str | None = None) -> int:
         """End ``uid``'s open attempt with ``outcome`` (DONE, LOST or FAILED_OUTCOME); returns
         the unit's new state (FINISHED, AVAILABLE again, or FAILED once its attempts ran out).
-        A unit that is not pending (a late or duplicate report) is left as it is."""
+        ``worker``: who ran it, when known (the lease names who handed it out). A unit that is
+        not pending (a late or duplicate report) is left as it is."""
         if not 0 <= uid < len(self.keys) or self.state.data[uid] != PENDING:
             return int(self.state.data[uid]) if 0 <= uid < len(self.keys) else -1
         row = self.open_attempt.pop(uid)
+        if worker:
+            self.h_worker.data[row] = self._worker(worker)
         self.h_end.data[row] = now
         self.h_outcome.data[row] = outcome
         self.counts[PENDING] -= 1
@@ -344,7 +394,10 @@ class UnitTable:
         t._worker_ix = {w: i for i, w in enumerate(t.workers)}
         for name in _COLUMNS:
             col = getattr(t, name)
-            col.data = np.frombuffer(s[name], col.data.dtype).copy()
+            if name in s:
+                col.data = np.frombuffer(s[name], col.data.dtype).copy()
+            else:  # a snapshot from before the column: its default for every unit
+                col.data = np.full(len(t.keys), col.fill, col.data.dtype)
             col.n = len(col.data)
         t.available = {int(p): deque(q) for p, q in s["available"]}
         t.open_attempt = {int(u): int(r) for u, r in s["open"]}
@@ -353,7 +406,7 @@ class UnitTable:
 
 
 _COLUMNS = ("state", "priority", "attempts", "lease_until", "holder", "h_unit", "h_worker", "h_start", "h_end",
-            "h_outcome")
+            "h_outcome", "fence_term", "fence_seq")
 
 
 # ---- scheduling across specs -----------------------------------------------------------------------
@@ -408,6 +461,12 @@ def allocate(specs: Iterable[Demand], n: int) -> dict[str, int]:
 CONTROL_ACTIONS = ("pause", "resume", "prioritize", "weight", "retry")
 
 
+def spec_id(name: str) -> bytes:
+    """The 16-byte id a spec's units travel under as tasks (WORKER_REQUEST, TASK_RESULT carry
+    it where a job's id would be)."""
+    return hashlib.blake2b(b"workspec\0" + name.encode(), digest_size=16).digest()
+
+
 class WorkState:
     """Every work spec and its units, as the ledger keeps them (``Ledger.work``). Each method
     applies one command: it checks everything first and changes nothing when it refuses."""
@@ -416,6 +475,7 @@ class WorkState:
         self.specs: dict[str, WorkSpec] = {}
         self.tables: dict[str, UnitTable] = {}
         self.batches: dict[str, dict[bytes, int]] = {}  # spec -> batch key -> units it added
+        self.ids: dict[bytes, str] = {}  # spec_id -> name
 
     def add_spec(self, spec: Any) -> WorkSpec:
         got = validate_spec(spec, known=self.specs)
@@ -424,7 +484,115 @@ class WorkState:
         check_chain(self.specs, got.name, got.then)
         self.specs[got.name] = got
         self.tables[got.name] = UnitTable()
+        self.ids[spec_id(got.name)] = got.name
         return got
+
+    # ---- dispatch: units as tasks ---------------------------------------------------------------
+
+    def is_spec(self, job_id: bytes) -> bool:
+        return job_id in self.ids
+
+    def ready(self, limit: int, exclude: Any = frozenset()) -> list[tuple[bytes, int]]:
+        """Up to ``limit`` units to hand out, shared among the specs by ``allocate``; units in
+        ``exclude`` (``(spec id, unit)`` pairs proposed and not yet committed) count as running."""
+        if limit <= 0 or not self.specs:
+            return []
+        proposed: dict[str, set[int]] = {}
+        for job_id, task_id in exclude:
+            name = self.ids.get(job_id)
+            if name is not None:
+                proposed.setdefault(name, set()).add(task_id)
+        demands = []
+        for name, spec in self.specs.items():
+            counts = self.tables[name].counts
+            k = len(proposed.get(name, ()))
+            demands.append(Demand(name, spec.priority, spec.weight, counts[PENDING] + k, counts[AVAILABLE] - k,
+                                  spec.max_running, spec.paused))
+        out: list[tuple[bytes, int]] = []
+        for name, n in sorted(allocate(demands, limit).items()):
+            sid = spec_id(name)
+            out += [(sid, uid) for uid in self.tables[name].peek(n, proposed.get(name, frozenset()))]
+        return out
+
+    def assign(self, units: list[tuple[bytes, int, tuple[int, int]]], holder: str,
+               now: float) -> tuple[list[tuple[bytes, int, tuple[int, int]]], list[tuple[bytes, int]]]:
+        """Lease ``units`` (spec id, unit, fencing token) to ``holder``: (assigned, skipped)."""
+        groups: dict[bytes, list[tuple[int, tuple[int, int]]]] = {}
+        for sid, uid, fence in units:
+            groups.setdefault(sid, []).append((uid, fence))
+        assigned, skipped = [], []
+        for sid, rows in groups.items():
+            name = self.ids[sid]
+            spec = self.specs[name]
+            taken = set(self.tables[name].lease_ids([u for u, _ in rows], holder, now, spec.lease_s,
+                                                    [f for _, f in rows]))
+            for uid, fence in rows:
+                (assigned.append((sid, uid, fence)) if uid in taken else skipped.append((sid, uid)))
+        return assigned, skipped
+
+    def complete(self, sid: bytes, uid: int, fence: tuple[int, int], outcome: int, worker: str,
+                 output: bytes | None, now: float) -> str:
+        """A unit's attempt ended (``outcome``: DONE, LOST or FAILED_OUTCOME here). Returns
+        "recorded", or "duplicate" for a unit already finished; raises WorkSpecError for a unit
+        that does not exist or a token that is not its newest lease. A finished unit of a spec
+        with ``then`` adds ``[key, output]`` to that spec (once: the key makes it idempotent)."""
+        name = self.ids[sid]
+        spec, table = self.specs[name], self.tables[name]
+        if not 0 <= uid < len(table):
+            raise WorkSpecError("unknown_task", f"work spec {name!r} has no unit {uid}")
+        state = int(table.state.data[uid])
+        if (int(table.fence_term.data[uid]), int(table.fence_seq.data[uid])) != tuple(fence) or state != PENDING:
+            if state == FINISHED:
+                return "duplicate"
+            raise WorkSpecError("stale_fence", f"token {tuple(fence)} is not the newest lease of unit {uid} of "
+                                               f"work spec {name!r}")
+        new = table.end(uid, outcome, now, spec.max_attempts, worker)
+        if new == FINISHED and spec.then is not None and spec.then in self.tables:
+            following = self.tables[spec.then]
+            key = table.keys[uid]
+            if key not in following.index:
+                following.add([[key, bytes(output or b"")[:MAX_DATA]]])
+        return "recorded"
+
+    def order(self, sid: bytes, uid: int) -> dict[str, Any]:
+        """What a worker gets for a unit (as ``Ledger.task_order``): the spec's ``run``; a
+        command sees the unit as ``WORK_KEY``/``WORK_DATA`` in its environment, a callable gets
+        ``(key, data)`` as its arguments."""
+        name = self.ids[sid]
+        run, table = self.specs[name].run, self.tables[name]
+        key, data = table.keys[uid], table.data[uid]
+        if run.get("kind") == "call":
+            arguments: dict[str, Any] = {"args": pickle.dumps(((key, data), {}))}
+        else:
+            text = data.decode("utf-8", "replace").replace("\0", "")  # no NUL in an environment
+            arguments = {"env": {"WORK_KEY": key, "WORK_DATA": text, "WORK_SPEC": name}}
+        return {"run": run, "arguments": {**arguments, "key": key}, "inputs": []}
+
+    def units_view(self, name: str, state: str | None = None, limit: int = 100, min_attempts: int = 0,
+                   after: int = -1) -> dict[str, Any]:
+        """Units of spec ``name`` (in ``state``, with at least ``min_attempts`` attempts), in
+        unit order after ``after``, each with its attempts; ``next`` pages on."""
+        table = self._table(name)
+        if state is not None and state not in STATE_NAMES:
+            raise WorkSpecError("bad_query", f"state must be one of {', '.join(STATE_NAMES)}, not {state!r}")
+        mask = np.ones(len(table), bool)
+        if state is not None:
+            mask &= table.state.view == STATE_NAMES.index(state)
+        if min_attempts:
+            mask &= table.attempts.view >= min_attempts
+        mask[:max(after + 1, 0)] = False
+        ids = np.flatnonzero(mask)[:limit + 1]
+        rows = [{"unit": int(u), "key": table.keys[u], "state": STATE_NAMES[int(table.state.data[u])],
+                 "attempts": [a.__dict__ for a in table.attempts_of(int(u))]} for u in ids[:limit]]
+        return {"units": rows, "next": int(ids[limit - 1]) if len(ids) > limit else None}
+
+    def open(self) -> Iterator[tuple[bytes, int, int, int, str, float]]:
+        """Every pending unit: (spec id, unit, fence term, fence sequence, holder, started)."""
+        for name, table in self.tables.items():
+            sid = spec_id(name)
+            for uid, row in table.open_attempt.items():
+                yield (sid, uid, int(table.fence_term.data[uid]), int(table.fence_seq.data[uid]),
+                       table.workers[int(table.h_worker.data[row])], float(table.h_start.data[row]))
 
     def add_units(self, name: str, units: Any, key: bytes | None = None) -> dict[str, Any]:
         """Add a batch; a ``key`` seen before for this spec answers again without adding (a
@@ -492,6 +660,7 @@ class WorkState:
             spec = WorkSpec(*row)
             w.specs[spec.name] = spec
             w.tables[spec.name] = UnitTable.from_state(s["tables"][spec.name])
+            w.ids[spec_id(spec.name)] = spec.name
         w.batches = {name: {bytes(k): n for k, n in rows} for name, rows in s.get("batches", {}).items()}
         return w
 

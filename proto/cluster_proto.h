@@ -301,7 +301,8 @@ CLUSTER_STATIC_ASSERT(sizeof(struct cluster_watch) == CLUSTER_WATCH_HEADER_LENGT
  * `add_units` (`body`: a list of `[key, data]` or `[key, data, priority]`, all or none; `key`:
  * the batch's idempotency key, so a resent batch lands once), `control` (`body`: `{"action":
  * pause|resume|prioritize|weight|retry, "value": ...}`). Reads any master answers from what it
- * has: `summary` (per spec: keys and units per state).
+ * has: `summary` (per spec: keys and units per state) and `units` (`body`: `{"state", "limit",
+ * "min_attempts", "after"}`: units with their attempts).
  *
  * client -> master leader.
  *

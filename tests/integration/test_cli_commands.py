@@ -206,8 +206,9 @@ def test_align_refuses_contradictory_options_in_one_line(home, tmp_path):
 def test_work_spec_commands(home, tmp_path):
     """add-spec, load (a progress bar; TSV and JSON lines), summary, specs, pause, prioritize,
     reweight, retry; bad input is one line and leaves the spec as it was."""
+    # paused: the cluster's worker would start on the units at once (they are counted below)
     assert run(home, "add-spec", "fetch", "--run", '{"kind": "command", "argv": ["fetch.sh"]}', "--weight", "2",
-               "--max-running", "10").returncode == 0
+               "--max-running", "10", "--paused").returncode == 0
     units = tmp_path / "units.tsv"
     units.write_text("".join(f"url-{k}\thttp://example.org/{k}\n" for k in range(25_000)))
     loaded = run(home, "load", "fetch", str(units), timeout=120)
@@ -221,6 +222,10 @@ def test_work_spec_commands(home, tmp_path):
     (row,) = as_json(run(home, "specs", "--json"))
     assert (row["paused"], row["priority"], row["weight"]) == (True, 7, 0.5)
     assert "fetch" in run(home, "specs").stdout and "25,000" in run(home, "summary").stdout
+    listed = as_json(run(home, "units", "fetch", "--state", "available", "--limit", "3", "--json"))
+    assert [u["key"] for u in listed["units"]] == ["url-0", "url-1", "url-2"] and listed["next"] == 2
+    assert "url-0" in run(home, "units", "fetch", "--limit", "2").stdout
+    assert "no work spec named 'nope'" in one_line_error(run(home, "units", "nope"))
     jsonl = tmp_path / "more.jsonl"
     jsonl.write_text('{"key": "x", "data": "1", "priority": 3}\n{"key": "url-7", "data": "dup"}\n')
     assert "already a unit" in one_line_error(run(home, "load", "fetch", str(jsonl)))

@@ -260,3 +260,62 @@ def test_bad_work_commands_are_refused_and_change_nothing(command, code, fragmen
     assert not got.ok and got.code == code and fragment in got.text
     assert ledger.state.counters[f"refused.{code}"] == 1
     assert ledger.work.to_state() == before  # nothing half-applied
+
+
+# ---- dispatch: units as tasks through the ledger -------------------------------------------------
+
+
+def test_units_are_handed_out_fenced_finished_lost_and_chained_through_the_ledger():
+    import pickle
+
+    from master import commands as C
+    from master.ledger import Ledger
+    from master.workspec import spec_id
+
+    ledger = Ledger()
+    ledger_apply(ledger, C.AddWorkSpec({"name": "parse", "run": {"kind": "call", "program": b"fn"}}, 0.0))
+    ledger_apply(ledger, C.AddWorkSpec({"name": "fetch", "run": {"kind": "command", "argv": ["sh", "-c", "echo $WORK_KEY"]},
+                                        "then": "parse", "max_attempts": 2}, 0.0))
+    ledger_apply(ledger, C.AddUnits("fetch", [[f"u{k}", b"data %d" % k] for k in range(5)], 0.0))
+    fetch, parse = spec_id("fetch"), spec_id("parse")
+    ready = ledger.ready_tasks(3)
+    assert ready == [(fetch, 0), (fetch, 1), (fetch, 2)]
+    assert ledger.ready_tasks(3, exclude=set(ready)) == [(fetch, 3), (fetch, 4)]  # proposed ones are skipped
+    got = ledger_apply(ledger, C.AssignTasks(1, 1, "b1", ready, 10.0))
+    assert [a[:2] for a in got.value["assigned"]] == ready and got.value["skipped"] == []
+    order = ledger.task_order(fetch, 1)
+    assert order["arguments"]["env"] == {"WORK_KEY": "u1", "WORK_DATA": "data 1", "WORK_SPEC": "fetch"}
+    assert order["run"]["argv"] == ["sh", "-c", "echo $WORK_KEY"]
+    assert sorted((j, t) for j, t, _ in ledger.open_assignments()) == ready
+    done = C.CompleteTask(fetch, 0, 1, 1, C.DONE, "w1", {"stdout": b"page 0\n"}, None, None, 11.0)
+    assert ledger_apply(ledger, done).code == "recorded"
+    assert ledger_apply(ledger, done).code == "duplicate"  # a resent result: acknowledged, not recorded twice
+    stale = C.CompleteTask(fetch, 1, 1, 99, C.DONE, "w1", {}, None, None, 11.0)
+    assert ledger_apply(ledger, stale).code == "stale_fence"
+    lost = C.CompleteTask(fetch, 1, 1, 2, C.LOST, "w2", {}, None, None, 12.0)
+    assert ledger_apply(ledger, lost).code == "recorded"
+    rows = {r["spec"]: r for r in ledger.work_summary()}
+    assert (rows["fetch"]["finished"], rows["fetch"]["pending"], rows["fetch"]["available"]) == (1, 1, 3)
+    assert (rows["parse"]["available"], ledger.work.tables["parse"].data[0]) == (1, b"page 0\n")  # chained
+    assert [(a.worker, a.outcome) for a in ledger.work.tables["fetch"].attempts_of(1)] == [("w2", "lost")]
+    # the chained unit goes out as a call with (key, data) as its arguments
+    (nxt,) = [t for t in ledger.ready_tasks(10) if t[0] == parse]
+    assert pickle.loads(ledger.task_order(*nxt)["arguments"]["args"]) == (("u0", b"page 0\n"), {})
+    again = Ledger.restore(ledger.snapshot())  # fences and leases survive a snapshot
+    assert sorted(again.open_assignments(), key=lambda x: x[1])[0][2].fence_sequence == 3
+    assert ledger_apply(again, C.CompleteTask(fetch, 2, 1, 3, C.FAILED, "w1", {}, None, "boom", 13.0)).ok
+    assert again.work.tables["fetch"].state.data[2] == AVAILABLE  # its first attempt of 2 failed
+
+
+def test_ready_tasks_share_the_slots_among_specs_by_weight_and_priority():
+    from master import commands as C
+    from master.ledger import Ledger
+    from master.workspec import spec_id
+
+    ledger = Ledger()
+    for name, keys in (("light", {"weight": 1}), ("heavy", {"weight": 3}), ("urgent", {"priority": 9, "max_running": 2})):
+        ledger_apply(ledger, C.AddWorkSpec({"name": name, "run": {"kind": "call"}, **keys}, 0.0))
+        ledger_apply(ledger, C.AddUnits(name, units(100, name), 0.0))
+    ready = ledger.ready_tasks(10)
+    count = {name: sum(1 for j, _ in ready if j == spec_id(name)) for name in ("light", "heavy", "urgent")}
+    assert count == {"urgent": 2, "heavy": 6, "light": 2}  # urgent first, to its max; then 3:1 (ties by name)
