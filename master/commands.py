@@ -137,8 +137,17 @@ class ControlSpec(msgspec.Struct, tag="control", array_like=True, frozen=True):
     value: Any = None
 
 
+class ExpireLeases(msgspec.Struct, tag="expire_leases", array_like=True, frozen=True):
+    """The leader's clock says some work units' leases ended before ``now``: each such unit's
+    attempt ends LOST (its worker is alive but has not finished in ``lease_s``), and the unit is
+    available again, or failed once its attempts ran out. A late result under the old token is
+    then refused as stale."""
+
+    now: float
+
+
 Command = (SubmitJob | CancelJob | AssignTasks | CompleteTask | RegisterFile | ReleaseFile | DropFile | Barrier
-           | AddWorkSpec | AddUnits | ControlSpec)
+           | AddWorkSpec | AddUnits | ControlSpec | ExpireLeases)
 
 
 class Batch(msgspec.Struct, tag="batch", array_like=True, frozen=True):

@@ -69,6 +69,7 @@ from master.commands import (
     CompleteTask,
     ControlSpec,
     Entry,
+    ExpireLeases,
     RegisterFile,
     ReleaseFile,
     SubmitJob,
@@ -254,7 +255,8 @@ class MasterCore:
                 self.flush_pending = False
                 return self._flush(now, event.stimulus_id)
             if event.name == "expire":
-                return self._expire(now, event.stimulus_id) + [StartTimer("expire", 1.0)]
+                return self._expire(now, event.stimulus_id) + self._expire_leases(now, event.stimulus_id) + \
+                    [StartTimer("expire", 1.0)]
             if event.name == "watch":
                 return self._expire_watches(now, event.stimulus_id)
             return []
@@ -505,6 +507,10 @@ class MasterCore:
                 self.first_commit_at = now
                 return [Log(logging.INFO, f"serving as leader of term {reply[1]}", cause)]
             return []
+        if kind == "leases" and result.ok and result.value["expired"]:
+            self._count("leases_expired", result.value["expired"])
+            return [Log(logging.INFO, f"{result.value['expired']} work-unit leases ended: their units are handed out again",
+                        cause)]
         return []
 
     def _assigned(self, reply: tuple, result: Applied, cause: str) -> list[Effect]:
@@ -540,6 +546,16 @@ class MasterCore:
         for token in [t for t, p in self.proposals.items() if now - p.proposed_at > PROPOSAL_TIMEOUT]:
             out += self._on_failed(token, f"no commit within {PROPOSAL_TIMEOUT:g} s", cause)
         return out
+
+    def _expire_leases(self, now: float, cause: str) -> list[Effect]:
+        """Once a second, a serving leader takes back the work units whose leases ended (its
+        clock, in the command, so every master ends the same ones)."""
+        if self.view.role != "leader" or self.serving_term != self.view.term:
+            return []
+        wall = self.wall(now)
+        if not self.ledger.work.has_expired(wall):
+            return []
+        return self._enqueue(ExpireLeases(wall), ("leases",), cause, now)
 
     def _answer_unknown(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
         kind = reply[0]

@@ -568,6 +568,21 @@ class WorkState:
             arguments = {"env": {"WORK_KEY": key, "WORK_DATA": text, "WORK_SPEC": name}}
         return {"run": run, "arguments": {**arguments, "key": key}, "inputs": []}
 
+    def has_expired(self, now: float) -> bool:
+        """Whether some pending unit's lease ended before ``now`` (one vectorised pass a spec)."""
+        return any(t.counts[PENDING] and t.expired(now).size for t in self.tables.values())
+
+    def expire(self, now: float) -> int:
+        """End every lease that ended before ``now`` as LOST; returns how many."""
+        n = 0
+        for name, table in self.tables.items():
+            if not table.counts[PENDING]:
+                continue
+            for uid in table.expired(now).tolist():
+                table.end(uid, LOST, now, self.specs[name].max_attempts)
+                n += 1
+        return n
+
     def units_view(self, name: str, state: str | None = None, limit: int = 100, min_attempts: int = 0,
                    after: int = -1) -> dict[str, Any]:
         """Units of spec ``name`` (in ``state``, with at least ``min_attempts`` attempts), in

@@ -641,3 +641,27 @@ def test_malformed_work_requests_are_refused_before_any_proposal(op, body, code)
     h.flush()
     (err,) = h.take(Error)
     assert err.request_id == 7 and err.detail["code"] == code and not h.proposed
+
+
+def test_a_serving_leader_proposes_the_end_of_expired_leases_once_a_second():
+    from master.commands import AddUnits, AddWorkSpec, AssignTasks, ExpireLeases
+
+    h = Harness()
+    h.ledger.apply(AddWorkSpec({"name": "s", "run": {"kind": "call"}, "lease_s": 5}, 0.0))
+    h.ledger.apply(AddUnits("s", [["a", b""]], 0.0))
+    wall = h.core.wall(h.now)
+    h.ledger.apply(AssignTasks(3, 100, "b1", h.ledger.ready_tasks(1), wall))
+    h.event(TimerFired("expire", "e1"))
+    h.flush()
+    assert not h.proposed  # the lease has 5 s to go
+    h.now += 6.0
+    h.event(TimerFired("expire", "e2"))
+    h.flush()
+    assert len(h.proposed) == 1 and isinstance(h.proposed[0].entry, ExpireLeases)
+    h.commit_all()
+    assert h.ledger.work_summary()[0]["available"] == 1
+    follower = Harness(role="follower")
+    follower.ledger.apply(AddWorkSpec({"name": "s", "run": {"kind": "call"}, "lease_s": 5}, 0.0))
+    follower.now += 60
+    follower.event(TimerFired("expire", "e3"))
+    assert not follower.proposed

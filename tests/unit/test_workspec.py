@@ -319,3 +319,23 @@ def test_ready_tasks_share_the_slots_among_specs_by_weight_and_priority():
     ready = ledger.ready_tasks(10)
     count = {name: sum(1 for j, _ in ready if j == spec_id(name)) for name in ("light", "heavy", "urgent")}
     assert count == {"urgent": 2, "heavy": 6, "light": 2}  # urgent first, to its max; then 3:1 (ties by name)
+
+
+def test_leases_that_end_are_taken_back_by_the_leader_and_late_results_refused():
+    from master import commands as C
+    from master.ledger import Ledger
+    from master.workspec import spec_id
+
+    ledger = Ledger()
+    ledger_apply(ledger, C.AddWorkSpec({"name": "s", "run": {"kind": "call"}, "lease_s": 30, "max_attempts": 2}, 0.0))
+    ledger_apply(ledger, C.AddUnits("s", units(3), 0.0))
+    sid = spec_id("s")
+    ledger_apply(ledger, C.AssignTasks(1, 1, "b1", ledger.ready_tasks(2), 100.0))
+    assert not ledger.work.has_expired(129.0) and ledger.work.has_expired(131.0)
+    assert ledger_apply(ledger, C.ExpireLeases(131.0)).value == {"expired": 2}
+    late = C.CompleteTask(sid, 0, 1, 1, C.DONE, "w-stuck", {}, None, None, 140.0)
+    assert ledger_apply(ledger, late).code == "stale_fence"  # its lease was taken back
+    assert [a.outcome for a in ledger.work.tables["s"].attempts_of(0)] == ["lost"]
+    ledger_apply(ledger, C.AssignTasks(1, 10, "b1", ledger.ready_tasks(3), 150.0))
+    assert ledger_apply(ledger, C.ExpireLeases(200.0)).value == {"expired": 3}
+    assert ledger.work_summary()[0]["failed"] == 2  # units 0 and 1: their second lease ended too
