@@ -16,8 +16,11 @@ it reports is its own):
   log carries it; the process's RSS at the end (what one master's state machine holds, without
   pysyncobj's log), the ledger snapshot's bytes and seconds, and ``Ledger.restore``'s seconds.
 
-NOT measured yet (not written yet):
-units drained through the cluster, a running master's RSS with its Raft log, 1,000 simulated
+* draining no-op units (``true``) through a local cluster (3 masters, the balancer pair, one
+  worker of 2 slots): 100,000 units (``--quick``: 5,000), seconds from the load to the last unit
+  finished, units/s.
+
+NOT measured yet (not written yet): a running master's RSS with its Raft log, 1,000 simulated
 workers' dispatch latency. The JSON says so (``not_measured``).
 
     .venv/bin/python bench/batch.py [--quick] [--units N] [--json PATH]
@@ -112,6 +115,46 @@ def measure_ledger(n: int) -> dict:
             "snapshot_plus_restore_s": round(snap_s + restore_s, 3)}
 
 
+def measure_drain(n: int) -> dict:
+    """``n`` no-op command units (``true``) through a local cluster: 3 masters, the balancer
+    pair, one worker of 2 slots, 127.0.0.1. Seconds from the load's end to the last unit
+    finished, as the ledger's summary says (polled every 0.2 s)."""
+    import tempfile
+
+    from cluster.client import Client
+    from cluster.local import balancer_nodes, master_nodes, start_all, stop_all, worker_nodes
+    from cluster.work import Work
+
+    with tempfile.TemporaryDirectory(prefix="bench-batch-") as d:
+        work_dir = Path(d)
+        masters = master_nodes(work_dir, 3, log_level="WARNING")
+        config, balancers = balancer_nodes(work_dir, 2, log_level="WARNING")
+        workers = worker_nodes(work_dir, config, 1, slots=2, log_level="WARNING")
+        nodes = masters + balancers + workers
+        try:
+            start_all(nodes, timeout=30)
+            with Client([m.address for m in masters], timeout=30) as client:
+                work = Work(client)
+                work.add_spec("noop", {"kind": "command", "argv": ["true"]}, paused=True)
+                t0 = time.perf_counter()
+                work.add_units("noop", ((f"u{k:07d}", b"") for k in range(n)))
+                load_s = time.perf_counter() - t0
+                work.resume("noop")
+                t0 = time.perf_counter()
+                deadline = t0 + 3600
+                while time.perf_counter() < deadline:
+                    row = work.summary()[0]
+                    if row["finished"] + row["failed"] == n:
+                        break
+                    time.sleep(0.2)  # polling the ledger's summary: the units end inside the cluster
+                drain_s = time.perf_counter() - t0
+        finally:
+            stop_all(nodes[::-1])
+    return {"units": n, "load_s": round(load_s, 3), "drain_s": round(drain_s, 3),
+            "units_per_s": round(n / drain_s, 1), "finished": row["finished"], "failed": row["failed"],
+            "cluster": "3 masters, 2 balancers, 1 worker x 2 slots, 127.0.0.1; each unit runs `true`"}
+
+
 def part(name: str, n: int) -> dict:
     """Run one part in a fresh interpreter and return its figures."""
     import json
@@ -133,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {"machine": machine.machine_info(cluster=__version__, msgspec=msgspec.__version__),
            "config": {"units": n, "batch": BATCH, "what": "master.workspec.UnitTable in one process"},
            "core": part("measure", n), "ledger": part("measure_ledger", n),
-           "not_measured": ["units drained through the cluster (not written yet)",
-                            "a running master's RSS with its Raft log", "1,000 simulated workers: dispatch p50/p99"]}
+           "drain": part("measure_drain", 5_000 if args.quick else 100_000),
+           "not_measured": ["a running master's RSS with its Raft log", "1,000 simulated workers: dispatch p50/p99"]}
     machine.finish(res, cpu0, started, args.json)
     c = res["core"]
     rows = [("units", f"{c['units']:,}"), ("load", f"{c['load_s']:.2f} s ({c['load_units_per_s']:,} units/s)"),
@@ -153,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                  ("snapshot", f"{g['snapshot_bytes'] / 2**20:.0f} MiB in {g['snapshot_s']:.2f} s"),
                  ("restore", f"{g['restore_s']:.2f} s (snapshot + restore {g['snapshot_plus_restore_s']:.2f} s)")]:
         print(f"  {k:<14} {v}")
+    dr = res["drain"]
+    print(f"drained through the cluster ({dr['cluster']}): {dr['units']:,} units in {dr['drain_s']:.1f} s = "
+          f"{dr['units_per_s']:,.0f} units/s (loaded in {dr['load_s']:.1f} s); finished {dr['finished']:,}, "
+          f"failed {dr['failed']}")
     print(f"not measured yet: {'; '.join(res['not_measured'])}")
     print(f"results in {res['json_path']}")
     return 0
