@@ -194,20 +194,28 @@ def wait(client: Client, job: str, *, progress: Callable[[dict[str, Any]], None]
     --json`` (score, end_a, end_b, cells, seconds, gcups, threads) plus ``job`` and the grid's
     figures. ``progress`` gets the job's view at each poll (done/total tiles). Raises
     ClusterError when the job failed or was cancelled, with the ledger's reason."""
+    view = poll_job(client, job, poll_s=poll_s, timeout=timeout, progress=progress,
+                    still=f"`cluster align --job {job}` watches it again")
+    if view["state"] != "done":
+        raise ClusterError(f"alignment job {job} {view['state']}: {view.get('error') or 'no reason given'}")
+    return answer(view, slots)
+
+
+def poll_job(client: Client, job: str, *, poll_s: float, timeout: float | None,
+             progress: Callable[[dict[str, Any]], None] | None = None, still: str = "") -> dict[str, Any]:
+    """The job's view once it is over (done, failed or cancelled), polled every ``poll_s``;
+    ClusterError after ``timeout`` seconds, saying how far it got and ``still`` (what to do)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         view = client.job(job).value
         if progress:
             progress(view)
         if view["state"] != "active":
-            break
+            return view
         if deadline is not None and time.monotonic() > deadline:
-            raise ClusterError(f"job {job} still running after {timeout:g} s ({view['done']} of {view['total']} tiles); "
-                               f"`cluster align --job {job}` watches it again")
-        time.sleep(poll_s)  # polling the ledger's job view: the tiles end inside the cluster
-    if view["state"] != "done":
-        raise ClusterError(f"alignment job {job} {view['state']}: {view.get('error') or 'no reason given'}")
-    return answer(view, slots)
+            raise ClusterError(f"job {job} still running after {timeout:g} s ({view['done']} of {view['total']} tasks)"
+                               + (f"; {still}" if still else ""))
+        time.sleep(poll_s)  # polling the ledger's job view: the tasks end inside the cluster
 
 
 def answer(view: dict[str, Any], slots: int = 0) -> dict[str, Any]:

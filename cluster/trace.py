@@ -27,7 +27,8 @@ import numpy as np
 
 from cluster.client import Client, ClusterError
 
-RECOMPUTE = "run the score pass again with its special rows: `cluster align A.fa B.fa --recompute` (same files and scoring)"
+RECOMPUTE = ("run its score pass again to keep new special rows: `cluster align --job {job} --recompute` (its "
+             "stored sequences and scoring), or align the FASTA files anew")
 
 
 @dataclass
@@ -67,22 +68,17 @@ def job_files(client: Client, job: str) -> dict[str, str]:
             return out
 
 
-def _wait(client: Client, job: str, what: str, timeout: float | None, poll_s: float = 0.1,
+def _wait(client: Client, job: str, what: str, timeout: float | None, align_job: str, poll_s: float = 0.1,
           progress: Callable[[dict], None] | None = None) -> dict:
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        view = client.job(job).value
-        if progress:
-            progress(view)
-        if view["state"] != "active":
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            raise ClusterError(f"{what} (job {job}) still running after {timeout:g} s ({view['done']} of {view['total']} tasks)")
-        time.sleep(poll_s)  # polling the ledger's job view: the tasks end inside the cluster
+    """Job ``job`` (a stage of ``align_job``'s traceback) once done; ClusterError otherwise."""
+    from cluster.align import poll_job
+
+    view = poll_job(client, job, poll_s=poll_s, timeout=timeout, progress=progress, still=f"it is {what}")
     if view["state"] != "done":
         error = view.get("error") or "no reason given"
         if "no longer stored" in error or "special-rows" in error or "special rows" in error:
-            raise ClusterError(f"{what} failed: the score pass's special rows are gone ({error}); {RECOMPUTE}")
+            raise ClusterError(f"{what} failed: the score pass's special rows are gone ({error}); "
+                               f"{RECOMPUTE.format(job=align_job)}")
         raise ClusterError(f"{what} (job {job}) {view['state']}: {error}")
     return view
 
@@ -109,7 +105,7 @@ def traceback(client: Client, job: str, *, seq_a: str | None = None, seq_b: str 
         raise ClusterError(f"alignment job {job} is {view['state']}; the traceback needs a finished score pass")
     best = answer(view)
     if not info.get("special_stride"):
-        raise ClusterError(f"alignment job {job} kept no special rows (it was submitted score-only); {RECOMPUTE}")
+        raise ClusterError(f"alignment job {job} kept no special rows (it was submitted score-only); {RECOMPUTE.format(job=job)}")
     if best["score"] <= 0:
         raise ClusterError(f"alignment job {job} found no alignment (best score {best['score']})")
     files = job_files(client, job)
@@ -117,7 +113,7 @@ def traceback(client: Client, job: str, *, seq_a: str | None = None, seq_b: str 
     tiles = info["rows"] * info["cols"]
     if len(rows) != tiles:
         raise ClusterError(f"the score pass's special rows of job {job} are gone: {len(rows)} of {tiles} "
-                           f"tiles' rows files are still registered; {RECOMPUTE}")
+                           f"tiles' rows files are still registered; {RECOMPUTE.format(job=job)}")
     if seq_a is None or seq_b is None:
         seq_a, seq_b = (_fetch_text(client, info[side]) for side in ("a", "b"))
     scoring = info.get("scoring") or {}
@@ -128,7 +124,7 @@ def traceback(client: Client, job: str, *, seq_a: str | None = None, seq_b: str 
     task = {"end_a": best["end_a"], "end_b": best["end_b"], "score": best["score"], "rows": rows}
     ref = client.submit_job("list", {"name": f"trace {job}: crosspoints", "run": {**run, "op": "crosspoints"},
                                      "tasks": [task], "max_attempts": 5, "retry_failed": False})
-    _wait(client, ref.job, "the crosspoint search", timeout,
+    _wait(client, ref.job, "the crosspoint search", timeout, job,
           progress=(lambda v: progress("crosspoints", v)) if progress else None)
     points = client.task(ref.job, 0).value["summary"]["points"]
     timings["crosspoints_s"] = time.monotonic() - t
@@ -141,7 +137,7 @@ def traceback(client: Client, job: str, *, seq_a: str | None = None, seq_b: str 
     ref = client.submit_job("list", {"name": f"trace {job}: {len(pieces)} boxes", "run": {**run, "op": "box"},
                                      "tasks": [b.as_dict() for b in pieces], "max_attempts": 5,
                                      "retry_failed": False})
-    _wait(client, ref.job, "the boxes of the traceback", timeout,
+    _wait(client, ref.job, "the boxes of the traceback", timeout, job,
           progress=(lambda v: progress("boxes", v)) if progress else None)
     timings["boxes_s"] = time.monotonic() - t
     jobs["boxes"] = ref.job
@@ -163,7 +159,7 @@ def traceback(client: Client, job: str, *, seq_a: str | None = None, seq_b: str 
     end_a, end_b = start_a + int(in_a.sum()) - 1, start_b + int(in_b.sum()) - 1
     if rescored != best["score"] or (end_a, end_b) != (best["end_a"], best["end_b"]):
         raise ClusterError(f"the traced alignment re-scores to {rescored} ending at A[{end_a}] B[{end_b}], not the "
-                           f"score pass's {best['score']} at A[{best['end_a']}] B[{best['end_b']}]; {RECOMPUTE}")
+                           f"score pass's {best['score']} at A[{best['end_a']}] B[{best['end_b']}]; {RECOMPUTE.format(job=job)}")
     timings["join_s"] = time.monotonic() - t
     timings["total_s"] = time.monotonic() - t0
     return Traced(best["score"], start_a, start_b, end_a, end_b, ops, seq_a, seq_b, timings,

@@ -16,7 +16,7 @@ from cluster.client import Client, ClusterError
 from cluster.local import LocalNode, master_nodes
 from cluster.work import Work
 
-from .conftest import wait_for
+from .conftest import detail, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -135,9 +135,10 @@ def test_units_run_on_workers_once_each_across_a_worker_and_the_leader_sigkilled
         work.add_spec("count", {"kind": "call"}, paused=True)
         work.add_spec("shout", {"kind": "command", "argv": ["sh", "-c", 'printf "%s" "$WORK_DATA" | tr a-z A-Z']},
                       then="count", max_attempts=5)
-        work.add_spec("echo", {"kind": "command", "argv": ["sh", "-c", 'printf "%s" "$WORK_KEY"']}, then="shout",
-                      max_attempts=5)
-        work.add_units("echo", ((f"unit-{k}", b"") for k in range(UNITS)))
+        # every 100th unit takes 2 s, so that the worker SIGKILLed below is surely running one
+        echo = 'if [ "$WORK_DATA" = slow ]; then sleep 2; fi; printf "%s" "$WORK_KEY"'
+        work.add_spec("echo", {"kind": "command", "argv": ["sh", "-c", echo]}, then="shout", max_attempts=5)
+        work.add_units("echo", ((f"unit-{k}", b"slow" if k % 100 == 50 else b"") for k in range(UNITS)))
         began = time.monotonic()
 
         def finished() -> int:
@@ -146,11 +147,12 @@ def test_units_run_on_workers_once_each_across_a_worker_and_the_leader_sigkilled
 
         c.wait(lambda: finished() >= UNITS // 4, 60 + UNITS // 100, "a quarter of the units finished")
         victim = c.workers[0]
+        c.wait(lambda: any(r["for_s"] >= 0.3 for r in (detail(victim) or {}).get("running", [])), 60,
+               f"{victim.name} running a slow unit")
         c.extra_pids |= descendants(victim.pid)
         victim.kill()
         c.wait(lambda: finished() >= UNITS // 2, 60 + UNITS // 100, "half of the units finished")
-        leader = next(m for m in c.masters if (d := __import__("tests.integration.conftest", fromlist=["detail"])
-                                                .detail(m)) and d["state"] == "leader")
+        leader = next(m for m in c.masters if (d := detail(m)) and d["state"] == "leader")
         leader.kill()
         c.wait(lambda: finished() == UNITS, 120 + UNITS // 50, "every unit finished")
         drained = time.monotonic() - began
