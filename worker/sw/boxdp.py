@@ -53,18 +53,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .cigar import DEL as OP_DEL  # 'D': a reference letter against a gap (vertical)
+from .cigar import EQ as OP_MATCH  # '='
+from .cigar import INS as OP_INS  # 'I': a query letter against a gap (horizontal)
+from .cigar import OPS as OP_CHARS
+from .cigar import X as OP_MISMATCH  # 'X'
 from .scoring import Scoring
 
 START_H = 0
 START_F = 1
 END_H = 0
 END_F = 1
-
-OP_MATCH = 0  # '='
-OP_MISMATCH = 1  # 'X'
-OP_INS = 2  # 'I': a query letter against a gap (horizontal)
-OP_DEL = 3  # 'D': a reference letter against a gap (vertical)
-OP_CHARS = "=XID"
 
 NEG = -(2**60)
 """-inf of the int64 DP."""
