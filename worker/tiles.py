@@ -157,8 +157,8 @@ def run_tile(request: dict, out_path: str | Path) -> dict:
         scoring.check_lengths(grid.len_a, grid.len_b)
     except ScoringError as exc:
         raise TileError(str(exc)) from None
-    a = _slice(request["a"], "query (a)", grid.col0, grid.width)
-    b = _slice(request["b"], "reference (b)", grid.row0, grid.height)
+    a = read_letters(request["a"], "query (a)", grid.col0, grid.width)
+    b = read_letters(request["b"], "reference (b)", grid.row0, grid.height)
     top_h, top_f, left_h, left_e = _borders(request["boundaries"], grid)
     try:
         result = sw_tile(a, b, top_h, top_f, left_h, left_e, grid.row0, grid.col0, scoring,
@@ -228,7 +228,8 @@ def parse_scoring(given) -> Scoring:
         raise TileError(f"bad scoring: {exc}") from None
 
 
-def _length(path, name: str) -> int:
+def sequence_length(path, name: str) -> int:
+    """Letters in a sequence file (its size); TileError naming ``name`` if it cannot be read."""
     try:
         return os.stat(path).st_size
     except OSError as exc:
@@ -237,8 +238,8 @@ def _length(path, name: str) -> int:
 
 
 def _locate(request: dict) -> _Grid:
-    len_a = _length(request["a"], "query (a)")
-    len_b = _length(request["b"], "reference (b)")
+    len_a = sequence_length(request["a"], "query (a)")
+    len_b = sequence_length(request["b"], "reference (b)")
     row, col = request["row"], request["col"]
     T_full, W_full = request["tile_rows"], request["tile_cols"]
     rows, cols = -(-len_b // T_full), -(-len_a // W_full)
@@ -253,8 +254,9 @@ def _locate(request: dict) -> _Grid:
                  len_a, len_b)
 
 
-def _slice(path, name: str, start: int, length: int) -> np.ndarray:
-    """Letters ``start .. start + length - 1`` of a sequence file, encoded."""
+def read_letters(path, name: str, start: int, length: int) -> np.ndarray:
+    """Letters ``start .. start + length - 1`` of a sequence file, encoded; TileError (naming
+    ``name``) if the file cannot be read, is too short or holds a bad letter."""
     try:
         with open(path, "rb") as f:
             f.seek(start)

@@ -22,7 +22,6 @@ import numpy as np
 
 from worker import tiles
 from worker.sw import cigar, trace
-from worker.sw.scoring import SequenceError, encode
 from worker.sw.special_rows import RowStore, SpecialRowsError, read_rows
 
 CIGAR_INLINE = 48 << 10
@@ -73,20 +72,14 @@ def _ints(request: dict, *names: str) -> list[int]:
 
 
 def _read(path, name: str, start: int = 0, length: int | None = None) -> np.ndarray:
+    """Letters ``start ..`` (``length`` of them, or to the end) of a sequence file, encoded."""
     if not isinstance(path, (str, Path)):
         raise TraceTaskError(f"{name} must be the path of a sequence file, got {path!r}")
     try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            raw = f.read() if length is None else f.read(length)
-    except OSError as exc:
-        raise TraceTaskError(f"cannot read the {name} sequence file {path}: {exc.strerror or exc}") from None
-    if length is not None and len(raw) != length:
-        raise TraceTaskError(f"the {name} sequence file {path} is too short: letters {start}.."
-                             f"{start + length - 1} asked for")
-    try:
-        return encode(raw, f"{name} file {path}")
-    except SequenceError as exc:
+        if length is None:
+            length = tiles.sequence_length(path, name) - start
+        return tiles.read_letters(path, name, start, length)
+    except tiles.TileError as exc:
         raise TraceTaskError(str(exc)) from None
 
 
