@@ -23,20 +23,25 @@ CONFIG_OPTION = click.option(
     help="The cluster's TOML file (default: $CLUSTER_CONFIG, else the one `cluster up` wrote).")
 
 
-def _client(config_path: Path | None, timeout: float = 15.0) -> Any:
-    from cluster.client import Client
+def _cluster_config(config_path: Path | None) -> tuple[Path, Any]:
+    """(path, ClusterConfig) of ``--config``, else $CLUSTER_CONFIG, else `cluster up`'s; a
+    missing or broken file is the command's one-line error."""
     from cluster.config import ConfigError, load_cluster_config
     from cluster.up import find_config
 
-    if config_path is None:
-        config_path, looked = find_config()
-        if config_path is None:
-            raise click.ClickException(f"no cluster config found ({looked}): start one with `cluster up` "
-                                       "or give --config")
+    path, looked = find_config(None, config_path)
+    if path is None:
+        raise click.ClickException(f"no cluster config found ({looked}): start one with `cluster up` or give --config")
     try:
-        config = load_cluster_config(config_path)
+        return path, load_cluster_config(path)
     except ConfigError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from None
+
+
+def _client(config_path: Path | None, timeout: float = 15.0) -> Any:
+    from cluster.client import Client
+
+    config_path, config = _cluster_config(config_path)
     if not config.masters:
         raise click.ClickException(f"{config_path}: no [masters.NAME] entries: the file commands need the masters")
     return Client(list(config.masters.values()), storage=config.storage_nodes, replicas=config.storage.replicas,

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cluster.cli_common import CONFIG_OPTION, _client, _progress
+from cluster.cli_common import CONFIG_OPTION, WRITE_TIMEOUT, _progress, _session
 
 
 @click.command()
@@ -21,17 +21,10 @@ from cluster.cli_common import CONFIG_OPTION, _client, _progress
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (id, size, replicas, name).")
 def upload(path: Path, config_path: Path, job: str | None, name: str | None, copies: int | None, as_json: bool) -> None:
     """Store PATH in the cluster; prints its content id."""
-    from cluster.client import ClusterError
-
-    client = _client(config_path)
-    try:
+    with _session(config_path, WRITE_TIMEOUT) as client:
         progress, advance = _progress(path.stat().st_size, f"upload {path.name}")
         with progress:
             ref = client.upload(path, owner=job, name=name, copies=copies, progress=advance)
-    except ClusterError as exc:
-        raise click.ClickException(str(exc))
-    finally:
-        client.close()
     if as_json:
         click.echo(json.dumps({"id": ref.id, "size": ref.size, "replicas": ref.replicas, "name": ref.name}))
     else:
@@ -47,8 +40,7 @@ def download(file_id: str, path: Path, config_path: Path) -> None:
     from cluster.client import ClusterError
     from storage.blobs import parse_id
 
-    client = _client(config_path)
-    try:
+    with _session(config_path, WRITE_TIMEOUT) as client:
         try:
             file_id = parse_id(file_id).hex()
         except ValueError as exc:
@@ -57,10 +49,6 @@ def download(file_id: str, path: Path, config_path: Path) -> None:
         progress, advance = _progress((record or {}).get("size", 0), f"download {file_id[:12]}")
         with progress:
             size = client.download(file_id, path, progress=advance)
-    except ClusterError as exc:
-        raise click.ClickException(str(exc))
-    finally:
-        client.close()
     click.echo(f"{path}: {size} bytes", err=True)
 
 
@@ -75,15 +63,8 @@ def files(ctx: click.Context, config_path: Path, job: str | None, limit: int, as
     ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
         return
-    from cluster.client import ClusterError
-
-    client = _client(config_path)
-    try:
+    with _session(config_path, WRITE_TIMEOUT) as client:
         answer = client.files(limit, owner=job)
-    except ClusterError as exc:
-        raise click.ClickException(str(exc))
-    finally:
-        client.close()
     if as_json:
         click.echo(json.dumps(answer.value, indent=2, sort_keys=True))
         return
@@ -102,13 +83,6 @@ def files(ctx: click.Context, config_path: Path, job: str | None, limit: int, as
 @click.pass_obj
 def files_rm(config_path: Path, file_id: str, job: str | None) -> None:
     """Drop your pin (or a job's reference) on FILE_ID; it is deleted once nothing refers to it."""
-    from cluster.client import ClusterError
-
-    client = _client(config_path)
-    try:
+    with _session(config_path, WRITE_TIMEOUT) as client:
         result = client.release_files(file_id, owner=job)
-    except ClusterError as exc:
-        raise click.ClickException(str(exc))
-    finally:
-        client.close()
     click.echo(f"released; {len(result['dropped'])} file(s) no longer referenced will be deleted by the storage nodes")

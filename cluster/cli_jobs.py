@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cluster.cli_common import (CONFIG_OPTION, WRITE_TIMEOUT, _ago, _client, _json, _ledger_age, _session,
+from cluster.cli_common import (CONFIG_OPTION, WRITE_TIMEOUT, _ago, _client, _cluster_config, _json, _ledger_age, _session,
                                 _table_console, _when)
 from cluster.status import query_status
 
@@ -348,16 +348,7 @@ def workers(config_path: Path | None, timeout: float, as_json: bool) -> None:
 def _active_balancer(config_path: Path | None, timeout: float) -> tuple[str, dict[str, Any]]:
     """(name, status detail) of the balancer of the config's pair that is active; else one line
     saying what each balancer answered."""
-    from cluster.config import ConfigError, load_cluster_config
-    from cluster.up import find_config
-
-    path, looked = find_config(None, config_path)
-    if path is None:
-        raise click.ClickException(f"no cluster config found ({looked}): start one with `cluster up` or give --config")
-    try:
-        config = load_cluster_config(path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc))
+    path, config = _cluster_config(config_path)
     if not config.balancers:
         raise click.ClickException(f"{path}: no [balancers.NAME] entries: the workers are known to the balancers")
     pair = list(config.balancers.values())

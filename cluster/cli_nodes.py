@@ -14,7 +14,7 @@ import zmq
 from rich.console import Console
 from rich.table import Table
 
-from cluster.cli_common import CONFIG_OPTION, DIR_OPTION
+from cluster.cli_common import CONFIG_OPTION, DIR_OPTION, _cluster_config
 from cluster.status import query_status
 from proto import Limits
 
@@ -266,7 +266,6 @@ def mount_command(mountpoint: Path, config_path: Path, cache_dir: Path, cache_gb
                   log_level: str) -> None:
     """Mount the cluster's files read-only at MOUNTPOINT (files/<id>, jobs/<job>/<name>);
     serves until SIGTERM or `fusermount3 -u MOUNTPOINT`."""
-    from cluster.config import ConfigError, load_cluster_config
     from cluster.runtime.logs import configure
     from worker.cache import BlockCache
     from worker.fusefs import fuse_available, mount
@@ -277,15 +276,7 @@ def mount_command(mountpoint: Path, config_path: Path, cache_dir: Path, cache_gb
     if not ok:
         raise click.ClickException(f"FUSE is unavailable here ({why}); workers on this machine read stored "
                                    "files through the cache without a mount")
-    from cluster.up import find_config
-
-    path, looked = find_config(None, config_path)  # with no --config: $CLUSTER_CONFIG, else `cluster up`'s
-    if path is None:
-        raise click.ClickException(f"no cluster config found ({looked}): start one with `cluster up` or give --config")
-    try:
-        config = load_cluster_config(path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc))
+    _, config = _cluster_config(config_path)
     view = ClusterView(list(config.masters.values()), config.storage_nodes)
     try:
         mount(view, BlockCache(cache_dir, int(cache_gb * 2**30)), mountpoint, allow_other=allow_other)
