@@ -656,7 +656,11 @@ def _need_of(m: WorkerRequest) -> tuple[Need, int, str | None]:
     labels = spec.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         return Need(), priority, "need 'labels' must be a list of strings"
-    need = Need(spec.get("cores", 1), spec.get("memory_mb", 0), spec.get("gpus", 0), frozenset(labels), spec.get("kernel", ""))
+    avoid = args.get("avoid", [])  # workers that ran a replica of this work unit already
+    if not isinstance(avoid, list) or not all(isinstance(x, str) for x in avoid):
+        return Need(), priority, "'avoid' must be a list of worker names"
+    need = Need(spec.get("cores", 1), spec.get("memory_mb", 0), spec.get("gpus", 0), frozenset(labels), spec.get("kernel", ""),
+                frozenset(avoid))
     why = need.problem()
     return need, priority, why
 

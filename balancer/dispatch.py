@@ -62,16 +62,19 @@ class DispatchError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Need:
-    """What one task needs of the worker that runs it. ``kernel`` empty means any build."""
+    """What one task needs of the worker that runs it. ``kernel`` empty means any build.
+    ``avoid``: workers it must not run on (a replica of a redundant work unit goes to a worker
+    that has not run that unit yet)."""
 
     cores: int = 1
     memory_mb: int = 0
     gpus: int = 0
     labels: frozenset[str] = frozenset()
     kernel: str = ""
+    avoid: frozenset[str] = frozenset()
 
     def fits(self, caps: Capabilities) -> bool:
-        """Whether a worker with ``caps`` can run it."""
+        """Whether a worker with ``caps`` can run it (``avoid`` aside: see ``allows``)."""
         return (
             self.cores <= caps.cores
             and self.memory_mb <= caps.memory_mb
@@ -79,6 +82,10 @@ class Need:
             and self.labels <= caps.labels
             and (not self.kernel or self.kernel == caps.kernel)
         )
+
+    def allows(self, name: str, caps: Capabilities) -> bool:
+        """Whether worker ``name`` with ``caps`` may run it."""
+        return self.fits(caps) and name not in self.avoid
 
     def problem(self) -> str | None:
         for name in ("cores", "memory_mb", "gpus"):
@@ -89,6 +96,8 @@ class Need:
             return "need.labels must be a frozenset of strings"
         if not isinstance(self.kernel, str):
             return "need.kernel must be a string"
+        if not isinstance(self.avoid, frozenset) or not all(isinstance(x, str) for x in self.avoid):
+            return "need.avoid must be a frozenset of worker names"
         return None
 
     def text(self) -> str:
@@ -101,6 +110,8 @@ class Need:
         parts += [f"label {x!r}" for x in sorted(self.labels)]
         if self.kernel:
             parts.append(f"kernel {self.kernel!r}")
+        if self.avoid:
+            parts.append("not on " + ", ".join(sorted(self.avoid)))
         return ", ".join(parts)
 
 
@@ -170,7 +181,7 @@ class _Call:
             return []
         ws = self.live.get(need)
         if ws is None:
-            ws = [w for w in self.workers if w.free > 0 and need.fits(w.caps)]
+            ws = [w for w in self.workers if w.free > 0 and need.allows(w.name, w.caps)]
         elif any(w.free <= 0 for w in ws):
             ws = [w for w in ws if w.free > 0]
         self.live[need] = ws
@@ -403,7 +414,10 @@ def _why_waiting(need: Need, seen: tuple[_Seen, ...]) -> str:
     """Why a task with ``need`` could not be placed on the workers as ``seen``."""
     if not seen:
         return "no worker registered"
-    capable = [s for s in seen if need.fits(s.caps)]
+    capable = [s for s in seen if need.allows(s.name, s.caps)]
+    if not capable and need.avoid and any(need.fits(s.caps) for s in seen):
+        return (f"every worker that can run it already ran a replica of this unit ({', '.join(sorted(need.avoid))}); "
+                "it waits for another worker")
     if capable:
         if any(s.free > 0 for s in capable):  # placement stopped before reaching it
             return "behind other tasks in line"

@@ -28,8 +28,17 @@ from cluster.cli_common import CONFIG_OPTION, WRITE_TIMEOUT, _json, _session, _t
               help="Seconds a worker holds a unit before it is handed to another.")
 @click.option("--then", default=None, help="The spec that gets each finished unit's output as a new unit.")
 @click.option("--paused", is_flag=True, help="Create it paused (`cluster resume NAME` starts it).")
+@click.option("--replicas", type=click.IntRange(1, 15), default=1, show_default=True,
+              help="Run each unit on this many distinct workers and compare the results.")
+@click.option("--quorum", type=click.IntRange(1, 15), default=None,
+              help="How many of the replicas must agree (default: a majority).")
+@click.option("--compare", type=click.Choice(["bytes", "text", "json"]), default="bytes", show_default=True,
+              help="How replicas' outputs are compared: exactly, as text (trailing blanks ignored), or as JSON.")
+@click.option("--every", "interval", type=float, default=None,
+              help="Continuous: make a unit every this many seconds while none waits or runs.")
 def add_spec(name: str, config_path: Path | None, run_json: str, priority: int, weight: float, max_running: int | None,
-             max_attempts: int, lease_s: float, then: str | None, paused: bool) -> None:
+             max_attempts: int, lease_s: float, then: str | None, paused: bool, replicas: int, quorum: int | None,
+             compare: str, interval: float | None) -> None:
     """Create the work spec NAME."""
     try:
         run = json.loads(run_json)
@@ -41,6 +50,12 @@ def add_spec(name: str, config_path: Path | None, run_json: str, priority: int, 
         keys["max_running"] = max_running
     if then:
         keys["then"] = then
+    if replicas > 1:
+        keys.update(replicas=replicas, compare=compare)
+    if quorum is not None:
+        keys["quorum"] = quorum
+    if interval is not None:
+        keys.update(continuous=True, interval=interval)
     with _session(config_path, WRITE_TIMEOUT) as client:
         _work(client).add_spec(name, run, **keys)
     click.echo(f"work spec {name} added")
@@ -93,9 +108,10 @@ def summary(config_path: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(_json(rows))
         return
-    t = Table("spec", "available", "pending", "finished", "failed", "total")
+    t = Table("spec", "available", "pending", "finished", "failed", "total", "disputed")
     for r in rows:
-        t.add_row(r["spec"], *(f"{r[k]:,}" for k in ("available", "pending", "finished", "failed", "total")))
+        t.add_row(r["spec"], *(f"{r[k]:,}" for k in ("available", "pending", "finished", "failed", "total")),
+                  f"{r['disputed']:,}" if r.get("replicas", 1) > 1 else "-")
     _table_console().print(t)
 
 
@@ -109,10 +125,12 @@ def specs(config_path: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(_json(rows))
         return
-    t = Table("spec", "priority", "weight", "max running", "state", "units")
+    t = Table("spec", "priority", "weight", "max running", "replicas", "every", "state", "units")
     for r in rows:
+        replicas = f"{r['replicas']} (quorum {r['quorum']})" if r.get("replicas", 1) > 1 else "-"
+        every = f"{r['continuous']:g} s" if r.get("continuous") else "-"
         t.add_row(r["spec"], str(r["priority"]), f"{r['weight']:g}", "-" if r["max_running"] is None else str(r["max_running"]),
-                  "paused" if r["paused"] else "active", f"{r['total']:,}")
+                  replicas, every, "paused" if r["paused"] else "active", f"{r['total']:,}")
     _table_console().print(t)
 
 
@@ -122,19 +140,28 @@ def specs(config_path: Path | None, as_json: bool) -> None:
 @click.option("--state", type=click.Choice(["available", "pending", "finished", "failed"]), default=None,
               help="Only the units in this state.")
 @click.option("--attempts", "min_attempts", type=click.IntRange(0), default=0, help="Only units tried at least this often.")
+@click.option("--disputed", is_flag=True, help="Only units whose replicas disagreed, with every vote.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the units and their attempts as JSON.")
-def units(spec: str, config_path: Path | None, state: str | None, min_attempts: int, limit: int, as_json: bool) -> None:
-    """SPEC's units (e.g. `--state failed`) with every attempt: worker, start, end, outcome."""
+def units(spec: str, config_path: Path | None, state: str | None, min_attempts: int, disputed: bool, limit: int,
+          as_json: bool) -> None:
+    """SPEC's units (e.g. `--state failed`) with every attempt: worker, start, end, outcome;
+    for a redundant spec, each worker's vote (the digest of its output; * marks the quorum's)."""
     with _session(config_path) as client:
-        view = _work(client).units(spec, state=state, limit=limit, min_attempts=min_attempts)
+        view = _work(client).units(spec, state=state, limit=limit, min_attempts=min_attempts, disputed=disputed)
     if as_json:
         click.echo(_json(view))
         return
-    t = Table("unit", "key", "state", "attempts")
+    voted = any("ballots" in u for u in view["units"])
+    t = Table("unit", "key", "state", "attempts", *(["votes"] if voted else []))
     for u in view["units"]:
         tried = "; ".join(f"{a['worker']}: {a['outcome'] or 'running'}" for a in u["attempts"]) or "-"
-        t.add_row(str(u["unit"]), u["key"], u["state"], tried)
+        row = [str(u["unit"]), u["key"], u["state"], tried]
+        if voted:
+            b = u.get("ballots")
+            row.append("; ".join(f"{w}: {d[:8]}{'*' if d == b['winner'] else ''}" for w, d in b["votes"])
+                       + ("" if b["winner"] or not b["disputed"] else " (no quorum)") if b else "-")
+        t.add_row(*row)
     _table_console().print(t)
     if view["next"] is not None:
         click.echo(f"(more: the first {limit} shown)")

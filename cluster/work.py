@@ -38,7 +38,8 @@ class Work:
 
     def add_spec(self, name: str, run: dict[str, Any], **keys: Any) -> dict[str, Any]:
         """Create a work spec: ``run`` is what each unit runs (a job's ``run``), ``keys`` its
-        scheduling keys (priority, weight, max_running, max_attempts, lease_s, then, paused)."""
+        scheduling keys (priority, weight, max_running, max_attempts, lease_s, then, paused),
+        redundancy (replicas, quorum, compare) and ``continuous`` with ``interval``."""
         return self._write("add_spec", "", {"name": name, "run": run, **keys})
 
     def add_units(self, spec: str, units: Iterable, *, batch: int = BATCH,
@@ -74,11 +75,12 @@ class Work:
         return self.client._one(lambda rid: WorkMessage(rid, "summary"), write=False).value
 
     def units(self, spec: str, *, state: str | None = None, limit: int = 100, min_attempts: int = 0,
-              after: int = -1) -> dict[str, Any]:
+              after: int = -1, disputed: bool = False) -> dict[str, Any]:
         """Units of ``spec`` (optionally in ``state``: available, pending, finished, failed;
-        with at least ``min_attempts``), each with its attempts (worker, start, end, outcome);
-        ``value["next"]`` is the ``after`` of the next page."""
-        body = {"state": state, "limit": limit, "min_attempts": min_attempts, "after": after}
+        with at least ``min_attempts``; only those whose replicas disagreed when ``disputed``),
+        each with its attempts (worker, start, end, outcome) and, for a redundant spec, its
+        votes; ``value["next"]`` is the ``after`` of the next page."""
+        body = {"state": state, "limit": limit, "min_attempts": min_attempts, "after": after, "disputed": disputed}
         return self.client._one(lambda rid: WorkMessage(rid, "units", spec, body), write=False).value
 
     def control(self, spec: str, action: str, value: Any = None) -> dict[str, Any]:

@@ -386,7 +386,8 @@ class MasterCore:
             q = m.body if isinstance(m.body, dict) else {}
             try:
                 view = self.ledger.work.units_view(m.spec, q.get("state"), max(1, min(int(q.get("limit", 100)), MAX_LIST)),
-                                                   int(q.get("min_attempts", 0)), int(q.get("after", -1)))
+                                                   int(q.get("min_attempts", 0)), int(q.get("after", -1)),
+                                                   q.get("disputed") is True)
             except (WorkSpecError, TypeError, ValueError) as exc:
                 return [_app_error(ev, m.request_id, AppReason.REFUSED, getattr(exc, "code", "bad_query"), str(exc))]
             return [self._reply(ev, m.request_id, view)]
@@ -629,10 +630,12 @@ class MasterCore:
         program = run.get("program", b"")
         program = program if isinstance(program, bytes) else b""
         upper, lower = split128(job_id)
+        metadata = {"task": order["arguments"], "run": {k: v for k, v in run.items() if k != "program"}}
+        if order.get("avoid"):
+            metadata["avoid"] = order["avoid"]  # workers that already ran a replica of this unit
         return WorkerRequest(
             upper, lower, task_id, fence[0], fence[1], len(program), len(order["inputs"]),
-            str(run.get("kind", "")), program, order["inputs"],
-            {"task": order["arguments"], "run": {k: v for k, v in run.items() if k != "program"}},
+            str(run.get("kind", "")), program, order["inputs"], metadata,
         )
 
     # ---- reads -----------------------------------------------------------------------------

@@ -389,9 +389,10 @@ class Ledger(LedgerViews):
         if not isinstance(output, (bytes, bytearray)):
             value = c.summary.get("value") if isinstance(c.summary, dict) else None
             output = value if isinstance(value, (bytes, bytearray)) else b""
+        digest = c.summary.get("digest") if isinstance(c.summary, dict) else None
         try:
             code = self.work.complete(c.job_id, c.task_id, (c.fence_term, c.fence_sequence), outcome, c.worker,
-                                      bytes(output), c.now)
+                                      bytes(output), c.now, digest if isinstance(digest, bytes) else None)
         except WorkSpecError as exc:
             if exc.code == "stale_fence":
                 self._count("stale_completions")

@@ -44,7 +44,9 @@ OUTCOME_NAMES = ("done", "lost", "failed")
 MAX_KEY = 1024  # bytes of a unit key
 MAX_DATA = 64 << 10  # bytes of a unit's data; bigger inputs belong in storage files
 SPEC_KEYS = frozenset(("name", "run", "priority", "weight", "max_running", "max_attempts", "lease_s", "then",
-                       "paused"))
+                       "paused", "replicas", "quorum", "compare", "continuous", "interval"))
+MAX_REPLICAS = 15
+COMPARE_MODES = ("bytes", "text", "json")  # how a worker digests an output for the quorum (worker.tasks)
 
 
 class WorkSpecError(ValueError):
@@ -69,6 +71,12 @@ class WorkSpec:
     lease_s: float = 300.0
     then: str | None = None
     paused: bool = False
+    replicas: int = 1  # distinct workers each unit runs on
+    quorum: int = 1  # of those, how many must agree
+    compare: str = "bytes"
+    continuous: bool = False  # a unit is made every ``interval`` s while the spec has none waiting or running
+    interval: float = 60.0
+    last_made: float = -math.inf  # when the last continuous unit was made (ledger time)
 
 
 def validate_spec(spec: Any, known: Iterable[str] = ()) -> WorkSpec:
@@ -113,7 +121,25 @@ def validate_spec(spec: Any, known: Iterable[str] = ()) -> WorkSpec:
     paused = spec.get("paused", False)
     if not isinstance(paused, bool):
         raise WorkSpecError("bad_spec", f"'paused' must be true or false, not {paused!r}")
-    return WorkSpec(name, run, priority, float(weight), max_running, max_attempts, float(lease_s), then, paused)
+    replicas = spec.get("replicas", 1)
+    if not _is_int(replicas) or not 1 <= replicas <= MAX_REPLICAS:
+        raise WorkSpecError("bad_replicas", f"'replicas' must be an integer from 1 to {MAX_REPLICAS}, not {replicas!r}")
+    quorum = spec.get("quorum", replicas // 2 + 1)
+    if not _is_int(quorum) or not replicas // 2 < quorum <= replicas:
+        # a majority, so that at most one result can win
+        raise WorkSpecError("bad_replicas", f"'quorum' must be a majority of the {replicas} replicas "
+                                            f"(from {replicas // 2 + 1} to {replicas}), not {quorum!r}")
+    compare = spec.get("compare", "bytes")
+    if compare not in COMPARE_MODES:
+        raise WorkSpecError("bad_spec", f"'compare' must be one of {', '.join(COMPARE_MODES)}, not {compare!r}")
+    continuous = spec.get("continuous", False)
+    if not isinstance(continuous, bool):
+        raise WorkSpecError("bad_spec", f"'continuous' must be true or false, not {continuous!r}")
+    interval = spec.get("interval", 60)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 1 <= interval <= 365 * 86400:
+        raise WorkSpecError("bad_spec", f"'interval' must be seconds from 1 to a year, not {interval!r}")
+    return WorkSpec(name, run, priority, float(weight), max_running, max_attempts, float(lease_s), then, paused,
+                    replicas, quorum, compare, continuous, float(interval))
 
 
 def check_chain(specs: dict[str, WorkSpec], name: str, then: str | None) -> None:
@@ -188,6 +214,12 @@ class UnitTable:
         self.h_end = _Column(np.float64, np.nan)
         self.h_outcome = _Column(np.int8, -1)
         self.open_attempt: dict[int, int] = {}  # unit -> its open history row
+        # redundant execution: results that count towards a unit's quorum (one per distinct worker)
+        self.votes = _Column(np.uint8)
+        self.ballots: dict[int, list[tuple[int, bytes]]] = {}  # undecided unit -> (worker, digest) per vote
+        self.outputs: dict[int, dict[bytes, bytes]] = {}  # undecided unit -> digest -> output (for ``then``)
+        # decided units whose votes disagreed: unit -> (the winning digest or None: no quorum; every vote)
+        self.disputes: dict[int, tuple[bytes | None, list[tuple[int, bytes]]]] = {}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -230,6 +262,7 @@ class UnitTable:
         self.holder.extend(np.full(n, -1, np.int32))
         self.fence_term.extend(np.zeros(n, np.int64))
         self.fence_seq.extend(np.zeros(n, np.int64))
+        self.votes.extend(np.zeros(n, np.uint8))
         for uid, p in zip(range(first, first + n), prios):
             self.available.setdefault(p, deque()).append(uid)
         self.counts[AVAILABLE] += n
@@ -315,6 +348,58 @@ class UnitTable:
         not pending (a late or duplicate report) is left as it is."""
         if not 0 <= uid < len(self.keys) or self.state.data[uid] != PENDING:
             return int(self.state.data[uid]) if 0 <= uid < len(self.keys) else -1
+        self._close(uid, outcome, now, worker)
+        if outcome == DONE:
+            return self._settle(uid, FINISHED)
+        # the attempts that gave a vote do not count against the budget
+        if int(self.attempts.data[uid]) - int(self.votes.data[uid]) >= max_attempts:
+            return self._settle(uid, FAILED)
+        return self._settle(uid, AVAILABLE)
+
+    def vote(self, uid: int, worker: str, digest: bytes, output: bytes, now: float, spec: WorkSpec
+             ) -> tuple[int, bytes | None]:
+        """A replica of a redundant unit finished on ``worker`` with an output whose digest is
+        ``digest``. Until ``spec.replicas`` distinct workers have voted, the unit is available
+        again (first in its queue, so that a unit's replicas follow each other); then the
+        quorum decides: FINISHED with the winning output, or FAILED when no result has a
+        quorum. Returns (new state, the winning output or None). A second result from a worker
+        that already voted does not count (the attempt is recorded; the unit runs again)."""
+        if not 0 <= uid < len(self.keys) or self.state.data[uid] != PENDING:
+            return (int(self.state.data[uid]) if 0 <= uid < len(self.keys) else -1), None
+        self._close(uid, DONE, now, worker)
+        w = self._worker(worker)
+        ballots = self.ballots.setdefault(uid, [])
+        if any(bw == w for bw, _ in ballots):
+            if int(self.attempts.data[uid]) - int(self.votes.data[uid]) >= spec.max_attempts:
+                return self._decide(uid, spec.quorum)
+            return self._settle(uid, AVAILABLE, first=True), None
+        ballots.append((w, bytes(digest)))
+        self.outputs.setdefault(uid, {}).setdefault(bytes(digest), bytes(output))
+        self.votes.data[uid] += 1
+        if len(ballots) < spec.replicas:
+            return self._settle(uid, AVAILABLE, first=True), None
+        return self._decide(uid, spec.quorum)
+
+    def _decide(self, uid: int, quorum: int) -> tuple[int, bytes | None]:
+        """Count the unit's votes: the result at least ``quorum`` workers agree on wins.
+        Returns (FINISHED or FAILED, the winning output or None)."""
+        ballots = self.ballots.pop(uid, [])
+        outputs = self.outputs.pop(uid, {})
+        tally: dict[bytes, int] = {}
+        for _, d in ballots:
+            tally[d] = tally.get(d, 0) + 1
+        best = max(tally, key=tally.__getitem__) if tally else None
+        won = best is not None and tally[best] >= quorum
+        if len(tally) > 1:
+            self.disputes[uid] = (best if won else None, ballots)
+        else:  # agreement (or a single vote): a dispute of an earlier round, before a retry, is over
+            self.disputes.pop(uid, None)
+        if won:
+            return self._settle(uid, FINISHED), outputs.get(best, b"")
+        return self._settle(uid, FAILED), None
+
+    def _close(self, uid: int, outcome: int, now: float, worker: str | None) -> None:
+        """End the open attempt of pending ``uid``."""
         row = self.open_attempt.pop(uid)
         if worker:
             self.h_worker.data[row] = self._worker(worker)
@@ -323,13 +408,12 @@ class UnitTable:
         self.counts[PENDING] -= 1
         self.lease_until.data[uid] = np.inf
         self.holder.data[uid] = -1
-        if outcome == DONE:
-            new = FINISHED
-        elif self.attempts.data[uid] >= max_attempts:
-            new = FAILED
-        else:
-            new = AVAILABLE
-            self.available.setdefault(int(self.priority.data[uid]), deque()).append(uid)
+
+    def _settle(self, uid: int, new: int, first: bool = False) -> int:
+        """A unit just out of PENDING takes state ``new`` (queued again when AVAILABLE)."""
+        if new == AVAILABLE:
+            q = self.available.setdefault(int(self.priority.data[uid]), deque())
+            q.appendleft(uid) if first else q.append(uid)
         self.state.data[uid] = new
         self.counts[new] += 1
         return new
@@ -352,6 +436,9 @@ class UnitTable:
             if 0 <= uid < len(self.keys) and self.state.data[uid] == FAILED:
                 self.state.data[uid] = AVAILABLE
                 self.attempts.data[uid] = 0
+                self.votes.data[uid] = 0  # a redundant unit starts over: every replica runs again
+                self.ballots.pop(uid, None)
+                self.outputs.pop(uid, None)
                 self.available.setdefault(int(self.priority.data[uid]), deque()).append(uid)
                 self.counts[FAILED] -= 1
                 self.counts[AVAILABLE] += 1
@@ -370,6 +457,21 @@ class UnitTable:
         """Units per state and in total (Coordinate's ``summary`` row)."""
         return {**dict(zip(STATE_NAMES, self.counts)), "total": len(self.keys)}
 
+    def avoid(self, uid: int) -> list[str]:
+        """The workers that already voted on ``uid``: its next replica must run elsewhere."""
+        return [self.workers[w] for w, _ in self.ballots.get(uid, ())]
+
+    def ballots_view(self, uid: int) -> dict[str, Any] | None:
+        """A redundant unit's votes, in words: each worker's digest (hex), and the decision."""
+        if uid in self.disputes:
+            winner, ballots = self.disputes[uid]
+            return {"votes": [[self.workers[w], d.hex()] for w, d in ballots],
+                    "winner": winner.hex() if winner is not None else None, "disputed": True}
+        if uid in self.ballots:
+            return {"votes": [[self.workers[w], d.hex()] for w, d in self.ballots[uid]], "winner": None,
+                    "disputed": False}
+        return None
+
     def _worker(self, name: str) -> int:
         ix = self._worker_ix.get(name)
         if ix is None:
@@ -384,7 +486,10 @@ class UnitTable:
         cols = {name: getattr(self, name).view.tobytes() for name in _COLUMNS}
         return {"keys": self.keys, "data": self.data, "workers": self.workers,
                 "available": [[p, list(q)] for p, q in self.available.items()],
-                "open": [[u, r] for u, r in self.open_attempt.items()], **cols}
+                "open": [[u, r] for u, r in self.open_attempt.items()],
+                "ballots": [[u, [[w, d] for w, d in b]] for u, b in self.ballots.items()],
+                "outputs": [[u, [[d, o] for d, o in outs.items()]] for u, outs in self.outputs.items()],
+                "disputes": [[u, win, [[w, d] for w, d in b]] for u, (win, b) in self.disputes.items()], **cols}
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> "UnitTable":
@@ -401,12 +506,16 @@ class UnitTable:
             col.n = len(col.data)
         t.available = {int(p): deque(q) for p, q in s["available"]}
         t.open_attempt = {int(u): int(r) for u, r in s["open"]}
+        t.ballots = {int(u): [(int(w), bytes(d)) for w, d in b] for u, b in s.get("ballots", [])}
+        t.outputs = {int(u): {bytes(d): bytes(o) for d, o in outs} for u, outs in s.get("outputs", [])}
+        t.disputes = {int(u): (bytes(win) if win is not None else None, [(int(w), bytes(d)) for w, d in b])
+                      for u, win, b in s.get("disputes", [])}
         t.counts = [int(np.count_nonzero(t.state.view == k)) for k in range(4)]
         return t
 
 
 _COLUMNS = ("state", "priority", "attempts", "lease_until", "holder", "h_unit", "h_worker", "h_start", "h_end",
-            "h_outcome", "fence_term", "fence_seq")
+            "h_outcome", "fence_term", "fence_seq", "votes")
 
 
 # ---- scheduling across specs -----------------------------------------------------------------------
@@ -531,11 +640,13 @@ class WorkState:
         return assigned, skipped
 
     def complete(self, sid: bytes, uid: int, fence: tuple[int, int], outcome: int, worker: str,
-                 output: bytes | None, now: float) -> str:
+                 output: bytes | None, now: float, digest: bytes | None = None) -> str:
         """A unit's attempt ended (``outcome``: DONE, LOST or FAILED_OUTCOME here). Returns
         "recorded", or "duplicate" for a unit already finished; raises WorkSpecError for a unit
         that does not exist or a token that is not its newest lease. A finished unit of a spec
-        with ``then`` adds ``[key, output]`` to that spec (once: the key makes it idempotent)."""
+        with ``then`` adds ``[key, output]`` to that spec (once: the key makes it idempotent).
+        A redundant spec's replica votes with ``digest`` (the worker's digest of its whole
+        output; of ``output`` when absent) and the unit finishes once the quorum decides."""
         name = self.ids[sid]
         spec, table = self.specs[name], self.tables[name]
         if not 0 <= uid < len(table):
@@ -546,12 +657,18 @@ class WorkState:
                 return "duplicate"
             raise WorkSpecError("stale_fence", f"token {tuple(fence)} is not the newest lease of unit {uid} of "
                                                f"work spec {name!r}")
-        new = table.end(uid, outcome, now, spec.max_attempts, worker)
+        output = bytes(output or b"")
+        if spec.replicas > 1 and outcome == DONE:
+            if not digest:
+                digest = hashlib.blake2b(output, digest_size=16).digest()
+            new, output = table.vote(uid, worker, digest, output, now, spec)
+        else:
+            new = table.end(uid, outcome, now, spec.max_attempts, worker)
         if new == FINISHED and spec.then is not None and spec.then in self.tables:
             following = self.tables[spec.then]
             key = table.keys[uid]
             if key not in following.index:
-                following.add([[key, bytes(output or b"")[:MAX_DATA]]])
+                following.add([[key, (output or b"")[:MAX_DATA]]])
         return "recorded"
 
     def order(self, sid: bytes, uid: int) -> dict[str, Any]:
@@ -561,12 +678,19 @@ class WorkState:
         name = self.ids[sid]
         run, table = self.specs[name].run, self.tables[name]
         key, data = table.keys[uid], table.data[uid]
+        spec = self.specs[name]
         if run.get("kind") == "call":
             arguments: dict[str, Any] = {"args": pickle.dumps(((key, data), {}))}
         else:
             text = data.decode("utf-8", "replace").replace("\0", "")  # no NUL in an environment
             arguments = {"env": {"WORK_KEY": key, "WORK_DATA": text, "WORK_SPEC": name}}
-        return {"run": run, "arguments": {**arguments, "key": key}, "inputs": []}
+        order: dict[str, Any] = {"run": run, "arguments": {**arguments, "key": key}, "inputs": []}
+        if spec.replicas > 1:
+            # the worker digests its whole output this way; the balancer places the replica on a
+            # worker that has not voted on this unit yet
+            order["arguments"]["compare"] = spec.compare
+            order["avoid"] = table.avoid(uid)
+        return order
 
     def has_expired(self, now: float) -> bool:
         """Whether some pending unit's lease ended before ``now`` (one vectorised pass a spec)."""
@@ -584,9 +708,10 @@ class WorkState:
         return n
 
     def units_view(self, name: str, state: str | None = None, limit: int = 100, min_attempts: int = 0,
-                   after: int = -1) -> dict[str, Any]:
-        """Units of spec ``name`` (in ``state``, with at least ``min_attempts`` attempts), in
-        unit order after ``after``, each with its attempts; ``next`` pages on."""
+                   after: int = -1, disputed: bool = False) -> dict[str, Any]:
+        """Units of spec ``name`` (in ``state``, with at least ``min_attempts`` attempts, only
+        those whose replicas disagreed when ``disputed``), in unit order after ``after``, each
+        with its attempts and, for a redundant spec, its votes; ``next`` pages on."""
         table = self._table(name)
         if state is not None and state not in STATE_NAMES:
             raise WorkSpecError("bad_query", f"state must be one of {', '.join(STATE_NAMES)}, not {state!r}")
@@ -595,10 +720,20 @@ class WorkState:
             mask &= table.state.view == STATE_NAMES.index(state)
         if min_attempts:
             mask &= table.attempts.view >= min_attempts
+        if disputed:
+            only = np.zeros(len(table), bool)
+            only[list(table.disputes)] = True
+            mask &= only
         mask[:max(after + 1, 0)] = False
         ids = np.flatnonzero(mask)[:limit + 1]
-        rows = [{"unit": int(u), "key": table.keys[u], "state": STATE_NAMES[int(table.state.data[u])],
-                 "attempts": [a.__dict__ for a in table.attempts_of(int(u))]} for u in ids[:limit]]
+        rows = []
+        for u in ids[:limit].tolist():
+            row = {"unit": u, "key": table.keys[u], "state": STATE_NAMES[int(table.state.data[u])],
+                   "attempts": [a.__dict__ for a in table.attempts_of(u)]}
+            ballots = table.ballots_view(u)
+            if ballots is not None:
+                row["ballots"] = ballots
+            rows.append(row)
         return {"units": rows, "next": int(ids[limit - 1]) if len(ids) > limit else None}
 
     def open(self) -> Iterator[tuple[bytes, int, int, int, str, float]]:
@@ -648,7 +783,9 @@ class WorkState:
         rows = []
         for name, spec in sorted(self.specs.items(), key=lambda kv: (-kv[1].priority, kv[0])):
             rows.append({"spec": name, "priority": spec.priority, "weight": spec.weight, "paused": spec.paused,
-                         "max_running": spec.max_running, **self.tables[name].summary()})
+                         "max_running": spec.max_running, "replicas": spec.replicas, "quorum": spec.quorum,
+                         "continuous": spec.interval if spec.continuous else None, **self.tables[name].summary(),
+                         "disputed": len(self.tables[name].disputes)})
         return rows
 
     def _spec(self, name: str) -> WorkSpec:
@@ -664,7 +801,8 @@ class WorkState:
 
     def to_state(self) -> dict[str, Any]:
         return {"specs": [[s.name, s.run, s.priority, s.weight, s.max_running, s.max_attempts, s.lease_s, s.then,
-                           s.paused] for s in self.specs.values()],
+                           s.paused, s.replicas, s.quorum, s.compare, s.continuous, s.interval, s.last_made]
+                          for s in self.specs.values()],
                 "tables": {name: t.to_state() for name, t in self.tables.items()},
                 "batches": {name: [[k, n] for k, n in keys.items()] for name, keys in self.batches.items()}}
 

@@ -24,6 +24,8 @@ says what went wrong: a bad task never takes its worker down.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -63,6 +65,25 @@ class Ended:
     error: str | None = None
     files: list[list[Any]] = field(default_factory=list)
     cached: tuple[bytes, ...] = ()
+
+
+def output_digest(data: bytes, mode: Any) -> bytes:
+    """The digest a redundant work unit's replica votes with (master.workspec), of its whole
+    output (stdout, or a callable's pickled value): ``bytes`` as it is; ``text`` with trailing
+    blanks on each line and trailing empty lines ignored; ``json`` parsed and written back with
+    sorted keys (output that does not parse is digested as it is, so it can still agree with an
+    identical one)."""
+    if mode == "text":
+        lines = [line.rstrip() for line in data.decode("utf-8", "replace").splitlines()]
+        while lines and not lines[-1]:
+            lines.pop()
+        data = "\n".join(lines).encode()
+    elif mode == "json":
+        try:
+            data = b"json\0" + json.dumps(json.loads(data), sort_keys=True, separators=(",", ":")).encode()
+        except (ValueError, RecursionError):
+            pass
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class TaskRunner:
@@ -126,13 +147,15 @@ class TaskRunner:
                 ended.result_file = self._store(path, "value.pkl", ended)
                 ended.summary["value_size"] = len(outcome.result)
         self._logs(outcome, scratch, ended)
+        if outcome.ok and "compare" in task:
+            ended.summary["digest"] = output_digest(outcome.result or b"", task["compare"])
         return ended
 
     def _command(self, slot: Any, run: dict, task: dict, scratch: Path, limits: Limits) -> Ended:
         argv = task.get("argv", run.get("argv"))
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise TaskError("a command task needs 'argv': a non-empty list of strings")
-        env = dict(BASE_ENV)
+        env = {**BASE_ENV, "CLUSTER_WORKER": self.name}  # as Slurm's SLURMD_NODENAME: which machine runs it
         for source in (run.get("env", {}), task.get("env", {})):
             if not isinstance(source, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in source.items()):
                 raise TaskError("'env' must map names to strings")
@@ -154,6 +177,8 @@ class TaskRunner:
             fid = self._store(path, name, ended)
             ended.summary.setdefault("outputs", {})[name] = fid.hex()
         self._logs(outcome, scratch, ended)
+        if outcome.ok and "compare" in task:
+            ended.summary["digest"] = output_digest(outcome.stdout or b"", task["compare"])
         return ended
 
     def _tile(self, slot: Any, request: WorkerRequest, run: dict, task: dict, scratch: Path, limits: Limits) -> Ended:

@@ -170,3 +170,51 @@ def test_units_run_on_workers_once_each_across_a_worker_and_the_leader_sigkilled
         assert any(a["outcome"] == "lost" for u in retried for a in u["attempts"]), retried[:3]
         print(f"\n[units] {UNITS} units in {drained:.1f} s ({UNITS / drained:.0f} units/s, chained spec included) "
               f"with {victim.name} and then {leader.name} SIGKILLed; {len(retried)} units needed a second attempt")
+
+
+def test_redundant_units_with_a_wrong_worker_and_one_sigkilled_the_quorum_wins(tmp_path):
+    """Each unit runs on 3 distinct workers of 4 and 2 must agree. w3 deliberately answers
+    wrong; w4 is SIGKILLed midway. Every unit finishes with the honest result, the next spec gets
+    exactly that, and every unit w3 voted on shows the disagreement with w3's vote outvoted."""
+    from cluster.local import balancer_nodes, worker_nodes
+    from cluster.up import descendants
+
+    from .test_dispatch import running
+
+    n = 40
+    masters = master_nodes(tmp_path, 3)
+    config, balancers = balancer_nodes(tmp_path, 2)
+    workers = worker_nodes(tmp_path, config, 4, slots=1)
+    with running(tmp_path, masters, balancers, workers) as c:
+        work = Work(c.client)
+        work.add_spec("collect", {"kind": "call"}, paused=True)
+        liar = 'if [ "$CLUSTER_WORKER" = w3 ]; then printf "wrong-%s" "$WORK_KEY"; else printf "%s" "$WORK_KEY"; fi'
+        work.add_spec("check", {"kind": "command", "argv": ["sh", "-c", liar]}, replicas=3, then="collect",
+                      max_attempts=5)
+        work.add_units("check", ((f"unit-{k}", b"") for k in range(n)))
+
+        def row(name: str) -> dict:
+            return {r["spec"]: r for r in work.summary()}[name]
+
+        c.wait(lambda: row("check")["finished"] >= n // 4, 120, "a quarter of the units decided")
+        victim = c.workers[3]
+        c.extra_pids |= descendants(victim.pid)
+        victim.kill()
+        c.wait(lambda: row("check")["finished"] == n, 240, "every unit decided")
+        check = row("check")
+        assert (check["finished"], check["failed"], check["pending"], check["available"]) == (n, 0, 0, 0)
+        collected = work.units("collect", limit=1000)["units"]
+        assert sorted(u["key"] for u in collected) == sorted(f"unit-{k}" for k in range(n))
+        views = work.units("check", limit=1000)["units"]
+        disputed = work.units("check", disputed=True, limit=1000)["units"]
+        assert check["disputed"] == len(disputed) > 0
+        for u in disputed:
+            votes = dict(u["ballots"]["votes"])
+            assert "w3" in votes and u["ballots"]["winner"] != votes["w3"]
+            assert sum(d == u["ballots"]["winner"] for d in votes.values()) >= 2
+        for u in views:  # every unit voted on by 3 distinct workers
+            voters = [a["worker"] for a in u["attempts"] if a["outcome"] == "done"]
+            assert len(set(voters)) == len(voters) == 3, u
+            assert ("w3" in voters) == (u in disputed), u
+        print(f"\n[redundant] {n} units x 3 replicas: {len(disputed)} disputed (w3 outvoted each time), "
+              f"w4 SIGKILLed at a quarter")

@@ -193,6 +193,20 @@ def test_an_unplaceable_task_does_not_block_its_job():
     assert d.pending() == 1
 
 
+def test_a_replica_avoids_the_workers_that_ran_its_unit_and_does_not_block_the_rest():
+    reg = registry(("w1", CPU, 2), ("w2", CPU, 1))
+    d = Dispatcher()
+    d.add(task(n=0, need=Need(avoid=frozenset({"w1", "w2"}))), 0.0)  # both ran it: it waits
+    d.add(task(n=1, need=Need(avoid=frozenset({"w2"}))), 0.0)
+    d.add(task(n=2, need=Need(avoid=frozenset({"w1"}))), 0.0)
+    d.add(task(n=3), 0.0)
+    placed = {p.task.task: p.worker_name for p in d.place(reg, 1.0)}
+    assert placed == {1: "w1", 2: "w2", 3: "w1"}
+    assert "already ran a replica of this unit (w1, w2)" in d.story(JOB_A, 0)
+    assert "not on w1, w2" in Need(avoid=frozenset({"w2", "w1"})).text()
+    d.validate_state()
+
+
 def test_locality_prefers_the_worker_holding_the_inputs():
     reg = registry(("w1", CPU, 4), ("w2", CPU, 4), ("w3", CPU, 4))
     reg.heartbeat("w2", 0.5, free=3, cached_add=[fid(1), fid(2)])

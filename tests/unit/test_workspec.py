@@ -26,7 +26,9 @@ def check_invariants(t: UnitTable) -> None:
     queued = [u for q in t.available.values() for u in q]
     assert sorted(queued) == sorted(np.flatnonzero(state == AVAILABLE).tolist())
     assert sorted(t.open_attempt) == sorted(np.flatnonzero(state == PENDING).tolist())
-    assert len(t.keys) == len(t.data) == len(t.index) == t.state.n == t.priority.n == t.attempts.n
+    assert len(t.keys) == len(t.data) == len(t.index) == t.state.n == t.priority.n == t.attempts.n == t.votes.n
+    assert all(t.state.data[u] in (AVAILABLE, PENDING, FAILED) for u in t.ballots)  # decided units keep no ballots
+    assert all(len(b) == t.votes.data[u] for u, b in t.ballots.items())
 
 
 # ---- the share of slots -----------------------------------------------------------------------------
@@ -175,6 +177,13 @@ def test_any_sequence_keeps_the_columns_consistent_and_snapshots_round_trip(ops)
 
 
 @pytest.mark.parametrize("spec,code,fragment", [
+    ({"name": "a", "run": {"kind": "call"}, "replicas": 0}, "bad_replicas", "'replicas'"),
+    ({"name": "a", "run": {"kind": "call"}, "replicas": 16}, "bad_replicas", "'replicas'"),
+    ({"name": "a", "run": {"kind": "call"}, "replicas": 4, "quorum": 2}, "bad_replicas", "majority"),
+    ({"name": "a", "run": {"kind": "call"}, "replicas": 3, "quorum": 4}, "bad_replicas", "majority"),
+    ({"name": "a", "run": {"kind": "call"}, "replicas": 3, "compare": "fuzzy"}, "bad_spec", "'compare'"),
+    ({"name": "a", "run": {"kind": "call"}, "continuous": "yes"}, "bad_spec", "'continuous'"),
+    ({"name": "a", "run": {"kind": "call"}, "continuous": True, "interval": 0}, "bad_spec", "'interval'"),
     ({"name": "a", "run": {"kind": "call"}, "weight": 0}, "bad_weight", "positive"),
     ({"name": "a", "run": {"kind": "call"}, "weight": -2}, "bad_weight", "positive"),
     ({"name": "a", "run": {"kind": "call"}, "weight": float("nan")}, "bad_weight", "positive"),
@@ -339,3 +348,125 @@ def test_leases_that_end_are_taken_back_by_the_leader_and_late_results_refused()
     ledger_apply(ledger, C.AssignTasks(1, 10, "b1", ledger.ready_tasks(3), 150.0))
     assert ledger_apply(ledger, C.ExpireLeases(200.0)).value == {"expired": 3}
     assert ledger.work_summary()[0]["failed"] == 2  # units 0 and 1: their second lease ended too
+
+
+# ---- redundant execution ---------------------------------------------------------------------------
+
+
+def _replica(ledger, sid, uid, worker, digest, fence, now, stdout=None):
+    """Assign unit ``uid`` (its next replica) and report it done on ``worker`` with ``digest``."""
+    from master import commands as C
+
+    got = ledger_apply(ledger, C.AssignTasks(1, fence, "b1", [(sid, uid)], now))
+    assert [a[:2] for a in got.value["assigned"]] == [(sid, uid)], got
+    summary = {"stdout": stdout if stdout is not None else b"out " + digest, "digest": digest}
+    return ledger_apply(ledger, C.CompleteTask(sid, uid, 1, fence, C.DONE, worker, summary, None, None, now + 1))
+
+
+def test_each_unit_runs_on_distinct_workers_and_the_quorum_decides():
+    from master import commands as C
+    from master.ledger import Ledger
+    from master.workspec import spec_id
+
+    ledger = Ledger()
+    ledger_apply(ledger, C.AddWorkSpec({"name": "collect", "run": {"kind": "call"}}, 0.0))
+    ledger_apply(ledger, C.AddWorkSpec({"name": "s", "run": {"kind": "command", "argv": ["x"]}, "replicas": 3,
+                                        "then": "collect"}, 0.0))
+    ledger_apply(ledger, C.AddUnits("s", units(2), 0.0))
+    sid, t = spec_id("s"), ledger.work.tables["s"]
+    assert ledger.work.specs["s"].quorum == 2  # a majority by default
+    assert ledger.task_order(sid, 0)["avoid"] == [] and ledger.task_order(sid, 0)["arguments"]["compare"] == "bytes"
+    # unit 0: w1 and w2 agree, w3 (wrong) does not; the replicas follow each other
+    assert _replica(ledger, sid, 0, "w1", b"A" * 16, 1, 10.0).ok
+    assert t.state.data[0] == AVAILABLE and ledger.ready_tasks(1) == [(sid, 0)]  # first in line again
+    assert ledger.task_order(sid, 0)["avoid"] == ["w1"]
+    assert _replica(ledger, sid, 0, "w3", b"B" * 16, 2, 12.0).ok
+    assert ledger.task_order(sid, 0)["avoid"] == ["w1", "w3"]
+    assert _replica(ledger, sid, 0, "w2", b"A" * 16, 3, 14.0).ok
+    assert t.state.data[0] == FINISHED
+    assert ledger.work.tables["collect"].data == [b"out " + b"A" * 16]  # the quorum's output goes on
+    row = {r["spec"]: r for r in ledger.work_summary()}["s"]
+    assert (row["finished"], row["disputed"], row["replicas"], row["quorum"]) == (1, 1, 3, 2)
+    view = ledger.work.units_view("s", disputed=True)["units"]
+    assert [u["unit"] for u in view] == [0]
+    assert view[0]["ballots"] == {"votes": [["w1", "41" * 16], ["w3", "42" * 16], ["w2", "41" * 16]],
+                                  "winner": "41" * 16, "disputed": True}
+    # unit 1: three different results, no quorum: failed, the votes kept; a retry starts it over
+    for k, (w, d) in enumerate((("w1", b"C"), ("w2", b"D"), ("w3", b"E"))):
+        assert _replica(ledger, sid, 1, w, d * 16, 10 + k, 20.0 + k).ok
+    assert t.state.data[1] == FAILED and t.disputes[1][0] is None
+    assert len(ledger.work.tables["collect"]) == 1  # nothing went on from a unit without a quorum
+    snap = Ledger.restore(ledger.snapshot())
+    assert snap.work.tables["s"].to_state() == t.to_state()
+    assert ledger_apply(ledger, C.ControlSpec("s", "retry", 30.0)).value == {"retried": 1}
+    assert (t.state.data[1], t.votes.data[1], ledger.task_order(sid, 1).get("avoid")) == (AVAILABLE, 0, [])
+    check_invariants(t)
+
+
+def test_a_replica_lost_or_reported_twice_by_one_worker_does_not_count():
+    from master import commands as C
+    from master.ledger import Ledger
+    from master.workspec import spec_id
+
+    ledger = Ledger()
+    ledger_apply(ledger, C.AddWorkSpec({"name": "s", "run": {"kind": "call"}, "replicas": 2, "max_attempts": 2}, 0.0))
+    ledger_apply(ledger, C.AddUnits("s", units(1), 0.0))
+    sid, t = spec_id("s"), ledger.work.tables["s"]
+    assert _replica(ledger, sid, 0, "w1", b"A" * 16, 1, 1.0).ok
+    ledger_apply(ledger, C.AssignTasks(1, 2, "b1", [(sid, 0)], 3.0))
+    assert ledger_apply(ledger, C.CompleteTask(sid, 0, 1, 2, C.LOST, "w2", {}, None, None, 4.0)).ok
+    assert (t.state.data[0], t.votes.data[0]) == (AVAILABLE, 1)  # one lost attempt of a budget of 2
+    assert _replica(ledger, sid, 0, "w1", b"A" * 16, 3, 5.0).ok  # the same worker again: no second vote
+    assert (t.state.data[0], t.votes.data[0]) == (FAILED, 1)  # and that used up the budget
+    assert [a.outcome for a in t.attempts_of(0)] == ["done", "lost", "done"]
+    # with a budget left, the unit finishes once a second worker agrees
+    ledger_apply(ledger, C.ControlSpec("s", "retry", 6.0))
+    assert _replica(ledger, sid, 0, "w1", b"A" * 16, 4, 7.0).ok and _replica(ledger, sid, 0, "w2", b"A" * 16, 5, 9.0).ok
+    assert t.state.data[0] == FINISHED and 0 not in t.disputes
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "lease", "end", "vote", "expire", "retry"]), st.integers(0, 30),
+                          st.integers(0, 2)), max_size=60))
+def test_any_sequence_with_votes_keeps_the_table_consistent(ops):
+    from master.workspec import validate_spec
+
+    spec = validate_spec({"name": "s", "run": {"kind": "call"}, "replicas": 3, "max_attempts": 2})
+    t = UnitTable()
+    now, added = 0.0, 0
+    for op, k, x in ops:
+        now += 1.0
+        if op == "add":
+            t.add([[f"k{added + j}", b"d"] for j in range(k)])
+            added += k
+        elif op == "lease":
+            t.lease(k, f"w{x}", now, 5.0)
+        elif op in ("end", "vote") and t.open_attempt:
+            uid = sorted(t.open_attempt)[k % len(t.open_attempt)]
+            if op == "end":
+                t.end(uid, (LOST, FAILED_OUTCOME)[x % 2], now, max_attempts=2)
+            else:
+                state, output = t.vote(uid, f"w{k % 4}", bytes([x]) * 16, b"o%d" % x, now, spec)
+                assert (state == FINISHED) == (output is not None)
+        elif op == "expire":
+            for uid in t.expired(now):
+                t.end(int(uid), LOST, now, max_attempts=2)
+        elif op == "retry":
+            t.retry(range(k))
+        check_invariants(t)
+        for uid, (winner, ballots) in t.disputes.items():
+            assert winner is None or sum(d == winner for _, d in ballots) >= spec.quorum
+    again = UnitTable.from_state(t.to_state())
+    check_invariants(again)
+    assert again.to_state() == t.to_state()
+
+
+def test_the_worker_digests_whole_outputs_as_the_spec_compares_them():
+    from worker.tasks import output_digest
+
+    assert output_digest(b"a\nb\n", "bytes") != output_digest(b"a \nb\n\n", "bytes")
+    assert output_digest(b"a\nb\n", "text") == output_digest(b"a  \nb\n\n\n", "text") != output_digest(b"b\na\n", "text")
+    assert output_digest(b'{"x": 1, "y": [2]}', "json") == output_digest(b'{"y":[2],\n "x":1}', "json")
+    assert output_digest(b'{"x": 1}', "json") != output_digest(b'{"x": 2}', "json")
+    assert output_digest(b"not json", "json") == output_digest(b"not json", "json") != output_digest(b"not json!", "json")
+    assert len(output_digest(b"x" * 10**6, "bytes")) == 16
