@@ -146,8 +146,17 @@ class ExpireLeases(msgspec.Struct, tag="expire_leases", array_like=True, frozen=
     now: float
 
 
+class MakeUnits(msgspec.Struct, tag="make_units", array_like=True, frozen=True):
+    """The leader's clock says continuous specs ``specs`` are due: each that still has no unit
+    waiting or running, and whose ``interval`` has passed since its last one, gets a unit keyed
+    by ``now`` (checked again here, so a repeated proposal makes nothing twice)."""
+
+    specs: list[str]
+    now: float
+
+
 Command = (SubmitJob | CancelJob | AssignTasks | CompleteTask | RegisterFile | ReleaseFile | DropFile | Barrier
-           | AddWorkSpec | AddUnits | ControlSpec | ExpireLeases)
+           | AddWorkSpec | AddUnits | ControlSpec | ExpireLeases | MakeUnits)
 
 
 class Batch(msgspec.Struct, tag="batch", array_like=True, frozen=True):

@@ -70,6 +70,7 @@ from master.commands import (
     ControlSpec,
     Entry,
     ExpireLeases,
+    MakeUnits,
     RegisterFile,
     ReleaseFile,
     SubmitJob,
@@ -508,6 +509,9 @@ class MasterCore:
                 self.first_commit_at = now
                 return [Log(logging.INFO, f"serving as leader of term {reply[1]}", cause)]
             return []
+        if kind == "made" and result.ok and result.value["made"]:
+            self._count("continuous_units", len(result.value["made"]))
+            return [Log(logging.INFO, f"continuous units made: {', '.join(result.value['made'])}", cause)]
         if kind == "leases" and result.ok and result.value["expired"]:
             self._count("leases_expired", result.value["expired"])
             return [Log(logging.INFO, f"{result.value['expired']} work-unit leases ended: their units are handed out again",
@@ -549,14 +553,19 @@ class MasterCore:
         return out
 
     def _expire_leases(self, now: float, cause: str) -> list[Effect]:
-        """Once a second, a serving leader takes back the work units whose leases ended (its
-        clock, in the command, so every master ends the same ones)."""
+        """Once a second, a serving leader takes back the work units whose leases ended and makes
+        the units of continuous specs that are due (its clock, in the command, so every master
+        ends and makes the same ones)."""
         if self.view.role != "leader" or self.serving_term != self.view.term:
             return []
         wall = self.wall(now)
-        if not self.ledger.work.has_expired(wall):
-            return []
-        return self._enqueue(ExpireLeases(wall), ("leases",), cause, now)
+        out: list[Effect] = []
+        if self.ledger.work.has_expired(wall):
+            out += self._enqueue(ExpireLeases(wall), ("leases",), cause, now)
+        due = self.ledger.work.due(wall)
+        if due:  # continuous specs: the same clock decides when their next unit is made
+            out += self._enqueue(MakeUnits(due, wall), ("made",), cause, now)
+        return out
 
     def _answer_unknown(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
         kind = reply[0]

@@ -33,6 +33,7 @@ import math
 import pickle
 from collections import deque
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -691,6 +692,29 @@ class WorkState:
             order["arguments"]["compare"] = spec.compare
             order["avoid"] = table.avoid(uid)
         return order
+
+    def due(self, now: float) -> list[str]:
+        """Continuous specs that should get a unit at ``now``: not paused, none of their units
+        available or running, and ``interval`` passed since their last one (Coordinate's
+        continuous work specs)."""
+        return [name for name, spec in self.specs.items()
+                if spec.continuous and not spec.paused and now >= spec.last_made + spec.interval
+                and not self.tables[name].counts[AVAILABLE] and not self.tables[name].counts[PENDING]]
+
+    def make_units(self, names: list[str], now: float) -> list[str]:
+        """Give each due spec of ``names`` a unit keyed by the time (UTC, ms), with empty data;
+        returns the keys made. A spec no longer due (or gone) is passed over."""
+        due = set(self.due(now))
+        made = []
+        stamp = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        for name in names:
+            table = self.tables.get(name)
+            if name not in due or table is None or stamp in table.index:
+                continue
+            table.add([[stamp, b""]])
+            self.specs[name].last_made = now
+            made.append(f"{name}/{stamp}")
+        return made
 
     def has_expired(self, now: float) -> bool:
         """Whether some pending unit's lease ended before ``now`` (one vectorised pass a spec)."""

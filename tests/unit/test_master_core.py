@@ -665,3 +665,22 @@ def test_a_serving_leader_proposes_the_end_of_expired_leases_once_a_second():
     follower.now += 60
     follower.event(TimerFired("expire", "e3"))
     assert not follower.proposed
+
+
+def test_a_serving_leader_makes_the_units_of_continuous_specs_when_due():
+    from master.commands import AddWorkSpec, MakeUnits
+
+    h = Harness()
+    h.ledger.apply(AddWorkSpec({"name": "poll", "run": {"kind": "call"}, "continuous": True, "interval": 30}, 0.0))
+    h.event(TimerFired("expire", "e1"))
+    h.flush()
+    assert len(h.proposed) == 1 and isinstance(h.proposed[0].entry, MakeUnits)
+    h.commit_all()
+    assert h.ledger.work_summary()[0]["available"] == 1
+    h.event(TimerFired("expire", "e2"))
+    h.flush()
+    assert not h.proposed  # its unit waits: nothing more is made
+    follower = Harness(role="follower")
+    follower.ledger.apply(AddWorkSpec({"name": "poll", "run": {"kind": "call"}, "continuous": True}, 0.0))
+    follower.event(TimerFired("expire", "e3"))
+    assert not follower.proposed  # only the serving leader's clock makes units

@@ -470,3 +470,32 @@ def test_the_worker_digests_whole_outputs_as_the_spec_compares_them():
     assert output_digest(b'{"x": 1}', "json") != output_digest(b'{"x": 2}', "json")
     assert output_digest(b"not json", "json") == output_digest(b"not json", "json") != output_digest(b"not json!", "json")
     assert len(output_digest(b"x" * 10**6, "bytes")) == 16
+
+
+# ---- continuous specs ------------------------------------------------------------------------------
+
+
+def test_a_continuous_spec_gets_a_unit_every_interval_while_none_waits_or_runs():
+    from master import commands as C
+    from master.ledger import Ledger
+    from master.workspec import spec_id
+
+    ledger = Ledger()
+    ledger_apply(ledger, C.AddWorkSpec({"name": "poll", "run": {"kind": "call"}, "continuous": True, "interval": 60}, 0.0))
+    ledger_apply(ledger, C.AddWorkSpec({"name": "batch", "run": {"kind": "call"}}, 0.0))
+    work, t0 = ledger.work, 1_790_000_000.0
+    assert work.due(t0) == ["poll"]  # never run: due at once; a plain spec never is
+    assert ledger_apply(ledger, C.MakeUnits(["poll", "batch"], t0)).value == {"made": ["poll/2026-09-21T14:13:20.000Z"]}
+    assert ledger_apply(ledger, C.MakeUnits(["poll"], t0)).value == {"made": []}  # a repeated proposal makes nothing
+    assert work.due(t0 + 120) == []  # its unit waits: no second one
+    sid = spec_id("poll")
+    ledger_apply(ledger, C.AssignTasks(1, 1, "b1", ledger.ready_tasks(5), t0 + 1))
+    ledger_apply(ledger, C.CompleteTask(sid, 0, 1, 1, C.DONE, "w1", {}, None, None, t0 + 2))
+    assert work.due(t0 + 59) == [] and work.due(t0 + 60) == ["poll"]  # the interval counts from the last unit made
+    ledger_apply(ledger, C.ControlSpec("poll", "pause", t0 + 60))
+    assert work.due(t0 + 61) == []  # paused: nothing made
+    ledger_apply(ledger, C.ControlSpec("poll", "resume", t0 + 61))
+    assert ledger_apply(ledger, C.MakeUnits(["poll"], t0 + 61.5)).value == {"made": ["poll/2026-09-21T14:14:21.500Z"]}
+    again = Ledger.restore(ledger.snapshot())  # when it last ran survives a snapshot
+    assert again.work.due(t0 + 200) == [] and again.work.specs["poll"].last_made == t0 + 61.5
+    assert work.summary()[1]["continuous"] == 60.0 and work.summary()[0]["continuous"] is None
