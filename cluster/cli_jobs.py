@@ -240,7 +240,8 @@ def jobs(job_id: str | None, config_path: Path | None, state: str | None, limit:
     for col in ("id", "name", "kind", "state", "done/total", "failed", "submitted", "age"):
         table.add_column(col, no_wrap=col in ("id", "submitted"))
     for v in views:
-        table.add_row(v["job"], v.get("name") or "-", v["kind"], v["state"], f"{v['done']}/{v['total']}",
+        state_text = f"waiting for {len(v['waiting_for'])} job(s)" if v.get("waiting_for") else v["state"]
+        table.add_row(v["job"], v.get("name") or "-", v["kind"], state_text, f"{v['done']}/{v['total']}",
                       str(v["failed"]), _when(v["age_s"]), _ago(v["age_s"]))
     _table_console().print(table)
     if not views:
@@ -263,6 +264,9 @@ def _show_job(config_path: Path | None, job_id: str, as_json: bool) -> None:
              f"tasks: {view['done']} of {view['total']} done, {view['failed']} failed, {view['assigned']} running, "
              f"{view['ready']} ready; {view['failed_attempts']} failed attempts",
              f"submitted {_when(age)} ({_ago(age)} ago)" + (f", ended after {_ago(ran)}" if ran is not None else "")]
+    if view.get("waiting_for"):
+        lines.append(f"waiting for job{'s' * (len(view['waiting_for']) > 1)} {', '.join(view['waiting_for'])} "
+                     "to be done before it starts")
     if view.get("error"):
         lines.append(f"error: {view['error']}")
     if alignment is not None:
@@ -381,10 +385,12 @@ def _pairs(values: tuple[str, ...], what: str, option: str) -> dict[str, str]:
               help="A file the command must leave; it is stored and its id printed (repeatable).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds the command may run on its worker.")
+@click.option("--after", "after", multiple=True, metavar="JOB",
+              help="Start only once job JOB is done; if it fails, this one fails without running (repeatable).")
 @click.option("--no-wait", is_flag=True, help="Print the job id and return; `cluster jobs JOB` follows it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (job, exit_code, stdout, stderr, outputs).")
 def submit(argv: tuple[str, ...], config_path: Path | None, env: tuple[str, ...], inputs: tuple[str, ...],
-           outputs: tuple[str, ...], timeout_s: float | None, no_wait: bool, as_json: bool) -> None:
+           outputs: tuple[str, ...], timeout_s: float | None, after: tuple[str, ...], no_wait: bool, as_json: bool) -> None:
     """Run a command on a worker and print its output and exit code. E.g.
     `cluster submit -- sh -c "echo hi"`; a command that fails gives one line and a non-zero exit."""
     from storage.blobs import parse_id
@@ -397,6 +403,8 @@ def submit(argv: tuple[str, ...], config_path: Path | None, env: tuple[str, ...]
             raise click.ClickException(f"--input {name}: {exc}")
     with _session(config_path, WRITE_TIMEOUT) as client:
         runner = client.options(timeout_s=timeout_s) if timeout_s else client
+        if after:
+            runner = runner.options(after=[j.lower() for j in after])
         future = runner.run(list(argv), env=_pairs(env, "K=V", "--env"), inputs=files, outputs=list(outputs))
         if no_wait:
             click.echo(_json({"job": future.job, "task": future.task}) if as_json else future.job)

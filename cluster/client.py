@@ -132,7 +132,9 @@ class TaskOptions:
     """How tasks from ``submit``/``map``/``run`` run. ``need``: what a worker must offer
     (cores, memory_mb, gpus, labels, kernel). ``max_attempts`` counts runs lost to a dead worker;
     a task that fails by itself (raises, exits non-zero, times out) is retried only with
-    ``retry_failed`` (Ray's ``retry_exceptions``)."""
+    ``retry_failed`` (Ray's ``retry_exceptions``). ``after``: jobs (ids, futures or JobRefs)
+    that must be done before these tasks start; if one fails or is cancelled, these fail
+    without running."""
 
     timeout_s: float | None = None
     memory_mb: int | None = None
@@ -140,12 +142,16 @@ class TaskOptions:
     priority: int = 0
     max_attempts: int = 3
     retry_failed: bool = False
+    after: tuple[Any, ...] = ()
 
     def replace(self, **changes: Any) -> "TaskOptions":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ClusterError(f"unknown task options {', '.join(sorted(unknown))}; "
                                f"known: {', '.join(f.name for f in dataclasses.fields(self))}")
+        if "after" in changes:  # one job or several
+            after = changes["after"]
+            changes["after"] = (after,) if isinstance(after, str) or hasattr(after, "job") else tuple(after)
         return dataclasses.replace(self, **changes)
 
     def run(self) -> dict[str, Any]:
@@ -159,8 +165,11 @@ class TaskOptions:
         return out
 
     def job(self) -> dict[str, Any]:
-        return {"priority": self.priority, "max_attempts": self.max_attempts, "retry_failed": self.retry_failed,
-                "fail_fast": False}
+        out = {"priority": self.priority, "max_attempts": self.max_attempts, "retry_failed": self.retry_failed,
+               "fail_fast": False}
+        if self.after:
+            out["after"] = sorted({getattr(x, "job", x) for x in self.after})
+        return out
 
 
 class Client:
@@ -288,7 +297,7 @@ class Client:
 
     def options(self, **options: Any) -> "Client":
         """A view of this client whose ``submit``/``map``/``run`` use ``options``
-        (``TaskOptions``: timeout_s, memory_mb, need, priority, max_attempts, retry_failed)."""
+        (``TaskOptions``: timeout_s, memory_mb, need, priority, max_attempts, retry_failed, after)."""
         import copy
 
         view = copy.copy(self)

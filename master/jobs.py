@@ -97,8 +97,21 @@ def validate_spec(kind: str, spec: Any, encoded_size: int) -> dict[str, Any]:
     if not isinstance(keep_files, list) or not all(isinstance(n, str) and n for n in keep_files):
         raise SpecError("bad_spec", "'keep_files' must be a list of output names (e.g. [\"rows\"])")
     out["keep_files"] = keep_files
+    # jobs this one waits for (DAGs): it starts when every one of them is done
+    after = spec.get("after", [])
+    if not isinstance(after, list) or not all(isinstance(h, str) and len(h) == 32 and _is_hex(h) for h in after):
+        raise SpecError("bad_spec", "'after' must be a list of job ids (32 hex digits each)")
+    out["after"] = after
     _failure_rules(kind, spec, out)
     return out
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _failure_rules(kind: str, spec: dict[str, Any], out: dict[str, Any]) -> None:

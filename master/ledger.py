@@ -130,6 +130,7 @@ class Job(msgspec.Struct, array_like=True):
     endings: list[int] = []  # task ids in the order their final outcome was recorded, after the dropped
     failed: int = 0  # tasks failed for good
     endings_dropped: int = 0  # leading endings forgotten: done tasks folded away (see _trim_endings)
+    after: list[bytes] = []  # the jobs it still waits for (spec 'after'): no task is made until they are done
 
     @property
     def total(self) -> int:
@@ -163,6 +164,7 @@ class LedgerState(msgspec.Struct, array_like=True):
     # the work specs and their units (master.workspec.WorkState), encoded: the live WorkState is
     # Ledger.work (numpy columns); it is written here only when a snapshot is taken
     work: bytes = b""
+    waiting: dict[bytes, list[bytes]] = {}  # job id → the jobs that wait for it (spec 'after')
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +259,16 @@ class Ledger(LedgerViews):
             spec = jobs.validate_spec(c.kind, c.spec, len(msgspec.msgpack.encode(c.spec)))
         except jobs.SpecError as exc:
             return refused(exc.code, exc.text)
+        after = []
+        for dep in dict.fromkeys(bytes.fromhex(h) for h in spec["after"]):
+            other = self.state.jobs.get(dep)
+            if other is None:
+                return refused("unknown_job", f"'after' names job {dep.hex()}, which does not exist")
+            if other.state in ("failed", "cancelled"):
+                return refused("dependency_failed", f"'after' names job {dep.hex()}, which is {other.state}: "
+                                                    "this job could never start")
+            if other.state != "done":
+                after.append(dep)
         self.state.job_seq += 1
         job = Job(
             job_id=c.job_id,
@@ -267,10 +279,14 @@ class Ledger(LedgerViews):
             submitted_at=c.now,
             seq=self.state.job_seq,
             source=jobs.make_source(c.kind, spec),
+            after=after,
         )
         self.state.jobs[c.job_id] = job
         self.state.keys[c.key] = (c.digest, c.job_id)
-        self._materialise(job, job.source.take(jobs.WINDOW))
+        for dep in after:  # a job can only wait for earlier ones, so the dependencies form a DAG
+            self.state.waiting.setdefault(dep, []).append(c.job_id)
+        if not after:
+            self._materialise(job, job.source.take(jobs.WINDOW))
         self._count("jobs_submitted")
         return Applied(True, value={"job": c.job_id, "created": True})
 
@@ -289,6 +305,7 @@ class Ledger(LedgerViews):
         job.finished_at = c.now
         job.error = c.reason or "cancelled"
         self._count("jobs_cancelled")
+        self._release_waiting(job, c.now)
         return Applied(True, value={"job": c.job_id, "state": job.state, "changed": True})
 
     # ---- tasks ---------------------------------------------------------------------------
@@ -523,6 +540,7 @@ class Ledger(LedgerViews):
                 other.state = _next(other.state, "cancel")
         job.ready.clear()
         self._count("jobs_failed")
+        self._release_waiting(job, c.now)
         return Applied(True, "failed", job.error, value={"job_state": job.state})
 
     def _finish_if_ended(self, job: Job, now: float) -> None:
@@ -533,11 +551,36 @@ class Ledger(LedgerViews):
         if not job.failed:
             job.state = "done"
             self._count("jobs_done")
-            return
-        first = next(t for t in job.endings if t in job.tasks and job.tasks[t].state == "failed")
-        job.state = "failed"
-        job.error = f"{job.failed} of {job.total} tasks failed (first: task {first}: {job.tasks[first].attempts[-1].error})"
-        self._count("jobs_failed")
+        else:
+            first = next(t for t in job.endings if t in job.tasks and job.tasks[t].state == "failed")
+            job.state = "failed"
+            job.error = f"{job.failed} of {job.total} tasks failed (first: task {first}: {job.tasks[first].attempts[-1].error})"
+            self._count("jobs_failed")
+        self._release_waiting(job, now)
+
+    def _release_waiting(self, ended: Job, now: float) -> None:
+        """``ended`` is over: each job waiting for it starts once nothing else holds it (when
+        ``ended`` is done), or fails without running (when it failed or was cancelled), and
+        so on down the DAG (Slurm's ``afterok``; HTCondor DAGMan does not run a failed node's
+        children)."""
+        stack = [ended]
+        while stack:
+            job = stack.pop()
+            for waiter_id in self.state.waiting.pop(job.job_id, []):
+                waiter = self.state.jobs.get(waiter_id)
+                if waiter is None or waiter.state != "active" or job.job_id not in waiter.after:
+                    continue
+                if job.state == "done":
+                    waiter.after.remove(job.job_id)
+                    if not waiter.after:
+                        self._materialise(waiter, waiter.source.take(jobs.WINDOW))
+                        self._count("jobs_released")
+                    continue
+                waiter.state = "failed"
+                waiter.finished_at = now
+                waiter.error = f"job {job.job_id.hex()}, which it waits for, {job.state}: it never ran"
+                self._count("jobs_failed")
+                stack.append(waiter)
 
     def _task_files(self, job: Job, c: CompleteTask) -> tuple[list[RegisterFile], Applied | None]:
         """The registrations that recording ``c`` makes, every one checked; or the refusal.
@@ -707,6 +750,10 @@ class Ledger(LedgerViews):
                 assert job.done == job.total and not job.failed and not job.ready
             if job.state != "active":
                 assert not job.ready
+            if job.after and job.state == "active":
+                assert not job.tasks, f"job {job.job_id.hex()} waits for other jobs but has tasks"
+                for dep in job.after:
+                    assert s.jobs[dep].state == "active" and job.job_id in s.waiting[dep], dep.hex()
         for file_id, record in s.files.items():
             assert record.refs, f"file {file_id.hex()} has no reference left"
             assert record.replicas == sorted(set(record.replicas)) and record.replicas

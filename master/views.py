@@ -109,6 +109,7 @@ class LedgerViews:
             "duplicates": job.duplicates,
             "reduced": job.reduced,
             "error": job.error,
+            "waiting_for": [j.hex() for j in job.after] if job.state == "active" else [],
             **({"align": job.spec["align"]} if "align" in job.spec else {}),
         }
 

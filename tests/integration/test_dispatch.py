@@ -195,6 +195,24 @@ def test_submit_map_as_completed_callbacks_and_lookup_by_id(cluster):
         assert c.client.task_result(f.job, f.task) == f.result()
 
 
+def test_a_job_dag_runs_in_order_and_a_failed_dependency_stops_its_children(cluster):
+    from cluster.futures import TaskError
+
+    c = cluster
+    first = c.client.run(["sh", "-c", "sleep 1; date +%s.%N"])
+    second = c.client.options(after=first).run(["date", "+%s.%N"])  # waits for first
+    view = c.client.job(second.job).value
+    assert view["waiting_for"] == [first.job] and view["assigned"] == 0
+    assert float(second.result(timeout=60).stdout) > float(first.result(timeout=1).stdout)
+    broken = c.client.run(["sh", "-c", "exit 3"])
+    child = c.client.options(after=[broken, first]).run(["echo", "never"])
+    grandchild = c.client.options(after=child).submit(lambda: "never either")
+    for f in (child, grandchild):
+        with pytest.raises(TaskError, match="which it waits for, failed: it never ran"):
+            f.result(timeout=60)
+    assert c.client.job(grandchild.job).value["done"] == 0
+
+
 # ---- 2: bad input --------------------------------------------------------------------------------
 
 

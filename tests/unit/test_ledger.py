@@ -705,7 +705,7 @@ def test_a_snapshot_from_before_the_endings_log_counts_what_ended_as_dropped():
     submit(ledger, "range", {"count": 3})
     run_task(ledger, jid(1), 0)
     raw = msgspec.msgpack.decode(ledger.snapshot())  # the LedgerState as plain arrays
-    del raw[0][jid(1)][-3:]  # endings, failed, endings_dropped: the Job's fields that came later
+    del raw[0][jid(1)][-4:]  # endings, failed, endings_dropped, after: the Job's fields that came later
     restored = Ledger.restore(msgspec.msgpack.encode(raw))
     restored.validate_state()
     job = restored.state.jobs[jid(1)]
@@ -1067,3 +1067,59 @@ def test_ledger_memory_for_a_400x400_tile_alignment_job_is_o_frontier():
     best = max(range(n * n), key=lambda t: ((t * 7919) % 10007, -t))
     assert job.reduced["max"]["task"] == best and job.reduced["sum"] == {"cells": n * n}
     assert elapsed < 30, elapsed
+
+
+# ---- job DAGs ('after') ---------------------------------------------------------------------
+
+
+def test_a_job_waits_for_the_jobs_it_names_and_starts_when_they_are_done():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2}, n=1)
+    submit(ledger, "range", {"count": 1}, n=2)
+    assert submit(ledger, "range", {"count": 3, "after": [jid(1).hex(), jid(2).hex()]}, n=3).ok
+    assert submit(ledger, "range", {"count": 1, "after": [jid(3).hex()]}, n=4).ok  # a chain: 1, 2 -> 3 -> 4
+    assert ready(ledger, jid(3)) == [] and ledger.job_view(jid(3))["waiting_for"] == [jid(1).hex(), jid(2).hex()]
+    assert all(j != jid(3) for j, _ in ledger.ready_tasks(100))
+    run_many(ledger, jid(1), [0, 1])
+    assert ledger.job_view(jid(3))["waiting_for"] == [jid(2).hex()] and ready(ledger, jid(3)) == []
+    run_task(ledger, jid(2), 0)
+    assert ready(ledger, jid(3)) == [0, 1, 2] and ledger.job_view(jid(3))["waiting_for"] == []
+    assert ledger.state.counters["jobs_released"] == 1
+    again = copy(ledger)  # the waits survive a snapshot
+    run_many(ledger, jid(3), [0, 1, 2])
+    assert ready(ledger, jid(4)) == [0]
+    run_many(again, jid(3), [0, 1, 2])
+    assert ready(again, jid(4)) == [0]
+    # a job naming one already done starts at once
+    assert submit(ledger, "range", {"count": 1, "after": [jid(1).hex()]}, n=5).ok and ready(ledger, jid(5)) == [0]
+
+
+def test_a_job_whose_dependency_fails_or_is_cancelled_fails_without_running_down_the_dag():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1, "max_attempts": 1}, n=1)
+    submit(ledger, "range", {"count": 1}, n=2)
+    submit(ledger, "range", {"count": 1, "after": [jid(1).hex()]}, n=3)
+    submit(ledger, "range", {"count": 1, "after": [jid(3).hex(), jid(2).hex()]}, n=4)
+    run_task(ledger, jid(1), 0, outcome=FAILED, error="boom")
+    for n in (3, 4):
+        view = ledger.job_view(jid(n))
+        assert view["state"] == "failed" and "which it waits for, failed: it never ran" in view["error"], view
+        assert view["done"] == 0 and not ledger.state.jobs[jid(n)].tasks
+    assert ledger.job_view(jid(2))["state"] == "active"  # the other branch goes on
+    submit(ledger, "range", {"count": 1, "after": [jid(2).hex()]}, n=5)
+    apply(ledger, CancelJob(jid(2), "not needed", NOW))
+    assert ledger.job_view(jid(5))["state"] == "failed" and "cancelled" in ledger.job_view(jid(5))["error"]
+
+
+@pytest.mark.parametrize("after,code,fragment", [
+    (["00" * 16], "unknown_job", "does not exist"),
+    ("abc", "bad_spec", "'after'"),
+    (["xyz"], "bad_spec", "32 hex digits"),
+    ([jid(1).hex()], "dependency_failed", "could never start"),
+])
+def test_a_bad_after_is_refused_and_changes_nothing(after, code, fragment):
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1}, n=1)
+    apply(ledger, CancelJob(jid(1), "", NOW))
+    before = copy(ledger)
+    assert_refused(ledger, before, submit(ledger, "range", {"count": 1, "after": after}, n=9), code, fragment)
