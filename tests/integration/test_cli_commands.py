@@ -234,6 +234,29 @@ def test_work_spec_commands(home, tmp_path):
     assert "no work spec named 'nope'" in one_line_error(run(home, "load", "nope", str(units)))
     (row,) = as_json(run(home, "summary", "--json"))
     assert row["total"] == 25_000  # the refused batch added nothing
+    # redundancy and continuous specs: their keys in `specs`; bad ones are one line each
+    assert run(home, "add-spec", "vote", "--run", '{"kind": "command", "argv": ["true"]}', "--replicas", "3",
+               "--compare", "text", "--paused").returncode == 0
+    assert run(home, "add-spec", "tick", "--run", '{"kind": "command", "argv": ["true"]}', "--every", "3600").returncode == 0
+    listed = run(home, "specs").stdout
+    assert "3 (quorum 2)" in listed and "3600 s" in listed
+    assert "majority" in one_line_error(run(home, "add-spec", "bad", "--run", '{"kind": "call"}', "--replicas", "4",
+                                            "--quorum", "2"))
+    # the continuous spec's first unit is made at once and runs on the worker; no second one for an hour
+    wait_for(lambda: {r["spec"]: r for r in as_json(run(home, "summary", "--json"))}["tick"]["finished"] == 1, 30,
+             "the continuous spec's first unit to run")
+    assert {r["spec"]: r for r in as_json(run(home, "summary", "--json"))}["tick"]["total"] == 1
+    assert as_json(run(home, "units", "vote", "--disputed", "--json"))["units"] == []
+
+
+def test_submit_after_waits_for_a_job_and_a_bad_dependency_is_one_line(home):
+    first = run(home, "submit", "--no-wait", "--", "sleep", "1")
+    assert first.returncode == 0, first.stderr
+    second = run(home, "submit", "--after", first.stdout.strip(), "--json", "--", "echo", "after")
+    assert second.returncode == 0 and json.loads(second.stdout)["stdout"] == "after\n", second.stderr
+    view = as_json(run(home, "jobs", first.stdout.strip(), "--json"))
+    assert view["state"] == "done"  # the second ran only once the first was done
+    assert "does not exist" in one_line_error(run(home, "submit", "--after", "ab" * 16, "--", "true"))
 
 
 def test_cancel_a_running_command(home):

@@ -684,3 +684,19 @@ def test_a_serving_leader_makes_the_units_of_continuous_specs_when_due():
     follower.ledger.apply(AddWorkSpec({"name": "poll", "run": {"kind": "call"}, "continuous": True}, 0.0))
     follower.event(TimerFired("expire", "e3"))
     assert not follower.proposed  # only the serving leader's clock makes units
+
+
+def test_a_units_order_carries_its_specs_need_and_its_replicas_avoid_list_to_the_balancer():
+    from balancer.core import _need_of
+    from master.commands import AddUnits, AddWorkSpec, AssignTasks, CompleteTask, DONE
+    from master.workspec import spec_id
+
+    h = Harness()
+    run = {"kind": "command", "argv": ["gpu-job"], "need": {"gpus": 1, "labels": ["cuda"]}}
+    h.ledger.apply(AddWorkSpec({"name": "s", "run": run, "replicas": 2}, 0.0))
+    h.ledger.apply(AddUnits("s", [["a", b""]], 0.0))
+    sid = spec_id("s")
+    h.ledger.apply(AssignTasks(3, 100, "b1", [(sid, 0)], 1.0))
+    h.ledger.apply(CompleteTask(sid, 0, 3, 100, DONE, "w7", {"digest": b"x" * 16}, None, None, 2.0))
+    need, _, why = _need_of(h.core._worker_request(sid, 0, (3, 101)))
+    assert why is None and (need.gpus, need.labels, need.avoid) == (1, frozenset({"cuda"}), frozenset({"w7"}))
