@@ -34,7 +34,9 @@ machine to the registry (``balancer.registry``) and the dispatcher (``balancer.d
   of the result) comes back and is routed to the worker that sent it. Workers keep results
   until acknowledged and resend them, so nothing is lost when a balancer or a master dies.
 - **Liveness.** A worker silent for ``worker_liveness`` seconds is purged; each task it ran is
-  reported to the master as a LOST attempt (the ledger retries it up to the job's limit).
+  reported to the master as a LOST attempt (the ledger retries it up to the job's limit). The
+  balancer heartbeats every worker once per ``interval``, ``BEAT_BATCH`` at a time spread over
+  the first half of it, so that a thousand heartbeats never hold the loop in one burst.
 
 After a takeover the new active one rebuilds everything from the others: outstanding tasks
 from the master leader (open assignments on ATTACH), running tasks from the workers' new
@@ -92,6 +94,11 @@ MAX_SLOTS = 4096
 MAX_CORES = 4096
 MAX_GPUS = 64
 MAX_MEMORY_MB = 64 << 20  # 64 TiB
+
+# Heartbeats to workers go out at most this many back to back; more are spread over the interval
+# in slices. 1,000 of them in one burst held the loop for 20-60 ms each tick (bench/batch.py,
+# 1,000 simulated workers), and a result arriving meanwhile waited that long for its next task.
+BEAT_BATCH = 100
 
 
 def master_socket(index: int) -> str:
@@ -167,6 +174,8 @@ class BalancerCore:
         self.transitions: list[tuple[float, str]] = []  # (when, why), the newest last
         self.place_due = False
         self.worker_slots: dict[str, int] = {}  # task slots each worker runs (its credit adds a prefetch queue)
+        self.beat_due: list[bytes] = []  # routes still to heartbeat this interval (see BEAT_BATCH)
+        self.beat_gap = options.interval  # seconds between two slices of them
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -179,6 +188,8 @@ class BalancerCore:
                 if not self.star.serving():
                     return []
                 return self._place(now, event.stimulus_id) + self._grant(event.stimulus_id)
+            if event.name == "beat":
+                return self._beat(event.stimulus_id) if self.star.serving() else []
             if event.name != "tick":
                 return []
             out = self._tick(now, event.stimulus_id) + [StartTimer("tick", self.options.interval, event.stimulus_id)]
@@ -254,6 +265,7 @@ class BalancerCore:
         self.sent_count.clear()
         self.worker_slots.clear()
         self.ack_routes.clear()
+        self.beat_due = []
         self.link = _MasterLink(index=self.link.index)
         return out
 
@@ -303,9 +315,13 @@ class BalancerCore:
             self._count("workers_refused")
             return out + [Log(logging.WARNING, f"worker registration refused: {exc.text}", ev.stimulus_id),
                           self._to_worker_error(ev, exc.code, exc.text)]
-        for route, name in list(self.routes.items()):
-            if name == m.name and route != ev.route:
-                del self.routes[route]
+        if before is None or before.route != ev.route:
+            # a new route for this name: drop the others it had. Only then: every route change
+            # goes through here, so a re-registration from the same route has none to drop, and
+            # the scan (over every route) made a re-registration storm quadratic
+            for route, name in list(self.routes.items()):
+                if name == m.name and route != ev.route:
+                    del self.routes[route]
         self.routes[ev.route] = m.name
         self.sent_count[m.name] = 0
         slots = m.capabilities.get("slots") if isinstance(m.capabilities, dict) else None
@@ -496,6 +512,12 @@ class BalancerCore:
     def _place(self, now: float, cause: str) -> list[Effect]:
         if not self.dispatcher.pending() or not self.link.attached:
             return []
+        last = self.dispatcher.last_place_at
+        if last is not None and now - last < self.options.interval and not self.registry.free_total():
+            # No worker has credit: nothing can go, and a round would only refresh the waiting
+            # tasks' stories at the cost of a pass over every worker (1.5 ms with 1,000). Once
+            # an interval keeps the stories fresh; not after every burst of messages.
+            return []
         out: list[Effect] = []
         for p in self.dispatcher.place(self.registry, now):
             order = self.orders.pop(p.task.key, None)
@@ -533,15 +555,25 @@ class BalancerCore:
                                                       self.name, self.workers_endpoint), None, cause)]
         if not self.star.serving():
             return out
-        for w, lost in self.registry.expire(now):
+        expired = self.registry.expire(now)
+        if expired:  # one pass over the routes for all of them, not one per worker
+            gone = {w.name for w, _ in expired}
+            for route in [r for r, n in self.routes.items() if n in gone]:
+                del self.routes[route]
+        for w, lost in expired:
             self.sent_count.pop(w.name, None)
             self.worker_slots.pop(w.name, None)
-            for route in [r for r, n in self.routes.items() if n == w.name]:
-                del self.routes[route]
             out += self._report_lost(w.name, {k: w.running[k] for k in lost},
                                      f"silent for more than {self.options.worker_liveness:g} s", cause)
-        for w in self.registry.workers():
-            out.append(Send(WORKERS, Heartbeat(self.epoch, self.peer_seq, 0), w.route, cause))
+        # Slices still due from the last interval (the loop ran late) go now, whole: dropping them
+        # would leave the same workers, the last by name, unheard interval after interval until
+        # they gave this balancer up. The new round's slices end half-way through the interval.
+        late = self.beat_due
+        self.beat_due = [w.route for w in self.registry.workers()]
+        self.beat_gap = self.options.interval / (2 * max(1, -(-len(self.beat_due) // BEAT_BATCH)))
+        beat = Heartbeat(self.epoch, self.peer_seq, 0)
+        out += [Send(WORKERS, beat, route, cause) for route in late if route in self.routes]
+        out += self._beat(cause)
         link = self.link
         if link.attached:
             if now - link.last_heard > self.options.master_timeout:
@@ -554,6 +586,16 @@ class BalancerCore:
                 out.append(Send(master_socket(link.index), Heartbeat(self.epoch, link.heartbeat_seq, 0), None, cause))
         elif link.attach_sent is None or now - link.attach_sent > self.options.attach_retry:
             out += self._attach(now, cause)
+        return out
+
+    def _beat(self, cause: str) -> list[Effect]:
+        """Heartbeat the next ``BEAT_BATCH`` workers of this interval; the rest after a pause, so
+        that every worker still hears from this balancer once per interval (Paranoid Pirate)."""
+        due, self.beat_due = self.beat_due[:BEAT_BATCH], self.beat_due[BEAT_BATCH:]
+        beat = Heartbeat(self.epoch, self.peer_seq, 0)
+        out: list[Effect] = [Send(WORKERS, beat, route, cause) for route in due if route in self.routes]
+        if self.beat_due:
+            out.append(StartTimer("beat", self.beat_gap, cause))
         return out
 
     # ---- operators ---------------------------------------------------------------------------

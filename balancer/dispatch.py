@@ -30,18 +30,22 @@ hands them to workers as credit allows (``Dispatcher.place``). Four rules decide
 A task a worker already runs under the same or a newer fence (the leader pushed it again after
 a balancer failover, and the worker reported it running) is dropped, not sent twice.
 
-Cost. ``place`` takes one pass over the workers (to find the credit and, lazily, the capable
-ones for each distinct need), then O(eligible workers × inputs) per task placed; queues that
+Cost. ``place`` takes one pass over the workers with credit (to find, lazily, the capable ones
+for each distinct need, in a heap by free slots), then O(log workers) per task placed without
+inputs and O(eligible workers × inputs) per task placed with inputs (locality); queues that
 cannot be served are set aside once per call, never rescanned task by task.
 
 Explanations. ``story(job, task)`` says in words where a task went and why, or why it waits.
-Waiting reasons are computed on demand against the worker view kept from the last ``place``
-(names, capabilities and free slots after that call's placements), so a call costs no work per
-waiting task. Pure: ``now`` is an argument; no clock, socket, thread or disk.
+Waiting reasons are computed on demand against the registry ``place`` last saw (names,
+capabilities and free slots as they are when asked), so a call costs no work per waiting task
+and none per idle worker: ``place`` looks only at the workers with credit
+(``Registry.with_credit``), so one freed slot among a thousand busy workers costs a round of
+O(1), not O(workers). Pure: ``now`` is an argument; no clock, socket, thread or disk.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -167,27 +171,41 @@ class _Seen:
 
 
 class _Call:
-    """One ``place`` call's view: capable workers with credit per need, pruned as credit runs out."""
+    """One ``place`` call's view: per need, the capable workers with credit in a heap by (most
+    free slots, name), so that the usual choice (no inputs to be near) costs O(log workers)
+    and a round placing k tasks on n idle workers costs O(n + k log n), not O(n × k). An entry
+    whose worker's credit changed since it was pushed is stale, and is pushed again with the
+    new figure (or dropped at 0) when it reaches the top."""
 
-    __slots__ = ("workers", "live", "blocked")
+    __slots__ = ("workers", "heaps")
 
     def __init__(self, workers: list[Worker]) -> None:
         self.workers = workers
-        self.live: dict[Need, list[Worker]] = {}
-        self.blocked: set[Need] = set()
+        self.heaps: dict[Need, list[tuple[int, str, Worker]]] = {}
+
+    def _heap(self, need: Need) -> list[tuple[int, str, Worker]]:
+        h = self.heaps.get(need)
+        if h is None:
+            h = [(-w.free, w.name, w) for w in self.workers if w.free > 0 and need.allows(w.name, w.caps)]
+            heapq.heapify(h)
+            self.heaps[need] = h
+        while h and h[0][2].free != -h[0][0]:  # credit only shrinks within a call
+            _, _, w = heapq.heappop(h)
+            if w.free > 0:
+                heapq.heappush(h, (-w.free, w.name, w))
+        return h
+
+    def any(self, need: Need) -> bool:
+        """Whether some capable worker has credit."""
+        return bool(self._heap(need))
+
+    def best(self, need: Need) -> Worker:
+        """The capable worker with the most free slots (then the first by name)."""
+        return self._heap(need)[0][2]
 
     def eligible(self, need: Need) -> list[Worker]:
-        if need in self.blocked:
-            return []
-        ws = self.live.get(need)
-        if ws is None:
-            ws = [w for w in self.workers if w.free > 0 and need.allows(w.name, w.caps)]
-        elif any(w.free <= 0 for w in ws):
-            ws = [w for w in ws if w.free > 0]
-        self.live[need] = ws
-        if not ws:
-            self.blocked.add(need)  # credit only shrinks within a call: it stays blocked
-        return ws
+        """Every capable worker with credit (for the locality choice: O(workers))."""
+        return [w for _, _, w in self._heap(need) if w.free > 0]
 
 
 @dataclass
@@ -200,7 +218,7 @@ class Dispatcher:
     _levels: dict[int, OrderedDict[bytes, _Lane]] = field(init=False, default_factory=dict)
     _where: dict[TaskKey, tuple[int, Need]] = field(init=False, default_factory=dict)
     _done: OrderedDict[TaskKey, str] = field(init=False, default_factory=OrderedDict)
-    _seen: tuple[_Seen, ...] | None = field(init=False, default=None)
+    _seen: Registry | None = field(init=False, default=None)  # the registry the last ``place`` saw
     _seen_seq: int = field(init=False, default=0)  # tasks with seq below it were considered
     _seq: int = field(init=False, default=0)
     last_place_at: float | None = field(init=False, default=None)
@@ -241,7 +259,7 @@ class Dispatcher:
     def place(self, registry: Registry, now: float) -> list[Placement]:
         """Place as many pending tasks as credit allows; each placement is recorded in
         ``registry`` (``Registry.sent`` takes its credit). The caller sends them, in order."""
-        workers = registry.workers()
+        workers = registry.with_credit()  # only these can take a task: O(free workers), not O(all)
         credit = sum(w.free for w in workers)
         out: list[Placement] = []
         self._count("place_calls")
@@ -251,7 +269,7 @@ class Dispatcher:
                 credit = self._place_level(priority, call, registry, out, credit)
                 if not credit:
                     break
-        self._seen = tuple(_Seen(w.name, w.caps, w.free) for w in workers)
+        self._seen = registry  # waiting stories are told against it when asked, not built per call
         self._seen_seq = self._seq
         self.last_place_at = now
         return out
@@ -268,7 +286,8 @@ class Dispatcher:
         entry = self._levels[priority][job].queues[need][task]
         if self._seen is None or entry.seq >= self._seen_seq:
             return "waiting: not yet considered (no placement round since it arrived)"
-        return "waiting: " + _why_waiting(need, self._seen)
+        seen = tuple(_Seen(w.name, w.caps, w.free) for w in self._seen.workers())
+        return "waiting: " + _why_waiting(need, seen)
 
     def pending(self) -> int:
         """How many tasks wait."""
@@ -335,7 +354,7 @@ class Dispatcher:
         best: _Entry | None = None
         for need, q in lane.queues.items():
             head = next(iter(q.values()))
-            if (best is None or head.seq < best.seq) and call.eligible(need):
+            if (best is None or head.seq < best.seq) and call.any(need):
                 best = head
         if best is None:
             return None
@@ -345,9 +364,11 @@ class Dispatcher:
             self._settle(task, f"dropped: {running[0]} already runs it under fence {tuple(running[1])}")
             self._count("dropped_running")
             return 0
-        ws = call.eligible(task.need)
-        scored = [(_locality(task, w), w) for w in ws]
-        (cached_bytes, cached_n), w = min(scored, key=lambda s: (-s[0][0], -s[0][1], -s[1].free, s[1].name))
+        if task.inputs:
+            scored = [(_locality(task, w), w) for w in call.eligible(task.need)]
+            (cached_bytes, cached_n), w = min(scored, key=lambda s: (-s[0][0], -s[0][1], -s[1].free, s[1].name))
+        else:  # nothing to be near: the most free slots, then the name (the heap's order)
+            (cached_bytes, cached_n), w = (0, 0), call.best(task.need)
         why = _why_sent(task, w, cached_n, cached_bytes)
         registry.sent(w.name, task.key, task.fence)
         self._settle(task, why)

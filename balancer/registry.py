@@ -98,6 +98,13 @@ class Registry:
     _workers: dict[str, Worker] = field(init=False, default_factory=dict)
     _runs: dict[TaskKey, dict[str, Fence]] = field(init=False, default_factory=dict)  # who runs each task
     counters: dict[str, int] = field(init=False, default_factory=dict)
+    # ``workers()`` in name order, kept until a worker comes or goes: the balancer asks for it
+    # several times per placement round, and sorting 1,000 names each time was a measurable
+    # part of a round (bench/batch.py, 1,000 simulated workers)
+    _by_name: list[Worker] | None = field(init=False, default=None)
+    # names of the workers with credit (free > 0): a placement round looks only at these, so
+    # with a thousand workers busy and one slot freed, a round costs O(1), not O(workers)
+    _credit: set[str] = field(init=False, default_factory=set)
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -139,7 +146,8 @@ class Registry:
             self._check_key(name, key, fence)
         old = self._workers.get(name)
         if old is not None and old.route == route:
-            old.caps, old.slots, old.free, old.cached = caps, slots, free, set(cached)
+            old.caps, old.slots, old.cached = caps, slots, set(cached)
+            self._set_free(old, free)
             old.running.update(running)
             for key, fence in running.items():
                 self._runs.setdefault(key, {})[name] = fence
@@ -152,7 +160,9 @@ class Registry:
             self._forget(name, lost)
             self._count("restarts")
             self._count("lost_tasks", len(lost))
-        self._workers[name] = Worker(name, route, caps, slots, free, set(cached), running, now, now)
+        self._workers[name] = w = Worker(name, route, caps, slots, 0, set(cached), running, now, now)
+        self._set_free(w, free)
+        self._by_name = None
         for key, fence in running.items():
             self._runs.setdefault(key, {})[name] = fence
         self._count("registered")
@@ -174,7 +184,7 @@ class Registry:
         both = cached_add & cached_drop
         if both:
             self._refuse("bad_cache_change", f"worker {name}: {next(iter(both)).hex()} is both added and dropped")
-        w.free = free
+        self._set_free(w, free)
         w.cached |= cached_add
         w.cached -= cached_drop
         w.last_heard = now
@@ -193,7 +203,7 @@ class Registry:
             self._refuse("stale_fence", f"worker {name} already runs task {_key_text(key)} under fence {old}")
         if old is not None:
             self._count("superseded")
-        w.free -= 1
+        self._set_free(w, w.free - 1)
         w.running[key] = fence
         self._runs.setdefault(key, {})[name] = fence
         return w
@@ -205,7 +215,7 @@ class Registry:
         fence = w.running.pop(key, None)
         if fence is not None:
             self._forget(name, [key])
-            w.free = min(w.slots, w.free + 1)
+            self._set_free(w, min(w.slots, w.free + 1))
         return fence
 
     def expire(self, now: float) -> list[tuple[Worker, list[TaskKey]]]:
@@ -213,8 +223,11 @@ class Registry:
         it was running (to report as failed attempts), by name."""
         gone = sorted(n for n, w in self._workers.items() if now - w.last_heard > self.liveness)
         out = []
+        if gone:
+            self._by_name = None
         for name in gone:
             w = self._workers.pop(name)
+            self._credit.discard(name)
             lost = sorted(w.running)
             self._forget(name, lost)
             self._count("expired")
@@ -226,7 +239,9 @@ class Registry:
         """Forget worker ``name`` now (it left or was replaced); returns it, with the tasks it was
         running still in ``running``, or None when it was not registered."""
         w = self._workers.pop(name, None)
+        self._credit.discard(name)
         if w is not None:
+            self._by_name = None
             self._forget(name, list(w.running))
             self._count("removed")
         return w
@@ -235,7 +250,9 @@ class Registry:
 
     def workers(self) -> list[Worker]:
         """The registered workers, by name (the live objects: do not change them directly)."""
-        return [self._workers[n] for n in sorted(self._workers)]
+        if self._by_name is None:
+            self._by_name = [self._workers[n] for n in sorted(self._workers)]
+        return list(self._by_name)
 
     def get(self, name: str) -> Worker | None:
         return self._workers.get(name)
@@ -257,7 +274,18 @@ class Registry:
 
     def free_total(self) -> int:
         """The credit of all workers together."""
-        return sum(w.free for w in self._workers.values())
+        return sum(self._workers[n].free for n in self._credit)
+
+    def with_credit(self) -> list[Worker]:
+        """The workers with a free slot, by name."""
+        return [self._workers[n] for n in sorted(self._credit)]
+
+    def _set_free(self, w: Worker, free: int) -> None:
+        w.free = free
+        if free > 0:
+            self._credit.add(w.name)
+        else:
+            self._credit.discard(w.name)
 
     def status(self) -> dict:
         ws = self._workers.values()
@@ -279,6 +307,9 @@ class Registry:
             assert w.registered_at <= w.last_heard, name
             for key, fence in w.running.items():
                 assert self._runs.get(key, {}).get(name) == fence, (name, key)
+        assert self._credit == {n for n, w in self._workers.items() if w.free > 0}, "stale credit index"
+        if self._by_name is not None:
+            assert [id(w) for w in self._by_name] == [id(self._workers[n]) for n in sorted(self._workers)], "stale name order"
         for key, runs in self._runs.items():
             assert runs, key
             for name, fence in runs.items():

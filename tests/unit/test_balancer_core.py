@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from balancer.binary_star import State
-from balancer.core import PEER_OUT, WORKERS, BalancerCore, BalancerOptions
+from balancer.core import BEAT_BATCH, PEER_OUT, WORKERS, BalancerCore, BalancerOptions
 from cluster.runtime.events import Log, MessageReceived, Send, Started, StartTimer, TimerFired
 from proto.ids import split128
 from proto.messages import (
@@ -319,3 +319,22 @@ def test_workers_get_heartbeats_from_the_active_balancer():
     h.tick()
     assert h.sent(Heartbeat, WORKERS, b"w1")
     assert any(isinstance(e, Log) for e in h.out)
+
+
+def test_many_workers_are_heartbeated_in_slices_and_none_is_skipped():
+    """Heartbeats to many workers go out BEAT_BATCH at a time over the interval, not in one burst
+    that holds the loop; slices the loop did not reach before the next tick go out with it."""
+    h = active()
+    names = [f"w{i:03d}" for i in range(2 * BEAT_BATCH + 50)]
+    for name in names:
+        h.register(name)
+    h.out.clear()
+    h.tick()
+    assert len(h.sent(Heartbeat, WORKERS)) == BEAT_BATCH
+    assert any(isinstance(e, StartTimer) and e.name == "beat" and 0 < e.delay < OPTIONS.interval for e in h.out)
+    h.event(TimerFired("beat", "b"))
+    assert len(h.sent(Heartbeat, WORKERS)) == 2 * BEAT_BATCH
+    h.out.clear()
+    h.tick()  # the last slice's timer never fired: those workers hear now, with the next round's first slice
+    heard = {e.route for e in h.sent(Heartbeat, WORKERS)}
+    assert {n.encode() for n in names[2 * BEAT_BATCH:]} <= heard and len(heard) == BEAT_BATCH + 50
