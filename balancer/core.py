@@ -530,11 +530,11 @@ class BalancerCore:
         return out
 
     def _target(self) -> int:
-        slots = sum(w.slots for w in self.registry.workers())
+        slots = self.registry.slots_total
         return max(self.options.min_queue, self.options.queue_factor * slots) if slots else 0
 
     def _holding(self) -> int:
-        return self.dispatcher.pending() + sum(len(w.running) for w in self.registry.workers())
+        return self.dispatcher.pending() + self.registry.running_total
 
     def _grant(self, cause: str) -> list[Effect]:
         link = self.link

@@ -105,6 +105,10 @@ class Registry:
     # names of the workers with credit (free > 0): a placement round looks only at these, so
     # with a thousand workers busy and one slot freed, a round costs O(1), not O(workers)
     _credit: set[str] = field(init=False, default_factory=set)
+    # slots of all workers, and tasks running on them, kept as they change: the balancer sizes
+    # its request for more work from these after every burst of messages
+    slots_total: int = field(init=False, default=0)
+    running_total: int = field(init=False, default=0)
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -146,8 +150,10 @@ class Registry:
             self._check_key(name, key, fence)
         old = self._workers.get(name)
         if old is not None and old.route == route:
+            self.slots_total += slots - old.slots
             old.caps, old.slots, old.cached = caps, slots, set(cached)
             self._set_free(old, free)
+            self.running_total += sum(key not in old.running for key in running)
             old.running.update(running)
             for key, fence in running.items():
                 self._runs.setdefault(key, {})[name] = fence
@@ -158,10 +164,14 @@ class Registry:
         if old is not None:
             lost = sorted(old.running)
             self._forget(name, lost)
+            self.slots_total -= old.slots
+            self.running_total -= len(old.running)
             self._count("restarts")
             self._count("lost_tasks", len(lost))
         self._workers[name] = w = Worker(name, route, caps, slots, 0, set(cached), running, now, now)
         self._set_free(w, free)
+        self.slots_total += slots
+        self.running_total += len(running)
         self._by_name = None
         for key, fence in running.items():
             self._runs.setdefault(key, {})[name] = fence
@@ -204,6 +214,7 @@ class Registry:
         if old is not None:
             self._count("superseded")
         self._set_free(w, w.free - 1)
+        self.running_total += old is None
         w.running[key] = fence
         self._runs.setdefault(key, {})[name] = fence
         return w
@@ -215,6 +226,7 @@ class Registry:
         fence = w.running.pop(key, None)
         if fence is not None:
             self._forget(name, [key])
+            self.running_total -= 1
             self._set_free(w, min(w.slots, w.free + 1))
         return fence
 
@@ -230,6 +242,8 @@ class Registry:
             self._credit.discard(name)
             lost = sorted(w.running)
             self._forget(name, lost)
+            self.slots_total -= w.slots
+            self.running_total -= len(w.running)
             self._count("expired")
             self._count("lost_tasks", len(lost))
             out.append((w, lost))
@@ -243,6 +257,8 @@ class Registry:
         if w is not None:
             self._by_name = None
             self._forget(name, list(w.running))
+            self.slots_total -= w.slots
+            self.running_total -= len(w.running)
             self._count("removed")
         return w
 
@@ -308,6 +324,8 @@ class Registry:
             for key, fence in w.running.items():
                 assert self._runs.get(key, {}).get(name) == fence, (name, key)
         assert self._credit == {n for n, w in self._workers.items() if w.free > 0}, "stale credit index"
+        assert self.slots_total == sum(w.slots for w in self._workers.values()), "stale slot count"
+        assert self.running_total == sum(len(w.running) for w in self._workers.values()), "stale running count"
         if self._by_name is not None:
             assert [id(w) for w in self._by_name] == [id(self._workers[n]) for n in sorted(self._workers)], "stale name order"
         for key, runs in self._runs.items():
