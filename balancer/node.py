@@ -23,10 +23,13 @@ from cluster.config import ConfigError, load_cluster_config
 from cluster.runtime.loop import NodeLoop, SocketSpec
 
 
-def build_balancer(config_path: Path, name: str, *, options: BalancerOptions = BalancerOptions(),
+def build_balancer(config_path: Path, name: str, *, options: BalancerOptions | None = None,
                    bind_workers: str | None = None) -> NodeLoop:
-    """A balancer ready to ``run()``."""
+    """A balancer ready to ``run()``; ``options`` default to the config's ``[heartbeat]`` timings."""
     config = load_cluster_config(config_path)
+    if options is None:
+        options = BalancerOptions(interval=config.heartbeat.interval_s,
+                                  worker_liveness=config.heartbeat.worker_liveness_s)
     if name not in config.balancers:
         known = ", ".join(config.balancers) or "none"
         raise ConfigError(f"{config_path}: no balancer named {name!r} (the file lists {known})")

@@ -32,6 +32,19 @@ class StorageOptions:
 
 
 @dataclass(frozen=True)
+class HeartbeatOptions:
+    """How often workers and balancers tell each other they are alive (``[heartbeat]``), and how
+    long a silence means death. Short by default, for a rack of tens of workers: a dead worker is
+    purged in 1.5 s, a dead balancer left in 1 s, the balancer pair fails over in 4 intervals.
+    With hundreds of workers, longer intervals cost less (each worker's heartbeats are messages
+    the active balancer reads, one Python thread): zguide's Paranoid Pirate uses 1 s and 3 s."""
+
+    interval_s: float = 0.25  # workers' and balancers' heartbeats (and the Binary Star pair's)
+    worker_liveness_s: float = 1.5  # a worker silent this long is purged, its tasks reported lost
+    balancer_liveness_s: float = 1.0  # a balancer silent this long: the worker turns to the other
+
+
+@dataclass(frozen=True)
 class BalancerAddress:
     """One balancer of the pair: where workers connect, where its peer listens for its state."""
 
@@ -48,6 +61,7 @@ class ClusterConfig:
     storage_nodes: dict[str, str] = field(default_factory=dict)  # name → address
     storage: StorageOptions = field(default_factory=StorageOptions)
     path: str = ""
+    heartbeat: HeartbeatOptions = field(default_factory=HeartbeatOptions)
 
 
 def read_toml(path: Path | str) -> dict[str, Any]:
@@ -92,7 +106,28 @@ def parse_cluster_config(data: dict[str, Any], where: str = "config") -> Cluster
         raise ConfigError(f"{where}: [storage] replicas must be at least 1")
     if nodes and storage.replicas > len(nodes):
         raise ConfigError(f"{where}: [storage] replicas = {storage.replicas} but only {len(nodes)} storage nodes are listed")
-    return ClusterConfig(masters, _balancers(data, where), nodes, storage, where)
+    return ClusterConfig(masters, _balancers(data, where), nodes, storage, where, _heartbeat(data, where))
+
+
+def _heartbeat(data: dict[str, Any], where: str) -> HeartbeatOptions:
+    section = data.get("heartbeat") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: [heartbeat] must be a table")
+    known = set(HeartbeatOptions.__dataclass_fields__)
+    unknown = set(section) - known
+    if unknown:
+        raise ConfigError(f"{where}: [heartbeat] has unknown keys {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(known))})")
+    for key, value in section.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 600:
+            raise ConfigError(f"{where}: [heartbeat] {key} must be seconds from 0 to 600, not {value!r}")
+    beat = HeartbeatOptions(**{k: float(v) for k, v in section.items()})
+    for key in ("worker_liveness_s", "balancer_liveness_s"):
+        if getattr(beat, key) < 2 * beat.interval_s:
+            # one late heartbeat must not look like a death
+            raise ConfigError(f"{where}: [heartbeat] {key} = {getattr(beat, key):g} must be at least twice "
+                              f"interval_s = {beat.interval_s:g}")
+    return beat
 
 
 def _balancers(data: dict[str, Any], where: str) -> dict[str, BalancerAddress]:

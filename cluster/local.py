@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cluster.status import query_status
 
@@ -172,9 +173,11 @@ def storage_nodes(directory: Path, count: int = 2, *, masters: list[LocalNode] |
     ]
 
 
-def balancer_nodes(directory: Path, count: int = 2, *, log_level: str = "INFO") -> tuple[Path, list[LocalNode]]:
+def balancer_nodes(directory: Path, count: int = 2, *, log_level: str = "INFO",
+                   heartbeat: Any = None) -> tuple[Path, list[LocalNode]]:
     """The Binary Star pair (``count`` 2) or a lone primary (1) on free 127.0.0.1 ports, added
-    to ``directory/cluster.toml`` (made from ``masters.toml`` if there is none yet)."""
+    to ``directory/cluster.toml`` (made from ``masters.toml`` if there is none yet), with a
+    ``[heartbeat]`` section when ``heartbeat`` (a ``HeartbeatOptions``) is given."""
     from cluster.config import BalancerAddress, write_balancers_section
 
     if count not in (1, 2):
@@ -183,6 +186,8 @@ def balancer_nodes(directory: Path, count: int = 2, *, log_level: str = "INFO") 
     text = config.read_text() if config.exists() else (directory / "masters.toml").read_text()
     pair = {f"b{i}": BalancerAddress(f"b{i}", f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", i == 1)
             for i in range(1, count + 1)}
+    if heartbeat is not None:
+        text += "\n[heartbeat]\n" + "".join(f"{k} = {getattr(heartbeat, k)}\n" for k in heartbeat.__dataclass_fields__)
     config.write_text(text + "\n" + write_balancers_section(pair))
     return config, [
         LocalNode(b.name, ["balancer", "--config", str(config), "--name", b.name, "--log-level", log_level],

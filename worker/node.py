@@ -136,10 +136,13 @@ class MountChild:
 
 
 def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, mount: bool = True,
-                 control: str | None = None, options: WorkerOptions = WorkerOptions()
+                 control: str | None = None, options: WorkerOptions | None = None
                  ) -> tuple[NodeLoop, Callable[[], None]]:
     """A worker ready to ``run()``, and the function that releases what it holds afterwards.
-    ``control`` is an endpoint to bind for STATUS_QUERY (a worker otherwise only connects out)."""
+    ``control`` is an endpoint to bind for STATUS_QUERY (a worker otherwise only connects out).
+    ``options`` default to the config's ``[heartbeat]`` timings."""
+    if options is None:
+        options = WorkerOptions(interval=config.heartbeat.interval_s, liveness=config.heartbeat.balancer_liveness_s)
     if not config.balancers:
         raise ConfigError(f"{config.path}: a worker needs the balancers' [balancers.<name>] tables")
     data_dir = Path(data_dir)

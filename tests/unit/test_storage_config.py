@@ -31,6 +31,19 @@ def test_the_storage_section_round_trips_and_is_checked():
             parse_cluster_config(data, "cluster.toml")
 
 
+def test_the_heartbeat_section_sets_the_nodes_timings_and_is_checked():
+    from cluster.config import HeartbeatOptions
+
+    assert parse_cluster_config({}).heartbeat == HeartbeatOptions()
+    beat = parse_cluster_config({"heartbeat": {"interval_s": 1, "worker_liveness_s": 3, "balancer_liveness_s": 2.5}}).heartbeat
+    assert (beat.interval_s, beat.worker_liveness_s, beat.balancer_liveness_s) == (1.0, 3.0, 2.5)
+    for section, fragment in [({"interval_s": 0}, "from 0 to 600"), ({"interval_s": "1"}, "from 0 to 600"),
+                              ({"interval_s": 1, "worker_liveness_s": 1.5}, "at least twice"),
+                              ({"beat": 1}, "unknown keys beat")]:
+        with pytest.raises(ConfigError, match=fragment):
+            parse_cluster_config({"heartbeat": section}, "cluster.toml")
+
+
 class DictView:
     """The stored files of the test, as a worker's StorageView would give them."""
 
@@ -98,4 +111,5 @@ def test_the_example_config_in_deploy_is_valid_for_every_reader():
     path = Path(__file__).resolve().parents[2] / "deploy" / "cluster.example.toml"
     config = load_cluster_config(path)
     assert config.storage.replicas == 2 and len(config.storage_nodes) == 2 and len(config.masters) == 3
+    assert config.heartbeat.interval_s == 0.25
     assert set(load_config(path).masters) == set(config.masters)
