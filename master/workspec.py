@@ -16,6 +16,12 @@ attempts, lease end, holder) and plain lists for keys and data, so that a millio
 tens of bytes each, a snapshot is a handful of array copies, and "which leases have expired" is
 one vectorised comparison. The available units wait in one FIFO per unit priority.
 
+A spec with ``replicas`` r runs each unit on r distinct workers, one replica after another
+(each names the workers that voted before it, and the balancer avoids them); the digests of
+their outputs are votes, and the one ``quorum`` workers agree on wins (``UnitTable.vote``).
+Disagreements are kept (``disputes``). A ``continuous`` spec gets a unit every ``interval``
+while none of its units waits or runs (``WorkState.due``/``make_units``).
+
 ``allocate`` decides how many units each spec gets when the balancers ask for ``n``: strict
 priority between tiers, then, within a tier, one slot at a time to the spec whose running
 count is lowest relative to its weight (stride scheduling: the shares converge to the weights),
