@@ -2,9 +2,9 @@
 """Simulated workers for the dispatch-latency benchmark (issue 10, ``bench/batch.py``).
 
 One process runs ``--count`` workers. Each one is a real ``worker.core.WorkerCore`` (the
-protocol logic a real worker runs: registration by WORKER_STATUS, heartbeats every 0.25 s with
-its credit, the balancer's liveness, NOT_LEADER, results kept and resent until RESULT_ACK) with
-1 slot and no prefetch, over its own two DEALER sockets ``b0``/``b1`` set up as worker/node.py
+protocol logic a real worker runs: registration by WORKER_STATUS, heartbeats with its credit at
+the cluster config's ``[heartbeat]`` timings, the balancer's liveness, NOT_LEADER, results kept
+and resent until RESULT_ACK) with 1 slot and no prefetch, over its own two DEALER sockets ``b0``/``b1`` set up as worker/node.py
 sets them up. Only the slot is simulated: a WORKER_REQUEST's ``RunTask`` becomes a timer, and
 the task ends (done, exit 0) ``run_s`` × uniform(0.5, 1.5) seconds later (the spread keeps
 the workers' cycles from staying in lock step). One ``zmq.Poller`` loop serves every socket
