@@ -34,7 +34,9 @@ it reports is its own); ``--parts`` runs a subset:
   worker announced its free slot (its TASK_RESULT) to the WORKER_REQUEST's arrival, measured in
   the worker's process, over a 60 s window after a 10 s warm-up, each worker's first task
   excluded: p50/p90/p99/max and count, offered and achieved tasks/s, each process's CPU share
-  in the window. ``--quick``: 200 workers in 2 processes, 2 s tasks, a 10 s window.
+  in the window. Run twice: at the default ``[heartbeat]`` (0.25 s) and at 1 s / 3 s liveness
+  (``dispatch_heartbeat_1s``). ``--quick``: 200 workers in 2 processes, 2 s tasks, a 10 s
+  window, the default heartbeat only.
 
     .venv/bin/python bench/batch.py [--quick] [--units N] [--parts core,ledger,...] [--json PATH]
 """
