@@ -125,9 +125,10 @@ def _left(p, go, ge, start):
 def _fill(a, b, match, mismatch, go, ge, start, dirs):
     """Fill the direction bytes (row-major, p*N + q) of the box; return (H, F) at its last
     cell. Bits: 1 H took E, 2 F beat the diagonal (H took F unless bit 1), 4 E extended E,
-    8 F extended F."""
+    8 F extended F. An empty ``dirs`` keeps none: the score alone, in linear memory."""
     m = b.shape[0]
     n = a.shape[0]
+    keep = dirs.shape[0] > 0
     prof = _profile(a, match, mismatch, go)
     hrow, frow = _top(n, go, ge, start)
     for p in range(m):
@@ -151,36 +152,8 @@ def _fill(a, b, match, mismatch, go, ge, start, dirs):
             t = f if fw else hd
             ew = e > t
             h = e if ew else t
-            drow[q] = ew * 1 + fw * 2 + eb * 4 + fb * 8
-            hg = h - go
-            hrow[q + 1] = hg
-            diag = up
-    return hrow[n] + go, frow[n - 1]
-
-
-@njit(cache=True, nogil=True)
-def _score(a, b, match, mismatch, go, ge, start):
-    """The same DP without directions: (H, F) at the last cell."""
-    m = b.shape[0]
-    n = a.shape[0]
-    prof = _profile(a, match, mismatch, go)
-    hrow, frow = _top(n, go, ge, start)
-    for p in range(m):
-        pr = prof[b[p]]
-        diag = hrow[0]
-        hg = _left(p, go, ge, start) - go
-        hrow[0] = hg
-        e = NEG
-        for q in range(n):
-            ee = e - ge
-            e = ee if ee > hg else hg
-            up = hrow[q + 1]
-            fe = frow[q] - ge
-            f = fe if fe > up else up
-            frow[q] = f
-            hd = diag + pr[q]
-            t = f if f > hd else hd
-            h = e if e > t else t
+            if keep:
+                drow[q] = ew * 1 + fw * 2 + eb * 4 + fb * 8
             hg = h - go
             hrow[q + 1] = hg
             diag = up
@@ -274,7 +247,7 @@ def score_only(a: np.ndarray, b: np.ndarray, scoring: Scoring, start: int = STAR
     go, ge = int(scoring.gap_open), int(scoring.gap_extend)
     if m == 0 or n == 0:
         return _degenerate(m, n, go, ge, start)
-    h, f = _score(a, b, int(scoring.match), int(scoring.mismatch), go, ge, start)
+    h, f = _fill(a, b, int(scoring.match), int(scoring.mismatch), go, ge, start, np.empty(0, np.uint8))
     score = int(f if end == END_F else h)
     assert score > NEG // 2, "an infeasible box got past _prepare"
     return score
