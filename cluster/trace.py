@@ -26,33 +26,23 @@ from typing import Any, Callable
 import numpy as np
 
 from cluster.client import Client, ClusterError
+from worker.sw.trace import Alignment
 
 RECOMPUTE = ("run its score pass again to keep new special rows: `cluster align --job {job} --recompute` (its "
              "stored sequences and scoring), or align the FASTA files anew")
 
 
-@dataclass
-class Traced:
-    """A traced alignment: where it starts and ends (0-based, inclusive) and its operations."""
+@dataclass(frozen=True)
+class Traced(Alignment):
+    """An alignment traced by the cluster, with the two sequences it spans (as letters), the
+    seconds each stage took, and the jobs that ran the stages."""
 
-    score: int
-    start_a: int
-    start_b: int
-    end_a: int
-    end_b: int
-    ops: np.ndarray
     seq_a: str
     seq_b: str
     timings: dict[str, float] = field(default_factory=dict)
     crosspoints: int = 0
     boxes: int = 0
     jobs: dict[str, str] = field(default_factory=dict)  # stage -> the job that ran it
-
-    @property
-    def cigar(self) -> str:
-        from worker.sw.cigar import to_string
-
-        return to_string(self.ops)
 
 
 def job_files(client: Client, job: str) -> dict[str, str]:

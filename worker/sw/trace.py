@@ -279,8 +279,9 @@ def _solve(a_q, b, scoring, start, end, expected, kernel, leaf_cells, out) -> in
 
 
 @dataclass(frozen=True)
-class Traced:
-    """An alignment traced on one machine (``trace_local``): 0-based inclusive ends, the ops."""
+class Alignment:
+    """A traced local alignment: its score, where it starts and ends (0-based, inclusive) and
+    its operations (``worker.sw.cigar`` codes)."""
 
     score: int
     start_a: int
@@ -288,6 +289,19 @@ class Traced:
     end_a: int
     end_b: int
     ops: np.ndarray
+
+    @property
+    def cigar(self) -> str:
+        from worker.sw.cigar import to_string
+
+        return to_string(self.ops)
+
+
+@dataclass(frozen=True)
+class Traced(Alignment):
+    """An alignment traced on one machine (``trace_local``), with its crosspoints and the
+    seconds each stage took."""
+
     points: list
     seconds: dict
 
