@@ -38,7 +38,7 @@ the whole genomes (1,578,824 x 1,709,911), or the first ``--prefix`` letters of 
 the 200 kbp pair does both). Repeats: ``--reps`` (default 3 on pairs under 1e11 cells, 1 above;
 ``--quick`` 1), cluster and raw interleaved (their order swapped every other repeat); medians.
 
-The traceback (issue 9; bench/traceback.py): after the default tile's score pass,
+The traceback (issue 9; bench/traceback_figures.py): after the default tile's score pass,
 ``cluster.trace.traceback`` runs stages 2-5 on the cluster (crosspoints, boxes, join and
 re-scoring); its seconds are reported as a fraction of that score pass (goal <= 25%), with the
 special rows' disk. Every score pass keeps special rows (``--rows-budget``, the CLI's default);
@@ -82,7 +82,7 @@ if str(ROOT) not in sys.path:
 import zmq  # noqa: E402
 
 from bench import machine  # noqa: E402
-from bench import traceback as trace_bench  # noqa: E402
+from bench import traceback_figures as trace_bench  # noqa: E402
 from bench.data import ensure_data, read_fasta  # noqa: E402
 from cluster import __version__  # noqa: E402
 from cluster.align import ROWS_BUDGET, answer, read_pair, submit_alignment, tile_size, wait  # noqa: E402
@@ -310,7 +310,7 @@ class TileWatch(threading.Thread):
 def run_cluster(client: Client, roles: dict, pair: dict, tile: int | None, *, rows: bool = True,
                 trace: bool = False) -> dict:
     """Submit the pair as one alignment job, wait, and return its answer, tiles and losses;
-    ``rows``: keep special rows; ``trace``: then run the traceback (bench/traceback.py)."""
+    ``rows``: keep special rows; ``trace``: then run the traceback (bench/traceback_figures.py)."""
     fa, fb = pair["fasta_a"], pair["fasta_b"]
     aligned = read_pair(fa, fb)
     size = (tile, tile) if tile else tile_size(pair["len_a"], pair["len_b"], SLOTS)
