@@ -26,14 +26,14 @@ from typing import Any, Callable
 import numpy as np
 
 from cluster.client import Client, ClusterError
-from worker.sw.trace import Alignment
+from worker.sw.trace import TracedAlignment
 
 RECOMPUTE = ("run its score pass again to keep new special rows: `cluster align --job {job} --recompute` (its "
              "stored sequences and scoring), or align the FASTA files anew")
 
 
 @dataclass(frozen=True)
-class Traced(Alignment):
+class Traced(TracedAlignment):
     """An alignment traced by the cluster, with the two sequences it spans (as letters), the
     seconds each stage took, and the jobs that ran the stages."""
 

@@ -279,7 +279,7 @@ def _solve(a_q, b, scoring, start, end, expected, kernel, leaf_cells, out) -> in
 
 
 @dataclass(frozen=True)
-class Alignment:
+class TracedAlignment:
     """A traced local alignment: its score, where it starts and ends (0-based, inclusive) and
     its operations (``worker.sw.cigar`` codes)."""
 
@@ -298,7 +298,7 @@ class Alignment:
 
 
 @dataclass(frozen=True)
-class Traced(Alignment):
+class Traced(TracedAlignment):
     """An alignment traced on one machine (``trace_local``), with its crosspoints and the
     seconds each stage took."""
 
