@@ -130,6 +130,14 @@ def measure_ledger(n: int) -> dict:
             "snapshot_plus_restore_s": round(snap_s + restore_s, 3)}
 
 
+def load_noop(work, n: int) -> float:
+    """Add spec ``noop`` (paused; each unit runs ``true``) and ``n`` units; the load's seconds."""
+    work.add_spec("noop", {"kind": "command", "argv": ["true"]}, paused=True)
+    t0 = time.perf_counter()
+    work.add_units("noop", ((f"u{k:07d}", b"") for k in range(n)))
+    return time.perf_counter() - t0
+
+
 def measure_drain(n: int) -> dict:
     """``n`` no-op command units (``true``) through a local cluster: 3 masters, the balancer
     pair, one worker of 2 slots, 127.0.0.1. Seconds from the load's end to the last unit
@@ -150,10 +158,7 @@ def measure_drain(n: int) -> dict:
             start_all(nodes, timeout=30)
             with Client([m.address for m in masters], timeout=30) as client:
                 work = Work(client)
-                work.add_spec("noop", {"kind": "command", "argv": ["true"]}, paused=True)
-                t0 = time.perf_counter()
-                work.add_units("noop", ((f"u{k:07d}", b"") for k in range(n)))
-                load_s = time.perf_counter() - t0
+                load_s = load_noop(work, n)
                 work.resume("noop")
                 t0 = time.perf_counter()
                 deadline = t0 + 3600
@@ -345,10 +350,8 @@ def measure_dispatch(workers: int, procs: int, run_s: float, warmup_s: float, wi
             start_all(nodes, timeout=30)
             with Client([m.address for m in masters], timeout=60) as client:
                 work = Work(client)
-                work.add_spec("noop", {"kind": "command", "argv": ["true"]}, paused=True)
-                t0 = time.perf_counter()
-                work.add_units("noop", ((f"u{k:07d}", b"") for k in range(units)))
-                load_s = time.perf_counter() - t0
+                load_s = load_noop(work, units)
+                loaded = time.perf_counter()
                 first = 1
                 for k, count in enumerate(per):
                     with open(work_dir / f"sim{k}.log", "ab") as log:
@@ -370,7 +373,7 @@ def measure_dispatch(workers: int, procs: int, run_s: float, warmup_s: float, wi
                     time.sleep(0.5)
                 else:
                     raise TimeoutError(f"simulated workers registered: {regs}, wanted {workers}")
-                registered_s = round(time.perf_counter() - t0 - load_s, 2)
+                registered_s = round(time.perf_counter() - loaded, 2)
                 summary0 = work.summary()[0]
                 work.resume("noop")
                 resumed = time.monotonic()
