@@ -709,7 +709,7 @@ class WorkState:
 
     def make_units(self, names: list[str], now: float) -> list[str]:
         """Give each due spec of ``names`` a unit keyed by the time (UTC, ms), with empty data;
-        returns the keys made. A spec no longer due (or gone) is passed over."""
+        returns ``spec/key`` of each unit made. A spec no longer due (or gone) is passed over."""
         due = set(self.due(now))
         made = []
         stamp = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
