@@ -296,16 +296,7 @@ class Ledger(LedgerViews):
             return refused("unknown_job", f"no job {c.job_id.hex()}")
         if job.state != "active":
             return Applied(True, value={"job": c.job_id, "state": job.state, "changed": False})
-        for task in job.tasks.values():
-            if task.state in ("ready", "assigned"):
-                task.state = _next(task.state, "cancel")
-        job.ready.clear()
-        job.live = 0
-        job.state = "cancelled"
-        job.finished_at = c.now
-        job.error = c.reason or "cancelled"
-        self._count("jobs_cancelled")
-        self._release_waiting(job, c.now)
+        self._end_job(job, "cancelled", c.reason or "cancelled", c.now)
         return Applied(True, value={"job": c.job_id, "state": job.state, "changed": True})
 
     # ---- tasks ---------------------------------------------------------------------------
@@ -531,32 +522,36 @@ class Ledger(LedgerViews):
             self._refill(job)
             self._finish_if_ended(job, c.now)
             return Applied(True, "failed", text, value={"job_state": job.state})
-        job.live = 0  # the job stops: its other tasks are cancelled or finish unrecorded
-        job.state = "failed"
-        job.finished_at = c.now
-        job.error = text
-        for other in job.tasks.values():  # the rest will not run, or finish unrecorded
-            if other.state in ("ready", "assigned"):
-                other.state = _next(other.state, "cancel")
-        job.ready.clear()
-        self._count("jobs_failed")
-        self._release_waiting(job, c.now)
+        self._end_job(job, "failed", text, c.now)  # its other tasks are cancelled or finish unrecorded
         return Applied(True, "failed", job.error, value={"job_state": job.state})
 
     def _finish_if_ended(self, job: Job, now: float) -> None:
         """Every task has ended: the job is done, or failed with a count (``fail_fast: false``)."""
         if job.done + job.failed < job.total:
             return
-        job.finished_at = now
         if not job.failed:
-            job.state = "done"
-            self._count("jobs_done")
-        else:
-            first = next(t for t in job.endings if t in job.tasks and job.tasks[t].state == "failed")
-            job.state = "failed"
-            job.error = f"{job.failed} of {job.total} tasks failed (first: task {first}: {job.tasks[first].attempts[-1].error})"
-            self._count("jobs_failed")
-        self._release_waiting(job, now)
+            self._end_job(job, "done", None, now)
+            return
+        first = next(t for t in job.endings if t in job.tasks and job.tasks[t].state == "failed")
+        self._end_job(job, "failed", f"{job.failed} of {job.total} tasks failed (first: task {first}: "
+                                     f"{job.tasks[first].attempts[-1].error})", now)
+
+    def _end_job(self, job: Job, state: str, error: str | None, now: float, release: bool = True) -> None:
+        """``job`` is over (done, failed or cancelled): its tasks not yet ended will not run (or
+        finish unrecorded), and, unless ``release`` is false, the jobs waiting for it go on or
+        fail (``_release_waiting``)."""
+        if job.live:
+            for task in job.tasks.values():
+                if task.state in ("ready", "assigned"):
+                    task.state = _next(task.state, "cancel")
+        job.ready.clear()
+        job.live = 0
+        job.state = state
+        job.finished_at = now
+        job.error = error
+        self._count(f"jobs_{state}")
+        if release:
+            self._release_waiting(job, now)
 
     def _release_waiting(self, ended: Job, now: float) -> None:
         """``ended`` is over: each job waiting for it starts once nothing else holds it (when
@@ -576,11 +571,9 @@ class Ledger(LedgerViews):
                         self._materialise(waiter, waiter.source.take(jobs.WINDOW))
                         self._count("jobs_released")
                     continue
-                waiter.state = "failed"
-                waiter.finished_at = now
-                waiter.error = f"job {job.job_id.hex()}, which it waits for, {job.state}: it never ran"
-                self._count("jobs_failed")
-                stack.append(waiter)
+                self._end_job(waiter, "failed", f"job {job.job_id.hex()}, which it waits for, {job.state}: "
+                                                "it never ran", now, release=False)
+                stack.append(waiter)  # its own waiters next: a loop, not a recursion as deep as the DAG
 
     def _task_files(self, job: Job, c: CompleteTask) -> tuple[list[RegisterFile], Applied | None]:
         """The registrations that recording ``c`` makes, every one checked; or the refusal.
