@@ -30,7 +30,7 @@ import cloudpickle
 import pytest
 import zmq
 
-from cluster.client import Client
+from cluster.client import Client, Refused
 from cluster.config import BalancerAddress, write_balancers_section
 from cluster.futures import TaskError
 from cluster.local import LocalNode, balancer_nodes, free_port, master_nodes, start_all, stop_all, worker_nodes
@@ -204,12 +204,15 @@ def test_a_job_dag_runs_in_order_and_a_failed_dependency_stops_its_children(clus
     view = c.client.job(second.job).value
     assert view["waiting_for"] == [first.job] and view["assigned"] == 0
     assert float(second.result(timeout=60).stdout) > float(first.result(timeout=1).stdout)
-    broken = c.client.run(["sh", "-c", "exit 3"])
+    # it fails only after its children are submitted (a submit commits in milliseconds)
+    broken = c.client.run(["sh", "-c", "sleep 2; exit 3"])
     child = c.client.options(after=[broken, first]).run(["echo", "never"])
     grandchild = c.client.options(after=child).submit(lambda: "never either")
     for f in (child, grandchild):
         with pytest.raises(TaskError, match="which it waits for, failed: it never ran"):
             f.result(timeout=60)
+    with pytest.raises(Refused, match="could never start"):  # and now it has failed, naming it is refused
+        c.client.options(after=broken).run(["echo", "never"])
     assert c.client.job(grandchild.job).value["done"] == 0
 
 
