@@ -1,21 +1,39 @@
 # make test : set up everything (system packages, .venv, the project) and run the tests
 # make demo : set up everything, start a local cluster, align a real pair, stop it (see README.md)
+# make lock : re-resolve requirements.lock after an edit of pyproject.toml's dependency tables
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
+# the resolver for make lock only; setup and test never need it
+UV_VERSION := 0.13.10
 
-.PHONY: test demo demo-genome bench setup clean
+.PHONY: test demo demo-genome bench setup clean lock lock-check
 
-setup: $(STAMP)
+setup: lock-check $(STAMP)
 
-$(STAMP): pyproject.toml deploy/system-packages.sh
+lock-check:
+	@$(PYTHON) deploy/lock.py check
+
+# Exactly the locked versions, every file checked against its hash; the project itself is
+# installed without build isolation so its build backend also comes from the lock.
+$(STAMP): $(LOCK) pyproject.toml deploy/system-packages.sh
 	./deploy/system-packages.sh
+	$(PYTHON) deploy/lock.py check
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet --no-deps --require-hashes -r $(LOCK)
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip check
 	touch $@
 
-test: $(STAMP)
+lock:
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install --quiet uv==$(UV_VERSION)
+	$(PYTHON) deploy/lock.py lock build/lock-venv/bin/uv
+
+test: lock-check $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m proto.cheader --check
 	$(VENV)/bin/python -m proto.doctable --check
 	$(VENV)/bin/pytest -q

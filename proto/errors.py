@@ -30,15 +30,17 @@ class ProtocolError(Exception):
     """A peer sent a message that breaks the protocol.
 
     ``reason`` says which rule it broke, ``detail`` says how, in words an operator can act on.
-    ``message_type`` is the refused type code when it could be read (else 0). Receivers fill in
+    ``message_type`` is the refused type code when it could be read (else 0); ``field`` names the
+    body field at fault when one is (a BAD_BODY of a wrong type or bad text). Receivers fill in
     ``peer`` (who sent it, for the log line) and ``route`` (to answer a ROUTER peer).
     """
 
-    def __init__(self, reason: Reason, detail: str, message_type: int = 0) -> None:
+    def __init__(self, reason: Reason, detail: str, message_type: int = 0, field: str | None = None) -> None:
         super().__init__(f"{reason.name}: {detail}")
         self.reason = reason
         self.detail = detail
         self.message_type = message_type
+        self.field = field
         self.peer: str = "?"
         self.route: bytes | None = None
 
