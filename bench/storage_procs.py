@@ -178,7 +178,7 @@ def task_ours_upload(ctx: zmq.Context, conn: Any, nodes: dict[str, str], src: st
                      kill_after: int = 0, **tuning: Any) -> dict:
     """What ``cluster.files.upload_file`` does short of registering: the content id, then an
     upload to the node ranked first for it."""
-    from storage.blobs import file_id_of_path
+    from proto.fileids import file_id_of_path
     from storage.core import rank
     from storage.transfer import StorageLink
 
@@ -203,7 +203,7 @@ def task_ours_upload(ctx: zmq.Context, conn: Any, nodes: dict[str, str], src: st
 
 def task_ours_download(ctx: zmq.Context, conn: Any, address: str, fid: str, dest: str, kill_after: int = 0,
                        **tuning: Any) -> dict:
-    from storage.blobs import file_id_of_path
+    from proto.fileids import file_id_of_path
     from storage.transfer import StorageLink
 
     fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)  # preallocated: see prefill()

@@ -38,7 +38,7 @@ def upload(path: Path, config_path: Path, job: str | None, name: str | None, cop
 def download(file_id: str, path: Path, config_path: Path) -> None:
     """Fetch the stored file FILE_ID into PATH (verified against its id)."""
     from cluster.client import ClusterError
-    from storage.blobs import parse_id
+    from proto.fileids import parse_id
 
     with _session(config_path, WRITE_TIMEOUT) as client:
         try:

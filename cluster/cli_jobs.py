@@ -393,7 +393,7 @@ def submit(argv: tuple[str, ...], config_path: Path | None, env: tuple[str, ...]
            outputs: tuple[str, ...], timeout_s: float | None, after: tuple[str, ...], no_wait: bool, as_json: bool) -> None:
     """Run a command on a worker and print its output and exit code. E.g.
     `cluster submit -- sh -c "echo hi"`; a command that fails gives one line and a non-zero exit."""
-    from storage.blobs import parse_id
+    from proto.fileids import parse_id
 
     files = _pairs(inputs, "NAME=FILEID", "--input")
     for name, file_id in files.items():

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from storage.blobs import file_id_of_path
+from proto.fileids import file_id_of_path
 from storage.core import rank
 from storage.transfer import LinkPool, StorageLink, TransferError, upload_ranked
 

@@ -2,11 +2,8 @@
 
 Theory of operation
 -------------------
-A file's id is 16 bytes computed the way Dropbox's ``content_hash`` is, so that one hashing pass
-gives both the id and a hash per block to verify reads with:
-
-    block hash = BLAKE3(block)[:16] for each 1 MiB block (the last may be short; none if empty)
-    file id    = BLAKE3(b"cluster-blob-v1\\0" + size as 8 bytes little-endian + block hashes)[:16]
+A file's id and its block hashes are computed as proto/fileids.py says (one BLAKE3 pass gives
+both); the sidecar of each blob keeps the block hashes, to verify reads with.
 
 Layout under ``root``::
 
@@ -40,25 +37,21 @@ from __future__ import annotations
 
 import argparse
 import errno
-import itertools
 import logging
 import os
 import secrets
 import sys
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import blake3
 
+from proto.fileids import BLOCK, HASH_SIZE, IO_CHUNK, BlockHasher, file_id, file_id_of_path, hash_fd, hex_id, is_hex_id
+
 log = logging.getLogger("cluster.storage")
 
-BLOCK = 1 << 20
-HASH_SIZE = 16  # bytes of one block hash, and of a file id
-ID_DOMAIN = b"cluster-blob-v1\0"
-IO_CHUNK = 8 << 20  # bytes per read syscall when streaming a file: eight blocks
 MAX_READ = 64 << 20  # the most one read() returns: a node never buffers a whole large file
 OPEN_FILES = 64
 ERROR_CODES = frozenset(
@@ -68,7 +61,6 @@ ERROR_CODES = frozenset(
 COUNTERS = ("reads", "bytes_read", "corrupt_reads", "writes", "bytes_written", "finished", "dedupes",
             "hash_mismatches", "no_space", "repairs", "deleted")
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
-_HEX = frozenset("0123456789abcdef")
 _STRIPES = 64
 
 
@@ -83,141 +75,11 @@ class StoreError(Exception):
         self.message = message
 
 
-# ---- ids -----------------------------------------------------------------------------------------
-#
-# One BLAKE3 per 1 MiB block, single-threaded. Measured here (2 vCPUs, 128 MiB in 1 MiB blocks,
-# best of 15): single-threaded 3.2 GB/s, max_threads=AUTO 3.05 GB/s, max_threads=2 1.8 GB/s. A
-# block is only 1024 BLAKE3 chunks, too little for rayon's fork-join to pay for itself, and a
-# node already hashes on two threads at once (the loop's reads and uploads, the scrub). Files
-# are streamed with 8 MiB preads into one reused buffer: 2.6 GB/s from the page cache, as fast
-# as mmap (2.45) and twice as fast as 32 MiB reads (1.3: the buffer falls out of cache).
-
-
-class BlockHasher:
-    """Incremental file id: feed any buffers of any sizes, get the block hashes and the id.
-
-    Whole blocks that arrive aligned are hashed straight from the caller's buffer; only the
-    pieces of a block split across ``update`` calls go through an incremental hasher, so a
-    buffer is never copied.
-    """
-
-    __slots__ = ("size", "_hashes", "_block", "_filled")
-
-    def __init__(self) -> None:
-        self.size = 0
-        self._hashes = bytearray()
-        self._block = blake3.blake3()
-        self._filled = 0  # bytes of the current, unfinished block in ``_block``
-
-    def update(self, buf: bytes | bytearray | memoryview) -> None:
-        view = memoryview(buf).cast("B")
-        n, pos = len(view), 0
-        while pos < n:
-            if self._filled == 0 and n - pos >= BLOCK:
-                self._hashes += blake3.blake3(view[pos:pos + BLOCK]).digest(HASH_SIZE)
-                pos += BLOCK
-                continue
-            take = min(BLOCK - self._filled, n - pos)
-            self._block.update(view[pos:pos + take])
-            self._filled += take
-            pos += take
-            if self._filled == BLOCK:
-                self._hashes += self._block.digest(HASH_SIZE)
-                self._block = blake3.blake3()
-                self._filled = 0
-        self.size += n
-
-    def block_hashes(self) -> bytes:
-        """The concatenated 16-byte hashes of the blocks so far, a short last block included."""
-        if self._filled:
-            return bytes(self._hashes) + self._block.digest(HASH_SIZE)
-        return bytes(self._hashes)
-
-    def digest(self) -> bytes:
-        """The file id of everything fed so far."""
-        return _id_of(self.size, self.block_hashes())
-
-
-def _id_of(size: int, block_hashes: bytes) -> bytes:
-    return blake3.blake3(ID_DOMAIN + size.to_bytes(8, "little") + block_hashes).digest(HASH_SIZE)
-
-
-def file_id(data: bytes | bytearray | memoryview) -> bytes:
-    """The 16-byte id of ``data``."""
-    hasher = BlockHasher()
-    hasher.update(data)
-    return hasher.digest()
-
-
-def file_id_of_path(path: str | os.PathLike[str], threads: int = 2) -> bytes:
-    """The id of the file at ``path``, streamed (never held in memory whole).
-
-    An upload hashes its file before sending it, so this is on the path of every upload:
-    the blocks of one read are hashed on ``threads`` threads (BLAKE3 releases the GIL) while
-    the next read is under way. Measured here: 0.34 s/GiB on 2 threads against 0.46 on one.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if threads <= 1:
-            return _hash_fd(fd).digest()
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        buffers = [memoryview(bytearray(IO_CHUNK)), memoryview(bytearray(IO_CHUNK))]
-        hashes: list[bytes] = []
-        size = 0
-        with ThreadPoolExecutor(threads, thread_name_prefix="hash") as pool:
-            pending: list[Future[bytes]] = []
-            for turn in itertools.count():
-                # the buffer read into now was hashed two turns ago, and that turn is collected
-                buf = buffers[turn % 2]
-                n = os.preadv(fd, [buf], size)
-                futures = [pool.submit(_block_hash, buf[i:min(i + BLOCK, n)]) for i in range(0, n, BLOCK)]
-                hashes += [f.result() for f in pending]
-                pending = futures
-                size += n
-                if n == 0:
-                    break
-        return _id_of(size, b"".join(hashes))
-    finally:
-        os.close(fd)
-
-
-def _block_hash(block: memoryview) -> bytes:
-    return blake3.blake3(block).digest(HASH_SIZE)
-
-
-def hex_id(fid: bytes) -> str:
-    """A file id as 32 lowercase hex digits (its name on disk and in logs)."""
-    if len(fid) != HASH_SIZE:
-        raise ValueError(f"a file id is {HASH_SIZE} bytes, this one is {len(fid)}")
-    return bytes(fid).hex()
-
-
-def parse_id(text: str) -> bytes:
-    """The id written as 32 hex digits; ValueError says what is wrong with anything else."""
-    if len(text) != 2 * HASH_SIZE or not set(text.lower()) <= _HEX:
-        raise ValueError(f"not a file id: {text!r}; expected {2 * HASH_SIZE} hex digits, as `python -m "
-                         f"storage.blobs id FILE` prints")
-    return bytes.fromhex(text)
-
-
 def _check_id(fid: bytes) -> bytes:
     if not isinstance(fid, (bytes, bytearray, memoryview)) or len(fid) != HASH_SIZE:
         raise StoreError("bad_id", f"a file id is {HASH_SIZE} bytes, got {fid!r:.60}; ids come from file_id()")
     return bytes(fid)
 
-
-def _hash_fd(fd: int, length: int | None = None) -> BlockHasher:
-    """Hash the first ``length`` bytes of an open file (all of it when None)."""
-    hasher = BlockHasher()
-    buf = memoryview(bytearray(IO_CHUNK))
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    while length is None or hasher.size < length:
-        want = IO_CHUNK if length is None else min(IO_CHUNK, length - hasher.size)
-        n = os.preadv(fd, [buf[:want]], hasher.size)
-        if n == 0:
-            break
-        hasher.update(buf[:n])
-    return hasher
 
 
 # ---- small file-system helpers -------------------------------------------------------------------
@@ -258,12 +120,6 @@ def _unlink_quietly(path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
-
-
-def is_hex_id(name: str) -> bool:
-    """Whether ``name`` is a file id as files and paths spell it: 32 lowercase hex digits (one
-    spelling per id, so a directory listing or the kernel's dentries never hold two)."""
-    return len(name) == 2 * HASH_SIZE and set(name) <= _HEX
 
 
 class _Handle:
@@ -587,7 +443,7 @@ class BlobStore:
             os.utime(session.fd)  # resumed now: not a stale partial for drop_stale_partials
             # After a crash the tail may be garbage on some file systems (written size, unwritten
             # data): then the id will not match at finish, and the upload is discarded, not stored.
-            session.hasher = _hash_fd(session.fd, have)
+            session.hasher = hash_fd(session.fd, have)
 
     def _check_space(self, size: int, need: int, session: _Session | None) -> None:
         st = os.statvfs(self.root)
@@ -728,7 +584,7 @@ class BlobStore:
         """
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            hasher = _hash_fd(fd)
+            hasher = hash_fd(fd)
             return self._put(hasher.digest(), hasher.size, lambda offset: _chunks_of(fd, offset, hasher.size))
         finally:
             os.close(fd)
@@ -910,7 +766,7 @@ class BlobStore:
         except FileNotFoundError:
             raise StoreError("not_found", f"blob {fid.hex()} is not stored here") from None
         try:
-            hasher = _hash_fd(fd)
+            hasher = hash_fd(fd)
         except OSError as e:
             return f"blob {fid.hex()}: unreadable ({e.strerror})"
         finally:

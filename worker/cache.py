@@ -50,7 +50,7 @@ from typing import Protocol
 
 # The cache's block is the storage's verification block: a fetch of whole blocks is what a
 # storage node verifies with the least reading.
-from storage.blobs import BLOCK, is_hex_id
+from proto.fileids import BLOCK, is_hex_id
 
 log = logging.getLogger("cluster.worker")
 

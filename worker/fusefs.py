@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.blobs import is_hex_id
+from proto.fileids import is_hex_id
 from worker.cache import BLOCK, READ_AHEAD_MAX, BlockCache, ReadAhead, StorageView
 
 if not os.environ.get("FUSE_LIBRARY_PATH"):

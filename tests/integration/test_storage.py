@@ -28,7 +28,7 @@ from proto import Codec, new_node_id
 from proto.errors import StorageStatus
 from proto.ids import split128
 from proto.messages import FileChunk, FileRequest, FileResponse, UploadCredit, UploadDone, UploadOpen, UploadReady
-from storage.blobs import BLOCK, file_id, file_id_of_path
+from proto.fileids import BLOCK, file_id, file_id_of_path
 from storage.core import rank
 from storage.transfer import StorageLink, TransferError
 

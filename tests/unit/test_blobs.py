@@ -19,17 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proto.fileids import BLOCK, BlockHasher, file_id, file_id_of_path, hex_id, parse_id
 from storage import blobs
-from storage.blobs import (
-    BLOCK,
-    BlobStore,
-    BlockHasher,
-    StoreError,
-    file_id,
-    file_id_of_path,
-    hex_id,
-    parse_id,
-)
+from storage.blobs import BlobStore, StoreError
 
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 BIG = random.Random(7).randbytes(3 * BLOCK + 5)  # four blocks, the last of 5 bytes

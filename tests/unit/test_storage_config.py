@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from cluster.config import ConfigError, StorageOptions, parse_cluster_config, write_storage_section
-from storage.blobs import file_id
+from proto.fileids import file_id
 from worker.cache import BlockCache
 from worker.files import WorkerFiles
 

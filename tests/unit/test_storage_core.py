@@ -21,7 +21,8 @@ from cluster.runtime.events import Log, MessageReceived, Refuse, Send, Started, 
 from proto.errors import StorageStatus
 from proto.ids import join128, split128
 from proto.messages import FileChunk, FileRequest, FileResponse, UploadCredit, UploadDone, UploadOpen, UploadReady
-from storage.blobs import BLOCK, BlobStore, file_id
+from proto.fileids import BLOCK, file_id
+from storage.blobs import BlobStore
 from storage.core import (
     API,
     AbortUpload,
