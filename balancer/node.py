@@ -19,8 +19,8 @@ from pathlib import Path
 import zmq
 
 from balancer.core import PEER_OUT, WORKERS, BalancerCore, BalancerOptions, master_socket
-from cluster.config import ConfigError, load_cluster_config
-from cluster.runtime.loop import NodeLoop, SocketSpec
+from cluster.node.config import ConfigError, load_cluster_config
+from cluster.node.loop import NodeLoop, SocketSpec
 
 
 def build_balancer(config_path: Path, name: str, *, options: BalancerOptions | None = None,

@@ -87,9 +87,9 @@ from bench.data import ensure_data, read_fasta  # noqa: E402
 from cluster import __version__  # noqa: E402
 from cluster.align import ROWS_BUDGET, answer, read_pair, submit_alignment, tile_size, wait  # noqa: E402
 from cluster.client import Client  # noqa: E402
-from cluster.config import load_cluster_config  # noqa: E402
+from cluster.node.config import load_cluster_config  # noqa: E402
 from cluster.local import balancer_nodes, master_nodes, start_all, stop_all, storage_nodes, worker_nodes  # noqa: E402
-from cluster.status import query_status  # noqa: E402
+from cluster.node.status import query_status  # noqa: E402
 from proto import Codec, new_node_id  # noqa: E402
 from proto.messages import NotLeader, QueryReply, Watch  # noqa: E402
 

@@ -200,7 +200,7 @@ def data_dir_files(directory: Path) -> dict[str, dict[str, int]]:
 def master_snapshots(masters: list, work_dir: Path) -> list[dict]:
     """Each master's memory (by pid), its data dir's files and what its status says of the Raft
     log (size, indices, the last snapshot) and of the ledger."""
-    from cluster.status import query_status
+    from cluster.node.status import query_status
 
     replies = query_status([m.address for m in masters], timeout=10)
     out = []
@@ -228,7 +228,7 @@ def measure_masters(n: int, snapshot_wait: float = 0.0) -> dict:
 
     from cluster.client import Client
     from cluster.local import master_nodes, start_all, stop_all
-    from cluster.status import query_status
+    from cluster.node.status import query_status
     from cluster.work import Work
 
     with tempfile.TemporaryDirectory(prefix="bench-masters-") as d:
@@ -327,7 +327,7 @@ def measure_dispatch(workers: int, procs: int, run_s: float, warmup_s: float, wi
 
     from cluster.client import Client
     from cluster.local import balancer_nodes, master_nodes, start_all, stop_all
-    from cluster.status import query_status
+    from cluster.node.status import query_status
     from cluster.work import Work
 
     offered = workers / run_s
@@ -338,7 +338,7 @@ def measure_dispatch(workers: int, procs: int, run_s: float, warmup_s: float, wi
     with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as d:
         work_dir = Path(d)
         masters = master_nodes(work_dir, 3, log_level="WARNING")
-        from cluster.config import HeartbeatOptions
+        from cluster.node.config import HeartbeatOptions
 
         beat = (HeartbeatOptions() if heartbeat_s == 0.25 else
                 HeartbeatOptions(interval_s=heartbeat_s, worker_liveness_s=3 * heartbeat_s, balancer_liveness_s=3 * heartbeat_s))

@@ -253,7 +253,7 @@ def measure_ours(args: argparse.Namespace) -> dict | None:
     from cluster import __version__
     from cluster.client import Client
     from cluster.local import balancer_nodes, master_nodes, start_all, stop_all, worker_nodes
-    from cluster.status import query_status
+    from cluster.node.status import query_status
 
     # the workers cannot import bench/: ship noop by value (as a notebook's function would be)
     cloudpickle.register_pickle_by_value(dispatch_peers)

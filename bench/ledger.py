@@ -64,7 +64,7 @@ from bench import machine  # noqa: E402
 from bench.raft_counter import counter_cluster  # noqa: E402
 from cluster.client import Client, ClusterError  # noqa: E402
 from cluster.local import LocalNode, master_nodes, start_all, stop_all  # noqa: E402
-from cluster.status import query_status  # noqa: E402
+from cluster.node.status import query_status  # noqa: E402
 from master.echo_balancer import EchoBalancer  # noqa: E402
 from master.raft import DEFAULT_TIMINGS  # noqa: E402
 

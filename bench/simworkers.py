@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 import zmq  # noqa: E402
 
-from cluster.config import load_cluster_config  # noqa: E402
-from cluster.runtime.events import Log, MessageReceived, Send, Started, StartTimer, TimerFired  # noqa: E402
+from cluster.node.config import load_cluster_config  # noqa: E402
+from cluster.node.events import Log, MessageReceived, Send, Started, StartTimer, TimerFired  # noqa: E402
 from proto import Codec, ProtocolError, new_node_id  # noqa: E402
 from proto.ids import join128  # noqa: E402
 from proto.messages import TaskResult, WorkerRequest, WorkerStatus  # noqa: E402

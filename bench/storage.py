@@ -187,7 +187,7 @@ class Nodes:
     """
 
     def __init__(self, root: Path, count: int, masters: list | None = None) -> None:
-        from cluster.config import StorageOptions
+        from cluster.node.config import StorageOptions
         from cluster.local import storage_nodes
 
         self.root = root
@@ -238,7 +238,7 @@ def raw_trial(server: Worker, client: Worker, op: str, path: Path, src: Path, de
     """One raw transfer: ``op`` "upload" (client src → server path) or "download" (server path →
     client dest), with the same chunk and window as ours."""
     from storage.core import StorageSettings
-    from storage.transfer import CHUNK, WINDOW
+    from cluster.node.storagelink import CHUNK, WINDOW
 
     window = StorageSettings().window
     server.start("raw_server", mode=op, path=str(path), window=window)
@@ -534,7 +534,7 @@ def top_functions(path: str, n: int = 14) -> list[dict]:
 def profile_side(node_dir: Path, client: Worker, task: str, out: Path, **kwargs: Any) -> dict:
     """Run a storage node in this process's main thread under cProfile while ``client`` runs
     ``task`` under cProfile too; the client stops the node with SIGTERM when it is done."""
-    from cluster.config import ClusterConfig, StorageOptions
+    from cluster.node.config import ClusterConfig, StorageOptions
     from cluster.local import free_port
     from storage.node import build_storage
 
@@ -719,7 +719,7 @@ def print_report(res: dict) -> None:
 def protocol_settings() -> dict:
     """The chunk, windows and read size both sides use (ours' defaults, mirrored by raw)."""
     from storage.core import StorageSettings
-    from storage.transfer import CHUNK, WINDOW
+    from cluster.node.storagelink import CHUNK, WINDOW
 
     window = StorageSettings().window
     return {"chunk": CHUNK, "download_window_reads": WINDOW, "upload_credit_window": window,

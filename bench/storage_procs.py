@@ -179,8 +179,8 @@ def task_ours_upload(ctx: zmq.Context, conn: Any, nodes: dict[str, str], src: st
     """What ``cluster.files.upload_file`` does short of registering: the content id, then an
     upload to the node ranked first for it."""
     from proto.fileids import file_id_of_path
-    from storage.core import rank
-    from storage.transfer import StorageLink
+    from proto.fileids import rank
+    from cluster.node.storagelink import StorageLink
 
     t0, c0 = time.perf_counter(), time.process_time()
     fid = file_id_of_path(src)
@@ -204,7 +204,7 @@ def task_ours_upload(ctx: zmq.Context, conn: Any, nodes: dict[str, str], src: st
 def task_ours_download(ctx: zmq.Context, conn: Any, address: str, fid: str, dest: str, kill_after: int = 0,
                        **tuning: Any) -> dict:
     from proto.fileids import file_id_of_path
-    from storage.transfer import StorageLink
+    from cluster.node.storagelink import StorageLink
 
     fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)  # preallocated: see prefill()
 

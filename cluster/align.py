@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cluster.client import Client, ClusterError
+from worker.sw.fasta import RecordNotFound, read_fasta
+from worker.sw.scoring import Scoring, ScoringError, SequenceError, encode
 
 # Tiles of up to 65,536 letters a side: ~0.6 s of one core at the kernels' ~7 GCUPS here. On the
 # H. pylori pair (bench/align.py) the cluster ran at 87% of the raw kernel with 32,768 (each tile
@@ -60,9 +62,6 @@ class Pair:
 def read_pair(fasta_a: str | os.PathLike, fasta_b: str | os.PathLike, record_a: str | None = None,
               record_b: str | None = None) -> Pair:
     """Read and check both records; ClusterError says what is wrong with which file."""
-    from worker.sw.fasta import RecordNotFound, read_fasta
-    from worker.sw.scoring import SequenceError, encode
-
     out = []
     for what, path, record in (("A", fasta_a, record_a), ("B", fasta_b, record_b)):
         if not Path(path).is_file():
@@ -118,8 +117,6 @@ def submit_alignment(client: Client, pair: Pair, *, scoring: dict[str, int] | No
     """Store both sequences and submit the tile grid; returns the job's description (its id,
     grid and sizes) for ``wait``. ``rows_budget`` (bytes, see ``special_stride``) keeps the
     special rows for the traceback (``cluster.trace``); None keeps none (score only)."""
-    from worker.sw.scoring import Scoring, ScoringError
-
     scoring = dict(scoring or {})
     try:
         Scoring(**scoring).check_lengths(len(pair.seq_a), len(pair.seq_b))

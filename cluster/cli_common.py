@@ -12,6 +12,10 @@ from typing import Any, Iterator
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+from cluster.client import Client, ClusterError
+from cluster.node.config import ClusterConfig, ConfigError, find_config, load_cluster_config
 
 DIR_OPTION = click.option(
     "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -23,12 +27,9 @@ CONFIG_OPTION = click.option(
     help="The cluster's TOML file (default: $CLUSTER_CONFIG, else the one `cluster up` wrote).")
 
 
-def _cluster_config(config_path: Path | None) -> tuple[Path, Any]:
+def _cluster_config(config_path: Path | None) -> tuple[Path, ClusterConfig]:
     """(path, ClusterConfig) of ``--config``, else $CLUSTER_CONFIG, else `cluster up`'s; a
     missing or broken file is the command's one-line error."""
-    from cluster.config import ConfigError, load_cluster_config
-    from cluster.up import find_config
-
     path, looked = find_config(None, config_path)
     if path is None:
         raise click.ClickException(f"no cluster config found ({looked}): start one with `cluster up` or give --config")
@@ -38,9 +39,7 @@ def _cluster_config(config_path: Path | None) -> tuple[Path, Any]:
         raise click.ClickException(str(exc)) from None
 
 
-def _client(config_path: Path | None, timeout: float = 15.0) -> Any:
-    from cluster.client import Client
-
+def _client(config_path: Path | None, timeout: float = 15.0) -> Client:
     config_path, config = _cluster_config(config_path)
     if not config.masters:
         raise click.ClickException(f"{config_path}: no [masters.NAME] entries: the file commands need the masters")
@@ -49,8 +48,6 @@ def _client(config_path: Path | None, timeout: float = 15.0) -> Any:
 
 
 def _progress(total: int, what: str) -> Any:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn, TimeRemainingColumn
-
     progress = Progress("[bold]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                         TimeRemainingColumn(), console=Console(stderr=True), transient=True)
     task = progress.add_task(what, total=total)
@@ -67,10 +64,8 @@ def _json(value: Any) -> str:
 
 
 @contextmanager
-def _session(config_path: Path | None, timeout: float = READ_TIMEOUT) -> Iterator[Any]:
+def _session(config_path: Path | None, timeout: float = READ_TIMEOUT) -> Iterator[Client]:
     """A Client of the cluster's masters; a ClusterError becomes the command's one-line error."""
-    from cluster.client import ClusterError
-
     client = _client(config_path, timeout)
     try:
         yield client

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.cli_common import CONFIG_OPTION, WRITE_TIMEOUT, _progress, _session
+from cluster.client import ClusterError
+from proto.fileids import parse_id
 
 
 @click.command()
@@ -37,9 +39,6 @@ def upload(path: Path, config_path: Path, job: str | None, name: str | None, cop
 @CONFIG_OPTION
 def download(file_id: str, path: Path, config_path: Path) -> None:
     """Fetch the stored file FILE_ID into PATH (verified against its id)."""
-    from cluster.client import ClusterError
-    from proto.fileids import parse_id
-
     with _session(config_path, WRITE_TIMEOUT) as client:
         try:
             file_id = parse_id(file_id).hex()

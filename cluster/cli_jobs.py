@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import sys
 import time
@@ -11,11 +12,19 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cluster.cli_common import (CONFIG_OPTION, WRITE_TIMEOUT, _ago, _client, _cluster_config, _json, _ledger_age, _session,
                                 _table_console, _when)
-from cluster.status import query_status
+from cluster import align as job_lib
+from cluster import alnout
+from cluster.client import ClusterError
+from cluster.futures import TaskError
+from cluster.node.config import cluster_home, find_config, load_cluster_config
+from cluster.node.status import query_status
+from cluster.up import read_nodes
+from proto.fileids import parse_id
 
 
 @click.command()
@@ -54,9 +63,6 @@ def align(fasta_a: Path | None, fasta_b: Path | None, config_path: Path | None, 
     score and where it ends, as `python -m worker.sw` gives it on one machine, then the alignment
     itself (traced in linear space on the cluster): its start, CIGAR, and on request PAF, SAM, a
     text view and a dotplot."""
-    from cluster import align as job_lib
-    from cluster.client import ClusterError
-
     err = Console(stderr=True)
     budget = None if no_traceback else _size(rows_budget)
     if no_traceback and (paf or sam or text or dotplot):
@@ -136,10 +142,8 @@ def _size(text: str) -> int:
 def _trace(client: Any, job_id: str, pair: Any, result: dict, quiet: bool):
     """The traceback (with a progress line per stage); adds start_a, start_b, cigar and the
     traceback's figures to ``result`` and returns the alignment record for the writers."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    # lazy: the traceback loads numba (its box kernels), which `cluster jobs` and friends never need
     from cluster import trace
-    from cluster.alnout import summary
 
     seqs = {"seq_a": pair.seq_a, "seq_b": pair.seq_b} if pair is not None else {}
     if quiet:
@@ -155,7 +159,7 @@ def _trace(client: Any, job_id: str, pair: Any, result: dict, quiet: bool):
             traced = trace.traceback(client, job_id, progress=show, **seqs)
     info = client.job(job_id).value.get("align", {})
     record = trace.record(traced, info)
-    counts = summary(record)
+    counts = alnout.summary(record)
     result.update(start_a=traced.start_a, start_b=traced.start_b, cigar=traced.cigar)
     result["traceback"] = {"seconds": round(traced.timings["total_s"], 6), **{k: round(v, 6) for k, v in traced.timings.items()},
                            "crosspoints": traced.crosspoints, "boxes": traced.boxes,
@@ -165,8 +169,6 @@ def _trace(client: Any, job_id: str, pair: Any, result: dict, quiet: bool):
 
 
 def _write_outputs(record: Any, paf: Path | None, sam: Path | None, text: Path | None, dotplot: Path | None) -> None:
-    from cluster import alnout
-
     if paf:
         alnout.write_paf(record, paf)
     if sam:
@@ -179,9 +181,6 @@ def _write_outputs(record: Any, paf: Path | None, sam: Path | None, text: Path |
 
 def _cluster_slots(config_path: Path | None) -> int:
     """The task slots of the workers registered with the active balancer (0 if unknown)."""
-    from cluster.config import load_cluster_config
-    from cluster.up import find_config
-
     path = config_path or find_config()[0]
     try:
         config = load_cluster_config(path)
@@ -196,10 +195,6 @@ def _cluster_slots(config_path: Path | None) -> int:
 
 def _watch_alignment(client: Any, job_id: str, slots: int, quiet: bool) -> dict:
     """Wait for the job, with a progress bar of tiles, cells, GCUPS and ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from cluster import align as job_lib
-
     if quiet:
         return job_lib.wait(client, job_id, slots=slots)
     columns = [TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -284,8 +279,6 @@ def _alignment_lengths(client: Any, job: str) -> tuple[int, int] | None:
     """The lengths of an alignment job's two sequences: the sizes of the files `cluster align`
     attaches to it as a.seq and b.seq (the job view does not carry the spec). None if absent.
     The job's files are those and its live tile boundaries (O(rows + cols)): one page holds them."""
-    from cluster.client import ClusterError
-
     try:
         listed = client.files(10_000, owner=job).value["files"]
     except ClusterError:
@@ -393,8 +386,6 @@ def submit(argv: tuple[str, ...], config_path: Path | None, env: tuple[str, ...]
            outputs: tuple[str, ...], timeout_s: float | None, after: tuple[str, ...], no_wait: bool, as_json: bool) -> None:
     """Run a command on a worker and print its output and exit code. E.g.
     `cluster submit -- sh -c "echo hi"`; a command that fails gives one line and a non-zero exit."""
-    from proto.fileids import parse_id
-
     files = _pairs(inputs, "NAME=FILEID", "--input")
     for name, file_id in files.items():
         try:
@@ -427,10 +418,6 @@ def submit(argv: tuple[str, ...], config_path: Path | None, env: tuple[str, ...]
 
 def _wait_command(future: Any, program: str) -> Any:
     """The CommandResult of ``future``; its failure as one line; Ctrl-C leaves the job running."""
-    import concurrent.futures
-
-    from cluster.futures import TaskError
-
     try:
         while True:
             try:
@@ -492,8 +479,6 @@ def logs(name: str, config_path: Path | None, lines: int, follow: bool) -> None:
 def _node_logs(config_path: Path | None) -> tuple[Path, dict[str, Path]]:
     """The local cluster's directory (the config's) and its nodes' logs by name: from nodes.json,
     or, for a stopped cluster, the logs `cluster down` keeps."""
-    from cluster.up import cluster_home, find_config, read_nodes
-
     path, looked = find_config(None, config_path)
     if path is None and config_path is not None:
         raise click.ClickException(f"no cluster config at {config_path}")

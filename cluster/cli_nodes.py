@@ -14,9 +14,21 @@ import zmq
 from rich.console import Console
 from rich.table import Table
 
+from balancer.node import run_balancer
 from cluster.cli_common import CONFIG_OPTION, DIR_OPTION, _cluster_config
-from cluster.status import query_status
+from cluster.node.config import ConfigError, cluster_home, find_config
+from cluster.node.logs import configure
+from cluster.node.status import query_status
+from cluster.probe.node import build_probe
+from cluster.up import UpError, cluster_status
+from cluster.up import down as stop_cluster
+from cluster.up import up as start_cluster
+from master.node import run_master
 from proto import Limits
+from storage.node import run_storage
+from worker.cache import BlockCache
+from worker.fusefs import fuse_available, mount
+from worker.view import ClusterView
 
 
 @click.command()
@@ -33,8 +45,6 @@ def status(addresses: tuple[str, ...], directory: Path | None, config_path: Path
     if addresses:
         _status_of_addresses(addresses, timeout, as_json)
         return
-    from cluster.up import UpError, cluster_status, find_config
-
     path, looked = find_config(directory, config_path)
     if path is None:
         raise click.ClickException(f"no cluster config found ({looked}): start a local cluster with `cluster up`, "
@@ -97,14 +107,11 @@ def _status_of_addresses(addresses: tuple[str, ...], timeout: float, as_json: bo
 def up(directory: Path | None, workers: int, slots: int | None, timeout: float, as_json: bool) -> None:
     """Start a local cluster in the background: 3 masters, the balancer pair, 2 storage nodes and
     --workers workers on 127.0.0.1; returns once it serves. `cluster down` stops it."""
-    from cluster.up import UpError, cluster_home, up as start
-    from worker.fusefs import fuse_available
-
     directory = (directory or cluster_home()).expanduser().absolute()
     err = Console(stderr=True)
     try:
         with err.status("starting the cluster") as spinner:
-            records = start(directory, workers, slots, timeout=timeout,
+            records = start_cluster(directory, workers, slots, timeout=timeout,
                             progress=lambda what: spinner.update(f"waiting for the cluster: {what}"))
     except UpError as exc:
         raise click.ClickException(str(exc))
@@ -131,11 +138,9 @@ def up(directory: Path | None, workers: int, slots: int | None, timeout: float, 
 @click.option("--timeout", default=15.0, show_default=True, help="Seconds the nodes have to exit on SIGTERM.")
 def down(directory: Path | None, timeout: float) -> None:
     """Stop the local cluster `cluster up` started (by pid: workers, balancers, storage, masters)."""
-    from cluster.up import UpError, cluster_home, down as stop
-
     directory = (directory or cluster_home()).expanduser().absolute()
     try:
-        report = stop(directory, timeout=timeout)
+        report = stop_cluster(directory, timeout=timeout)
     except UpError as exc:
         raise click.ClickException(str(exc))
     mounts = f"; unmounted {len(report.unmounted)} leftover FUSE mount(s)" if report.unmounted else ""
@@ -156,9 +161,6 @@ def down(directory: Path | None, timeout: float) -> None:
 @click.option("--log-level", default="INFO", show_default=True)
 def probe(bind: str, peers: tuple[str, ...], interval: float, liveness: int, max_message_bytes: int, log_level: str) -> None:
     """Run a probe node: heartbeats to PEERs with round-trip times; stops on SIGTERM/Ctrl-C."""
-    from cluster.probe.node import build_probe
-    from cluster.runtime.logs import configure
-
     try:
         configure(log_level)
         limits = Limits(max_message_bytes=max_message_bytes,
@@ -174,9 +176,6 @@ def probe(bind: str, peers: tuple[str, ...], interval: float, liveness: int, max
 def _serve(what: str, log_level: str, run: Callable[[], int], zmq_problem: Callable[[Exception], str]) -> None:
     """Run a node process (``run`` returns its exit status) with logging at ``log_level``; its
     start-up failures become one line each, prefixed with ``what`` (e.g. "master m1")."""
-    from cluster.config import ConfigError
-    from cluster.runtime.logs import configure
-
     try:
         configure(log_level)
         sys.exit(run())
@@ -197,8 +196,6 @@ def _serve(what: str, log_level: str, run: Callable[[], int], zmq_problem: Calla
 @click.option("--log-level", default="INFO", show_default=True)
 def master_command(config_path: Path, name: str, data_dir: Path | None, log_level: str) -> None:
     """Run a master: the Raft-replicated ledger and the client API; stops on SIGTERM."""
-    from master.node import run_master
-
     _serve(f"master {name}", log_level, lambda: run_master(config_path, name, data_dir),
            lambda exc: f"cannot open its API address: {exc} (port in use?)")
 
@@ -212,8 +209,6 @@ def master_command(config_path: Path, name: str, data_dir: Path | None, log_leve
 @click.option("--log-level", default="INFO", show_default=True)
 def storage_command(config_path: Path, name: str, data_dir: Path, log_level: str) -> None:
     """Run a storage node: content-addressed blobs, transfers, replication, scrub; stops on SIGTERM."""
-    from storage.node import run_storage
-
     _serve(f"storage {name}", log_level, lambda: run_storage(config_path, name, data_dir),
            lambda exc: f"cannot open its address: {exc} (port in use?)")
 
@@ -225,8 +220,6 @@ def storage_command(config_path: Path, name: str, data_dir: Path, log_level: str
 @click.option("--log-level", default="INFO", show_default=True)
 def balancer_command(config_path: Path, name: str, log_level: str) -> None:
     """Run a balancer of the Binary Star pair: worker registry and dispatch; stops on SIGTERM."""
-    from balancer.node import run_balancer
-
     _serve(f"balancer {name}", log_level, lambda: run_balancer(config_path, name),
            lambda exc: f"cannot open its addresses: {exc} (port in use?)")
 
@@ -246,6 +239,8 @@ def balancer_command(config_path: Path, name: str, log_level: str) -> None:
 def worker_command(config_path: Path, name: str, data_dir: Path, slots: int | None, labels: tuple[str, ...],
                    memory_mb: int | None, no_mount: bool, bind: str | None, log_level: str) -> None:
     """Run a worker: task slots for callables, commands and alignment tiles; stops on SIGTERM."""
+    # lazy: worker.node loads numba (the tile kernels), a third of a second that every other
+    # `cluster` command would pay at start
     from worker.node import default_identity, run_worker
 
     _serve(f"worker {name}", log_level,
@@ -266,11 +261,6 @@ def mount_command(mountpoint: Path, config_path: Path, cache_dir: Path, cache_gb
                   log_level: str) -> None:
     """Mount the cluster's files read-only at MOUNTPOINT (files/<id>, jobs/<job>/<name>);
     serves until SIGTERM or `fusermount3 -u MOUNTPOINT`."""
-    from cluster.runtime.logs import configure
-    from worker.cache import BlockCache
-    from worker.fusefs import fuse_available, mount
-    from worker.view import ClusterView
-
     configure(log_level)
     ok, why = fuse_available()
     if not ok:

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cluster.cli_common import CONFIG_OPTION, WRITE_TIMEOUT, _json, _session, _table_console
+from cluster.work import Work
 
 
 @click.command("add-spec")
@@ -88,8 +90,6 @@ def _units_from(path: Path) -> Iterator[tuple]:
 def load(spec: str, units_file: Path, config_path: Path | None) -> None:
     """Add the units of UNITS_FILE to SPEC (a line each: key<TAB>data, or JSON lines), in
     batches, with a progress bar. A refused batch is named; the batches before it stay."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     lines = sum(1 for line in open(units_file, "rb") if line.strip())
     with _session(config_path, WRITE_TIMEOUT) as client, \
             Progress(TextColumn("units"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
@@ -189,8 +189,6 @@ retry = _control("retry", "Make SPEC's failed units available again, with fresh 
 
 
 def _work(client: Any):
-    from cluster.work import Work
-
     return Work(client)
 
 

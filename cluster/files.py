@@ -16,23 +16,31 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from proto.fileids import file_id_of_path
-from storage.core import rank
-from storage.transfer import LinkPool, StorageLink, TransferError, upload_ranked
-
-if TYPE_CHECKING:
-    from cluster.client import Client, FileRef
+from cluster.node.masterlink import ClusterError, MasterLink, NotFound
+from cluster.node.storagelink import LinkPool, StorageLink, TransferError, upload_ranked
+from proto.fileids import file_id_of_path, rank
 
 log = logging.getLogger("cluster.client")
 
 
-def upload_file(client: "Client", path: str | os.PathLike[str], *, owner: str | None, name: str | None,
-                copies: int, progress: Callable[[int], None] | None) -> "FileRef":
-    from cluster.client import ClusterError, FileRef
+@dataclass(frozen=True)
+class FileRef:
+    """A stored, registered file: its content id (hex), size, replicas and name."""
 
-    if not client.storage:
+    id: str
+    size: int
+    replicas: list[str]
+    name: str = ""
+
+
+def upload_file(masters: MasterLink, storage: dict[str, str], path: str | os.PathLike[str], *, owner: str | None,
+                name: str | None, copies: int, progress: Callable[[int], None] | None) -> FileRef:
+    """Store the file at ``path`` on ``copies`` of the ``storage`` nodes (name → address), then
+    register it with the masters, owned by job ``owner`` or pinned by the user."""
+    if not storage:
         raise ClusterError("no storage nodes configured: give Client(storage={name: address}) or use the cluster config")
     path = Path(path)
     try:
@@ -40,13 +48,11 @@ def upload_file(client: "Client", path: str | os.PathLike[str], *, owner: str | 
         fid = file_id_of_path(path)
     except OSError as exc:
         raise ClusterError(f"cannot read {path}: {exc.strerror}") from None
-    if copies > len(client.storage):
-        raise ClusterError(f"{copies} copies asked for but only {len(client.storage)} storage nodes are configured")
+    if copies > len(storage):
+        raise ClusterError(f"{copies} copies asked for but only {len(storage)} storage nodes are configured")
     name = path.name if name is None else name
-    if owner is not None:
-        client.job(owner)  # NotFound before any byte moves, rather than an unregistered upload
     fd = os.open(path, os.O_RDONLY)
-    links = LinkPool(client.storage, timeout=client.attempt_timeout * 10)
+    links = LinkPool(storage, timeout=masters.attempt_timeout * 10)
     try:
         replicas = upload_ranked(links, fid, size, lambda offset, n: os.pread(fd, n, offset), copies=copies,
                                  origin="client", progress=progress)
@@ -58,22 +64,22 @@ def upload_file(client: "Client", path: str | os.PathLike[str], *, owner: str | 
     finally:
         links.close()
         os.close(fd)
-    client.register_file(fid, size, replicas, owner=owner, name=name, pin=owner is None)
+    masters.register_file(fid, size, replicas, owner=owner, name=name, pin=owner is None)
     return FileRef(fid.hex(), size, sorted(replicas), name)
 
 
-def download_file(client: "Client", fid: bytes, path: str | os.PathLike[str], *,
+def download_file(masters: MasterLink, storage: dict[str, str], fid: bytes, path: str | os.PathLike[str], *,
                   progress: Callable[[int], None] | None) -> int:
-    from cluster.client import ClusterError, NotFound
-
-    answer = client.lookup_files([fid])
+    """Fetch file ``fid`` into ``path`` from a replica among ``storage`` (failing over), verified
+    by its content id before it is renamed into place; returns its size."""
+    answer = masters.lookup_files([fid])
     record = answer.value.get(fid.hex())
     if record is None and not answer.stale:
         raise NotFound(f"no file {fid.hex()} is registered; `cluster files` lists what is")
     # A stale answer (a follower's) may not know a file registered a moment ago: the replicas
     # only say where to look first, and what arrives is checked against the id anyway.
-    sources = [n for n in (record or {}).get("replicas", []) if n in client.storage]
-    sources += [n for n in rank(fid, list(client.storage)) if n not in sources]
+    sources = [n for n in (record or {}).get("replicas", []) if n in storage]
+    sources += [n for n in rank(fid, list(storage)) if n not in sources]
     path = Path(path)
     part = path.with_name(path.name + ".part")
     errors: dict[str, str] = {}
@@ -88,7 +94,7 @@ def download_file(client: "Client", fid: bytes, path: str | os.PathLike[str], *,
                 progress(len(data))
 
         try:
-            with StorageLink(client.storage[node], name=node, timeout=client.attempt_timeout * 10) as link:
+            with StorageLink(storage[node], name=node, timeout=masters.attempt_timeout * 10) as link:
                 size = link.download(fid, write_at)
             os.fsync(fd)
         except TransferError as exc:

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.status import query_status
+from cluster.node.config import (BalancerAddress, MasterAddress, StorageOptions, write_balancers_section,
+                                 write_storage_section)
+from cluster.node.status import query_status
+from master.node import MastersConfig, write_config
 
 log = logging.getLogger("cluster.local")
 
@@ -128,8 +131,6 @@ def probe_node(name: str, directory: Path, port: int, peers: list[int] = (), int
 def master_nodes(directory: Path, count: int = 3, *, snapshot_every: int = 20_000, log_level: str = "INFO") -> list[LocalNode]:
     """``count`` masters on free 127.0.0.1 ports, their config in ``directory/masters.toml``
     and each one's Raft journal and snapshots in ``directory/<name>``."""
-    from master.node import MasterAddress, MastersConfig, write_config
-
     masters = {}
     for i in range(1, count + 1):
         name = f"m{i}"
@@ -153,8 +154,6 @@ def storage_nodes(directory: Path, count: int = 2, *, masters: list[LocalNode] |
     """``count`` storage nodes on free 127.0.0.1 ports. The cluster config (the masters' file,
     when ``masters`` came from ``master_nodes`` in the same directory, plus the storage part)
     is written to ``directory/cluster.toml``; each node's blobs live in ``directory/<name>``."""
-    from cluster.config import StorageOptions, write_storage_section
-
     options = options or StorageOptions(replicas=min(2, count))
     nodes = {f"s{i}": f"tcp://127.0.0.1:{free_port()}" for i in range(1, count + 1)}
     directory.mkdir(parents=True, exist_ok=True)
@@ -178,8 +177,6 @@ def balancer_nodes(directory: Path, count: int = 2, *, log_level: str = "INFO",
     """The Binary Star pair (``count`` 2) or a lone primary (1) on free 127.0.0.1 ports, added
     to ``directory/cluster.toml`` (made from ``masters.toml`` if there is none yet), with a
     ``[heartbeat]`` section when ``heartbeat`` (a ``HeartbeatOptions``) is given."""
-    from cluster.config import BalancerAddress, write_balancers_section
-
     if count not in (1, 2):
         raise ValueError("a balancer pair is one or two balancers")
     config = directory / "cluster.toml"

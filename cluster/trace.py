@@ -26,7 +26,11 @@ from typing import Any, Callable
 import numpy as np
 
 from cluster.client import Client, ClusterError
-from worker.sw.trace import TracedAlignment
+from cluster.align import answer, poll_job
+from cluster.alnout import AlignmentRecord
+from worker.sw import cigar
+from worker.sw.scoring import Scoring, encode
+from worker.sw.trace import Point, TracedAlignment, boxes
 
 RECOMPUTE = ("run its score pass again to keep new special rows: `cluster align --job {job} --recompute` (its "
              "stored sequences and scoring), or align the FASTA files anew")
@@ -61,8 +65,6 @@ def job_files(client: Client, job: str) -> dict[str, str]:
 def _wait(client: Client, job: str, what: str, timeout: float | None, align_job: str, poll_s: float = 0.1,
           progress: Callable[[dict], None] | None = None) -> dict:
     """Job ``job`` (a stage of ``align_job``'s traceback) once done; ClusterError otherwise."""
-    from cluster.align import poll_job
-
     view = poll_job(client, job, poll_s=poll_s, timeout=timeout, progress=progress, still=f"it is {what}")
     if view["state"] != "done":
         error = view.get("error") or "no reason given"
@@ -82,10 +84,6 @@ def traceback(client: Client, job: str, *, seq_a: str | None = None, seq_b: str 
     ClusterError with what to do when the job is not a finished alignment, its special rows are
     gone, or the alignment does not re-score to the job's score.
     """
-    from cluster.align import answer
-    from worker.sw import cigar
-    from worker.sw.scoring import Scoring, encode
-
     t0 = time.monotonic()
     view = client.job(job).value
     info = view.get("align")
@@ -119,8 +117,6 @@ def traceback(client: Client, job: str, *, seq_a: str | None = None, seq_b: str 
     points = client.task(ref.job, 0).value["summary"]["points"]
     timings["crosspoints_s"] = time.monotonic() - t
     jobs = {"crosspoints": ref.job}
-
-    from worker.sw.trace import Point, boxes
 
     pieces = boxes([Point(*p) for p in points])
     t = time.monotonic()
@@ -165,9 +161,6 @@ def _fetch_text(client: Client, file_id: str) -> str:
 
 def record(traced: Traced, info: dict[str, Any], scoring: dict[str, int] | None = None):
     """The ``cluster.alnout.AlignmentRecord`` of a traced alignment (names from the job)."""
-    from cluster.alnout import AlignmentRecord
-    from worker.sw.scoring import Scoring
-
     return AlignmentRecord(
         name_a=info.get("name_a", "A"), name_b=info.get("name_b", "B"), len_a=len(traced.seq_a),
         len_b=len(traced.seq_b), start_a=traced.start_a, end_a=traced.end_a, start_b=traced.start_b,

@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cluster.local import LocalNode, balancer_nodes, master_nodes, stop_all, storage_nodes, worker_nodes
-from cluster.status import StatusResult, query_status
+from cluster.node.config import ConfigError, cluster_home, load_cluster_config
+from cluster.node.status import StatusResult, query_status
+from worker.fusefs import unmount
 
 ROLES = ("master", "balancer", "storage", "worker")
 STOP_ORDER = ("worker", "balancer", "storage", "master")
@@ -66,27 +68,6 @@ class NodeRecord:
 
 
 # ---- where the cluster is -------------------------------------------------------------------------
-
-
-def cluster_home() -> Path:
-    """The default cluster directory: ``$CLUSTER_HOME``, else ``~/.cluster``."""
-    return Path(os.environ.get("CLUSTER_HOME") or Path.home() / ".cluster").expanduser().absolute()
-
-
-def find_config(directory: Path | None = None, config: Path | None = None) -> tuple[Path | None, str]:
-    """The cluster config to use and where we looked: ``config`` if given, else
-    ``directory/cluster.toml`` if given, else ``$CLUSTER_CONFIG`` if set, else
-    ``<cluster_home()>/cluster.toml``. The path is None when that file does not exist."""
-    if config is not None:
-        path = Path(config)
-    elif directory is not None:
-        path = Path(directory).expanduser().absolute() / "cluster.toml"
-    elif os.environ.get("CLUSTER_CONFIG"):
-        path = Path(os.environ["CLUSTER_CONFIG"]).expanduser()
-        return (path if path.is_file() else None), f"$CLUSTER_CONFIG is {path}"
-    else:
-        path = cluster_home() / "cluster.toml"
-    return (path if path.is_file() else None), f"looked for {path}"
 
 
 def read_nodes(directory: Path) -> list[NodeRecord] | None:
@@ -335,8 +316,6 @@ def sweep_mounts(directory: Path, deadline: float) -> tuple[Stopped, list[str]]:
         pid_file.unlink(missing_ok=True)
     unmounted = []
     for point in _fuse_mounts_under(directory):
-        from worker.fusefs import unmount
-
         try:
             unmount(point)
         except OSError:
@@ -577,8 +556,6 @@ def cluster_status(config_path: Path, timeout: float = 2.0) -> list[dict[str, An
     """Every node of the cluster at ``config_path``: masters, balancers, storage nodes, and the
     workers (from nodes.json next to the config when ``cluster up`` made it; else the ones the
     active balancer lists, with address and pid None). Raises ``UpError`` if the config is wrong."""
-    from cluster.config import ConfigError, load_cluster_config
-
     try:
         config = load_cluster_config(config_path)
     except ConfigError as exc:

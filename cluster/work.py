@@ -23,7 +23,8 @@ import os
 from itertools import islice
 from typing import Any, Callable, Iterable
 
-from cluster.client import Client, ClusterError, _Call
+from cluster.client import Client
+from cluster.node.masterlink import ClusterError
 from proto.messages import Work as WorkMessage
 
 BATCH = 10_000  # units per ADD_UNITS write: ~0.5 MB on the wire, one Raft entry
@@ -57,9 +58,9 @@ class Work:
             for start in range(0, len(chunk), batch):
                 part = [list(u) for u in chunk[start:start + batch]]
                 key = os.urandom(16)  # one per batch, kept across its retries
-                calls.append(_Call(lambda rid, part=part, key=key: WorkMessage(rid, "add_units", spec, part, key),
-                                   True, self.client.leader))
-            self.client._run(calls, WINDOW, None)
+                calls.append(self.client.link.call(
+                    lambda rid, part=part, key=key: WorkMessage(rid, "add_units", spec, part, key), write=True))
+            self.client.link.run(calls, WINDOW, None)
             for k, call in enumerate(calls):
                 if call.error is not None:
                     raise ClusterError(f"units {total + k * batch:,}..{total + k * batch + batch - 1:,} of spec {spec!r} "
@@ -72,7 +73,7 @@ class Work:
     def summary(self) -> list[dict[str, Any]]:
         """Per spec: priority, weight, paused, max_running and units per state (Coordinate's
         ``summary``), highest priority first."""
-        return self.client._one(lambda rid: WorkMessage(rid, "summary"), write=False).value
+        return self.client.link.request(lambda rid: WorkMessage(rid, "summary"), write=False).value
 
     def units(self, spec: str, *, state: str | None = None, limit: int = 100, min_attempts: int = 0,
               after: int = -1, disputed: bool = False) -> dict[str, Any]:
@@ -81,7 +82,7 @@ class Work:
         each with its attempts (worker, start, end, outcome) and, for a redundant spec, its
         votes; ``value["next"]`` is the ``after`` of the next page."""
         body = {"state": state, "limit": limit, "min_attempts": min_attempts, "after": after, "disputed": disputed}
-        return self.client._one(lambda rid: WorkMessage(rid, "units", spec, body), write=False).value
+        return self.client.link.request(lambda rid: WorkMessage(rid, "units", spec, body), write=False).value
 
     def control(self, spec: str, action: str, value: Any = None) -> dict[str, Any]:
         return self._write("control", spec, {"action": action, "value": value})
@@ -104,4 +105,4 @@ class Work:
         return self.control(spec, "retry")
 
     def _write(self, op: str, spec: str, body: Any) -> dict[str, Any]:
-        return self.client._one(lambda rid: WorkMessage(rid, op, spec, body), write=True).value
+        return self.client.link.request(lambda rid: WorkMessage(rid, op, spec, body), write=True).value

@@ -23,20 +23,13 @@ from typing import Any
 
 import zmq
 
-from cluster.config import ConfigError, read_toml
-from cluster.runtime.loop import NodeLoop, SocketSpec
+from cluster.node.config import ConfigError, MasterAddress, parse_masters, read_toml
+from cluster.node.loop import NodeLoop, SocketSpec
 from master.core import API, Committed, MasterCore, Propose, ProposalFailed
 from master.ledger import Ledger
 from master.raft import RaftAdapter
 
 log = logging.getLogger("cluster.master")
-
-
-@dataclass(frozen=True)
-class MasterAddress:
-    name: str
-    api: str
-    raft: str
 
 
 @dataclass(frozen=True)
@@ -53,18 +46,7 @@ def load_config(path: Path) -> MastersConfig:
 
 
 def parse_config(data: dict[str, Any], where: str = "config") -> MastersConfig:
-    masters = data.get("masters")
-    if not isinstance(masters, dict) or not masters:
-        raise ConfigError(f"{where}: needs a [masters.<name>] table per master")
-    out = {}
-    for name, entry in masters.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("api"), str) or not isinstance(entry.get("raft"), str):
-            raise ConfigError(f"{where}: [masters.{name}] needs api = \"tcp://host:port\" and raft = \"host:port\"")
-        if ":" not in entry["raft"] or entry["raft"].startswith("tcp://"):
-            raise ConfigError(f"{where}: [masters.{name}] raft must be host:port, not {entry['raft']!r}")
-        out[name] = MasterAddress(name, entry["api"], entry["raft"])
-    if len(out) % 2 == 0:
-        log.warning("%s: %d masters; an odd number (3 or 5) tolerates as many failures with fewer nodes", where, len(out))
+    out = parse_masters(data, where, raft=True)
     raft = data.get("raft", {})
     timings = raft.get("timings")
     return MastersConfig(out, raft.get("password"), int(raft.get("snapshot_every", 20_000)), timings)

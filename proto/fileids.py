@@ -13,6 +13,7 @@ user typed. They live here, below the tiers, so that none of them imports the bl
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -158,3 +159,11 @@ def is_hex_id(name: str) -> bool:
     """Whether ``name`` is a file id as files and paths spell it: 32 lowercase hex digits (one
     spelling per id, so a directory listing or the kernel's dentries never hold two)."""
     return len(name) == 2 * HASH_SIZE and set(name) <= _HEX
+
+
+def rank(file_id: bytes, nodes: list[str] | tuple[str, ...]) -> list[str]:
+    """Storage nodes in rendezvous-hash order for ``file_id``: the first k hold its replicas.
+
+    Placement is a function of the id alone, so a client, a worker and every storage node
+    agree on where a file belongs without asking anyone (rendezvous hashing)."""
+    return sorted(nodes, key=lambda n: hashlib.blake2b(file_id + n.encode(), digest_size=8).digest(), reverse=True)

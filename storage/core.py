@@ -27,13 +27,12 @@ or disk: tests drive it with events.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from cluster.runtime.events import (
+from cluster.node.events import (
     Effect,
     Event,
     Log,
@@ -45,6 +44,7 @@ from cluster.runtime.events import (
     TimerFired,
 )
 from proto.errors import StorageStatus
+from proto.fileids import rank
 from proto.ids import join128, split128
 from proto.messages import FileChunk, FileRequest, FileResponse, UploadCredit, UploadDone, UploadOpen, UploadReady
 
@@ -144,11 +144,6 @@ class StorageSettings:
     read_max: int = 16 * MiB  # largest FILE_REQUEST length
     idle_timeout: float = 30.0  # an upload with no chunk for this long is closed (partial kept)
     max_uploads: int = 256
-
-
-def rank(file_id: bytes, nodes: list[str] | tuple[str, ...]) -> list[str]:
-    """Storage nodes in rendezvous-hash order for ``file_id``: the first k hold its replicas."""
-    return sorted(nodes, key=lambda n: hashlib.blake2b(file_id + n.encode(), digest_size=8).digest(), reverse=True)
 
 
 @dataclass

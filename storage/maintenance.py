@@ -23,10 +23,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from cluster.config import ClusterConfig
+from cluster.node.config import ClusterConfig
+from cluster.node.masterlink import ClusterError, MasterLink
 from proto.errors import StorageStatus
+from proto.fileids import rank
 from storage.blobs import BlobStore, StoreError
-from storage.transfer import CHUNK, LinkPool, StorageLink, TransferError, push
+from cluster.node.storagelink import CHUNK, LinkPool, StorageLink, TransferError
 
 log = logging.getLogger("cluster.storage")
 
@@ -37,6 +39,13 @@ def collectable(blobs: list[tuple[bytes, float]], known: dict[str, Any], now: fl
     """The blobs to delete: unknown to the ledger (``known[hex]`` is None) and older than
     ``grace`` seconds (``now`` and the mtimes on the same wall clock)."""
     return [fid for fid, mtime in blobs if fid.hex() in known and known[fid.hex()] is None and now - mtime > grace]
+
+
+
+def push(store: BlobStore, file_id: bytes, size: int, link: StorageLink, origin: str) -> list[str]:
+    """Copy a file stored in ``store``  to the node behind
+    ``link``: one copy there; dedupe makes it instant when the node has it already."""
+    return link.upload(file_id, size, lambda offset, n: store.read(file_id, offset, n), copies=1, origin=origin)
 
 
 @dataclass
@@ -72,7 +81,7 @@ class Maintenance:
         self.last: dict[str, Any] = {"scrub_at": None, "gc_at": None, "error": None}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client = None
+        self._masters: MasterLink | None = None
         self._links = LinkPool(self.peers)
         self._down: set[str] = set()
 
@@ -87,8 +96,8 @@ class Maintenance:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._links.close()
-        if self._client is not None:
-            self._client.close()
+        if self._masters is not None:
+            self._masters.close()
 
     def status(self) -> dict[str, Any]:
         return {**self.counters, "last_scrub_at": self.last["scrub_at"], "last_gc_at": self.last["gc_at"],
@@ -222,7 +231,6 @@ class Maintenance:
         """A file stored with fewer copies than ``replicas`` (a degraded write while a node was
         down): copy it to the next nodes in its rank and tell the masters. Only the first of its
         holders by name does it, so two holders do not race."""
-        from storage.core import rank
 
         have = list(record["replicas"])
         for node in rank(fid, [self.name, *self.peers]):
@@ -239,10 +247,8 @@ class Maintenance:
                 continue
             have.append(node)
         if len(have) > len(record["replicas"]):
-            from cluster.client import ClusterError
-
             try:
-                self._client.register_file(fid, record["size"], have)  # adds replicas, no reference
+                self._masters.register_file(fid, record["size"], have)  # adds replicas, no reference
             except ClusterError as exc:
                 log.warning("copies of %s made on %s but not registered yet: %s", fid.hex(), ", ".join(have), exc)
                 return
@@ -273,12 +279,10 @@ class Maintenance:
     def _lookup(self, fids: list[bytes], fresh: bool = False) -> dict[str, Any]:
         """The ledger's records of ``fids``; empty when no fresh answer could be had (so
         nothing is collected on a guess)."""
-        from cluster.client import Client, ClusterError
-
-        if self._client is None:
-            self._client = Client(list(self.config.masters.values()), timeout=5.0)
+        if self._masters is None:
+            self._masters = MasterLink(list(self.config.masters.values()), timeout=5.0)
         try:
-            answer = self._client.lookup_files(fids)
+            answer = self._masters.lookup_files(fids)
         except ClusterError as exc:
             self.last["error"] = str(exc)
             return {}

@@ -23,8 +23,8 @@ from typing import Any
 
 import zmq
 
-from cluster.config import ClusterConfig, ConfigError, StorageOptions, load_cluster_config
-from cluster.runtime.loop import NodeLoop, SocketSpec
+from cluster.node.config import ClusterConfig, ConfigError, StorageOptions, load_cluster_config
+from cluster.node.loop import NodeLoop, SocketSpec
 from storage.blobs import BlobStore, StoreError
 from storage.core import (
     API,
@@ -39,8 +39,8 @@ from storage.core import (
     StorageSettings,
     WriteChunk,
 )
-from storage.maintenance import Maintenance
-from storage.transfer import LinkPool, TransferError, push
+from storage.maintenance import Maintenance, push
+from cluster.node.storagelink import LinkPool, TransferError
 
 log = logging.getLogger("cluster.storage")
 

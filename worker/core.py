@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.runtime.events import (
+from cluster.node.events import (
     Effect,
     Event,
     Log,

@@ -24,13 +24,17 @@ from typing import Callable
 
 import zmq
 
-from cluster.config import ClusterConfig, ConfigError, load_cluster_config
-from cluster.runtime.loop import NodeLoop, SocketSpec
+from cluster.node.config import ClusterConfig, ConfigError, load_cluster_config
+from cluster.node.loop import NodeLoop, SocketSpec
+from cluster.node.storagelink import LinkPool
 from proto.ids import join128
-from storage.transfer import LinkPool
+from worker.cache import BlockCache
 from worker.core import RunTask, TaskEnded, WorkerCore, WorkerIdentity, WorkerOptions, balancer_socket
+from worker.files import WorkerFiles
+from worker.fusefs import fuse_available, unmount
 from worker.slots import Slot
 from worker.tasks import TaskRunner
+from worker.view import ClusterView
 
 log = logging.getLogger("cluster.worker")
 
@@ -87,8 +91,6 @@ class MountChild:
         self.pid_file = mountpoint.parent / "mount.pid"
 
     def start(self, timeout: float = 15.0) -> bool:
-        from worker.fusefs import fuse_available
-
         ok, why = fuse_available()
         if not ok:
             log.warning("FUSE unavailable (%s): tasks get stored files fetched whole into the cache", why)
@@ -118,8 +120,6 @@ class MountChild:
     def stop(self) -> None:
         if self.process is None:
             return
-        from worker.fusefs import unmount
-
         try:
             unmount(self.mountpoint)
         except OSError as exc:
@@ -151,10 +151,6 @@ def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, m
     scratch.mkdir(parents=True)
     files = view = links = child = None
     if config.storage_nodes and config.masters:
-        from worker.cache import BlockCache
-        from worker.files import WorkerFiles
-        from worker.view import ClusterView
-
         mountpoint = data_dir / "mnt"
         if mount:
             child = MountChild(mountpoint, Path(config.path), data_dir / "mount-cache")

@@ -185,6 +185,7 @@ class Server:
         return fn
 
     def _trace(self, request: dict) -> bytes:
+        # lazy, as tiles below: a slot that only runs callables and commands never loads numba
         from worker import trace_tasks
 
         try:
@@ -200,6 +201,7 @@ class Server:
 
     def _tile(self, request: dict) -> bytes:
         if self.tiles is None:
+            # lazy: the tile kernels load numba (and compile or load their build) on first use
             from worker import tiles
 
             self.tiles = tiles

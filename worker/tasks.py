@@ -38,7 +38,7 @@ import msgspec
 from proto.ids import join128
 from proto.messages import WorkerRequest
 from proto.fileids import file_id_of_path, parse_id
-from storage.transfer import LinkPool, TransferError, upload_ranked
+from cluster.node.storagelink import LinkPool, TransferError, upload_ranked
 from worker import slot_child, tiles, trace_tasks
 from worker.executor import Limits, Outcome
 

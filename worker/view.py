@@ -19,10 +19,10 @@ import threading
 import time
 from typing import Any
 
-from cluster.client import Client, ClusterError
+from cluster.node.masterlink import ClusterError, MasterLink, NotFound
 from proto.errors import StorageStatus
-from storage.core import rank
-from storage.transfer import LinkPool, TransferError
+from proto.fileids import rank
+from cluster.node.storagelink import LinkPool, TransferError
 
 log = logging.getLogger("cluster.worker")
 
@@ -34,7 +34,7 @@ class ClusterView:
 
     def __init__(self, masters: list[str], storage: dict[str, str], *, read_timeout: float = 2.0,
                  penalty_s: float = 10.0) -> None:
-        self.client = Client(masters, timeout=10.0)
+        self.client = MasterLink(masters, timeout=10.0)
         self.storage = dict(storage)
         self.read_timeout = read_timeout
         self.penalty_s = penalty_s
@@ -133,8 +133,6 @@ class ClusterView:
         return record
 
     def _ask(self, call: Any, raise_not_found: bool = False) -> Any:
-        from cluster.client import NotFound
-
         with self._lock:
             try:
                 return call().value

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.runtime.events import (
+from cluster.node.events import (
     Effect,
     Event,
     Log,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import zmq
 
 from cluster.probe.core import SERVE, ProbeCore, peer_socket
-from cluster.runtime.loop import NodeLoop, SocketSpec
+from cluster.node.loop import NodeLoop, SocketSpec
 from proto import Limits
 
 

@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from cluster.local import LocalNode, free_port, probe_node
-from cluster.status import query_status
+from cluster.node.status import query_status
 from proto import Codec, new_node_id
 
 pytestmark = pytest.mark.integration

@@ -39,7 +39,7 @@ import pytest
 
 from cluster.align import Pair, read_pair, submit_alignment, wait
 from cluster.client import Client
-from cluster.config import load_cluster_config
+from cluster.node.config import load_cluster_config
 from cluster.local import LocalNode, balancer_nodes, master_nodes, start_all, stop_all, storage_nodes, worker_nodes
 from cluster.up import alive, descendants
 from worker.sw import align

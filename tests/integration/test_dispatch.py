@@ -31,10 +31,10 @@ import pytest
 import zmq
 
 from cluster.client import Client, Refused
-from cluster.config import BalancerAddress, write_balancers_section
+from cluster.node.config import BalancerAddress, write_balancers_section
 from cluster.futures import TaskError
 from cluster.local import LocalNode, balancer_nodes, free_port, master_nodes, start_all, stop_all, worker_nodes
-from cluster.status import query_status
+from cluster.node.status import query_status
 from cluster.up import alive, descendants
 from proto import Codec, new_node_id
 from proto.errors import AppReason

@@ -19,7 +19,7 @@ import zmq
 
 from cluster.client import Client, NoQuorum, Refused
 from cluster.local import LocalNode, master_nodes
-from cluster.status import query_status
+from cluster.node.status import query_status
 from master.echo_balancer import EchoBalancer
 from proto import Reason
 from proto.errors import AppReason
@@ -237,7 +237,7 @@ def test_follower_redirects(masters, clients):
     client = clients([follower.address, leader.address], timeout=10)
     # With ZMQ_IMMEDIATE the client skips a master it is not yet connected to: wait until the
     # follower's connection is up, so that the submit really goes to the follower first.
-    wait_for(lambda: client._sockets[0].poll(0, zmq.POLLOUT), 5, "the client to connect to the follower")
+    wait_for(lambda: client.link._sockets[0].poll(0, zmq.POLLOUT), 5, "the client to connect to the follower")
     assert client.leader == 0
     ref = client.submit_job(*list_spec(1))
     assert client.leader == 1  # the redirect was followed

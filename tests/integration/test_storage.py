@@ -20,17 +20,17 @@ import pytest
 import zmq
 
 from cluster.client import Answer, Client, ClusterError, NotFound
-from cluster.config import ClusterConfig, StorageOptions, load_cluster_config
+from cluster.node.config import ClusterConfig, StorageOptions, load_cluster_config
 from cluster.files import download_file
 from cluster.local import LocalNode, free_port, master_nodes, storage_nodes
-from cluster.status import query_status
+from cluster.node.status import query_status
 from proto import Codec, new_node_id
 from proto.errors import StorageStatus
 from proto.ids import split128
 from proto.messages import FileChunk, FileRequest, FileResponse, UploadCredit, UploadDone, UploadOpen, UploadReady
 from proto.fileids import BLOCK, file_id, file_id_of_path
-from storage.core import rank
-from storage.transfer import StorageLink, TransferError
+from proto.fileids import rank
+from cluster.node.storagelink import StorageLink, TransferError
 
 from .conftest import wait_for
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from cluster.client import Client
-from cluster.config import load_cluster_config
+from cluster.node.config import load_cluster_config
 from cluster.local import LocalNode, balancer_nodes, master_nodes, start_all, stop_all, storage_nodes, worker_nodes
-from cluster.status import query_status
+from cluster.node.status import query_status
 from worker.sw.align import align
 from worker.tiles import boundary_size, read_boundary
 

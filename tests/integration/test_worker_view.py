@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from cluster.client import Client
-from cluster.config import StorageOptions, load_cluster_config
+from cluster.node.config import StorageOptions, load_cluster_config
 from cluster.local import LocalNode, master_nodes, start_all, stop_all, storage_nodes
-from storage.core import rank
+from proto.fileids import rank
 from worker.fusefs import fuse_available, unmount
 
 from .conftest import wait_for

@@ -38,7 +38,7 @@ def cluster(tmp_path):
 
 
 def leader_of(nodes: list[LocalNode]) -> LocalNode | None:
-    from cluster.status import query_status
+    from cluster.node.status import query_status
 
     for node, answer in zip(nodes, query_status([n.address for n in nodes], timeout=1.0)):
         if answer.reply is not None and answer.reply.detail.get("state") == "leader":

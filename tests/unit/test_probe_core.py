@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from cluster.probe.core import BEAT, SERVE, ProbeCore, peer_socket
-from cluster.runtime.events import Log, MessageReceived, Refuse, Send, Started, StartTimer, TimerFired
+from cluster.node.events import Log, MessageReceived, Refuse, Send, Started, StartTimer, TimerFired
 from proto.messages import Heartbeat, StatusQuery, Submit
 
 A, B = "tcp://10.0.0.1:5600", "tcp://10.0.0.2:5600"

@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from cluster.config import ConfigError, StorageOptions, parse_cluster_config, write_storage_section
+from cluster.node.config import ConfigError, StorageOptions, parse_cluster_config, write_storage_section
 from proto.fileids import file_id
 from worker.cache import BlockCache
 from worker.files import WorkerFiles
@@ -32,7 +32,7 @@ def test_the_storage_section_round_trips_and_is_checked():
 
 
 def test_the_heartbeat_section_sets_the_nodes_timings_and_is_checked():
-    from cluster.config import HeartbeatOptions
+    from cluster.node.config import HeartbeatOptions
 
     assert parse_cluster_config({}).heartbeat == HeartbeatOptions()
     beat = parse_cluster_config({"heartbeat": {"interval_s": 1, "worker_liveness_s": 3, "balancer_liveness_s": 2.5}}).heartbeat
@@ -105,7 +105,7 @@ def test_a_tasks_inputs_are_the_cache_files_pinned_while_the_task_runs(tmp_path)
 def test_the_example_config_in_deploy_is_valid_for_every_reader():
     from pathlib import Path
 
-    from cluster.config import load_cluster_config
+    from cluster.node.config import load_cluster_config
     from master.node import load_config
 
     path = Path(__file__).resolve().parents[2] / "deploy" / "cluster.example.toml"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.runtime.events import Log, MessageReceived, Refuse, Send, Started, StartTimer, TimerFired
+from cluster.node.events import Log, MessageReceived, Refuse, Send, Started, StartTimer, TimerFired
 from proto.errors import StorageStatus
 from proto.ids import join128, split128
 from proto.messages import FileChunk, FileRequest, FileResponse, UploadCredit, UploadDone, UploadOpen, UploadReady
@@ -34,10 +34,10 @@ from storage.core import (
     StorageCore,
     StorageSettings,
     WriteChunk,
-    rank,
 )
+from proto.fileids import rank
 from storage.maintenance import RateLimit, collectable
-from cluster.config import StorageOptions
+from cluster.node.config import StorageOptions
 from storage.node import DiskPerformer, settings_of
 
 KiB = 1024

@@ -3,7 +3,7 @@ credit, fencing, results kept until acknowledged. No sockets, no sleeps."""
 
 from __future__ import annotations
 
-from cluster.runtime.events import MessageReceived, Send, Started, TimerFired
+from cluster.node.events import MessageReceived, Send, Started, TimerFired
 from proto.ids import split128
 from proto.messages import Error, Heartbeat, NotLeader, ResultAck, TaskResult, WorkerRequest, WorkerStatus
 from worker.core import RunTask, TaskEnded, WorkerCore, WorkerIdentity, WorkerOptions

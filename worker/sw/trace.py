@@ -35,13 +35,17 @@ vertical gap, consuming reference letters, that goes on past the anchor). On the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from . import boxdp, kernels
+from .cigar import to_string
 from .scoring import Scoring, query_codes
-from .tile import NEG, compute_rectangle
+from .special_rows import RowStore, read_rows, write_rows
+from .tile import NEG, compute_rectangle, edge_left, edge_top, sw_tile
 
 BIG = 1 << 30
 FORBID = 0
@@ -292,8 +296,6 @@ class TracedAlignment:
 
     @property
     def cigar(self) -> str:
-        from worker.sw.cigar import to_string
-
         return to_string(self.ops)
 
 
@@ -313,12 +315,6 @@ def trace_local(a: np.ndarray, b: np.ndarray, scoring: Scoring, directory, *, ti
     wavefront order (block pruning on, special rows written to ``directory``), the crosspoints,
     the boxes, the join. The oracle of the cluster's traceback (which is deterministic: the same
     pair gives the same crosspoints and the same CIGAR) and a reference for its timings."""
-    import time
-    from pathlib import Path
-
-    from .special_rows import RowStore, read_rows, write_rows
-    from .tile import edge_left, edge_top, sw_tile
-
     check_scoring(scoring)
     n, m = len(a), len(b)
     t0 = time.perf_counter()

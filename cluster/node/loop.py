@@ -42,7 +42,7 @@ from typing import Any, Callable
 import zmq
 
 from cluster import __version__
-from cluster.runtime.events import (
+from cluster.node.events import (
     CancelTimer,
     Core,
     Effect,

@@ -8,14 +8,29 @@ shows every key. ``load_cluster_config`` checks it and says where it is wrong.
 
 from __future__ import annotations
 
+import logging
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
+log = logging.getLogger("cluster.config")
+
+
 class ConfigError(ValueError):
     """The config file is wrong; the message says where and how."""
+
+
+@dataclass(frozen=True)
+class MasterAddress:
+    """One master: ``api`` for clients and balancers (ZeroMQ), ``raft`` for its peers only
+    (host:port; None in a client's config, which has no use for it)."""
+
+    name: str
+    api: str
+    raft: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,12 +94,29 @@ def load_cluster_config(path: Path | str) -> ClusterConfig:
     return parse_cluster_config(read_toml(path), str(path))
 
 
-def parse_cluster_config(data: dict[str, Any], where: str = "config") -> ClusterConfig:
-    masters = {}
-    for name, entry in (data.get("masters") or {}).items():
+def parse_masters(data: dict[str, Any], where: str = "config", *, raft: bool = False) -> dict[str, MasterAddress]:
+    """The ``[masters.NAME]`` tables. ``raft``: each must also say where its Raft peer port is
+    (what a master needs; a client or another node needs only ``api``)."""
+    masters = data.get("masters") or {}
+    if not isinstance(masters, dict) or (raft and not masters):
+        raise ConfigError(f"{where}: needs a [masters.<name>] table per master")
+    out = {}
+    for name, entry in masters.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("api"), str):
-            raise ConfigError(f"{where}: [masters.{name}] needs api = \"tcp://host:port\"")
-        masters[name] = entry["api"]
+            raise ConfigError(f"{where}: [masters.{name}] needs api = \"tcp://host:port\"" + (" and raft = \"host:port\"" if raft else ""))
+        peer = entry.get("raft")
+        if raft and not isinstance(peer, str):
+            raise ConfigError(f"{where}: [masters.{name}] needs api = \"tcp://host:port\" and raft = \"host:port\"")
+        if peer is not None and (not isinstance(peer, str) or ":" not in peer or peer.startswith("tcp://")):
+            raise ConfigError(f"{where}: [masters.{name}] raft must be host:port, not {peer!r}")
+        out[name] = MasterAddress(name, entry["api"], peer)
+    if raft and len(out) % 2 == 0:
+        log.warning("%s: %d masters; an odd number (3 or 5) tolerates as many failures with fewer nodes", where, len(out))
+    return out
+
+
+def parse_cluster_config(data: dict[str, Any], where: str = "config") -> ClusterConfig:
+    masters = {name: m.api for name, m in parse_masters(data, where).items()}
     section = data.get("storage") or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: [storage] must be a table")
@@ -151,6 +183,27 @@ def _balancers(data: dict[str, Any], where: str) -> dict[str, BalancerAddress]:
     if len(out) == 1 and not next(iter(out.values())).primary:
         raise ConfigError(f"{where}: a lone balancer must be the primary (primary = true)")
     return out
+
+
+def cluster_home() -> Path:
+    """The default cluster directory: ``$CLUSTER_HOME``, else ``~/.cluster``."""
+    return Path(os.environ.get("CLUSTER_HOME") or Path.home() / ".cluster").expanduser().absolute()
+
+
+def find_config(directory: Path | None = None, config: Path | None = None) -> tuple[Path | None, str]:
+    """The cluster config to use and where we looked: ``config`` if given, else
+    ``directory/cluster.toml`` if given, else ``$CLUSTER_CONFIG`` if set, else
+    ``<cluster_home()>/cluster.toml``. The path is None when that file does not exist."""
+    if config is not None:
+        path = Path(config)
+    elif directory is not None:
+        path = Path(directory).expanduser().absolute() / "cluster.toml"
+    elif os.environ.get("CLUSTER_CONFIG"):
+        path = Path(os.environ["CLUSTER_CONFIG"]).expanduser()
+        return (path if path.is_file() else None), f"$CLUSTER_CONFIG is {path}"
+    else:
+        path = cluster_home() / "cluster.toml"
+    return (path if path.is_file() else None), f"looked for {path}"
 
 
 def write_balancers_section(balancers: dict[str, BalancerAddress]) -> str:

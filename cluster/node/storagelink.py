@@ -1,4 +1,4 @@
-"""The sending and fetching side of the storage protocol, blocking, for one storage node.
+"""The link to storage nodes: the sending and fetching side of the storage protocol, blocking.
 
 ``StorageLink`` is what clients, workers and storage nodes (replication, repair) use to talk to
 a storage node: ``upload`` streams a file within the credit the node grants (never beyond it),
@@ -22,6 +22,7 @@ import zmq
 
 from proto import Codec, ProtocolError, new_node_id
 from proto.errors import StorageStatus
+from proto.fileids import rank
 from proto.ids import split128
 from proto.messages import Error, FileChunk, FileRequest, FileResponse, UploadCredit, UploadDone, UploadOpen, UploadReady
 
@@ -294,12 +295,6 @@ class LinkPool:
             return self._by_thread.setdefault(threading.get_ident(), {})
 
 
-def push(store: Any, file_id: bytes, size: int, link: StorageLink, origin: str) -> list[str]:
-    """Copy a file stored in ``store`` (a ``storage.blobs.BlobStore``) to the node behind
-    ``link``: one copy there; dedupe makes it instant when the node has it already."""
-    return link.upload(file_id, size, lambda offset, n: store.read(file_id, offset, n), copies=1, origin=origin)
-
-
 def upload_ranked(links: LinkPool, file_id: bytes, size: int, read_at: Callable[[int, int], Any], *, copies: int,
                   origin: str, progress: Callable[[int], None] | None = None, min_copies: int | None = None,
                   penalty_s: float = 10.0) -> list[str]:
@@ -315,8 +310,6 @@ def upload_ranked(links: LinkPool, file_id: bytes, size: int, read_at: Callable[
     the storage nodes' upkeep adds the missing ones later (HDFS's pipeline does the same).
     A node that did not answer is tried last for ``penalty_s``, so one dead node does not cost
     every upload a connect timeout."""
-    from storage.core import rank
-
     now = time.monotonic()
     order = sorted(rank(file_id, list(links.addresses)), key=lambda n: links.down_until.get(n, 0.0) > now)
     errors: dict[str, str] = {}

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 A node core is a pure state machine: ``core.handle(event, now) -> list[Effect]``. Events are
 facts in the past tense (a message arrived, a timer fired, a stop was asked for); effects are
-commands (send this, start that timer, stop). The loop (``cluster.runtime.loop``) owns the
+commands (send this, start that timer, stop). The loop (``cluster.node.loop``) owns the
 sockets, poller, clock, signals and disk; it turns the world into events and performs effects
 in the order the core returned them. Every event carries a ``stimulus_id`` and every effect a
 ``cause`` (the stimulus that produced it), so logs and ``story()`` can explain any decision

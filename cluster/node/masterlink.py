@@ -1,0 +1,299 @@
+"""The link to the masters: requests to the leader, with leader discovery, retries and deadlines.
+
+Every client of the ledger uses it: the user's ``Client``, and the nodes that read or write the
+file registry (a storage node's upkeep, a worker's view of the files).
+
+Theory of operation
+-------------------
+The link holds one DEALER per master (``ZMQ_IMMEDIATE``: nothing queues towards a master that
+is down, a send there fails at once and the link moves on). A request goes to the master
+believed to lead; the answer decides what next:
+
+- NOT_LEADER with an address: go there. NOT_LEADER without one (an election), UNAVAILABLE (no
+  quorum) or OUTCOME_UNKNOWN (the leader was lost mid-commit): back off (50 ms, doubling to
+  0.5 s) and try the next master.
+- No answer within ``attempt_timeout``: the master is presumed down; try the next one.
+- Anything else is the answer.
+
+Reads go to the leader when one is known, else to any master; the answer says ``stale`` when it
+did not come from a leader with a quorum (it may be behind). Past the ``timeout`` deadline the
+link raises ``NoQuorum`` with what each master said, in words a user can act on. ``run`` keeps a
+window of requests in flight, which is what makes bulk submission fast.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import zmq
+
+from proto import AppReason, Codec, ProtocolError, new_node_id
+from proto.ids import join128, split128
+from proto.messages import Error, FileList, FileLookup, FileRegister, FileRelease, NotLeader, QueryReply
+from proto.types import Message
+
+RETRYABLE = {AppReason.UNAVAILABLE, AppReason.OUTCOME_UNKNOWN}
+
+
+class ClusterError(Exception):
+    """Something the user should read: the message says what happened and what to do."""
+
+
+class NoQuorum(ClusterError):
+    """No master leader could take the request before the deadline."""
+
+
+class Refused(ClusterError):
+    """The masters refused the request; nothing changed. ``code`` is stable (e.g. ``spec_too_large``)."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+class NotFound(ClusterError):
+    """No such job or task."""
+
+@dataclass(frozen=True)
+class Answer:
+    """A read's value; ``stale`` when no leader with a quorum answered (it may be behind)."""
+
+    value: Any
+    stale: bool
+    term: int
+    leader: str | None
+
+
+@dataclass
+class Call:
+    """One request to the masters and its progress through retries."""
+
+    make: Callable[[int], Message]
+    write: bool
+    target: int
+    request_id: int = 0
+    sent_at: float | None = None
+    not_before: float = 0.0
+    backoff: float = 0.05
+    tries: int = 0
+    notes: dict[str, str] = field(default_factory=dict)
+    result: Any = None
+    error: Exception | None = None
+    done: bool = False
+    stale_retry: bool = False
+
+class MasterLink:
+    """Requests to the masters at ``masters`` (their client API addresses): ``timeout`` is the
+    deadline of one request, retries included; ``attempt_timeout`` how long one master may stay
+    silent before the next is tried."""
+
+    def __init__(self, masters: Sequence[str], *, timeout: float = 30.0, attempt_timeout: float = 1.0) -> None:
+        if not masters:
+            raise ClusterError("no master addresses given: pass masters=['tcp://host:port', ...]")
+        self.masters = list(masters)
+        self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
+        self.leader = 0  # index of the master believed to lead
+        self._ctx = zmq.Context()
+        self._codec = Codec(new_node_id())
+        self._sockets: list[zmq.Socket] = []
+        for address in self.masters:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.connect(address)
+            self._sockets.append(sock)
+        self._ids = itertools.count(random.getrandbits(40))
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._ctx.term()
+
+    def __enter__(self) -> "MasterLink":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- the file registry --------------------------------------------------------------------
+
+    def register_file(self, file_id: bytes, size: int, replicas: Sequence[str], *, owner: str | None = None,
+                      name: str = "", pin: bool = False) -> dict[str, Any]:
+        """Record a durable file in the ledger, referred to by job ``owner`` or a user ``pin``."""
+        upper, lower = split128(file_id)
+        job = id_bytes(owner) if owner else None
+        return self.request(lambda rid: FileRegister(rid, upper, lower, size, int(pin), list(replicas), job, name), write=True).value
+
+    def release_files(self, file_id: str | None = None, *, owner: str | None = None) -> dict[str, Any]:
+        """Drop ``owner``'s reference (a job; None: the user pin) on a file, or on every file of
+        ``owner``. A file nothing refers to any more is deleted by the storage nodes."""
+        fid = id_bytes(file_id) if file_id else None
+        job = id_bytes(owner) if owner else None
+        return self.request(lambda rid: FileRelease(rid, fid, job), write=True).value
+
+    def lookup_files(self, file_ids: Sequence[bytes]) -> Answer:
+        """The ledger's records (size, replicas, refs) of ``file_ids``, by hex id; None if unknown."""
+        ids = list(file_ids)
+        return self.request(lambda rid: FileLookup(rid, ids), write=False)
+
+    def files(self, limit: int = 100, *, owner: str | None = None, after: str | None = None) -> Answer:
+        """Registered files in id order (of one job with ``owner``); ``value["next"]`` pages on."""
+        job = id_bytes(owner) if owner else None
+        start = id_bytes(after) if after else None
+        return self.request(lambda rid: FileList(rid, limit, job, start), write=False)
+
+    # ---- the engine ---------------------------------------------------------------------------
+
+    def call(self, make: Callable[[int], Message], write: bool) -> Call:
+        """A request to run (``make(request_id)`` builds each try's message), aimed at the leader."""
+        return Call(make, write, self.leader)
+
+    def request(self, make: Callable[[int], Message], write: bool) -> Any:
+        """One request, retried until it is answered or the deadline passes; an ``Answer`` for a
+        read, the reply for a write. Raises NoQuorum, Refused or NotFound."""
+        call = Call(make, write, self.leader)
+        self.run([call], 1, None)
+        if call.error is not None:
+            raise call.error
+        if isinstance(call.result, QueryReply):
+            r = call.result
+            return Answer(r.value, bool(r.stale), r.term, r.leader)
+        return call.result
+
+    def run(self, calls: list[Call], window: int, progress: Callable[[int], None] | None) -> None:
+        """Run ``calls`` with up to ``window`` in flight; each ends with ``result`` or ``error``."""
+        deadline = time.monotonic() + self.timeout
+        waiting = list(reversed(calls))  # popped from the end: input order
+        in_flight: dict[int, Call] = {}
+        done = 0
+        poller = zmq.Poller()
+        for sock in self._sockets:
+            poller.register(sock, zmq.POLLIN)
+        while waiting or in_flight:
+            now = time.monotonic()
+            if now > deadline:
+                for call in list(in_flight.values()) + waiting:
+                    call.error = self._deadline_error(call)
+                return
+            held = []
+            while waiting and len(in_flight) < window:
+                call = waiting.pop()
+                if call.not_before > now:
+                    held.append(call)
+                    continue
+                if self._send(call, now):
+                    in_flight[call.request_id] = call
+                else:
+                    held.append(call)
+            waiting.extend(reversed(held))
+            wait_ms = 20 if waiting else int(self.attempt_timeout * 1000 / 4) + 1
+            for sock, _ in poller.poll(wait_ms):
+                for _ in range(1024):
+                    try:
+                        _, _, reply = self._codec.recv(sock, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except ProtocolError:
+                        continue
+                    call = in_flight.pop(getattr(reply, "request_id", -1), None)
+                    if call is None:
+                        continue  # an answer to a try we gave up on
+                    self._on_reply(call, reply, time.monotonic())
+                    if call.done:
+                        done += 1
+                        if progress is not None:
+                            progress(done)
+                    else:
+                        waiting.append(call)
+            now = time.monotonic()
+            for rid, call in list(in_flight.items()):
+                if now - call.sent_at > self.attempt_timeout:
+                    del in_flight[rid]
+                    call.notes[self.masters[call.target]] = f"no answer within {self.attempt_timeout:g} s"
+                    call.target = (call.target + 1) % len(self.masters)
+                    waiting.append(call)
+
+    def _send(self, call: Call, now: float) -> bool:
+        call.request_id = next(self._ids)
+        call.tries += 1
+        try:
+            self._codec.send(self._sockets[call.target], call.make(call.request_id), flags=zmq.NOBLOCK)
+        except zmq.Again:  # not connected (IMMEDIATE): that master is down or starting
+            call.notes[self.masters[call.target]] = "not reachable"
+            call.target = (call.target + 1) % len(self.masters)
+            if call.target == self.leader:
+                call.not_before = now + call.backoff
+                call.backoff = min(call.backoff * 2, 0.5)
+            return False
+        call.sent_at = now
+        return True
+
+    def _on_reply(self, call: Call, reply: Message, now: float) -> None:
+        here = self.masters[call.target]
+        if isinstance(reply, NotLeader):
+            call.notes[here] = f"not the leader (term {reply.term})"
+            if reply.leader in self.masters:
+                call.target = self.leader = self.masters.index(reply.leader)
+            else:
+                call.target = (call.target + 1) % len(self.masters)
+                self._back_off(call, now)
+            return
+        if isinstance(reply, Error):
+            code = reply.detail.get("code", "") if isinstance(reply.detail, dict) else ""
+            if reply.reason in RETRYABLE:
+                call.notes[here] = reply.text
+                call.target = (call.target + 1) % len(self.masters)
+                self._back_off(call, now)
+                return
+            call.done = True
+            if reply.reason == AppReason.NOT_FOUND:
+                call.error = NotFound(reply.text)
+            else:
+                call.error = Refused(code or "refused", reply.text)
+            return
+        if isinstance(reply, QueryReply) and reply.stale and not call.stale_retry and reply.leader in self.masters:
+            leader = self.masters.index(reply.leader)
+            if leader != call.target:  # a follower answered: ask the leader once
+                call.stale_retry = True
+                call.target = self.leader = leader
+                return
+        if call.write:
+            self.leader = call.target
+        call.result = reply
+        call.done = True
+
+    @staticmethod
+    def _back_off(call: Call, now: float) -> None:
+        call.not_before = now + call.backoff * (0.5 + random.random())
+        call.backoff = min(call.backoff * 2, 0.5)
+
+    def _deadline_error(self, call: Call) -> ClusterError:
+        said = "; ".join(f"{m}: {why}" for m, why in call.notes.items()) or "no master answered"
+        majority = len(self.masters) // 2 + 1
+        if call.write:
+            return NoQuorum(
+                f"no master leader took the request within {self.timeout:g} s ({said}). Writes need a majority "
+                f"({majority} of {len(self.masters)}) of masters up and connected; start the stopped ones "
+                "(`cluster status` shows which) and retry: a retried submit with the same key is never doubled."
+            )
+        return NoQuorum(f"no master answered within {self.timeout:g} s ({said}); are the masters running?")
+
+
+def id_bytes(hex_id: str) -> bytes:
+    """A job or file id written as 32 hex digits, as 16 bytes; ClusterError if it is not one."""
+    return join128(*split_id(hex_id))
+
+
+def split_id(hex_id: str) -> tuple[int, int]:
+    try:
+        value = bytes.fromhex(hex_id)
+    except ValueError:
+        raise ClusterError(f"{hex_id!r} is not an id (32 hex digits)") from None
+    if len(value) != 16:
+        raise ClusterError(f"{hex_id!r} is not an id (32 hex digits)")
+    return split128(value)
