@@ -1,1 +1,3 @@
-"""The balancer tier (see ../shared/design.md); built by its own issue."""
+"""The balancer tier: the Binary Star pair, the worker registry, and credit-, capability- and
+locality-aware dispatch between the master leader and the workers (doc/dispatch.md,
+doc/architecture.md)."""

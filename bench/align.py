@@ -100,7 +100,7 @@ QUICK_PREFIX = 200_000
 TASK_VIEW_SAMPLE = 400  # task views asked for per cluster run (attempts' timestamps), at most
 FIVE_MBP = 5_000_000
 # CUDAlign 2.1 (block pruning, TPDS 2013), 1x GTX 560 Ti, from the README of
-# github.com/edanssandes/MASA-CUDAlign (../shared/sw-kernels.md, table A).
+# github.com/edanssandes/MASA-CUDAlign.
 CUDALIGN = {"system": "CUDAlign 2.1 (block pruning, TPDS 2013)", "hardware": "1x NVIDIA GTX 560 Ti",
             "pair": "AE016879.1 x AE017225.1 (B. anthracis Ames x Sterne)", "len_a": 5_227_293,
             "len_b": 5_228_663, "seconds": 9 * 60 + 18, "gcups": 49.0}

@@ -1,4 +1,9 @@
-"""What users touch: the submit API, the ``cluster`` CLI, config, local launcher, node runtime."""
+"""What users touch, and what every node stands on (doc/architecture.md).
+
+``cluster.node`` is the node runtime, the layer under every tier; the client API
+(``cluster.client`` and its companions) and the CLI, local launcher and demo (``cluster.cli*``,
+``cluster.up``, ``cluster.local``, ``cluster.demo``) are the layers above the tiers.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 

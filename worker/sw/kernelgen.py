@@ -1,4 +1,4 @@
-"""Source generator for the lane kernels (see ../shared/sw-kernels.md and doc/kernels.md).
+"""Source generator for the lane kernels (see doc/kernels.md).
 
 A lane kernel computes L independent sub-tiles at once, one per SIMD lane. Their buffers are
 stored lane by lane (``index = row * L + lane``) and every per-lane value is a scalar variable

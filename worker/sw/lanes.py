@@ -98,6 +98,11 @@ def drive(a, b, bnd_h, bnd_f, col_h, col_e, nbands, hb, nblocks, wb, starts, prm
     a, b: the rectangle's query (query-shifted codes) and reference codes; prm = [gap_open,
     gap_extend, match, mismatch, row0, col0]; best = [score, row, col] in global coordinates,
     raised when a cell beats it. Returns the number of steps run in the int32 fallback.
+
+    One function on purpose (a Numba driver, over the ~80-line rule): the lanes' H, E and F
+    values are locals of one loop nest, the code shape LLVM's SLP vectorizer was measured to
+    turn into SIMD (doc/kernels.md); cut into calls, that state would cross function
+    boundaries, and every change to the shape has to be measured again with bench/kernel.py.
     """
     L = LANES
     W = LANES32

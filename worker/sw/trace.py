@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-CUDAlign's stages, with the score pass's own lane kernels doing every DP (``../shared``'s
-sw-kernels.md, "Traceback in linear space across tiles"):
+CUDAlign's stages (Sandes et al., "CUDAlign 4.0", IEEE TPDS 2016; doc/align.md), with the
+score pass's own lane kernels doing every DP:
 
 1. The score pass (``worker.tiles``) found the best score S* and its end cell, and kept the
    forward H and F rows of every ``stride``-th reference row (``special_rows``).
