@@ -27,6 +27,7 @@ or disk: tests drive it with events.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -146,6 +147,27 @@ class StorageSettings:
     max_uploads: int = 256
 
 
+class UploadState(enum.Enum):
+    """Where an upload is: ``OPENING`` (its partial file is being opened or resumed), ``OPEN``
+    (chunks flow within the credit), ``FINISHING`` (all bytes in, the blob being committed),
+    ``REPLICATING`` (durable here, copies being made on the peers ranked next)."""
+
+    OPENING = "opening"
+    OPEN = "open"
+    FINISHING = "finishing"
+    REPLICATING = "replicating"
+
+
+# The only moves an upload makes; anything else is a bug in this core (LocalProtocolError, as
+# h11 would say), not a peer's fault: peers' mistakes are refused before they reach a transition.
+UPLOAD_TRANSITIONS: dict[UploadState, frozenset[UploadState]] = {
+    UploadState.OPENING: frozenset({UploadState.OPEN, UploadState.REPLICATING}),  # a dedupe skips the bytes
+    UploadState.OPEN: frozenset({UploadState.FINISHING}),
+    UploadState.FINISHING: frozenset({UploadState.REPLICATING}),
+    UploadState.REPLICATING: frozenset(),
+}
+
+
 @dataclass
 class Upload:
     upload_id: int
@@ -157,7 +179,13 @@ class Upload:
     origin: str
     received: int = 0  # bytes accepted (written or being written)
     granted: int = 0  # the sender may send up to this offset
-    state: str = "opening"  # opening → open → finishing → replicating
+    state: UploadState = UploadState.OPENING
+
+    def move(self, to: UploadState) -> None:
+        """Take the next step of ``UPLOAD_TRANSITIONS``; any other is a local bug."""
+        if to not in UPLOAD_TRANSITIONS[self.state]:
+            raise AssertionError(f"upload {self.upload_id}: no transition from {self.state.value} to {to.value}")
+        self.state = to
     last_seen: float = 0.0
     finish: bool = False
 
@@ -219,7 +247,7 @@ class StorageCore:
             # the first. The newest wins (a dead sender cannot hold a file hostage); the older
             # one's next chunk is answered UNKNOWN_UPLOAD.
             previous = self.uploads.pop(old)
-            if previous.state in ("finishing", "replicating"):
+            if previous.state in (UploadState.FINISHING, UploadState.REPLICATING):
                 self.uploads[old] = previous  # nearly done: let it end; the newcomer retries
                 return [self._done_to(ev.route, m.request_id, 0, file_id, m.size, StorageStatus.UNKNOWN_UPLOAD,
                                       "this file is being stored by another upload right now; retry in a moment", ev.stimulus_id)]
@@ -258,8 +286,8 @@ class StorageCore:
         n = len(m.payload)
         upload.last_seen = now
         problem = None
-        if upload.state != "open":
-            problem = StorageStatus.BAD_OFFSET, f"a chunk while the upload is {upload.state}"
+        if upload.state is not UploadState.OPEN:
+            problem = StorageStatus.BAD_OFFSET, f"a chunk while the upload is {upload.state.value}"
         elif n > self.settings.chunk_max:
             problem = StorageStatus.TOO_LARGE, f"a chunk of {n} bytes; the limit is {self.settings.chunk_max}"
         elif m.offset != upload.received:
@@ -305,7 +333,7 @@ class StorageCore:
             if ev.data is True:  # stored already: dedupe
                 self._count("dedupes")
                 return self._stored(upload, ev.stimulus_id)
-            upload.state = "open"
+            upload.move(UploadState.OPEN)
             upload.received = ev.value
             upload.granted = ev.value + self.settings.window
             if ev.value:
@@ -313,7 +341,7 @@ class StorageCore:
             return [Send(API, UploadReady(upload.request_id, upload.upload_id, ev.value, self.settings.window), upload.route, ev.stimulus_id)]
         if kind == "write":
             if upload.finish and ev.value == upload.size:
-                upload.state = "finishing"
+                upload.move(UploadState.FINISHING)
                 token = next(self._ids)
                 self.pending[token] = ("finish", upload.upload_id)
                 return [FinishUpload(token, upload.file_id)]
@@ -332,7 +360,7 @@ class StorageCore:
     def _stored(self, upload: Upload, cause: str) -> list[Effect]:
         if upload.copies <= 1:
             return self._finish(upload, StorageStatus.OK, None, [self.name], cause)
-        upload.state = "replicating"
+        upload.move(UploadState.REPLICATING)
         token = next(self._ids)
         self.pending[token] = ("replicate", upload.upload_id)
         targets = tuple(rank(upload.file_id, self.peers))
@@ -367,7 +395,7 @@ class StorageCore:
         out = self._finish(upload, status, text, [], cause)
         if peer:  # the sender broke the protocol: one line naming it, counted
             self._count(f"refused.{StorageStatus(status).name}")
-        if upload.state in ("opening", "open"):
+        if upload.state in (UploadState.OPENING, UploadState.OPEN):
             out.append(AbortUpload(upload.file_id, keep))
         return out
 
@@ -385,8 +413,8 @@ class StorageCore:
         # A sender waits for UPLOAD_DONE while the copies are pushed, which takes as long as
         # the file is large: a zero credit each second tells it the node is alive and working.
         out: list[Effect] = [Send(API, UploadCredit(u.upload_id, 0), u.route, cause)
-                             for u in self.uploads.values() if u.state == "replicating"]
-        for upload in [u for u in self.uploads.values() if u.state in ("opening", "open")]:
+                             for u in self.uploads.values() if u.state is UploadState.REPLICATING]
+        for upload in [u for u in self.uploads.values() if u.state in (UploadState.OPENING, UploadState.OPEN)]:
             if now - upload.last_seen > self.settings.idle_timeout:
                 self._count("uploads_expired")
                 out += self._fail(upload, StorageStatus.UNKNOWN_UPLOAD,
@@ -440,7 +468,7 @@ class StorageCore:
         for file_id, upload_id in self.by_file.items():
             assert self.uploads[upload_id].file_id == file_id
         for upload in self.uploads.values():
-            assert upload.received <= upload.size and (upload.state == "opening" or upload.received <= upload.granted)
+            assert upload.received <= upload.size and (upload.state is UploadState.OPENING or upload.received <= upload.granted)
 
 
 _HANDLERS: dict[type, Callable] = {

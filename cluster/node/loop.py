@@ -18,6 +18,12 @@ runtime does not know (a master's ``Propose``, a storage node's disk operations)
 ``performers`` given for their type; a performer may return events (the outcome of a disk write),
 which the core handles next, before anything else.
 
+Every effect is recorded with its cause in a bounded log, ``history``: (stimulus id, event,
+effect, cause), the cause being the effect's own ``cause`` or else the stimulus that produced
+it. ``story(stimulus_id)`` reads what one stimulus led to, and the status reply carries the
+newest entries, so an operator can ask a live node why it did something. Entries are names and
+short words, never messages: a storage node's effects carry megabytes of payload.
+
 On SIGTERM or SIGINT the core gets ``StopRequested`` (its farewells are still sent), then every
 socket is closed with a bounded linger and ``run`` returns 0. A core that raises is a bug: the
 loop logs the traceback, counts ``core_errors`` and goes on serving; the node stays answerable.
@@ -37,7 +43,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import zmq
 
@@ -64,6 +70,8 @@ from proto.messages import Error, StatusQuery, StatusReply
 BATCH = 256  # messages drained from one socket before looking at the others and the timers
 LOG_BURST = 20  # rejection lines logged back to back before rate limiting starts
 LOG_RATE = 10.0  # rejection lines per second allowed after the burst
+HISTORY = 2000  # (stimulus, event, effect, cause) entries kept; the oldest fall off
+STATUS_HISTORY = 20  # of them, the newest ones a status reply shows
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,7 @@ class NodeLoop:
         self._performers = dict(performers or {})
         self._posted: collections.deque[Event] = collections.deque()  # appended from other threads
         self._wake_w: pysocket.socket | None = None
+        self.history: collections.deque[Entry] = collections.deque(maxlen=HISTORY)
 
     def post(self, event: Event) -> None:
         """Queue an event for the core from any thread; the loop handles it promptly."""
@@ -131,6 +140,10 @@ class NodeLoop:
                 wake.send(b"p")
             except (BlockingIOError, OSError):
                 pass  # the pipe is full (a wake-up is pending anyway) or closing
+
+    def story(self, stimulus_id: str) -> list[Entry]:
+        """What the loop did for ``stimulus_id`` (and what named it as cause), oldest first."""
+        return [e for e in self.history if stimulus_id in (e.stimulus_id, e.cause)]
 
     def stimulus(self, kind: str) -> str:
         """A fresh stimulus id, for events built outside the loop (see ``post``)."""
@@ -289,7 +302,11 @@ class NodeLoop:
                 self.counters["core_errors"] += 1
                 self.log.exception("%s core failed on %s; the node goes on serving", self.core.role, type(event).__name__)
                 continue
+            # posted events and performers' effects are the tiers' own types: causes are optional
+            stimulus_id = getattr(event, "stimulus_id", "") or type(event).__name__
+            event_name = type(event).__name__
             for effect in effects:
+                self.history.append(Entry(stimulus_id, event_name, _describe(effect), getattr(effect, "cause", "") or stimulus_id))
                 try:
                     result = self._perform(effect)
                 except Exception:  # a performer's bug: logged and counted, the node serves on
@@ -382,6 +399,7 @@ class NodeLoop:
             detail = {"error": "core status failed; see the node's log"}
         detail.setdefault("node_id", str(uuid.UUID(int=self.node_id)))
         detail.setdefault("endpoints", {n: a for n, a in self.bound.items() if a})
+        detail.setdefault("history", [list(e) for e in list(self.history)[-STATUS_HISTORY:]])
         reply = StatusReply(
             request_id=query.request_id,
             uptime_ms=int((now - self._started_at) * 1000),
@@ -392,6 +410,24 @@ class NodeLoop:
             detail=detail,
         )
         self._perform(Send(name, reply, route=route, cause="status"))
+
+
+class Entry(NamedTuple):
+    """One line of the loop's history: what ``effect`` the core asked for, on which event."""
+
+    stimulus_id: str
+    event: str
+    effect: str
+    cause: str
+
+
+def _describe(effect: Effect) -> str:
+    """A few words naming an effect (its message's type, a timer's name), never its payload."""
+    if isinstance(effect, Send):
+        return f"Send {type(effect.message).__name__} on {effect.socket}"
+    if isinstance(effect, (StartTimer, CancelTimer)):
+        return f"{type(effect).__name__} {effect.name}"
+    return type(effect).__name__
 
 
 def _drain_pipe(sock: pysocket.socket) -> None:

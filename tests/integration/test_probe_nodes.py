@@ -74,3 +74,18 @@ def test_sigterm_stops_cleanly_with_exit_zero(pair):
     assert b.stop() == 0
     for n in (a, b):
         assert "SIGTERM received, stopping" in n.log_text() and "probe stopped" in n.log_text()
+
+
+def test_status_shows_the_loop_history_with_each_effects_cause(pair):
+    """The loop keeps (stimulus, event, effect, cause) for every effect; a status reply carries
+    the newest: a live node can say why it sent what it sent."""
+    a, b = pair
+    wait_for(lambda: any("Send Heartbeat" in e[2] for e in status_of(a).detail["history"]), what="a heartbeat in the history")
+    history = status_of(a).detail["history"]
+    assert 0 < len(history) <= 20
+    for stimulus_id, event, effect, cause in history:
+        assert stimulus_id and event in {"Started", "MessageReceived", "TimerFired", "StopRequested"}
+        assert cause, f"{effect} on {stimulus_id} has no cause"
+    sends = [e for e in history if e[2].startswith("Send Heartbeat")]
+    # a heartbeat goes out on a timer or answers one that came in; never out of nothing
+    assert all(e[1] in {"TimerFired", "MessageReceived"} for e in sends)

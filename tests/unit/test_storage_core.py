@@ -33,6 +33,9 @@ from storage.core import (
     Replicated,
     StorageCore,
     StorageSettings,
+    UPLOAD_TRANSITIONS,
+    Upload,
+    UploadState,
     WriteChunk,
 )
 from proto.fileids import rank
@@ -125,7 +128,7 @@ class Harness:
     def check_credit(self) -> None:
         for upload_id, limit in self.limit.items():
             upload = self.core.uploads.get(upload_id)
-            if upload is not None and upload.state == "open":
+            if upload is not None and upload.state is UploadState.OPEN:
                 ahead = limit - self.written[upload.file_id]
                 assert ahead <= self.settings.window, f"upload {upload_id}: credit runs {ahead} bytes past the disk"
 
@@ -214,7 +217,7 @@ def test_open_grants_a_window_of_credit(h):
     assert (begin.file_id, begin.size) == (fid, len(data))
     ready = one(effects, UploadReady, CLIENT)
     assert ready.request_id == 500 + h.n and ready.offset == 0 and ready.credit == SETTINGS.window
-    assert h.core.uploads[ready.upload_id].state == "open"
+    assert h.core.uploads[ready.upload_id].state is UploadState.OPEN
     assert h.core.counters["uploads_opened"] == 1
     assert h.partials() == {fid: 0}, "the partial exists from the open on"
 
@@ -675,3 +678,18 @@ def test_the_collector_spares_a_blob_a_dedupe_touched_after_it_looked(h):
     assert not h.store.delete_if_older(fid, cutoff) and h.store.has(fid)
     os.utime(path, (1000.0, 1000.0))
     assert h.store.delete_if_older(fid, cutoff) and not h.store.has(fid)
+
+
+def test_upload_states_move_only_along_the_table():
+    assert set(UPLOAD_TRANSITIONS) == set(UploadState)
+    for start in UploadState:
+        for to in UploadState:
+            upload = Upload(7, b"\x01" * 16, 10, 1, None, 1, "client")
+            upload.state = start
+            if to in UPLOAD_TRANSITIONS[start]:
+                upload.move(to)
+                assert upload.state is to
+            else:
+                with pytest.raises(AssertionError, match="no transition"):
+                    upload.move(to)
+                assert upload.state is start
