@@ -1,18 +1,22 @@
-"""The Binary Star pair as a pure state machine (zguide chapter 4, "High-Availability Pair").
+"""The Binary Star pair as a pure state machine (zguide chapter 4, "High-Availability Pair
+(Binary Star Pattern)").
 
 Theory of operation
 -------------------
 Two balancers, a *primary* and a *backup*, heartbeat each other with their state. Each starts
 in its configured role (PRIMARY or BACKUP) and settles into ACTIVE (serving masters and
-workers) or PASSIVE (standing by) from what it hears:
+workers) or PASSIVE (standing by) from what it hears. Everything that moves the state lives in
+``TRANSITIONS`` below, one rule per (role, state, event): the code only looks rules up and
+carries them out (as h11's ``_state.py`` does). The rules, as zguide's finite state machine
+draws them, with our departures marked:
 
 - PRIMARY hearing a BACKUP (or a PASSIVE) peer becomes ACTIVE; hearing an ACTIVE peer it
   becomes PASSIVE (the backup took over while the primary was away: it stays in charge). A
-  primary alone serves a client that turns to it (it becomes ACTIVE): a cluster may start
-  without its backup.
+  primary alone serves a client that turns to it once it has heard its peer or the peer stayed
+  silent past ``peer_expiry`` (it becomes ACTIVE): a cluster may start without its backup.
 - BACKUP hearing an ACTIVE peer becomes PASSIVE. Until it hears the primary it refuses
   clients, unless the primary stays silent past ``peer_expiry`` (it never came up): then, like
-  a PASSIVE one, it serves a client that turns to it.
+  a PASSIVE one, it serves a client that turns to it (zguide's backup always refuses: ours).
 - PASSIVE hearing the peer restart (PRIMARY or BACKUP) becomes ACTIVE: the peer will go passive.
 - PASSIVE takes over only when BOTH the peer has been silent past ``peer_expiry`` AND a client
   (a master or a worker) turns to it. Silence alone is not enough: if the link between the two
@@ -22,7 +26,17 @@ workers) or PASSIVE (standing by) from what it hears:
   aborts; we resolve it deterministically: the backup steps down to PASSIVE, the primary stays
   ACTIVE, and it is counted and logged. Fencing by epoch at the masters makes the stale side's
   assignments harmless either way.
-- Two PASSIVEs would leave nobody serving: the primary becomes ACTIVE.
+- Two PASSIVEs would leave nobody serving (zguide aborts): the primary becomes ACTIVE.
+- Every other event changes nothing and is ignored, as in zguide; the table says so with an
+  ``IGNORE`` rule, so that it covers every state a role can be in and every event. A state the
+  role cannot be in (a backup in PRIMARY) has no rules: an event there is a
+  ``BinaryStarError``.
+
+A client turning to this balancer is one of three events, decided before the table is read:
+the peer was never heard and its first ``peer_expiry`` is still ahead (``CLIENT_PEER_UNKNOWN``),
+it was heard and is not yet silent (``CLIENT_PEER_ALIVE``), or it is silent past
+``peer_expiry`` (``CLIENT_PEER_SILENT``). zguide tests ``now >= peer_expiry`` inside its
+CLIENT_REQUEST handlers; naming the outcomes keeps the table pure data.
 
 Everything is a method taking ``now``; no clock, sockets or threads (tests drive every
 transition directly). The balancer's loop sends ``heartbeat()`` every ``interval`` seconds
@@ -33,6 +47,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class State(enum.IntEnum):
@@ -42,6 +57,131 @@ class State(enum.IntEnum):
     BACKUP = 2  # configured backup, not yet settled
     ACTIVE = 3  # serving
     PASSIVE = 4  # standing by
+
+
+class Role(enum.Enum):
+    """The role a balancer is configured with (``primary = true`` or ``false``)."""
+
+    PRIMARY = "primary"
+    BACKUP = "backup"
+
+
+class StarEvent(enum.Enum):
+    """What a balancer of the pair may learn (zguide's PEER_* and CLIENT_REQUEST events)."""
+
+    PEER_PRIMARY = "peer_primary"  # the peer's heartbeat said PRIMARY
+    PEER_BACKUP = "peer_backup"
+    PEER_ACTIVE = "peer_active"
+    PEER_PASSIVE = "peer_passive"
+    CLIENT_PEER_UNKNOWN = "client_peer_unknown"  # a client turned here; the peer never heard, not yet expired
+    CLIENT_PEER_ALIVE = "client_peer_alive"  # ... the peer heard within its liveness
+    CLIENT_PEER_SILENT = "client_peer_silent"  # ... the peer silent past peer_expiry
+
+
+class Action(enum.Enum):
+    """What a rule does besides setting the state."""
+
+    IGNORE = "ignore"  # nothing: the event does not change this state (zguide ignores it)
+    SETTLE = "settle"  # a heartbeat moves the state
+    DUAL_ACTIVE = "dual_active"  # both sides active: counted; the backup steps down
+    DUAL_PASSIVE = "dual_passive"  # both sides passive: counted; the primary serves
+    SERVE = "serve"  # serve the client
+    REFUSE = "refuse"  # refuse the client (counted as clients_refused)
+    TAKE_OVER = "take_over"  # serve the client, taking over from a silent peer (counted)
+
+
+class Rule(NamedTuple):
+    """One row of the table: the state after the event, what to do, and why (for the log;
+    ``{silence}`` is the peer's liveness period in seconds)."""
+
+    new: State
+    action: Action
+    why: str
+
+
+# Actions that serve the client, and the counter each action bumps (before any change of state).
+SERVING: frozenset[Action] = frozenset({Action.SERVE, Action.TAKE_OVER})
+ACTION_COUNTERS: dict[Action, str] = {
+    Action.DUAL_ACTIVE: "dual_active",
+    Action.DUAL_PASSIVE: "dual_passive",
+    Action.REFUSE: "clients_refused",
+    Action.TAKE_OVER: "takeovers",
+}
+
+PEER_EVENTS: dict[State, StarEvent] = {
+    State.PRIMARY: StarEvent.PEER_PRIMARY,
+    State.BACKUP: StarEvent.PEER_BACKUP,
+    State.ACTIVE: StarEvent.PEER_ACTIVE,
+    State.PASSIVE: StarEvent.PEER_PASSIVE,
+}
+
+_PR, _BK, _AC, _PA = State.PRIMARY, State.BACKUP, State.ACTIVE, State.PASSIVE
+_E = StarEvent
+_IGNORE, _SETTLE, _SERVE, _REFUSE, _TAKE_OVER = Action.IGNORE, Action.SETTLE, Action.SERVE, Action.REFUSE, Action.TAKE_OVER
+_TAKING_OVER = "peer silent for {silence:g} s and a client turned to this one: taking over"
+
+# The whole machine: role -> (state, event) -> rule. zguide chapter 4, "Binary Star", its state
+# chart and bstar.c's s_execute_fsm, with the departures listed in the module docstring.
+TRANSITIONS: dict[Role, dict[tuple[State, StarEvent], Rule]] = {
+    Role.PRIMARY: {
+        (_PR, _E.PEER_PRIMARY): Rule(_PR, _IGNORE, "two primaries: a misconfiguration, nothing settles"),
+        (_PR, _E.PEER_BACKUP): Rule(_AC, _SETTLE, "peer is backup: this primary serves"),
+        (_PR, _E.PEER_ACTIVE): Rule(_PA, _SETTLE, "peer is active (it took over): this primary stands by"),
+        (_PR, _E.PEER_PASSIVE): Rule(_AC, _SETTLE, "peer is passive: this primary serves"),
+        (_PR, _E.CLIENT_PEER_UNKNOWN): Rule(_PR, _REFUSE, "give the backup its chance to show up first"),
+        (_PR, _E.CLIENT_PEER_ALIVE): Rule(_AC, _SERVE, "a client turned to this primary and no backup answers: it serves"),
+        (_PR, _E.CLIENT_PEER_SILENT): Rule(_AC, _SERVE, "a client turned to this primary and no backup answers: it serves"),
+        (_AC, _E.PEER_PRIMARY): Rule(_AC, _IGNORE, "already serving"),
+        (_AC, _E.PEER_BACKUP): Rule(_AC, _IGNORE, "already serving"),
+        (_AC, _E.PEER_ACTIVE): Rule(_AC, Action.DUAL_ACTIVE, "both sides active: the primary keeps serving"),
+        (_AC, _E.PEER_PASSIVE): Rule(_AC, _IGNORE, "already serving"),
+        (_AC, _E.CLIENT_PEER_UNKNOWN): Rule(_AC, _SERVE, "serving"),
+        (_AC, _E.CLIENT_PEER_ALIVE): Rule(_AC, _SERVE, "serving"),
+        (_AC, _E.CLIENT_PEER_SILENT): Rule(_AC, _SERVE, "serving"),
+        (_PA, _E.PEER_PRIMARY): Rule(_AC, _SETTLE, "peer restarted as primary: this one serves"),
+        (_PA, _E.PEER_BACKUP): Rule(_AC, _SETTLE, "peer restarted as backup: this one serves"),
+        (_PA, _E.PEER_ACTIVE): Rule(_PA, _IGNORE, "the peer serves"),
+        (_PA, _E.PEER_PASSIVE): Rule(_AC, Action.DUAL_PASSIVE, "both sides passive: the primary serves"),
+        (_PA, _E.CLIENT_PEER_UNKNOWN): Rule(_PA, _REFUSE, "the peer may still serve"),
+        (_PA, _E.CLIENT_PEER_ALIVE): Rule(_PA, _REFUSE, "the peer serves: the client should turn to it"),
+        (_PA, _E.CLIENT_PEER_SILENT): Rule(_AC, _TAKE_OVER, _TAKING_OVER),
+    },
+    Role.BACKUP: {
+        (_BK, _E.PEER_PRIMARY): Rule(_BK, _IGNORE, "the backup waits for the primary to settle"),
+        (_BK, _E.PEER_BACKUP): Rule(_BK, _IGNORE, "two backups: a misconfiguration, nothing settles"),
+        (_BK, _E.PEER_ACTIVE): Rule(_PA, _SETTLE, "peer is active: this backup stands by"),
+        (_BK, _E.PEER_PASSIVE): Rule(_AC, _SETTLE, "peer is passive: this backup serves"),
+        (_BK, _E.CLIENT_PEER_UNKNOWN): Rule(_BK, _REFUSE, "the primary may still come up"),
+        (_BK, _E.CLIENT_PEER_ALIVE): Rule(_BK, _REFUSE, "the primary answers: the client should turn to it"),
+        (_BK, _E.CLIENT_PEER_SILENT): Rule(_AC, _TAKE_OVER, _TAKING_OVER),
+        (_AC, _E.PEER_PRIMARY): Rule(_AC, _IGNORE, "already serving"),
+        (_AC, _E.PEER_BACKUP): Rule(_AC, _IGNORE, "already serving"),
+        (_AC, _E.PEER_ACTIVE): Rule(_PA, Action.DUAL_ACTIVE, "both sides active (a healed partition): the backup steps down"),
+        (_AC, _E.PEER_PASSIVE): Rule(_AC, _IGNORE, "already serving"),
+        (_AC, _E.CLIENT_PEER_UNKNOWN): Rule(_AC, _SERVE, "serving"),
+        (_AC, _E.CLIENT_PEER_ALIVE): Rule(_AC, _SERVE, "serving"),
+        (_AC, _E.CLIENT_PEER_SILENT): Rule(_AC, _SERVE, "serving"),
+        (_PA, _E.PEER_PRIMARY): Rule(_AC, _SETTLE, "peer restarted as primary: this one serves"),
+        (_PA, _E.PEER_BACKUP): Rule(_AC, _SETTLE, "peer restarted as backup: this one serves"),
+        (_PA, _E.PEER_ACTIVE): Rule(_PA, _IGNORE, "the peer serves"),
+        (_PA, _E.PEER_PASSIVE): Rule(_PA, Action.DUAL_PASSIVE, "both sides passive: the primary will serve"),
+        (_PA, _E.CLIENT_PEER_UNKNOWN): Rule(_PA, _REFUSE, "the peer may still serve"),
+        (_PA, _E.CLIENT_PEER_ALIVE): Rule(_PA, _REFUSE, "the peer serves: the client should turn to it"),
+        (_PA, _E.CLIENT_PEER_SILENT): Rule(_AC, _TAKE_OVER, _TAKING_OVER),
+    },
+}
+
+# The states each role can be in: the table has a rule for each of them and every event.
+ROLE_STATES: dict[Role, frozenset[State]] = {
+    Role.PRIMARY: frozenset({_PR, _AC, _PA}),
+    Role.BACKUP: frozenset({_BK, _AC, _PA}),
+}
+
+
+class BinaryStarError(RuntimeError):
+    """An event in a state the table has no rule for: this side of the pair is corrupt (the
+    local-protocol error of h11's split; a peer cannot cause it, since every state it may
+    announce is an event with a rule)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +212,16 @@ class BinaryStar:
         self.state = State.PRIMARY if self.primary else State.BACKUP
         # At start the peer is unknown; give it one liveness period to show up before a client
         # may make a passive node take over (zguide does the same).
-        self.peer_expiry = self.now + self.interval * self.liveness
+        self.peer_expiry = self.now + self.period
+
+    @property
+    def role(self) -> Role:
+        return Role.PRIMARY if self.primary else Role.BACKUP
+
+    @property
+    def period(self) -> float:
+        """Seconds of silence after which the peer counts as gone."""
+        return self.interval * self.liveness
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -80,50 +229,27 @@ class BinaryStar:
         """The peer's heartbeat said it is in state ``peer``."""
         self.peer_state = peer
         self.last_heard = now
-        self.peer_expiry = now + self.interval * self.liveness
-        s = self.state
-        if s == State.PRIMARY:
-            if peer in (State.BACKUP, State.PASSIVE):
-                return self._go(State.ACTIVE, f"peer is {peer.name.lower()}: this primary serves")
-            if peer == State.ACTIVE:
-                return self._go(State.PASSIVE, "peer is active (it took over): this primary stands by")
-        elif s == State.BACKUP:
-            if peer == State.ACTIVE:
-                return self._go(State.PASSIVE, "peer is active: this backup stands by")
-            if peer == State.PASSIVE:
-                return self._go(State.ACTIVE, "peer is passive: this backup serves")
-        elif s == State.ACTIVE:
-            if peer == State.ACTIVE:
-                self._count("dual_active")
-                if not self.primary:
-                    return self._go(State.PASSIVE, "both sides active (a healed partition): the backup steps down")
-        elif s == State.PASSIVE:
-            if peer in (State.PRIMARY, State.BACKUP):
-                return self._go(State.ACTIVE, f"peer restarted as {peer.name.lower()}: this one serves")
-            if peer == State.PASSIVE:
-                self._count("dual_passive")
-                if self.primary:
-                    return self._go(State.ACTIVE, "both sides passive: the primary serves")
-        return None
+        self.peer_expiry = now + self.period
+        return self._apply(PEER_EVENTS[peer])[1]
 
     def on_client(self, now: float) -> tuple[bool, Transition | None]:
         """A master or worker turned to this balancer: (serve it?, any change of state)."""
-        s = self.state
-        if s == State.ACTIVE:
-            return True, None
-        if s == State.PRIMARY:
-            if self.peer_state is None and now < self.peer_expiry:
-                self._count("clients_refused")
-                return False, None  # give the backup its chance to show up first
-            return True, self._go(State.ACTIVE, "a client turned to this primary and no backup answers: it serves")
-        # BACKUP or PASSIVE: take over only if the peer is silent too (a backup whose primary
-        # never came up serves once a client turns to it after the liveness period)
+        return self._apply(self.client_event(now))
+
+    def client_event(self, now: float) -> StarEvent:
+        """Which of the three client events a client turning to this balancer at ``now`` is."""
         if now >= self.peer_expiry:
-            self._count("takeovers")
-            return True, self._go(State.ACTIVE, f"peer silent for {self.interval * self.liveness:g} s and a client "
-                                                "turned to this one: taking over")
-        self._count("clients_refused")
-        return False, None
+            return StarEvent.CLIENT_PEER_SILENT
+        return StarEvent.CLIENT_PEER_UNKNOWN if self.peer_state is None else StarEvent.CLIENT_PEER_ALIVE
+
+    def rule(self, event: StarEvent) -> Rule:
+        """The table's rule for ``event`` in the current state; ``BinaryStarError`` if none."""
+        rule = TRANSITIONS[self.role].get((self.state, event))
+        if rule is None:
+            raise BinaryStarError(f"Binary Star: a {self.role.value} has no rule for {event.name} in state "
+                                  f"{self.state.name} (it can only be in "
+                                  f"{', '.join(sorted(s.name for s in ROLE_STATES[self.role]))})")
+        return rule
 
     def heartbeat(self) -> State:
         """The state to announce to the peer now."""
@@ -137,7 +263,7 @@ class BinaryStar:
 
     def status(self, now: float) -> dict:
         return {
-            "role": "primary" if self.primary else "backup",
+            "role": self.role.value,
             "state": self.state.name.lower(),
             "peer_state": None if self.peer_state is None else self.peer_state.name.lower(),
             "peer_alive": self.peer_alive(now),
@@ -145,7 +271,38 @@ class BinaryStar:
             **self.counters,
         }
 
+    def validate_state(self) -> None:
+        """Check the invariants the table implies; raises AssertionError on the first broken."""
+        assert isinstance(self.state, State) and self.state in ROLE_STATES[self.role], \
+            f"a {self.role.value} cannot be {self.state!r}"
+        assert self.interval > 0 and self.liveness >= 1
+        assert (self.peer_state is None) == (self.last_heard is None), "a peer state comes with the time it was heard"
+        if self.last_heard is not None:
+            assert isinstance(self.peer_state, State)
+            assert self.peer_expiry >= self.last_heard + self.period, "the peer expires a liveness period after it was heard"
+        # Only a heartbeat can make one PASSIVE, and nothing but a client makes one ACTIVE
+        # without a heartbeat: in any state but ACTIVE, the last heartbeat heard leaves it there.
+        if self.state == State.PASSIVE:
+            assert self.peer_state is not None, "only a heartbeat makes a balancer passive"
+        if self.state != State.ACTIVE and self.peer_state is not None:
+            assert self.rule(PEER_EVENTS[self.peer_state]).new == self.state, \
+                f"{self.state.name} is not where hearing {self.peer_state.name} leaves a {self.role.value}"
+        if self.state in (State.ACTIVE, State.PASSIVE):
+            assert self.counters.get(f"to_{self.state.name.lower()}", 0) >= 1, "a balancer starts unsettled"
+        assert all(isinstance(n, int) and n > 0 for n in self.counters.values())
+
     # ---- inside ------------------------------------------------------------------------------
+
+    def _apply(self, event: StarEvent) -> tuple[bool, Transition | None]:
+        """Carry out the table's rule for ``event``: (serve the client?, any change of state)."""
+        rule = self.rule(event)
+        counter = ACTION_COUNTERS.get(rule.action)
+        if counter is not None:
+            self._count(counter)
+        change = None
+        if rule.new != self.state:
+            change = self._go(rule.new, rule.why.format(silence=self.period))
+        return rule.action in SERVING, change
 
     def _go(self, new: State, why: str) -> Transition:
         old, self.state = self.state, new

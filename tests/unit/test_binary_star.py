@@ -1,5 +1,7 @@
-"""The Binary Star pair: every transition, the split-brain guard, and two simulated balancers
-exchanging heartbeats over a lossy, partitionable link (seeded)."""
+"""The Binary Star pair: the transition table (balancer.binary_star.TRANSITIONS) checked for
+coverage and against an independent list of expected moves, every rule carried out, the
+split-brain guard, and two simulated balancers exchanging heartbeats over a lossy, partitionable
+link (seeded). ``validate_state`` runs after every step."""
 
 from __future__ import annotations
 
@@ -9,18 +11,114 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer.binary_star import BinaryStar, State
+from balancer.binary_star import (
+    ACTION_COUNTERS,
+    PEER_EVENTS,
+    ROLE_STATES,
+    SERVING,
+    TRANSITIONS,
+    Action,
+    BinaryStar,
+    BinaryStarError,
+    Role,
+    StarEvent,
+    State,
+)
 
 A, B, P = State.ACTIVE, State.BACKUP, State.PASSIVE
 PR = State.PRIMARY
 EXPIRY = 0.25 * 4
+CLIENT_EVENTS = (StarEvent.CLIENT_PEER_UNKNOWN, StarEvent.CLIENT_PEER_ALIVE, StarEvent.CLIENT_PEER_SILENT)
 
 
 def star(primary: bool, state: State | None = None) -> BinaryStar:
+    """A star in ``state``, reached the way a real one gets there (heartbeats at t = 0)."""
     s = BinaryStar(primary, interval=0.25, liveness=4, now=0.0)
-    if state is not None:
-        s.state = state
+    s.validate_state()
+    if state == A:
+        s.on_peer(B if primary else P, 0.0)
+    elif state == P:
+        s.on_peer(A, 0.0)
+    assert state is None or s.state == state
+    s.validate_state()
     return s
+
+
+def forced(role: Role, state: State) -> BinaryStar:
+    """A star put straight into ``state`` (no invariants: for carrying out single rules)."""
+    s = BinaryStar(role == Role.PRIMARY, interval=0.25, liveness=4, now=0.0)
+    s.state = state
+    return s
+
+
+# ---- the table as data ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_the_table_has_a_rule_for_every_state_of_a_role_and_every_event_and_no_other(role):
+    assert set(TRANSITIONS[role]) == {(s, e) for s in ROLE_STATES[role] for e in StarEvent}
+    assert set(PEER_EVENTS) == set(State) and set(PEER_EVENTS.values()) | set(CLIENT_EVENTS) == set(StarEvent)
+
+
+@pytest.mark.parametrize(("role", "state", "event"), [(r, s, e) for r in Role for (s, e) in TRANSITIONS[r]])
+def test_each_rule_is_well_formed(role, state, event):
+    rule = TRANSITIONS[role][(state, event)]
+    assert rule.new in ROLE_STATES[role]
+    if event in CLIENT_EVENTS:  # a client is served or refused, nothing else
+        assert rule.action in (Action.SERVE, Action.TAKE_OVER, Action.REFUSE)
+        assert (rule.new == A) == (rule.action in SERVING)
+    else:  # a heartbeat never serves a client
+        assert rule.action in (Action.IGNORE, Action.SETTLE, Action.DUAL_ACTIVE, Action.DUAL_PASSIVE)
+    if rule.action in (Action.IGNORE, Action.REFUSE):
+        assert rule.new == state
+    if rule.action == Action.SETTLE:
+        assert rule.new != state
+    if rule.action == Action.TAKE_OVER:
+        assert state in (B, P) and event == StarEvent.CLIENT_PEER_SILENT
+    assert rule.why
+
+
+@pytest.mark.parametrize(("role", "state", "event"), [(r, s, e) for r in Role for (s, e) in TRANSITIONS[r]])
+def test_the_machine_carries_out_each_rule(role, state, event):
+    rule = TRANSITIONS[role][(state, event)]
+    s = forced(role, state)
+    served, change = s._apply(event)
+    assert s.state == rule.new and served == (rule.action in SERVING)
+    assert (change is None) == (rule.new == state)
+    if change is not None:
+        assert (change.old, change.new) == (state, rule.new) and "{" not in change.why
+        assert s.counters[f"to_{rule.new.name.lower()}"] == 1
+    counter = ACTION_COUNTERS.get(rule.action)
+    assert s.counters.get(counter, 0) == (1 if counter else 0)
+
+
+@pytest.mark.parametrize(("role", "state", "peer"), [(r, s, p) for r in Role for s in ROLE_STATES[r] for p in State])
+def test_a_heartbeat_that_settles_a_passive_or_unsettled_state_leaves_it_there_when_heard_again(role, state, peer):
+    # what validate_state relies on: outside ACTIVE, the last heartbeat heard keeps the state
+    event = PEER_EVENTS[peer]
+    after = TRANSITIONS[role][(state, event)].new
+    if after != A:
+        assert TRANSITIONS[role][(after, event)].new == after
+
+
+def test_a_state_the_role_cannot_be_in_is_a_clear_error():
+    s = forced(Role.BACKUP, PR)
+    with pytest.raises(BinaryStarError, match="backup has no rule for PEER_ACTIVE in state PRIMARY"):
+        s.on_peer(A, 0.1)
+    with pytest.raises(AssertionError, match="cannot be"):
+        s.validate_state()
+    with pytest.raises(BinaryStarError):
+        forced(Role.PRIMARY, B).on_client(0.1)
+
+
+def test_validate_state_catches_a_state_the_last_heartbeat_contradicts():
+    s = star(True, P)
+    s.peer_state = B  # a passive primary that last heard a backup would have become active
+    with pytest.raises(AssertionError, match="PASSIVE is not where hearing BACKUP"):
+        s.validate_state()
+
+
+# ---- the expected moves, written out independently of the table ----------------------------------
 
 
 @pytest.mark.parametrize(
@@ -34,60 +132,114 @@ def star(primary: bool, state: State | None = None) -> BinaryStar:
         (False, B, P, A),
         (False, B, B, B),
         (False, B, PR, B),  # the backup waits for the primary to settle
+        (True, A, PR, A),
         (True, A, B, A),
         (True, A, P, A),
         (True, A, A, A),  # dual active: the primary keeps serving
+        (False, A, PR, A),
+        (False, A, B, A),
+        (False, A, P, A),
         (False, A, A, P),  # ... and the backup steps down
         (False, P, PR, A),  # the peer restarted: this one serves
+        (False, P, B, A),
+        (True, P, PR, A),
         (True, P, B, A),
         (False, P, A, P),
+        (True, P, A, P),
         (True, P, P, A),  # dual passive: the primary serves
         (False, P, P, P),
     ],
 )
 def test_peer_heartbeats_move_the_state(primary, state, peer, after):
     s = star(primary, state)
-    s.on_peer(peer, 0.1)
+    change = s.on_peer(peer, 0.1)
     assert s.state == after
+    assert (change is None) == (after == state)
+    assert TRANSITIONS[s.role][(state, PEER_EVENTS[peer])].new == after
+    s.validate_state()
+
+
+@pytest.mark.parametrize(
+    ("primary", "state", "at", "served", "after"),
+    [
+        (True, PR, 0.1, False, PR),  # nothing heard yet: the backup may still announce itself
+        (True, PR, EXPIRY + 0.01, True, A),  # a primary alone serves
+        (False, B, 0.1, False, B),
+        (False, B, EXPIRY + 0.01, True, A),  # the primary never came up
+        (True, A, 0.1, True, A),
+        (True, A, EXPIRY + 0.01, True, A),
+        (False, A, 0.1, True, A),
+        (False, P, 0.1, False, P),  # the peer is alive: the client should talk to it
+        (True, P, 0.1, False, P),
+        (False, P, EXPIRY + 0.01, True, A),  # silent peer and a client: take over
+        (True, P, EXPIRY + 0.01, True, A),
+    ],
+)
+def test_clients_are_served_or_refused(primary, state, at, served, after):
+    s = star(primary, state)
+    assert s.on_client(at)[0] is served
+    assert s.state == after
+    s.validate_state()
+
+
+def test_a_primary_that_heard_another_primary_serves_a_client():
+    s = star(True)
+    s.on_peer(PR, 0.0)
+    assert s.client_event(0.1) == StarEvent.CLIENT_PEER_ALIVE
+    assert s.on_client(0.1)[0] and s.state == A
+    s.validate_state()
 
 
 def test_a_passive_takes_over_only_when_the_peer_is_silent_and_a_client_turns_to_it():
     s = star(False)
     s.on_peer(A, 0.0)
     assert s.state == P
+    s.validate_state()
     # the peer is alive: a client is refused (it should be talking to the active one)
     assert s.on_client(0.5) == (False, None)
+    s.validate_state()
     # silence alone changes nothing: no client asked (the split-brain case)
     for t in (1.5, 5.0, 60.0):
         assert not s.peer_alive(t) and s.state == P
     served, change = s.on_client(60.0)
     assert served and change.new == A and "taking over" in change.why
+    assert change.why == "peer silent for 1 s and a client turned to this one: taking over"
     assert s.counters["takeovers"] == 1
+    s.validate_state()
 
 
 def test_a_primary_alone_serves_after_giving_its_backup_a_chance():
     s = star(True)
     assert s.on_client(0.1) == (False, None)  # the backup may still announce itself (or be active)
+    s.validate_state()
     served, change = s.on_client(EXPIRY + 0.01)
     assert served and s.state == A and "no backup answers" in change.why
+    assert "takeovers" not in s.counters and s.counters["clients_refused"] == 1
+    s.validate_state()
 
 
 def test_a_restarting_primary_does_not_serve_while_the_backup_is_active():
     s = star(True)
     assert s.on_client(0.05)[0] is False
+    s.validate_state()
     s.on_peer(A, 0.1)
+    s.validate_state()
     assert s.state == P and s.on_client(0.2)[0] is False
+    s.validate_state()
 
 
 def test_a_backup_whose_primary_never_came_up_serves_once_asked_after_liveness():
     s = star(False)
     assert s.on_client(0.5)[0] is False
+    s.validate_state()
     assert s.on_client(EXPIRY + 0.01)[0] is True and s.state == A
+    s.validate_state()
 
 
 def test_status_says_role_state_and_peer():
     s = star(True)
     s.on_peer(B, 1.0)
+    s.validate_state()
     st_ = s.status(1.5)
     assert st_["role"] == "primary" and st_["state"] == "active" and st_["peer_state"] == "backup"
     assert st_["peer_alive"] and st_["peer_silent_s"] == 0.5
@@ -125,6 +277,8 @@ def run_pair(seed: int, steps: int, drop: float, partitions: list[tuple[float, f
                 primary.on_client(t)
         if primary.serving() and backup.serving() and not primary_down:
             serving_both += 1
+        primary.validate_state()
+        backup.validate_state()
     return primary, backup, serving_both
 
 
@@ -158,8 +312,11 @@ def test_after_a_partition_in_which_both_served_the_backup_steps_down_on_heal():
     assert (primary.state, backup.state) == (A, P)
     # the link breaks and a client that cannot reach the primary turns to the backup
     assert backup.on_client(2.0)[0] and backup.state == A
+    backup.validate_state()
     # the link heals: each hears the other active
     primary.on_peer(backup.heartbeat(), 2.5)
     backup.on_peer(State.ACTIVE, 2.5)
     assert (primary.state, backup.state) == (A, P)
+    primary.validate_state()
+    backup.validate_state()
     assert primary.counters["dual_active"] == 1 and backup.counters["dual_active"] == 1
