@@ -123,7 +123,7 @@ def measure_ledger(n: int) -> dict:
     t0 = time.perf_counter()
     again = Ledger.restore(blob)
     restore_s = time.perf_counter() - t0
-    assert again.work_summary() == ledger.work_summary()
+    assert again.work.summary() == ledger.work.summary()
     return {"units": n, "load_s": round(load_s, 3), "load_units_per_s": round(n / load_s),
             "rss_bytes": rss, "rss_added_bytes": rss - rss0, "snapshot_bytes": len(blob),
             "snapshot_s": round(snap_s, 3), "restore_s": round(restore_s, 3),

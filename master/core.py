@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import msgspec
 
-from cluster.runtime.events import (
+from cluster.node.events import (
     Effect,
     Event,
     Log,
@@ -58,7 +58,7 @@ from cluster.runtime.events import (
     StopRequested,
     TimerFired,
 )
-from master import jobs
+from master import jobs, views
 from master.commands import (
     AddUnits,
     AddWorkSpec,
@@ -75,7 +75,10 @@ from master.commands import (
     ReleaseFile,
     SubmitJob,
 )
-from master.ledger import Applied, Ledger, spec_digest, task_files_problem
+from master.files import task_files_problem
+from master.joblife import spec_digest
+from master.ledger import Ledger
+from master.state import Applied
 from master.workspec import WorkSpecError
 from proto.errors import AppReason
 from proto.ids import join128, split128
@@ -382,7 +385,7 @@ class MasterCore:
     def _on_work(self, ev: MessageReceived, m: Work, now: float) -> list[Effect]:
         """Work specs and units: ``summary`` is read here, the rest are writes for the log."""
         if m.op == "summary":
-            return [self._reply(ev, m.request_id, self.ledger.work_summary())]
+            return [self._reply(ev, m.request_id, self.ledger.work.summary())]
         if m.op == "units":
             q = m.body if isinstance(m.body, dict) else {}
             try:
@@ -486,7 +489,7 @@ class MasterCore:
             _, route, request_id = reply
             if not result.ok:
                 return [_app_error_to(route, request_id, AppReason.REFUSED, result.code, result.text, cause)]
-            view = self.ledger.job_view(result.value["job"])
+            view = views.job_view(self.ledger.state, result.value["job"])
             return [Send(API, QueryReply(request_id, 0, self.view.term, log_index, view, self._leader_address()), route, cause)]
         if kind == "write":
             _, route, request_id = reply
@@ -603,7 +606,7 @@ class MasterCore:
         self.inflight.clear()  # answers to earlier proposals still land; they are simply not resent
         out: list[Effect] = [Log(logging.INFO, f"balancer {m.name} attached (epoch {m.epoch}, credit {m.credit})"
                                  + (", replacing the previous one" if replaced else ""), ev.stimulus_id)]
-        open_now = list(self.ledger.open_assignments())
+        open_now = list(views.open_assignments(self.ledger.state, self.ledger.work))
         out.append(Send(API, Attached(m.request_id, self.view.term, len(open_now), self.name), ev.route, ev.stimulus_id))
         for job_id, task_id, attempt in open_now:  # the balancer matches these with its workers
             out.append(Send(API, self._worker_request(job_id, task_id, (attempt.fence_term, attempt.fence_sequence)),
@@ -624,7 +627,7 @@ class MasterCore:
         room = min(link.credit - len(self.inflight), self.dispatch_max)
         if room <= 0:
             return []
-        tasks = self.ledger.ready_tasks(room, self.inflight)
+        tasks = views.ready_tasks(self.ledger.state, self.ledger.work, room, self.inflight)
         if not tasks:
             return []
         first = self.sequence + 1
@@ -634,7 +637,7 @@ class MasterCore:
         return self._propose([(command, ("assign", link.epoch, tasks))], now, cause)
 
     def _worker_request(self, job_id: bytes, task_id: int, fence: tuple[int, int]) -> WorkerRequest:
-        order = self.ledger.task_order(job_id, task_id)
+        order = views.task_order(self.ledger.state, self.ledger.work, job_id, task_id)
         run = order["run"]
         program = run.get("program", b"")
         program = program if isinstance(program, bytes) else b""
@@ -659,17 +662,17 @@ class MasterCore:
 
     def _on_job_query(self, ev: MessageReceived, m: JobQuery, now: float) -> list[Effect]:
         job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
-        view = self.ledger.job_view(job_id)
+        view = views.job_view(self.ledger.state, job_id)
         if view is None:
             return [self._not_found(ev, m.request_id, f"no job {job_id.hex()}")]
         return [self._reply(ev, m.request_id, view)]
 
     def _on_job_list(self, ev: MessageReceived, m: JobList, now: float) -> list[Effect]:
-        return [self._reply(ev, m.request_id, self.ledger.jobs_view(min(m.limit, MAX_LIST), m.state))]
+        return [self._reply(ev, m.request_id, views.jobs_view(self.ledger.state, min(m.limit, MAX_LIST), m.state))]
 
     def _on_task_query(self, ev: MessageReceived, m: TaskQuery, now: float) -> list[Effect]:
         job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
-        view = self.ledger.task_view(job_id, m.task_id)
+        view = views.task_view(self.ledger.state, job_id, m.task_id)
         if view is None:
             return [self._not_found(ev, m.request_id, f"no job {job_id.hex()}")]
         return [self._reply(ev, m.request_id, view)]
@@ -678,12 +681,12 @@ class MasterCore:
         if len(m.ids) > MAX_LOOKUP:
             return [_app_error(ev, m.request_id, AppReason.REFUSED, "too_many_ids",
                                f"{len(m.ids)} file ids in one lookup; ask for at most {MAX_LOOKUP} at a time")]
-        return [self._reply(ev, m.request_id, {f.hex(): self.ledger.file_view(f) for f in m.ids})]
+        return [self._reply(ev, m.request_id, {f.hex(): views.file_view(self.ledger.state, f) for f in m.ids})]
 
     def _on_file_list(self, ev: MessageReceived, m: FileList, now: float) -> list[Effect]:
         if m.owner is not None and m.owner not in self.ledger.state.jobs and m.owner not in self.ledger.state.named:
             return [self._not_found(ev, m.request_id, f"no job {m.owner.hex()}")]
-        return [self._reply(ev, m.request_id, self.ledger.files_view(max(1, min(m.limit, MAX_LIST)), m.owner, m.after))]
+        return [self._reply(ev, m.request_id, views.files_view(self.ledger.state, max(1, min(m.limit, MAX_LIST)), m.owner, m.after))]
 
     def _on_heartbeat(self, ev: MessageReceived, m: Heartbeat, now: float) -> list[Effect]:
         if m.reply:
@@ -728,9 +731,9 @@ class MasterCore:
         found: dict[str, Any] = {}
         unknown: list[str] = []
         for job_id, cursor in watched.items():
-            if not self.ledger.has_news(job_id, cursor):
+            if not views.has_news(self.ledger.state, job_id, cursor):
                 continue
-            view = self.ledger.endings_view(job_id, cursor, budget)
+            view = views.endings_view(self.ledger.state, job_id, cursor, budget)
             if view is None:
                 unknown.append(job_id.hex())
             elif view["cursor"] > cursor or view["done"] + view["failed"] <= cursor:
@@ -774,7 +777,7 @@ class MasterCore:
         routes: dict[bytes, None] = {}
         for job_id in job_ids:
             for route in self.watching.get(job_id, ()):
-                if self.ledger.has_news(job_id, self.watchers[route].jobs[job_id]):
+                if views.has_news(self.ledger.state, job_id, self.watchers[route].jobs[job_id]):
                     routes[route] = None
         out: list[Effect] = []
         for route in routes:
@@ -821,7 +824,7 @@ class MasterCore:
             "last_applied": v.last_applied,
             "log_size": v.log_size,
             **self.raft_detail(),
-            "ledger": {**self.ledger.footprint(), "commands_applied": self.ledger.state.applied, **self.ledger.state.counters},
+            "ledger": {**views.footprint(self.ledger.state), "commands_applied": self.ledger.state.applied, **self.ledger.state.counters},
             "queued_writes": len(self.queue),
             "watches_parked": len(self.watchers),
             "proposals_in_flight": len(self.proposals),

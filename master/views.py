@@ -1,227 +1,222 @@
 """The ledger's read views: what the leader's dispatcher and the client API read.
 
-A mixin of ``master.ledger.Ledger`` (``self.state`` and ``self.work`` are the ledger's), kept
-apart from the commands' application so that each file reads as one concern: ledger.py changes
-the state, this file only looks at it.
+Plain functions over the ledger's state (``master.state.LedgerState``) and, for the views that
+cover work units too, its live work table (``master.workspec.WorkState``): e.g.
+``job_view(ledger.state, job_id)``. They only look; ``master.ledger`` changes the state. This
+module imports ``master.state`` and never ``master.ledger``, so the two cannot form a cycle.
 """
 
 from __future__ import annotations
 
 import heapq
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from master import jobs
 from master.commands import OUTCOMES
-
-if TYPE_CHECKING:
-    from master.ledger import Attempt, Job, LedgerState
-    from master.workspec import WorkState
-
-PIN = b""  # the owner key of a user's pin in FileRecord.refs
+from master.state import PIN, Attempt, Job, LedgerState
+from master.workspec import WorkState
 
 
-class LedgerViews:
-    """Read-only views of the ledger's state (see the module docstring)."""
-
-    state: "LedgerState"
-    work: "WorkState"
-
-    # ---- queries (the leader's dispatcher and the client API read these) -----------------
-
-    def ready_tasks(self, limit: int, exclude: set[tuple[bytes, int]] = frozenset()) -> list[tuple[bytes, int]]:
-        """Up to ``limit`` ready tasks: higher job priority first, round-robin between the jobs
-        of one priority (so one big job cannot starve the others), oldest task first in a job."""
-        out: list[tuple[bytes, int]] = []
-        active = [j for j in self.state.jobs.values() if j.state == "active" and j.ready]
-        active.sort(key=lambda j: (-j.spec["priority"], j.seq))
-        groups: dict[int, list[Job]] = {}
-        for job in active:
-            groups.setdefault(job.spec["priority"], []).append(job)
-        for group in groups.values():  # in priority order (dicts keep insertion order)
-            turn = [(job, iter(job.ready)) for job in group]
-            while turn and len(out) < limit:
-                still = []
-                for job, it in turn:
-                    for task_id in it:
-                        if (job.job_id, task_id) not in exclude:
-                            out.append((job.job_id, task_id))
-                            still.append((job, it))
-                            break
-                    if len(out) >= limit:
+def ready_tasks(state: LedgerState, work: WorkState, limit: int,
+                exclude: set[tuple[bytes, int]] = frozenset()) -> list[tuple[bytes, int]]:
+    """Up to ``limit`` ready tasks: higher job priority first, round-robin between the jobs
+    of one priority (so one big job cannot starve the others), oldest task first in a job."""
+    out: list[tuple[bytes, int]] = []
+    active = [j for j in state.jobs.values() if j.state == "active" and j.ready]
+    active.sort(key=lambda j: (-j.spec["priority"], j.seq))
+    groups: dict[int, list[Job]] = {}
+    for job in active:
+        groups.setdefault(job.spec["priority"], []).append(job)
+    for group in groups.values():  # in priority order (dicts keep insertion order)
+        turn = [(job, iter(job.ready)) for job in group]
+        while turn and len(out) < limit:
+            still = []
+            for job, it in turn:
+                for task_id in it:
+                    if (job.job_id, task_id) not in exclude:
+                        out.append((job.job_id, task_id))
+                        still.append((job, it))
                         break
-                turn = still
-        # then the work specs' units, shared by priority and weight (master.workspec.allocate)
-        return out + self.work.ready(limit - len(out), exclude)
-
-    def open_assignments(self) -> Iterator[tuple[bytes, int, Attempt]]:
-        """Every task handed out and not yet ended (a new balancer is told these again)."""
-        for job in self.state.jobs.values():
-            if job.state != "active":
-                continue
-            for task_id, task in job.tasks.items():
-                if task.state == "assigned":
-                    yield job.job_id, task_id, task.open_attempt()
-        from master.ledger import Attempt
-
-        for sid, uid, term, seq, holder, started in self.work.open():
-            yield sid, uid, Attempt(term, seq, holder, started)
-
-    def task_order(self, job_id: bytes, task_id: int) -> dict[str, Any]:
-        """What a worker needs to run a task: the job's ``run``, the task's arguments, and the
-        result files of the tasks it reads (e.g. the neighbouring tiles' boundaries)."""
-        if self.work.is_spec(job_id):
-            return self.work.order(job_id, task_id)
-        job = self.state.jobs[job_id]
-        inputs = []
-        for other in job.source.inputs(task_id):
-            t = job.tasks.get(other)
-            if t is not None and t.result_file is not None:
-                inputs.append(t.result_file)
-        arguments = jobs.task_arguments(job.kind, job.spec, task_id)
-        best = job.reduced.get("max")
-        if job.spec["run"].get("share_best") and best is not None:
-            # the best so far, for block pruning: a tile that cannot reach it is skipped
-            arguments = {**arguments, "best_so_far": best["summary"][job.spec["reduce"]["max"]]}
-        return {"run": job.spec["run"], "arguments": arguments, "inputs": inputs}
-
-    def job_view(self, job_id: bytes) -> dict[str, Any] | None:
-        job = self.state.jobs.get(job_id)
-        if job is None:
-            return None
-        states: dict[str, int] = {}
-        for t in job.tasks.values():
-            states[t.state] = states.get(t.state, 0) + 1
-        return {
-            "job": job_id.hex(),
-            "kind": job.kind,
-            "name": job.spec.get("name", ""),
-            "state": job.state,
-            "priority": job.spec["priority"],
-            "submitted_at": job.submitted_at,
-            "finished_at": job.finished_at,
-            "client": job.client,
-            "total": job.total,
-            "done": job.done,
-            "ready": states.get("ready", 0),
-            "assigned": states.get("assigned", 0),
-            "failed": job.failed,
-            "failed_attempts": job.failed_attempts,
-            "duplicates": job.duplicates,
-            "reduced": job.reduced,
-            "error": job.error,
-            "waiting_for": [j.hex() for j in job.after] if job.state == "active" else [],
-            **({"align": job.spec["align"]} if "align" in job.spec else {}),
-        }
-
-    def work_summary(self) -> list[dict[str, Any]]:
-        """Per work spec: its scheduling keys and units per state (``cluster summary``)."""
-        return self.work.summary()
-
-    def jobs_view(self, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
-        """The newest ``limit`` jobs (optionally only those in ``state``), newest first."""
-        out = []
-        for job in reversed(self.state.jobs.values()):
-            if state is None or job.state == state:
-                out.append(self.job_view(job.job_id))
                 if len(out) >= limit:
                     break
-        return out
+            turn = still
+    # then the work specs' units, shared by priority and weight (master.workspec.allocate)
+    return out + work.ready(limit - len(out), exclude)
 
-    def task_view(self, job_id: bytes, task_id: int) -> dict[str, Any] | None:
-        """A task's state, attempts and result reference; None if the job is unknown."""
-        job = self.state.jobs.get(job_id)
-        if job is None:
-            return None
-        base = {"job": job_id.hex(), "task": task_id}
-        if not job.source.exists(task_id):
-            return {**base, "state": "unknown", "note": f"the job has tasks 0..{job.total - 1}"}
-        task = job.tasks.get(task_id)
-        if task is None:
-            if job.source.is_done(task_id):
-                return {**base, "state": "done", "folded": True, "note": "its result was consumed and folded into the job's"}
-            return {**base, "state": "waiting" if job.state == "active" else job.state}
-        return {
-            **base,
-            "state": task.state,
-            "result_file": task.result_file.hex() if task.result_file else None,
-            "summary": task.summary,
-            "attempts": [
-                {
-                    "fence": [a.fence_term, a.fence_sequence],
-                    "balancer": a.balancer,
-                    "worker": a.worker,
-                    "assigned_at": a.assigned_at,
-                    "ended_at": a.ended_at,
-                    "outcome": OUTCOMES.get(a.outcome) if a.outcome is not None else None,
-                    "error": a.error,
-                }
-                for a in task.attempts
-            ],
-        }
 
-    def has_news(self, job_id: bytes, cursor: int) -> bool:
-        """Whether a watcher at ``cursor`` of the job's endings has something to hear: endings
-        past it, or the job is over (or unknown)."""
-        job = self.state.jobs.get(job_id)
-        return job is None or job.endings_dropped + len(job.endings) > cursor or job.state != "active"
+def open_assignments(state: LedgerState, work: WorkState) -> Iterator[tuple[bytes, int, Attempt]]:
+    """Every task handed out and not yet ended (a new balancer is told these again)."""
+    for job in state.jobs.values():
+        if job.state != "active":
+            continue
+        for task_id, task in job.tasks.items():
+            if task.state == "assigned":
+                yield job.job_id, task_id, task.open_attempt()
+    for sid, uid, term, seq, holder, started in work.open():
+        yield sid, uid, Attempt(term, seq, holder, started)
 
-    def endings_view(self, job_id: bytes, cursor: int, limit: int) -> dict[str, Any] | None:
-        """The job's state and up to ``limit`` task endings past ``cursor`` (WATCH's reply for one
-        job); ``cursor`` in the answer is where the next watch starts, ``more`` whether endings are
-        left past it (a job "done" with ``more`` has not told all yet), ``skipped`` how many endings
-        past the old cursor had been dropped (done tasks folded away: see ``_trim_endings``).
-        None if the job is unknown."""
-        job = self.state.jobs.get(job_id)
-        if job is None:
-            return None
-        skipped = max(0, job.endings_dropped - cursor) if limit > 0 else 0
-        start = cursor + skipped - job.endings_dropped
-        ids = job.endings[start:start + limit] if 0 <= start < len(job.endings) and limit > 0 else []
-        after = cursor + skipped + len(ids)
-        return {
-            "state": job.state,
-            "cursor": after,
-            "more": after < job.endings_dropped + len(job.endings),  # endings left: watch again at once
-            "skipped": skipped,
-            "error": job.error,
-            "done": job.done,
-            "failed": job.failed,
-            "total": job.total,
-            "tasks": [_ending(job, t) for t in ids],
-        }
 
-    def file_view(self, file_id: bytes) -> dict[str, Any] | None:
-        """A file's size, replicas and who refers to it (by name), or None if unknown."""
-        record = self.state.files.get(file_id)
-        if record is None:
-            return None
-        return {
-            "id": file_id.hex(),
-            "size": record.size,
-            "replicas": list(record.replicas),
-            "refs": {("pinned" if owner == PIN else owner.hex()): name for owner, name in record.refs.items()},
-            "registered_at": record.registered_at,
-        }
+def task_order(state: LedgerState, work: WorkState, job_id: bytes, task_id: int) -> dict[str, Any]:
+    """What a worker needs to run a task: the job's ``run``, the task's arguments, and the
+    result files of the tasks it reads (e.g. the neighbouring tiles' boundaries)."""
+    if work.is_spec(job_id):
+        return work.order(job_id, task_id)
+    job = state.jobs[job_id]
+    inputs = []
+    for other in job.source.inputs(task_id):
+        t = job.tasks.get(other)
+        if t is not None and t.result_file is not None:
+            inputs.append(t.result_file)
+    arguments = jobs.task_arguments(job.kind, job.spec, task_id)
+    best = job.reduced.get("max")
+    if job.spec["run"].get("share_best") and best is not None:
+        # the best so far, for block pruning: a tile that cannot reach it is skipped
+        arguments = {**arguments, "best_so_far": best["summary"][job.spec["reduce"]["max"]]}
+    return {"run": job.spec["run"], "arguments": arguments, "inputs": inputs}
 
-    def files_view(self, limit: int, owner: bytes | None = None, after: bytes | None = None) -> dict[str, Any]:
-        """Files in id order after ``after`` (all, or those ``owner`` refers to); ``next`` is the
-        ``after`` of the following page, None at the end. Cost: O(files) per page."""
-        ids = self.state.named.get(owner, {}).values() if owner is not None else self.state.files.keys()
-        page = heapq.nsmallest(limit + 1, (f for f in ids if after is None or f > after))
-        views = [self.file_view(f) for f in page[:limit]]
-        if owner is not None:
-            for v in views:
-                v["name"] = self.state.files[bytes.fromhex(v["id"])].refs[owner]
-        return {"files": views, "next": page[limit - 1].hex() if len(page) > limit else None}
 
-    def footprint(self) -> dict[str, int]:
-        """How much the ledger holds: what O(frontier) is measured by."""
-        return {
-            "jobs": len(self.state.jobs),
-            "task_records": sum(len(j.tasks) for j in self.state.jobs.values()),
-            "frontier_entries": sum(j.source.frontier() for j in self.state.jobs.values()),
-            "files": len(self.state.files),
-        }
+def job_view(state: LedgerState, job_id: bytes) -> dict[str, Any] | None:
+    """A job's state, counts and reduced result (JOB_QUERY's reply); None if unknown."""
+    job = state.jobs.get(job_id)
+    if job is None:
+        return None
+    states: dict[str, int] = {}
+    for t in job.tasks.values():
+        states[t.state] = states.get(t.state, 0) + 1
+    return {
+        "job": job_id.hex(),
+        "kind": job.kind,
+        "name": job.spec.get("name", ""),
+        "state": job.state,
+        "priority": job.spec["priority"],
+        "submitted_at": job.submitted_at,
+        "finished_at": job.finished_at,
+        "client": job.client,
+        "total": job.total,
+        "done": job.done,
+        "ready": states.get("ready", 0),
+        "assigned": states.get("assigned", 0),
+        "failed": job.failed,
+        "failed_attempts": job.failed_attempts,
+        "duplicates": job.duplicates,
+        "reduced": job.reduced,
+        "error": job.error,
+        "waiting_for": [j.hex() for j in job.after] if job.state == "active" else [],
+        **({"align": job.spec["align"]} if "align" in job.spec else {}),
+    }
+
+
+def jobs_view(state: LedgerState, limit: int = 100, job_state: str | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` jobs (optionally only those in ``job_state``), newest first."""
+    out = []
+    for job in reversed(state.jobs.values()):
+        if job_state is None or job.state == job_state:
+            out.append(job_view(state, job.job_id))
+            if len(out) >= limit:
+                break
+    return out
+
+
+def task_view(state: LedgerState, job_id: bytes, task_id: int) -> dict[str, Any] | None:
+    """A task's state, attempts and result reference; None if the job is unknown."""
+    job = state.jobs.get(job_id)
+    if job is None:
+        return None
+    base = {"job": job_id.hex(), "task": task_id}
+    if not job.source.exists(task_id):
+        return {**base, "state": "unknown", "note": f"the job has tasks 0..{job.total - 1}"}
+    task = job.tasks.get(task_id)
+    if task is None:
+        if job.source.is_done(task_id):
+            return {**base, "state": "done", "folded": True, "note": "its result was consumed and folded into the job's"}
+        return {**base, "state": "waiting" if job.state == "active" else job.state}
+    return {
+        **base,
+        "state": task.state,
+        "result_file": task.result_file.hex() if task.result_file else None,
+        "summary": task.summary,
+        "attempts": [
+            {
+                "fence": [a.fence_term, a.fence_sequence],
+                "balancer": a.balancer,
+                "worker": a.worker,
+                "assigned_at": a.assigned_at,
+                "ended_at": a.ended_at,
+                "outcome": OUTCOMES.get(a.outcome) if a.outcome is not None else None,
+                "error": a.error,
+            }
+            for a in task.attempts
+        ],
+    }
+
+
+def has_news(state: LedgerState, job_id: bytes, cursor: int) -> bool:
+    """Whether a watcher at ``cursor`` of the job's endings has something to hear: endings
+    past it, or the job is over (or unknown)."""
+    job = state.jobs.get(job_id)
+    return job is None or job.endings_dropped + len(job.endings) > cursor or job.state != "active"
+
+
+def endings_view(state: LedgerState, job_id: bytes, cursor: int, limit: int) -> dict[str, Any] | None:
+    """The job's state and up to ``limit`` task endings past ``cursor`` (WATCH's reply for one
+    job); ``cursor`` in the answer is where the next watch starts, ``more`` whether endings are
+    left past it (a job "done" with ``more`` has not told all yet), ``skipped`` how many endings
+    past the old cursor had been dropped (done tasks folded away: see ``attempts.trim_endings``).
+    None if the job is unknown."""
+    job = state.jobs.get(job_id)
+    if job is None:
+        return None
+    skipped = max(0, job.endings_dropped - cursor) if limit > 0 else 0
+    start = cursor + skipped - job.endings_dropped
+    ids = job.endings[start:start + limit] if 0 <= start < len(job.endings) and limit > 0 else []
+    after = cursor + skipped + len(ids)
+    return {
+        "state": job.state,
+        "cursor": after,
+        "more": after < job.endings_dropped + len(job.endings),  # endings left: watch again at once
+        "skipped": skipped,
+        "error": job.error,
+        "done": job.done,
+        "failed": job.failed,
+        "total": job.total,
+        "tasks": [_ending(job, t) for t in ids],
+    }
+
+
+def file_view(state: LedgerState, file_id: bytes) -> dict[str, Any] | None:
+    """A file's size, replicas and who refers to it (by name), or None if unknown."""
+    record = state.files.get(file_id)
+    if record is None:
+        return None
+    return {
+        "id": file_id.hex(),
+        "size": record.size,
+        "replicas": list(record.replicas),
+        "refs": {("pinned" if owner == PIN else owner.hex()): name for owner, name in record.refs.items()},
+        "registered_at": record.registered_at,
+    }
+
+
+def files_view(state: LedgerState, limit: int, owner: bytes | None = None, after: bytes | None = None) -> dict[str, Any]:
+    """Files in id order after ``after`` (all, or those ``owner`` refers to); ``next`` is the
+    ``after`` of the following page, None at the end. Cost: O(files) per page."""
+    ids = state.named.get(owner, {}).values() if owner is not None else state.files.keys()
+    page = heapq.nsmallest(limit + 1, (f for f in ids if after is None or f > after))
+    views = [file_view(state, f) for f in page[:limit]]
+    if owner is not None:
+        for v in views:
+            v["name"] = state.files[bytes.fromhex(v["id"])].refs[owner]
+    return {"files": views, "next": page[limit - 1].hex() if len(page) > limit else None}
+
+
+def footprint(state: LedgerState) -> dict[str, int]:
+    """How much the ledger holds: what O(frontier) is measured by."""
+    return {
+        "jobs": len(state.jobs),
+        "task_records": sum(len(j.tasks) for j in state.jobs.values()),
+        "frontier_entries": sum(j.source.frontier() for j in state.jobs.values()),
+        "files": len(state.files),
+    }
 
 
 def _ending(job: Job, task_id: int) -> dict[str, Any]:

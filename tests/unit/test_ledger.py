@@ -11,7 +11,7 @@ import time
 import msgspec
 import pytest
 
-from master import jobs
+from master import jobs, views
 from master.commands import (
     DONE,
     FAILED,
@@ -125,8 +125,8 @@ def test_submit_list_job_materialises_its_argument_maps_in_order():
     r = submit(ledger, "list", {"tasks": tasks, "run": {"fn": "sw"}, "name": "three"})
     assert r.ok and r.value == {"job": jid(1), "created": True}
     assert ready(ledger, jid(1)) == [0, 1, 2]
-    assert ledger.task_order(jid(1), 1) == {"run": {"fn": "sw"}, "arguments": {"seq": "GG"}, "inputs": []}
-    view = ledger.job_view(jid(1))
+    assert views.task_order(ledger.state, ledger.work, jid(1), 1) == {"run": {"fn": "sw"}, "arguments": {"seq": "GG"}, "inputs": []}
+    view = views.job_view(ledger.state, jid(1))
     assert (view["name"], view["total"], view["ready"], view["state"], view["priority"]) == ("three", 3, 3, "active", 0)
     spec = ledger.state.jobs[jid(1)].spec
     assert (spec["max_attempts"], spec["keep_results"], spec["reduce"]) == (3, True, {})
@@ -138,11 +138,11 @@ def test_submit_range_job_keeps_a_window_and_refills_it():
     assert submit(ledger, "range", {"count": count}).ok
     job = ledger.state.jobs[jid(1)]
     assert len(job.tasks) == jobs.WINDOW and ready(ledger, jid(1))[:3] == [0, 1, 2]
-    assert ledger.task_order(jid(1), 7)["arguments"] == {"index": 7}
+    assert views.task_order(ledger.state, ledger.work, jid(1), 7)["arguments"] == {"index": 7}
     assert run_task(ledger, jid(1), 5).code == "recorded"
     assert jobs.WINDOW in job.tasks and job.tasks[jobs.WINDOW].state == "ready"
     assert job.live == jobs.WINDOW and len(job.tasks) == jobs.WINDOW + 1  # done records are kept
-    assert ledger.task_view(jid(1), count - 1)["state"] == "waiting"
+    assert views.task_view(ledger.state, jid(1), count - 1)["state"] == "waiting"
 
 
 def test_submit_grid_wavefront_starts_at_the_corner_only():
@@ -151,9 +151,9 @@ def test_submit_grid_wavefront_starts_at_the_corner_only():
     job = ledger.state.jobs[jid(1)]
     assert ready(ledger, jid(1)) == [0] and list(job.tasks) == [0]
     assert job.spec["depends"] == "wavefront" and job.spec["keep_results"] is False
-    assert ledger.task_order(jid(1), 0)["arguments"] == {"row": 0, "col": 0}
-    assert ledger.task_order(jid(1), 6)["arguments"] == {"row": 1, "col": 2}
-    assert ledger.job_view(jid(1))["total"] == 12
+    assert views.task_order(ledger.state, ledger.work, jid(1), 0)["arguments"] == {"row": 0, "col": 0}
+    assert views.task_order(ledger.state, ledger.work, jid(1), 6)["arguments"] == {"row": 1, "col": 2}
+    assert views.job_view(ledger.state, jid(1))["total"] == 12
 
 
 def test_submit_grid_without_dependencies_makes_every_tile_ready():
@@ -162,12 +162,12 @@ def test_submit_grid_without_dependencies_makes_every_tile_ready():
     assert ready(ledger, jid(1)) == list(range(6))
     for task in reversed(range(1, 6)):  # any order: nothing waits for anything
         assert run_task(ledger, jid(1), task).code == "recorded"
-    assert ledger.footprint()["frontier_entries"] == 5  # done, but above an unfinished task 0
+    assert views.footprint(ledger.state)["frontier_entries"] == 5  # done, but above an unfinished task 0
     assert run_task(ledger, jid(1), 0).code == "recorded"
-    assert ledger.footprint()["frontier_entries"] == 0
+    assert views.footprint(ledger.state)["frontier_entries"] == 0
     job = ledger.state.jobs[jid(1)]
     assert job.state == "done" and job.done == 6 and job.tasks == {}
-    assert ledger.task_view(jid(1), 3)["folded"] is True
+    assert views.task_view(ledger.state, jid(1), 3)["folded"] is True
 
 
 def test_resubmit_with_the_same_key_and_body_returns_the_same_job():
@@ -284,7 +284,7 @@ def test_assignment_skips_what_is_not_ready_but_consumes_the_tokens():
     assert r.value["assigned"] == [(jid(1), 0, (1, 1))]
     assert r.value["skipped"] == [(jid(1), 0), (jid(1), 3), (jid(9), 0)]
     assert ledger.state.fence == (1, 4) and ledger.state.counters["assign_skipped"] == 3
-    assert list(ledger.open_assignments()) == [(jid(1), 0, ledger.state.jobs[jid(1)].tasks[0].attempts[0])]
+    assert list(views.open_assignments(ledger.state, ledger.work)) == [(jid(1), 0, ledger.state.jobs[jid(1)].tasks[0].attempts[0])]
 
 
 def test_completion_must_name_an_attempt_of_the_task():
@@ -320,7 +320,7 @@ def test_second_completion_is_a_counted_duplicate_and_the_first_result_stays():
     assert (task.result_file, task.summary, task.state) == (fid(1), {"score": 1}, "done")
     assert [(a.outcome, a.worker) for a in task.attempts] == [(DONE, "w1")]
     assert ledger.state.counters["duplicate_completions"] == 2
-    assert ledger.job_view(jid(1))["duplicates"] == 2 and ledger.state.jobs[jid(1)].done == 1
+    assert views.job_view(ledger.state, jid(1))["duplicates"] == 2 and ledger.state.jobs[jid(1)].done == 1
 
 
 def test_duplicate_completion_of_a_folded_tile_is_recognised():
@@ -348,7 +348,7 @@ def test_failed_attempts_retry_until_max_attempts_then_the_job_fails():
     assert job.error == "task 1 failed after 3 attempts: out of memory" and r.text == job.error
     assert job.tasks[1].state == "failed" and job.failed_attempts == 3
     assert {job.tasks[t].state for t in (0, 2)} == {"cancelled"} and not job.ready
-    assert ledger.ready_tasks(10) == [] and ledger.state.counters["jobs_failed"] == 1
+    assert views.ready_tasks(ledger.state, ledger.work, 10) == [] and ledger.state.counters["jobs_failed"] == 1
 
 
 def test_lost_attempts_count_towards_max_attempts():
@@ -380,7 +380,7 @@ def test_a_failing_job_cancels_its_running_tasks_and_their_late_results_are_igno
     f = fences(assign(ledger, [(jid(1), 0), (jid(1), 1)]))
     assert complete(ledger, jid(1), 0, f[(jid(1), 0)], outcome=FAILED).code == "failed"
     task = ledger.state.jobs[jid(1)].tasks[1]
-    assert task.state == "cancelled" and list(ledger.open_assignments()) == []
+    assert task.state == "cancelled" and list(views.open_assignments(ledger.state, ledger.work)) == []
     assert complete(ledger, jid(1), 1, f[(jid(1), 1)]).code == "ignored"
     assert task.state == "cancelled" and task.attempts[0].outcome == DONE
     assert ledger.state.jobs[jid(1)].done == 0
@@ -399,10 +399,10 @@ def test_lost_attempt_that_finishes_after_reassignment_is_recorded_once():
     assert r.code == "duplicate"
     job = ledger.state.jobs[jid(1)]
     assert job.state == "done" and job.done == 1 and job.tasks[0].result_file == fid(1)
-    view = ledger.task_view(jid(1), 0)
+    view = views.task_view(ledger.state, jid(1), 0)
     assert [a["outcome"] for a in view["attempts"]] == ["done", "cancelled"]
     assert "superseded" in view["attempts"][1]["error"]
-    assert list(ledger.open_assignments()) == []
+    assert list(views.open_assignments(ledger.state, ledger.work)) == []
 
 
 def test_lost_attempt_that_finishes_before_reassignment_leaves_the_ready_set():
@@ -436,7 +436,7 @@ def test_cancel_stops_the_job_and_later_completions_are_ignored():
     assert r.value == {"job": jid(1), "state": "cancelled", "changed": True}
     job = ledger.state.jobs[jid(1)]
     assert [job.tasks[t].state for t in range(4)] == ["done", "cancelled", "cancelled", "cancelled"]
-    assert job.error == "user asked" and job.finished_at == NOW + 2 and ledger.ready_tasks(10) == []
+    assert job.error == "user asked" and job.finished_at == NOW + 2 and views.ready_tasks(ledger.state, ledger.work, 10) == []
     assert complete(ledger, jid(1), 1, f[(jid(1), 1)]).code == "ignored"
     assert job.done == 1 and job.tasks[1].state == "cancelled" and job.tasks[1].attempts[0].outcome == DONE
     assert assign(ledger, [(jid(1), 2)]).value["skipped"] == [(jid(1), 2)]
@@ -518,24 +518,24 @@ def test_grid_results_are_passed_to_their_readers_then_folded():
     def run(tile):
         assert run_task(ledger, J, tile, result_file=fid(tile), summary={"tile": tile}).code == "recorded"
 
-    assert ledger.task_order(J, 0)["inputs"] == []
+    assert views.task_order(ledger.state, ledger.work, J, 0)["inputs"] == []
     run(0)
-    assert ledger.task_order(J, 1)["inputs"] == [fid(0)]  # (0,1) reads its left
-    assert ledger.task_order(J, 3)["inputs"] == [fid(0)]  # (1,0) reads what is above it
+    assert views.task_order(ledger.state, ledger.work, J, 1)["inputs"] == [fid(0)]  # (0,1) reads its left
+    assert views.task_order(ledger.state, ledger.work, J, 3)["inputs"] == [fid(0)]  # (1,0) reads what is above it
     run(1)
-    assert ledger.task_view(J, 0)["state"] == "done" and "folded" not in ledger.task_view(J, 0)
+    assert views.task_view(ledger.state, J, 0)["state"] == "done" and "folded" not in views.task_view(ledger.state, J, 0)
     assert ledger.state.jobs[J].tasks[0].readers_left == 1
     run(3)
-    assert ledger.task_view(J, 0)["folded"] is True and 0 not in ledger.state.jobs[J].tasks
-    assert ledger.task_order(J, 4)["inputs"] == [fid(1), fid(3)]  # above, then left
+    assert views.task_view(ledger.state, J, 0)["folded"] is True and 0 not in ledger.state.jobs[J].tasks
+    assert views.task_order(ledger.state, ledger.work, J, 4)["inputs"] == [fid(1), fid(3)]  # above, then left
     run(4)
     run(2)
-    assert ledger.task_view(J, 1)["folded"] is True  # read by (0,2) and (1,1)
-    assert ledger.task_order(J, 5)["inputs"] == [fid(2), fid(4)]
+    assert views.task_view(ledger.state, J, 1)["folded"] is True  # read by (0,2) and (1,1)
+    assert views.task_order(ledger.state, ledger.work, J, 5)["inputs"] == [fid(2), fid(4)]
     for tile in (5, 6, 7, 8):
         run(tile)
     assert ledger.state.jobs[J].state == "done" and ledger.state.jobs[J].tasks == {}
-    assert ledger.task_view(J, 8)["folded"] is True
+    assert views.task_view(ledger.state, J, 8)["folded"] is True
 
 
 def test_a_consumed_boundary_is_released_so_the_job_holds_only_its_frontier():
@@ -577,7 +577,7 @@ def test_grid_with_keep_results_keeps_every_tile():
     for tile in (0, 1, 2, 3):
         run_task(ledger, jid(1), tile, result_file=fid(tile))
     assert sorted(ledger.state.jobs[jid(1)].tasks) == [0, 1, 2, 3]
-    assert ledger.task_view(jid(1), 0)["result_file"] == fid(0).hex()
+    assert views.task_view(ledger.state, jid(1), 0)["result_file"] == fid(0).hex()
 
 
 # ---- reduce ---------------------------------------------------------------------------------
@@ -590,7 +590,7 @@ def test_reduce_max_prefers_the_lowest_task_on_ties_and_sum_adds_up(order):
     submit(ledger, "range", {"count": 5, "reduce": {"max": "score", "sum": ["score", "cells"]}})
     for task in order:
         run_task(ledger, jid(1), task, summary={"score": scores[task], "cells": 10})
-    reduced = ledger.job_view(jid(1))["reduced"]
+    reduced = views.job_view(ledger.state, jid(1))["reduced"]
     assert reduced["max"] == {"task": 1, "summary": {"score": 5, "cells": 10}}
     assert reduced["sum"] == {"score": 16.5, "cells": 50}
 
@@ -604,22 +604,22 @@ def test_reduce_max_breaks_ties_by_the_smallest_tie_fields_in_any_completion_ord
     for task in order:
         score, eb, ea = cells[task]
         run_task(ledger, jid(1), task, summary={"score": score, "end_b": eb, "end_a": ea})
-    assert ledger.job_view(jid(1))["reduced"]["max"]["task"] == 2
+    assert views.job_view(ledger.state, jid(1))["reduced"]["max"]["task"] == 2
 
 
 def test_a_job_sharing_its_best_hands_it_to_the_next_tasks():
     ledger = Ledger()
     submit(ledger, "range", {"count": 3, "run": {"kind": "tile", "share_best": True}, "reduce": {"max": "score"}})
-    assert "best_so_far" not in ledger.task_order(jid(1), 1)["arguments"]  # nothing known yet
+    assert "best_so_far" not in views.task_order(ledger.state, ledger.work, jid(1), 1)["arguments"]  # nothing known yet
     run_task(ledger, jid(1), 0, summary={"score": 41})
-    assert ledger.task_order(jid(1), 1)["arguments"]["best_so_far"] == 41
+    assert views.task_order(ledger.state, ledger.work, jid(1), 1)["arguments"]["best_so_far"] == 41
 
 
 def test_reduce_without_rules_reduces_nothing():
     ledger = Ledger()
     submit(ledger, "range", {"count": 2})
     run_task(ledger, jid(1), 0, summary={"score": 3})
-    assert ledger.job_view(jid(1))["reduced"] == {}
+    assert views.job_view(ledger.state, jid(1))["reduced"] == {}
 
 
 # ---- scheduling -----------------------------------------------------------------------------
@@ -632,12 +632,12 @@ def test_ready_tasks_serve_priority_first_and_round_robin_within_a_priority():
     submit(ledger, "range", {"count": 2}, n=2)
     submit(ledger, "range", {"count": 2, "priority": 5}, n=3)
     submit(ledger, "range", {"count": 2, "priority": -1}, n=4)
-    assert ledger.ready_tasks(20) == [(C, 0), (C, 1), (A, 0), (B, 0), (A, 1), (B, 1), (A, 2), (D, 0), (D, 1)]
-    assert ledger.ready_tasks(4) == [(C, 0), (C, 1), (A, 0), (B, 0)]
-    assert ledger.ready_tasks(0) == []
-    assert ledger.ready_tasks(5, exclude={(A, 0), (C, 1)}) == [(C, 0), (A, 1), (B, 0), (A, 2), (B, 1)]
+    assert views.ready_tasks(ledger.state, ledger.work, 20) == [(C, 0), (C, 1), (A, 0), (B, 0), (A, 1), (B, 1), (A, 2), (D, 0), (D, 1)]
+    assert views.ready_tasks(ledger.state, ledger.work, 4) == [(C, 0), (C, 1), (A, 0), (B, 0)]
+    assert views.ready_tasks(ledger.state, ledger.work, 0) == []
+    assert views.ready_tasks(ledger.state, ledger.work, 5, exclude={(A, 0), (C, 1)}) == [(C, 0), (A, 1), (B, 0), (A, 2), (B, 1)]
     assign(ledger, [(C, 0), (C, 1), (A, 1)])
-    assert ledger.ready_tasks(20) == [(A, 0), (B, 0), (A, 2), (B, 1), (D, 0), (D, 1)]
+    assert views.ready_tasks(ledger.state, ledger.work, 20) == [(A, 0), (B, 0), (A, 2), (B, 1), (D, 0), (D, 1)]
 
 
 # ---- endings, failure rules and the files a task stored --------------------------------------
@@ -656,7 +656,7 @@ def test_endings_list_final_outcomes_in_the_order_they_were_recorded():
     r = run_task(ledger, jid(1), 1, outcome=FAILED, error="boom again", summary={"type": "KeyError"}, result_file=fid(7))
     assert r.code == "failed"
     assert job.endings == [3, 4, 1] and (job.done, job.failed) == (2, 1)
-    view = ledger.endings_view(jid(1), 1, 10)
+    view = views.endings_view(ledger.state, jid(1), 1, 10)
     assert view == {
         "state": "active", "cursor": 3, "more": False, "skipped": 0, "error": None, "done": 2, "failed": 1, "total": 5,
         "tasks": [
@@ -665,10 +665,10 @@ def test_endings_list_final_outcomes_in_the_order_they_were_recorded():
              "attempts": 2},  # what the failure left is kept: the client re-raises from it
         ],
     }
-    assert ledger.endings_view(jid(1), 0, 1)["cursor"] == 1 and ledger.endings_view(jid(1), 0, 1)["more"] is True
-    assert ledger.endings_view(jid(1), 3, 10)["tasks"] == []
-    assert ledger.has_news(jid(1), 2) and not ledger.has_news(jid(1), 3) and ledger.has_news(jid(9), 0)
-    assert ledger.endings_view(jid(9), 0, 10) is None
+    assert views.endings_view(ledger.state, jid(1), 0, 1)["cursor"] == 1 and views.endings_view(ledger.state, jid(1), 0, 1)["more"] is True
+    assert views.endings_view(ledger.state, jid(1), 3, 10)["tasks"] == []
+    assert views.has_news(ledger.state, jid(1), 2) and not views.has_news(ledger.state, jid(1), 3) and views.has_news(ledger.state, jid(9), 0)
+    assert views.endings_view(ledger.state, jid(9), 0, 10) is None
     restored = copy(ledger)
     assert restored.state.jobs[jid(1)].endings == [3, 4, 1], "endings survive a snapshot"
 
@@ -680,7 +680,7 @@ def test_a_folded_tile_still_appears_in_the_endings():
         run_task(ledger, jid(1), t, summary={"score": t}, result_file=fid(t))
     job = ledger.state.jobs[jid(1)]
     assert job.state == "done" and job.endings == [0, 1, 2] and job.tasks == {}
-    first = ledger.endings_view(jid(1), 0, 1)["tasks"][0]
+    first = views.endings_view(ledger.state, jid(1), 0, 1)["tasks"][0]
     assert first == {"task": 0, "state": "done", "summary": None, "result_file": None, "error": None,
                      "attempts": None, "folded": True}
 
@@ -695,7 +695,7 @@ def test_old_folded_endings_are_dropped_and_a_late_watcher_is_told_how_many_it_s
     job = ledger.state.jobs[jid(1)]
     assert job.endings_dropped + len(job.endings) == n and len(job.endings) <= 2 * ENDINGS_KEPT
     assert job.endings_dropped > 0 and job.endings == list(range(job.endings_dropped, n))
-    view = ledger.endings_view(jid(1), 5, 3)
+    view = views.endings_view(ledger.state, jid(1), 5, 3)
     assert view["skipped"] == job.endings_dropped - 5 and view["cursor"] == job.endings_dropped + 3
     assert [t["task"] for t in view["tasks"]] == [job.endings_dropped + i for i in range(3)]
 
@@ -710,10 +710,10 @@ def test_a_snapshot_from_before_the_endings_log_counts_what_ended_as_dropped():
     restored.validate_state()
     job = restored.state.jobs[jid(1)]
     assert (job.endings, job.failed, job.endings_dropped) == ([], 0, 1)
-    view = restored.endings_view(jid(1), 0, 10)
+    view = views.endings_view(restored.state, jid(1), 0, 10)
     assert (view["skipped"], view["cursor"], view["tasks"]) == (1, 1, [])
     run_task(restored, jid(1), 2)
-    assert restored.endings_view(jid(1), 1, 10)["tasks"][0]["task"] == 2
+    assert views.endings_view(restored.state, jid(1), 1, 10)["tasks"][0]["task"] == 2
 
 
 def test_held_records_stop_the_trim_so_no_result_is_skipped():
@@ -760,7 +760,7 @@ def test_fail_fast_false_records_failures_and_the_window_keeps_refilling():
         return ledger.apply(CompleteTask(jid(1), t, *fence, outcome, "w", {"v": 1}, None, error, NOW + 1))
 
     while job.state == "active":
-        picked = ledger.ready_tasks(700)
+        picked = views.ready_tasks(ledger.state, ledger.work, 700)
         assert picked, "an active job with nothing ready"
         _, s0 = ledger.state.fence
         for _, t, fence in ledger.apply(AssignTasks(1, s0 + 1, "b", picked, NOW)).value["assigned"]:
@@ -780,7 +780,7 @@ def test_fail_fast_false_records_failures_and_the_window_keeps_refilling():
     assert sorted(job.endings) == list(range(n)) and job.source.done_below == n
     assert all(job.tasks[t].state == "failed" and len(job.tasks[t].attempts) == 1 + (t in lost_once) for t in failed)
     assert ledger.state.counters["tasks_failed"] == len(failed) and ledger.state.counters["jobs_failed"] == 1
-    view = ledger.job_view(jid(1))
+    view = views.job_view(ledger.state, jid(1))
     assert (view["done"], view["failed"]) == (n - len(failed), len(failed))
 
 
@@ -820,7 +820,7 @@ def test_a_completion_registers_the_task_files_with_the_job_and_they_go_with_its
     assert ledger.state.named[jid(1)] == {
         "task-0.result": fid(1), "task-0.stdout": fid(2), "task-1.result": fid(9), "task-2.stderr": fid(4),
     }
-    assert ledger.file_view(fid(1))["replicas"] == ["s1", "s2"] and ledger.file_view(fid(4))["size"] == 0
+    assert views.file_view(ledger.state, fid(1))["replicas"] == ["s1", "s2"] and views.file_view(ledger.state, fid(4))["size"] == 0
     assert ledger.state.counters["task_files_registered"] == 4
     r = apply(ledger, ReleaseFile(None, jid(1), NOW))
     assert r.value == {"released": 4, "dropped": [fid(1), fid(2), fid(4)]}
@@ -898,7 +898,7 @@ def test_register_and_drop_files():
     r = apply(ledger, RegisterFile(fid(1), 100, ["s3", "s1"], jid(1), NOW + 1))  # another replica
     assert r.value["replicas"] == ["s1", "s2", "s3"] and ledger.state.files[fid(1)].registered_at == NOW
     assert apply(ledger, RegisterFile(fid(2), 0, ["s1"], None, NOW)).ok  # pinned
-    assert ledger.footprint()["files"] == 2
+    assert views.footprint(ledger.state)["files"] == 2
     refusals = [
         (RegisterFile(fid(1), 101, ["s4"], jid(1), NOW), "size_mismatch", ["100", "101"]),
         (RegisterFile(b"short", 1, ["s1"], None, NOW), "bad_file_id", ["16 bytes"]),
@@ -928,16 +928,16 @@ def test_files_are_named_per_owner_and_leave_when_nothing_refers_to_them():
     assert apply(ledger, RegisterFile(fid(1), 10, ["s2"], b, NOW, "ref.fa")).ok  # the same bytes, another job
     assert apply(ledger, RegisterFile(fid(2), 20, ["s1"], a, NOW, "other.fa")).ok
     assert apply(ledger, RegisterFile(fid(1), 10, ["s3"], None, NOW, add_ref=False)).ok  # a repair adds a replica only
-    view = ledger.file_view(fid(1))
+    view = views.file_view(ledger.state, fid(1))
     assert view["replicas"] == ["s1", "s2", "s3"] and view["refs"] == {a.hex(): "genome.fa", b.hex(): "ref.fa"}
-    listing = ledger.files_view(10, owner=a)
+    listing = views.files_view(ledger.state, 10, owner=a)
     assert [(f["name"], f["id"]) for f in listing["files"]] == sorted([("genome.fa", fid(1).hex()), ("other.fa", fid(2).hex())], key=lambda x: x[1])
     before = copy(ledger)
     assert_refused(ledger, before, apply(ledger, RegisterFile(fid(3), 1, ["s1"], a, NOW, "genome.fa")), "name_taken", "genome.fa")
     # paging: 1 per page walks every file once
     seen, after = [], None
     while True:
-        page = ledger.files_view(1, after=after)
+        page = views.files_view(ledger.state, 1, after=after)
         seen += [f["id"] for f in page["files"]]
         if page["next"] is None:
             break
@@ -945,7 +945,7 @@ def test_files_are_named_per_owner_and_leave_when_nothing_refers_to_them():
     assert seen == sorted([fid(1).hex(), fid(2).hex()])
     r = apply(ledger, ReleaseFile(None, a, NOW))  # job a lets go of everything it owns
     assert r.value == {"released": 2, "dropped": [fid(2)]}
-    assert ledger.file_view(fid(1))["refs"] == {b.hex(): "ref.fa"} and a not in ledger.state.named
+    assert views.file_view(ledger.state, fid(1))["refs"] == {b.hex(): "ref.fa"} and a not in ledger.state.named
     before = copy(ledger)
     assert_refused(ledger, before, apply(ledger, ReleaseFile(fid(1), a, NOW)), "not_referenced", a.hex())
     before = copy(ledger)
@@ -989,7 +989,7 @@ def test_snapshot_restores_an_equal_ledger():
     restored = Ledger.restore(ledger.snapshot())
     assert restored.state == ledger.state and restored.snapshot() == ledger.snapshot()
     restored.validate_state()
-    assert restored.ready_tasks(10) == ledger.ready_tasks(10)
+    assert views.ready_tasks(restored.state, restored.work, 10) == views.ready_tasks(ledger.state, ledger.work, 10)
 
 
 def test_masters_that_restored_and_that_replayed_have_identical_snapshots():
@@ -1038,7 +1038,7 @@ def test_ledger_memory_for_a_400x400_tile_alignment_job_is_o_frontier():
     max_records = max_frontier = max_snapshot = rounds = 0
     started = time.perf_counter()
     while ledger.state.jobs[J].state == "active":
-        picked = ledger.ready_tasks(64)
+        picked = views.ready_tasks(ledger.state, ledger.work, 64)
         assert picked, "an active wavefront job with nothing ready and nothing running"
         r = ledger.apply(AssignTasks(1, seq + 1, "b", picked, NOW))
         seq += len(picked)
@@ -1047,7 +1047,7 @@ def test_ledger_memory_for_a_400x400_tile_alignment_job_is_o_frontier():
             for _, t, f in r.value["assigned"]
         ]
         assert [x.code for x in ledger.apply(Batch(done))] == ["recorded"] * len(done)
-        footprint = ledger.footprint()
+        footprint = views.footprint(ledger.state)
         max_records = max(max_records, footprint["task_records"])
         max_frontier = max(max_frontier, footprint["frontier_entries"])
         max_snapshot = max(max_snapshot, len(ledger.snapshot()))
@@ -1058,7 +1058,7 @@ def test_ledger_memory_for_a_400x400_tile_alignment_job_is_o_frontier():
     ledger.validate_state()
     job = ledger.state.jobs[J]
     assert job.state == "done" and job.done == n * n
-    assert ledger.footprint()["task_records"] == 0 and job.tasks == {}
+    assert views.footprint(ledger.state)["task_records"] == 0 and job.tasks == {}
     assert max_records <= 3 * n, max_records
     assert max_frontier <= 2 * n, max_frontier
     assert max_snapshot < 200_000, max_snapshot  # 160,000 task records would be many MB
@@ -1078,12 +1078,12 @@ def test_a_job_waits_for_the_jobs_it_names_and_starts_when_they_are_done():
     submit(ledger, "range", {"count": 1}, n=2)
     assert submit(ledger, "range", {"count": 3, "after": [jid(1).hex(), jid(2).hex()]}, n=3).ok
     assert submit(ledger, "range", {"count": 1, "after": [jid(3).hex()]}, n=4).ok  # a chain: 1, 2 -> 3 -> 4
-    assert ready(ledger, jid(3)) == [] and ledger.job_view(jid(3))["waiting_for"] == [jid(1).hex(), jid(2).hex()]
-    assert all(j != jid(3) for j, _ in ledger.ready_tasks(100))
+    assert ready(ledger, jid(3)) == [] and views.job_view(ledger.state, jid(3))["waiting_for"] == [jid(1).hex(), jid(2).hex()]
+    assert all(j != jid(3) for j, _ in views.ready_tasks(ledger.state, ledger.work, 100))
     run_many(ledger, jid(1), [0, 1])
-    assert ledger.job_view(jid(3))["waiting_for"] == [jid(2).hex()] and ready(ledger, jid(3)) == []
+    assert views.job_view(ledger.state, jid(3))["waiting_for"] == [jid(2).hex()] and ready(ledger, jid(3)) == []
     run_task(ledger, jid(2), 0)
-    assert ready(ledger, jid(3)) == [0, 1, 2] and ledger.job_view(jid(3))["waiting_for"] == []
+    assert ready(ledger, jid(3)) == [0, 1, 2] and views.job_view(ledger.state, jid(3))["waiting_for"] == []
     assert ledger.state.counters["jobs_released"] == 1
     again = copy(ledger)  # the waits survive a snapshot
     run_many(ledger, jid(3), [0, 1, 2])
@@ -1102,13 +1102,13 @@ def test_a_job_whose_dependency_fails_or_is_cancelled_fails_without_running_down
     submit(ledger, "range", {"count": 1, "after": [jid(3).hex(), jid(2).hex()]}, n=4)
     run_task(ledger, jid(1), 0, outcome=FAILED, error="boom")
     for n in (3, 4):
-        view = ledger.job_view(jid(n))
+        view = views.job_view(ledger.state, jid(n))
         assert view["state"] == "failed" and "which it waits for, failed: it never ran" in view["error"], view
         assert view["done"] == 0 and not ledger.state.jobs[jid(n)].tasks
-    assert ledger.job_view(jid(2))["state"] == "active"  # the other branch goes on
+    assert views.job_view(ledger.state, jid(2))["state"] == "active"  # the other branch goes on
     submit(ledger, "range", {"count": 1, "after": [jid(2).hex()]}, n=5)
     apply(ledger, CancelJob(jid(2), "not needed", NOW))
-    assert ledger.job_view(jid(5))["state"] == "failed" and "cancelled" in ledger.job_view(jid(5))["error"]
+    assert views.job_view(ledger.state, jid(5))["state"] == "failed" and "cancelled" in views.job_view(ledger.state, jid(5))["error"]
 
 
 @pytest.mark.parametrize("after,code,fragment", [

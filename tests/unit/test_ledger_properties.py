@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from master import jobs
+from master import jobs, views
 from master.commands import (
     CANCELLED,
     DONE,
@@ -168,14 +168,14 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.jobs)
     @rule(data=st.data(), limit=st.integers(0, 8), extra=st.integers(0, 6))
     def assign(self, data, limit: int, extra: int) -> None:
-        ready = self.ledger.ready_tasks(limit)
+        ready = views.ready_tasks(self.ledger.state, self.ledger.work, limit)
         picked = data.draw(st.lists(st.sampled_from(ready), min_size=1, unique=True)) if ready else []
         if extra < 3:  # and something that may well not be ready
             picked.append((self.jobs[extra % len(self.jobs)], extra))
         self.assign_tasks(picked)
 
     def assign_tasks(self, picked: list[tuple[bytes, int]]) -> None:
-        ready = self.ledger.ready_tasks(1_000)
+        ready = views.ready_tasks(self.ledger.state, self.ledger.work, 1_000)
         t0, s0 = self.ledger.state.fence
         term, seq = (self.term, 1) if self.term > t0 else (t0, s0 + 1)
         r = self.apply(AssignTasks(term, seq, "balancer", picked, self.now))
@@ -194,12 +194,12 @@ class LedgerMachine(RuleBasedStateMachine):
     def assign_with_a_stale_fence(self, back: int, limit: int) -> None:
         t0, s0 = self.ledger.state.fence
         term, seq = [(t0, s0), (t0, max(s0 - 1, 0)), (t0 - 1, s0 + 5)][back]
-        ready = self.ledger.ready_tasks(limit)
+        ready = views.ready_tasks(self.ledger.state, self.ledger.work, limit)
         r = self.apply(AssignTasks(term, seq, "old-leader", ready, self.now))
         assert r.code == "stale_fence"
 
     def open_tokens(self) -> list[tuple[bytes, int, tuple[int, int]]]:
-        return [(j, t, (a.fence_term, a.fence_sequence)) for j, t, a in self.ledger.open_assignments()]
+        return [(j, t, (a.fence_term, a.fence_sequence)) for j, t, a in views.open_assignments(self.ledger.state, self.ledger.work)]
 
     @precondition(lambda self: self.attempts)
     @rule(data=st.data(), outcome=st.sampled_from([DONE, DONE, DONE, FAILED, LOST, CANCELLED]), any_token=st.integers(0, 3))
@@ -214,7 +214,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def work_a_round(self) -> None:
         """Hand out up to 4 ready tasks; then every running attempt ends, most of them well.
         (Hypothesis tries rules without arguments first, so this one has none: outcomes cycle.)"""
-        self.assign_tasks(self.ledger.ready_tasks(4))
+        self.assign_tasks(views.ready_tasks(self.ledger.state, self.ledger.work, 4))
         for i, (job, task, fence) in enumerate(self.open_tokens()):
             self.complete_one(job, task, fence, [DONE, DONE, DONE, FAILED, DONE, LOST][(i + len(self.attempts)) % 6])
 
@@ -385,7 +385,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 if task.state == "assigned":
                     a = task.open_attempt()
                     assert a is not None and (job_id, task_id, (a.fence_term, a.fence_sequence)) in handed
-        for job_id, task_id, attempt in self.ledger.open_assignments():
+        for job_id, task_id, attempt in views.open_assignments(self.ledger.state, self.ledger.work):
             assert attempt is not None and self.ledger.state.jobs[job_id].tasks[task_id].state == "assigned"
 
     @invariant()
@@ -396,7 +396,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert live == wavefront_oracle(job)
                 for t in live:  # every input is still held, above then left
                     inputs = [t - job.source.cols] * (t >= job.source.cols) + [t - 1] * (t % job.source.cols > 0)
-                    assert self.ledger.task_order(job.job_id, t)["inputs"] == [fid(i) for i in inputs]
+                    assert views.task_order(self.ledger.state, self.ledger.work, job.job_id, t)["inputs"] == [fid(i) for i in inputs]
 
     @invariant()
     def snapshot_restores_an_equal_state(self) -> None:
@@ -443,7 +443,7 @@ def make_log(rng: random.Random, steps: int) -> list:
             t0, s0 = driver.state.fence
             stale = rng.random() < 0.15 and (t0, s0) > (0, 0)
             term, seq = (t0, s0) if stale else ((state["term"], 1) if state["term"] > t0 else (t0, s0 + 1))
-            r = emit(AssignTasks(term, seq, "b", driver.ready_tasks(rng.randint(0, 5)), now))
+            r = emit(AssignTasks(term, seq, "b", views.ready_tasks(driver.state, driver.work, rng.randint(0, 5)), now))
             if r is not None and r.ok:
                 attempts += r.value["assigned"]
         elif op == "complete" and attempts:
@@ -535,7 +535,7 @@ def _seeded_ledger() -> Ledger:
     bodies = [("range", {"count": 4, "max_attempts": 1}), ("grid", {"rows": 2, "cols": 3}), ("list", {"tasks": [{}, {}]})]
     for n, (kind, spec) in enumerate(bodies, 1):
         ledger.apply(SubmitJob(jid(n), key_of(n), spec_digest(kind, spec), kind, spec, "c", 0.0))
-    ledger.apply(AssignTasks(1, 1, "b", ledger.ready_tasks(6), 0.0))
+    ledger.apply(AssignTasks(1, 1, "b", views.ready_tasks(ledger.state, ledger.work, 6), 0.0))
     ledger.apply(CompleteTask(jid(1), 0, 1, 1, DONE, "w", {}, None, None, 0.0))
     return ledger
 

@@ -11,7 +11,8 @@ import os
 
 import pytest
 
-from cluster.runtime.events import Log, MessageReceived, Refuse, Send, Started, StartTimer, TimerFired
+from cluster.node.events import Log, MessageReceived, Refuse, Send, Started, StartTimer, TimerFired
+from master import views
 from master.core import API, MAX_WATCH_JOBS, MAX_WATCH_TASKS, MAX_WATCH_WAIT, Committed, MasterCore, ProposalFailed, Propose, RaftView
 from proto.ids import join128, split128
 from master.commands import AssignTasks, Batch, CompleteTask, SubmitJob
@@ -336,7 +337,7 @@ def test_files_are_registered_looked_up_listed_and_released_through_the_leader()
     h.commit_all()
     (reply,) = h.take(QueryReply)
     assert reply.value == {"released": 1, "dropped": [fid]}
-    assert h.core.ledger.file_view(fid) is None
+    assert views.file_view(h.core.ledger.state, fid) is None
 
 
 def test_unanswered_proposals_expire_as_outcome_unknown():
@@ -560,14 +561,14 @@ def test_a_watch_reply_holds_at_most_max_watch_tasks_endings_and_the_cursor_says
         h.ledger.apply(SubmitJob(jid(j), jid(j), spec_digest("range", spec), "range", spec, "c", h.now))
         while h.ledger.state.jobs[jid(j)].state == "active":  # a window at a time
             _, s0 = h.ledger.state.fence
-            r = h.ledger.apply(AssignTasks(3, s0 + 1, "b", h.ledger.ready_tasks(n), h.now))
+            r = h.ledger.apply(AssignTasks(3, s0 + 1, "b", views.ready_tasks(h.ledger.state, h.ledger.work, n), h.now))
             h.ledger.apply(Batch([CompleteTask(jid(j), t, *f, 0, "w", {}, None, None, h.now) for _, t, f in r.value["assigned"]]))
     h.message(Watch(1, 100, {jid(1): 0, jid(2): 0}))
     (reply,) = h.take(QueryReply)
-    views = reply.value["jobs"]
-    assert len(views[jid(1).hex()]["tasks"]) == n and len(views[jid(2).hex()]["tasks"]) == MAX_WATCH_TASKS - n
-    assert views[jid(2).hex()]["cursor"] == MAX_WATCH_TASKS - n and views[jid(2).hex()]["state"] == "done"
-    assert views[jid(2).hex()]["more"] is True and views[jid(1).hex()]["more"] is False, "done, but not all told"
+    told = reply.value["jobs"]
+    assert len(told[jid(1).hex()]["tasks"]) == n and len(told[jid(2).hex()]["tasks"]) == MAX_WATCH_TASKS - n
+    assert told[jid(2).hex()]["cursor"] == MAX_WATCH_TASKS - n and told[jid(2).hex()]["state"] == "done"
+    assert told[jid(2).hex()]["more"] is True and told[jid(1).hex()]["more"] is False, "done, but not all told"
     h.message(Watch(2, 100, {jid(1): n, jid(2): MAX_WATCH_TASKS - n}))
     (reply,) = h.take(QueryReply)
     assert reply.value["jobs"][jid(2).hex()]["cursor"] == n and reply.value["jobs"][jid(1).hex()]["tasks"] == []
@@ -650,7 +651,7 @@ def test_a_serving_leader_proposes_the_end_of_expired_leases_once_a_second():
     h.ledger.apply(AddWorkSpec({"name": "s", "run": {"kind": "call"}, "lease_s": 5}, 0.0))
     h.ledger.apply(AddUnits("s", [["a", b""]], 0.0))
     wall = h.core.wall(h.now)
-    h.ledger.apply(AssignTasks(3, 100, "b1", h.ledger.ready_tasks(1), wall))
+    h.ledger.apply(AssignTasks(3, 100, "b1", views.ready_tasks(h.ledger.state, h.ledger.work, 1), wall))
     h.event(TimerFired("expire", "e1"))
     h.flush()
     assert not h.proposed  # the lease has 5 s to go
@@ -659,7 +660,7 @@ def test_a_serving_leader_proposes_the_end_of_expired_leases_once_a_second():
     h.flush()
     assert len(h.proposed) == 1 and isinstance(h.proposed[0].entry, ExpireLeases)
     h.commit_all()
-    assert h.ledger.work_summary()[0]["available"] == 1
+    assert h.ledger.work.summary()[0]["available"] == 1
     follower = Harness(role="follower")
     follower.ledger.apply(AddWorkSpec({"name": "s", "run": {"kind": "call"}, "lease_s": 5}, 0.0))
     follower.now += 60
@@ -676,7 +677,7 @@ def test_a_serving_leader_makes_the_units_of_continuous_specs_when_due():
     h.flush()
     assert len(h.proposed) == 1 and isinstance(h.proposed[0].entry, MakeUnits)
     h.commit_all()
-    assert h.ledger.work_summary()[0]["available"] == 1
+    assert h.ledger.work.summary()[0]["available"] == 1
     h.event(TimerFired("expire", "e2"))
     h.flush()
     assert not h.proposed  # its unit waits: nothing more is made

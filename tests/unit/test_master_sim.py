@@ -17,9 +17,10 @@ import random
 
 import pytest
 
-from cluster.runtime.events import MessageReceived, Send, Started, TimerFired
+from cluster.node.events import MessageReceived, Send, Started, TimerFired
 from master.core import API, Committed, MasterCore, ProposalFailed, Propose, RaftView
 from proto.ids import join128
+from master import views
 from master.ledger import Ledger
 from master.commands import AssignTasks, SubmitJob
 from master.ledger import spec_digest
@@ -194,11 +195,11 @@ def test_a_watcher_sees_every_task_ending_once_and_in_order_across_elections(see
     target, request, silent = 0, 0, 99
     for step in range(600):
         truth = sim.truth()
-        ready = truth.ready_tasks(4)
+        ready = views.ready_tasks(truth.state, truth.work, 4)
         if ready:  # a balancer's assignments commit; the workers' results go to some master
             t0, s0 = truth.state.fence
             sim.append(AssignTasks(sim.term, 1 if sim.term > t0 else s0 + 1, "b", ready, sim.now))
-        for job_id, task_id, a in truth.open_assignments():
+        for job_id, task_id, a in views.open_assignments(truth.state, truth.work):
             if sim.rng.random() < 0.3:
                 m = TaskResult(*split128(job_id), task_id, a.fence_term, a.fence_sequence, 1 if task_id % 4 == 1 else 0,
                                0, {"t": task_id}, None, "boom" if task_id % 4 == 1 else None, "w")

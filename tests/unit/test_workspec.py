@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from master import views
 from master.workspec import (AVAILABLE, DONE, FAILED, FAILED_OUTCOME, FINISHED, LOST, PENDING, Demand, UnitTable,
                              WorkSpecError, allocate, check_chain, validate_spec)
 
@@ -246,12 +247,12 @@ def test_work_specs_and_units_through_the_ledger_and_its_snapshot():
     assert ledger_apply(ledger, AddUnits("parse", units(10, "p"), 2.0)).ok
     assert ledger_apply(ledger, ControlSpec("parse", "pause", 3.0)).ok
     assert ledger_apply(ledger, ControlSpec("parse", "prioritize", 3.0, 7)).ok
-    rows = ledger.work_summary()
+    rows = ledger.work.summary()
     assert [(r["spec"], r["priority"], r["paused"], r["available"], r["total"]) for r in rows] == \
         [("parse", 7, True, 10, 10), ("fetch", 5, False, 1000, 1000)]
     ledger.work.tables["fetch"].lease(3, "w1", 4.0, 30.0)
     again = Ledger.restore(ledger.snapshot())
-    assert again.work_summary() == ledger.work_summary()
+    assert again.work.summary() == ledger.work.summary()
     assert again.work.tables["fetch"].to_state() == ledger.work.tables["fetch"].to_state()
     assert again.snapshot() == ledger.snapshot()  # a snapshot does not leave a copy behind
     assert ledger.state.work == b""
@@ -300,15 +301,15 @@ def test_units_are_handed_out_fenced_finished_lost_and_chained_through_the_ledge
                                         "then": "parse", "max_attempts": 2}, 0.0))
     ledger_apply(ledger, C.AddUnits("fetch", [[f"u{k}", b"data %d" % k] for k in range(5)], 0.0))
     fetch, parse = spec_id("fetch"), spec_id("parse")
-    ready = ledger.ready_tasks(3)
+    ready = views.ready_tasks(ledger.state, ledger.work, 3)
     assert ready == [(fetch, 0), (fetch, 1), (fetch, 2)]
-    assert ledger.ready_tasks(3, exclude=set(ready)) == [(fetch, 3), (fetch, 4)]  # proposed ones are skipped
+    assert views.ready_tasks(ledger.state, ledger.work, 3, exclude=set(ready)) == [(fetch, 3), (fetch, 4)]  # proposed ones are skipped
     got = ledger_apply(ledger, C.AssignTasks(1, 1, "b1", ready, 10.0))
     assert [a[:2] for a in got.value["assigned"]] == ready and got.value["skipped"] == []
-    order = ledger.task_order(fetch, 1)
+    order = views.task_order(ledger.state, ledger.work, fetch, 1)
     assert order["arguments"]["env"] == {"WORK_KEY": "u1", "WORK_DATA": "data 1", "WORK_SPEC": "fetch"}
     assert order["run"]["argv"] == ["sh", "-c", "echo $WORK_KEY"]
-    assert sorted((j, t) for j, t, _ in ledger.open_assignments()) == ready
+    assert sorted((j, t) for j, t, _ in views.open_assignments(ledger.state, ledger.work)) == ready
     done = C.CompleteTask(fetch, 0, 1, 1, C.DONE, "w1", {"stdout": b"page 0\n"}, None, None, 11.0)
     assert ledger_apply(ledger, done).code == "recorded"
     assert ledger_apply(ledger, done).code == "duplicate"  # a resent result: acknowledged, not recorded twice
@@ -316,15 +317,15 @@ def test_units_are_handed_out_fenced_finished_lost_and_chained_through_the_ledge
     assert ledger_apply(ledger, stale).code == "stale_fence"
     lost = C.CompleteTask(fetch, 1, 1, 2, C.LOST, "w2", {}, None, None, 12.0)
     assert ledger_apply(ledger, lost).code == "recorded"
-    rows = {r["spec"]: r for r in ledger.work_summary()}
+    rows = {r["spec"]: r for r in ledger.work.summary()}
     assert (rows["fetch"]["finished"], rows["fetch"]["pending"], rows["fetch"]["available"]) == (1, 1, 3)
     assert (rows["parse"]["available"], ledger.work.tables["parse"].data[0]) == (1, b"page 0\n")  # chained
     assert [(a.worker, a.outcome) for a in ledger.work.tables["fetch"].attempts_of(1)] == [("w2", "lost")]
     # the chained unit goes out as a call with (key, data) as its arguments
-    (nxt,) = [t for t in ledger.ready_tasks(10) if t[0] == parse]
-    assert pickle.loads(ledger.task_order(*nxt)["arguments"]["args"]) == (("u0", b"page 0\n"), {})
+    (nxt,) = [t for t in views.ready_tasks(ledger.state, ledger.work, 10) if t[0] == parse]
+    assert pickle.loads(views.task_order(ledger.state, ledger.work, *nxt)["arguments"]["args"]) == (("u0", b"page 0\n"), {})
     again = Ledger.restore(ledger.snapshot())  # fences and leases survive a snapshot
-    assert sorted(again.open_assignments(), key=lambda x: x[1])[0][2].fence_sequence == 3
+    assert sorted(views.open_assignments(again.state, again.work), key=lambda x: x[1])[0][2].fence_sequence == 3
     assert ledger_apply(again, C.CompleteTask(fetch, 2, 1, 3, C.FAILED, "w1", {}, None, "boom", 13.0)).ok
     assert again.work.tables["fetch"].state.data[2] == AVAILABLE  # its first attempt of 2 failed
 
@@ -338,7 +339,7 @@ def test_ready_tasks_share_the_slots_among_specs_by_weight_and_priority():
     for name, keys in (("light", {"weight": 1}), ("heavy", {"weight": 3}), ("urgent", {"priority": 9, "max_running": 2})):
         ledger_apply(ledger, C.AddWorkSpec({"name": name, "run": {"kind": "call"}, **keys}, 0.0))
         ledger_apply(ledger, C.AddUnits(name, units(100, name), 0.0))
-    ready = ledger.ready_tasks(10)
+    ready = views.ready_tasks(ledger.state, ledger.work, 10)
     count = {name: sum(1 for j, _ in ready if j == spec_id(name)) for name in ("light", "heavy", "urgent")}
     assert count == {"urgent": 2, "heavy": 6, "light": 2}  # urgent first, to its max; then 3:1 (ties by name)
 
@@ -352,15 +353,15 @@ def test_leases_that_end_are_taken_back_by_the_leader_and_late_results_refused()
     ledger_apply(ledger, C.AddWorkSpec({"name": "s", "run": {"kind": "call"}, "lease_s": 30, "max_attempts": 2}, 0.0))
     ledger_apply(ledger, C.AddUnits("s", units(3), 0.0))
     sid = spec_id("s")
-    ledger_apply(ledger, C.AssignTasks(1, 1, "b1", ledger.ready_tasks(2), 100.0))
+    ledger_apply(ledger, C.AssignTasks(1, 1, "b1", views.ready_tasks(ledger.state, ledger.work, 2), 100.0))
     assert not ledger.work.has_expired(129.0) and ledger.work.has_expired(131.0)
     assert ledger_apply(ledger, C.ExpireLeases(131.0)).value == {"expired": 2}
     late = C.CompleteTask(sid, 0, 1, 1, C.DONE, "w-stuck", {}, None, None, 140.0)
     assert ledger_apply(ledger, late).code == "stale_fence"  # its lease was taken back
     assert [a.outcome for a in ledger.work.tables["s"].attempts_of(0)] == ["lost"]
-    ledger_apply(ledger, C.AssignTasks(1, 10, "b1", ledger.ready_tasks(3), 150.0))
+    ledger_apply(ledger, C.AssignTasks(1, 10, "b1", views.ready_tasks(ledger.state, ledger.work, 3), 150.0))
     assert ledger_apply(ledger, C.ExpireLeases(200.0)).value == {"expired": 3}
-    assert ledger.work_summary()[0]["failed"] == 2  # units 0 and 1: their second lease ended too
+    assert ledger.work.summary()[0]["failed"] == 2  # units 0 and 1: their second lease ended too
 
 
 # ---- redundant execution ---------------------------------------------------------------------------
@@ -388,17 +389,17 @@ def test_each_unit_runs_on_distinct_workers_and_the_quorum_decides():
     ledger_apply(ledger, C.AddUnits("s", units(2), 0.0))
     sid, t = spec_id("s"), ledger.work.tables["s"]
     assert ledger.work.specs["s"].quorum == 2  # a majority by default
-    assert ledger.task_order(sid, 0)["avoid"] == [] and ledger.task_order(sid, 0)["arguments"]["compare"] == "bytes"
+    assert views.task_order(ledger.state, ledger.work, sid, 0)["avoid"] == [] and views.task_order(ledger.state, ledger.work, sid, 0)["arguments"]["compare"] == "bytes"
     # unit 0: w1 and w2 agree, w3 (wrong) does not; the replicas follow each other
     assert _replica(ledger, sid, 0, "w1", b"A" * 16, 1, 10.0).ok
-    assert t.state.data[0] == AVAILABLE and ledger.ready_tasks(1) == [(sid, 0)]  # first in line again
-    assert ledger.task_order(sid, 0)["avoid"] == ["w1"]
+    assert t.state.data[0] == AVAILABLE and views.ready_tasks(ledger.state, ledger.work, 1) == [(sid, 0)]  # first in line again
+    assert views.task_order(ledger.state, ledger.work, sid, 0)["avoid"] == ["w1"]
     assert _replica(ledger, sid, 0, "w3", b"B" * 16, 2, 12.0).ok
-    assert ledger.task_order(sid, 0)["avoid"] == ["w1", "w3"]
+    assert views.task_order(ledger.state, ledger.work, sid, 0)["avoid"] == ["w1", "w3"]
     assert _replica(ledger, sid, 0, "w2", b"A" * 16, 3, 14.0).ok
     assert t.state.data[0] == FINISHED
     assert ledger.work.tables["collect"].data == [b"out " + b"A" * 16]  # the quorum's output goes on
-    row = {r["spec"]: r for r in ledger.work_summary()}["s"]
+    row = {r["spec"]: r for r in ledger.work.summary()}["s"]
     assert (row["finished"], row["disputed"], row["replicas"], row["quorum"]) == (1, 1, 3, 2)
     view = ledger.work.units_view("s", disputed=True)["units"]
     assert [u["unit"] for u in view] == [0]
@@ -412,7 +413,7 @@ def test_each_unit_runs_on_distinct_workers_and_the_quorum_decides():
     snap = Ledger.restore(ledger.snapshot())
     assert snap.work.tables["s"].to_state() == t.to_state()
     assert ledger_apply(ledger, C.ControlSpec("s", "retry", 30.0)).value == {"retried": 1}
-    assert (t.state.data[1], t.votes.data[1], ledger.task_order(sid, 1).get("avoid")) == (AVAILABLE, 0, [])
+    assert (t.state.data[1], t.votes.data[1], views.task_order(ledger.state, ledger.work, sid, 1).get("avoid")) == (AVAILABLE, 0, [])
     check_invariants(t)
 
 
@@ -475,7 +476,7 @@ def test_a_continuous_spec_gets_a_unit_every_interval_while_none_waits_or_runs()
     assert ledger_apply(ledger, C.MakeUnits(["poll"], t0)).value == {"made": []}  # a repeated proposal makes nothing
     assert work.due(t0 + 120) == []  # its unit waits: no second one
     sid = spec_id("poll")
-    ledger_apply(ledger, C.AssignTasks(1, 1, "b1", ledger.ready_tasks(5), t0 + 1))
+    ledger_apply(ledger, C.AssignTasks(1, 1, "b1", views.ready_tasks(ledger.state, ledger.work, 5), t0 + 1))
     ledger_apply(ledger, C.CompleteTask(sid, 0, 1, 1, C.DONE, "w1", {}, None, None, t0 + 2))
     assert work.due(t0 + 59) == [] and work.due(t0 + 60) == ["poll"]  # the interval counts from the last unit made
     ledger_apply(ledger, C.ControlSpec("poll", "pause", t0 + 60))
