@@ -17,16 +17,13 @@ machine to the registry (``balancer.registry``) and the dispatcher (``balancer.d
 - **Masters.** The active balancer ATTACHes to the master leader with its *epoch*, which grows
   at every activation (``max(epoch_base, peer's epoch + 1, own + 1)``; ``epoch_base`` is the
   wall clock in ms at process start, so a restarted balancer outranks its earlier self). The
-  masters refuse an older epoch: a deposed balancer cannot take the stream back. On ATTACHED
-  the leader sends the open assignments again, then ready tasks within the credit this core
-  grants; each WORKER_REQUEST goes to the dispatcher, placements go to workers. A master that
-  stops answering heartbeats, or answers NOT_LEADER, is replaced by the next one (followers
-  name the leader).
+  stream itself (attach, heartbeats, failover between masters, credit batches) is
+  ``balancer.masters.MasterStream``; each WORKER_REQUEST that arrives on it goes to the
+  dispatcher, placements go to workers.
 - **Credit towards the master.** The core asks for at most ``queue_factor`` × the workers'
   slots (at least ``min_queue``) tasks held at once (pending here + running on workers +
   credit the master still holds), so a burst never piles up here and a freed slot finds a task
-  waiting. Credit travels as CREDIT(stream = epoch); open assignments resent on ATTACH are not
-  charged against it (the master does not charge them).
+  waiting.
 - **Credit from workers.** A worker's heartbeat says its free slots and how many WORKER_REQUESTs
   it has received since registering; the difference to what was sent is in flight and is not
   counted twice. Nothing is sent beyond it (``Registry.sent`` refuses).
@@ -43,6 +40,8 @@ from the master leader (open assignments on ATTACH), running tasks from the work
 registrations (``tasks``), so a task that still runs is not sent again (``Dispatcher`` drops
 one a worker already runs under the same or a newer fence).
 
+What workers and masters send is checked by ``balancer.intake`` before it touches this state.
+
 Pure: no sockets, clocks, threads or disk; ``now`` comes with each event. Sockets named here:
 ``workers`` (ROUTER), ``m0`` … (one DEALER per master), ``peer_out`` (PUB), ``peer_in`` (SUB).
 """
@@ -54,26 +53,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from balancer.binary_star import BinaryStar, State, Transition
-from balancer.dispatch import Dispatcher, DispatchError, Need, Task
-from balancer.registry import Capabilities, Registry, RegistryError
-from cluster.runtime.events import (
+from balancer.dispatch import Dispatcher, DispatchError, Task
+from balancer.intake import need_of, parse_registration, refuse, worker_slots
+from balancer.masters import MasterStream
+from balancer.registry import Registry, RegistryError, Worker
+from cluster.node.events import (
     Effect,
     Event,
     Log,
     MessageReceived,
-    Refuse,
     Send,
     Started,
     StartTimer,
-    StopRequested,
     TimerFired,
 )
 from proto.errors import AppReason
 from proto.ids import join128, split128
 from proto.messages import (
-    Attach,
-    Attached,
-    Credit,
     Error,
     Heartbeat,
     NotLeader,
@@ -85,25 +81,17 @@ from proto.messages import (
 )
 
 WORKERS = "workers"
+PEER_IN = "peer_in"
 PEER_OUT = "peer_out"
 LOST = 3  # TaskResult outcome (master.commands.LOST)
 FAILED = 1
-
-# Sanity bounds on what a worker may claim: past these it is a bug or a lie, not a machine.
-MAX_SLOTS = 4096
-MAX_CORES = 4096
-MAX_GPUS = 64
-MAX_MEMORY_MB = 64 << 20  # 64 TiB
 
 # Heartbeats to workers go out at most this many back to back; more are spread over the interval
 # in slices. 1,000 of them in one burst held the loop for 20-60 ms each tick (bench/batch.py,
 # 1,000 simulated workers), and a result arriving meanwhile waited that long for its next task.
 BEAT_BATCH = 100
 
-
-def master_socket(index: int) -> str:
-    """The name of the DEALER socket connected to master ``index``."""
-    return f"m{index}"
+_need_of = need_of  # the name tests/unit/test_master_core.py imports from here
 
 
 @dataclass(frozen=True)
@@ -120,19 +108,6 @@ class BalancerOptions:
     # balancer failover re-sends little.
     queue_factor: int = 16
     min_queue: int = 64
-
-
-@dataclass
-class _MasterLink:
-    index: int = 0
-    attached: bool = False
-    attach_sent: float | None = None
-    last_heard: float = 0.0
-    term: int = 0
-    leader: str = ""
-    credit: int = 0  # credit the master still holds
-    uncharged: int = 0  # open assignments still to come after ATTACHED (not charged)
-    heartbeat_seq: int = 0
 
 
 class BalancerCore:
@@ -154,23 +129,23 @@ class BalancerCore:
         now: float = 0.0,
     ) -> None:
         self.name = name
-        self.masters = list(masters)
         self.workers_endpoint = workers_endpoint
         self.peer_workers = peer_workers
         self.options = options
+        self.counters: dict[str, int] = {}
         self.star = BinaryStar(primary, interval=options.interval, liveness=options.peer_liveness, now=now)
+        self.stream = MasterStream(name, masters, timeout=options.master_timeout, retry=options.attach_retry,
+                                   counters=self.counters)
         self.registry = Registry(options.worker_liveness)
         self.dispatcher = Dispatcher()
         self.epoch = 0
         self.epoch_base = epoch_base
         self.peer_epoch = 0
         self.peer_seq = 0
-        self.link = _MasterLink()
         self.orders: dict[tuple[bytes, int], WorkerRequest] = {}  # pending here, by task
         self.routes: dict[bytes, str] = {}  # worker route → name
         self.sent_count: dict[str, int] = {}  # WORKER_REQUESTs sent to a worker since it registered
         self.ack_routes: dict[tuple[bytes, int], bytes] = {}  # results forwarded: who to acknowledge
-        self.counters: dict[str, int] = {}
         self.transitions: list[tuple[float, str]] = []  # (when, why), the newest last
         self.place_due = False
         self.worker_slots: dict[str, int] = {}  # task slots each worker runs (its credit adds a prefetch queue)
@@ -183,23 +158,14 @@ class BalancerCore:
         if isinstance(event, MessageReceived):
             out = self._on_message(event, now)
         elif isinstance(event, TimerFired):
-            if event.name == "place":
-                self.place_due = False
-                if not self.star.serving():
-                    return []
-                return self._place(now, event.stimulus_id) + self._grant(event.stimulus_id)
-            if event.name == "beat":
-                return self._beat(event.stimulus_id) if self.star.serving() else []
             if event.name != "tick":
-                return []
+                return self._on_timer(event, now)
             out = self._tick(now, event.stimulus_id) + [StartTimer("tick", self.options.interval, event.stimulus_id)]
         elif isinstance(event, Started):
-            self.star.peer_expiry = now + self.options.interval * self.options.peer_liveness
+            self.star.peer_expiry = now + self.star.period
             return [Log(logging.INFO, f"balancer {self.name} starts as {self.star.state.name.lower()}", event.stimulus_id),
                     StartTimer("tick", 0.0, event.stimulus_id)]
-        elif isinstance(event, StopRequested):
-            return []
-        else:
+        else:  # StopRequested and anything else: nothing to do
             return []
         if self.star.serving() and not self.place_due:
             # place and grant once the loop has drained what is waiting (a zero-delay timer fires
@@ -208,6 +174,17 @@ class BalancerCore:
             out.append(StartTimer("place", 0.0, getattr(event, "stimulus_id", "")))
         return out
 
+    def _on_timer(self, event: TimerFired, now: float) -> list[Effect]:
+        """The ``place`` and ``beat`` timers (``tick`` is the housekeeping round)."""
+        if event.name == "place":
+            self.place_due = False
+            if not self.star.serving():
+                return []
+            return self._place(now, event.stimulus_id) + self._grant(event.stimulus_id)
+        if event.name == "beat":
+            return self._beat(event.stimulus_id) if self.star.serving() else []
+        return []
+
     def _on_message(self, ev: MessageReceived, now: float) -> list[Effect]:
         m = ev.message
         if ev.socket == WORKERS:
@@ -215,8 +192,8 @@ class BalancerCore:
                 return self._on_worker_status(ev, m, now)
             if isinstance(m, TaskResult):
                 return self._on_result(ev, m, now)
-            return [_refuse(ev, f"a balancer does not take {type(m).__name__} from workers")]
-        if ev.socket == "peer_in":
+            return [refuse(ev, f"a balancer does not take {type(m).__name__} from workers")]
+        if ev.socket == PEER_IN:
             if isinstance(m, PeerState):
                 return self._on_peer(m, now, ev.stimulus_id)
             return []
@@ -247,7 +224,7 @@ class BalancerCore:
                                  f"{t.old.name.lower()} -> {t.new.name.lower()}: {t.why}", cause)]
         if t.new == State.ACTIVE:
             self.epoch = max(self.epoch_base, self.peer_epoch + 1, self.epoch + 1)
-            self.link = _MasterLink(index=self.link.index)
+            self.stream.reset()
             out += self._attach(now, cause)
         elif t.old == State.ACTIVE:
             out += self._stand_down(cause)
@@ -266,7 +243,7 @@ class BalancerCore:
         self.worker_slots.clear()
         self.ack_routes.clear()
         self.beat_due = []
-        self.link = _MasterLink(index=self.link.index)
+        self.stream.reset()
         return out
 
     def _client_turns(self, now: float, cause: str) -> tuple[bool, list[Effect]]:
@@ -295,7 +272,7 @@ class BalancerCore:
         return []
 
     def _register(self, ev: MessageReceived, m: WorkerStatus, now: float) -> list[Effect]:
-        caps, tasks, why = _parse_registration(m)
+        caps, tasks, why = parse_registration(m)
         if why is not None:
             self._count("workers_refused")
             return [Log(logging.WARNING, f"worker registration refused from {m.name or ev.route.hex()}: {why}", ev.stimulus_id),
@@ -315,17 +292,9 @@ class BalancerCore:
             self._count("workers_refused")
             return out + [Log(logging.WARNING, f"worker registration refused: {exc.text}", ev.stimulus_id),
                           self._to_worker_error(ev, exc.code, exc.text)]
-        if before is None or before.route != ev.route:
-            # a new route for this name: drop the others it had. Only then: every route change
-            # goes through here, so a re-registration from the same route has none to drop, and
-            # the scan (over every route) made a re-registration storm quadratic
-            for route, name in list(self.routes.items()):
-                if name == m.name and route != ev.route:
-                    del self.routes[route]
-        self.routes[ev.route] = m.name
+        self._route(ev.route, m.name, moved=before is None or before.route != ev.route)
         self.sent_count[m.name] = 0
-        slots = m.capabilities.get("slots") if isinstance(m.capabilities, dict) else None
-        self.worker_slots[m.name] = slots if isinstance(slots, int) and 0 < slots <= m.slots_total else m.slots_total
+        self.worker_slots[m.name] = worker_slots(m)
         for key in tasks:  # it runs these: never dispatch them again from here
             if self.dispatcher.remove(*key):
                 self.orders.pop(key, None)
@@ -336,6 +305,17 @@ class BalancerCore:
         out.append(Send(WORKERS, Heartbeat(self.epoch, 0, 1), ev.route, ev.stimulus_id))
         return out
 
+    def _route(self, route: bytes, name: str, *, moved: bool) -> None:
+        """``name`` registered from ``route``; ``moved``: from a route new for that name."""
+        if moved:
+            # a new route for this name: drop the others it had. Only then: every route change
+            # goes through here, so a re-registration from the same route has none to drop, and
+            # the scan (over every route) made a re-registration storm quadratic
+            for other, known in list(self.routes.items()):
+                if known == name and other != route:
+                    del self.routes[other]
+        self.routes[route] = name
+
     def _on_result(self, ev: MessageReceived, m: TaskResult, now: float) -> list[Effect]:
         name = self.routes.get(ev.route)
         key = (join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id)
@@ -344,13 +324,13 @@ class BalancerCore:
         else:
             self._count("results_from_unregistered")
         self.ack_routes[key] = ev.route
-        if not self.star.serving() or not self.link.attached:
+        if not self.star.serving() or not self.stream.link.attached:
             self._count("results_held_back")  # the worker resends it; the master is not reachable now
             return []
         self._count("results_forwarded")
         forwarded = TaskResult(m.job_uuid_upper, m.job_uuid_lower, m.task_id, m.fence_term, m.fence_sequence,
                                m.outcome, m.exit_code, m.summary, m.result_file, m.error, name or m.worker, m.files)
-        return [Send(master_socket(self.link.index), forwarded, None, ev.stimulus_id)]
+        return [self.stream.send(forwarded, ev.stimulus_id)]
 
     def _to_worker_error(self, ev: MessageReceived, code: str, text: str) -> Effect:
         return Send(WORKERS, Error(0, int(AppReason.REFUSED), ev.message.code, text, {"code": code}), ev.route, ev.stimulus_id)
@@ -370,69 +350,37 @@ class BalancerCore:
             return []
         self._count("tasks_lost", len(lost))
         out: list[Effect] = [Log(logging.WARNING, f"worker {name}: {len(lost)} task(s) lost ({why}); the masters retry them", cause)]
-        if not self.link.attached:
+        if not self.stream.link.attached:
             return out  # the next leader sends them again as open assignments
         for key, fence in sorted(lost.items()):
             upper, lower = split128(key[0])
             result = TaskResult(upper, lower, key[1], fence[0], fence[1], LOST, -1, {}, None,
                                 f"worker {name} was lost while running it ({why})", name)
-            out.append(Send(master_socket(self.link.index), result, None, cause))
+            out.append(self.stream.send(result, cause))
         return out
 
-    # ---- masters -----------------------------------------------------------------------------
+    # ---- masters (the stream itself is balancer.masters) ---------------------------------------
+
+    def _attach_ask(self) -> int:
+        """The credit an ATTACH grants: what the queue lacks now."""
+        return max(0, self._target() - self._holding())
 
     def _attach(self, now: float, cause: str) -> list[Effect]:
-        link = self.link
-        link.attached = False
-        link.attach_sent = now
-        link.last_heard = now
-        credit = max(0, self._target() - self._holding())
-        link.credit = credit
-        self._count("attaches")
-        return [Send(master_socket(link.index), Attach(1, self.epoch, credit, self.name), None, cause)]
-
-    def _next_master(self, now: float, cause: str, leader: str | None = None) -> list[Effect]:
-        link = self.link
-        if leader and leader in self.masters:
-            link.index = self.masters.index(leader)
-        else:
-            link.index = (link.index + 1) % len(self.masters)
-        return self._attach(now, cause)
+        return self.stream.attach(now, self.epoch, self._attach_ask(), cause)
 
     def _on_master(self, ev: MessageReceived, m: Any, now: float) -> list[Effect]:
-        link = self.link
-        if ev.socket != master_socket(link.index) or not self.star.serving():
+        if not self.stream.accepts(ev.socket) or not self.star.serving():
             if isinstance(m, WorkerRequest):
                 self._count("requests_from_other_master")
             return []
-        link.last_heard = now
-        if isinstance(m, Attached):
-            link.attached = True
-            link.term = m.term
-            link.leader = m.leader
-            link.uncharged = m.open_assignments
-            self._count("attached")
-            return [Log(logging.INFO, f"attached to master {m.leader} (term {m.term}, epoch {self.epoch}, "
-                                      f"{m.open_assignments} open assignments, credit {link.credit})", ev.stimulus_id)]
+        self.stream.heard(now)
         if isinstance(m, WorkerRequest):
             return self._on_request(ev, m, now)
         if isinstance(m, ResultAck):
             return self._route_acks(m, ev.stimulus_id)
-        if isinstance(m, NotLeader):
-            self._count("not_leader")
-            if m.leader in self.masters and self.masters.index(m.leader) != link.index:
-                return self._next_master(now, ev.stimulus_id, m.leader)
-            # an election is on (no leader named): ask the next master after attach_retry, not
-            # at once, or the pair would spin through the masters until one wins
-            link.attached = False
-            link.index = (link.index + 1) % len(self.masters)
-            link.attach_sent = now
-            return []
-        if isinstance(m, Heartbeat):
-            return []
-        if isinstance(m, Error):
-            return self._on_master_error(ev, m, now)
-        return []
+        if isinstance(m, Error) and m.refers_to == TaskResult.code:
+            return self._on_result_refused(ev, m)
+        return self.stream.on_message(m, now, self.epoch, self._attach_ask(), ev.stimulus_id)
 
     def _route_acks(self, m: ResultAck, cause: str) -> list[Effect]:
         """Each acknowledgement to the worker that sent the result, one message per worker."""
@@ -446,37 +394,26 @@ class BalancerCore:
         return [Send(WORKERS, ResultAck(*acks[0], [list(a) for a in acks[1:]]), route, cause)
                 for route, acks in by_route.items()]
 
-    def _on_master_error(self, ev: MessageReceived, m: Error, now: float) -> list[Effect]:
-        code = m.detail.get("code", "") if isinstance(m.detail, dict) else ""
-        if m.refers_to == TaskResult.code:
-            job = m.detail.get("job") if isinstance(m.detail, dict) else None
-            task = m.detail.get("task_id") if isinstance(m.detail, dict) else None
-            if m.reason == AppReason.OUTCOME_UNKNOWN:
-                return []  # the worker resends it
-            try:
-                key = (bytes.fromhex(job), int(task))
-            except (TypeError, ValueError):
-                return [Log(logging.WARNING, f"master refused a result: {m.text}", ev.stimulus_id)]
-            route = self.ack_routes.pop(key, None)
-            self._count("results_refused")
-            out: list[Effect] = [Log(logging.WARNING, f"master refused the result of task {job}/{task}: {m.text}", ev.stimulus_id)]
-            if route is not None:  # final: the worker drops it
-                out.append(Send(WORKERS, m, route, ev.stimulus_id))
-            return out
-        if m.refers_to == Attach.code:
-            self.link.attached = False
-            self._count("attach_refused")
-            return [Log(logging.WARNING, f"master refused ATTACH ({code}): {m.text}", ev.stimulus_id)]
-        if m.reason == AppReason.UNAVAILABLE:
-            return []
-        return [Log(logging.WARNING, f"master error ({code or m.reason}): {m.text}", ev.stimulus_id)]
+    def _on_result_refused(self, ev: MessageReceived, m: Error) -> list[Effect]:
+        """The master refused a result: for good (the worker drops it) unless its outcome is
+        unknown (the worker resends it)."""
+        job = m.detail.get("job") if isinstance(m.detail, dict) else None
+        task = m.detail.get("task_id") if isinstance(m.detail, dict) else None
+        if m.reason == AppReason.OUTCOME_UNKNOWN:
+            return []  # the worker resends it
+        try:
+            key = (bytes.fromhex(job), int(task))
+        except (TypeError, ValueError):
+            return [Log(logging.WARNING, f"master refused a result: {m.text}", ev.stimulus_id)]
+        route = self.ack_routes.pop(key, None)
+        self._count("results_refused")
+        out: list[Effect] = [Log(logging.WARNING, f"master refused the result of task {job}/{task}: {m.text}", ev.stimulus_id)]
+        if route is not None:  # final: the worker drops it
+            out.append(Send(WORKERS, m, route, ev.stimulus_id))
+        return out
 
     def _on_request(self, ev: MessageReceived, m: WorkerRequest, now: float) -> list[Effect]:
-        link = self.link
-        if link.uncharged > 0:
-            link.uncharged -= 1
-        else:
-            link.credit = max(0, link.credit - 1)
+        self.stream.charge()
         job = join128(m.job_uuid_upper, m.job_uuid_lower)
         key = (job, m.task_id)
         fence = (m.fence_term, m.fence_sequence)
@@ -484,14 +421,14 @@ class BalancerCore:
         if running is not None and tuple(running[1]) >= fence:
             self._count("requests_already_running")
             return []
-        need, priority, why = _need_of(m)
+        need, priority, why = need_of(m)
         if why is not None:
             self._count("tasks_refused")
             upper, lower = m.job_uuid_upper, m.job_uuid_lower
             fail = TaskResult(upper, lower, m.task_id, m.fence_term, m.fence_sequence, FAILED, -1, {}, None,
                               f"the task cannot be placed: {why}", self.name)
             return [Log(logging.WARNING, f"task {job.hex()}/{m.task_id} refused: {why}", ev.stimulus_id),
-                    Send(master_socket(link.index), fail, None, ev.stimulus_id)]
+                    self.stream.send(fail, ev.stimulus_id)]
         old = self.orders.get(key)
         if old is not None:
             if (old.fence_term, old.fence_sequence) >= fence:
@@ -510,7 +447,7 @@ class BalancerCore:
     # ---- placing and credit ------------------------------------------------------------------
 
     def _place(self, now: float, cause: str) -> list[Effect]:
-        if not self.dispatcher.pending() or not self.link.attached:
+        if not self.dispatcher.pending() or not self.stream.link.attached:
             return []
         last = self.dispatcher.last_place_at
         if last is not None and now - last < self.options.interval and not self.registry.free_total():
@@ -537,15 +474,7 @@ class BalancerCore:
         return self.dispatcher.pending() + self.registry.running_total
 
     def _grant(self, cause: str) -> list[Effect]:
-        link = self.link
-        if not link.attached:
-            return []
-        target = self._target()
-        want = target - self._holding() - link.credit
-        if want <= 0 or (want < max(1, target // 4) and link.credit > 0):
-            return []  # grant in batches: one CREDIT per quarter of the queue, not per task
-        link.credit += want
-        return [Send(master_socket(link.index), Credit(self.epoch, want, 0), None, cause)]
+        return self.stream.grant(self._target(), self._holding(), self.epoch, cause)
 
     # ---- housekeeping ------------------------------------------------------------------------
 
@@ -555,16 +484,7 @@ class BalancerCore:
                                                       self.name, self.workers_endpoint), None, cause)]
         if not self.star.serving():
             return out
-        expired = self.registry.expire(now)
-        if expired:  # one pass over the routes for all of them, not one per worker
-            gone = {w.name for w, _ in expired}
-            for route in [r for r, n in self.routes.items() if n in gone]:
-                del self.routes[route]
-        for w, lost in expired:
-            self.sent_count.pop(w.name, None)
-            self.worker_slots.pop(w.name, None)
-            out += self._report_lost(w.name, {k: w.running[k] for k in lost},
-                                     f"silent for more than {self.options.worker_liveness:g} s", cause)
+        out += self._expire(now, cause)
         # Slices still due from the last interval (the loop ran late) go now, whole: dropping them
         # would leave the same workers, the last by name, unheard interval after interval until
         # they gave this balancer up. The new round's slices end half-way through the interval.
@@ -574,18 +494,22 @@ class BalancerCore:
         beat = Heartbeat(self.epoch, self.peer_seq, 0)
         out += [Send(WORKERS, beat, route, cause) for route in late if route in self.routes]
         out += self._beat(cause)
-        link = self.link
-        if link.attached:
-            if now - link.last_heard > self.options.master_timeout:
-                self._count("master_silent")
-                out.append(Log(logging.WARNING, f"master {self.masters[link.index]} silent for "
-                                                f"{now - link.last_heard:.1f} s; trying the next one", cause))
-                out += self._next_master(now, cause)
-            else:
-                link.heartbeat_seq += 1
-                out.append(Send(master_socket(link.index), Heartbeat(self.epoch, link.heartbeat_seq, 0), None, cause))
-        elif link.attach_sent is None or now - link.attach_sent > self.options.attach_retry:
-            out += self._attach(now, cause)
+        out += self.stream.tick(now, self.epoch, self._attach_ask(), cause)
+        return out
+
+    def _expire(self, now: float, cause: str) -> list[Effect]:
+        """Purge the workers silent for longer than ``worker_liveness``; report their tasks lost."""
+        expired = self.registry.expire(now)
+        if expired:  # one pass over the routes for all of them, not one per worker
+            gone = {w.name for w, _ in expired}
+            for route in [r for r, n in self.routes.items() if n in gone]:
+                del self.routes[route]
+        out: list[Effect] = []
+        for w, lost in expired:
+            self.sent_count.pop(w.name, None)
+            self.worker_slots.pop(w.name, None)
+            out += self._report_lost(w.name, {k: w.running[k] for k in lost},
+                                     f"silent for more than {self.options.worker_liveness:g} s", cause)
         return out
 
     def _beat(self, cause: str) -> list[Effect]:
@@ -605,7 +529,6 @@ class BalancerCore:
         return self.dispatcher.story(job, task)
 
     def status(self, now: float) -> dict[str, Any]:
-        link = self.link
         waiting = []
         for key in list(self.orders)[:10]:
             waiting.append({"task": f"{key[0].hex()}/{key[1]}", "story": self.dispatcher.story(*key)})
@@ -614,29 +537,25 @@ class BalancerCore:
             "state": self.star.state.name.lower(),
             "epoch": self.epoch,
             "star": self.star.status(now),
-            "master": {
-                "address": self.masters[link.index] if self.masters else None,
-                "attached": link.attached,
-                "term": link.term,
-                "leader": link.leader,
-                "credit": link.credit,
-            },
+            "master": self.stream.status(),
             "registry": self.registry.status(),
             "dispatch": self.dispatcher.status(),
-            "workers": [
-                {"name": w.name, "slots": self.worker_slots.get(w.name, w.slots), "credit": w.slots, "free": w.free,
-                 "running": len(w.running),
-                 "cached": len(w.cached), "silent_s": round(now - w.last_heard, 3),
-                 "cores": w.caps.cores, "memory_mb": w.caps.memory_mb, "gpus": w.caps.gpus,
-                 "labels": sorted(w.caps.labels), "kernel": w.caps.kernel}
-                for w in self.registry.workers()
-            ],
+            "workers": [self._worker_status(w, now) for w in self.registry.workers()],
             "waiting": waiting,
             "transitions": [{"at": at, "why": why} for at, why in self.transitions[-5:]],
             "core": dict(self.counters),
         }
 
+    def _worker_status(self, w: Worker, now: float) -> dict[str, Any]:
+        return {"name": w.name, "slots": self.worker_slots.get(w.name, w.slots), "credit": w.slots, "free": w.free,
+                "running": len(w.running),
+                "cached": len(w.cached), "silent_s": round(now - w.last_heard, 3),
+                "cores": w.caps.cores, "memory_mb": w.caps.memory_mb, "gpus": w.caps.gpus,
+                "labels": sorted(w.caps.labels), "kernel": w.caps.kernel}
+
     def validate_state(self) -> None:
+        self.star.validate_state()
+        self.stream.validate_state()
         self.registry.validate_state()
         self.dispatcher.validate_state()
         assert len(self.orders) == self.dispatcher.pending(), "every order waits in the dispatcher, and only those"
@@ -647,66 +566,3 @@ class BalancerCore:
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
-
-
-# ---- parsing what workers and masters send -------------------------------------------------------
-
-
-def _parse_registration(m: WorkerStatus) -> tuple[Capabilities, dict, str | None]:
-    """(capabilities, running tasks by key, None) or (.., .., why it is refused)."""
-    c = m.capabilities if isinstance(m.capabilities, dict) else {}
-    bad = Capabilities(), {}
-    if not m.name:
-        return *bad, "a worker must register with a name"
-    if not 0 < m.slots_total <= MAX_SLOTS:
-        return *bad, f"worker {m.name}: {m.slots_total} slots is impossible (1 to {MAX_SLOTS})"
-    if m.slots_free > m.slots_total:
-        return *bad, f"worker {m.name}: {m.slots_free} free slots of {m.slots_total}"
-    cores, memory, gpus, kernel = c.get("cores", 1), c.get("memory_mb", 0), c.get("gpus", 0), c.get("kernel", "")
-    for label, value, high in (("cores", cores, MAX_CORES), ("memory_mb", memory, MAX_MEMORY_MB), ("gpus", gpus, MAX_GPUS)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
-            return *bad, f"worker {m.name}: {label} = {value!r} is impossible (an integer from 0 to {high})"
-    if cores < 1:
-        return *bad, f"worker {m.name}: a worker needs at least 1 core"
-    if not isinstance(kernel, str) or not all(isinstance(x, str) for x in m.labels):
-        return *bad, f"worker {m.name}: labels and kernel must be strings"
-    if any(not isinstance(f, bytes) or len(f) != 16 for f in m.cache_add):
-        return *bad, f"worker {m.name}: cached file ids must be 16 bytes"
-    tasks = {}
-    for t in m.tasks:
-        if not (isinstance(t, (list, tuple)) and len(t) == 4 and isinstance(t[0], bytes) and len(t[0]) == 16
-                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t[1:])):
-            return *bad, f"worker {m.name}: a running task is [job id (16 bytes), task, term, sequence], not {t!r}"
-        tasks[(t[0], t[1])] = (t[2], t[3])
-    caps = Capabilities(cores, memory, gpus, frozenset(m.labels), kernel)
-    return caps, tasks, None
-
-
-def _need_of(m: WorkerRequest) -> tuple[Need, int, str | None]:
-    """What the task needs of a worker and its priority, from the job's ``run`` section."""
-    args = m.arguments if isinstance(m.arguments, dict) else {}
-    run = args.get("run", {}) if isinstance(args.get("run", {}), dict) else {}
-    priority = args.get("priority", run.get("priority", 0))
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        priority = 0
-    spec = run.get("need", {})
-    if not isinstance(spec, dict):
-        return Need(), priority, "'need' must be a map (cores, memory_mb, gpus, labels, kernel)"
-    unknown = set(spec) - {"cores", "memory_mb", "gpus", "labels", "kernel"}
-    if unknown:
-        return Need(), priority, f"unknown need {', '.join(sorted(unknown))} (known: cores, memory_mb, gpus, labels, kernel)"
-    labels = spec.get("labels", [])
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        return Need(), priority, "need 'labels' must be a list of strings"
-    avoid = args.get("avoid", [])  # workers that ran a replica of this work unit already
-    if not isinstance(avoid, list) or not all(isinstance(x, str) for x in avoid):
-        return Need(), priority, "'avoid' must be a list of worker names"
-    need = Need(spec.get("cores", 1), spec.get("memory_mb", 0), spec.get("gpus", 0), frozenset(labels), spec.get("kernel", ""),
-                frozenset(avoid))
-    why = need.problem()
-    return need, priority, why
-
-
-def _refuse(ev: MessageReceived, detail: str) -> Effect:
-    return Refuse(ev.socket, ev.route, ev.message.code, getattr(ev.message, "request_id", 0), detail, ev.stimulus_id)
-

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import zmq
 
-from balancer.core import PEER_OUT, WORKERS, BalancerCore, BalancerOptions, master_socket
+from balancer.core import PEER_IN, PEER_OUT, WORKERS, BalancerCore, BalancerOptions
+from balancer.masters import master_socket
 from cluster.node.config import ConfigError, load_cluster_config
 from cluster.node.loop import NodeLoop, SocketSpec
 
@@ -51,7 +52,7 @@ def build_balancer(config_path: Path, name: str, *, options: BalancerOptions | N
         SocketSpec(PEER_OUT, zmq.PUB, bind=(me.peer,), options={zmq.SNDHWM: 16}),
     ]
     if peer is not None:
-        sockets.append(SocketSpec("peer_in", zmq.SUB, connect=(peer.peer,),
+        sockets.append(SocketSpec(PEER_IN, zmq.SUB, connect=(peer.peer,),
                                   options={zmq.SUBSCRIBE: b"", zmq.RCVHWM: 16}))
     for i, address in enumerate(masters):
         sockets.append(SocketSpec(master_socket(i), zmq.DEALER, connect=(address,),

@@ -132,33 +132,11 @@ class Registry:
         and replaced by ``running``."""
         cached = frozenset(cached)
         running = dict(running or {})
-        if not isinstance(name, str) or not name:
-            self._refuse("bad_name", f"a worker name must be a non-empty string, not {name!r}")
-        if not isinstance(route, bytes) or not route:
-            self._refuse("bad_route", f"worker {name}: the route must be non-empty bytes")
-        if not isinstance(caps, Capabilities):
-            self._refuse("bad_capabilities", f"worker {name}: capabilities must be Capabilities")
-        why = caps.problem()
-        if why:
-            self._refuse("bad_capabilities", f"worker {name}: {why}")
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
-            self._refuse("bad_slots", f"worker {name}: slots must be an integer >= 0, not {slots!r}")
         free = slots if free is None else free
-        self._check_free(name, free, slots)
-        self._check_ids(name, cached)
-        for key, fence in running.items():
-            self._check_key(name, key, fence)
+        self._check_registration(name, route, caps, slots, free, cached, running)
         old = self._workers.get(name)
         if old is not None and old.route == route:
-            self.slots_total += slots - old.slots
-            old.caps, old.slots, old.cached = caps, slots, set(cached)
-            self._set_free(old, free)
-            self.running_total += sum(key not in old.running for key in running)
-            old.running.update(running)
-            for key, fence in running.items():
-                self._runs.setdefault(key, {})[name] = fence
-            old.last_heard = now
-            self._count("reregistered")
+            self._update(old, caps, slots, free, cached, running, now)
             return []
         lost: list[TaskKey] = []
         if old is not None:
@@ -177,6 +155,38 @@ class Registry:
             self._runs.setdefault(key, {})[name] = fence
         self._count("registered")
         return lost
+
+    def _check_registration(self, name: str, route: bytes, caps: Capabilities, slots: int, free: int,
+                            cached: frozenset[bytes], running: dict[TaskKey, Fence]) -> None:
+        """Every check of ``register``, before its first mutation."""
+        if not isinstance(name, str) or not name:
+            self._refuse("bad_name", f"a worker name must be a non-empty string, not {name!r}")
+        if not isinstance(route, bytes) or not route:
+            self._refuse("bad_route", f"worker {name}: the route must be non-empty bytes")
+        if not isinstance(caps, Capabilities):
+            self._refuse("bad_capabilities", f"worker {name}: capabilities must be Capabilities")
+        why = caps.problem()
+        if why:
+            self._refuse("bad_capabilities", f"worker {name}: {why}")
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
+            self._refuse("bad_slots", f"worker {name}: slots must be an integer >= 0, not {slots!r}")
+        self._check_free(name, free, slots)
+        self._check_ids(name, cached)
+        for key, fence in running.items():
+            self._check_key(name, key, fence)
+
+    def _update(self, old: Worker, caps: Capabilities, slots: int, free: int, cached: frozenset[bytes],
+                running: dict[TaskKey, Fence], now: float) -> None:
+        """A known worker registered again from the same route: it keeps its running tasks."""
+        self.slots_total += slots - old.slots
+        old.caps, old.slots, old.cached = caps, slots, set(cached)
+        self._set_free(old, free)
+        self.running_total += sum(key not in old.running for key in running)
+        old.running.update(running)
+        for key, fence in running.items():
+            self._runs.setdefault(key, {})[old.name] = fence
+        old.last_heard = now
+        self._count("reregistered")
 
     def heartbeat(
         self,

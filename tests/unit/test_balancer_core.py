@@ -7,7 +7,7 @@ import pytest
 
 from balancer.binary_star import State
 from balancer.core import BEAT_BATCH, PEER_OUT, WORKERS, BalancerCore, BalancerOptions
-from cluster.runtime.events import Log, MessageReceived, Send, Started, StartTimer, TimerFired
+from cluster.node.events import Log, MessageReceived, Send, Started, StartTimer, TimerFired
 from proto.ids import split128
 from proto.messages import (
     Attach,
@@ -96,7 +96,7 @@ def test_a_primary_meeting_its_backup_serves_and_attaches_with_a_fresh_epoch():
     assert attach and attach[0].message.epoch == 1000 and attach[0].socket == "m0"
     assert attach[0].message.credit == 0  # no workers yet: nothing to ask for
     h.attach()
-    assert h.core.link.attached
+    assert h.core.stream.link.attached
 
 
 def test_a_passive_balancer_sends_workers_to_its_peer_while_the_peer_lives():
@@ -149,10 +149,10 @@ def test_open_assignments_after_attach_are_not_charged_against_credit():
     h.peer(State.BACKUP)
     h.register("w1", slots=2)
     h.attach(open_assignments=3)
-    before = h.core.link.credit
+    before = h.core.stream.link.credit
     for t in range(3):
         h.request(t, (4, t))
-    assert h.core.link.credit == before
+    assert h.core.stream.link.credit == before
 
 
 def test_credit_in_flight_is_not_counted_twice():
@@ -310,7 +310,7 @@ def test_dual_active_the_backup_steps_down_and_sends_its_workers_to_the_primary(
     h.peer(State.ACTIVE)  # a healed partition: both active
     assert h.core.star.state == State.PASSIVE
     assert h.sent(NotLeader, WORKERS, b"w1")
-    assert len(h.core.registry) == 0 and not h.core.link.attached
+    assert len(h.core.registry) == 0 and not h.core.stream.link.attached
 
 
 def test_workers_get_heartbeats_from_the_active_balancer():

@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = {"zmq", "time", "threading", "os", "socket", "asyncio", "subprocess", "pysyncobj", "signal", "random", "select"}
 PURE = sorted(
     p for pkg in ("cluster", "master", "balancer", "storage", "worker") for p in (ROOT / pkg).rglob("core.py")
-) + [ROOT / "cluster/runtime/events.py", ROOT / "balancer/binary_star.py", ROOT / "balancer/registry.py", ROOT / "balancer/dispatch.py"] + [ROOT / "master" / f for f in ("ledger.py", "jobs.py", "commands.py", "workspec.py", "views.py",
-    "state.py", "files.py", "joblife.py", "attempts.py")]
+) + [ROOT / "cluster/node/events.py", ROOT / "balancer/binary_star.py", ROOT / "balancer/registry.py", ROOT / "balancer/dispatch.py", ROOT / "balancer/masters.py", ROOT / "balancer/intake.py"] + [ROOT / "master" / f for f in ("ledger.py", "jobs.py", "commands.py", "workspec.py", "views.py",
+    "state.py", "files.py", "joblife.py", "attempts.py", "standing.py", "batching.py", "api.py", "stream.py",
+    "watches.py", "specs.py")]
 
 
 def imported_roots(path: Path) -> set[str]:
