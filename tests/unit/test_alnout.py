@@ -15,6 +15,7 @@ import sys
 import warnings
 
 import numpy as np
+import parasail
 import pytest
 
 from cluster import alnout
@@ -50,7 +51,6 @@ def with_score(record: AlignmentRecord) -> AlignmentRecord:
 
 def from_parasail(seed: int) -> AlignmentRecord:
     """A seeded related pair (ACGT only, ~1,500 letters) aligned by parasail with traceback."""
-    parasail = pytest.importorskip("parasail")
     rng = random.Random(seed)
     core = "".join(rng.choice("ACGT") for _ in range(1500))
     mutated = "".join(c if rng.random() > 0.08 else rng.choice("ACGT") for c in core)

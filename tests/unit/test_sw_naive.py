@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 
+import parasail
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,8 +34,6 @@ from tests.naive import (
     naive_tiled,
 )
 from worker.sw.scoring import Scoring, encode, query_codes
-
-parasail = pytest.importorskip("parasail")
 
 DEFAULT = Scoring()
 LETTERS = "ACGTN"

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import parasail
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,8 +54,6 @@ def score_pass(a, b, scoring, tile, stride, directory: Path):
     got = trace.trace_local(a, b, scoring, directory, tile=tile, stride=stride)
     return (got.score, got.end_b, got.end_a), RowStore([read_rows(p) for p in sorted(directory.glob("*.swr"))], len(a))
 
-
-parasail = pytest.importorskip("parasail")
 
 
 def parasail_start(A: str, B: str, scoring: Scoring) -> tuple[int, int, int]:
