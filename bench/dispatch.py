@@ -28,6 +28,11 @@ Dask: 2 worker processes, 1 thread each. Ray: ``ray.init(num_cpus=2)``. Both on 
 scratch files in a temporary directory. Every process a peer run starts carries a marker in its
 environment; once the peer's process has exited, any process still carrying it is stopped by pid
 and reported (``leftovers``). Our system is one more row (``measure_ours``), with ratios.
+
+Before the systems, one worker slot alone (``measure_slot``): N no-op callables through one
+``worker.slots.Slot`` in this process, its child started outside the clock: the rate a slot
+allows with no network and no ledger, and the count of child processes it started (1: the child
+is reused, not respawned per task).
 """
 
 from __future__ import annotations
@@ -293,6 +298,27 @@ def measure_ours(args: argparse.Namespace) -> dict | None:
         stop_all(nodes)
 
 
+def measure_slot(tasks: int) -> dict:
+    """One slot's no-op rate: ``tasks`` no-op callables through ``worker.slots.Slot`` (see the
+    module docstring); tasks/s and the slot's counters."""
+    import cloudpickle
+
+    from worker.slots import Slot
+
+    noop = cloudpickle.dumps(lambda: None)
+    no_args = cloudpickle.dumps(((), {}))
+    with tempfile.TemporaryDirectory(prefix="dispatch-slot-") as scratch, Slot(0) as slot:
+        if not slot.run_callable(noop, no_args, Path(scratch)).ok:  # starts the child, untimed
+            raise RuntimeError("the slot could not run a no-op")
+        t0 = time.perf_counter()
+        ok = sum(slot.run_callable(noop, no_args, Path(scratch)).ok for _ in range(tasks))
+        seconds = time.perf_counter() - t0
+        counters = dict(slot.counters)
+    log(f"one slot: {tasks / seconds:,.0f} no-op tasks/s, {counters['spawns']} child process(es)")
+    return {"tasks": tasks, "ok": ok, "seconds": seconds, "tasks_per_s": tasks / seconds,
+            "spawns": counters["spawns"], "restarts": counters["restarts"]}
+
+
 def _active(balancers: list, query_status) -> Any:
     for b in balancers:
         if b.process is None or b.process.poll() is not None:
@@ -442,6 +468,10 @@ def print_report(res: dict) -> None:
                     f"the other: median {t['median_s']:.2f} s of {t['kills']} ({', '.join(f'{x:.2f}' for x in t['seconds'])})")
         elif r:
             out(f"{name} failed: {r['error']}\n  " + "\n  ".join(r.get("stderr_tail", [])[-10:]))
+    s = res.get("slot")
+    if s:
+        out(f"one slot alone: {s['tasks_per_s']:,.0f} no-op tasks/s ({s['ok']:,} of {s['tasks']:,} ok, "
+            f"{s['spawns']} child process(es) started)")
     out(f"total {res['elapsed_s']:.1f} s; results in {res['json_path']}")
 
 
@@ -477,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     res["config"] = cfg
     cpu0 = machine.cpu_times()
     res["setup"] = ensure_peers(peers, args.skip_setup) if peers else {"peers": {}, "first_setup": {}}
+    res["slot"] = measure_slot(args.tasks)
     systems: dict[str, dict | None] = {"ours": measure_ours(args)}
     not_run = {"ours": systems["ours"]["error"]} if systems["ours"] and "error" in systems["ours"] else {}
     timeout = 120.0 if q else 300.0

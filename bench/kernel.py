@@ -29,6 +29,12 @@ repeat, after one unrecorded warm-up call of every variant on a 2,000 x 2,000 pa
 a parasail 16-bit row whose ``result.saturated`` is set is marked ``saturated`` and not counted
 as a disagreement (parasail 1.3.4's sw_striped_16 is biased: it returns exact scores up to 65534
 and saturates at 65535, not at 32767). The exit code is 1 if any of our variants disagrees.
+
+Also measured, once per run (best of 3, wall and CPU seconds): each build's self-check (the
+GCUPS ``kernels.load`` measures, against its floor ``kernels.SELF_CHECK_GCUPS``, below which a
+build with AVX2 is taken to be de-vectorized), and the traceback's pieces: ``boxdp.global_traceback``
+of a 2,048 x 2,048 box, and ``cigar.rescore`` / ``cigar.stats`` of a 2,000,000-column alignment
+(tests/unit/test_boxdp.py and test_cigar.py check these for correctness, not speed).
 """
 
 from __future__ import annotations
@@ -234,6 +240,44 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def best_of(reps: int, fn: Callable[[], Any]) -> dict:
+    """Best wall and CPU (this thread's) seconds of ``reps`` calls of ``fn``."""
+    wall = cpu = float("inf")
+    for _ in range(reps):
+        w0, c0 = time.perf_counter(), time.thread_time()
+        fn()
+        wall = min(wall, time.perf_counter() - w0)
+        cpu = min(cpu, time.thread_time() - c0)
+    return {"wall_s": wall, "cpu_s": cpu}
+
+
+def bench_pieces(reps: int = 3) -> dict:
+    """The traceback's pieces on one thread: a 2,048 x 2,048 box of ``boxdp.global_traceback``
+    (G cells/s) and ``cigar.rescore`` + ``cigar.stats`` of 2,000,000 columns (M columns/s)."""
+    import numpy as np
+
+    from worker.sw import boxdp, cigar
+
+    rng = np.random.default_rng(1)
+    n = 2048
+    a, b = (rng.integers(0, 4, n).astype(np.uint8) for _ in range(2))
+    boxdp.global_traceback(a[:16], b[:16], SCORING)  # compiled or loaded from the cache
+    box = best_of(reps, lambda: boxdp.global_traceback(a, b, SCORING))
+    box.update(cells=n * n, gcells_per_s=n * n / box["wall_s"] / 1e9)
+
+    columns = 2_000_000
+    ops = rng.choice(4, size=columns, p=[0.85, 0.1, 0.025, 0.025]).astype(np.uint8)
+    in_a, in_b = cigar.consumed(ops)
+    qa = rng.integers(0, 4, int(in_a.sum()), dtype=np.uint8)
+    qb = rng.integers(0, 4, int(in_b.sum()), dtype=np.uint8)
+    pa, pb = np.cumsum(in_a) - 1, np.cumsum(in_b) - 1
+    qb[pb[ops == 0]] = qa[pa[ops == 0]]  # '=' columns match, 'X' columns do not
+    qb[pb[ops == 1]] = (qa[pa[ops == 1]] + 1) % 4
+    rescore = best_of(reps, lambda: (cigar.rescore(ops, qa, qb, 0, 0, SCORING), cigar.stats(ops)))
+    rescore.update(columns=columns, mcolumns_per_s=columns / rescore["wall_s"] / 1e6)
+    return {"boxdp_global_traceback": box, "cigar_rescore_and_stats": rescore}
+
+
 # ---- report ----------------------------------------------------------------------------------
 
 
@@ -312,8 +356,14 @@ def print_report(res: dict) -> None:
         out(f"  {e['pair']:12s} {e['ratio']:38s} {e['value']:6.2f}x{note}")
     k = res["kernels"]
     out("kernel builds: " + ", ".join(
-        f"{n} (load {b['compile_seconds']:.1f} s, self-check {b['self_check_gcups']:.1f} GCUPS)"
+        f"{n} (load {b['compile_seconds']:.1f} s, self-check {b['self_check_gcups']:.1f} GCUPS, "
+        f"floor {b['self_check_floor_gcups']:.1f}{'' if b['self_check_passed'] else ': BELOW THE FLOOR'})"
         for n, b in k.items()))
+    pc = res["pieces"]
+    box, rs = pc["boxdp_global_traceback"], pc["cigar_rescore_and_stats"]
+    out(f"traceback pieces: boxdp 2,048 x 2,048 {box['wall_s'] * 1e3:.1f} ms ({box['gcells_per_s']:.3f} G cells/s, "
+        f"CPU {box['cpu_s'] * 1e3:.1f} ms); cigar rescore + stats of {rs['columns']:,} columns "
+        f"{rs['wall_s'] * 1e3:.0f} ms ({rs['mcolumns_per_s']:.1f} M columns/s)")
     shares = m.get("cpu_shares_during_run")
     if shares:
         out(f"CPU during the run: busy {shares['busy']:.0%}, idle {shares['idle']:.0%}, "
@@ -345,9 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     res["kernels"] = {}
     for name in ("int32", "int16"):
         b = kernels.load(name)
+        floor = kernels.SELF_CHECK_GCUPS[name]
         res["kernels"][name] = {"build_id": b.build_id, "lanes": b.lanes,
                                 "compile_seconds": b.compile_seconds,
-                                "self_check_gcups": b.self_check_gcups}
+                                "self_check_gcups": b.self_check_gcups,
+                                "self_check_floor_gcups": floor,
+                                "self_check_passed": b.self_check_gcups >= floor or not kernels.has_avx2()}
+    log("the traceback's pieces (boxdp 2,048 x 2,048; cigar rescore of 2M columns) …")
+    res["pieces"] = bench_pieces()
     res["machine"]["avx2"] = kernels.has_avx2()
     res["machine"]["sw_cache"] = str(kernels.cache_root())
     pairs = load_pairs(args.quick)
