@@ -13,11 +13,12 @@ import pytest
 
 from cluster.node.events import Log, MessageReceived, Refuse, Send, Started, StartTimer, TimerFired
 from master import views
-from master.core import API, MAX_WATCH_JOBS, MAX_WATCH_TASKS, MAX_WATCH_WAIT, Committed, MasterCore, ProposalFailed, Propose, RaftView
+from master.core import API, Committed, MasterCore, ProposalFailed, Propose, RaftView
 from proto.ids import join128, split128
 from master.commands import AssignTasks, Batch, CompleteTask, SubmitJob
 from master.jobs import MAX_SPEC_BYTES
 from master.ledger import Ledger, spec_digest
+from master.watches import MAX_WATCH_JOBS, MAX_WATCH_TASKS, MAX_WATCH_WAIT
 from proto import AppReason
 from proto.messages import (
     FileList,
@@ -51,8 +52,8 @@ def jid(n: int) -> bytes:
 
 
 class Harness:
-    def __init__(self, role: str = "leader", term: int = 3) -> None:
-        self.ledger = Ledger()
+    def __init__(self, role: str = "leader", term: int = 3, ledger: Ledger | None = None) -> None:
+        self.ledger = ledger if ledger is not None else Ledger()
         self.raft = RaftView(role, term, "10.0.0.1:6000" if role == "leader" else "10.0.0.2:6000", True)
         self.core = MasterCore(self.ledger, "m1", lambda: self.raft, {"10.0.0.1:6000": "tcp://m1:5000", "10.0.0.2:6000": "tcp://m2:5000"})
         self.now = 100.0
@@ -433,7 +434,7 @@ def test_a_watch_with_news_is_answered_at_once_with_the_endings_past_its_cursor(
     }
     h.message(Watch(6, 0, {job: 2}))  # nothing new and no wait: answered empty at once
     (reply,) = h.take(QueryReply)
-    assert reply.value == {"jobs": {}, "unknown": []} and not h.core.watchers
+    assert reply.value == {"jobs": {}, "unknown": []} and not h.core.watches.watchers
 
 
 def test_a_parked_watch_is_woken_by_the_commit_that_brings_news():
@@ -447,7 +448,7 @@ def test_a_parked_watch_is_woken_by_the_commit_that_brings_news():
     h.commit_all()
     (reply,) = h.take(QueryReply)
     assert reply.request_id == 7 and [t["task"] for t in reply.value["jobs"][job.hex()]["tasks"]] == [1]
-    assert not h.core.watchers and not h.core.watching
+    assert not h.core.watches.watchers and not h.core.watches.watching
     h.message(Watch(8, 10_000, {job: 1}))  # the client's next cursor
     finish(h, result(reqs[0]))
     (reply,) = h.take(QueryReply)
@@ -463,7 +464,7 @@ def test_a_commit_without_news_for_the_watch_leaves_it_parked():
     job, reqs = running_job(h, 2, {"max_attempts": 3})
     h.message(Watch(7, 10_000, {job: 0}))
     finish(h, result(reqs[0], outcome=3))  # lost: retried, not an ending
-    assert not h.take(QueryReply) and h.core.watchers
+    assert not h.take(QueryReply) and h.core.watches.watchers
 
 
 def test_a_cancel_wakes_the_watchers_of_the_job():
@@ -493,7 +494,7 @@ def test_an_unanswered_watch_expires_at_its_deadline_with_no_news():
     assert timers(effects) == [("watch", 1.0)], "the timer moves on to the next deadline"
     h.now += 58.0
     h.event(TimerFired("watch", "w2"))
-    assert sorted(r.request_id for r in h.take(QueryReply)) == [3, 5] and not h.core.watchers
+    assert sorted(r.request_id for r in h.take(QueryReply)) == [3, 5] and not h.core.watches.watchers
 
 
 def test_a_newer_watch_from_the_same_connection_replaces_the_parked_one():
@@ -503,7 +504,7 @@ def test_a_newer_watch_from_the_same_connection_replaces_the_parked_one():
     h.message(Watch(2, 10_000, {job: 0}))
     (old,) = h.take(QueryReply)
     assert old.request_id == 1 and old.value == {"jobs": {}, "unknown": []}
-    assert list(h.core.watchers) == [CLIENT] and h.core.watchers[CLIENT].request_id == 2
+    assert list(h.core.watches.watchers) == [CLIENT] and h.core.watches.watchers[CLIENT].request_id == 2
     finish(h, result(reqs[0]))
     (reply,) = h.take(QueryReply)
     assert reply.request_id == 2
@@ -521,7 +522,7 @@ def test_parked_watches_are_answered_not_leader_when_the_leader_steps_down():
     h.event(TimerFired("raft", "t"))
     answers = {s.route: s.message for s in h.sent if isinstance(s.message, NotLeader) and s.route in (b"a", b"b")}
     assert {m.request_id for m in answers.values()} == {1, 2} and answers[b"a"].leader == "tcp://m2:5000"
-    assert not h.core.watchers and not h.core.watching and not h.core.watch_deadlines
+    assert not h.core.watches.watchers and not h.core.watches.watching and not h.core.watches.deadlines
     h.message(Watch(3, 10_000, {job: 0}), b"a")  # a follower sends watches to the leader
     assert [m.request_id for m in h.take(NotLeader) if m.request_id == 3] == [3]
 
@@ -531,9 +532,9 @@ def test_a_new_leader_answers_watches_from_its_ledger_before_it_serves_and_wakes
     job, reqs = running_job(h, 2)
     h.raft = RaftView("leader", 4, "10.0.0.1:6000", True)
     h.event(TimerFired("raft", "t"))  # a new term: its Barrier is proposed, not yet committed
-    assert h.core.serving_term != 4
+    assert h.core.standing.serving_term != 4
     h.message(Watch(1, 10_000, {job: 0}))
-    assert not h.take(QueryReply) and h.core.watchers
+    assert not h.take(QueryReply) and h.core.watches.watchers
     # an entry of the old term commits (the Raft thread applies it; this core proposed none of it)
     r = reqs[0]
     h.ledger.apply(CompleteTask(job, r.task_id, r.fence_term, r.fence_sequence, 0, "w", {}, None, None, h.now))
@@ -550,7 +551,7 @@ def test_watch_bounds_are_refused_with_clear_errors():
     assert err.detail["code"] == "too_many_jobs" and str(MAX_WATCH_JOBS) in err.text
     h.message(Watch(2, 100, {job: -1}))
     (err,) = h.take(Error)
-    assert err.detail["code"] == "bad_cursor" and job.hex() in err.text and not h.core.watchers
+    assert err.detail["code"] == "bad_cursor" and job.hex() in err.text and not h.core.watches.watchers
 
 
 def test_a_watch_reply_holds_at_most_max_watch_tasks_endings_and_the_cursor_says_where_it_stopped():
@@ -600,7 +601,7 @@ def test_task_files_travel_with_the_result_and_malformed_ones_are_refused_before
     (err,) = h.take(Error)
     assert err.reason == AppReason.REFUSED and err.detail == {"code": "bad_files", "task_id": r1.task_id, "job": job.hex()}
     assert "storage node names" in err.text and err.refers_to == TaskResult.code
-    assert not h.proposed and not h.core.queue
+    assert not h.proposed and not h.core.batcher.queue
 
 
 def test_work_specs_and_units_are_committed_then_answered_and_read_anywhere():
@@ -622,9 +623,7 @@ def test_work_specs_and_units_are_committed_then_answered_and_read_anywhere():
     h.commit_all()
     (again,) = h.take(QueryReply)
     assert again.value == {"added": 2, "total": 2, "again": True}
-    follower = Harness(role="follower")
-    follower.ledger = h.ledger
-    follower.core.ledger = h.ledger
+    follower = Harness(role="follower", ledger=h.ledger)  # a master that holds the same log
     follower.message(Work(5, "summary"))
     (read,) = follower.take(QueryReply)
     assert read.stale == 1 and read.value[0]["spec"] == "fetch" and read.value[0]["total"] == 2
@@ -650,7 +649,7 @@ def test_a_serving_leader_proposes_the_end_of_expired_leases_once_a_second():
     h = Harness()
     h.ledger.apply(AddWorkSpec({"name": "s", "run": {"kind": "call"}, "lease_s": 5}, 0.0))
     h.ledger.apply(AddUnits("s", [["a", b""]], 0.0))
-    wall = h.core.wall(h.now)
+    wall = h.core.standing.wall(h.now)
     h.ledger.apply(AssignTasks(3, 100, "b1", views.ready_tasks(h.ledger.state, h.ledger.work, 1), wall))
     h.event(TimerFired("expire", "e1"))
     h.flush()
@@ -699,5 +698,5 @@ def test_a_units_order_carries_its_specs_need_and_its_replicas_avoid_list_to_the
     sid = spec_id("s")
     h.ledger.apply(AssignTasks(3, 100, "b1", [(sid, 0)], 1.0))
     h.ledger.apply(CompleteTask(sid, 0, 3, 100, DONE, "w7", {"digest": b"x" * 16}, None, None, 2.0))
-    need, _, why = _need_of(h.core._worker_request(sid, 0, (3, 101)))
+    need, _, why = _need_of(h.core.stream.worker_request(sid, 0, (3, 101)))
     assert why is None and (need.gpus, need.labels, need.avoid) == (1, frozenset({"cuda"}), frozenset({"w7"}))

@@ -1,0 +1,180 @@
+"""The client API of a master: submits, cancels, file registrations and the reads.
+
+Theory of operation
+-------------------
+Writes (SUBMIT, CANCEL_JOB, FILE_REGISTER, FILE_RELEASE) reach only the leader; a follower
+answers NOT_LEADER with the leader's client address (``Standing.writable``). The leader checks
+what it can before it costs a Raft round, queues the command (``master.batching``) and answers
+once it has committed (``answer``): SUBMIT_ACK, a QUERY_REPLY with the result, or an ERROR.
+A submit whose idempotency key the ledger already holds is answered at once, from the ledger;
+one whose proposal fails is answered OUTCOME_UNKNOWN and the client retries with the same key.
+
+Reads (JOB_QUERY, JOB_LIST, TASK_QUERY, FILE_LOOKUP, FILE_LIST) are answered by any master from
+its own ledger (``master.views``); ``stale`` is 0 only when a serving leader with a quorum
+answers. HEARTBEAT is answered by every master with its Raft term (balancers use it to notice a
+dead or deposed leader).
+
+Handlers take ``(event, message, now)`` and return effects; pure, like the core that holds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+
+from cluster.node.events import Effect, MessageReceived, Send
+from master import jobs, views
+from master.batching import Batcher
+from master.commands import CancelJob as CancelCommand
+from master.commands import RegisterFile, ReleaseFile, SubmitJob
+from master.joblife import spec_digest
+from master.ledger import Ledger
+from master.standing import API, MAX_LIST, Standing, app_error, app_error_to
+from master.state import Applied
+from proto.errors import AppReason
+from proto.ids import join128, split128
+from proto.messages import (
+    CancelJob,
+    FileList,
+    FileLookup,
+    FileRegister,
+    FileRelease,
+    Heartbeat,
+    JobList,
+    JobQuery,
+    QueryReply,
+    Submit,
+    SubmitAck,
+    TaskQuery,
+)
+
+MAX_LOOKUP = 10_000  # file ids per FILE_LOOKUP
+
+
+def job_id_for(key: bytes) -> bytes:
+    """A job's id, derived from its idempotency key so every leader picks the same one."""
+    return hashlib.blake2b(key, digest_size=16, person=b"cluster-job").digest()
+
+
+class ClientApi:
+    """The client messages' handlers, over the shared ledger, standing and write queue."""
+
+    def __init__(self, ledger: Ledger, standing: Standing, batcher: Batcher) -> None:
+        self.ledger = ledger
+        self.standing = standing
+        self.batcher = batcher
+
+    # ---- writes --------------------------------------------------------------------------
+
+    def on_submit(self, ev: MessageReceived, m: Submit, now: float) -> list[Effect]:
+        refusal = self.standing.writable(ev, m.request_id)
+        if refusal is not None:
+            return [refusal]
+        key = join128(m.idempotency_key_upper, m.idempotency_key_lower)
+        try:
+            encoded = msgspec.msgpack.encode(m.spec)
+            jobs.validate_spec(m.kind, m.spec, len(encoded))
+        except jobs.SpecError as exc:
+            return [app_error(ev, m.request_id, AppReason.REFUSED, exc.code, exc.text)]
+        digest = spec_digest(m.kind, m.spec)
+        known = self.ledger.state.keys.get(key)
+        if known is not None:  # already committed: answer now, from the ledger
+            if known[0] != digest:
+                return [app_error(ev, m.request_id, AppReason.REFUSED, "idempotency_conflict",
+                                  f"idempotency key {key.hex()} was used for another job with a different body")]
+            upper, lower = split128(known[1])
+            return [Send(API, SubmitAck(m.request_id, upper, lower, self.standing.view.last_applied), ev.route, ev.stimulus_id)]
+        command = SubmitJob(job_id_for(key), key, digest, m.kind, m.spec, f"node:{ev.sender:032x}", self.standing.wall(now))
+        return self.batcher.enqueue(command, ("submit", ev.route, m.request_id), ev.stimulus_id, now)
+
+    def on_cancel(self, ev: MessageReceived, m: CancelJob, now: float) -> list[Effect]:
+        refusal = self.standing.writable(ev, m.request_id)
+        if refusal is not None:
+            return [refusal]
+        job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
+        if job_id not in self.ledger.state.jobs:
+            return [app_error(ev, m.request_id, AppReason.NOT_FOUND, "unknown_job", f"no job {job_id.hex()}")]
+        command = CancelCommand(job_id, m.reason, self.standing.wall(now))
+        return self.batcher.enqueue(command, ("cancel", ev.route, m.request_id), ev.stimulus_id, now)
+
+    def on_file_register(self, ev: MessageReceived, m: FileRegister, now: float) -> list[Effect]:
+        refusal = self.standing.writable(ev, m.request_id)
+        if refusal is not None:
+            return [refusal]
+        file_id = join128(m.file_id_upper, m.file_id_lower)
+        # pin=0 without an owner is a repair: it adds replicas and no reference
+        command = RegisterFile(file_id, m.size, list(m.replicas), m.owner, self.standing.wall(now), m.name,
+                               add_ref=bool(m.pin or m.owner))
+        return self.batcher.enqueue(command, ("write", ev.route, m.request_id), ev.stimulus_id, now)
+
+    def on_file_release(self, ev: MessageReceived, m: FileRelease, now: float) -> list[Effect]:
+        refusal = self.standing.writable(ev, m.request_id)
+        if refusal is not None:
+            return [refusal]
+        command = ReleaseFile(m.file_id, m.owner, self.standing.wall(now))
+        return self.batcher.enqueue(command, ("write", ev.route, m.request_id), ev.stimulus_id, now)
+
+    # ---- answers to the writes, once they committed (or not) --------------------------------
+
+    def answer(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
+        """A ``submit``, ``cancel`` or ``write`` reply: the command committed with ``result``."""
+        kind, route, request_id = reply
+        if not result.ok:
+            return [app_error_to(route, request_id, AppReason.REFUSED, result.code, result.text, cause)]
+        if kind == "submit":
+            upper, lower = split128(result.value["job"])
+            self.standing.count("submits_committed")
+            return [Send(API, SubmitAck(request_id, upper, lower, log_index), route, cause)]
+        value = views.job_view(self.ledger.state, result.value["job"]) if kind == "cancel" else result.value
+        reply_value = QueryReply(request_id, 0, self.standing.view.term, log_index, value, self.standing.leader_address())
+        return [Send(API, reply_value, route, cause)]
+
+    def unknown(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
+        """The write's proposal did not commit here: the client retries with the same key."""
+        return [app_error_to(reply[1], reply[2], AppReason.OUTCOME_UNKNOWN, "outcome_unknown",
+                             f"the write may or may not have committed ({reason}); retry with the same idempotency key",
+                             cause)]
+
+    def not_leader(self, reply: tuple, cause: str) -> list[Effect]:
+        """The write was queued when this master stopped leading."""
+        return [self.standing.not_leader(reply[2], reply[1], cause)]
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def on_job_query(self, ev: MessageReceived, m: JobQuery, now: float) -> list[Effect]:
+        job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
+        view = views.job_view(self.ledger.state, job_id)
+        if view is None:
+            return [self.standing.not_found(ev, m.request_id, f"no job {job_id.hex()}")]
+        return [self.standing.reply(ev, m.request_id, view)]
+
+    def on_job_list(self, ev: MessageReceived, m: JobList, now: float) -> list[Effect]:
+        return [self.standing.reply(ev, m.request_id, views.jobs_view(self.ledger.state, min(m.limit, MAX_LIST), m.state))]
+
+    def on_task_query(self, ev: MessageReceived, m: TaskQuery, now: float) -> list[Effect]:
+        job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
+        view = views.task_view(self.ledger.state, job_id, m.task_id)
+        if view is None:
+            return [self.standing.not_found(ev, m.request_id, f"no job {job_id.hex()}")]
+        return [self.standing.reply(ev, m.request_id, view)]
+
+    def on_file_lookup(self, ev: MessageReceived, m: FileLookup, now: float) -> list[Effect]:
+        if len(m.ids) > MAX_LOOKUP:
+            return [app_error(ev, m.request_id, AppReason.REFUSED, "too_many_ids",
+                              f"{len(m.ids)} file ids in one lookup; ask for at most {MAX_LOOKUP} at a time")]
+        return [self.standing.reply(ev, m.request_id, {f.hex(): views.file_view(self.ledger.state, f) for f in m.ids})]
+
+    def on_file_list(self, ev: MessageReceived, m: FileList, now: float) -> list[Effect]:
+        state = self.ledger.state
+        if m.owner is not None and m.owner not in state.jobs and m.owner not in state.named:
+            return [self.standing.not_found(ev, m.request_id, f"no job {m.owner.hex()}")]
+        page = views.files_view(state, max(1, min(m.limit, MAX_LIST)), m.owner, m.after)
+        return [self.standing.reply(ev, m.request_id, page)]
+
+    def on_heartbeat(self, ev: MessageReceived, m: Heartbeat, now: float) -> list[Effect]:
+        if m.reply:
+            return []  # masters send no heartbeats: a stray answer
+        self.standing.count("heartbeats")
+        # Followers answer too: a balancer learns "not leader" from the answers to its other messages.
+        return [Send(API, Heartbeat(self.standing.view.term, m.sequence, 1), ev.route, ev.stimulus_id)]

@@ -1,0 +1,120 @@
+"""Batching and proposals: the vocabulary between the master core and its loop about Raft.
+
+Theory of operation
+-------------------
+The leader validates a write, queues its command with how to answer it (a *reply*: a tuple
+whose first item names its kind, e.g. ``("submit", route, request_id)``) and, when the loop has
+drained its socket (a zero-delay ``flush`` timer), proposes everything queued as one ``Batch``
+entry: one Raft round for many submits or completions. The loop replicates a ``Propose`` and
+posts ``Committed`` (with what the ledger's ``apply`` returned) or ``ProposalFailed`` for its
+token; the core answers each reply then (Raft §5.3: only what a quorum holds is acknowledged).
+A proposal unanswered for ``PROPOSAL_TIMEOUT`` is failed by the core (outcome unknown).
+
+Pure: no sockets, clocks or threads; ``now`` comes with each call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.node.events import Effect, StartTimer
+from master.commands import Batch, CancelJob, CompleteTask, Entry
+from master.standing import Standing
+
+PROPOSAL_TIMEOUT = 5.0  # a proposal unanswered this long is answered OUTCOME_UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """Proposal ``token`` committed; ``result`` is what the ledger's ``apply`` returned."""
+
+    token: int
+    result: Any
+    log_index: int
+    stimulus_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProposalFailed:
+    """Proposal ``token`` did not commit here (leader change, queue full …): outcome unknown."""
+
+    token: int
+    reason: str
+    stimulus_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Propose:
+    """Replicate ``entry`` through Raft; the loop posts Committed/ProposalFailed for ``token``."""
+
+    entry: Entry
+    token: int
+    cause: str = ""
+
+
+@dataclass
+class Proposal:
+    """A proposal in flight: how to answer each of its commands once it commits or fails."""
+
+    replies: list[tuple]  # one per command: how to answer it
+    proposed_at: float
+    jobs: set[bytes] = field(default_factory=set)  # whose endings or state its commit may change
+
+
+class Batcher:
+    """The write queue and the proposals in flight. ``batch_max`` commands make one batch at most."""
+
+    def __init__(self, standing: Standing, batch_max: int = 2048) -> None:
+        self.standing = standing
+        self.batch_max = batch_max
+        self.queue: list[tuple[Any, tuple]] = []  # (command, how to answer) awaiting a flush
+        self.flush_pending = False
+        self.proposals: dict[int, Proposal] = {}
+        self.tokens = 0
+
+    def enqueue(self, command: Any, reply: tuple, cause: str, now: float) -> list[Effect]:
+        """Queue ``command``; a full queue is proposed at once, else at the next ``flush``."""
+        self.queue.append((command, reply))
+        if len(self.queue) >= self.batch_max:
+            return self.flush(now, cause)
+        if not self.flush_pending:
+            self.flush_pending = True
+            # zero delay: the loop fires it after draining the socket, so a burst is one batch
+            return [StartTimer("flush", 0.0, cause)]
+        return []
+
+    def on_flush_timer(self, now: float, cause: str) -> list[Effect]:
+        self.flush_pending = False
+        return self.flush(now, cause)
+
+    def flush(self, now: float, cause: str) -> list[Effect]:
+        if not self.queue:
+            return []
+        batch, self.queue = self.queue, []
+        return self.propose(batch, now, cause)
+
+    def propose(self, items: list[tuple[Any, tuple]], now: float, cause: str) -> list[Effect]:
+        """One ``Propose`` for ``items`` (command, reply): a single command, or a ``Batch``."""
+        self.tokens += 1
+        commands = [c for c, _ in items]
+        touched = {c.job_id for c in commands if isinstance(c, (CompleteTask, CancelJob))}
+        self.proposals[self.tokens] = Proposal([reply for _, reply in items], now, touched)
+        entry = commands[0] if len(commands) == 1 else Batch(commands)
+        self.standing.count("proposals")
+        self.standing.count("commands_proposed", len(commands))
+        return [Propose(entry, self.tokens, cause)]
+
+    def take(self, token: int) -> Proposal | None:
+        """The proposal ``token`` (now answered), or None if it was answered already."""
+        return self.proposals.pop(token, None)
+
+    def overdue(self, now: float) -> list[int]:
+        """The tokens of proposals unanswered for longer than ``PROPOSAL_TIMEOUT``."""
+        return [t for t, p in self.proposals.items() if now - p.proposed_at > PROPOSAL_TIMEOUT]
+
+    def drop_queue(self) -> list[tuple]:
+        """Forget the queued writes (this master stopped leading); their replies, to answer."""
+        replies = [reply for _, reply in self.queue]
+        self.queue.clear()
+        return replies

@@ -1,0 +1,237 @@
+"""The balancer stream: the leader hands ready tasks to the attached balancer and hears how they end.
+
+Theory of operation
+-------------------
+A balancer ATTACHes with its Binary Star epoch and a credit (a newer epoch replaces an older
+balancer; an older one is refused). It is told every open assignment again (it matches them
+with its workers), then, once the leader serves (its term's ``Barrier`` has committed, Raft §8),
+the leader proposes ``AssignTasks`` for ready tasks within the credit (``dispatch``). Each
+assignment carries a fencing token (term, sequence) and goes out as WORKER_REQUEST only after it
+commits. CREDIT adds to the credit. Completions come back as TASK_RESULT and are acknowledged
+with RESULT_ACK once recorded (or found to be duplicates); the acks one commit makes for one
+route go out as one message (``merge_acks``).
+
+Handlers take ``(event, message, now)`` and return effects; pure, like the core that holds them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.node.events import Effect, Log, MessageReceived, Send
+from master import views
+from master.batching import Batcher
+from master.commands import AssignTasks, CompleteTask
+from master.files import task_files_problem
+from master.ledger import Ledger
+from master.standing import API, Standing, app_error, app_error_to, refuse
+from master.state import Applied
+from proto.errors import AppReason
+from proto.ids import join128, split128
+from proto.messages import Attach, Attached, Credit, ResultAck, TaskResult, WorkerRequest
+
+
+@dataclass
+class BalancerLink:
+    """The attached balancer: its route, epoch, name, and the tasks it can still take."""
+
+    route: bytes
+    epoch: int
+    name: str
+    credit: int  # tasks it can still take
+    sent: int = 0
+
+
+class BalancerStream:
+    """The leader's side of the balancer stream. ``dispatch_max`` tasks per proposal at most."""
+
+    def __init__(self, ledger: Ledger, standing: Standing, batcher: Batcher, dispatch_max: int = 1024) -> None:
+        self.ledger = ledger
+        self.standing = standing
+        self.batcher = batcher
+        self.dispatch_max = dispatch_max
+        self.balancer: BalancerLink | None = None
+        self.inflight: set[tuple[bytes, int]] = set()  # tasks proposed for assignment
+        self.sequence = 0  # fencing sequence within the current term
+
+    def begin_term(self) -> None:
+        """This master leads a new term: its fencing tokens start again at (term, 1)."""
+        self.sequence = 0
+
+    # ---- messages --------------------------------------------------------------------------
+
+    def on_attach(self, ev: MessageReceived, m: Attach, now: float) -> list[Effect]:
+        refusal = self.standing.writable(ev, m.request_id)
+        if refusal is not None:
+            return [refusal]
+        if self.balancer is not None and m.epoch < self.balancer.epoch:
+            return [app_error(ev, m.request_id, AppReason.STALE_FENCE, "stale_balancer",
+                              f"balancer epoch {m.epoch} is older than the active balancer's ({self.balancer.epoch})")]
+        replaced = self.balancer is not None and self.balancer.route != ev.route
+        self.balancer = BalancerLink(ev.route, m.epoch, m.name, m.credit)
+        self.inflight.clear()  # answers to earlier proposals still land; they are simply not resent
+        out: list[Effect] = [Log(logging.INFO, f"balancer {m.name} attached (epoch {m.epoch}, credit {m.credit})"
+                                 + (", replacing the previous one" if replaced else ""), ev.stimulus_id)]
+        open_now = list(views.open_assignments(self.ledger.state, self.ledger.work))
+        out.append(Send(API, Attached(m.request_id, self.standing.view.term, len(open_now), self.standing.name),
+                        ev.route, ev.stimulus_id))
+        for job_id, task_id, attempt in open_now:  # the balancer matches these with its workers
+            out.append(Send(API, self.worker_request(job_id, task_id, (attempt.fence_term, attempt.fence_sequence)),
+                            ev.route, ev.stimulus_id))
+        return out + self.dispatch(now, ev.stimulus_id)
+
+    def on_credit(self, ev: MessageReceived, m: Credit, now: float) -> list[Effect]:
+        link = self.balancer
+        if link is None or ev.route != link.route or m.stream != link.epoch or m.unit != 0:
+            return [refuse(ev, "CREDIT from a balancer that is not attached (send ATTACH first)")]
+        link.credit += m.amount
+        return self.dispatch(now, ev.stimulus_id)
+
+    def on_result(self, ev: MessageReceived, m: TaskResult, now: float) -> list[Effect]:
+        refusal = self.standing.writable(ev, 0)
+        if refusal is not None:
+            return [refusal]
+        term = self.standing.view.term
+        if m.fence_term > term:
+            # A token from a newer term than ours: this leader has been deposed and not yet heard.
+            return [app_error(ev, 0, AppReason.STALE_FENCE, "stale_leader",
+                              f"token term {m.fence_term} is newer than this master's term {term}")]
+        job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
+        problem = task_files_problem(m.files, m.task_id, m.result_file)
+        if problem:  # refused before it costs a Raft round (the ledger would refuse it too)
+            return [app_error_to(ev.route, 0, AppReason.REFUSED, "bad_files",
+                                 f"task {m.task_id} of job {job_id.hex()}: {problem}", ev.stimulus_id,
+                                 refers_to=TaskResult.code, extra={"task_id": m.task_id, "job": job_id.hex()})]
+        command = CompleteTask(
+            job_id, m.task_id, m.fence_term, m.fence_sequence,
+            m.outcome, m.worker, m.summary, m.result_file, m.error, self.standing.wall(now), [list(f) for f in m.files],
+        )
+        return self.batcher.enqueue(command, ("complete", ev.route, m), ev.stimulus_id, now)
+
+    # ---- handing tasks out -----------------------------------------------------------------
+
+    def dispatch(self, now: float, cause: str) -> list[Effect]:
+        """Propose assignments for as many ready tasks as the balancer's credit allows."""
+        link = self.balancer
+        if link is None or not self.standing.serving():
+            return []
+        room = min(link.credit - len(self.inflight), self.dispatch_max)
+        if room <= 0:
+            return []
+        tasks = views.ready_tasks(self.ledger.state, self.ledger.work, room, self.inflight)
+        if not tasks:
+            return []
+        first = self.sequence + 1
+        self.sequence += len(tasks)
+        self.inflight.update(tasks)
+        command = AssignTasks(self.standing.view.term, first, link.name, tasks, self.standing.wall(now))
+        return self.batcher.propose([(command, ("assign", link.epoch, tasks))], now, cause)
+
+    def worker_request(self, job_id: bytes, task_id: int, fence: tuple[int, int]) -> WorkerRequest:
+        """WORKER_REQUEST for one assignment: what a worker needs to run the task."""
+        order = views.task_order(self.ledger.state, self.ledger.work, job_id, task_id)
+        run = order["run"]
+        program = run.get("program", b"")
+        program = program if isinstance(program, bytes) else b""
+        upper, lower = split128(job_id)
+        metadata = {"task": order["arguments"], "run": {k: v for k, v in run.items() if k != "program"}}
+        if order.get("avoid"):
+            metadata["avoid"] = order["avoid"]  # workers that already ran a replica of this unit
+        return WorkerRequest(
+            upper, lower, task_id, fence[0], fence[1], len(program), len(order["inputs"]),
+            str(run.get("kind", "")), program, order["inputs"], metadata,
+        )
+
+    # ---- answers, once proposals committed (or not) ------------------------------------------
+
+    def assigned(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
+        """An ``assign`` reply: the assignments committed; each goes to the attached balancer."""
+        _, _, tasks = reply
+        self.inflight.difference_update(tasks)
+        if not result.ok:
+            return [Log(logging.WARNING, f"assignment refused by the ledger: {result.text}", cause)]
+        link = self.balancer
+        out: list[Effect] = []
+        for job_id, task_id, fence in result.value["assigned"]:
+            self.standing.count("tasks_assigned")
+            if link is None:
+                continue  # no balancer now: the next one gets open assignments on ATTACH
+            # A balancer that attached while this was committing did not get it among the open
+            # assignments: it goes to whichever balancer is attached now.
+            out.append(Send(API, self.worker_request(job_id, task_id, fence), link.route, cause))
+            link.credit -= 1
+            link.sent += 1
+        return out
+
+    def recorded(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
+        """A ``complete`` reply: the result is recorded (RESULT_ACK) or refused (ERROR)."""
+        _, route, m = reply
+        if not result.ok:
+            reason = AppReason.STALE_FENCE if result.code == "stale_fence" else AppReason.REFUSED
+            return [app_error_to(route, 0, reason, result.code, result.text, cause, refers_to=TaskResult.code,
+                                 extra={"task_id": m.task_id, "job": join128(m.job_uuid_upper, m.job_uuid_lower).hex()})]
+        self.standing.count("results_" + result.code)
+        return [Send(API, ResultAck(m.job_uuid_upper, m.job_uuid_lower, m.task_id, m.fence_term, m.fence_sequence), route, cause)]
+
+    def result_unknown(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
+        """A ``complete`` reply whose proposal failed: the balancer sends the result again."""
+        m = reply[2]
+        return [app_error_to(reply[1], 0, AppReason.OUTCOME_UNKNOWN, "outcome_unknown",
+                             f"the result may not be recorded ({reason}); send it again", cause,
+                             refers_to=TaskResult.code, extra={"task_id": m.task_id})]
+
+    def assign_unknown(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
+        """An ``assign`` reply whose proposal failed: its tasks may be proposed again."""
+        self.inflight.difference_update(reply[2])
+        return []
+
+    def result_not_leader(self, reply: tuple, cause: str) -> list[Effect]:
+        return [self.standing.not_leader(0, reply[1], cause)]
+
+    # ---- leadership ends -------------------------------------------------------------------
+
+    def step_down(self, cause: str) -> list[Effect]:
+        """This master stopped leading: the balancer is told so and forgotten."""
+        out: list[Effect] = []
+        if self.balancer is not None:
+            out.append(self.standing.not_leader(0, self.balancer.route, cause))
+            self.balancer = None
+        self.inflight.clear()
+        return out
+
+    def status(self) -> dict[str, Any] | None:
+        if self.balancer is None:
+            return None
+        return {"name": self.balancer.name, "epoch": self.balancer.epoch,
+                "credit": self.balancer.credit, "sent": self.balancer.sent}
+
+    def validate(self) -> None:
+        if self.balancer is not None:
+            assert self.balancer.credit >= 0 or self.balancer.sent > 0
+
+
+def merge_acks(effects: list[Effect]) -> list[Effect]:
+    """One RESULT_ACK per route for all the results one commit recorded (``ResultAck.more``),
+    in place of the first one; the other effects keep their order."""
+    acks: dict[bytes | None, list[Send]] = {}
+    for e in effects:
+        if isinstance(e, Send) and type(e.message) is ResultAck:
+            acks.setdefault(e.route, []).append(e)
+    if all(len(group) == 1 for group in acks.values()):
+        return effects
+    out: list[Effect] = []
+    for e in effects:
+        if isinstance(e, Send) and type(e.message) is ResultAck:
+            group = acks.pop(e.route, None)
+            if group is None:
+                continue  # merged into the first of its route
+            more = [[r.message.job_uuid_upper, r.message.job_uuid_lower, r.message.task_id,
+                     r.message.fence_term, r.message.fence_sequence] for r in group[1:]]
+            first = group[0].message
+            out.append(Send(e.socket, ResultAck(first.job_uuid_upper, first.job_uuid_lower, first.task_id,
+                                                first.fence_term, first.fence_sequence, more), e.route, e.cause))
+        else:
+            out.append(e)
+    return out
