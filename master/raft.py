@@ -202,7 +202,10 @@ class RaftAdapter:
         raft_data = pickle.loads(data[offset : offset + n_raft])
         restored = Ledger.restore(data[offset + n_raft : offset + n_raft + n_state])
         with self.lock:
+            # both halves: the work specs and units live beside the state (ledger.work), and a
+            # restore that kept the old ones lost every spec of the snapshot (or kept stale ones)
             self.ledger.state = restored.state
+            self.ledger.work = restored.work
         self.last_snapshot = {"bytes": n_state, "commands_applied": restored.state.applied,
                               "log_index": raft_data[0][1], "restored": True}
         log.info("ledger restored from snapshot (%d bytes, log index %d)", n_state, raft_data[0][1])

@@ -238,9 +238,9 @@ def test_follower_redirects(masters, clients):
     # With ZMQ_IMMEDIATE the client skips a master it is not yet connected to: wait until the
     # follower's connection is up, so that the submit really goes to the follower first.
     wait_for(lambda: client.link._sockets[0].poll(0, zmq.POLLOUT), 5, "the client to connect to the follower")
-    assert client.leader == 0
+    assert client.link.leader == 0
     ref = client.submit_job(*list_spec(1))
-    assert client.leader == 1  # the redirect was followed
+    assert client.link.leader == 1  # the redirect was followed
     assert detail(follower)["core"].get("redirected", 0) == redirected + 1
     assert client.job(ref.job).stale is False
     assert detail(leader)["ledger"]["jobs"] == 1
