@@ -114,11 +114,10 @@ def cluster(tmp_path):
 
 
 class LaggingFollower:
-    """A client whose ledger reads come from a follower that has not applied the newest
+    """A master link whose ledger reads come from a follower that has not applied the newest
     registrations: every lookup is a stale "unknown"."""
 
     def __init__(self, client: Client) -> None:
-        self.storage = client.storage
         self.attempt_timeout = client.attempt_timeout
 
     def lookup_files(self, file_ids: list[bytes]) -> Answer:
@@ -171,7 +170,7 @@ def test_upload_download_round_trip_with_two_replicas_and_dedupe(cluster, tmp_pa
     assert out.read_bytes() == data and not out.with_name("output.bin.part").exists()
     # asked of a follower that has not applied the registration yet: still found on the nodes
     out.unlink()
-    assert download_file(LaggingFollower(c.client), fid, out, progress=None) == len(data)
+    assert download_file(LaggingFollower(c.client), c.client.storage, fid, out, progress=None) == len(data)
     assert out.read_bytes() == data
     with pytest.raises(NotFound, match="no file"):
         c.client.download("ab" * 16, tmp_path / "nothing.bin")
@@ -188,13 +187,10 @@ def test_upload_download_round_trip_with_two_replicas_and_dedupe(cluster, tmp_pa
 
     # the same file again: stored already everywhere, so no byte is sent
     bytes_in = {name: c.counters(name).get("bytes_in", 0) for name in ("s1", "s2")}
-    t = time.monotonic()
     again = c.client.upload(src)
-    took = time.monotonic() - t
     assert again == ref
     assert {name: c.counters(name).get("bytes_in", 0) for name in ("s1", "s2")} == bytes_in
     assert all(c.counters(name).get("dedupes", 0) >= 1 for name in ("s1", "s2"))
-    assert took < 2.0, f"a deduplicated upload took {took:.2f} s"
 
 
 # ---- faults --------------------------------------------------------------------------------------
@@ -280,11 +276,8 @@ def test_with_a_node_killed_downloads_fail_over_and_uploads_go_to_the_others(clu
             break
     src = tmp_path / "second.bin"
     src.write_bytes(data)
-    t = time.monotonic()
     ref = c.client.upload(src)
-    took = time.monotonic() - t
     assert dead not in ref.replicas and len(ref.replicas) == 2, ref
-    assert took < 15.0, f"an upload with one node down took {took:.1f} s"
     assert c.client.download(ref.id, out) == len(data) and out.read_bytes() == data
 
 
@@ -389,10 +382,10 @@ def test_bad_input_over_the_wire_gets_clear_statuses(cluster, tmp_path, client_f
     uid = open_upload(4).upload_id
     for offset in (0, 256 * 1024):
         raw.send(FileChunk(uid, offset, 0, data[offset:offset + 256 * 1024]))
-    t = time.monotonic()
+    # 10 s only guards against a node that never gives up; that it waits its idle timeout, no
+    # less, is test_storage_core's (a counted clock)
     done = expect(UploadDone, timeout=10.0)
     assert done.status == StorageStatus.UNKNOWN_UPLOAD and "no chunk for 1.5 s" in done.error, done
-    assert 1.0 < time.monotonic() - t < 5.0
     assert c.partial("s1", fid).stat().st_size == 512 * 1024
 
     # reads: a range past the end, an unknown id, too much at once
@@ -447,9 +440,8 @@ def test_an_upload_done_read_with_the_credit_is_not_lost(cluster):
     c = cluster(storage=1, masters=0)
     data = os.urandom(100_000)  # one chunk: no credit comes back, only the answer
     with AnswerFirst(c.storage[0].address, name="s1", timeout=3.0) as link:
-        t = time.monotonic()
+        # a lost answer is a TransferError after the link's 3 s timeout, not a slow success
         assert link.upload(file_id(data), len(data), lambda o, n: data[o:o + n]) == ["s1"]
-        assert time.monotonic() - t < 2.5
 
 
 def test_the_sender_waits_while_the_node_pushes_copies_and_skips_dead_nodes_quickly():
@@ -490,14 +482,14 @@ def test_the_sender_waits_while_the_node_pushes_copies_and_skips_dead_nodes_quic
         with StorageLink(f"tcp://127.0.0.1:{port}", name="fake", timeout=1.0) as link:
             with pytest.raises(TransferError, match="did not answer within 1 s to store the file"):
                 link.upload(b"\1" * 16, size, lambda o, n: memoryview(data)[o:o + n], copies=2)
-        # nothing listens here: the link says so after its connect timeout, not its answer timeout
-        dead = StorageLink(f"tcp://127.0.0.1:{free_port()}", name="dead", timeout=30.0)
+        # nothing listens here: the link says so after its connect timeout, not its answer
+        # timeout (600 s: waiting for it would fail the test at its 120 s limit)
+        dead = StorageLink(f"tcp://127.0.0.1:{free_port()}", name="dead", timeout=600.0)
         assert dead.connect_timeout == 3.0, "by default a node that is down costs 3 s, not the answer timeout"
         dead.connect_timeout = 0.5
-        t = time.monotonic()
-        with dead, pytest.raises(TransferError, match="not reachable"):
+        with dead, pytest.raises(TransferError, match="not reachable") as caught:
             dead.read(b"\1" * 16, 0, 1)
-        assert time.monotonic() - t < 2.0
+        assert caught.value.status is None and caught.value.retryable
     finally:
         stop.set()
         thread.join(5)
