@@ -195,25 +195,40 @@ def test_submit_map_as_completed_callbacks_and_lookup_by_id(cluster):
         assert c.client.task_result(f.job, f.task) == f.result()
 
 
-def test_a_job_dag_runs_in_order_and_a_failed_dependency_stops_its_children(cluster):
-    from cluster.futures import TaskError
+def gated(gate: Path, then: str) -> list[str]:
+    """A command that runs ``then`` once the test has created the file ``gate`` (the workers are
+    on this machine). It gives up waiting after ~60 s, so a test that failed first frees its slot."""
+    wait = 'i=0; while [ ! -e "$0" ] && [ "$i" -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; '
+    return ["sh", "-c", wait + then, str(gate)]
 
+
+def test_a_job_dag_runs_in_order_and_a_failed_dependency_stops_its_children(cluster):
+    """Each parent runs until the test opens its gate, which it does only once the children
+    are submitted and seen waiting: no race between a fast parent and the next submits."""
     c = cluster
-    first = c.client.run(["sh", "-c", "sleep 1; date +%s.%N"])
+    gate_first, gate_broken = c.dir / "dag-first.gate", c.dir / "dag-broken.gate"
+    first = c.client.run(gated(gate_first, "date +%s.%N"))
     second = c.client.options(after=first).run(["date", "+%s.%N"])  # waits for first
     view = c.client.job(second.job).value
     assert view["waiting_for"] == [first.job] and view["assigned"] == 0
+    gate_first.touch()
     assert float(second.result(timeout=60).stdout) > float(first.result(timeout=1).stdout)
-    # it fails only after its children are submitted (a submit commits in milliseconds)
-    broken = c.client.run(["sh", "-c", "sleep 2; exit 3"])
+
+    broken = c.client.run(gated(gate_broken, "exit 3"))
     child = c.client.options(after=[broken, first]).run(["echo", "never"])
     grandchild = c.client.options(after=child).submit(lambda: "never either")
+    assert c.client.job(child.job).value["waiting_for"] == [broken.job]  # first is done already
+    assert c.client.job(grandchild.job).value["waiting_for"] == [child.job]
+    gate_broken.touch()
     for f in (child, grandchild):
         with pytest.raises(TaskError, match="which it waits for, failed: it never ran"):
             f.result(timeout=60)
     with pytest.raises(Refused, match="could never start"):  # and now it has failed, naming it is refused
         c.client.options(after=broken).run(["echo", "never"])
-    assert c.client.job(grandchild.job).value["done"] == 0
+    for f in (child, grandchild):
+        view = c.client.job(f.job).value
+        assert (view["state"], view["done"]) == ("failed", 0), view
+        assert task_view(c, f.job, 0).get("attempts", []) == [], "a task of a job that never ran was attempted"
 
 
 # ---- 2: bad input --------------------------------------------------------------------------------
@@ -245,8 +260,7 @@ def test_commands_that_cannot_start_exit_non_zero_or_time_out_fail(cluster):
     client = cluster.client
     missing = client.run(["no-such-command-xyz"])
     failing = client.run(["sh", "-c", "exit 3"])
-    started = time.monotonic()
-    slow = client.options(timeout_s=1).run(["sleep", "30"])
+    slow = client.options(timeout_s=1).run(["sleep", "600"])  # its end within 30 s is the timeout's doing
 
     err = missing.exception(timeout=30)
     assert isinstance(err, TaskError), err
@@ -259,7 +273,6 @@ def test_commands_that_cannot_start_exit_non_zero_or_time_out_fail(cluster):
     err = slow.exception(timeout=30)
     assert isinstance(err, TaskError), err
     assert "timed out" in err.error or "timeout" in err.error, err.error
-    assert time.monotonic() - started < 20, "the sleep was not stopped at its timeout"
 
     ok = client.run(["sh", "-c", "echo hi"]).result(timeout=30)
     assert ok.exit_code == 0 and ok.stdout == b"hi\n"
@@ -341,34 +354,28 @@ def test_after_bad_input_a_fresh_submit_works_and_every_node_answers(cluster):
 
 
 def test_active_balancer_sigkilled_while_1000_tasks_run(tmp_path):
+    """Every task ends done exactly once across the takeover. How long the takeover takes is
+    bench/dispatch.py's ("balancer takeover"); here the 20 s wait only guards against none."""
     with standard(tmp_path) as c:
         b1, b2 = c.balancers
         total = 1000
         futures = c.client.map(nap_triple, range(total))
-        done_at: dict[tuple[str, int], float] = {}
+        order: list[tuple[str, int]] = []  # completions in the order they came
 
-        def stamp(f):
-            done_at[(f.job, f.task)] = time.monotonic()
+        def note(f):
+            order.append((f.job, f.task))
 
         for f in futures:
-            f.add_done_callback(stamp)
+            f.add_done_callback(note)
         c.wait(lambda: sum(f.done() for f in futures) >= 200, 60, "200 tasks done")
-        done_before = sum(f.done() for f in futures)
-        killed = time.monotonic()
+        done_before = len(order)
         b1.kill()
 
         c.wait(lambda: (d := detail(b2, 0.5)) and d["state"] == "active", 20, "b2 to take over")
-        active_at = time.monotonic()
         results = [f.result(timeout=120) for f in futures]
         assert results == [3 * i for i in range(total)]
         assert done_before < total, "the tasks were all done before the kill"
-
-        after_takeover = [t for t in done_at.values() if t >= active_at]
-        takeover_s = (min(after_takeover) if after_takeover else active_at) - killed
-        print(f"\n[takeover] killed at {done_before} done; b2 active after {active_at - killed:.3f} s; "
-              f"first task completed after the takeover {takeover_s:.3f} s after the kill; "
-              f"{sum(1 for t in done_at.values() if killed <= t < active_at)} completions in between")
-        assert takeover_s < 5.0, f"takeover took {takeover_s:.2f} s\n{c.logs()}"
+        assert len(order) == len(set(order)) == total, "a future completed twice or never"
 
         jobs: dict[str, list[int]] = {}
         for f in futures:
@@ -379,14 +386,14 @@ def test_active_balancer_sigkilled_while_1000_tasks_run(tmp_path):
             assert view["state"] == "done", view
             assert view["done"] == view["total"] == len(tasks), view
             duplicates += view["duplicates"]
-        # a sample, and the tasks that ended around the kill (the likeliest to be run twice)
-        around = sorted(done_at, key=lambda k: abs(done_at[k] - killed))[:20]
-        sample = set(around) | {(f.job, f.task) for f in random.Random(3).sample(futures, 30)}
+        # a sample, and the tasks that completed around the kill (the likeliest to be run twice)
+        around = set(order[max(0, done_before - 10):done_before + 10])
+        sample = around | {(f.job, f.task) for f in random.Random(3).sample(futures, 30)}
         for job, task in sorted(sample):
             view = task_view(c, job, task)
             outcomes = [a["outcome"] for a in view["attempts"]]
             assert view["state"] == "done" and outcomes.count("done") == 1, view
-        print(f"[takeover] duplicates recorded by the ledger: {duplicates}")
+        print(f"\n[takeover] killed at {done_before} done; duplicates recorded by the ledger: {duplicates}")
         d2 = detail(b2)
         assert d2["state"] == "active" and sorted(w["name"] for w in d2["workers"]) == ["w1", "w2"]
 
