@@ -14,7 +14,6 @@ running and SIGKILLed.
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -65,6 +64,16 @@ def running_trace(c: Cluster, job: str) -> tuple | None:
     return None
 
 
+def work_done(c: Cluster) -> tuple[int, dict[str, int]]:
+    """The number of jobs in the serving leader's ledger (a submit returns once the leader has
+    applied it) and each worker's count of tasks started: what a traceback that submitted
+    anything would change."""
+    leader = c.wait(c.leader, 10, "a serving master leader")
+    workers = {w.name: detail(w) for w in c.workers}
+    assert all(workers.values()), f"a worker does not answer: {workers}"
+    return detail(leader)["ledger"]["jobs"], {name: d["core"].get("tasks_started", 0) for name, d in workers.items()}
+
+
 def test_traceback_survives_a_worker_and_the_leader_sigkilled(tmp_path, case, oracle):  # noqa: F811
     with running(tmp_path) as c:
         job = score_pass(c, case)
@@ -105,15 +114,17 @@ def test_deleted_special_rows_are_a_clear_error_and_can_be_recomputed(tmp_path, 
         rows = sorted(fid for name, fid in trace.job_files(c.client, job).items() if name.endswith(".rows"))
         assert len(rows) == GRID
         c.client.release_files(rows[7], owner=job)  # deleted: the ledger drops it, the storage nodes collect it
-        began = time.monotonic()
+        before = work_done(c)
         with pytest.raises(ClusterError) as failed:
             trace.traceback(c.client, job, timeout=JOB_TIMEOUT)
         message = str(failed.value)
         assert "special rows of job" in message and f"{GRID - 1} of {GRID}" in message and "--recompute" in message
-        assert time.monotonic() - began < 10, "refused before any task ran"
+        assert work_done(c) == before, "refused before any task ran: no job submitted, no task started"
         # the job itself is intact: its score and its sequences are still there
         assert c.client.job(job).value["state"] == "done"
         again = recompute(c.client, job, slots=2, rows_budget=1)
         result = wait(c.client, again["job"], timeout=JOB_TIMEOUT)
         assert (result["score"], result["end_a"], result["end_b"]) == case.oracle
+        jobs, started = work_done(c)  # the counts above do move when work is done
+        assert jobs > before[0] and sum(started.values()) > sum(before[1].values())
         check(trace.traceback(c.client, again["job"], timeout=JOB_TIMEOUT), oracle)
