@@ -205,7 +205,8 @@ def test_minority_refuses_writes_reads_stale(masters, clients):
     started = time.monotonic()
     with pytest.raises(NoQuorum) as caught:
         client.submit_job(*list_spec(2))
-    assert time.monotonic() - started < 10
+    # a guard against a client that waits on and on, not a speed: 10x its 3 s timeout
+    assert time.monotonic() - started < 30, "the client did not give up at its timeout"
     assert "majority" in str(caught.value)
 
     answer = client.job(ref.job)
