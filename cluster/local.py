@@ -7,12 +7,16 @@ STATUS_QUERY, and is stopped with SIGTERM (SIGKILL only if it does not exit in t
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +30,102 @@ from master.node import MastersConfig, write_config
 log = logging.getLogger("cluster.local")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+# ---- ports ---------------------------------------------------------------------------------------
+#
+# A node's address is written into the cluster's config before the node starts (the masters'
+# Raft peers and the balancer pair must know each other's), so a node cannot bind port 0 and
+# report what it got: the launcher picks the port. Binding port 0 here, closing, and handing that
+# port over (the usual trick) leaves it to the kernel's ephemeral range, which the kernel hands
+# out again to any socket: an outgoing connection's source port (ZeroMQ reconnects make many),
+# another bind to port 0, or the next free_port() in this very process. So free_port():
+#
+# 1. picks from below the ephemeral range (``ip_local_port_range``), where the kernel never
+#    allocates a port by itself: only an explicit bind can take one;
+# 2. never returns a port twice in one process (a set of those handed out);
+# 3. claims the port for this user's processes: a one-byte record lock at offset ``port`` on
+#    one shared file (``fcntl.lockf``), held until this process exits, so two launchers (two
+#    test runs, a test run and `cluster up`) never pick the same port while both are alive;
+# 4. checks the port is free right now by binding it (without SO_REUSEADDR).
+#
+# The window that remains: another program binding that very port explicitly between the check
+# and the node's own bind. The node then fails to start with "address in use" (loud, never a
+# silent mix-up). Where the ephemeral range leaves no room below or above it, only 2-4 hold.
+
+PORT_FLOOR = 10_000  # below: registered services (and ports that need privileges)
+_ports_lock = threading.Lock()
+_ports_given: set[int] = set()
+_claims_fd: int | None = None
+_random = random.SystemRandom()  # not the global generator: tests seed that one
+
+
+def _port_pool() -> range:
+    """Ports outside the kernel's ephemeral range (below it if there is room, else above)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    if low - PORT_FLOOR >= 1000:
+        return range(PORT_FLOOR, low)
+    if 65535 - high >= 1000:
+        return range(high + 1, 65536)
+    return range(PORT_FLOOR, 65536)
+
+
+def _claim(port: int) -> bool:
+    """Lock byte ``port`` of this user's claims file; False if another live process holds it.
+    True without a lock when the file cannot be opened (then only the bind check guards)."""
+    global _claims_fd
+    if _claims_fd is None:
+        path = Path(tempfile.gettempdir()) / f"cluster-ports-{os.getuid()}.lock"
+        try:
+            _claims_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            _claims_fd = -1
+    if _claims_fd < 0:
+        return True
+    try:
+        fcntl.lockf(_claims_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port)
+    except OSError:
+        return False
+    return True
+
+
+def _unclaim(port: int) -> None:
+    if _claims_fd is not None and _claims_fd >= 0:
+        fcntl.lockf(_claims_fd, fcntl.LOCK_UN, 1, port)
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(pool: range) -> int:
+    """A port of ``pool`` that this process has not handed out, no other launcher of this user
+    has claimed, and that is free now; claimed for this process (see the comment above)."""
+    with _ports_lock:
+        start = _random.randrange(len(pool))
+        for k in range(len(pool)):
+            port = pool[(start + k) % len(pool)]
+            if port in _ports_given or not _claim(port):
+                continue
+            if not _bindable(port):
+                _unclaim(port)
+                continue
+            _ports_given.add(port)
+            return port
+    raise OSError(f"no free TCP port on 127.0.0.1 in {pool.start}-{pool.stop - 1}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 for a node to bind: free now, outside the kernel's ephemeral
+    range, never handed out twice by this process nor by two live launchers of this user (the
+    theory above says what window remains)."""
+    return pick_port(_port_pool())
 
 
 @dataclass
