@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import worker.cache as cache_mod
+import worker.cache_index as index_mod
+import worker.fetch as fetch_mod
 from worker.cache import BlockCache
 
 BS = 64  # a small block keeps the property tests fast; the code never assumes 1 MiB
@@ -95,7 +97,7 @@ def test_adjacent_missing_blocks_merge_into_one_fetch(tmp_path):
 
 
 def test_fetches_are_capped(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_mod, "MAX_FETCH", 4 * BS)
+    monkeypatch.setattr(fetch_mod, "MAX_FETCH", 4 * BS)
     fid = fid_of(1)
     src = Source({fid: payload(10 * BS)})
     cache = make(tmp_path)
@@ -327,7 +329,7 @@ class WatchedEvent(threading.Event):
 @pytest.fixture
 def watched(monkeypatch):
     WatchedEvent.waiting = 0
-    monkeypatch.setattr(cache_mod, "_Event", WatchedEvent)
+    monkeypatch.setattr(fetch_mod, "_Event", WatchedEvent)
 
     def until_waiting(n: int) -> None:
         with WatchedEvent.changed:
@@ -477,11 +479,11 @@ def test_durable_bits_reach_disk_only_after_a_batched_sync(tmp_path, monkeypatch
     data = payload(6 * BS)
     syncs = []
     real = os.fdatasync
-    monkeypatch.setattr(cache_mod.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
-    monkeypatch.setattr(cache_mod, "SYNC_BATCH", 4 * BS)
+    monkeypatch.setattr(index_mod.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    monkeypatch.setattr(index_mod, "SYNC_BATCH", 4 * BS)
     cache = make(tmp_path, durable=True)
     have = tmp_path / f"{fid.hex()}.have"
-    header = cache_mod._HEADER.size
+    header = index_mod._HEADER.size
     cache.pin(fid)
     for b in range(3):
         cache.read(fid, b * BS, BS, len(data), lambda o, n: data[o:o + n])
