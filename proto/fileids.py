@@ -6,7 +6,7 @@ gives both the id and a hash per block to verify reads with:
     block hash = BLAKE3(block)[:16] for each 1 MiB block (the last may be short; none if empty)
     file id    = BLAKE3(b"cluster-blob-v1\\0" + size as 8 bytes little-endian + block hashes)[:16]
 
-The storage tier keeps the block hashes beside each blob to verify reads (storage/blobs.py);
+The storage tier keeps the block hashes beside each blob to verify reads (storage/layout.py);
 clients and workers only need ids: to name an upload, to check a download, to parse what a
 user typed. They live here, below the tiers, so that none of them imports the blob store.
 """
