@@ -10,13 +10,25 @@ shape in C). Raft (pysyncobj) sees only the bytes.
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Any
 
 import msgspec
 
-# Task outcomes, as in proto.messages.TaskResult.
-DONE, FAILED, CANCELLED, LOST = 0, 1, 2, 3
-OUTCOMES = {DONE: "done", FAILED: "failed", CANCELLED: "cancelled", LOST: "lost"}
+
+class Outcome(IntEnum):
+    """How a task's attempt ended, as proto.messages.TaskResult and ``CompleteTask.outcome``
+    carry it. These numbers are in the Raft log and on the wire: never renumber. (A work unit's
+    attempt history numbers its outcomes otherwise: ``master.work_history.AttemptOutcome``.)"""
+
+    DONE = 0
+    FAILED = 1
+    CANCELLED = 2
+    LOST = 3
+
+
+DONE, FAILED, CANCELLED, LOST = Outcome
+OUTCOMES = {int(o): o.name.lower() for o in Outcome}  # plain int keys: {0: "done", 1: "failed", ...}
 
 
 class SubmitJob(msgspec.Struct, tag="submit", array_like=True, frozen=True):
