@@ -217,10 +217,19 @@ def _watch_alignment(client: Any, job_id: str, slots: int, quiet: bool) -> dict:
 @click.option("--state", type=click.Choice(["active", "done", "failed", "cancelled"]), default=None,
               help="Only the jobs in this state.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True, help="How many of the newest.")
+@click.option("--task", "task_id", type=click.IntRange(0), default=None,
+              help="With JOB: task N end to end (submitted; each attempt's fence, balancer, worker, outcome; "
+                   "the commits' log indices).")
 @click.option("--json", "as_json", is_flag=True, help="Print the masters' job views (+ age_s) as JSON.")
-def jobs(job_id: str | None, config_path: Path | None, state: str | None, limit: int, as_json: bool) -> None:
+def jobs(job_id: str | None, config_path: Path | None, state: str | None, limit: int, task_id: int | None,
+         as_json: bool) -> None:
     """The newest jobs, newest first; with JOB (hex id), that job's view (an alignment's
-    cells done, GCUPS so far and ETA too)."""
+    cells done, GCUPS so far and ETA too); with JOB --task N, that task's story."""
+    if task_id is not None:
+        if job_id is None:
+            raise click.ClickException("--task N goes with a JOB: `cluster jobs JOB --task N`")
+        _show_task(config_path, job_id, task_id, as_json)
+        return
     if job_id is not None:
         _show_job(config_path, job_id, as_json)
         return
@@ -273,6 +282,64 @@ def _show_job(config_path: Path | None, job_id: str, as_json: bool) -> None:
         if a["best"]:
             lines.append(f"best so far: score {a['best']['score']} at A[{a['best']['end_a']}] B[{a['best']['end_b']}]")
     click.echo("\n".join(lines))
+
+
+# How `cluster jobs JOB --task N` words each step of a task's story (MasterCore.story's steps).
+_STEP_TEXT = {
+    "submitted": "job submitted by {client}",
+    "proposed": "proposed under fence {fence} for balancer {balancer}",
+    "assigned": "assigned under fence {fence} to balancer {balancer}",
+    "sent": "sent under fence {fence} to balancer {balancer}, committed at log index {log_index}",
+    "resent": "sent again under fence {fence} to balancer {balancer}, which had just attached",
+    "skipped": "not handed out: no longer ready at log index {log_index}",
+    "result": "result under fence {fence} from worker {worker}: {outcome}",
+    "ended": "attempt under fence {fence} ended on worker {worker}: {outcome}",
+    "recorded": "result under fence {fence} committed at log index {log_index}: {code}",
+    "refused": "refused under fence {fence}: {code}",
+    "not_committed": "not committed: {reason}",
+    "folded": "done; its record was folded into the job's result",
+}
+
+
+class _Blank(dict):
+    def __missing__(self, key: str) -> str:
+        return "-"
+
+
+def _show_task(config_path: Path | None, job_id: str, task_id: int, as_json: bool) -> None:
+    with _session(config_path) as client:
+        answer = client.task(job_id.lower(), task_id)
+    view = answer.value
+    if as_json:
+        click.echo(_json({**view, "stale": answer.stale}))
+        return
+    click.echo("\n".join(_task_lines(view, answer.stale)))
+
+
+def _task_lines(view: dict[str, Any], stale: bool) -> list[str]:
+    """A task's view and story as lines: each step's time since the submit, where it is known
+    from (the ledger, or the leader's log, with the stimulus id), and what happened."""
+    lines = [f"task {view['task']} of job {view['job']}: {view['state']}"
+             + (" (stale: a follower answered)" if stale else "")]
+    if view.get("note"):
+        lines.append(view["note"])
+    if view.get("result_file"):
+        lines.append(f"result file {view['result_file']}")
+    story = view.get("story") or []
+    start = next((s["at"] for s in story if s["step"] == "submitted"), None)
+    for s in story:
+        when = "" if s.get("at") is None or start is None else f"+{s['at'] - start:.3f} s"
+        fields = _Blank({k: v for k, v in s.items() if v is not None})
+        if s.get("fence"):
+            fields["fence"] = f"({s['fence'][0]}, {s['fence'][1]})"
+        text = _STEP_TEXT.get(s["step"], s["step"]).format_map(fields)
+        if s.get("error"):
+            text += f" ({s['error']})"
+        cause = f"  [{s['stimulus_id']}]" if s.get("stimulus_id") else ""
+        lines.append(f"  {when:>11}  {s['source']:<6}  {text}{cause}")
+    if story and not any(s["source"] == "leader" for s in story):
+        lines.append("(the leader's log holds none of it: another leader handed it out, or it is older than the log)")
+    return lines
 
 
 def _alignment_lengths(client: Any, job: str) -> tuple[int, int] | None:

@@ -11,8 +11,9 @@ one whose proposal fails is answered OUTCOME_UNKNOWN and the client retries with
 
 Reads (JOB_QUERY, JOB_LIST, TASK_QUERY, FILE_LOOKUP, FILE_LIST) are answered by any master from
 its own ledger (``master.views``); ``stale`` is 0 only when a serving leader with a quorum
-answers. HEARTBEAT is answered by every master with its Raft term (balancers use it to notice a
-dead or deposed leader).
+answers. TASK_QUERY's reply carries the task's ``story`` (``MasterCore.story``): the ledger's
+record on every master, and the leader's log of what it saw. HEARTBEAT is answered by every
+master with its Raft term (balancers use it to notice a dead or deposed leader).
 
 Handlers take ``(event, message, now)`` and return effects; pure, like the core that holds them.
 """
@@ -20,6 +21,7 @@ Handlers take ``(event, message, now)`` and return effects; pure, like the core 
 from __future__ import annotations
 
 import hashlib
+from typing import Any, Callable
 
 import msgspec
 
@@ -60,10 +62,12 @@ def job_id_for(key: bytes) -> bytes:
 class ClientApi:
     """The client messages' handlers, over the shared ledger, standing and write queue."""
 
-    def __init__(self, ledger: Ledger, standing: Standing, batcher: Batcher) -> None:
+    def __init__(self, ledger: Ledger, standing: Standing, batcher: Batcher,
+                 story: Callable[[bytes, int], list[dict[str, Any]]] | None = None) -> None:
         self.ledger = ledger
         self.standing = standing
         self.batcher = batcher
+        self.story = story  # a task's story for TASK_QUERY (the core's: ledger and leader's log)
 
     # ---- writes --------------------------------------------------------------------------
 
@@ -157,6 +161,8 @@ class ClientApi:
         view = views.task_view(self.ledger.state, job_id, m.task_id)
         if view is None:
             return [self.standing.not_found(ev, m.request_id, f"no job {job_id.hex()}")]
+        if self.story is not None and view["state"] != "unknown":
+            view["story"] = self.story(job_id, m.task_id)
         return [self.standing.reply(ev, m.request_id, view)]
 
     def on_file_lookup(self, ev: MessageReceived, m: FileLookup, now: float) -> list[Effect]:

@@ -28,7 +28,8 @@ They share the write queue (``master.batching``) and where this master stands
 (``master.standing``: Raft's view, the term it serves, the counters). The core itself follows
 Raft's role (becoming leader proposes the Barrier; stepping down answers what was queued or
 parked) and routes each committed or failed proposal's replies, by kind, to the group that
-answers them (``self._answers``).
+answers them (``self._answers``). ``story(job, task)`` tells a task's life: the ledger's record
+(``views.task_story``) merged with what this master saw as leader (``master.stream.TaskLog``).
 
 Pure: no sockets, clocks, threads or disk; ``now`` comes with each event.
 """
@@ -106,7 +107,7 @@ class MasterCore:
         self.raft_detail = raft_detail
         self.standing = Standing(name, client_address, wall_offset)
         self.batcher = Batcher(self.standing, batch_max)
-        self.api = ClientApi(ledger, self.standing, self.batcher)
+        self.api = ClientApi(ledger, self.standing, self.batcher, story=self.story)
         self.stream = BalancerStream(ledger, self.standing, self.batcher, dispatch_max)
         self.watches = WatchIndex(ledger, self.standing)
         self.specs = WorkSpecs(ledger, self.standing, self.batcher)
@@ -247,6 +248,13 @@ class MasterCore:
 
     # ---- operators -------------------------------------------------------------------------
 
+    def story(self, job: bytes, task: int) -> list[dict[str, Any]]:
+        """A task's life end to end, oldest first: one dict per step with ``step``, ``at`` (the
+        ledger's wall clock), ``source`` ("ledger": durable, on every master; "leader": this
+        master's bounded log, with the ``stimulus_id``) and what the step says (``fence``,
+        ``balancer``, ``worker``, ``outcome``, ``error``, ``log_index``, ``code``)."""
+        return tell(views.task_story(self.ledger.state, job, task), self.stream.log.of(job, task))
+
     def status(self, now: float) -> dict[str, Any]:
         st, v = self.standing, self.standing.view
         return {
@@ -277,3 +285,21 @@ class MasterCore:
         assert all(p.replies for p in self.batcher.proposals.values())
         self.stream.validate()
         self.watches.validate()
+
+
+# Where a step falls among those of one attempt that happened at the same instant.
+_STEP_ORDER = {"submitted": 0, "proposed": 1, "refused": 2, "not_committed": 2, "assigned": 3, "skipped": 4,
+               "sent": 4, "resent": 4, "result": 5, "ended": 6, "recorded": 7, "folded": 8}
+
+
+def tell(recorded: list[dict[str, Any]], logged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ledger's steps and the leader's logged ones as one story: by time, then by fence
+    (tokens only grow), then by the order of an attempt's steps; a step with no time last."""
+    steps = [{**s, "source": "ledger"} for s in recorded] + [{**s, "source": "leader"} for s in logged]
+
+    def key(item: tuple[int, dict[str, Any]]) -> tuple:
+        i, s = item
+        at = s.get("at")
+        return (at is None, at or 0.0, tuple(s.get("fence") or ()), _STEP_ORDER.get(s["step"], 9), i)
+
+    return [s for _, s in sorted(enumerate(steps), key=key)]

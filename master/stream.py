@@ -11,19 +11,25 @@ commits. CREDIT adds to the credit. Completions come back as TASK_RESULT and are
 with RESULT_ACK once recorded (or found to be duplicates); the acks one commit makes for one
 route go out as one message (``merge_acks``).
 
+Every step a task takes here goes into ``TaskLog`` with its stimulus id (proposed under a
+fence, sent to the balancer once committed at a log index, its result heard from a worker,
+recorded at a log index): the leader's side of ``MasterCore.story``. Soft state, bounded: not
+in the ledger, not replicated, gone with a restart.
+
 Handlers take ``(event, message, now)`` and return effects; pure, like the core that holds them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from cluster.node.events import Effect, Log, MessageReceived, Send
 from master import views
 from master.batching import Batcher
-from master.commands import AssignTasks, CompleteTask
+from master.commands import OUTCOMES, AssignTasks, CompleteTask
 from master.files import task_files_problem
 from master.ledger import Ledger
 from master.standing import API, Standing, app_error, app_error_to, refuse
@@ -31,6 +37,30 @@ from master.state import Applied
 from proto.errors import AppReason
 from proto.ids import join128, split128
 from proto.messages import Attach, Attached, Credit, ResultAck, TaskResult, WorkerRequest
+
+
+STORY_KEPT = 16_384  # task events the leader remembers (about the last 4,000 tasks' lives)
+STORY_PER_TASK = 64  # a task's story tells at most its newest this many of them
+
+
+class TaskLog:
+    """The leader's recent task events, oldest first, bounded (dask's ``Worker.log``): each a
+    ``(job, task, step)`` with the wall time, the fence, what it says, and its stimulus id."""
+
+    def __init__(self, kept: int = STORY_KEPT) -> None:
+        self.events: deque[tuple[bytes, int, dict[str, Any]]] = deque(maxlen=kept)
+        self.last_at = 0.0  # the newest time seen, for steps whose handler is given none
+
+    def add(self, job: bytes, task: int, step: str, at: float | None, cause: str, **fields: Any) -> None:
+        if at is None:
+            at = self.last_at
+        self.last_at = max(self.last_at, at)
+        self.events.append((job, task, {"step": step, "at": at, **fields, "stimulus_id": cause}))
+
+    def of(self, job: bytes, task: int) -> list[dict[str, Any]]:
+        """The task's logged steps, oldest first (its newest ``STORY_PER_TASK``)."""
+        found = [e for j, t, e in self.events if t == task and j == job]
+        return found[-STORY_PER_TASK:]
 
 
 @dataclass
@@ -55,6 +85,7 @@ class BalancerStream:
         self.balancer: BalancerLink | None = None
         self.inflight: set[tuple[bytes, int]] = set()  # tasks proposed for assignment
         self.sequence = 0  # fencing sequence within the current term
+        self.log = TaskLog()
 
     def begin_term(self) -> None:
         """This master leads a new term: its fencing tokens start again at (term, 1)."""
@@ -77,9 +108,11 @@ class BalancerStream:
         open_now = list(views.open_assignments(self.ledger.state, self.ledger.work))
         out.append(Send(API, Attached(m.request_id, self.standing.view.term, len(open_now), self.standing.name),
                         ev.route, ev.stimulus_id))
+        at = self.standing.wall(now)
         for job_id, task_id, attempt in open_now:  # the balancer matches these with its workers
-            out.append(Send(API, self.worker_request(job_id, task_id, (attempt.fence_term, attempt.fence_sequence)),
-                            ev.route, ev.stimulus_id))
+            fence = (attempt.fence_term, attempt.fence_sequence)
+            out.append(Send(API, self.worker_request(job_id, task_id, fence), ev.route, ev.stimulus_id))
+            self.log.add(job_id, task_id, "resent", at, ev.stimulus_id, fence=list(fence), balancer=m.name)
         return out + self.dispatch(now, ev.stimulus_id)
 
     def on_credit(self, ev: MessageReceived, m: Credit, now: float) -> list[Effect]:
@@ -94,13 +127,18 @@ class BalancerStream:
         if refusal is not None:
             return [refusal]
         term = self.standing.view.term
+        job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
+        fence = [m.fence_term, m.fence_sequence]
+        self.log.add(job_id, m.task_id, "result", self.standing.wall(now), ev.stimulus_id, fence=fence,
+                     worker=m.worker, outcome=OUTCOMES.get(m.outcome, m.outcome), error=m.error)
         if m.fence_term > term:
             # A token from a newer term than ours: this leader has been deposed and not yet heard.
+            self.log.add(job_id, m.task_id, "refused", None, ev.stimulus_id, fence=fence, code="stale_leader")
             return [app_error(ev, 0, AppReason.STALE_FENCE, "stale_leader",
                               f"token term {m.fence_term} is newer than this master's term {term}")]
-        job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
         problem = task_files_problem(m.files, m.task_id, m.result_file)
         if problem:  # refused before it costs a Raft round (the ledger would refuse it too)
+            self.log.add(job_id, m.task_id, "refused", None, ev.stimulus_id, fence=fence, code="bad_files")
             return [app_error_to(ev.route, 0, AppReason.REFUSED, "bad_files",
                                  f"task {m.task_id} of job {job_id.hex()}: {problem}", ev.stimulus_id,
                                  refers_to=TaskResult.code, extra={"task_id": m.task_id, "job": job_id.hex()})]
@@ -126,7 +164,10 @@ class BalancerStream:
         first = self.sequence + 1
         self.sequence += len(tasks)
         self.inflight.update(tasks)
-        command = AssignTasks(self.standing.view.term, first, link.name, tasks, self.standing.wall(now))
+        at, term = self.standing.wall(now), self.standing.view.term
+        for i, (job_id, task_id) in enumerate(tasks):
+            self.log.add(job_id, task_id, "proposed", at, cause, fence=[term, first + i], balancer=link.name)
+        command = AssignTasks(term, first, link.name, tasks, at)
         return self.batcher.propose([(command, ("assign", link.epoch, tasks))], now, cause)
 
     def worker_request(self, job_id: bytes, task_id: int, fence: tuple[int, int]) -> WorkerRequest:
@@ -150,12 +191,19 @@ class BalancerStream:
         """An ``assign`` reply: the assignments committed; each goes to the attached balancer."""
         _, _, tasks = reply
         self.inflight.difference_update(tasks)
+        at = self.standing.wall(now)
         if not result.ok:
+            for job_id, task_id in tasks:
+                self.log.add(job_id, task_id, "refused", at, cause, log_index=log_index, code=result.code)
             return [Log(logging.WARNING, f"assignment refused by the ledger: {result.text}", cause)]
+        for job_id, task_id in result.value["skipped"]:  # no longer ready when it committed (e.g. cancelled)
+            self.log.add(job_id, task_id, "skipped", at, cause, log_index=log_index)
         link = self.balancer
         out: list[Effect] = []
         for job_id, task_id, fence in result.value["assigned"]:
             self.standing.count("tasks_assigned")
+            self.log.add(job_id, task_id, "sent", at, cause, fence=list(fence), log_index=log_index,
+                         balancer=None if link is None else link.name)
             if link is None:
                 continue  # no balancer now: the next one gets open assignments on ATTACH
             # A balancer that attached while this was committing did not get it among the open
@@ -168,16 +216,21 @@ class BalancerStream:
     def recorded(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
         """A ``complete`` reply: the result is recorded (RESULT_ACK) or refused (ERROR)."""
         _, route, m = reply
+        job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
+        self.log.add(job_id, m.task_id, "recorded" if result.ok else "refused", self.standing.wall(now), cause,
+                     fence=[m.fence_term, m.fence_sequence], log_index=log_index, code=result.code)
         if not result.ok:
             reason = AppReason.STALE_FENCE if result.code == "stale_fence" else AppReason.REFUSED
             return [app_error_to(route, 0, reason, result.code, result.text, cause, refers_to=TaskResult.code,
-                                 extra={"task_id": m.task_id, "job": join128(m.job_uuid_upper, m.job_uuid_lower).hex()})]
+                                 extra={"task_id": m.task_id, "job": job_id.hex()})]
         self.standing.count("results_" + result.code)
         return [Send(API, ResultAck(m.job_uuid_upper, m.job_uuid_lower, m.task_id, m.fence_term, m.fence_sequence), route, cause)]
 
     def result_unknown(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
         """A ``complete`` reply whose proposal failed: the balancer sends the result again."""
         m = reply[2]
+        self.log.add(join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id, "not_committed", None, cause,
+                     fence=[m.fence_term, m.fence_sequence], reason=reason)
         return [app_error_to(reply[1], 0, AppReason.OUTCOME_UNKNOWN, "outcome_unknown",
                              f"the result may not be recorded ({reason}); send it again", cause,
                              refers_to=TaskResult.code, extra={"task_id": m.task_id})]
@@ -185,6 +238,8 @@ class BalancerStream:
     def assign_unknown(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
         """An ``assign`` reply whose proposal failed: its tasks may be proposed again."""
         self.inflight.difference_update(reply[2])
+        for job_id, task_id in reply[2]:
+            self.log.add(job_id, task_id, "not_committed", None, cause, reason=reason)
         return []
 
     def result_not_leader(self, reply: tuple, cause: str) -> list[Effect]:

@@ -150,6 +150,29 @@ def task_view(state: LedgerState, job_id: bytes, task_id: int) -> dict[str, Any]
     }
 
 
+def task_story(state: LedgerState, job_id: bytes, task_id: int) -> list[dict[str, Any]]:
+    """A task's life as the ledger records it, oldest first: its job submitted, then each
+    attempt assigned (fence, balancer) and ended (worker, outcome, error); a done task whose
+    record was folded away ends with ``folded``. [] if the job is unknown. Durable and the same
+    on every master; ``MasterCore.story`` adds the leader's log around it."""
+    job = state.jobs.get(job_id)
+    if job is None:
+        return []
+    out: list[dict[str, Any]] = [{"step": "submitted", "at": job.submitted_at, "client": job.client}]
+    task = job.tasks.get(task_id)
+    if task is None:
+        if job.source.exists(task_id) and job.source.is_done(task_id):
+            out.append({"step": "folded", "at": None})
+        return out
+    for a in task.attempts:
+        fence = [a.fence_term, a.fence_sequence]
+        out.append({"step": "assigned", "at": a.assigned_at, "fence": fence, "balancer": a.balancer})
+        if a.outcome is not None:
+            out.append({"step": "ended", "at": a.ended_at, "fence": fence, "worker": a.worker,
+                        "outcome": OUTCOMES.get(a.outcome), "error": a.error})
+    return out
+
+
 def has_news(state: LedgerState, job_id: bytes, cursor: int) -> bool:
     """Whether a watcher at ``cursor`` of the job's endings has something to hear: endings
     past it, or the job is over (or unknown)."""

@@ -24,6 +24,11 @@ again every ``result_retry`` seconds and after every registration, so a result s
 death of a balancer or of the master leader. Recording is exactly-once in the ledger; sending
 is at-least-once here.
 
+Each step a task takes here goes into a bounded log with its stimulus id (received under a
+fence, refused, queued, started, ended, result sent, acknowledged), so ``story(job, task)``
+tells what this worker did with it (dask's ``Worker.story``); the master's ``story`` tells the
+rest.
+
 Pure: no sockets, clocks, threads or disk; ``now`` comes with each event. Sockets: ``b0`` and
 ``b1``, DEALERs connected to the two balancers.
 """
@@ -52,6 +57,8 @@ from proto.messages import Error, Heartbeat, NotLeader, ResultAck, TaskResult, W
 
 TaskKey = tuple[bytes, int]
 Fence = tuple[int, int]
+
+STORY_KEPT = 8_192  # task steps the worker remembers (about the last 1,500 tasks' lives)
 
 
 def balancer_socket(index: int) -> str:
@@ -150,6 +157,7 @@ class WorkerCore:
         self.status_due = False
         self.epoch = 0
         self.counters: dict[str, int] = {}
+        self.log: deque[tuple[TaskKey, dict[str, Any]]] = deque(maxlen=STORY_KEPT)
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -183,11 +191,12 @@ class WorkerCore:
         if isinstance(m, WorkerRequest):
             return self._on_request(ev, m, now)
         if isinstance(m, ResultAck):
-            for upper, lower, task, _term, _seq in m.acks():
+            for upper, lower, task, term, seq in m.acks():
                 key = (join128(upper, lower), task)
                 if self.held.pop(key, None) is not None:
                     self.newest.pop(key, None)
                     self._count("results_acked")
+                    self._note(key, "acked", now, ev.stimulus_id, fence=[term, seq])
             return []
         if isinstance(m, Heartbeat):
             if from_current and m.reply == 1 and not self.registered:
@@ -220,6 +229,7 @@ class WorkerCore:
             if key is not None and self.held.pop(key, None) is not None:
                 self.newest.pop(key, None)
                 self._count("results_refused")
+                self._note(key, "refused", now, ev.stimulus_id, code=code, text=m.text)
                 return [Log(logging.WARNING, f"result of {detail['job']}/{detail['task_id']} refused for good: {m.text}",
                             ev.stimulus_id)]
             return []
@@ -256,6 +266,7 @@ class WorkerCore:
         for key, held in self.held.items():
             held.sent_at = now
             out.append(Send(balancer_socket(self.current), held.result, None, cause))
+            self._note(key, "result_resent", now, cause, balancer=self.current, why="registered")
         return out
 
     def _heartbeat(self, cause: str) -> list[Effect]:
@@ -284,11 +295,12 @@ class WorkerCore:
                 out += self._register(now, cause)
             return out
         out += self._heartbeat(cause)
-        for held in self.held.values():
+        for key, held in self.held.items():
             if now - held.sent_at >= self.options.result_retry:
                 held.sent_at = now
                 self._count("results_resent")
                 out.append(Send(balancer_socket(self.current), held.result, None, cause))
+                self._note(key, "result_resent", now, cause, balancer=self.current, why="not acknowledged")
         return out
 
     # ---- tasks -------------------------------------------------------------------------------
@@ -297,25 +309,30 @@ class WorkerCore:
         key = (join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id)
         fence = (m.fence_term, m.fence_sequence)
         self.received += 1
+        self._note(key, "received", now, ev.stimulus_id, fence=list(fence), balancer=self.current)
         newest = self.newest.get(key)
         if newest is not None and fence < newest:
             self._count("stale_requests")
+            self._note(key, "refused", now, ev.stimulus_id, code="stale_fence", newest=list(newest))
             self.status_due = True
             return [Log(logging.WARNING, f"task {key[0].hex()}/{key[1]} refused: token {fence} is older than {newest}",
                         ev.stimulus_id)] + self._status_soon(ev.stimulus_id)
         self.newest[key] = fence if newest is None else max(newest, fence)
         if key in self.running or any(_key_of(q) == key for q in self.queued):
             self._count("duplicate_requests")
+            self._note(key, "duplicate", now, ev.stimulus_id)
             return self._status_soon(ev.stimulus_id)
         held = self.held.get(key)
         if held is not None:  # ran here already; its result is on its way: send it again
             self._count("results_resent")
+            self._note(key, "result_resent", now, ev.stimulus_id, balancer=self.current, why="asked again")
             held.sent_at = now
             return [Send(balancer_socket(self.current), held.result, None, ev.stimulus_id)] + self._status_soon(ev.stimulus_id)
         if len(self.running) >= self.me.slots:
             if len(self.queued) >= self.me.prefetch:
                 self._count("queued_beyond_credit")
             self.queued.append(m)
+            self._note(key, "queued", now, ev.stimulus_id, ahead=len(self.queued) - 1)
             return []
         return self._start(m, now, ev.stimulus_id)
 
@@ -323,11 +340,15 @@ class WorkerCore:
         key = _key_of(m)
         self.running[key] = _Running(m, (m.fence_term, m.fence_sequence), now)
         self._count("tasks_started")
+        # which slot runs it is the loop's affair (a free slot thread takes it); the core knows how many are busy
+        self._note(key, "started", now, cause, fence=[m.fence_term, m.fence_sequence], kind=m.kind,
+                   running=len(self.running), slots=self.me.slots)
         return [RunTask(m, cause)]
 
     def _on_ended(self, ev: TaskEnded, now: float) -> list[Effect]:
         key = (ev.job, ev.task)
-        if self.running.pop(key, None) is None:
+        ran = self.running.pop(key, None)
+        if ran is None:
             self._count("unknown_endings")
             return []
         self._count("tasks_done" if ev.outcome == 0 else "tasks_failed")
@@ -335,6 +356,8 @@ class WorkerCore:
         result = TaskResult(upper, lower, ev.task, ev.fence[0], ev.fence[1], ev.outcome, ev.exit_code, ev.summary,
                             ev.result_file, ev.error, self.me.name, ev.files)
         self.held[key] = _Held(result, now)
+        self._note(key, "ended", now, ev.stimulus_id, fence=list(ev.fence), outcome=ev.outcome, exit_code=ev.exit_code,
+                   error=ev.error, seconds=round(now - ran.started, 6))
         for fid in ev.cached:
             if fid not in self.cached:
                 self.cached.add(fid)
@@ -344,6 +367,9 @@ class WorkerCore:
             # the result is also the credit for the slot it frees (the balancer counts it so);
             # the next heartbeat restates the count, so no extra message per task
             out.append(Send(balancer_socket(self.current), result, None, ev.stimulus_id))
+            self._note(key, "result_sent", now, ev.stimulus_id, balancer=self.current)
+        else:
+            self._note(key, "result_held", now, ev.stimulus_id, why="not registered: sent once registered")
         if self.queued:
             out += self._start(self.queued.popleft(), now, ev.stimulus_id)
         return out
@@ -360,6 +386,14 @@ class WorkerCore:
         return max(0, self.me.credit - len(self.running) - len(self.queued))
 
     # ---- operators ---------------------------------------------------------------------------
+
+    def story(self, job: bytes, task: int) -> list[dict[str, Any]]:
+        """What this worker did with a task, oldest first, from its bounded log: one dict per
+        step with ``step`` (received, refused, duplicate, queued, started, ended, result_sent,
+        result_held, result_resent, acked), ``at`` (the worker's clock), ``stimulus_id`` and what
+        the step says (``fence``, ``balancer`` index, ``outcome``, ``error``, ...)."""
+        key = (job, task)
+        return [entry for k, entry in self.log if k == key]
 
     def status(self, now: float) -> dict[str, Any]:
         return {
@@ -386,6 +420,9 @@ class WorkerCore:
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
+
+    def _note(self, key: TaskKey, step: str, now: float, cause: str, **fields: Any) -> None:
+        self.log.append((key, {"step": step, "at": now, **fields, "stimulus_id": cause}))
 
 
 def _key_of(m: WorkerRequest) -> TaskKey:

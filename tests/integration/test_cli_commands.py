@@ -108,6 +108,30 @@ def test_submit_prints_output_and_jobs_shows_it(home):
     assert (quiet["exit_code"], quiet["stdout"]) == (0, "hi you\n")
 
 
+def test_jobs_task_tells_a_tasks_story_end_to_end(home):
+    job = as_json(run(home, "submit", "--json", "--", "true"))["job"]
+    view = as_json(run(home, "jobs", job, "--task", "0", "--json"))
+    assert (view["job"], view["task"], view["state"], view["stale"]) == (job, 0, "done", False)
+    story = view["story"]
+    assert (story[0]["step"], story[0]["source"]) == ("submitted", "ledger")
+    steps = [s["step"] for s in story]
+    assigned = story[steps.index("assigned")]
+    ended = story[len(steps) - 1 - steps[::-1].index("ended")]
+    recorded = story[len(steps) - 1 - steps[::-1].index("recorded")]
+    assert steps.index("assigned") < steps.index("ended") < steps.index("recorded")
+    assert assigned["balancer"] in ("b1", "b2") and len(assigned["fence"]) == 2
+    assert (ended["fence"], ended["worker"], ended["outcome"], ended["source"]) == (assigned["fence"], "w1", "done", "ledger")
+    assert (recorded["fence"], recorded["code"], recorded["source"]) == (assigned["fence"], "recorded", "leader")
+    assert recorded["log_index"] > 0 and recorded["stimulus_id"]
+    sent = [s for s in story if s["step"] == "sent" and s["fence"] == assigned["fence"]]
+    assert sent and 0 < sent[0]["log_index"] < recorded["log_index"]
+    text = run(home, "jobs", job, "--task", "0")
+    assert text.returncode == 0, text.stderr
+    assert job in text.stdout and "w1" in text.stdout and str(recorded["log_index"]) in text.stdout
+    assert len(text.stdout.splitlines()) >= len(story)
+    assert "--task N goes with a JOB" in one_line_error(run(home, "jobs", "--task", "0"))
+
+
 def test_submit_of_a_failing_command_is_one_line(home):
     failed = run(home, "submit", "--", "sh", "-c", "echo boom >&2; exit 3")
     line = one_line_error(failed)

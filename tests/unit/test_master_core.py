@@ -18,6 +18,7 @@ from proto.ids import join128, split128
 from master.commands import AssignTasks, Batch, CompleteTask, SubmitJob
 from master.jobs import MAX_SPEC_BYTES
 from master.ledger import Ledger, spec_digest
+from master.stream import TaskLog
 from master.watches import MAX_WATCH_JOBS, MAX_WATCH_TASKS, MAX_WATCH_WAIT
 from proto import AppReason
 from proto.messages import (
@@ -700,3 +701,75 @@ def test_a_units_order_carries_its_specs_need_and_its_replicas_avoid_list_to_the
     h.ledger.apply(CompleteTask(sid, 0, 3, 100, DONE, "w7", {"digest": b"x" * 16}, None, None, 2.0))
     need, _, why = _need_of(h.core.stream.worker_request(sid, 0, (3, 101)))
     assert why is None and (need.gpus, need.labels, need.avoid) == (1, frozenset({"cuda"}), frozenset({"w7"}))
+
+
+# ---- a task's story -------------------------------------------------------------------------------
+
+
+def test_a_tasks_story_tells_each_attempt_in_order_with_its_fence_worker_and_commit_index():
+    h = Harness()
+    job, (r1,) = running_job(h, 1, {"max_attempts": 2})
+    sent_at = h.index  # the assignment's commit
+    h.now += 1
+    h.message(TaskResult(*split128(job), 0, *(r1.fence_term, r1.fence_sequence), 1, 1, {}, None, "boom", "w1", []),
+              BALANCER)
+    h.flush()
+    h.commit_all()
+    failed_at = h.index  # no credit left: the retry waits for it
+    h.message(Credit(1, 1, 0), BALANCER)
+    h.commit_all()
+    (r2,) = h.take(WorkerRequest)
+    retried_at = h.index
+    h.now += 1
+    finish(h, TaskResult(*split128(job), 0, r2.fence_term, r2.fence_sequence, 0, 0, {"v": 1}, None, None, "w2", []))
+    story = h.core.story(job, 0)
+    first, second = [r1.fence_term, r1.fence_sequence], [r2.fence_term, r2.fence_sequence]
+    assert first < second
+    assert [(s["step"], s.get("fence"), s["source"]) for s in story] == [
+        ("submitted", None, "ledger"),
+        ("proposed", first, "leader"), ("assigned", first, "ledger"), ("sent", first, "leader"),
+        ("result", first, "leader"), ("ended", first, "ledger"), ("recorded", first, "leader"),
+        ("proposed", second, "leader"), ("assigned", second, "ledger"), ("sent", second, "leader"),
+        ("result", second, "leader"), ("ended", second, "ledger"), ("recorded", second, "leader"),
+    ]
+    by = {(s["step"], tuple(s.get("fence") or ())): s for s in story}
+    assert by["ended", tuple(first)]["worker"] == "w1" and by["ended", tuple(first)]["outcome"] == "failed"
+    assert by["ended", tuple(first)]["error"] == "boom"
+    assert by["ended", tuple(second)]["worker"] == "w2" and by["ended", tuple(second)]["outcome"] == "done"
+    assert by["sent", tuple(first)]["log_index"] == sent_at and by["sent", tuple(second)]["log_index"] == retried_at
+    assert by["recorded", tuple(first)]["log_index"] == failed_at and by["recorded", tuple(first)]["code"] == "retry"
+    assert by["recorded", tuple(second)]["log_index"] == h.index and by["recorded", tuple(second)]["code"] == "recorded"
+    assert by["assigned", tuple(first)]["balancer"] == "b1" and by["result", tuple(second)]["worker"] == "w2"
+    assert all(s["stimulus_id"] for s in story if s["source"] == "leader")
+    assert [s["at"] for s in story] == sorted(s["at"] for s in story)
+
+    h.message(TaskQuery(9, *split128(job), 0))  # what `cluster jobs JOB --task 0` reads
+    (reply,) = h.take(QueryReply)
+    assert reply.value["story"] == story and reply.value["state"] == "done"
+    f = Harness(role="follower")  # another master: the ledger's part only
+    f.ledger.state = h.ledger.state
+    assert [s["source"] for s in f.core.story(job, 0)] == ["ledger"] * 5
+
+
+def test_the_leaders_task_log_is_bounded_and_a_story_keeps_the_ledgers_record():
+    h = Harness()
+    h.core.stream.log = TaskLog(kept=4)
+    job, (r,) = running_job(h, 1)
+    finish(h, result(r))
+    assert [s["step"] for s in h.core.story(job, 0) if s["source"] == "leader"] == ["proposed", "sent", "result", "recorded"]
+    assert [s["step"] for s in h.core.story(job, 0) if s["source"] == "ledger"] == ["submitted", "assigned", "ended"]
+    for k in range(10):  # other tasks' steps push the oldest out
+        h.core.stream.log.add(jid(k), 0, "proposed", h.now, "x")
+    assert len(h.core.stream.log.events) == 4
+    assert [s["source"] for s in h.core.story(job, 0)] == ["ledger"] * 3
+
+
+def test_a_folded_tasks_story_ends_folded_and_a_waiting_ones_says_submitted():
+    h = Harness()
+    job, (r0, _r1) = running_job(h, 2, {"keep_results": False})
+    finish(h, result(r0))
+    assert 0 not in h.ledger.state.jobs[job].tasks  # folded away: the ledger keeps only that it is done
+    story = h.core.story(job, 0)
+    assert story[0]["step"] == "submitted" and story[-1]["step"] == "folded"
+    assert [s["step"] for s in story if s["source"] == "leader"] == ["proposed", "sent", "result", "recorded"]
+    assert h.core.story(jid(99), 0) == []

@@ -157,3 +157,35 @@ def test_the_result_is_the_credit_and_the_next_heartbeat_restates_it():
     h.tick()
     hb = h.sent(WorkerStatus, "b0")[-1]
     assert not hb.register and hb.slots_free == 2 and hb.received == 1
+
+
+def test_a_tasks_story_tells_what_the_worker_did_with_it_in_order():
+    h = registered(slots=1, prefetch=1)
+    h.request(0, (5, 1))
+    h.request(1, (5, 2))  # waits for the slot
+    h.request(1, (4, 9))  # an older leader's token for it
+    h.now += 1.5
+    h.end(0, (5, 1))
+    h.end(1, (5, 2), outcome=1)
+    up, lo = split128(JOB)
+    h.msg("b0", ResultAck(up, lo, 0, 5, 1))
+    zero = h.core.story(JOB, 0)
+    assert [s["step"] for s in zero] == ["received", "started", "ended", "result_sent", "acked"]
+    assert all(s.get("fence", [5, 1]) == [5, 1] for s in zero) and all(s["stimulus_id"] for s in zero)
+    assert zero[1]["running"] == 1 and zero[2]["outcome"] == 0 and zero[2]["seconds"] == 1.5
+    assert zero[3]["balancer"] == 0 and zero[-1]["at"] == 1.5
+    one = h.core.story(JOB, 1)
+    assert [s["step"] for s in one] == ["received", "queued", "received", "refused", "started", "ended", "result_sent"]
+    assert one[3]["code"] == "stale_fence" and one[3]["newest"] == [5, 2] and one[5]["outcome"] == 1
+    assert h.core.story(JOB, 2) == []
+
+
+def test_a_result_held_while_unregistered_is_told_as_held_then_resent():
+    h = registered()
+    h.request(0)
+    h.msg("b0", NotLeader(0, 0, "tcp://b2"))  # b0 turned passive while the task ran
+    h.end(0)
+    h.tick()
+    h.accepted("b1")
+    assert [s["step"] for s in h.core.story(JOB, 0)][-2:] == ["result_held", "result_resent"]
+    assert h.core.story(JOB, 0)[-1]["balancer"] == 1
