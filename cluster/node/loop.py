@@ -169,7 +169,7 @@ class NodeLoop:
             self._dispatch(Started(self._stimulus("start")))
             poller = zmq.Poller()
             for sock in self._sockets.values():
-                if sock.socket_type not in (zmq.PUSH, zmq.PUB):
+                if sock.type not in (zmq.PUSH, zmq.PUB):
                     poller.register(sock, zmq.POLLIN)
             # pyzmq's poll reports a plain socket by its file descriptor, not by the object
             # registered: test the fd, or the pipe is never drained and the loop spins.
@@ -256,7 +256,7 @@ class NodeLoop:
         return f"{kind}-{next(self._stimuli)}"
 
     def _drain(self, name: str, sock: zmq.Socket) -> None:
-        router = sock.socket_type == zmq.ROUTER
+        router = sock.type == zmq.ROUTER
         for _ in range(BATCH):
             try:
                 route, sender, message = self.codec.recv(sock, router=router, flags=zmq.NOBLOCK)
@@ -368,7 +368,7 @@ class NodeLoop:
         else:
             self._suppressed += 1
             self.counters["rejected_log_suppressed"] += 1
-        if exc.route is None or sock.socket_type != zmq.ROUTER:
+        if exc.route is None or sock.type != zmq.ROUTER:
             return  # only a ROUTER knows whom to answer; a DEALER's peer is a server
         reply = Error(
             request_id=request_id,
