@@ -6,7 +6,6 @@ Every apply goes through ``apply()`` below, which runs ``Ledger.validate_state()
 from __future__ import annotations
 
 import random
-import time
 
 import msgspec
 import pytest
@@ -1036,7 +1035,6 @@ def test_ledger_memory_for_a_400x400_tile_alignment_job_is_o_frontier():
     J = jid(1)
     seq = 0
     max_records = max_frontier = max_snapshot = rounds = 0
-    started = time.perf_counter()
     while ledger.state.jobs[J].state == "active":
         picked = views.ready_tasks(ledger.state, ledger.work, 64)
         assert picked, "an active wavefront job with nothing ready and nothing running"
@@ -1054,7 +1052,6 @@ def test_ledger_memory_for_a_400x400_tile_alignment_job_is_o_frontier():
         rounds += 1
         if rounds % 500 == 0:
             ledger.validate_state()
-    elapsed = time.perf_counter() - started
     ledger.validate_state()
     job = ledger.state.jobs[J]
     assert job.state == "done" and job.done == n * n
@@ -1066,7 +1063,6 @@ def test_ledger_memory_for_a_400x400_tile_alignment_job_is_o_frontier():
     assert job.endings_dropped + len(job.endings) == n * n and len(job.endings) < 2 * ENDINGS_KEPT
     best = max(range(n * n), key=lambda t: ((t * 7919) % 10007, -t))
     assert job.reduced["max"]["task"] == best and job.reduced["sum"] == {"cells": n * n}
-    assert elapsed < 30, elapsed
 
 
 # ---- job DAGs ('after') ---------------------------------------------------------------------
