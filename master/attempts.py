@@ -32,8 +32,10 @@ from master.state import (
     Applied,
     Attempt,
     Job,
+    JobState,
     LedgerState,
     Task,
+    TaskState,
     count,
     next_state,
     refused,
@@ -62,7 +64,7 @@ def assign(state: LedgerState, work: WorkState, c: AssignTasks) -> Applied:
             continue
         job = state.jobs.get(job_id)
         task = job.tasks.get(task_id) if job is not None else None
-        if job is None or job.state != "active" or task is None or task.state != "ready":
+        if job is None or job.state != JobState.ACTIVE or task is None or task.state != TaskState.READY:
             skipped.append((job_id, task_id))
             continue
         fence = (c.term, c.first_sequence + i)
@@ -106,7 +108,7 @@ def complete(state: LedgerState, work: WorkState, c: CompleteTask) -> Applied:
         (a for a in task.attempts if (a.fence_term, a.fence_sequence) == (c.fence_term, c.fence_sequence)),
         None,
     )
-    if task.state == "done":
+    if task.state == TaskState.DONE:
         job.duplicates += 1
         count(state, "duplicate_completions")
         if attempt is not None and attempt.outcome is None:
@@ -119,11 +121,11 @@ def complete(state: LedgerState, work: WorkState, c: CompleteTask) -> Applied:
             f"token ({c.fence_term}, {c.fence_sequence}) is not an attempt of task {c.task_id}: "
             "an assignment that never committed",
         )
-    if job.state != "active" or task.state in ("cancelled", "failed"):
+    if job.state != JobState.ACTIVE or task.state in (TaskState.CANCELLED, TaskState.FAILED):
         if attempt.outcome is None:
             _end(attempt, c, c.outcome, c.error)
         count(state, "late_completions")
-        why = f"the job is {job.state}" if job.state != "active" else f"task {c.task_id} is {task.state}"
+        why = f"the job is {job.state}" if job.state != JobState.ACTIVE else f"task {c.task_id} is {task.state}"
         return Applied(True, "ignored", f"{why}; the result is not recorded")
     if c.outcome == DONE:
         return _record_done(state, job, c, task, attempt)
@@ -162,7 +164,7 @@ def _record_done(state: LedgerState, job: Job, c: CompleteTask, task: Task, atte
     for other in task.attempts:
         if other.outcome is None:
             _end(other, c, CANCELLED, "superseded: another attempt finished first")
-    if task.state == "ready":
+    if task.state == TaskState.READY:
         del job.ready[c.task_id]
     job.live -= 1
     task.state = next_state(task.state, "complete")
@@ -203,7 +205,7 @@ def trim_endings(job: Job) -> None:
 
 
 def _maybe_fold(state: LedgerState, job: Job, task_id: int, task: Task) -> None:
-    if task.state == "done" and task.readers_left <= 0 and not job.spec["keep_results"]:
+    if task.state == TaskState.DONE and task.readers_left <= 0 and not job.spec["keep_results"]:
         del job.tasks[task_id]
         files.release_task_files(state, job, task_id)
 
@@ -244,7 +246,7 @@ def _record_failure(state: LedgerState, job: Job, c: CompleteTask, task: Task, a
         joblife.refill(job)
         joblife.finish_if_ended(state, job, c.now)
         return Applied(True, "failed", text, value={"job_state": job.state})
-    joblife.end_job(state, job, "failed", text, c.now)  # its other tasks are cancelled or finish unrecorded
+    joblife.end_job(state, job, JobState.FAILED, text, c.now)  # its other tasks are cancelled or finish unrecorded
     return Applied(True, "failed", job.error, value={"job_state": job.state})
 
 

@@ -22,7 +22,7 @@ import msgspec
 
 from master import jobs
 from master.commands import CancelJob, SubmitJob
-from master.state import Applied, Job, LedgerState, Task, count, next_state, refused
+from master.state import Applied, Job, JobState, LedgerState, Task, TaskState, count, next_state, refused
 
 
 def spec_digest(kind: str, spec: Any) -> bytes:
@@ -81,10 +81,10 @@ def _dependencies(state: LedgerState, spec: dict[str, Any]) -> tuple[list[bytes]
         other = state.jobs.get(dep)
         if other is None:
             return [], refused("unknown_job", f"'after' names job {dep.hex()}, which does not exist")
-        if other.state in ("failed", "cancelled"):
+        if other.state in (JobState.FAILED, JobState.CANCELLED):
             return [], refused("dependency_failed", f"'after' names job {dep.hex()}, which is {other.state}: "
                                                     "this job could never start")
-        if other.state != "done":
+        if other.state != JobState.DONE:
             after.append(dep)
     return after, None
 
@@ -94,16 +94,16 @@ def cancel(state: LedgerState, c: CancelJob) -> Applied:
     job = state.jobs.get(c.job_id)
     if job is None:
         return refused("unknown_job", f"no job {c.job_id.hex()}")
-    if job.state != "active":
+    if job.state != JobState.ACTIVE:
         return Applied(True, value={"job": c.job_id, "state": job.state, "changed": False})
-    end_job(state, job, "cancelled", c.reason or "cancelled", c.now)
+    end_job(state, job, JobState.CANCELLED, c.reason or "cancelled", c.now)
     return Applied(True, value={"job": c.job_id, "state": job.state, "changed": True})
 
 
 def materialise(job: Job, task_ids: list[int]) -> None:
     """Make ``task_ids`` ready: each now has a record (the job's frontier)."""
     for task_id in task_ids:
-        job.tasks[task_id] = Task(state="ready", readers_left=job.source.consumers(task_id))
+        job.tasks[task_id] = Task(state=TaskState.READY, readers_left=job.source.consumers(task_id))
         job.ready[task_id] = None
     job.live += len(task_ids)
 
@@ -119,10 +119,10 @@ def finish_if_ended(state: LedgerState, job: Job, now: float) -> None:
     if job.done + job.failed < job.total:
         return
     if not job.failed:
-        end_job(state, job, "done", None, now)
+        end_job(state, job, JobState.DONE, None, now)
         return
-    first = next(t for t in job.endings if t in job.tasks and job.tasks[t].state == "failed")
-    end_job(state, job, "failed", f"{job.failed} of {job.total} tasks failed (first: task {first}: "
+    first = next(t for t in job.endings if t in job.tasks and job.tasks[t].state == TaskState.FAILED)
+    end_job(state, job, JobState.FAILED, f"{job.failed} of {job.total} tasks failed (first: task {first}: "
                                   f"{job.tasks[first].attempts[-1].error})", now)
 
 
@@ -132,7 +132,7 @@ def end_job(state: LedgerState, job: Job, end: str, error: str | None, now: floa
     or fail (``release_waiting``)."""
     if job.live:
         for task in job.tasks.values():
-            if task.state in ("ready", "assigned"):
+            if task.state in (TaskState.READY, TaskState.ASSIGNED):
                 task.state = next_state(task.state, "cancel")
     job.ready.clear()
     job.live = 0
@@ -154,14 +154,14 @@ def release_waiting(state: LedgerState, ended: Job, now: float) -> None:
         job = stack.pop()
         for waiter_id in state.waiting.pop(job.job_id, []):
             waiter = state.jobs.get(waiter_id)
-            if waiter is None or waiter.state != "active" or job.job_id not in waiter.after:
+            if waiter is None or waiter.state != JobState.ACTIVE or job.job_id not in waiter.after:
                 continue
-            if job.state == "done":
+            if job.state == JobState.DONE:
                 waiter.after.remove(job.job_id)
                 if not waiter.after:
                     materialise(waiter, waiter.source.take(jobs.WINDOW))
                     count(state, "jobs_released")
                 continue
-            end_job(state, waiter, "failed", f"job {job.job_id.hex()}, which it waits for, {job.state}: "
+            end_job(state, waiter, JobState.FAILED, f"job {job.job_id.hex()}, which it waits for, {job.state}: "
                                              "it never ran", now, release=False)
             stack.append(waiter)  # its own waiters next: a loop, not a recursion as deep as the DAG

@@ -69,8 +69,10 @@ from master.state import (
     Applied,
     Attempt,
     Job,
+    JobState,
     LedgerState,
     Task,
+    TaskState,
     count,
     refused,
 )
@@ -144,31 +146,31 @@ def _validate_job(s: LedgerState, job: Job) -> None:
     assert 0 <= job.done and 0 <= job.failed and job.done + job.failed <= job.total
     _validate_endings(job)
     for task_id in job.ready:
-        assert job.tasks[task_id].state == "ready", f"task {task_id} in the ready set is {job.tasks[task_id].state}"
+        assert job.tasks[task_id].state == TaskState.READY, f"task {task_id} in the ready set is {job.tasks[task_id].state}"
     for task_id, task in job.tasks.items():
         assert job.source.exists(task_id)
-        if task.state == "ready":
+        if task.state == TaskState.READY:
             assert task_id in job.ready, f"ready task {task_id} missing from the ready set"
-        if task.state == "assigned":
+        if task.state == TaskState.ASSIGNED:
             assert task.open_attempt() is not None, f"assigned task {task_id} has no open attempt"
-        if task.state == "done":
+        if task.state == TaskState.DONE:
             assert job.source.is_done(task_id), f"done task {task_id} not done in its source"
             assert sum(a.outcome == DONE for a in task.attempts) == 1, f"task {task_id} completed twice"
             assert all(a.outcome is not None for a in task.attempts)
-        if task.state == "failed" and not job.spec.get("fail_fast", True):
+        if task.state == TaskState.FAILED and not job.spec.get("fail_fast", True):
             assert job.source.is_done(task_id), f"failed task {task_id} has not ended in its source"
         for a in task.attempts:
             assert (a.fence_term, a.fence_sequence) <= s.fence, "an attempt token newer than the fence"
-    live = sum(t.state in ("ready", "assigned") for t in job.tasks.values())
-    assert job.state != "active" or job.live == live, f"live count {job.live} != {live}"
-    if job.state == "done":
+    live = sum(t.state in (TaskState.READY, TaskState.ASSIGNED) for t in job.tasks.values())
+    assert job.state != JobState.ACTIVE or job.live == live, f"live count {job.live} != {live}"
+    if job.state == JobState.DONE:
         assert job.done == job.total and not job.failed and not job.ready
-    if job.state != "active":
+    if job.state != JobState.ACTIVE:
         assert not job.ready
-    if job.after and job.state == "active":
+    if job.after and job.state == JobState.ACTIVE:
         assert not job.tasks, f"job {job.job_id.hex()} waits for other jobs but has tasks"
         for dep in job.after:
-            assert s.jobs[dep].state == "active" and job.job_id in s.waiting[dep], dep.hex()
+            assert s.jobs[dep].state == JobState.ACTIVE and job.job_id in s.waiting[dep], dep.hex()
 
 
 def _validate_endings(job: Job) -> None:
@@ -181,9 +183,9 @@ def _validate_endings(job: Job) -> None:
     for task_id in job.endings:
         task = job.tasks.get(task_id)
         assert task is not None or job.source.is_done(task_id), f"ending {task_id} is neither held nor done"
-        assert task is None or task.state in ("done", "failed"), f"ending {task_id} is {task.state}"
-        failed += task is not None and task.state == "failed"
-    assert failed == job.failed == sum(t.state == "failed" for t in job.tasks.values())
+        assert task is None or task.state in (TaskState.DONE, TaskState.FAILED), f"ending {task_id} is {task.state}"
+        failed += task is not None and task.state == TaskState.FAILED
+    assert failed == job.failed == sum(t.state == TaskState.FAILED for t in job.tasks.values())
 
 
 def _barrier(state: LedgerState, c: Barrier) -> Applied:

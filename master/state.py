@@ -18,22 +18,46 @@ written).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import msgspec
 
 from master import jobs
 
-TASK_TRANSITIONS: dict[tuple[str, str], str] = {
-    ("ready", "assign"): "assigned",
-    ("assigned", "complete"): "done",
-    ("ready", "complete"): "done",  # an attempt reported lost came back with a good result after all
-    ("assigned", "retry"): "ready",  # a failed attempt with attempts left
-    ("assigned", "fail"): "failed",  # the last attempt failed
-    ("ready", "cancel"): "cancelled",
-    ("assigned", "cancel"): "cancelled",
+
+
+class TaskState(StrEnum):
+    """A materialised task's state. A str enum: snapshots and views carry the same strings as
+    before (msgspec encodes a member as its value), and old snapshots decode unchanged."""
+
+    READY = "ready"
+    ASSIGNED = "assigned"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobState(StrEnum):
+    """A job's state: active until every task has ended (or it is cancelled, or fails fast)."""
+
+    ACTIVE = "active"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TASK_TRANSITIONS: dict[tuple[TaskState, str], TaskState] = {
+    (TaskState.READY, "assign"): TaskState.ASSIGNED,
+    (TaskState.ASSIGNED, "complete"): TaskState.DONE,
+    # an attempt reported lost came back with a good result after all
+    (TaskState.READY, "complete"): TaskState.DONE,
+    (TaskState.ASSIGNED, "retry"): TaskState.READY,  # a failed attempt with attempts left
+    (TaskState.ASSIGNED, "fail"): TaskState.FAILED,  # the last attempt failed
+    (TaskState.READY, "cancel"): TaskState.CANCELLED,
+    (TaskState.ASSIGNED, "cancel"): TaskState.CANCELLED,
 }
-JOB_STATES = ("active", "done", "failed", "cancelled")
+JOB_STATES = tuple(JobState)
 INT64_MAX = 2**63 - 1
 MAX_NAME = 255
 MAX_TASK_FILES = 1024  # files one completion may register
@@ -57,7 +81,7 @@ class Attempt(msgspec.Struct, array_like=True):
 class Task(msgspec.Struct, array_like=True):
     """A materialised task: one of the job's frontier, or a finished one whose result is kept."""
 
-    state: str
+    state: TaskState
     attempts: list[Attempt] = []
     result_file: bytes | None = None
     summary: dict[str, Any] | None = None
@@ -78,7 +102,7 @@ class Job(msgspec.Struct, array_like=True):
     submitted_at: float
     seq: int  # submission order, for fair round-robin
     source: jobs.Source
-    state: str = "active"
+    state: JobState = JobState.ACTIVE
     tasks: dict[int, Task] = {}
     ready: dict[int, None] = {}  # an ordered set: ready tasks, oldest first
     done: int = 0
@@ -143,7 +167,7 @@ def count(state: LedgerState, name: str, n: int = 1) -> None:
     state.counters[name] = state.counters.get(name, 0) + n
 
 
-def next_state(state: str, event: str) -> str:
+def next_state(state: TaskState, event: str) -> TaskState:
     """A task's state after ``event`` (``TASK_TRANSITIONS``); an illegal one is a bug."""
     try:
         return TASK_TRANSITIONS[(state, event)]

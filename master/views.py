@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from master import jobs
 from master.commands import OUTCOMES
-from master.state import PIN, Attempt, Job, LedgerState
+from master.state import PIN, Attempt, Job, JobState, LedgerState, TaskState
 from master.workspec import WorkState
 
 
@@ -22,7 +22,7 @@ def ready_tasks(state: LedgerState, work: WorkState, limit: int,
     """Up to ``limit`` ready tasks: higher job priority first, round-robin between the jobs
     of one priority (so one big job cannot starve the others), oldest task first in a job."""
     out: list[tuple[bytes, int]] = []
-    active = [j for j in state.jobs.values() if j.state == "active" and j.ready]
+    active = [j for j in state.jobs.values() if j.state == JobState.ACTIVE and j.ready]
     active.sort(key=lambda j: (-j.spec["priority"], j.seq))
     groups: dict[int, list[Job]] = {}
     for job in active:
@@ -47,10 +47,10 @@ def ready_tasks(state: LedgerState, work: WorkState, limit: int,
 def open_assignments(state: LedgerState, work: WorkState) -> Iterator[tuple[bytes, int, Attempt]]:
     """Every task handed out and not yet ended (a new balancer is told these again)."""
     for job in state.jobs.values():
-        if job.state != "active":
+        if job.state != JobState.ACTIVE:
             continue
         for task_id, task in job.tasks.items():
-            if task.state == "assigned":
+            if task.state == TaskState.ASSIGNED:
                 yield job.job_id, task_id, task.open_attempt()
     for sid, uid, term, seq, holder, started in work.open():
         yield sid, uid, Attempt(term, seq, holder, started)
@@ -101,7 +101,7 @@ def job_view(state: LedgerState, job_id: bytes) -> dict[str, Any] | None:
         "duplicates": job.duplicates,
         "reduced": job.reduced,
         "error": job.error,
-        "waiting_for": [j.hex() for j in job.after] if job.state == "active" else [],
+        "waiting_for": [j.hex() for j in job.after] if job.state == JobState.ACTIVE else [],
         **({"align": job.spec["align"]} if "align" in job.spec else {}),
     }
 
@@ -128,8 +128,8 @@ def task_view(state: LedgerState, job_id: bytes, task_id: int) -> dict[str, Any]
     task = job.tasks.get(task_id)
     if task is None:
         if job.source.is_done(task_id):
-            return {**base, "state": "done", "folded": True, "note": "its result was consumed and folded into the job's"}
-        return {**base, "state": "waiting" if job.state == "active" else job.state}
+            return {**base, "state": TaskState.DONE, "folded": True, "note": "its result was consumed and folded into the job's"}
+        return {**base, "state": "waiting" if job.state == JobState.ACTIVE else job.state}
     return {
         **base,
         "state": task.state,
@@ -177,7 +177,7 @@ def has_news(state: LedgerState, job_id: bytes, cursor: int) -> bool:
     """Whether a watcher at ``cursor`` of the job's endings has something to hear: endings
     past it, or the job is over (or unknown)."""
     job = state.jobs.get(job_id)
-    return job is None or job.endings_dropped + len(job.endings) > cursor or job.state != "active"
+    return job is None or job.endings_dropped + len(job.endings) > cursor or job.state != JobState.ACTIVE
 
 
 def endings_view(state: LedgerState, job_id: bytes, cursor: int, limit: int) -> dict[str, Any] | None:
@@ -245,7 +245,7 @@ def footprint(state: LedgerState) -> dict[str, int]:
 def _ending(job: Job, task_id: int) -> dict[str, Any]:
     task = job.tasks.get(task_id)
     if task is None:  # a done tile whose readers consumed it: its result is in the job's reduced one
-        return {"task": task_id, "state": "done", "summary": None, "result_file": None, "error": None,
+        return {"task": task_id, "state": TaskState.DONE, "summary": None, "result_file": None, "error": None,
                 "attempts": None, "folded": True}
     last = task.attempts[-1] if task.attempts else None
     return {
@@ -253,6 +253,6 @@ def _ending(job: Job, task_id: int) -> dict[str, Any]:
         "state": task.state,
         "summary": task.summary,
         "result_file": task.result_file,
-        "error": last.error if task.state == "failed" and last is not None else None,
+        "error": last.error if task.state == TaskState.FAILED and last is not None else None,
         "attempts": len(task.attempts),
     }
