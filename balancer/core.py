@@ -70,6 +70,7 @@ from cluster.node.events import (
 from proto.errors import AppReason
 from proto.ids import join128, split128
 from proto.messages import (
+    Outcome,
     Error,
     Heartbeat,
     NotLeader,
@@ -83,8 +84,7 @@ from proto.messages import (
 WORKERS = "workers"
 PEER_IN = "peer_in"
 PEER_OUT = "peer_out"
-LOST = 3  # TaskResult outcome (master.commands.LOST)
-FAILED = 1
+LOST, FAILED = Outcome.LOST, Outcome.FAILED
 
 # Heartbeats to workers go out at most this many back to back; more are spread over the interval
 # in slices. 1,000 of them in one burst held the loop for 20-60 ms each tick (bench/batch.py,

@@ -10,21 +10,11 @@ shape in C). Raft (pysyncobj) sees only the bytes.
 
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import Any
 
 import msgspec
 
-
-class Outcome(IntEnum):
-    """How a task's attempt ended, as proto.messages.TaskResult and ``CompleteTask.outcome``
-    carry it. These numbers are in the Raft log and on the wire: never renumber. (A work unit's
-    attempt history numbers its outcomes otherwise: ``master.work_history.AttemptOutcome``.)"""
-
-    DONE = 0
-    FAILED = 1
-    CANCELLED = 2
-    LOST = 3
+from proto.messages import Outcome  # the wire's vocabulary: CompleteTask carries TaskResult's outcome
 
 
 DONE, FAILED, CANCELLED, LOST = Outcome

@@ -19,6 +19,7 @@ job uuid, program_length, num_input_files), ``worker_status``, ``file_request``,
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Any
 
 from proto.types import I32, U8, U16, U32, U64, Message, Payload
@@ -333,6 +334,18 @@ class WorkerRequest(Message, frozen=True, gc=False):
         if bad:
             return f"input_files[{bad[0]}] is not a 16-byte file id"
         return None
+
+
+class Outcome(IntEnum):
+    """How a task's attempt ended: TASK_RESULT's ``outcome``, and the ledger's ``CompleteTask``.
+    One vocabulary for the worker, the balancer and the masters. These numbers are on the wire
+    and in the Raft log: never renumber. (A work unit's attempt history numbers its outcomes
+    otherwise, in its snapshot columns: ``master.work_history.AttemptOutcome``.)"""
+
+    DONE = 0
+    FAILED = 1
+    CANCELLED = 2
+    LOST = 3
 
 
 class TaskResult(Message, frozen=True, gc=False):

@@ -53,7 +53,7 @@ from cluster.node.events import (
     TimerFired,
 )
 from proto.ids import join128, split128
-from proto.messages import Error, Heartbeat, NotLeader, ResultAck, TaskResult, WorkerRequest, WorkerStatus
+from proto.messages import Error, Heartbeat, NotLeader, Outcome, ResultAck, TaskResult, WorkerRequest, WorkerStatus
 
 TaskKey = tuple[bytes, int]
 Fence = tuple[int, int]
@@ -351,7 +351,7 @@ class WorkerCore:
         if ran is None:
             self._count("unknown_endings")
             return []
-        self._count("tasks_done" if ev.outcome == 0 else "tasks_failed")
+        self._count("tasks_done" if ev.outcome == Outcome.DONE else "tasks_failed")
         upper, lower = split128(ev.job)
         result = TaskResult(upper, lower, ev.task, ev.fence[0], ev.fence[1], ev.outcome, ev.exit_code, ev.summary,
                             ev.result_file, ev.error, self.me.name, ev.files)

@@ -36,6 +36,7 @@ from typing import Any
 import msgspec
 
 from proto.ids import join128
+from proto.messages import Outcome as TaskOutcome  # the slot's own Outcome is a run's record
 from proto.messages import WorkerRequest
 from proto.fileids import file_id_of_path, parse_id
 from cluster.node.storagelink import LinkPool, TransferError, upload_ranked
@@ -44,7 +45,7 @@ from worker.executor import Limits, Outcome
 
 log = logging.getLogger("cluster.worker")
 
-DONE, FAILED = 0, 1
+DONE, FAILED = TaskOutcome.DONE, TaskOutcome.FAILED
 INLINE_MAX = 64 << 10  # a value or log up to this size travels in the summary
 LOG_INLINE = 4 << 10  # stdout/stderr kept inline (the tail) when the whole is stored
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
