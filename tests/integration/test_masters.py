@@ -242,7 +242,9 @@ def test_follower_redirects(masters, clients):
     assert client.link.leader == 0
     ref = client.submit_job(*list_spec(1))
     assert client.link.leader == 1  # the redirect was followed
-    assert detail(follower)["core"].get("redirected", 0) == redirected + 1
+    # at least once: a client that is not yet connected to the leader (ZMQ_IMMEDIATE) asks the
+    # follower again, so the exact count depends on connection timing
+    assert detail(follower)["core"].get("redirected", 0) >= redirected + 1
     assert client.job(ref.job).stale is False
     assert detail(leader)["ledger"]["jobs"] == 1
 
@@ -276,14 +278,16 @@ def test_results_survive_leader_kill(masters, clients):
 
     def serve():
         try:
-            outcome["stats"] = echo.run(time.monotonic() + 30, stop_after=total)
+            # 90 s guards against a hang (it takes a few seconds); a tighter deadline was a
+            # throughput claim that a loaded machine missed before the kill point
+            outcome["stats"] = echo.run(time.monotonic() + 90, stop_after=total)
         except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
             outcome["error"] = exc
 
     thread = threading.Thread(target=serve, name="echo-balancer", daemon=True)
     thread.start()
     try:
-        thread.join(40)
+        thread.join(100)
         assert not thread.is_alive(), "the echo balancer did not stop by its deadline"
     finally:
         if not thread.is_alive():
