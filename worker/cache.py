@@ -230,6 +230,11 @@ class BlockCache:
         """Drop one pin on ``fid``; evicts if the cache was held over capacity by pins."""
         self._index.unpin(fid)
 
+    def pins(self, fid: bytes) -> int:
+        """How many pins hold ``fid`` now (0: it may be evicted)."""
+        with self._index.lock:
+            return self._index.pins.get(fid, 0)
+
     def stats(self) -> dict[str, int]:
         """Counters: hits, misses, bytes_fetched, bytes_prefetched (the part of bytes_fetched
         fetched ahead), bytes_cached, files, complete_files, evictions, over_capacity (times pins

@@ -98,8 +98,8 @@ def test_a_tasks_inputs_are_the_cache_files_pinned_while_the_task_runs(tmp_path)
     with files.inputs([fa, fb]) as (pa, pb):
         assert pa == cache.path_if_complete(fa) and pa.read_bytes() == a
         assert pb.read_bytes() == b  # fetched whole (no mount here)
-        assert cache._pins.get(fa) == 1 and cache._pins.get(fb) == 1
-    assert not cache._pins.get(fa) and not cache._pins.get(fb)
+        assert cache.pins(fa) == 1 and cache.pins(fb) == 1
+    assert cache.pins(fa) == 0 and cache.pins(fb) == 0
 
 
 def test_the_example_config_in_deploy_is_valid_for_every_reader():
