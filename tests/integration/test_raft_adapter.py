@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cluster.local import free_port
-from master.commands import SubmitJob
+from master.commands import AddUnits, AddWorkSpec, SubmitJob
 from master.ledger import Ledger, spec_digest
 from master.raft import FAILURES, RaftAdapter
 
@@ -129,6 +129,10 @@ def test_a_master_with_an_empty_disk_is_given_the_leaders_snapshot(masters):
         leader.adapter.propose(submit(n), token=n)
         assert leader.results.get(timeout=10)[0] == n
     wait_for(lambda: all(m.has_job(3) for m in masters), 10, "the jobs on every ledger")
+    # work specs and units live beside the ledger's state: the snapshot must carry them too
+    leader.adapter.propose(AddWorkSpec({"name": "fetch", "run": {"kind": "command", "argv": ["true"]}}, NOW), token=5)
+    leader.adapter.propose(AddUnits("fetch", [[f"u{i}", b"x"] for i in range(50)], NOW), token=6)
+    assert [leader.results.get(timeout=10)[0] for _ in range(2)] == [5, 6]
 
     leader.adapter.replica.forceLogCompaction()  # pysyncobj's public call; else after 300 s
     snapshot = wait_for(lambda: leader.adapter.last_snapshot, 20, "the leader's snapshot")
@@ -149,3 +153,5 @@ def test_a_master_with_an_empty_disk_is_given_the_leaders_snapshot(masters):
     assert restored is not None and restored.get("restored") is True, restored
     with leader.adapter.lock, lost.adapter.lock:
         assert lost.adapter.ledger.snapshot() == leader.adapter.ledger.snapshot()
+        assert lost.adapter.ledger.work.summary() == leader.adapter.ledger.work.summary()
+        assert "fetch" in lost.adapter.ledger.work.specs
