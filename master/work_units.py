@@ -193,9 +193,13 @@ class UnitTable:
         tokens: what a committed assignment does. They sit at the front of their queues (``peek``
         took them from there), so taking them out is cheap."""
         taken, tokens = [], []
+        seen: set[int] = set()
         for uid, fence in zip(uids, fences):
-            if not 0 <= uid < len(self.keys) or self.state.data.item(uid) != AVAILABLE:
+            # a unit named twice is leased once: its state changes only after the loop, and a
+            # second pop would find its queue gone (a KeyError halfway, queues half-popped)
+            if not 0 <= uid < len(self.keys) or uid in seen or self.state.data.item(uid) != AVAILABLE:
                 continue
+            seen.add(uid)
             p = self.priority.data.item(uid)
             q = self.available[p]
             if q[0] == uid:

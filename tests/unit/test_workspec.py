@@ -136,6 +136,18 @@ def test_leases_expire_on_the_simulated_clock_and_attempts_are_recorded():
     check_invariants(t)
 
 
+def test_an_assignment_naming_a_unit_twice_leases_it_once():
+    """A committed assignment is applied on every master: one that names a unit twice (never
+    proposed by a correct leader) must not leave a queue half-popped."""
+    t = UnitTable()
+    t.add(units(1))
+    assert t.lease_ids([0, 0], "w1", 10.0, 5.0, [(1, 1), (1, 2)]) == [0]
+    assert t.summary()["pending"] == 1 and t.summary()["available"] == 0
+    assert (t.fence_term.data[0], t.fence_seq.data[0]) == (1, 1)  # the first naming's token
+    t.validate_state()
+    check_invariants(t)
+
+
 def test_unit_priority_orders_the_queue():
     t = UnitTable()
     t.add([["low", b""], ["high", b"", 9], ["mid", b"", 3]])
