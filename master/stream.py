@@ -45,22 +45,37 @@ STORY_PER_TASK = 64  # a task's story tells at most its newest this many of them
 
 class TaskLog:
     """The leader's recent task events, oldest first, bounded (dask's ``Worker.log``): each a
-    ``(job, task, step)`` with the wall time, the fence, what it says, and its stimulus id."""
+    ``(job, task, step)`` with the wall time, the fence, what it says, and its stimulus id.
+
+    Indexed by task: a TASK_QUERY on the leader's one thread reads one task's events, never a
+    scan of the whole log (16,384 events cost ~1 ms to scan, on every query)."""
 
     def __init__(self, kept: int = STORY_KEPT) -> None:
-        self.events: deque[tuple[bytes, int, dict[str, Any]]] = deque(maxlen=kept)
+        self.kept = kept
+        self.order: deque[tuple[bytes, int]] = deque()  # whose event each one is, oldest first
+        self.by_task: dict[tuple[bytes, int], deque[dict[str, Any]]] = {}
         self.last_at = 0.0  # the newest time seen, for steps whose handler is given none
+
+    def __len__(self) -> int:
+        return len(self.order)
 
     def add(self, job: bytes, task: int, step: str, at: float | None, cause: str, **fields: Any) -> None:
         if at is None:
             at = self.last_at
         self.last_at = max(self.last_at, at)
-        self.events.append((job, task, {"step": step, "at": at, **fields, "stimulus_id": cause}))
+        if len(self.order) >= self.kept:  # the oldest event is the first of its task's
+            oldest = self.order.popleft()
+            events = self.by_task[oldest]
+            events.popleft()
+            if not events:
+                del self.by_task[oldest]
+        key = (job, task)
+        self.order.append(key)
+        self.by_task.setdefault(key, deque()).append({"step": step, "at": at, **fields, "stimulus_id": cause})
 
     def of(self, job: bytes, task: int) -> list[dict[str, Any]]:
         """The task's logged steps, oldest first (its newest ``STORY_PER_TASK``)."""
-        found = [e for j, t, e in self.events if t == task and j == job]
-        return found[-STORY_PER_TASK:]
+        return list(self.by_task.get((job, task), ()))[-STORY_PER_TASK:]
 
 
 @dataclass

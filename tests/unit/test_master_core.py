@@ -8,6 +8,7 @@ Raft thread would) and posting ``Committed``.
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 
@@ -760,7 +761,7 @@ def test_the_leaders_task_log_is_bounded_and_a_story_keeps_the_ledgers_record():
     assert [s["step"] for s in h.core.story(job, 0) if s["source"] == "ledger"] == ["submitted", "assigned", "ended"]
     for k in range(10):  # other tasks' steps push the oldest out
         h.core.stream.log.add(jid(k), 0, "proposed", h.now, "x")
-    assert len(h.core.stream.log.events) == 4
+    assert len(h.core.stream.log) == 4
     assert [s["source"] for s in h.core.story(job, 0)] == ["ledger"] * 3
 
 
@@ -773,3 +774,21 @@ def test_a_folded_tasks_story_ends_folded_and_a_waiting_ones_says_submitted():
     assert story[0]["step"] == "submitted" and story[-1]["step"] == "folded"
     assert [s["step"] for s in story if s["source"] == "leader"] == ["proposed", "sent", "result", "recorded"]
     assert h.core.story(jid(99), 0) == []
+
+
+def test_the_task_log_index_drops_exactly_the_oldest_events():
+    """The log is indexed by task (a story reads one task's events, not the whole log): the
+    index must forget what the bounded order forgets, event for event."""
+    log = TaskLog(kept=50)
+    rng = random.Random(3)
+    every: list[tuple[bytes, int, int]] = []
+    for n in range(500):
+        key = (jid(rng.randrange(5)), rng.randrange(4))
+        log.add(*key, "proposed", float(n), f"s{n}")
+        every.append((*key, n))
+        kept = every[-50:]
+        assert len(log) == len(kept) == sum(len(v) for v in log.by_task.values())
+    for job in {j for j, _, _ in every}:
+        for task in range(4):
+            want = [n for j, t, n in kept if (j, t) == (job, task)]
+            assert [int(e["at"]) for e in log.of(job, task)] == want
