@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# first, even when an editable install lists ROOT already: run as `python bench/X.py`, sys.path
+# starts with bench/, where storage.py would shadow the storage package
+sys.path.insert(0, str(ROOT))
 
 from worker.sw.fasta import RecordNotFound, read_fasta  # noqa: E402  (re-exported)
 

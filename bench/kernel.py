@@ -49,8 +49,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# first, even when an editable install lists ROOT already: run as `python bench/X.py`, sys.path
+# starts with bench/, where storage.py would shadow the storage package
+sys.path.insert(0, str(ROOT))
 
 import parasail  # noqa: E402
 
