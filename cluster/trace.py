@@ -85,6 +85,49 @@ def traceback(client: Client, job: str, *, seq_a: str | None = None, seq_b: str 
     gone, or the alignment does not re-score to the job's score.
     """
     t0 = time.monotonic()
+    info, best, rows = _traceable(client, job)
+    if seq_a is None or seq_b is None:
+        seq_a, seq_b = (_fetch_text(client, info[side]) for side in ("a", "b"))
+    scoring = info.get("scoring") or {}
+    run = {"kind": "trace", "a": info["a"], "b": info["b"], "scoring": scoring, "kernel": info.get("kernel", "int16")}
+    timings: dict[str, float] = {}
+
+    def stage(key: str, op: str, name: str, what: str, tasks: list[dict]) -> str:
+        """Run one stage of the traceback (``op``) as a job of ``tasks``; its id once done.
+        ``key`` names the stage to ``progress`` and in the timings."""
+        t = time.monotonic()
+        ref = client.submit_job("list", {"name": f"trace {job}: {name}", "run": {**run, "op": op}, "tasks": tasks,
+                                         "max_attempts": 5, "retry_failed": False})
+        _wait(client, ref.job, what, timeout, job, progress=(lambda v: progress(key, v)) if progress else None)
+        timings[f"{key}_s"] = time.monotonic() - t
+        return ref.job
+
+    task = {"end_a": best["end_a"], "end_b": best["end_b"], "score": best["score"], "rows": rows}
+    jobs = {"crosspoints": stage("crosspoints", "crosspoints", "crosspoints", "the crosspoint search", [task])}
+    points = client.task(jobs["crosspoints"], 0).value["summary"]["points"]
+    pieces = boxes([Point(*p) for p in points])
+    jobs["boxes"] = stage("boxes", "box", f"{len(pieces)} boxes", "the boxes of the traceback",
+                          [b.as_dict() for b in pieces])
+
+    t = time.monotonic()
+    ops = _joined(client, jobs["boxes"], len(pieces))
+    start_a, start_b = points[-1][1] + 1, points[-1][0] + 1
+    a_codes, b_codes = encode(seq_a, "A"), encode(seq_b, "B")
+    rescored = cigar.rescore(ops, a_codes, b_codes, start_a, start_b, Scoring(**scoring))
+    in_a, in_b = cigar.consumed(ops)
+    end_a, end_b = start_a + int(in_a.sum()) - 1, start_b + int(in_b.sum()) - 1
+    if rescored != best["score"] or (end_a, end_b) != (best["end_a"], best["end_b"]):
+        raise ClusterError(f"the traced alignment re-scores to {rescored} ending at A[{end_a}] B[{end_b}], not the "
+                           f"score pass's {best['score']} at A[{best['end_a']}] B[{best['end_b']}]; {RECOMPUTE.format(job=job)}")
+    timings["join_s"] = time.monotonic() - t
+    timings["total_s"] = time.monotonic() - t0
+    return Traced(best["score"], start_a, start_b, end_a, end_b, ops, seq_a, seq_b, timings,
+                  crosspoints=len(points), boxes=len(pieces), jobs=jobs)
+
+
+def _traceable(client: Client, job: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """(the job's alignment info, its best cell, its special-rows files) when ``job`` is a
+    finished alignment whose rows are all still stored; ClusterError saying what to do if not."""
     view = client.job(job).value
     info = view.get("align")
     if not info:
@@ -102,54 +145,19 @@ def traceback(client: Client, job: str, *, seq_a: str | None = None, seq_b: str 
     if len(rows) != tiles:
         raise ClusterError(f"the score pass's special rows of job {job} are gone: {len(rows)} of {tiles} "
                            f"tiles' rows files are still registered; {RECOMPUTE.format(job=job)}")
-    if seq_a is None or seq_b is None:
-        seq_a, seq_b = (_fetch_text(client, info[side]) for side in ("a", "b"))
-    scoring = info.get("scoring") or {}
-    run = {"kind": "trace", "a": info["a"], "b": info["b"], "scoring": scoring, "kernel": info.get("kernel", "int16")}
-    timings: dict[str, float] = {}
+    return info, best, rows
 
-    t = time.monotonic()
-    task = {"end_a": best["end_a"], "end_b": best["end_b"], "score": best["score"], "rows": rows}
-    ref = client.submit_job("list", {"name": f"trace {job}: crosspoints", "run": {**run, "op": "crosspoints"},
-                                     "tasks": [task], "max_attempts": 5, "retry_failed": False})
-    _wait(client, ref.job, "the crosspoint search", timeout, job,
-          progress=(lambda v: progress("crosspoints", v)) if progress else None)
-    points = client.task(ref.job, 0).value["summary"]["points"]
-    timings["crosspoints_s"] = time.monotonic() - t
-    jobs = {"crosspoints": ref.job}
 
-    pieces = boxes([Point(*p) for p in points])
-    t = time.monotonic()
-    ref = client.submit_job("list", {"name": f"trace {job}: {len(pieces)} boxes", "run": {**run, "op": "box"},
-                                     "tasks": [b.as_dict() for b in pieces], "max_attempts": 5,
-                                     "retry_failed": False})
-    _wait(client, ref.job, "the boxes of the traceback", timeout, job,
-          progress=(lambda v: progress("boxes", v)) if progress else None)
-    timings["boxes_s"] = time.monotonic() - t
-    jobs["boxes"] = ref.job
-
-    t = time.monotonic()
+def _joined(client: Client, boxes_job: str, count: int) -> np.ndarray:
+    """The boxes' CIGARs, in order, as one array of ops (a long one was stored as a file)."""
     parts = []
-    for k in range(len(pieces)):
-        task_view = client.task(ref.job, k).value
-        summary = task_view.get("summary") or {}
-        text = summary.get("cigar")
+    for k in range(count):
+        task_view = client.task(boxes_job, k).value
+        text = (task_view.get("summary") or {}).get("cigar")
         if text is None:
             text = _fetch_text(client, task_view["result_file"])
         parts.append(cigar.parse(text))
-    ops = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    start_a, start_b = points[-1][1] + 1, points[-1][0] + 1
-    a_codes, b_codes = encode(seq_a, "A"), encode(seq_b, "B")
-    rescored = cigar.rescore(ops, a_codes, b_codes, start_a, start_b, Scoring(**scoring))
-    in_a, in_b = cigar.consumed(ops)
-    end_a, end_b = start_a + int(in_a.sum()) - 1, start_b + int(in_b.sum()) - 1
-    if rescored != best["score"] or (end_a, end_b) != (best["end_a"], best["end_b"]):
-        raise ClusterError(f"the traced alignment re-scores to {rescored} ending at A[{end_a}] B[{end_b}], not the "
-                           f"score pass's {best['score']} at A[{best['end_a']}] B[{best['end_b']}]; {RECOMPUTE.format(job=job)}")
-    timings["join_s"] = time.monotonic() - t
-    timings["total_s"] = time.monotonic() - t0
-    return Traced(best["score"], start_a, start_b, end_a, end_b, ops, seq_a, seq_b, timings,
-                  crosspoints=len(points), boxes=len(pieces), jobs=jobs)
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
 
 def _fetch_text(client: Client, file_id: str) -> str:
