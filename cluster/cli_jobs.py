@@ -106,21 +106,28 @@ def align(fasta_a: Path | None, fasta_b: Path | None, config_path: Path | None, 
         client.close()
     if as_json:
         click.echo(json.dumps(result))
-        return
+    else:
+        _report_alignment(result, slots, traced=record is not None,
+                          outputs=(("PAF", paf), ("SAM", sam), ("text", text), ("dotplot", dotplot)))
+
+
+def _report_alignment(result: dict, slots: int, *, traced: bool, outputs: tuple[tuple[str, Path | None], ...]) -> None:
+    """The alignment's answer for people: the score pass, then the traceback and the files written."""
     click.echo(f"score {result['score']}, ends at A[{result['end_a']}] B[{result['end_b']}]")
     click.echo(f"{result['cells']:,} cells in {result['seconds']:.2f} s: {result['gcups']:.2f} GCUPS "
                f"({result['tiles']} tiles on {slots} slots; job {result['job']})")
-    if record is not None:
-        t = result["traceback"]
-        click.echo(f"starts at A[{result['start_a']}] B[{result['start_b']}]: {t['columns']:,} columns, "
-                   f"identity {t['identity']:.1%}, {t['gap_opens']:,} gaps ({t['insertions']:,} I + "
-                   f"{t['deletions']:,} D letters)")
-        click.echo(f"traceback {t['seconds']:.2f} s ({t['seconds'] / max(result['seconds'], 1e-9):.0%} of the score "
-                   f"pass): {t['crosspoints']} crosspoints, {t['boxes']} box{'es' if t['boxes'] != 1 else ''}; CIGAR re-scores to "
-                   f"{result['score']}")
-        for what, path in (("PAF", paf), ("SAM", sam), ("text", text), ("dotplot", dotplot)):
-            if path:
-                click.echo(f"{what}: {path}")
+    if not traced:
+        return
+    t = result["traceback"]
+    click.echo(f"starts at A[{result['start_a']}] B[{result['start_b']}]: {t['columns']:,} columns, "
+               f"identity {t['identity']:.1%}, {t['gap_opens']:,} gaps ({t['insertions']:,} I + "
+               f"{t['deletions']:,} D letters)")
+    click.echo(f"traceback {t['seconds']:.2f} s ({t['seconds'] / max(result['seconds'], 1e-9):.0%} of the score "
+               f"pass): {t['crosspoints']} crosspoints, {t['boxes']} box{'es' if t['boxes'] != 1 else ''}; CIGAR re-scores to "
+               f"{result['score']}")
+    for what, path in outputs:
+        if path:
+            click.echo(f"{what}: {path}")
 
 
 def _size(text: str) -> int:
