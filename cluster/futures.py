@@ -117,6 +117,20 @@ class _Watched:
     futures: dict[int, TaskFuture] = field(default_factory=dict)
 
 
+@dataclass
+class _WatchCall:
+    """The one WATCH in flight (request id, sent at) and when the next may go."""
+
+    outstanding: tuple[int, float] | None = None
+    rid: int = 0
+    not_before: float = 0.0
+    backoff: float = 0.05
+
+    def back_off(self, now: float) -> None:
+        self.not_before = now + self.backoff
+        self.backoff = min(self.backoff * 2, 0.5)
+
+
 class Watcher(threading.Thread):
     """Resolves the futures of one client from the leader's WATCH answers (see the module doc)."""
 
@@ -184,61 +198,18 @@ class Watcher(threading.Thread):
         for s in socks:
             poller.register(s, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        outstanding: tuple[int, float] | None = None  # (request id, sent at)
-        rid = 0
-        not_before = 0.0
-        backoff = 0.05
+        call = _WatchCall()
         try:
             while not self._closing:
-                now = time.monotonic()
-                with self._lock:
-                    dirty, self._dirty = self._dirty, False
-                    jobs = {k: w.cursor for k, w in self._jobs.items() if w.futures}
-                if jobs and (outstanding is None or dirty) and now >= not_before:
-                    rid += 1
-                    batch = dict(list(jobs.items())[:MAX_JOBS_PER_WATCH])
-                    try:
-                        codec.send(socks[self.leader], Watch(rid, WAIT_MS, batch), flags=zmq.NOBLOCK)
-                        outstanding = (rid, now)
-                        self.counters["watches"] += 1
-                    except zmq.Again:  # that master is down: try the next
-                        self.leader = (self.leader + 1) % len(socks)
-                        outstanding = None
-                        not_before = now + backoff
-                        backoff = min(backoff * 2, 0.5)
-                elif dirty and not jobs:
-                    outstanding = None
-                timeout = 1000 if outstanding is not None or not jobs else max(1, int((not_before - now) * 1000) + 1)
+                timeout = self._send_watch(codec, socks, call)
                 for sock, _ in poller.poll(timeout):
                     if sock is self._wake_r:
                         while self._wake_r.poll(0):
                             self._wake_r.recv()
-                        continue
-                    while True:
-                        try:
-                            _, _, reply = codec.recv(sock, flags=zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        except ProtocolError:
-                            continue
-                        if outstanding is None or getattr(reply, "request_id", -1) != outstanding[0]:
-                            continue  # an answer to a watch we replaced
-                        outstanding = None
-                        if isinstance(reply, QueryReply):
-                            backoff = 0.05
-                            self._apply(reply.value)
-                        elif isinstance(reply, NotLeader):
-                            self.leader = (self.masters.index(reply.leader) if reply.leader in self.masters
-                                           else (self.leader + 1) % len(socks))
-                            if reply.leader not in self.masters:
-                                not_before = time.monotonic() + backoff
-                                backoff = min(backoff * 2, 0.5)
-                        elif isinstance(reply, Error):
-                            self._on_error(reply)
-                            not_before = time.monotonic() + backoff
-                            backoff = min(backoff * 2, 0.5)
-                if outstanding is not None and time.monotonic() - outstanding[1] > WAIT_MS / 1000 + self.attempt_timeout:
-                    outstanding = None  # the leader died holding it: ask the next master
+                    else:
+                        self._read_replies(codec, sock, call)
+                if call.outstanding is not None and time.monotonic() - call.outstanding[1] > WAIT_MS / 1000 + self.attempt_timeout:
+                    call.outstanding = None  # the leader died holding it: ask the next master
                     self.leader = (self.leader + 1) % len(socks)
         finally:
             for s in socks:
@@ -247,6 +218,52 @@ class Watcher(threading.Thread):
             with self._wake_lock:
                 self._wake_w.close(0)
             self._ctx.term()
+
+    def _send_watch(self, codec: Codec, socks: list[zmq.Socket], call: "_WatchCall") -> int:
+        """Send a WATCH of every watched job when none is out (or the set changed) and the back-off
+        allows; returns how long to poll, in ms."""
+        now = time.monotonic()
+        with self._lock:
+            dirty, self._dirty = self._dirty, False
+            jobs = {k: w.cursor for k, w in self._jobs.items() if w.futures}
+        if jobs and (call.outstanding is None or dirty) and now >= call.not_before:
+            call.rid += 1
+            batch = dict(list(jobs.items())[:MAX_JOBS_PER_WATCH])
+            try:
+                codec.send(socks[self.leader], Watch(call.rid, WAIT_MS, batch), flags=zmq.NOBLOCK)
+                call.outstanding = (call.rid, now)
+                self.counters["watches"] += 1
+            except zmq.Again:  # that master is down: try the next
+                self.leader = (self.leader + 1) % len(socks)
+                call.outstanding = None
+                call.back_off(now)
+        elif dirty and not jobs:
+            call.outstanding = None
+        return 1000 if call.outstanding is not None or not jobs else max(1, int((call.not_before - now) * 1000) + 1)
+
+    def _read_replies(self, codec: Codec, sock: zmq.Socket, call: "_WatchCall") -> None:
+        """Take every reply waiting on ``sock``; only the answer to the WATCH out counts."""
+        while True:
+            try:
+                _, _, reply = codec.recv(sock, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ProtocolError:
+                continue
+            if call.outstanding is None or getattr(reply, "request_id", -1) != call.outstanding[0]:
+                continue  # an answer to a watch we replaced
+            call.outstanding = None
+            if isinstance(reply, QueryReply):
+                call.backoff = 0.05
+                self._apply(reply.value)
+            elif isinstance(reply, NotLeader):
+                known = reply.leader in self.masters
+                self.leader = self.masters.index(reply.leader) if known else (self.leader + 1) % len(self.masters)
+                if not known:
+                    call.back_off(time.monotonic())
+            elif isinstance(reply, Error):
+                self._on_error(reply)
+                call.back_off(time.monotonic())
 
     def _on_error(self, reply: Error) -> None:
         if reply.reason not in (AppReason.UNAVAILABLE, AppReason.OUTCOME_UNKNOWN):
