@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -223,16 +224,31 @@ def probe_node(name: str, directory: Path, port: int, peers: list[int] = (), int
     return LocalNode(name, argv, address, directory / f"{name}.log")
 
 
+RAFT_SECRET = "raft.secret"
+
+
+def raft_secret(path: Path) -> None:
+    """Make the masters' Raft secret at ``path`` (only its owner may read it), unless it exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+
+
 def master_nodes(directory: Path, count: int = 3, *, snapshot_every: int = 20_000, log_level: str = "INFO") -> list[LocalNode]:
     """``count`` masters on free 127.0.0.1 ports, their config in ``directory/masters.toml``
-    and each one's Raft journal and snapshots in ``directory/<name>``."""
+    and each one's Raft journal and snapshots in ``directory/<name>``. Raft is authenticated
+    with a fresh secret in ``directory/raft.secret`` (mode 600), kept if it exists already."""
     masters = {}
     for i in range(1, count + 1):
         name = f"m{i}"
         masters[name] = MasterAddress(name, f"tcp://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
     directory.mkdir(parents=True, exist_ok=True)
+    raft_secret(directory / RAFT_SECRET)
     config = directory / "masters.toml"
-    write_config(MastersConfig(masters, snapshot_every=snapshot_every), config)
+    write_config(MastersConfig(masters, snapshot_every=snapshot_every, password_file=RAFT_SECRET), config)
     return [
         LocalNode(
             m.name,

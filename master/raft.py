@@ -18,8 +18,18 @@ Durability, beyond pysyncobj's defaults:
   exact MessagePack snapshot plus pysyncobj's small bookkeeping tuple, written to a temporary
   file, fsynced, then atomically renamed by pysyncobj. A master with an empty disk receives the
   leader's snapshot over Raft and restores the ledger from it.
-- Raft messages are pickled by pysyncobj: the Raft address must be reachable only by the
-  masters (bind it to a private interface; set ``password`` to encrypt and authenticate).
+
+Security: pysyncobj pickles what it sends and unpickles what it receives, so a byte from a
+stranger must never reach it.
+- ``password`` (the masters' shared secret) makes pysyncobj encrypt and authenticate every
+  message (Fernet: an HMAC-SHA256 checked before decryption, let alone unpickling). A master
+  refuses to start without one unless the config says ``insecure = true`` (master.node).
+- The Raft port binds exactly the configured address (pysyncobj binds 0.0.0.0 unless told).
+- A message's 4-byte length prefix is not authenticated: a stranger could announce 2 GiB and
+  make a master buffer it. ``_BoundedConnection`` allows ``UNAUTHENTICATED_MAX`` bytes before a
+  connection's first message has been authenticated (the handshake is tiny) and
+  ``AUTHENTICATED_MAX`` after, never buffers more than that plus one read, and drops the
+  connection on a prefix beyond the bound.
 
 pysyncobj private API used here, in one place: ``_getLeader``, ``_isLeader``, ``_getTerm``,
 ``_getRaftLogSize``, ``getStatus()`` keys, and the module-level ``createJournal`` factory.
@@ -37,7 +47,10 @@ from typing import Any, Callable
 
 import pysyncobj.syncobj as _syncobj_module
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+import pysyncobj.tcp_server as _tcp_server_module
+import pysyncobj.transport as _transport_module
 from pysyncobj.journal import FileJournal, MemoryJournal
+from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
 from master import commands
@@ -87,6 +100,53 @@ class _DurableJournal(FileJournal):
 
 
 _journals = threading.local()
+
+UNAUTHENTICATED_MAX = 64 << 10  # bytes a connection may announce before its first good message
+# After it: one Raft message, at most a batch of commands the client API accepted (64 MiB of
+# frames) with pysyncobj's framing around it.
+AUTHENTICATED_MAX = 80 << 20
+
+
+class _BoundedConnection(TcpConnection):
+    """pysyncobj's TCP connection with its unauthenticated length prefix bounded (see above).
+    Overrides two of TcpConnection's private methods, by their mangled names."""
+
+    authenticated = False
+    refused = 0  # connections dropped for an oversized prefix, all of them (for the status)
+
+    def _TcpConnection__processRead(self) -> bool:  # noqa: N802 (pysyncobj's name)
+        more = TcpConnection._TcpConnection__processRead(self)  # type: ignore[attr-defined]
+        buffered = self._TcpConnection__readBuffer  # type: ignore[attr-defined]
+        if len(buffered) < 4:
+            return more
+        limit = AUTHENTICATED_MAX if self.authenticated else UNAUTHENTICATED_MAX
+        (length,) = struct.unpack_from("i", buffered)  # pysyncobj's own framing: native int
+        if not 0 <= length <= limit:
+            _BoundedConnection.refused += 1
+            log.warning("Raft connection from %s dropped: it announced a %d-byte message (at most %d %s)",
+                        self._peer(), length, limit, "once authenticated" if self.authenticated else "before authenticating")
+            self.disconnect()
+            return False
+        # parse what is whole before reading more: the buffer never exceeds a message and a read
+        return more and len(buffered) <= length + 4
+
+    def _peer(self) -> str:
+        try:
+            host, port = self._TcpConnection__socket.getpeername()[:2]  # type: ignore[attr-defined]
+            return f"{host}:{port}"
+        except (OSError, AttributeError, ValueError):
+            return "?"
+
+    def _TcpConnection__processParseMessage(self) -> Any:  # noqa: N802 (pysyncobj's name)
+        message = TcpConnection._TcpConnection__processParseMessage(self)  # type: ignore[attr-defined]
+        if message is not None:
+            self.authenticated = True  # it decrypted and its HMAC checked (with a password)
+        return message
+
+
+# pysyncobj's server and transport build their connections from these module globals.
+_tcp_server_module.TcpConnection = _BoundedConnection
+_transport_module.TcpConnection = _BoundedConnection
 
 
 def _create_journal(journal_file: str | None):
@@ -160,6 +220,7 @@ class RaftAdapter:
             logCompactionMinEntries=snapshot_every,
             commandsWaitLeader=False,  # fail fast (MISSING_LEADER) rather than queue unboundedly
             password=password,
+            bindAddress=self_address,  # exactly the configured address; pysyncobj's default is 0.0.0.0
             **{**DEFAULT_TIMINGS, **(timings or {})},
         )
         self.replica = _Replica(self, self_address, partners, conf)

@@ -6,14 +6,20 @@ What the masters rely on: one leader that every adapter names; a proposal commit
 ledger, its result and log index handed to ``on_result``; a proposal with no leader refused
 through ``on_failure`` (never dropped); and a master whose disk is empty given the leader's
 snapshot (our own format: the ledger's snapshot beside pysyncobj's bookkeeping) once the
-leader's log was compacted. Every adapter is closed at the end (its Raft thread joined);
-conditions are polled with deadlines.
+leader's log was compacted. And what keeps strangers out: with the masters' secret, a pickle
+sent to a Raft port is never unpickled, a 2 GiB length prefix is not buffered, and the port
+listens on exactly the configured address. Every adapter is closed at the end (its Raft thread
+joined); conditions are polled with deadlines.
 """
 
 from __future__ import annotations
 
+import pickle
 import queue
 import shutil
+import socket
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,13 +28,14 @@ import pytest
 from cluster.local import free_port
 from master.commands import AddUnits, AddWorkSpec, SubmitJob
 from master.ledger import Ledger, spec_digest
-from master.raft import FAILURES, RaftAdapter
+from master.raft import FAILURES, UNAUTHENTICATED_MAX, RaftAdapter, _BoundedConnection
 
 from .conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
 NOW = 1_000.0
+SECRET = "a-test-secret-of-the-three-masters"
 
 
 def submit(n: int) -> SubmitJob:
@@ -49,7 +56,7 @@ class Master:
     failures: queue.Queue = field(default_factory=queue.Queue)
 
     def start(self) -> "Master":
-        self.adapter = RaftAdapter(Ledger(), self.address, self.partners, self.data_dir,
+        self.adapter = RaftAdapter(Ledger(), self.address, self.partners, self.data_dir, password=SECRET,
                                    on_result=lambda token, result, index: self.results.put((token, result, index)),
                                    on_failure=lambda token, reason: self.failures.put((token, reason)))
         return self
@@ -155,3 +162,73 @@ def test_a_master_with_an_empty_disk_is_given_the_leaders_snapshot(masters):
         assert lost.adapter.ledger.snapshot() == leader.adapter.ledger.snapshot()
         assert lost.adapter.ledger.work.summary() == leader.adapter.ledger.work.summary()
         assert "fetch" in lost.adapter.ledger.work.specs
+
+
+class _Planted:
+    """Unpickling this creates ``path``: the proof that a stranger's pickle ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _frame(data: bytes) -> bytes:
+    return struct.pack("i", len(data)) + data  # pysyncobj's framing
+
+
+def _closed_by_peer(sock: socket.socket, deadline_s: float = 10.0) -> bool:
+    sock.settimeout(deadline_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_a_strangers_pickle_on_the_raft_port_is_never_unpickled(masters, tmp_path):
+    leader = wait_for(lambda: leader_of(masters), 20, "one leader that every adapter names")
+    planted = tmp_path / "ran"
+    host, port = leader.address.rsplit(":", 1)
+    for payload in (zlib.compress(pickle.dumps(_Planted(planted))), pickle.dumps(_Planted(planted))):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(_frame(payload))
+            assert _closed_by_peer(s), "the master kept a connection whose message did not authenticate"
+    assert not planted.exists()
+    leader.adapter.propose(submit(1), token=1)  # and the masters go on serving
+    assert leader.results.get(timeout=10)[0] == 1
+
+
+def test_a_huge_length_prefix_is_dropped_not_buffered(masters):
+    leader = wait_for(lambda: leader_of(masters), 20, "one leader that every adapter names")
+    before = _BoundedConnection.refused
+    host, port = leader.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(struct.pack("i", 2**31 - 1) + b"\0" * 1024)  # announces 2 GiB
+        assert _closed_by_peer(s), "the master waited for 2 GiB from a stranger"
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(struct.pack("i", UNAUTHENTICATED_MAX + 1))  # just over the bound
+        assert _closed_by_peer(s)
+    assert _BoundedConnection.refused == before + 2
+    leader.adapter.propose(submit(1), token=1)
+    assert leader.results.get(timeout=10)[0] == 1
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp writes them) listening on ``port``."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            out.add(address)
+    return out
+
+
+def test_the_raft_port_listens_on_exactly_the_configured_address(masters):
+    for m in masters:
+        port = int(m.address.rsplit(":", 1)[1])
+        wait_for(lambda port=port: _listening(port), 10, "the Raft port to listen")
+        assert _listening(port) == {"0100007F"}, "not 127.0.0.1 only (00000000 is every interface)"
