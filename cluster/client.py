@@ -125,6 +125,11 @@ class Client:
         self._watcher: Any = None
         self._task_options = TaskOptions()
 
+    @property
+    def leader(self) -> int:
+        """The index in ``masters`` of the master believed to lead (the link follows redirects)."""
+        return self.link.leader
+
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.close()
