@@ -11,8 +11,8 @@ commits. CREDIT adds to the credit. Completions come back as TASK_RESULT and are
 with RESULT_ACK once recorded (or found to be duplicates); the acks one commit makes for one
 route go out as one message (``merge_acks``).
 
-Every step a task takes here goes into ``TaskLog`` with its stimulus id (proposed under a
-fence, sent to the balancer once committed at a log index, its result heard from a worker,
+Every step a task takes here goes into ``TaskLog`` with its stimulus id (sent to the balancer
+under its fence once committed at a log index, its result heard from a worker,
 recorded at a log index): the leader's side of ``MasterCore.story``. Soft state, bounded: not
 in the ledger, not replicated, gone with a restart.
 
@@ -45,15 +45,18 @@ STORY_PER_TASK = 64  # a task's story tells at most its newest this many of them
 
 class TaskLog:
     """The leader's recent task events, oldest first, bounded (dask's ``Worker.log``): each a
-    ``(job, task, step)`` with the wall time, the fence, what it says, and its stimulus id.
+    step of one task with the wall time, what it says (fence, worker, log index …) and its
+    stimulus id.
 
     Indexed by task: a TASK_QUERY on the leader's one thread reads one task's events, never a
-    scan of the whole log (16,384 events cost ~1 ms to scan, on every query)."""
+    scan of the whole log (16,384 events cost ~1 ms to scan, on every query). An event is kept
+    as a tuple and becomes a dict only when a story is told: ``add`` runs for every task the
+    leader dispatches and records, so it stays under a microsecond."""
 
     def __init__(self, kept: int = STORY_KEPT) -> None:
         self.kept = kept
         self.order: deque[tuple[bytes, int]] = deque()  # whose event each one is, oldest first
-        self.by_task: dict[tuple[bytes, int], deque[dict[str, Any]]] = {}
+        self.by_task: dict[tuple[bytes, int], list[tuple[str, float, str, dict[str, Any]]]] = {}
         self.last_at = 0.0  # the newest time seen, for steps whose handler is given none
 
     def __len__(self) -> int:
@@ -62,20 +65,28 @@ class TaskLog:
     def add(self, job: bytes, task: int, step: str, at: float | None, cause: str, **fields: Any) -> None:
         if at is None:
             at = self.last_at
-        self.last_at = max(self.last_at, at)
-        if len(self.order) >= self.kept:  # the oldest event is the first of its task's
-            oldest = self.order.popleft()
+        elif at > self.last_at:
+            self.last_at = at
+        order = self.order
+        if len(order) >= self.kept:  # the oldest event is the first of its task's
+            oldest = order.popleft()
             events = self.by_task[oldest]
-            events.popleft()
+            del events[0]
             if not events:
                 del self.by_task[oldest]
         key = (job, task)
-        self.order.append(key)
-        self.by_task.setdefault(key, deque()).append({"step": step, "at": at, **fields, "stimulus_id": cause})
+        order.append(key)
+        event = (step, at, cause, fields)
+        events = self.by_task.get(key)
+        if events is None:
+            self.by_task[key] = [event]
+        else:
+            events.append(event)
 
     def of(self, job: bytes, task: int) -> list[dict[str, Any]]:
         """The task's logged steps, oldest first (its newest ``STORY_PER_TASK``)."""
-        return list(self.by_task.get((job, task), ()))[-STORY_PER_TASK:]
+        return [{"step": step, "at": at, **fields, "stimulus_id": cause}
+                for step, at, cause, fields in self.by_task.get((job, task), ())[-STORY_PER_TASK:]]
 
 
 @dataclass
@@ -179,9 +190,10 @@ class BalancerStream:
         first = self.sequence + 1
         self.sequence += len(tasks)
         self.inflight.update(tasks)
+        # No log step here: the ledger records the assignment (fence, balancer) once it commits,
+        # and "sent" or "not_committed" follows; a step per task on this path cost the leader's
+        # dispatch rate (bench/ledger.py).
         at, term = self.standing.wall(now), self.standing.view.term
-        for i, (job_id, task_id) in enumerate(tasks):
-            self.log.add(job_id, task_id, "proposed", at, cause, fence=[term, first + i], balancer=link.name)
         command = AssignTasks(term, first, link.name, tasks, at)
         return self.batcher.propose([(command, ("assign", link.epoch, tasks))], now, cause)
 

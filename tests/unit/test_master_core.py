@@ -728,9 +728,9 @@ def test_a_tasks_story_tells_each_attempt_in_order_with_its_fence_worker_and_com
     assert first < second
     assert [(s["step"], s.get("fence"), s["source"]) for s in story] == [
         ("submitted", None, "ledger"),
-        ("proposed", first, "leader"), ("assigned", first, "ledger"), ("sent", first, "leader"),
+        ("assigned", first, "ledger"), ("sent", first, "leader"),
         ("result", first, "leader"), ("ended", first, "ledger"), ("recorded", first, "leader"),
-        ("proposed", second, "leader"), ("assigned", second, "ledger"), ("sent", second, "leader"),
+        ("assigned", second, "ledger"), ("sent", second, "leader"),
         ("result", second, "leader"), ("ended", second, "ledger"), ("recorded", second, "leader"),
     ]
     by = {(s["step"], tuple(s.get("fence") or ())): s for s in story}
@@ -757,10 +757,10 @@ def test_the_leaders_task_log_is_bounded_and_a_story_keeps_the_ledgers_record():
     h.core.stream.log = TaskLog(kept=4)
     job, (r,) = running_job(h, 1)
     finish(h, result(r))
-    assert [s["step"] for s in h.core.story(job, 0) if s["source"] == "leader"] == ["proposed", "sent", "result", "recorded"]
+    assert [s["step"] for s in h.core.story(job, 0) if s["source"] == "leader"] == ["sent", "result", "recorded"]
     assert [s["step"] for s in h.core.story(job, 0) if s["source"] == "ledger"] == ["submitted", "assigned", "ended"]
     for k in range(10):  # other tasks' steps push the oldest out
-        h.core.stream.log.add(jid(k), 0, "proposed", h.now, "x")
+        h.core.stream.log.add(jid(k), 0, "sent", h.now, "x")
     assert len(h.core.stream.log) == 4
     assert [s["source"] for s in h.core.story(job, 0)] == ["ledger"] * 3
 
@@ -772,7 +772,7 @@ def test_a_folded_tasks_story_ends_folded_and_a_waiting_ones_says_submitted():
     assert 0 not in h.ledger.state.jobs[job].tasks  # folded away: the ledger keeps only that it is done
     story = h.core.story(job, 0)
     assert story[0]["step"] == "submitted" and story[-1]["step"] == "folded"
-    assert [s["step"] for s in story if s["source"] == "leader"] == ["proposed", "sent", "result", "recorded"]
+    assert [s["step"] for s in story if s["source"] == "leader"] == ["sent", "result", "recorded"]
     assert h.core.story(jid(99), 0) == []
 
 
