@@ -31,10 +31,10 @@ from cluster.node.events import (Log, MessageReceived, Refuse, Send, Started, St
                                  TimerFired)
 from cluster.node.loop import NodeLoop, SocketSpec
 from cluster.node.status import query_status
-from proto import Codec, Reason, new_node_id
+from proto import Reason
 from proto.messages import Error, Heartbeat, JobQuery
 
-from .conftest import wait_for
+from .conftest import Client, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -101,29 +101,6 @@ def echo_loop(bind: str) -> NodeLoop:
     return NodeLoop(EchoCore(), [SocketSpec("api", zmq.ROUTER, bind=(bind,))], linger_ms=0)
 
 
-class Peer:
-    """A DEALER speaking the protocol to the loop, able to send raw frames too."""
-
-    def __init__(self, address: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
-        self.codec = Codec(new_node_id())
-
-    def send(self, message) -> None:
-        self.codec.send(self.sock, message)
-
-    def recv(self, timeout: float = 5.0):
-        if not self.sock.poll(timeout * 1000):
-            raise AssertionError(f"no reply within {timeout:g} s")
-        return self.codec.recv(self.sock)[2]
-
-    def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
-
-
 def status(address: str) -> tuple[dict, dict]:
     reply = query_status([address], timeout=5.0)[0].reply
     assert reply is not None, f"no status from {address}"
@@ -136,10 +113,10 @@ def talk(loop: NodeLoop, out: dict) -> None:
     try:
         address = wait_for(lambda: loop.bound.get("api") and loop.bound["api"][0], 10, "the loop to bind")
         out["address"] = address
-        peer = Peer(address)
+        peer = Client(address)
         peer.send(Heartbeat(1, 7, 0))
         out["echo"] = peer.recv()
-        peer.sock.send_multipart([b"GET / HTTP/1.1\r\n\r\n"])  # not our protocol: the loop refuses it
+        peer.send_frames([b"GET / HTTP/1.1\r\n\r\n"])  # not our protocol: the loop refuses it
         out["garbage"] = peer.recv()
         peer.send(JobQuery(5, 1, 2))  # well formed, but the core refuses it
         out["refused"] = peer.recv()
@@ -205,7 +182,7 @@ def test_sigterm_stops_the_loop_after_the_core_says_goodbye(tmp_path):
     with open(tmp_path / "child.log", "wb") as log:
         child = subprocess.Popen([sys.executable, "-c", f"from tests.integration.test_node_loop import serve; serve({address!r})"],
                                  cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    peer = Peer(address)
+    peer = Client(address)
     try:
         wait_for(lambda: child.poll() is not None or query_status([address], timeout=0.5)[0].reply, 30,
                  "the child's loop to answer")
