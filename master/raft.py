@@ -320,6 +320,8 @@ class RaftAdapter:
             "peers": peers,
             "last_snapshot": self.last_snapshot,
             "apply_errors": self.apply_errors,
+            # Raft connections dropped for announcing more than the bound (this process's)
+            "connections_refused": _BoundedConnection.refused,
         }
 
     def close(self) -> None:

@@ -212,6 +212,7 @@ def test_a_huge_length_prefix_is_dropped_not_buffered(masters):
         s.sendall(struct.pack("i", UNAUTHENTICATED_MAX + 1))  # just over the bound
         assert _closed_by_peer(s)
     assert _BoundedConnection.refused == before + 2
+    assert leader.adapter.detail()["connections_refused"] == before + 2  # what the status shows
     leader.adapter.propose(submit(1), token=1)
     assert leader.results.get(timeout=10)[0] == 1
 
