@@ -33,7 +33,6 @@ lock:
 	$(PYTHON) deploy/lock.py lock build/lock-venv/bin/uv
 
 test: lock-check $(STAMP)
-	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/python -m proto.cheader --check
 	$(VENV)/bin/python -m proto.doctable --check
 	$(VENV)/bin/pytest -q

@@ -102,11 +102,9 @@ def parse_masters(data: dict[str, Any], where: str = "config", *, raft: bool = F
         raise ConfigError(f"{where}: needs a [masters.<name>] table per master")
     out = {}
     for name, entry in masters.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("api"), str):
+        peer = entry.get("raft") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("api"), str) or (raft and not isinstance(peer, str)):
             raise ConfigError(f"{where}: [masters.{name}] needs api = \"tcp://host:port\"" + (" and raft = \"host:port\"" if raft else ""))
-        peer = entry.get("raft")
-        if raft and not isinstance(peer, str):
-            raise ConfigError(f"{where}: [masters.{name}] needs api = \"tcp://host:port\" and raft = \"host:port\"")
         if peer is not None and (not isinstance(peer, str) or ":" not in peer or peer.startswith("tcp://")):
             raise ConfigError(f"{where}: [masters.{name}] raft must be host:port, not {peer!r}")
         out[name] = MasterAddress(name, entry["api"], peer)
