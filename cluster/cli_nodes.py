@@ -14,7 +14,6 @@ import zmq
 from rich.console import Console
 from rich.table import Table
 
-from balancer.node import run_balancer
 from cluster.cli_common import CONFIG_OPTION, DIR_OPTION, _cluster_config
 from cluster.node.config import ConfigError, cluster_home, find_config
 from cluster.node.logs import configure
@@ -23,9 +22,7 @@ from cluster.probe.node import build_probe
 from cluster.up import UpError, cluster_status
 from cluster.up import down as stop_cluster
 from cluster.up import up as start_cluster
-from master.node import run_master
 from proto import Limits
-from storage.node import run_storage
 from worker.cache import BlockCache
 from worker.fusefs import fuse_available, mount
 from worker.view import ClusterView
@@ -196,6 +193,10 @@ def _serve(what: str, log_level: str, run: Callable[[], int], zmq_problem: Calla
 @click.option("--log-level", default="INFO", show_default=True)
 def master_command(config_path: Path, name: str, data_dir: Path | None, log_level: str) -> None:
     """Run a master: the Raft-replicated ledger and the client API; stops on SIGTERM."""
+    # lazy: a node process's entry point loads its own tier (and pysyncobj, numpy...), which
+    # every other `cluster` command would otherwise pay for at start
+    from master.node import run_master
+
     _serve(f"master {name}", log_level, lambda: run_master(config_path, name, data_dir),
            lambda exc: f"cannot open its API address: {exc} (port in use?)")
 
@@ -209,6 +210,10 @@ def master_command(config_path: Path, name: str, data_dir: Path | None, log_leve
 @click.option("--log-level", default="INFO", show_default=True)
 def storage_command(config_path: Path, name: str, data_dir: Path, log_level: str) -> None:
     """Run a storage node: content-addressed blobs, transfers, replication, scrub; stops on SIGTERM."""
+    # lazy: a node process's entry point loads its own tier (and pysyncobj, numpy...), which
+    # every other `cluster` command would otherwise pay for at start
+    from storage.node import run_storage
+
     _serve(f"storage {name}", log_level, lambda: run_storage(config_path, name, data_dir),
            lambda exc: f"cannot open its address: {exc} (port in use?)")
 
@@ -220,6 +225,10 @@ def storage_command(config_path: Path, name: str, data_dir: Path, log_level: str
 @click.option("--log-level", default="INFO", show_default=True)
 def balancer_command(config_path: Path, name: str, log_level: str) -> None:
     """Run a balancer of the Binary Star pair: worker registry and dispatch; stops on SIGTERM."""
+    # lazy: a node process's entry point loads its own tier (and pysyncobj, numpy...), which
+    # every other `cluster` command would otherwise pay for at start
+    from balancer.node import run_balancer
+
     _serve(f"balancer {name}", log_level, lambda: run_balancer(config_path, name),
            lambda exc: f"cannot open its addresses: {exc} (port in use?)")
 

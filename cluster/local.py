@@ -26,7 +26,7 @@ from typing import Any
 from cluster.node.config import (BalancerAddress, MasterAddress, StorageOptions, write_balancers_section,
                                  write_storage_section)
 from cluster.node.status import query_status
-from master.node import MastersConfig, write_config
+from master.config import MastersConfig, write_config
 
 log = logging.getLogger("cluster.local")
 

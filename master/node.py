@@ -23,97 +23,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from cluster.node.config import ConfigError, MasterAddress, parse_masters, read_toml
+from cluster.node.config import ConfigError
 from cluster.node.loop import NodeLoop, SocketSpec
+from master.config import MastersConfig, load_config
 from master.core import API, Committed, MasterCore, Propose, ProposalFailed
 from master.ledger import Ledger
 from master.raft import RaftAdapter
 
 log = logging.getLogger("cluster.master")
-
-
-@dataclass(frozen=True)
-class MastersConfig:
-    masters: dict[str, MasterAddress]
-    password: str | None = None
-    snapshot_every: int = 20_000
-    timings: dict[str, float] | None = None
-    password_file: str | None = None  # as written in the config (write_config keeps it so)
-    insecure: bool = False
-    base: Path = Path(".")  # the config's directory: a relative password_file is read from there
-
-    def raft_secret(self) -> str | None:
-        """The masters' Raft secret: ``password``, else the contents of ``password_file``
-        (read when a master starts, so any reader may check a config without the secret)."""
-        if self.password_file is None:
-            return self.password
-        secret = _read_secret(self.base / self.password_file)
-        _check_password(secret, str(self.base / self.password_file))
-        return secret
-
-
-def load_config(path: Path) -> MastersConfig:
-    """Read and check the masters' part of the cluster's TOML file."""
-    return parse_config(read_toml(path), str(path))
-
-
-def parse_config(data: dict[str, Any], where: str = "config") -> MastersConfig:
-    out = parse_masters(data, where, raft=True)
-    raft = data.get("raft", {})
-    if not isinstance(raft, dict):
-        raise ConfigError(f"{where}: [raft] must be a table")
-    insecure = raft.get("insecure", False)
-    if not isinstance(insecure, bool):
-        raise ConfigError(f"{where}: [raft] insecure must be true or false")
-    password, password_file = raft.get("password"), raft.get("password_file")
-    if password is not None and password_file is not None:
-        raise ConfigError(f"{where}: [raft] has both password and password_file; keep one")
-    if password_file is not None and not isinstance(password_file, str):
-        raise ConfigError(f"{where}: [raft] password_file must be a path")
-    if password is not None:
-        _check_password(password, f"{where}: [raft] password")
-    return MastersConfig(out, password, int(raft.get("snapshot_every", 20_000)), raft.get("timings"),
-                         password_file=password_file, insecure=insecure, base=Path(where).parent)
-
-
-def _check_password(secret: Any, what: str) -> None:
-    if not isinstance(secret, str) or len(secret) < 16:
-        raise ConfigError(f"{what}: the Raft secret must be a string of at least 16 characters "
-                          "(`python -c 'import secrets; print(secrets.token_urlsafe(32))'` makes one)")
-
-
-def _read_secret(path: Path) -> str:
-    try:
-        secret = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"[raft] password_file {path}: {exc.strerror}") from None
-    if path.stat().st_mode & 0o077:
-        log.warning("the Raft secret %s is readable by others than its owner: chmod 600 it", path)
-    return secret
-
-
-def write_config(config: MastersConfig, path: Path) -> None:
-    """Write ``config`` as the TOML ``load_config`` reads (used by local clusters and tests)."""
-    lines = []
-    for m in config.masters.values():
-        lines += [f"[masters.{m.name}]", f'api = "{m.api}"', f'raft = "{m.raft}"', ""]
-    lines += ["[raft]", f"snapshot_every = {config.snapshot_every}"]
-    if config.password_file:
-        lines.append(f'password_file = "{config.password_file}"')
-    elif config.password:
-        lines.append(f'password = "{config.password}"')
-    if config.insecure:
-        lines.append("insecure = true")
-    if config.timings:
-        lines.append("[raft.timings]")
-        lines += [f"{k} = {v}" for k, v in config.timings.items()]
-    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def build_master(config: MastersConfig, name: str, data_dir: Path | None, bind: str | None = None) -> tuple[NodeLoop, RaftAdapter]:

@@ -10,7 +10,8 @@ import pytest
 
 from cluster.local import RAFT_SECRET, raft_secret
 from cluster.node.config import ConfigError, read_toml
-from master.node import MastersConfig, build_master, load_config, parse_config, write_config
+from master.config import MastersConfig, load_config, parse_config, write_config
+from master.node import build_master
 
 MASTERS = {
     "m1": {"api": "tcp://127.0.0.1:5550", "raft": "127.0.0.1:5560"},

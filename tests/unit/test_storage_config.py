@@ -106,7 +106,7 @@ def test_the_example_config_in_deploy_is_valid_for_every_reader():
     from pathlib import Path
 
     from cluster.node.config import load_cluster_config
-    from master.node import load_config
+    from master.config import load_config
 
     path = Path(__file__).resolve().parents[2] / "deploy" / "cluster.example.toml"
     config = load_cluster_config(path)
