@@ -21,6 +21,7 @@ import zmq
 from balancer.core import PEER_IN, PEER_OUT, WORKERS, BalancerCore, BalancerOptions
 from balancer.masters import master_socket
 from cluster.node.config import ConfigError, load_cluster_config
+from cluster.node.keys import node_credentials
 from cluster.node.loop import NodeLoop, SocketSpec
 
 
@@ -37,6 +38,7 @@ def build_balancer(config_path: Path, name: str, *, options: BalancerOptions | N
     if not config.masters:
         raise ConfigError(f"{config_path}: a balancer needs the masters' [masters.<name>] tables")
     me = config.balancers[name]
+    credentials = node_credentials(config.security, name, "balancer", config.servers())
     peer = next((b for b in config.balancers.values() if b.name != name), None)
     masters = list(config.masters.values())
     core = BalancerCore(
@@ -57,7 +59,7 @@ def build_balancer(config_path: Path, name: str, *, options: BalancerOptions | N
     for i, address in enumerate(masters):
         sockets.append(SocketSpec(master_socket(i), zmq.DEALER, connect=(address,),
                                   options={zmq.SNDHWM: 100_000, zmq.RCVHWM: 100_000, zmq.IMMEDIATE: 1}))
-    return NodeLoop(core, sockets)
+    return NodeLoop(core, sockets, credentials=credentials)
 
 
 def run_balancer(config_path: Path, name: str) -> int:

@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import machine  # noqa: E402
+from bench.dispatch_curve import measure_security  # noqa: E402
 
 VENV = ROOT / "bench" / ".peers-venv"
 PEERS_SCRIPT = ROOT / "bench" / "dispatch_peers.py"
@@ -473,6 +474,13 @@ def print_report(res: dict) -> None:
     if s:
         out(f"one slot alone: {s['tasks_per_s']:,.0f} no-op tasks/s ({s['ok']:,} of {s['tasks']:,} ok, "
             f"{s['spawns']} child process(es) started)")
+    sec = res.get("security")
+    if sec and "error" not in sec:
+        out(f"CURVE against plaintext (our cluster, {sec['rounds']} interleaved batches of {sec['tasks']:,}): "
+            f"{sec['curve']['median']:,.0f} against {sec['plaintext']['median']:,.0f} tasks/s median, "
+            f"ratio {sec['curve_over_plaintext']:.2f} (CURVE costs {1 - sec['curve_over_plaintext']:.0%})")
+    elif sec:
+        out(f"CURVE against plaintext failed: {sec['error']}")
     out(f"total {res['elapsed_s']:.1f} s; results in {res['json_path']}")
 
 
@@ -488,12 +496,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=None, help="tasks per throughput batch (default 5,000, --quick 1,000)")
     ap.add_argument("--reps", type=int, default=None, help="timed throughput batches (default 5, --quick 2)")
     ap.add_argument("--round-trips", type=int, default=None, help="latency round trips (default 300, --quick 100)")
+    ap.add_argument("--security-rounds", type=int, default=None,
+                    help="interleaved CURVE/plaintext batches each (default 7, --quick 3; 0: skip)")
     args = ap.parse_args(argv)
     q = args.quick
     args.tasks = args.tasks or (1_000 if q else 5_000)
     args.reps = args.reps or (2 if q else 5)
     args.round_trips = args.round_trips or (100 if q else 300)
     args.warmup_tasks = min(args.tasks, 1_000)
+    args.security_rounds = (3 if q else 7) if args.security_rounds is None else args.security_rounds
     args.workers = 2
     args.kills = 5
     peers = [p for p in args.peers.split(",") if p]
@@ -510,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     res["setup"] = ensure_peers(peers, args.skip_setup) if peers else {"peers": {}, "first_setup": {}}
     res["slot"] = measure_slot(args.tasks)
     systems: dict[str, dict | None] = {"ours": measure_ours(args)}
+    if args.security_rounds:
+        log(f"security: CURVE against plaintext, {args.security_rounds} interleaved batches of {args.tasks:,} each")
+        res["security"] = measure_security(args.tasks, args.security_rounds, args.workers, log)
     not_run = {"ours": systems["ours"]["error"]} if systems["ours"] and "error" in systems["ours"] else {}
     timeout = 120.0 if q else 300.0
     for peer in peers:

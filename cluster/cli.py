@@ -5,7 +5,7 @@ Built so far: ``up``/``down`` (a local cluster in the background, see ``cluster.
 commands ``master``, ``balancer``, ``storage`` and ``worker``, the file commands ``upload``, ``download``, ``files``,
 ``align``, for users and operators ``jobs``, ``workers``, ``submit``, ``cancel`` and ``logs``, and the
 work-spec commands ``add-spec``, ``load``, ``summary``, ``specs``, ``units``, ``pause``, ``resume``, ``prioritize``,
-``reweight`` and ``retry``.
+``reweight`` and ``retry``, and ``keys`` (the CURVE keys: init, add, revoke, rotate, list).
 Read commands take ``--json``. Errors are one line that says what to do, never a traceback.
 """
 
@@ -17,6 +17,7 @@ from cluster import __version__
 from cluster.cli_common import CONFIG_OPTION, DIR_OPTION, _client, _progress
 from cluster.cli_files import download, files, upload
 from cluster.cli_jobs import align, cancel, jobs, logs, submit, workers
+from cluster.cli_keys import keys_group
 from cluster.cli_nodes import (balancer_command, down, master_command, mount_command, probe, status,
                                storage_command, up, worker_command)
 from cluster.cli_work import COMMANDS as WORK_COMMANDS
@@ -32,7 +33,8 @@ def cli() -> None:
 
 
 for _command in (status, up, down, probe, master_command, storage_command, balancer_command, worker_command,
-                 mount_command, upload, download, files, align, jobs, workers, submit, cancel, logs, *WORK_COMMANDS):
+                 mount_command, upload, download, files, align, jobs, workers, submit, cancel, logs, keys_group,
+                 *WORK_COMMANDS):
     cli.add_command(_command)
 
 

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 
 from cluster.client import Client, ClusterError
 from cluster.node.config import ClusterConfig, ConfigError, find_config, load_cluster_config
+from cluster.node.keys import Credentials, KeysError, client_credentials
 
 DIR_OPTION = click.option(
     "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -27,15 +28,28 @@ CONFIG_OPTION = click.option(
     help="The cluster's TOML file (default: $CLUSTER_CONFIG, else the one `cluster up` wrote).")
 
 
-def _cluster_config(config_path: Path | None) -> tuple[Path, ClusterConfig]:
-    """(path, ClusterConfig) of ``--config``, else $CLUSTER_CONFIG, else `cluster up`'s; a
-    missing or broken file is the command's one-line error."""
+def _cluster_config(config_path: Path | None, key_file: Path | None = None) -> tuple[Path, ClusterConfig]:
+    """(path, ClusterConfig) of ``--config``, else $CLUSTER_CONFIG, else `cluster up`'s, with this
+    user's key for it loaded (see ``_credentials``); a missing or broken file or key is the
+    command's one-line error."""
     path, looked = find_config(None, config_path)
     if path is None:
         raise click.ClickException(f"no cluster config found ({looked}): start one with `cluster up` or give --config")
     try:
-        return path, load_cluster_config(path)
+        config = load_cluster_config(path)
     except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    _credentials(config, key_file)
+    return path, config
+
+
+def _credentials(config: ClusterConfig, key_file: Path | None = None) -> Credentials:
+    """This user's credentials for ``config``'s cluster (``key_file``, else $CLUSTER_KEY, else the
+    config's client key), learnt for every link this process opens; a missing key is the
+    command's one-line error."""
+    try:
+        return client_credentials(config.security, config.servers(), key_file)
+    except KeysError as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from cluster.cli_common import CONFIG_OPTION, DIR_OPTION, _cluster_config
 from cluster.node.config import ConfigError, cluster_home, find_config
+from cluster.node.keys import KeysError
 from cluster.node.logs import configure
 from cluster.node.status import query_status
 from cluster.probe.node import build_probe
@@ -65,6 +66,8 @@ def status(addresses: tuple[str, ...], directory: Path | None, config_path: Path
 
 
 def _status_of_addresses(addresses: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    if find_config()[0] is not None:
+        _cluster_config(None)  # the keys to reach its nodes
     results = query_status(list(addresses), timeout=timeout)
     if as_json:
         out = []
@@ -128,6 +131,8 @@ def up(directory: Path | None, workers: int, slots: int | None, timeout: float, 
         click.echo(f"FUSE is unavailable ({why}): workers fetch stored files into their caches instead.")
     hint = "" if directory == cluster_home() else f" (in another shell: export CLUSTER_HOME={directory})"
     click.echo(f"config: {config}; Client() and the cluster commands find it{hint}. Stop it with `cluster down`.")
+    click.echo(f"secured with CURVE: every node, you (client, operator) have a key; the allow-list is "
+               f"{directory / 'keys.toml'} (`cluster keys list`).")
 
 
 @click.command()
@@ -178,6 +183,8 @@ def _serve(what: str, log_level: str, run: Callable[[], int], zmq_problem: Calla
         sys.exit(run())
     except ConfigError as exc:
         raise click.ClickException(str(exc))
+    except KeysError as exc:
+        raise click.ClickException(f"{what}: {exc}")
     except zmq.ZMQError as exc:
         raise click.ClickException(f"{what}: {zmq_problem(exc)}")
     except OSError as exc:
@@ -265,9 +272,11 @@ def worker_command(config_path: Path, name: str, data_dir: Path, slots: int | No
               help="The on-disk block cache (kept across restarts; never needs invalidating).")
 @click.option("--cache-gb", default=10.0, show_default=True, help="Bound on the cache's size.")
 @click.option("--allow-other", is_flag=True, help="Let users other than the mounting one read.")
+@click.option("--key", "key_file", default=None, envvar="CLUSTER_KEY", type=click.Path(dir_okay=False, path_type=Path),
+              help="The secret key to read the files with (a worker's mount: the worker's own key).")
 @click.option("--log-level", default="INFO", show_default=True)
 def mount_command(mountpoint: Path, config_path: Path, cache_dir: Path, cache_gb: float, allow_other: bool,
-                  log_level: str) -> None:
+                  key_file: Path | None, log_level: str) -> None:
     """Mount the cluster's files read-only at MOUNTPOINT (files/<id>, jobs/<job>/<name>);
     serves until SIGTERM or `fusermount3 -u MOUNTPOINT`."""
     configure(log_level)
@@ -275,7 +284,7 @@ def mount_command(mountpoint: Path, config_path: Path, cache_dir: Path, cache_gb
     if not ok:
         raise click.ClickException(f"FUSE is unavailable here ({why}); workers on this machine read stored "
                                    "files through the cache without a mount")
-    _, config = _cluster_config(config_path)
+    _, config = _cluster_config(config_path, key_file)
     view = ClusterView(list(config.masters.values()), config.storage_nodes)
     try:
         mount(view, BlockCache(cache_dir, int(cache_gb * 2**30)), mountpoint, allow_other=allow_other)

@@ -28,6 +28,7 @@ import cloudpickle
 from cluster.files import FileRef, download_file, upload_file
 from cluster.futures import TaskFuture, Watcher, resolve
 from cluster.node.config import ConfigError, find_config, load_cluster_config
+from cluster.node.keys import KeysError, client_credentials
 from cluster.node.masterlink import (Answer, Call, ClusterError, MasterLink, NoQuorum, NotFound, Refused, id_bytes,
                                      split_id)
 from proto.ids import join128, split128
@@ -97,23 +98,27 @@ class Client:
 
     Without ``masters`` it reads the cluster config: ``$CLUSTER_CONFIG`` if set, else
     ``cluster.toml`` in the default cluster directory (``$CLUSTER_HOME``, else ``~/.cluster``,
-    where ``cluster up`` puts it); the config also gives ``storage`` and ``replicas`` unless
-    they are passed."""
+    where ``cluster up`` puts it), or ``config``; the config also gives ``storage`` and
+    ``replicas`` unless they are passed, and the keys: the client authenticates with ``key`` (a
+    secret key file), else ``$CLUSTER_KEY``, else the config's client key. Given ``masters``
+    alone, it uses the keys already loaded for their addresses in this process."""
 
     def __init__(self, masters: Sequence[str] | None = None, *, timeout: float = 30.0, attempt_timeout: float = 1.0,
-                 storage: dict[str, str] | None = None, replicas: int | None = None) -> None:
-        if masters is None:
-            path, looked = find_config()
+                 storage: dict[str, str] | None = None, replicas: int | None = None,
+                 config: str | Path | None = None, key: str | Path | None = None) -> None:
+        if masters is None or config is not None:
+            path, looked = find_config(None, Path(config) if config is not None else None)
             if path is None:
                 raise ClusterError(f"no cluster config found ({looked}): start one with `cluster up` "
                                    "or pass masters=[...]")
             try:
                 config = load_cluster_config(path)
-            except ConfigError as exc:
+                client_credentials(config.security, config.servers(), key)
+            except (ConfigError, KeysError) as exc:
                 raise ClusterError(str(exc)) from None
             if not config.masters:
                 raise ClusterError(f"{path}: no [masters.NAME] entries: add them or pass masters=[...]")
-            masters = list(config.masters.values())
+            masters = list(config.masters.values()) if masters is None else masters
             storage = config.storage_nodes if storage is None else storage
             replicas = config.storage.replicas if replicas is None else replicas
         self.link = MasterLink(masters or [], timeout=timeout, attempt_timeout=attempt_timeout)

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import cloudpickle
 import zmq
 
+from cluster.node import keys
 from proto import AppReason, Codec, ProtocolError, new_node_id
 from proto.messages import Error, NotLeader, QueryReply, Watch
 
@@ -192,7 +193,7 @@ class Watcher(threading.Thread):
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.IMMEDIATE, 1)
-            s.connect(address)
+            keys.connect(s, address)
             socks.append(s)
         poller = zmq.Poller()
         for s in socks:

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.node.config import (BalancerAddress, MasterAddress, StorageOptions, write_balancers_section,
-                                 write_storage_section)
+from cluster.node import keys
+from cluster.node.config import (BalancerAddress, MasterAddress, SecurityOptions, StorageOptions, load_cluster_config,
+                                 write_balancers_section, write_storage_section)
 from cluster.node.status import query_status
 from master.config import MastersConfig, write_config
 
@@ -221,10 +222,34 @@ def probe_node(name: str, directory: Path, port: int, peers: list[int] = (), int
     argv = ["probe", "--bind", address, "--interval", str(interval), *extra]
     for p in peers:
         argv += ["--peer", f"tcp://127.0.0.1:{p}"]
+    keys.learn(keys.Credentials.plaintext([address]))  # a probe has no keys: it tests the loop alone
     return LocalNode(name, argv, address, directory / f"{name}.log")
 
 
 RAFT_SECRET = "raft.secret"
+ALLOW_LIST = "keys.toml"  # the config's default [security] keys, beside it
+SECRETS = "keys"  # the config's default [security] secrets directory
+
+
+def make_keys(directory: Path, names: dict[str, str]) -> None:
+    """A keypair for each of ``names`` (name -> role) not in ``directory``'s allow-list yet, plus
+    the local user's ``client`` and ``operator`` keys: secrets in ``directory/keys`` (mode 600),
+    public keys in ``directory/keys.toml``, where the config's ``[security]`` defaults look."""
+    allow_path = directory / ALLOW_LIST
+    entries = {e.name: e for e in keys.parse_allow_list(allow_path)} if allow_path.exists() else {}
+    wanted = {"client": "client", "operator": "operator", **names}
+    for name, role in wanted.items():
+        if name not in entries or not keys.secret_path(directory / SECRETS, name).exists():
+            entries[name] = keys.KeyEntry(name, role, keys.make_secret(directory / SECRETS, name))
+    keys.write_allow_list(allow_path, list(entries.values()))
+
+
+def learn_keys(config: Path) -> keys.Credentials:
+    """This process's (the launcher's, a test's) client credentials for the cluster at ``config``:
+    every link it opens to that cluster's nodes then authenticates with them."""
+    cfg = load_cluster_config(config)
+    return keys.client_credentials(cfg.security, cfg.servers(), keys.secret_path(cfg.security.secrets, "operator")
+                                   if not cfg.security.insecure else None)
 
 
 def raft_secret(path: Path) -> None:
@@ -237,18 +262,25 @@ def raft_secret(path: Path) -> None:
         f.write(secrets.token_urlsafe(32) + "\n")
 
 
-def master_nodes(directory: Path, count: int = 3, *, snapshot_every: int = 20_000, log_level: str = "INFO") -> list[LocalNode]:
+def master_nodes(directory: Path, count: int = 3, *, snapshot_every: int = 20_000, log_level: str = "INFO",
+                 insecure: bool = False) -> list[LocalNode]:
     """``count`` masters on free 127.0.0.1 ports, their config in ``directory/masters.toml``
     and each one's Raft journal and snapshots in ``directory/<name>``. Raft is authenticated
-    with a fresh secret in ``directory/raft.secret`` (mode 600), kept if it exists already."""
+    with a fresh secret in ``directory/raft.secret`` (mode 600), kept if it exists already; the
+    ZeroMQ ports with keys made in ``directory`` (``make_keys``). ``insecure``: the ZeroMQ ports
+    in plaintext instead (``[security] insecure = true``, inherited by the nodes added to this
+    config), for benchmarks that measure what CURVE costs."""
     masters = {}
     for i in range(1, count + 1):
         name = f"m{i}"
         masters[name] = MasterAddress(name, f"tcp://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
     directory.mkdir(parents=True, exist_ok=True)
     raft_secret(directory / RAFT_SECRET)
+    make_keys(directory, {name: "master" for name in masters})
     config = directory / "masters.toml"
-    write_config(MastersConfig(masters, snapshot_every=snapshot_every, password_file=RAFT_SECRET), config)
+    write_config(MastersConfig(masters, snapshot_every=snapshot_every, password_file=RAFT_SECRET,
+                               security=SecurityOptions(insecure=insecure)), config)
+    learn_keys(config)
     return [
         LocalNode(
             m.name,
@@ -261,17 +293,22 @@ def master_nodes(directory: Path, count: int = 3, *, snapshot_every: int = 20_00
 
 
 def storage_nodes(directory: Path, count: int = 2, *, masters: list[LocalNode] | None = None, options=None,
-                  log_level: str = "INFO") -> tuple[Path, list[LocalNode]]:
+                  log_level: str = "INFO", insecure: bool = False) -> tuple[Path, list[LocalNode]]:
     """``count`` storage nodes on free 127.0.0.1 ports. The cluster config (the masters' file,
     when ``masters`` came from ``master_nodes`` in the same directory, plus the storage part)
-    is written to ``directory/cluster.toml``; each node's blobs live in ``directory/<name>``."""
+    is written to ``directory/cluster.toml``; each node's blobs live in ``directory/<name>``.
+    ``insecure`` (without ``masters``; with them, theirs applies): plaintext, no keys."""
     options = options or StorageOptions(replicas=min(2, count))
     nodes = {f"s{i}": f"tcp://127.0.0.1:{free_port()}" for i in range(1, count + 1)}
     directory.mkdir(parents=True, exist_ok=True)
+    make_keys(directory, {name: "storage" for name in nodes})
     masters_toml = directory / "masters.toml"
     text = masters_toml.read_text() + "\n" if masters and masters_toml.exists() else ""
+    if insecure and not text:
+        text = "[security]\ninsecure = true\n\n"
     config = directory / "cluster.toml"
     config.write_text(text + write_storage_section(nodes, options))
+    learn_keys(config)
     return config, [
         LocalNode(
             name,
@@ -296,7 +333,9 @@ def balancer_nodes(directory: Path, count: int = 2, *, log_level: str = "INFO",
             for i in range(1, count + 1)}
     if heartbeat is not None:
         text += "\n[heartbeat]\n" + "".join(f"{k} = {getattr(heartbeat, k)}\n" for k in heartbeat.__dataclass_fields__)
+    make_keys(directory, {name: "balancer" for name in pair})
     config.write_text(text + "\n" + write_balancers_section(pair))
+    learn_keys(config)
     return config, [
         LocalNode(b.name, ["balancer", "--config", str(config), "--name", b.name, "--log-level", log_level],
                   b.workers, directory / f"{b.name}.log")
@@ -310,9 +349,12 @@ def worker_nodes(directory: Path, config: Path, count: int = 1, *, slots: int = 
     out to the balancers; its ``address`` is where it answers STATUS_QUERY (ready = answering;
     registered = listed in the active balancer's status)."""
     out = []
-    for i in range(first, first + count):
-        name = f"w{i}"
+    names = [f"w{i}" for i in range(first, first + count)]
+    make_keys(Path(config).parent, {name: "worker" for name in names})
+    credentials = learn_keys(config)
+    for name in names:
         address = f"tcp://127.0.0.1:{free_port()}"
+        credentials.add_server(address, name)
         argv = ["worker", "--config", str(config), "--name", name, "--data-dir", str(directory / name),
                 "--slots", str(slots), "--bind", address, "--log-level", log_level]
         if not mount:

@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 from cluster.local import LocalNode, balancer_nodes, master_nodes, stop_all, storage_nodes, worker_nodes
 from cluster.node.config import ConfigError, cluster_home, load_cluster_config
+from cluster.node.keys import KeysError, client_credentials
 from cluster.node.status import StatusResult, query_status
 from worker.fusefs import unmount
 
@@ -540,11 +541,12 @@ def node_entry(role: str, name: str, address: str | None, result: StatusResult |
     """One node of ``cluster status --json``: role, name, state, address, pid, version,
     uptime_s, health, and a few role-specific facts (or ``error`` when it does not answer)."""
     entry: dict[str, Any] = {"role": role, "name": name, "state": "down", "address": address, "pid": None,
-                             "version": None, "uptime_s": None, "health": "down"}
+                             "version": None, "uptime_s": None, "health": "down", "public_key": None}
     reply = result.reply if result is not None else None
     if reply is not None:
         entry.update(state=_state(role, reply.detail), pid=reply.pid, version=reply.version,
-                     uptime_s=round(reply.uptime_ms / 1000, 1), health="up", **_extras(role, reply.detail))
+                     uptime_s=round(reply.uptime_ms / 1000, 1), health="up", public_key=reply.detail.get("public_key"),
+                     **_extras(role, reply.detail))
     elif result is not None:
         entry["error"] = result.error
     if log is not None:
@@ -558,9 +560,13 @@ def cluster_status(config_path: Path, timeout: float = 2.0) -> list[dict[str, An
     active balancer lists, with address and pid None). Raises ``UpError`` if the config is wrong."""
     try:
         config = load_cluster_config(config_path)
-    except ConfigError as exc:
+        credentials = client_credentials(config.security, config.servers())
+    except (ConfigError, KeysError) as exc:
         raise UpError(str(exc)) from None
     records = {r.name: r for r in read_nodes(Path(config_path).absolute().parent) or []}
+    for r in records.values():
+        if r.role == "worker" and r.address:
+            credentials.add_server(r.address, r.name)
     nodes = [("master", n, a) for n, a in config.masters.items()]
     nodes += [("balancer", b.name, b.workers) for b in config.balancers.values()]
     nodes += [("storage", n, a) for n, a in config.storage_nodes.items()]

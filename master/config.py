@@ -8,11 +8,11 @@ The file's keys are described in ``master.node``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.node.config import ConfigError, MasterAddress, parse_masters, read_toml
+from cluster.node.config import ConfigError, MasterAddress, SecurityOptions, parse_masters, parse_security, read_toml
 
 log = logging.getLogger("cluster.master")
 
@@ -26,6 +26,7 @@ class MastersConfig:
     password_file: str | None = None  # as written in the config (write_config keeps it so)
     insecure: bool = False
     base: Path = Path(".")  # the config's directory: a relative password_file is read from there
+    security: SecurityOptions = field(default_factory=SecurityOptions)  # the ZeroMQ ports' keys
 
     def raft_secret(self) -> str | None:
         """The masters' Raft secret: ``password``, else the contents of ``password_file``
@@ -58,7 +59,8 @@ def parse_config(data: dict[str, Any], where: str = "config") -> MastersConfig:
     if password is not None:
         _check_password(password, f"{where}: [raft] password")
     return MastersConfig(out, password, int(raft.get("snapshot_every", 20_000)), raft.get("timings"),
-                         password_file=password_file, insecure=insecure, base=Path(where).parent)
+                         password_file=password_file, insecure=insecure, base=Path(where).parent,
+                         security=parse_security(data, where))
 
 
 def _check_password(secret: Any, what: str) -> None:
@@ -89,6 +91,8 @@ def write_config(config: MastersConfig, path: Path) -> None:
         lines.append(f'password = "{config.password}"')
     if config.insecure:
         lines.append("insecure = true")
+    if config.security.insecure:
+        lines += ["", "[security]", "insecure = true"]
     if config.timings:
         lines.append("[raft.timings]")
         lines += [f"{k} = {v}" for k, v in config.timings.items()]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from cluster.node import keys
 from proto import AppReason, Codec, ProtocolError, new_node_id
 from proto.messages import Attach, Attached, Credit, Error, Heartbeat, NotLeader, ResultAck, TaskResult, WorkerRequest
 
@@ -32,8 +33,9 @@ class EchoBalancer:
     """Attach to the leader among ``masters``; answer each task with a DONE result."""
 
     def __init__(self, masters: list[str], *, credit: int = 512, epoch: int = 1, name: str = "echo",
-                 summary: dict | None = None) -> None:
+                 summary: dict | None = None, credentials: keys.Credentials | None = None) -> None:
         self.masters = masters
+        self.credentials = credentials  # a balancer's key; None: those learnt for the masters' addresses
         self.credit = credit
         self.epoch = epoch
         self.name = name
@@ -56,7 +58,7 @@ class EchoBalancer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 200_000)
         self.sock.setsockopt(zmq.RCVHWM, 200_000)
-        self.sock.connect(self.masters[index])
+        keys.connect(self.sock, self.masters[index], self.credentials)
         self.attached = False
         self.codec.send(self.sock, Attach(1, self.epoch, self.credit, self.name))
         self.stats.attaches += 1

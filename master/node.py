@@ -29,6 +29,7 @@ from typing import Any
 import zmq
 
 from cluster.node.config import ConfigError
+from cluster.node.keys import node_credentials
 from cluster.node.loop import NodeLoop, SocketSpec
 from master.config import MastersConfig, load_config
 from master.core import API, Committed, MasterCore, Propose, ProposalFailed
@@ -52,6 +53,7 @@ def build_master(config: MastersConfig, name: str, data_dir: Path | None, bind: 
         log.warning("master %s: [raft] insecure = true: Raft runs in plaintext; anyone who reaches %s can "
                     "run code in this master", name, config.masters[name].raft)
     me = config.masters[name]
+    credentials = node_credentials(config.security, name, "master", {})
     partners = [m.raft for m in config.masters.values() if m.name != name]
     ledger = Ledger()
     holder: dict[str, NodeLoop] = {}
@@ -75,7 +77,8 @@ def build_master(config: MastersConfig, name: str, data_dir: Path | None, bind: 
     # high-water mark of 1000: a ROUTER drops silently beyond it.
     options = {zmq.ROUTER_HANDOVER: 1, zmq.SNDHWM: 200_000, zmq.RCVHWM: 200_000}
     sockets = [SocketSpec(API, zmq.ROUTER, bind=(bind or me.api,), options=options)]
-    loop = NodeLoop(core, sockets, guard=adapter.lock, performers={Propose: lambda p: adapter.propose(p.entry, p.token)})
+    loop = NodeLoop(core, sockets, guard=adapter.lock, performers={Propose: lambda p: adapter.propose(p.entry, p.token)},
+                    credentials=credentials)
     holder["loop"] = loop
     return loop, adapter
 

@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from cluster.node.config import ClusterConfig, ConfigError, StorageOptions, load_cluster_config
+from cluster.node.keys import node_credentials
 from cluster.node.loop import NodeLoop, SocketSpec
 from storage.blobs import BlobStore, StoreError
 from storage.core import (
@@ -180,6 +181,7 @@ def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bo
     """A storage node ready to ``run()``; close the returned closables after it returns."""
     if name not in config.storage_nodes:
         raise ConfigError(f"no storage node named {name!r} in the config (it has {', '.join(config.storage_nodes) or 'none'})")
+    credentials = node_credentials(config.security, name, "storage", config.servers())
     store = BlobStore(Path(data_dir), fsync=fsync)
     peers = [n for n in config.storage_nodes if n != name]
     core = StorageCore(name, peers, settings or StorageSettings(), capacity=store.capacity)
@@ -194,7 +196,7 @@ def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bo
         AbortUpload: disk.abort, ReadRange: disk.read,
         Replicate: lambda e: holder["replicator"](e),
     }
-    loop = NodeLoop(core, sockets, performers=performers)
+    loop = NodeLoop(core, sockets, performers=performers, credentials=credentials)
     holder["replicator"] = replicator = Replicator(store, name, config.storage_nodes, loop)
     upkeep = Maintenance(store, name, config)
     core.upkeep = upkeep.status

@@ -25,6 +25,7 @@ from typing import Callable
 import zmq
 
 from cluster.node.config import ClusterConfig, ConfigError, load_cluster_config
+from cluster.node.keys import node_credentials, secret_path
 from cluster.node.loop import NodeLoop, SocketSpec
 from cluster.node.storagelink import LinkPool
 from proto.ids import join128
@@ -82,7 +83,8 @@ class SlotPool:
 class MountChild:
     """``cluster mount`` run as this worker's child, so stored files appear as paths."""
 
-    def __init__(self, mountpoint: Path, config_path: Path, cache: Path) -> None:
+    def __init__(self, mountpoint: Path, config_path: Path, cache: Path, key_file: Path | None = None) -> None:
+        self.key_file = key_file  # the worker's own key: the mount reads files as the worker
         self.mountpoint = mountpoint
         self.process: subprocess.Popen | None = None
         self.config_path = config_path
@@ -102,7 +104,7 @@ class MountChild:
         logf = open(self.mountpoint.parent / "mount.log", "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cluster", "mount", str(self.mountpoint), "--config", str(self.config_path),
-             "--cache", str(self.cache)], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+             "--cache", str(self.cache), *(["--key", str(self.key_file)] if self.key_file else [])], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
         logf.close()
         self.pid_file.write_text(f"{self.process.pid}\n")
         deadline = time.monotonic() + timeout
@@ -145,6 +147,7 @@ def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, m
         options = WorkerOptions(interval=config.heartbeat.interval_s, liveness=config.heartbeat.balancer_liveness_s)
     if not config.balancers:
         raise ConfigError(f"{config.path}: a worker needs the balancers' [balancers.<name>] tables")
+    credentials = node_credentials(config.security, me.name, "worker", config.servers())
     data_dir = Path(data_dir)
     scratch = data_dir / "scratch"
     shutil.rmtree(scratch, ignore_errors=True)  # a killed predecessor's leftovers
@@ -153,7 +156,8 @@ def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, m
     if config.storage_nodes and config.masters:
         mountpoint = data_dir / "mnt"
         if mount:
-            child = MountChild(mountpoint, Path(config.path), data_dir / "mount-cache")
+            child = MountChild(mountpoint, Path(config.path), data_dir / "mount-cache",
+                               None if config.security.insecure else secret_path(config.security.secrets, me.name))
             if not child.start():
                 child = None
         view = ClusterView(list(config.masters.values()), config.storage_nodes)
@@ -168,7 +172,7 @@ def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, m
     if control:
         sockets.append(SocketSpec("control", zmq.ROUTER, bind=(control,)))
     holder: dict[str, object] = {}
-    loop = NodeLoop(core, sockets, performers={RunTask: lambda e: holder["pool"].perform(e)})
+    loop = NodeLoop(core, sockets, performers={RunTask: lambda e: holder["pool"].perform(e)}, credentials=credentials)
     pool = SlotPool(me.slots, runner, loop.post, loop.stimulus)
     holder["pool"] = pool
 

@@ -70,6 +70,17 @@ class BalancerAddress:
 
 
 @dataclass(frozen=True)
+class SecurityOptions:
+    """``[security]``: where the allow-list (``keys``) and this machine's secret keys
+    (``secrets``, a directory of ``<name>.key_secret``) are; relative paths are read from the
+    config's directory. ``insecure = true``: plaintext, every peer admitted (nodes warn)."""
+
+    insecure: bool = False
+    keys: Path = Path("keys.toml")
+    secrets: Path = Path("keys")
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     masters: dict[str, str] = field(default_factory=dict)  # name → client API address
     balancers: dict[str, BalancerAddress] = field(default_factory=dict)
@@ -77,6 +88,15 @@ class ClusterConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
     path: str = ""
     heartbeat: HeartbeatOptions = field(default_factory=HeartbeatOptions)
+    security: SecurityOptions = field(default_factory=SecurityOptions)
+
+    def servers(self) -> dict[str, str]:
+        """Every address a node of this cluster serves, and that node's name (its key's name)."""
+        out = {address: name for name, address in self.masters.items()}
+        for b in self.balancers.values():
+            out[b.workers] = out[b.peer] = b.name
+        out.update({address: name for name, address in self.storage_nodes.items()})
+        return out
 
 
 def read_toml(path: Path | str) -> dict[str, Any]:
@@ -136,7 +156,30 @@ def parse_cluster_config(data: dict[str, Any], where: str = "config") -> Cluster
         raise ConfigError(f"{where}: [storage] replicas must be at least 1")
     if nodes and storage.replicas > len(nodes):
         raise ConfigError(f"{where}: [storage] replicas = {storage.replicas} but only {len(nodes)} storage nodes are listed")
-    return ClusterConfig(masters, _balancers(data, where), nodes, storage, where, _heartbeat(data, where))
+    return ClusterConfig(masters, _balancers(data, where), nodes, storage, where, _heartbeat(data, where),
+                         parse_security(data, where))
+
+
+def parse_security(data: dict[str, Any], where: str) -> SecurityOptions:
+    """The ``[security]`` table, its paths made absolute from the config's directory."""
+    section = data.get("security") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: [security] must be a table")
+    unknown = set(section) - set(SecurityOptions.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{where}: [security] has unknown keys {', '.join(sorted(unknown))} "
+                          "(known: insecure, keys, secrets)")
+    insecure = section.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"{where}: [security] insecure must be true or false")
+    base = Path(where).expanduser().absolute().parent
+    paths = {}
+    for key in ("keys", "secrets"):
+        value = section.get(key, str(getattr(SecurityOptions, key)))
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: [security] {key} must be a path")
+        paths[key] = base / Path(value).expanduser()
+    return SecurityOptions(insecure, paths["keys"], paths["secrets"])
 
 
 def _heartbeat(data: dict[str, Any], where: str) -> HeartbeatOptions:

@@ -16,7 +16,7 @@ This module imports nothing that touches the world (no zmq, time, threading, os)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from proto.types import Message
 
@@ -30,15 +30,33 @@ class Started:
     stimulus_id: str
 
 
+class Peer(NamedTuple):
+    """Who sent a message, as its authenticated key says: the key's ``name`` and ``role``
+    (``cluster.node.keys.ROLES``). An insecure cluster's peers are ``Peer("", "")``: nobody
+    in particular, allowed every role."""
+
+    name: str
+    role: str
+
+    def may(self, *roles: str) -> bool:
+        """True if this peer holds one of ``roles`` (always, in an insecure cluster)."""
+        return not self.role or self.role in roles
+
+
+ANYONE = Peer("", "")
+
+
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
-    """A well-formed message arrived on ``socket`` (``route``: the peer's id on a ROUTER)."""
+    """A well-formed message arrived on ``socket`` (``route``: the peer's id on a ROUTER) from
+    ``peer``, the holder of the key it was authenticated with."""
 
     socket: str
     route: bytes | None
     sender: int
     message: Message
     stimulus_id: str
+    peer: Peer = ANYONE
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,14 @@ it. ``story(stimulus_id)`` reads what one stimulus led to, and the status reply 
 newest entries, so an operator can ask a live node why it did something. Entries are names and
 short words, never messages: a storage node's effects carry megabytes of payload.
 
+Sockets are CURVE-secured with the node's ``credentials`` (``cluster.node.keys``): a bound socket
+admits only connections whose key ZAP finds in the allow-list, and every message is checked
+again against the live list (its key travels with it as ZAP's User-Id), so a key revoked and
+reloaded (SIGHUP) stops at its next message. The core receives the sender's ``Peer`` (name and
+role) with each message and authorises it. A message from a key no longer admitted is dropped
+here: no reply, one log line, a counter. Failed handshakes (no key, unknown key) are counted
+from the sockets' monitors.
+
 On SIGTERM or SIGINT the core gets ``StopRequested`` (its farewells are still sent), then every
 socket is closed with a bounded linger and ``run`` returns 0. A core that raises is a bug: the
 loop logs the traceback, counts ``core_errors`` and goes on serving; the node stays answerable.
@@ -48,6 +56,7 @@ from typing import Any, Callable, NamedTuple
 import zmq
 
 from cluster import __version__
+from cluster.node.keys import ZAP_DOMAIN, Credentials, Gatekeeper, KeysError
 from cluster.node.events import (
     CancelTimer,
     Core,
@@ -55,6 +64,7 @@ from cluster.node.events import (
     Event,
     Log,
     MessageReceived,
+    Peer,
     Refuse,
     Send,
     Started,
@@ -66,12 +76,16 @@ from cluster.node.events import (
 from proto import PROTOCOL_VERSION, Codec, Limits, ProtocolError, Reason, new_node_id
 from proto.codec import describe_peer
 from proto.messages import Error, StatusQuery, StatusReply
+from zmq.utils.monitor import recv_monitor_message
 
 BATCH = 256  # messages drained from one socket before looking at the others and the timers
 LOG_BURST = 20  # rejection lines logged back to back before rate limiting starts
 LOG_RATE = 10.0  # rejection lines per second allowed after the burst
 HISTORY = 2000  # (stimulus, event, effect, cause) entries kept; the oldest fall off
 STATUS_HISTORY = 20  # of them, the newest ones a status reply shows
+KEYS_CHECK_S = 1.0  # how often the loop looks whether the allow-list file changed
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,8 @@ class SocketSpec:
     bind: tuple[str, ...] = ()
     connect: tuple[str, ...] = ()
     options: dict[int, Any] = field(default_factory=dict)
+    server: str | None = None  # the name (in the allow-list) of the node it connects to, when
+    # its address is not one the cluster config names (a worker's status port, a probe)
 
 
 class NodeLoop:
@@ -100,6 +116,7 @@ class NodeLoop:
         clock: Callable[[], float] = time.monotonic,
         guard: Any = None,
         performers: dict[type, Callable[[Any], None]] | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.core = core
         self.specs = {s.name: s for s in sockets}
@@ -130,6 +147,13 @@ class NodeLoop:
         self._posted: collections.deque[Event] = collections.deque()  # appended from other threads
         self._wake_w: pysocket.socket | None = None
         self.history: collections.deque[Entry] = collections.deque(maxlen=HISTORY)
+        # No credentials: plaintext, for loops that tests build by hand; nodes always pass theirs.
+        self.credentials = credentials if credentials is not None else Credentials.plaintext()
+        self._authenticator: Any = None
+        self._monitors: dict[zmq.Socket, str] = {}
+        self._server_keys: dict[str, bytes] = {}  # socket name -> the key of the server it reaches
+        self._reload = False
+        self._keys_checked = 0.0
 
     def post(self, event: Event) -> None:
         """Queue an event for the core from any thread; the loop handles it promptly."""
@@ -175,10 +199,18 @@ class NodeLoop:
             # registered: test the fd, or the pipe is never drained and the loop spins.
             wake_fd = wake_r.fileno()
             poller.register(wake_fd, zmq.POLLIN)
+            for monitor in self._monitors:
+                poller.register(monitor, zmq.POLLIN)
             while not self._stopping:
                 ready = dict(poller.poll(self._poll_timeout_ms()))
                 if wake_fd in ready:
                     _drain_pipe(wake_r)
+                if self._reload or self.clock() >= self._keys_checked + KEYS_CHECK_S:
+                    self._reload_keys(forced=self._reload)
+                    self._reload = False
+                for monitor in self._monitors:
+                    if monitor in ready:
+                        self._read_monitor(monitor)
                 while self._posted and not self._stopping:
                     self._dispatch(self._posted.popleft())
                 if self._signal is not None:
@@ -200,6 +232,16 @@ class NodeLoop:
 
     def _open(self) -> None:
         self._ctx = zmq.Context()
+        creds = self.credentials
+        if creds.insecure:
+            self.log.warning("%s runs INSECURE: plaintext, and anyone who reaches its ports is admitted with "
+                             "every role ([security] insecure = true)", self.core.role)
+        else:
+            # ZAP must answer before the first bind: a CURVE server with no ZAP handler admits anyone.
+            from zmq.auth.thread import ThreadAuthenticator
+            self._authenticator = ThreadAuthenticator(self._ctx, log=logging.getLogger("cluster.zap"))
+            self._authenticator.start()
+            self._authenticator.configure_curve_callback(ZAP_DOMAIN, Gatekeeper(creds, self.counters, self.log))
         for spec in self.specs.values():
             sock = self._ctx.socket(spec.kind)
             sock.setsockopt(zmq.LINGER, self.linger_ms)
@@ -209,19 +251,32 @@ class NodeLoop:
             for opt, value in spec.options.items():
                 sock.setsockopt(opt, value)
             self.bound[spec.name] = []
+            if spec.bind:
+                creds.serve(sock)
+                if not creds.insecure:
+                    self._monitors[sock.get_monitor_socket(HANDSHAKE_FAILURES)] = spec.name
             for endpoint in spec.bind:
                 sock.bind(endpoint)
                 self.bound[spec.name].append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
             for endpoint in spec.connect:
-                sock.connect(endpoint)
+                creds.connect(sock, endpoint, spec.server)
+                if not creds.insecure:
+                    self._server_keys[spec.name] = creds.server_key(endpoint, spec.server)
             self._sockets[spec.name] = sock
             self._by_socket[sock] = spec.name
 
     def _close(self) -> None:
+        for monitor, name in self._monitors.items():
+            self._sockets[name].disable_monitor()
+            monitor.close(linger=0)
+        self._monitors.clear()
         for sock in self._sockets.values():
             sock.close(linger=self.linger_ms)
         self._sockets.clear()
         self._by_socket.clear()
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -237,8 +292,12 @@ class NodeLoop:
         def on_signal(signum: int, _frame: Any) -> None:
             self._signal = signal.Signals(signum).name
 
+        def on_hangup(_signum: int, _frame: Any) -> None:
+            self._reload = True
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             old[sig] = signal.signal(sig, on_signal)
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
         old["wakeup_fd"] = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         return old, wake_r, wake_w
 
@@ -266,14 +325,79 @@ class NodeLoop:
                 self._reject(name, sock, exc)
                 continue
             self.counters["messages_in"] += 1
+            peer = self._peer(name, self.codec.last_frame)
+            if peer is None:
+                continue
             if type(message) is StatusQuery:
                 self._answer_status(name, route, message)
                 continue
             self._current = (self.codec.last_frame, sender)
-            self._dispatch(MessageReceived(name, route, sender, message, self._stimulus("msg")))
+            self._dispatch(MessageReceived(name, route, sender, message, self._stimulus("msg"), peer))
             self._current = None
             if self._stopping:
                 return
+
+    def _peer(self, name: str, frame: zmq.Frame | None) -> Peer | None:
+        """Who sent ``frame``, by the key it was authenticated with, if that key is still in the
+        live allow-list; None (dropped, counted, logged) if not."""
+        creds = self.credentials
+        if creds.insecure:
+            return creds.peer(None)
+        server_key = self._server_keys.get(name)
+        if server_key is not None:  # we connected: the peer is the server whose key we pinned
+            entry = creds.allow.admit(server_key)
+        else:
+            try:
+                user_id = frame.get("User-Id") if frame is not None else None
+            except zmq.ZMQError:
+                user_id = None
+            entry = creds.allow.admit(user_id.encode()) if user_id else None
+        if entry is not None:
+            return entry.peer
+        self.counters["refused_revoked_key"] += 1
+        if self._may_log():
+            self.log.warning("dropped a message on %s from %s: its key is no longer in the allow-list",
+                             name, describe_peer(frame, None) if frame is not None else "?")
+        return None
+
+    def _read_monitor(self, monitor: zmq.Socket) -> None:
+        """Count (and log, rate-limited) the connections whose CURVE handshake failed: a peer
+        with no key or an unknown one. It never got a byte through; ZAP logged unknown keys."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no_detail"}.get(event["event"])
+            if kind is None:
+                continue
+            self.counters[f"handshake_failed.{kind}"] += 1
+            self.counters["handshake_failed_total"] += 1
+            if kind != "auth" and self._may_log():  # auth: the gatekeeper logged the key already
+                self.log.warning("a connection to %s failed its CURVE handshake (%s): a peer without the "
+                                 "cluster's keys?", self._monitors[monitor], kind)
+
+    def _reload_keys(self, forced: bool) -> None:
+        """Re-read the allow-list on SIGHUP (``forced``), or when the file changed."""
+        self._keys_checked = self.clock()
+        creds = self.credentials
+        if creds.insecure:
+            if forced:
+                self.log.info("SIGHUP: insecure, no allow-list to reload")
+            return
+        why = "SIGHUP" if forced else "the allow-list changed"
+        try:
+            if forced:
+                creds.allow.reload()
+            elif not creds.allow.refresh():
+                return
+        except KeysError as exc:
+            self.counters["keys_reload_failed"] += 1
+            self.log.error("%s: kept the old allow-list: %s", why, exc)
+            return
+        self.counters["keys_reloaded"] += 1
+        self.log.info("%s: reloaded %s: %d keys", why, creds.allow.path, len(creds.allow))
 
     def _fire_timers(self) -> None:
         now = self.clock()
@@ -399,6 +523,8 @@ class NodeLoop:
             detail = {"error": "core status failed; see the node's log"}
         detail.setdefault("node_id", str(uuid.UUID(int=self.node_id)))
         detail.setdefault("endpoints", {n: a for n, a in self.bound.items() if a})
+        detail.setdefault("public_key", None if self.credentials.insecure else self.credentials.public.decode())
+        detail.setdefault("key_name", self.credentials.name or None)
         detail.setdefault("history", [list(e) for e in list(self.history)[-STATUS_HISTORY:]])
         reply = StatusReply(
             request_id=query.request_id,

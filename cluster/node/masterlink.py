@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import zmq
 
+from cluster.node import keys
 from proto import AppReason, Codec, ProtocolError, new_node_id
 from proto.ids import join128, split128
 from proto.messages import Error, FileList, FileLookup, FileRegister, FileRelease, NotLeader, QueryReply
@@ -91,7 +92,8 @@ class MasterLink:
     deadline of one request, retries included; ``attempt_timeout`` how long one master may stay
     silent before the next is tried."""
 
-    def __init__(self, masters: Sequence[str], *, timeout: float = 30.0, attempt_timeout: float = 1.0) -> None:
+    def __init__(self, masters: Sequence[str], *, timeout: float = 30.0, attempt_timeout: float = 1.0,
+                 credentials: keys.Credentials | None = None) -> None:
         if not masters:
             raise ClusterError("no master addresses given: pass masters=['tcp://host:port', ...]")
         self.masters = list(masters)
@@ -105,7 +107,7 @@ class MasterLink:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.connect(address)
+            keys.connect(sock, address, credentials)
             self._sockets.append(sock)
         self._ids = itertools.count(random.getrandbits(40))
 

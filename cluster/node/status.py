@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from cluster.node import keys
 from proto import Codec, ProtocolError, new_node_id
 from proto.messages import Error, StatusQuery, StatusReply
 
@@ -22,7 +23,8 @@ class StatusResult:
 
 
 def query_status(addresses: list[str], timeout: float = 2.0) -> list[StatusResult]:
-    """Query every address in parallel; each gets ``timeout`` seconds to answer."""
+    """Query every address in parallel; each gets ``timeout`` seconds to answer, with the keys
+    this process loaded for it (``cluster.node.keys``)."""
     ctx = zmq.Context.instance()
     codec = Codec(new_node_id())
     pending: dict[zmq.Socket, tuple[str, int]] = {}
@@ -33,10 +35,14 @@ def query_status(addresses: list[str], timeout: float = 2.0) -> list[StatusResul
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             try:
-                sock.connect(address)
+                keys.connect(sock, address)
             except zmq.ZMQError as exc:
                 sock.close()
                 results[address] = StatusResult(address, None, f"bad address: {exc}")
+                continue
+            except keys.KeysError as exc:
+                sock.close()
+                results[address] = StatusResult(address, None, str(exc))
                 continue
             request_id = random.getrandbits(63)
             codec.send(sock, StatusQuery(request_id))

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import zmq
 
+from cluster.node import keys
 from proto import Codec, ProtocolError, new_node_id
 from proto.errors import StorageStatus
 from proto.fileids import rank
@@ -67,7 +68,7 @@ class StorageLink:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues towards a node that is down
         self._sock.setsockopt(zmq.SNDHWM, 1000)
         self._sock.setsockopt(zmq.RCVHWM, 1000)
-        self._sock.connect(address)
+        keys.connect(self._sock, address, name=name or None)
         self._ids = itertools.count(random.getrandbits(40))
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ import pytest
 import zmq
 
 from cluster.local import LocalNode, free_port, probe_node
+from cluster.node import keys
 from cluster.node.status import query_status
 from proto import Codec, new_node_id
 
@@ -46,13 +47,14 @@ def status_of(node: LocalNode, timeout: float = 2.0):
 
 
 class Client:
-    """A DEALER speaking the protocol to one node, able to send raw frames too."""
+    """A DEALER speaking the protocol to one node, able to send raw frames too; it
+    authenticates with ``credentials``, else with the keys this process learnt for ``address``."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: keys.Credentials | None = None) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
+        keys.connect(self.sock, address, credentials)
         self.codec = Codec(new_node_id())
 
     def send_frames(self, frames: list[bytes]) -> None:

@@ -98,7 +98,7 @@ def test_up_status_client_down(home, tmp_path):
 
     # A rack's config (no nodes.json beside it): the workers are those the active balancer lists.
     rack = tmp_path / "rack.toml"
-    shutil.copy(d / "cluster.toml", rack)
+    rack.write_text((d / "cluster.toml").read_text() + f'\n[security]\nkeys = "{d}/keys.toml"\nsecrets = "{d}/keys"\n')
     st = run(d, "status", "--config", str(rack), "--json", timeout=60)
     assert st.returncode == 0, st.stdout + st.stderr
     workers = [n for n in json.loads(st.stdout)["nodes"] if n["role"] == "worker"]

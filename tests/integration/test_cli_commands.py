@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import free_port
+from cluster.local import free_port, make_keys
 from cluster.up import is_ours, read_nodes
 
 pytestmark = pytest.mark.integration
@@ -305,6 +305,7 @@ def test_unreachable_masters_are_one_line_in_bounded_time(tmp_path):
                       + f'[balancers.b1]\nworkers = "tcp://127.0.0.1:{ports[3]}"\npeer = "tcp://127.0.0.1:{ports[4]}"\n'
                       + f'primary = true\n[balancers.b2]\nworkers = "tcp://127.0.0.1:{ports[5]}"\n'
                       + f'peer = "tcp://127.0.0.1:{ports[6]}"\nprimary = false\n')
+    make_keys(tmp_path, {"m1": "master", "m2": "master", "m3": "master", "b1": "balancer", "b2": "balancer"})
     for command in (["jobs"], ["workers"]):
         began = time.monotonic()
         line = one_line_error(run(tmp_path / "nohome", *command, "--config", str(config), timeout=30))

@@ -33,7 +33,9 @@ import zmq
 from cluster.client import Client, Refused
 from cluster.node.config import BalancerAddress, write_balancers_section
 from cluster.futures import TaskError
-from cluster.local import LocalNode, balancer_nodes, free_port, master_nodes, start_all, stop_all, worker_nodes
+from cluster.local import (LocalNode, balancer_nodes, free_port, make_keys, master_nodes, start_all, stop_all,
+                           worker_nodes)
+from cluster.node import keys
 from cluster.node.status import query_status
 from cluster.up import alive, descendants
 from proto import Codec, new_node_id
@@ -91,7 +93,10 @@ class Cluster(NodeGroup):
         return next(w for w in self.workers if w.name == name)
 
     def cluster_active(self) -> tuple[LocalNode, dict]:
-        return self.wait(self.active, 15, "an active balancer")
+        """The active balancer once it is attached to the master leader (it holds results back
+        until then), and its status detail."""
+        return self.wait(lambda: (found := self.active()) and found[1]["master"].get("attached") and found, 15,
+                         "an active balancer attached to the leader")
 
     def active_detail(self) -> dict:
         return self.cluster_active()[1]
@@ -283,7 +288,7 @@ def dealer(address: str):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
+    keys.connect(sock, address)
     try:
         yield sock, Codec(new_node_id())
     finally:
@@ -528,6 +533,7 @@ def split_pair(d: Path) -> tuple[list[LocalNode], list[LocalNode], dict[int, int
     balancer gets its own cluster file (the pair's ``peer`` endpoints differ); the workers' one
     is b1's. Returns (masters, [b1, b2], {relay port: target port}, the workers' config)."""
     masters = master_nodes(d, 3)
+    make_keys(d, {"b1": "balancer", "b2": "balancer"})
     text = (d / "masters.toml").read_text() + "\n"
     w1, w2, p1, p2, r1, r2 = (free_port() for _ in range(6))
     balancers = []

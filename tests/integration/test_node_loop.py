@@ -27,6 +27,7 @@ import pytest
 import zmq
 
 from cluster.local import free_port
+from cluster.node import keys
 from cluster.node.events import (Log, MessageReceived, Refuse, Send, Started, StartTimer, Stop, StopRequested,
                                  TimerFired)
 from cluster.node.loop import NodeLoop, SocketSpec
@@ -112,6 +113,7 @@ def talk(loop: NodeLoop, out: dict) -> None:
     peer = None
     try:
         address = wait_for(lambda: loop.bound.get("api") and loop.bound["api"][0], 10, "the loop to bind")
+        keys.learn(keys.Credentials.plaintext([address]))  # a loop built by hand has no keys
         out["address"] = address
         peer = Client(address)
         peer.send(Heartbeat(1, 7, 0))
@@ -179,6 +181,7 @@ def serve(address: str) -> None:
 
 def test_sigterm_stops_the_loop_after_the_core_says_goodbye(tmp_path):
     address = f"tcp://127.0.0.1:{free_port()}"
+    keys.learn(keys.Credentials.plaintext([address]))
     with open(tmp_path / "child.log", "wb") as log:
         child = subprocess.Popen([sys.executable, "-c", f"from tests.integration.test_node_loop import serve; serve({address!r})"],
                                  cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)

@@ -20,6 +20,7 @@ import pytest
 import zmq
 
 from cluster.client import Answer, Client, ClusterError, NotFound
+from cluster.node import keys
 from cluster.node.config import ClusterConfig, StorageOptions, load_cluster_config
 from cluster.files import download_file
 from cluster.local import LocalNode, free_port, master_nodes, storage_nodes
@@ -452,6 +453,7 @@ def test_the_sender_waits_while_the_node_pushes_copies_and_skips_dead_nodes_quic
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
+    keys.learn(keys.Credentials.plaintext([f"tcp://127.0.0.1:{port}"]))  # a fake node, without keys
     codec = Codec(new_node_id())
     stop = threading.Event()
     size = 4 * MiB
@@ -484,7 +486,9 @@ def test_the_sender_waits_while_the_node_pushes_copies_and_skips_dead_nodes_quic
                 link.upload(b"\1" * 16, size, lambda o, n: memoryview(data)[o:o + n], copies=2)
         # nothing listens here: the link says so after its connect timeout, not its answer
         # timeout (600 s: waiting for it would fail the test at its 120 s limit)
-        dead = StorageLink(f"tcp://127.0.0.1:{free_port()}", name="dead", timeout=600.0)
+        nowhere = f"tcp://127.0.0.1:{free_port()}"
+        keys.learn(keys.Credentials.plaintext([nowhere]))
+        dead = StorageLink(nowhere, name="dead", timeout=600.0)
         assert dead.connect_timeout == 3.0, "by default a node that is down costs 3 s, not the answer timeout"
         dead.connect_timeout = 0.5
         with dead, pytest.raises(TransferError, match="not reachable") as caught:

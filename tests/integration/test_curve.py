@@ -1,0 +1,153 @@
+"""CURVE on real masters: a peer without a key, with an unknown key, or with a revoked key gets
+nothing through (no reply, no state change, counted, logged once); a client never talks to an
+impostor holding another key; the legitimate client goes on working throughout."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+
+from cluster.client import Client
+from cluster.local import make_keys, master_nodes, start_all, stop_all
+from cluster.node import keys
+from cluster.node.config import parse_security
+from cluster.node.status import query_status
+from proto import Codec, new_node_id
+from proto.messages import Submit, SubmitAck
+
+from .conftest import Client as RawClient
+from .conftest import detail, wait_for
+
+pytestmark = pytest.mark.integration
+
+SILENCE_S = 1.5  # how long a refused peer is given to get an answer it must never get
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    nodes = master_nodes(tmp_path, 3)
+    start_all(nodes)
+    try:
+        yield tmp_path, nodes
+    finally:
+        stop_all(nodes)
+
+
+def _leader(nodes):
+    def find():
+        for n in nodes:
+            d = detail(n)
+            if d and d["state"] == "leader" and d["serving"]:
+                return n, d
+        return None
+    return wait_for(find, 15, "a serving leader")
+
+
+def _counters(node) -> dict:
+    reply = query_status([node.address], timeout=2)[0].reply
+    return dict(reply.counters) if reply else {}
+
+
+def _submit_gets_no_answer(sock: zmq.Socket) -> None:
+    Codec(new_node_id()).send(sock, Submit(5, 1, 2, "list", {"tasks": [{"cmd": ["sh", "-c", "id"]}]}))
+    assert not sock.poll(SILENCE_S * 1000), "a refused peer got an answer"
+
+
+def _jobs(tmp_path) -> list:
+    with Client(config=tmp_path / "masters.toml", key=keys.secret_path(tmp_path / "keys", "operator"),
+                timeout=10) as c:
+        return c.jobs().value
+
+
+def test_a_peer_without_keys_or_with_an_unknown_key_gets_nothing_through(cluster, caplog):
+    tmp_path, nodes = cluster
+    leader, _ = _leader(nodes)
+    ctx = zmq.Context()
+    try:
+        plain = ctx.socket(zmq.DEALER)
+        plain.linger = 0
+        plain.connect(leader.address)  # no CURVE at all
+        _submit_gets_no_answer(plain)
+        wait_for(lambda: _counters(leader).get("handshake_failed_total", 0) >= 1, 10, "the failed handshake counted")
+
+        stranger = ctx.socket(zmq.DEALER)
+        stranger.linger = 0
+        public, secret = zmq.curve_keypair()  # a well-formed key nobody admitted
+        stranger.curve_publickey, stranger.curve_secretkey = public, secret
+        stranger.curve_serverkey = keys.for_address(leader.address).server_key(leader.address)
+        stranger.connect(leader.address)
+        _submit_gets_no_answer(stranger)
+        wait_for(lambda: _counters(leader).get("auth_refused", 0) >= 1, 10, "the unknown key counted")
+        # twice more: still nothing through, and the master logs the key once
+        for _ in range(2):
+            stranger.close()
+            stranger = ctx.socket(zmq.DEALER)
+            stranger.linger = 0
+            stranger.curve_publickey, stranger.curve_secretkey = public, secret
+            stranger.curve_serverkey = keys.for_address(leader.address).server_key(leader.address)
+            stranger.connect(leader.address)
+            _submit_gets_no_answer(stranger)
+        assert leader.log_text().count(public.decode()) == 1
+    finally:
+        ctx.destroy(linger=0)
+    assert _jobs(tmp_path) == []  # nothing was submitted
+    assert all(n.process.poll() is None for n in nodes)
+
+
+def test_a_revoked_key_is_refused_on_its_next_message_and_at_its_next_connect(cluster):
+    tmp_path, nodes = cluster
+    leader, _ = _leader(nodes)
+    make_keys(tmp_path, {"alice": "client"})
+    alice = keys.client_credentials(parse_security({}, str(tmp_path / "masters.toml")),
+                                    {n.address: n.name for n in nodes},
+                                    keys.secret_path(tmp_path / "keys", "alice"), remember=False)
+    raw = RawClient(leader.address, alice)
+    try:
+        raw.send(Submit(1, 1, 2, "list", {"tasks": [{"i": 1}]}))
+        assert isinstance(raw.recv(), SubmitAck)
+        entries = [e for e in keys.parse_allow_list(tmp_path / "keys.toml") if e.name != "alice"]
+        keys.write_allow_list(tmp_path / "keys.toml", entries)  # `cluster keys revoke alice`, by hand
+        wait_for(lambda: _counters(leader).get("keys_reloaded", 0) >= 1, 10, "the leader to re-read the list")
+        raw.send(Submit(2, 3, 4, "list", {"tasks": [{"i": 2}]}))  # the same, still open connection
+        assert not raw.sock.poll(SILENCE_S * 1000)
+        assert _counters(leader).get("refused_revoked_key", 0) >= 1
+    finally:
+        raw.close()
+    fresh = RawClient(leader.address, alice)
+    try:
+        fresh.send(Submit(3, 5, 6, "list", {"tasks": [{"i": 3}]}))
+        assert not fresh.sock.poll(SILENCE_S * 1000)
+    finally:
+        fresh.close()
+    assert len(_jobs(tmp_path)) == 1  # only the job submitted before the revocation
+
+
+def test_a_client_never_talks_to_a_node_with_another_key(cluster):
+    """CURVE authenticates the server too: an impostor on a node's address gets no message."""
+    tmp_path, nodes = cluster
+    ctx = zmq.Context()
+    try:
+        impostor = ctx.socket(zmq.ROUTER)
+        impostor.curve_server = True
+        impostor.curve_publickey, impostor.curve_secretkey = zmq.curve_keypair()
+        port = impostor.bind_to_random_port("tcp://127.0.0.1")
+        address = f"tcp://127.0.0.1:{port}"
+        creds = keys.for_address(nodes[0].address)
+        creds.add_server(address, "m1")  # the client believes m1 is there
+        raw = RawClient(address, creds)
+        try:
+            raw.send(Submit(1, 1, 2, "list", {"tasks": [{"i": 1}]}))
+            assert not impostor.poll(SILENCE_S * 1000), "the impostor received a message"
+        finally:
+            raw.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_every_node_reports_its_public_key(cluster):
+    tmp_path, nodes = cluster
+    allow = keys.AllowList.read(tmp_path / "keys.toml")
+    for n in nodes:
+        d = wait_for(lambda n=n: detail(n), 10, f"{n.name} to answer")
+        assert d["public_key"] == allow.by_name[n.name].public
+        assert d["key_name"] == n.name
