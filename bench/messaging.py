@@ -6,6 +6,7 @@ Run from the repository root::
     .venv/bin/python bench/messaging.py            # full run (~1-2 min), writes bench/results/messaging.json
     .venv/bin/python bench/messaging.py --quick    # under a minute
     .venv/bin/python bench/messaging.py --json /tmp/m.json --reps 7
+    .venv/bin/python bench/messaging.py --curve-only   # CURVE against plaintext only (~40 s)
 
 What it measures, for payloads of 64 B, 1 KiB, 64 KiB and 1 MiB:
 
@@ -19,6 +20,9 @@ What it measures, for payloads of 64 B, 1 KiB, 64 KiB and 1 MiB:
   reply. Ours: FILE_REQUEST → FILE_RESPONSE carrying the payload. Median and p99 in µs.
 * Zero-copy evidence for payloads ≥ 64 KiB: buffer addresses on the send and receive side,
   and decode cost against payload size.
+* CURVE against plaintext (issue 20, ``bench/messaging_curve.py``): the throughput trials (raw
+  and ours) and our round trip at 64 B, 1 KiB and 64 KiB, each in both security modes,
+  alternating. ``--curve-only`` runs just this part.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from bench import machine  # noqa: E402
+from bench import machine, messaging_curve  # noqa: E402
 from bench.procs import Worker  # noqa: E402
 from proto.codec import DEFAULT_LIMITS, Codec, new_node_id  # noqa: E402
 from proto.messages import FileChunk, FileRequest, FileResponse  # noqa: E402
@@ -73,12 +77,16 @@ def hwm_for(size: int) -> int:
 # ---- worker processes ---------------------------------------------------------------------
 
 
-def task_tp_recv(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int, hwm: int) -> dict:
+def task_tp_recv(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int, hwm: int,
+                 sec: str | None = None, keys: dict | None = None) -> dict:
+    """``sec`` (None: as before; "plain" or "curve"): the security mode of the CURVE comparison;
+    then "ours" also checks each message's sender as the node loop does (messaging_curve.peer_check)."""
     sock = ctx.socket(zmq.PULL)
     sock.rcvhwm = hwm
     sock.rcvtimeo = SOCKET_TIMEOUT_MS
     sock.linger = 0
     try:
+        messaging_curve.serve(ctx, sock, sec, keys)
         port = sock.bind_to_random_port("tcp://127.0.0.1")
         conn.send(("port", port))
         n = count - 1
@@ -96,12 +104,22 @@ def task_tp_recv(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int, 
                 for _ in range(n):
                     total += len(recv(copy=False))
                 t1 = time.perf_counter()
-        else:
+        elif sec is None:
             crecv = Codec(new_node_id()).recv
             total = len(crecv(sock)[2].payload)
             t0 = time.perf_counter()
             for _ in range(n):
                 total += len(crecv(sock)[2].payload)
+            t1 = time.perf_counter()
+        else:
+            codec = Codec(new_node_id())
+            crecv, peer = codec.recv, messaging_curve.peer_check(sec, keys)
+            total = len(crecv(sock)[2].payload)
+            peer(codec.last_frame)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                total += len(crecv(sock)[2].payload)
+                peer(codec.last_frame)
             t1 = time.perf_counter()
         if total != count * size:
             raise AssertionError(f"received {total} payload bytes, expected {count * size}")
@@ -110,14 +128,15 @@ def task_tp_recv(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int, 
         sock.close(linger=0)
 
 
-def task_tp_send(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int, hwm: int, port: int) -> dict:
+def task_tp_send(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int, hwm: int, port: int,
+                 sec: str | None = None, keys: dict | None = None) -> dict:
     sock = ctx.socket(zmq.PUSH)
     sock.sndhwm = hwm
     sock.sndtimeo = SOCKET_TIMEOUT_MS
     sock.linger = SOCKET_TIMEOUT_MS
     payload = os.urandom(size)
     try:
-        sock.connect(f"tcp://127.0.0.1:{port}")
+        messaging_curve.connect(sock, f"tcp://127.0.0.1:{port}", sec, keys)
         t0 = time.perf_counter()
         if mode == "raw":
             send = sock.send
@@ -136,12 +155,14 @@ def task_tp_send(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int, 
         sock.close()  # the context's I/O thread keeps flushing (linger bounded above)
 
 
-def task_lat_server(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int) -> dict:
+def task_lat_server(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int,
+                    sec: str | None = None, keys: dict | None = None) -> dict:
     sock = ctx.socket(zmq.ROUTER)
     sock.rcvtimeo = SOCKET_TIMEOUT_MS
     sock.sndtimeo = SOCKET_TIMEOUT_MS
     payload = os.urandom(size)
     try:
+        messaging_curve.serve(ctx, sock, sec, keys)
         port = sock.bind_to_random_port("tcp://127.0.0.1")
         conn.send(("port", port))
         if mode == "raw":
@@ -155,8 +176,11 @@ def task_lat_server(ctx: zmq.Context, conn: Any, mode: str, size: int, count: in
         else:
             codec = Codec(new_node_id())
             crecv, csend = codec.recv, codec.send
+            peer = messaging_curve.peer_check(sec, keys) if sec is not None else None
             for _ in range(count):
                 route, _, req = crecv(sock, router=True)
+                if peer is not None:
+                    peer(codec.last_frame)
                 reply = FileResponse(req.request_id, req.file_id_upper, req.file_id_lower, req.offset, size, 0, payload)
                 csend(sock, reply, route=route)
         return {"served": count}
@@ -166,7 +190,8 @@ def task_lat_server(ctx: zmq.Context, conn: Any, mode: str, size: int, count: in
         sock.close(linger=SOCKET_TIMEOUT_MS)
 
 
-def task_lat_client(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int, warmup: int, port: int) -> list[int]:
+def task_lat_client(ctx: zmq.Context, conn: Any, mode: str, size: int, count: int, warmup: int, port: int,
+                    sec: str | None = None, keys: dict | None = None) -> list[int]:
     sock = ctx.socket(zmq.DEALER)
     sock.rcvtimeo = SOCKET_TIMEOUT_MS
     sock.sndtimeo = SOCKET_TIMEOUT_MS
@@ -175,7 +200,7 @@ def task_lat_client(ctx: zmq.Context, conn: Any, mode: str, size: int, count: in
     samples: list[int] = []
     keep = samples.append
     try:
-        sock.connect(f"tcp://127.0.0.1:{port}")
+        messaging_curve.connect(sock, f"tcp://127.0.0.1:{port}", sec, keys)
         if mode == "raw":
             request = os.urandom(16)
             send, recv = sock.send, sock.recv
@@ -211,17 +236,19 @@ TASKS = {
     "tp_send": task_tp_send,
     "lat_server": task_lat_server,
     "lat_client": task_lat_client,
+    **messaging_curve.TASKS,
 }
 
 
 # ---- throughput ------------------------------------------------------------------------------
 
 
-def tp_trial(rx: Worker, tx: Worker, mode: str, size: int, count: int) -> dict:
+def tp_trial(rx: Worker, tx: Worker, mode: str, size: int, count: int, **security: Any) -> dict:
+    """One throughput trial; ``security`` (sec=, keys=) goes to both ends (messaging_curve)."""
     hwm = hwm_for(size)
-    rx.start("tp_recv", mode=mode, size=size, count=count, hwm=hwm)
+    rx.start("tp_recv", mode=mode, size=size, count=count, hwm=hwm, **security)
     port = rx.message("port")
-    tx.start("tp_send", mode=mode, size=size, count=count, hwm=hwm, port=port)
+    tx.start("tp_send", mode=mode, size=size, count=count, hwm=hwm, port=port, **security)
     sent = tx.result()
     got = rx.result()
     got["send_seconds"] = sent["seconds"]
@@ -449,7 +476,6 @@ def machine_info() -> dict:
 
 def print_report(res: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     con = Console()
     m = res["machine"]
@@ -458,6 +484,22 @@ def print_report(res: dict) -> None:
         f"pyzmq {m['pyzmq']}, libzmq {m['libzmq']}, reps {res['config']['reps']}"
         f"{' (quick)' if res['config']['quick'] else ''}"
     )
+    if "throughput" in res:
+        print_main_tables(con, res)
+    if "curve" in res:
+        messaging_curve.print_curve(con, res["curve"])
+    shares = m.get("cpu_shares_during_run")
+    if shares:
+        con.print(
+            f"CPU during the run: busy {shares['busy']:.0%}, idle {shares['idle']:.0%}, "
+            f"steal {shares['steal']:.0%} (time the hypervisor gave to other guests)"
+        )
+    con.print(f"total {res['elapsed_s']:.1f} s; results in {res['json_path']}")
+
+
+def print_main_tables(con: Any, res: dict) -> None:
+    from rich.table import Table
+
     t = Table(title="Throughput PUSH→PULL, tcp://127.0.0.1, separate processes (median of trials)")
     for c in ("payload", "raw msg/s", "ours msg/s", "ours/raw", "raw MB/s", "ours MB/s", "HWM"):
         t.add_column(c, justify="right")
@@ -523,21 +565,17 @@ def print_report(res: dict) -> None:
         f"{zc['decode_4MiB_over_64KiB']:.2f}× (a copy: {zc['copy_1MiB_over_64KiB']:.1f}× for 1 MiB / 64 KiB); "
         f"address checks {'all pass' if zc['all_address_checks_pass'] else 'FAIL'}"
     )
-    shares = m.get("cpu_shares_during_run")
-    if shares:
-        con.print(
-            f"CPU during the run: busy {shares['busy']:.0%}, idle {shares['idle']:.0%}, "
-            f"steal {shares['steal']:.0%} (time the hypervisor gave to other guests)"
-        )
-    con.print(f"total {res['elapsed_s']:.1f} s; results in {res['json_path']}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer, shorter trials (whole run < 60 s)")
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "messaging.json"), help="where to write the results")
+    ap.add_argument("--json", default=None, help="where to write the results (default "
+                    "bench/results/messaging.json, with --curve-only bench/results/messaging_curve.json)")
     ap.add_argument("--reps", type=int, default=None, help="trials per mode and size (default 5, --quick 2)")
+    ap.add_argument("--curve-only", action="store_true", help="only CURVE against plaintext (issue 20)")
     args = ap.parse_args(argv)
+    json_path = args.json or str(ROOT / "bench" / "results" / ("messaging_curve.json" if args.curve_only else "messaging.json"))
     reps = args.reps or (2 if args.quick else 5)
     target_s = 0.25 if args.quick else 0.85
     lat_totals = (
@@ -545,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick
         else {64: 20000, KiB: 20000, 64 * KiB: 8000, MiB: 1500}
     )
+    # CURVE against plaintext: shorter trials, so that the full run stays under ~3 minutes
+    curve_target_s = 0.2 if args.quick else 0.5
+    curve_totals = {64: 2000, KiB: 2000, 64 * KiB: 1000} if args.quick else {64: 10000, KiB: 10000, 64 * KiB: 4000}
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -562,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             "codec_inline_payload_below_bytes": DEFAULT_LIMITS.inline_payload_bytes,
             "transport": "tcp://127.0.0.1 (random free ports)",
             "processes": "multiprocessing spawn; persistent sender/receiver (client/server) processes, fresh sockets per trial",
+            "curve_only": args.curve_only,
         },
     }
     cpu_before = machine.cpu_times()
@@ -569,18 +611,25 @@ def main(argv: list[str] | None = None) -> int:
     a = Worker(mpctx, "bench-a", "bench.messaging", RESULT_TIMEOUT_S)
     b = Worker(mpctx, "bench-b", "bench.messaging", RESULT_TIMEOUT_S)
     try:
-        log("throughput (raw and ours alternate) …")
-        res["throughput"] = run_throughput(a, b, reps, target_s, log)
-        log("round-trip latency …")
-        res["latency"] = run_latency(a, b, reps, lat_totals, log)
+        if not args.curve_only:
+            log("throughput (raw and ours alternate) …")
+            res["throughput"] = run_throughput(a, b, reps, target_s, log)
+            log("round-trip latency …")
+            res["latency"] = run_latency(a, b, reps, lat_totals, log)
+        log("CURVE against plaintext (the two alternate) …")
+        res["curve"] = messaging_curve.run_curve(a, b, reps, curve_target_s, curve_totals, log, tp_trial, label)
+        res["curve"]["zap"] = messaging_curve.stop_zap([a, b])
     finally:
         b.stop()
         a.stop()
-    log("zero-copy evidence …")
-    res["zero_copy"] = run_zero_copy(args.quick)
-    machine.finish(res, cpu_before, started, args.json)
+    ok = res["curve"]["zap_check"]["stranger_refused"] and res["curve"]["zap_check"]["client_admitted"]
+    if not args.curve_only:
+        log("zero-copy evidence …")
+        res["zero_copy"] = run_zero_copy(args.quick)
+        ok = ok and res["zero_copy"]["all_address_checks_pass"]
+    machine.finish(res, cpu_before, started, json_path)
     print_report(res)
-    return 0 if res["zero_copy"]["all_address_checks_pass"] else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
