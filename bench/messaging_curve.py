@@ -7,24 +7,26 @@ loops) in both modes, side by side, and reports the medians and their ratio:
 * throughput PUSH → PULL, raw pyzmq and ours (``Codec``), at 64 B, 1 KiB and 64 KiB;
 * our round trip DEALER → ROUTER → DEALER (``FileRequest`` → ``FileResponse``) at those sizes.
 
-CURVE is set up as ``cluster.node.keys.Credentials`` does it: the binding socket is the CURVE
-server (``curve_server``, its keypair, ``zap_domain``), the connecting one a client that pins
-the server's public key. The server's process runs pyzmq's ``ThreadAuthenticator`` with
-``configure_curve_callback`` and a callback admitting the keys of a small allow-list, as the node
-loop's ``keys.Gatekeeper`` does, so every handshake is a real one answered by ZAP (a key not in the
-list is refused: checked once per run). Per received message, our path then does what the node
-loop's ``_peer`` does: with CURVE, ``frame.get("User-Id")`` (the client's Z85 key) and a look-up
-in the allow-list; in plaintext, a call that returns "anyone" (``Credentials.peer`` of an
-insecure cluster). Raw pyzmq does neither.
+CURVE is set up with the cluster's own ``cluster.node.keys``: an ``AllowList`` admitting the
+bench's client key, ``Credentials`` for the server and the client, ``Credentials.serve`` on the
+binding socket (CURVE server, its keypair, ``keys.ZAP_DOMAIN``) and ``Credentials.connect`` on the
+connecting one (a client that pins the server's public key); plaintext is
+``Credentials.plaintext``. The server's process runs pyzmq's ``ThreadAuthenticator`` with
+``configure_curve_callback(keys.ZAP_DOMAIN, keys.Gatekeeper(...))``, the node loop's ZAP handler,
+so every handshake is a real one answered by ZAP (a key not in the list is refused: checked once
+per run). Per received message, our path then does what the node loop's ``_peer`` does: with
+CURVE, ``credentials.allow.admit(frame.get("User-Id").encode())`` (the client's Z85 key, looked up
+in the live allow-list); in plaintext, ``Credentials.peer`` of an insecure cluster (everyone is
+"anyone"). Raw pyzmq does neither.
 
 The handshake is outside every timing: a throughput trial counts from the first message
-received, a round-trip block starts after its warm-up. The bench does not import
-``cluster.node.keys``; it mirrors the few lines it needs, so it measures libzmq and the codec,
-not the cluster's start-up.
+received, a round-trip block starts after its warm-up; ``cluster.node.keys`` is imported when
+this module is, before any trial.
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from typing import Any, Callable
@@ -32,44 +34,32 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
+from cluster.node import keys as cluster_keys
+
 KiB = 1024
 SIZES = (64, KiB, 64 * KiB)
 SECS = ("plain", "curve")
-ZAP_DOMAIN = "bench"  # a str for pyzmq's authenticator, bytes on the socket (as keys.ZAP_DOMAIN)
-ANYONE = ("anyone", "any role")  # what an insecure cluster's Credentials.peer returns for everyone
+ZAP_DOMAIN = cluster_keys.ZAP_DOMAIN  # what Credentials.serve sets on a CURVE server socket
 GUESS_RATE = {("raw", 64): 200_000, ("raw", KiB): 150_000, ("raw", 64 * KiB): 8_000,
               ("ours", 64): 100_000, ("ours", KiB): 100_000, ("ours", 64 * KiB): 8_000}
 
 # ---- in the worker processes ----------------------------------------------------------------
 
-_zap: dict[str, Any] = {}  # this process's authenticator and its callback (one per context)
+_zap: dict[str, Any] = {}  # this process's server credentials, authenticator and gatekeeper (one per context)
+_zap_log = logging.getLogger("bench.messaging_curve.zap")
+_zap_log.addHandler(logging.NullHandler())  # the stranger's refusal is expected: counted, not printed
+_zap_log.propagate = False
 
 
-class Gate:
-    """The ZAP callback (pyzmq's credentials provider): admits a key in the allow-list, as
-    ``keys.Gatekeeper`` does; counts what it admits and refuses."""
-
-    def __init__(self, by_public: dict[bytes, tuple[str, str]]) -> None:
-        self.by_public = by_public
-        self.admitted = 0
-        self.refused = 0
+class Gatekeeper(cluster_keys.Gatekeeper):
+    """``keys.Gatekeeper`` (it counts refusals as ``counters["auth_refused"]``) that also counts
+    the handshakes it admits (``counters["auth_admitted"]``), for the report."""
 
     def callback(self, domain: str, key: bytes) -> bool:
-        if self.by_public.get(key) is not None:
-            self.admitted += 1
-            return True
-        self.refused += 1
-        return False
-
-
-class Allow:
-    """The allow-list by public key, as ``keys.AllowList.admit`` looks it up."""
-
-    def __init__(self, keys: dict) -> None:
-        self.by_public = {keys["client"][0]: ("bench-client", "client")}
-
-    def admit(self, public_z85: bytes) -> tuple[str, str] | None:
-        return self.by_public.get(public_z85)
+        admitted = super().callback(domain, key)
+        if admitted:
+            self.counters["auth_admitted"] = self.counters.get("auth_admitted", 0) + 1
+        return admitted
 
 
 def make_keys() -> dict[str, tuple[bytes, bytes]]:
@@ -77,59 +67,80 @@ def make_keys() -> dict[str, tuple[bytes, bytes]]:
     return {name: zmq.curve_keypair() for name in ("server", "client", "stranger")}
 
 
-def _gate(ctx: zmq.Context, keys: dict) -> Gate:
+def allow_list(keys: dict) -> cluster_keys.AllowList:
+    """The allow-list: the bench's client only (not the stranger; the server is never a client)."""
+    return cluster_keys.AllowList([cluster_keys.KeyEntry("bench-client", "client", keys["client"][0].decode())])
+
+
+def server_credentials(keys: dict) -> cluster_keys.Credentials:
+    """This process's server credentials (made once: the gatekeeper and the per-message check
+    share their live allow-list, as in a node)."""
+    creds = _zap.get("server")
+    if creds is None or creds.public != keys["server"][0]:
+        creds = _zap["server"] = cluster_keys.Credentials(
+            name="bench-server", public=keys["server"][0], secret=keys["server"][1], allow=allow_list(keys))
+    return creds
+
+
+def client_credentials(keys: dict, address: str, who: str = "client") -> cluster_keys.Credentials:
+    """``who``'s credentials, pinning the server's public key for ``address``."""
+    return cluster_keys.Credentials(name=f"bench-{who}", public=keys[who][0], secret=keys[who][1],
+                                    allow=allow_list(keys), servers={address: keys["server"][0]})
+
+
+def _gate(ctx: zmq.Context, keys: dict) -> Gatekeeper:
     """Start this process's ZAP handler on first use (before the first CURVE bind)."""
     if "auth" not in _zap:
         from zmq.auth.thread import ThreadAuthenticator
 
         auth = ThreadAuthenticator(ctx)
         auth.start()
-        gate = Gate(Allow(keys).by_public)
-        auth.configure_curve_callback(ZAP_DOMAIN, gate)
+        gate = Gatekeeper(server_credentials(keys), {}, _zap_log)
+        auth.configure_curve_callback(cluster_keys.ZAP_DOMAIN, gate)
         _zap.update(auth=auth, gate=gate)
     return _zap["gate"]
 
 
 def serve(ctx: zmq.Context, sock: zmq.Socket, sec: str | None, keys: dict | None) -> None:
-    """Make ``sock`` (about to bind) a CURVE server whose clients ZAP must admit (as
-    ``Credentials.serve``); nothing for plaintext."""
+    """Make ``sock`` (about to bind) a CURVE server whose clients ZAP must admit
+    (``Credentials.serve``); nothing for plaintext."""
     if sec != "curve":
+        cluster_keys.Credentials.plaintext().serve(sock)
         return
     _gate(ctx, keys)
-    sock.curve_secretkey = keys["server"][1]
-    sock.curve_publickey = keys["server"][0]
-    sock.curve_server = True
-    sock.zap_domain = ZAP_DOMAIN.encode()
+    server_credentials(keys).serve(sock)
 
 
 def connect(sock: zmq.Socket, address: str, sec: str | None, keys: dict | None, who: str = "client") -> None:
-    """Connect ``sock``, as a CURVE client pinning the server's key (``Credentials.connect``)."""
+    """Connect ``sock`` (``Credentials.connect``): as a CURVE client pinning the server's key, or
+    in plaintext."""
     if sec == "curve":
-        sock.curve_serverkey = keys["server"][0]
-        sock.curve_secretkey = keys[who][1]
-        sock.curve_publickey = keys[who][0]
-    sock.connect(address)
+        client_credentials(keys, address, who).connect(sock, address)
+    else:
+        cluster_keys.Credentials.plaintext([address]).connect(sock, address)
 
 
 def peer_check(sec: str, keys: dict | None) -> Callable[[zmq.Frame], Any]:
-    """What the node loop does for every message it receives (``loop._peer``): with CURVE, the
-    sender's key from the frame's ZAP User-Id, looked up in the live allow-list; in plaintext,
-    everyone is admitted."""
+    """What the node loop does for every message it receives on a socket it bound
+    (``loop._peer``): with CURVE, the sender's key from the frame's ZAP User-Id, looked up in the
+    live allow-list; in plaintext, ``Credentials.peer`` of an insecure cluster (everyone admitted)."""
     if sec != "curve":
+        plain_creds = cluster_keys.Credentials.plaintext()
+
         def plain(frame: zmq.Frame) -> Any:
-            return ANYONE
+            return plain_creds.peer(None)
         return plain
-    allow = Allow(keys)
+    credentials = server_credentials(keys)
 
     def curve(frame: zmq.Frame) -> Any:
         try:
             user_id = frame.get("User-Id") if frame is not None else None
         except zmq.ZMQError:
             user_id = None
-        entry = allow.admit(user_id.encode()) if user_id else None
+        entry = credentials.allow.admit(user_id.encode()) if user_id else None
         if entry is None:
             raise AssertionError(f"a message from a key not admitted: {user_id!r}")
-        return entry
+        return entry.peer
     return curve
 
 
@@ -137,7 +148,7 @@ def task_zap_check(ctx: zmq.Context, conn: Any, keys: dict) -> dict:
     """The handshake is the real one: a client whose key is not in the allow-list gets nothing
     through; the admitted client's message arrives with its key as User-Id."""
     gate = _gate(ctx, keys)
-    refused_before = gate.refused
+    refused_before = gate.counters.get("auth_refused", 0)
     server = ctx.socket(zmq.ROUTER)
     socks = [server]
     try:
@@ -157,9 +168,10 @@ def task_zap_check(ctx: zmq.Context, conn: Any, keys: dict) -> dict:
                 _, frame = server.recv_multipart(copy=False)
                 got[frame.bytes.decode()] = frame.get("User-Id")
                 frames[frame.bytes.decode()] = frame
+        refusals = gate.counters.get("auth_refused", 0) - refused_before
         out = {
-            "stranger_refused": "stranger" not in got and gate.refused > refused_before,
-            "zap_refusals": gate.refused - refused_before,
+            "stranger_refused": "stranger" not in got and refusals > 0,
+            "zap_refusals": refusals,
             "client_admitted": got.get("client") == keys["client"][0].decode(),
             "user_id_is_client_key": got.get("client"),
         }
@@ -185,7 +197,8 @@ def task_zap_stop(ctx: zmq.Context, conn: Any) -> dict:
     if auth is None:
         return {"handshakes_admitted": 0, "handshakes_refused": 0}
     auth.stop()
-    return {"handshakes_admitted": gate.admitted, "handshakes_refused": gate.refused}
+    return {"handshakes_admitted": gate.counters.get("auth_admitted", 0),
+            "handshakes_refused": gate.counters.get("auth_refused", 0)}
 
 
 TASKS = {"zap_check": task_zap_check, "zap_stop": task_zap_stop}
