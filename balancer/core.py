@@ -60,12 +60,14 @@ from balancer.registry import Registry, RegistryError, Worker
 from cluster.node.events import (
     Effect,
     Event,
+    Forbidden,
     Log,
     MessageReceived,
     Send,
     Started,
     StartTimer,
     TimerFired,
+    authorise,
 )
 from proto.errors import AppReason
 from proto.ids import join128, split128
@@ -108,6 +110,13 @@ class BalancerOptions:
     # balancer failover re-sends little.
     queue_factor: int = 16
     min_queue: int = 64
+
+
+# Who may speak on which socket (the sender's key's role, cluster.node.keys): workers on the
+# workers' socket, the other balancer on the peer link, masters on the links to them (those are
+# the servers whose keys this balancer pinned, so a refusal there means a revoked key).
+SOCKET_ROLES: dict[str, frozenset[str]] = {WORKERS: frozenset({"worker"}), PEER_IN: frozenset({"balancer"})}
+MASTERS_ONLY = frozenset({"master"})
 
 
 class BalancerCore:
@@ -187,8 +196,13 @@ class BalancerCore:
 
     def _on_message(self, ev: MessageReceived, now: float) -> list[Effect]:
         m = ev.message
+        forbidden = authorise(ev, SOCKET_ROLES.get(ev.socket, MASTERS_ONLY if ev.socket.startswith("m") else None))
+        if forbidden:
+            return forbidden
         if ev.socket == WORKERS:
             if isinstance(m, WorkerStatus):
+                if ev.peer.name and m.name != ev.peer.name:  # a worker key registers only its own name
+                    return [self._forbid(ev, f"worker key {ev.peer.name} may not register as {m.name!r}")]
                 return self._on_worker_status(ev, m, now)
             if isinstance(m, TaskResult):
                 return self._on_result(ev, m, now)
@@ -316,9 +330,19 @@ class BalancerCore:
                     del self.routes[other]
         self.routes[route] = name
 
+    def _forbid(self, ev: MessageReceived, detail: str) -> Forbidden:
+        self._count("forbidden")
+        return Forbidden(ev.socket, ev.route, type(ev.message).__name__, ev.peer, detail, ev.stimulus_id)
+
     def _on_result(self, ev: MessageReceived, m: TaskResult, now: float) -> list[Effect]:
         name = self.routes.get(ev.route)
         key = (join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id)
+        runners = self.registry.runners(key)
+        if ev.peer.name and runners and ev.peer.name not in runners:
+            # a result counts only from the worker its attempt was sent to. One this balancer has
+            # not seen sent (it took over since) goes on: the master checks its fence.
+            return [self._forbid(ev, f"task {key[0].hex()}/{key[1]} runs on {', '.join(sorted(runners))}, "
+                                     f"not on {ev.peer.name}")]
         if name is not None:
             self.registry.finished(name, key)
         else:
@@ -329,7 +353,8 @@ class BalancerCore:
             return []
         self._count("results_forwarded")
         forwarded = TaskResult(m.job_uuid_upper, m.job_uuid_lower, m.task_id, m.fence_term, m.fence_sequence,
-                               m.outcome, m.exit_code, m.summary, m.result_file, m.error, name or m.worker, m.files)
+                               m.outcome, m.exit_code, m.summary, m.result_file, m.error,
+                               name or ev.peer.name or m.worker, m.files)
         return [self.stream.send(forwarded, ev.stimulus_id)]
 
     def _to_worker_error(self, ev: MessageReceived, code: str, text: str) -> Effect:

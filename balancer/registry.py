@@ -289,6 +289,10 @@ class Registry:
     def __len__(self) -> int:
         return len(self._workers)
 
+    def runners(self, key: TaskKey) -> set[str]:
+        """The workers this balancer sent task ``key`` to and that have not ended it."""
+        return set(self._runs.get(key, ()))
+
     def newest_fence(self, key: TaskKey) -> tuple[str, Fence] | None:
         """The worker running task ``key`` under the newest fence, with that fence; None when
         no worker runs it."""

@@ -64,7 +64,7 @@ import zmq  # noqa: E402
 from bench import machine  # noqa: E402
 from bench.raft_counter import counter_cluster  # noqa: E402
 from cluster.client import Client, ClusterError  # noqa: E402
-from cluster.local import LocalNode, master_nodes, start_all, stop_all  # noqa: E402
+from cluster.local import LocalNode, credentials_as, master_nodes, start_all, stop_all  # noqa: E402
 from cluster.node.status import query_status  # noqa: E402
 from master.echo_balancer import EchoBalancer  # noqa: E402
 from master.raft import DEFAULT_TIMINGS  # noqa: E402
@@ -106,6 +106,7 @@ class Masters:
         self.dir = root / name
         self.nodes: list[LocalNode] = master_nodes(self.dir, count)
         self.addresses = [n.address for n in self.nodes]
+        self.balancer_key = credentials_as(self.dir / "masters.toml", "echo", "balancer")  # the echo attaches
 
     def __enter__(self) -> "Masters":
         start_all(self.nodes, 30)
@@ -159,8 +160,8 @@ def elections(changes: dict[str, list[tuple[str, int]]]) -> dict[str, Any]:
 # ---- phases 1 and 2: our masters -----------------------------------------------------------
 
 
-def echo_run(addresses: list[str], n: int, epoch: int, timeout: float) -> dict:
-    e = EchoBalancer(addresses, credit=ECHO_CREDIT, epoch=epoch, name=f"echo{epoch}")
+def echo_run(addresses: list[str], n: int, epoch: int, timeout: float, credentials: Any = None) -> dict:
+    e = EchoBalancer(addresses, credit=ECHO_CREDIT, epoch=epoch, name=f"echo{epoch}", credentials=credentials)
     try:
         t0 = time.perf_counter()
         st = e.run(time.monotonic() + timeout, stop_after=n)
@@ -188,13 +189,13 @@ def bench_masters(root: Path, reps: int, n_submits: int, n_tasks: int) -> dict:
                 return {"count": n, "seconds": dt, "per_s": n / dt}
 
             def drain(n: int) -> None:  # the one-task jobs just submitted (untimed)
-                r = echo_run(ms.addresses, n, ECHO_EPOCH, 60)
+                r = echo_run(ms.addresses, n, ECHO_EPOCH, 60, ms.balancer_key)
                 if r["acked"] < n:
                     raise RuntimeError(f"drain: only {r['acked']} of {n} one-task jobs completed")
 
             def completions(m: int) -> dict:
                 ref = c.submit_job("range", {"count": m, "keep_results": False})
-                r = echo_run(ms.addresses, m, ECHO_EPOCH, 60)
+                r = echo_run(ms.addresses, m, ECHO_EPOCH, 60, ms.balancer_key)
                 view = c.job(ref.job).value
                 r.update(count=m, job_state=view["state"], job_done=view["done"])
                 if r["acked"] < m or view["state"] != "done" or view["done"] != m:

@@ -248,8 +248,7 @@ def learn_keys(config: Path) -> keys.Credentials:
     """This process's (the launcher's, a test's) client credentials for the cluster at ``config``:
     every link it opens to that cluster's nodes then authenticates with them."""
     cfg = load_cluster_config(config)
-    return keys.client_credentials(cfg.security, cfg.servers(), keys.secret_path(cfg.security.secrets, "operator")
-                                   if not cfg.security.insecure else None)
+    return keys.client_credentials(cfg.security, cfg.servers())  # the `client` key, as the cluster commands
 
 
 def raft_secret(path: Path) -> None:
@@ -260,6 +259,19 @@ def raft_secret(path: Path) -> None:
         return
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
+
+
+def credentials_as(config: Path, name: str, role: str) -> keys.Credentials:
+    """Credentials for a key ``name`` of ``role`` in the cluster at ``config`` (made beside it if
+    it is new), not learnt for this process's links: pass them where a test or benchmark acts
+    as that role (e.g. ``EchoBalancer(credentials=...)``, a balancer's key)."""
+    config = Path(config)
+    cfg = load_cluster_config(config)
+    if cfg.security.insecure:
+        return keys.Credentials.plaintext(list(cfg.servers()))
+    make_keys(config.parent, {name: role})
+    return keys.client_credentials(cfg.security, cfg.servers(), keys.secret_path(cfg.security.secrets, name),
+                                   remember=False)
 
 
 def master_nodes(directory: Path, count: int = 3, *, snapshot_every: int = 20_000, log_level: str = "INFO",

@@ -5,8 +5,9 @@
 #   gcc, libc6-dev        : tests/c compiles a C program against proto/cluster_proto.h
 #   fuse3                 : the workers' read-only FUSE view (mfusepy binds libfuse3)
 #   samtools              : tests check the SAM output with samtools view (skipped without it)
+#   strace                : a test reads a master's syscalls to prove its term and vote are fsynced
 set -euo pipefail
-want=(python3 python3-venv gcc libc6-dev fuse3 samtools)
+want=(python3 python3-venv gcc libc6-dev fuse3 samtools strace)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -32,7 +32,7 @@ from master.commands import CancelJob as CancelCommand
 from master.commands import RegisterFile, ReleaseFile, SubmitJob
 from master.joblife import spec_digest
 from master.ledger import Ledger
-from master.standing import API, MAX_LIST, Standing, app_error, app_error_to
+from master.standing import API, MAX_LIST, Standing, app_error, app_error_to, not_owner, owns
 from master.state import Applied
 from proto.errors import AppReason
 from proto.ids import join128, split128
@@ -89,7 +89,9 @@ class ClientApi:
                                   f"idempotency key {key.hex()} was used for another job with a different body")]
             upper, lower = split128(known[1])
             return [Send(API, SubmitAck(m.request_id, upper, lower, self.standing.view.last_applied), ev.route, ev.stimulus_id)]
-        command = SubmitJob(job_id_for(key), key, digest, m.kind, m.spec, f"node:{ev.sender:032x}", self.standing.wall(now))
+        # the job's owner: the submitting key's name (without keys, the client's node id)
+        client = ev.peer.name or f"node:{ev.sender:032x}"
+        command = SubmitJob(job_id_for(key), key, digest, m.kind, m.spec, client, self.standing.wall(now))
         return self.batcher.enqueue(command, ("submit", ev.route, m.request_id), ev.stimulus_id, now)
 
     def on_cancel(self, ev: MessageReceived, m: CancelJob, now: float) -> list[Effect]:
@@ -97,8 +99,11 @@ class ClientApi:
         if refusal is not None:
             return [refusal]
         job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
-        if job_id not in self.ledger.state.jobs:
+        job = self.ledger.state.jobs.get(job_id)
+        if job is None:
             return [app_error(ev, m.request_id, AppReason.NOT_FOUND, "unknown_job", f"no job {job_id.hex()}")]
+        if not owns(ev.peer, job.client):
+            return [not_owner(ev, m.request_id, job_id)]
         command = CancelCommand(job_id, m.reason, self.standing.wall(now))
         return self.batcher.enqueue(command, ("cancel", ev.route, m.request_id), ev.stimulus_id, now)
 
@@ -107,6 +112,9 @@ class ClientApi:
         if refusal is not None:
             return [refusal]
         file_id = join128(m.file_id_upper, m.file_id_lower)
+        foreign = self._foreign_job(ev, m.owner)
+        if foreign is not None:
+            return [not_owner(ev, m.request_id, foreign)]
         # pin=0 without an owner is a repair: it adds replicas and no reference
         command = RegisterFile(file_id, m.size, list(m.replicas), m.owner, self.standing.wall(now), m.name,
                                add_ref=bool(m.pin or m.owner))
@@ -116,6 +124,9 @@ class ClientApi:
         refusal = self.standing.writable(ev, m.request_id)
         if refusal is not None:
             return [refusal]
+        foreign = self._foreign_job(ev, m.owner)
+        if foreign is not None:
+            return [not_owner(ev, m.request_id, foreign)]
         command = ReleaseFile(m.file_id, m.owner, self.standing.wall(now))
         return self.batcher.enqueue(command, ("write", ev.route, m.request_id), ev.stimulus_id, now)
 
@@ -151,16 +162,23 @@ class ClientApi:
         view = views.job_view(self.ledger.state, job_id)
         if view is None:
             return [self.standing.not_found(ev, m.request_id, f"no job {job_id.hex()}")]
+        if ev.peer.role != "monitor" and not owns(ev.peer, view["client"]):  # monitors see every job's state
+            return [not_owner(ev, m.request_id, job_id)]
         return [self.standing.reply(ev, m.request_id, view)]
 
     def on_job_list(self, ev: MessageReceived, m: JobList, now: float) -> list[Effect]:
-        return [self.standing.reply(ev, m.request_id, views.jobs_view(self.ledger.state, min(m.limit, MAX_LIST), m.state))]
+        # people see their own jobs; operators and monitors every job
+        mine = ev.peer.name if ev.peer.role in ("client", "gateway") else None
+        return [self.standing.reply(ev, m.request_id, views.jobs_view(self.ledger.state, min(m.limit, MAX_LIST), m.state,
+                                                                      client=mine))]
 
     def on_task_query(self, ev: MessageReceived, m: TaskQuery, now: float) -> list[Effect]:
         job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
         view = views.task_view(self.ledger.state, job_id, m.task_id)
         if view is None:
             return [self.standing.not_found(ev, m.request_id, f"no job {job_id.hex()}")]
+        if not owns(ev.peer, self.ledger.state.jobs[job_id].client):  # a task's result is its owner's
+            return [not_owner(ev, m.request_id, job_id)]
         if self.story is not None and view["state"] != "unknown":
             view["story"] = self.story(job_id, m.task_id)
         return [self.standing.reply(ev, m.request_id, view)]
@@ -175,8 +193,16 @@ class ClientApi:
         state = self.ledger.state
         if m.owner is not None and m.owner not in state.jobs and m.owner not in state.named:
             return [self.standing.not_found(ev, m.request_id, f"no job {m.owner.hex()}")]
+        foreign = self._foreign_job(ev, m.owner) if ev.peer.role in ("client", "gateway") else None
+        if foreign is not None:  # workers and storage nodes list any job's files (mounts, the collector)
+            return [not_owner(ev, m.request_id, foreign)]
         page = views.files_view(state, max(1, min(m.limit, MAX_LIST)), m.owner, m.after)
         return [self.standing.reply(ev, m.request_id, page)]
+
+    def _foreign_job(self, ev: MessageReceived, job_id: bytes | None) -> bytes | None:
+        """``job_id`` if it names a job ``ev``'s sender does not own, else None."""
+        job = self.ledger.state.jobs.get(job_id) if job_id is not None else None
+        return job_id if job is not None and not owns(ev.peer, job.client) else None
 
     def on_heartbeat(self, ev: MessageReceived, m: Heartbeat, now: float) -> list[Effect]:
         if m.reply:

@@ -40,6 +40,8 @@ import logging
 from typing import Any, Callable
 
 from cluster.node.events import (
+    PEOPLE,
+    READERS,
     Effect,
     Event,
     Log,
@@ -48,6 +50,7 @@ from cluster.node.events import (
     StartTimer,
     StopRequested,
     TimerFired,
+    authorise,
 )
 from master import views
 from master.api import ClientApi
@@ -80,6 +83,36 @@ from proto.messages import (
 __all__ = ["API", "Committed", "MasterCore", "ProposalFailed", "Propose", "RaftView", "RAFT_POLL"]
 
 RAFT_POLL = 0.02  # how often the core looks at Raft's role and leader (seconds)
+
+
+# Who may send what to a master (the sender's key's role, cluster.node.keys): people submit and
+# own jobs, monitors read, balancers run the task stream, storage nodes report replicas and ask
+# what is referenced, workers read the file registry for their mounts. Owners are checked after.
+ROLES: dict[type, frozenset[str]] = {
+    Submit: PEOPLE,
+    CancelJob: PEOPLE,
+    FileRegister: PEOPLE | {"storage"},
+    FileRelease: PEOPLE,
+    JobQuery: READERS,
+    JobList: READERS,
+    TaskQuery: READERS,
+    FileLookup: READERS | {"worker", "storage"},
+    FileList: READERS | {"worker", "storage"},
+    Watch: READERS,
+    Work: PEOPLE,
+    Heartbeat: frozenset({"balancer"}),
+    TaskResult: frozenset({"balancer"}),
+    Attach: frozenset({"balancer"}),
+    Credit: frozenset({"balancer"}),
+}
+WORK_READS = frozenset({"summary", "units"})
+
+
+def roles_for(message: Any) -> frozenset[str] | None:
+    """The roles that may send ``message`` to a master (Work: reads to readers, writes to people)."""
+    if type(message) is Work and message.op in WORK_READS:
+        return READERS
+    return ROLES.get(type(message))
 
 
 class MasterCore:
@@ -147,6 +180,9 @@ class MasterCore:
             handler = self._messages.get(type(event.message))
             if handler is None:
                 return [refuse(event, f"a master does not take {type(event.message).__name__} messages")]
+            forbidden = authorise(event, roles_for(event.message))
+            if forbidden:
+                return forbidden
             return handler(event, event.message, now)
         if isinstance(event, Committed):
             return self._on_committed(event, now)

@@ -18,6 +18,13 @@ Durability, beyond pysyncobj's defaults:
   exact MessagePack snapshot plus pysyncobj's small bookkeeping tuple, written to a temporary
   file, fsynced, then atomically renamed by pysyncobj. A master with an empty disk receives the
   leader's snapshot over Raft and restores the ledger from it.
+- The term and the vote (pysyncobj's journal "meta" file) are written before a vote leaves the
+  node, but pysyncobj neither fsyncs the file nor the directory after renaming it into place, and
+  renames a snapshot without fsyncing the directory: after a power loss a master could vote
+  twice in one term, or lose a snapshot it had already truncated its journal for. ``durable_replace``
+  (rename, then fsync the directory) and ``_store_meta`` (write, fsync, ``durable_replace``)
+  replace pysyncobj's, for this process (``tests/integration/test_raft_durability.py`` reads
+  the syscalls with strace).
 
 Security: pysyncobj pickles what it sends and unpickles what it receives, so a byte from a
 stranger must never reach it.
@@ -32,7 +39,8 @@ stranger must never reach it.
   connection on a prefix beyond the bound.
 
 pysyncobj private API used here, in one place: ``_getLeader``, ``_isLeader``, ``_getTerm``,
-``_getRaftLogSize``, ``getStatus()`` keys, and the module-level ``createJournal`` factory.
+``_getRaftLogSize``, ``getStatus()`` keys, the module-level ``createJournal`` factory, and the
+journal's ``MetaStorer.storeMeta`` and the serializer's ``atomicReplace``, replaced (see above).
 """
 
 from __future__ import annotations
@@ -49,7 +57,9 @@ import pysyncobj.syncobj as _syncobj_module
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 import pysyncobj.tcp_server as _tcp_server_module
 import pysyncobj.transport as _transport_module
-from pysyncobj.journal import FileJournal, MemoryJournal
+import pysyncobj.pickle as _pysyncobj_pickle
+import pysyncobj.serializer as _serializer_module
+from pysyncobj.journal import FileJournal, MemoryJournal, MetaStorer
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
@@ -98,6 +108,29 @@ class _DurableJournal(FileJournal):
             self.dirty = False
             self.flush()  # mmap.flush(): msync(MS_SYNC)
 
+
+def durable_replace(src: str, dst: str) -> None:
+    """Rename ``src`` over ``dst``, then fsync the directory: the rename survives a power loss."""
+    os.replace(src, dst)
+    fd = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _store_meta(self: MetaStorer, meta: dict) -> None:
+    """pysyncobj's ``MetaStorer.storeMeta`` (term, vote, commit index), durable before it returns."""
+    path = self.getPath()
+    with open(path + ".tmp", "wb") as f:
+        f.write(_pysyncobj_pickle.dumps(meta))
+        f.flush()
+        os.fsync(f.fileno())
+    durable_replace(path + ".tmp", path)
+
+
+MetaStorer.storeMeta = _store_meta  # type: ignore[method-assign]
+_serializer_module.atomicReplace = durable_replace  # what pysyncobj renames a snapshot with
 
 _journals = threading.local()
 

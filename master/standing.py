@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.node.events import Effect, MessageReceived, Refuse, Send
+from cluster.node.events import Effect, Forbidden, MessageReceived, Peer, Refuse, Send
 from proto.errors import AppReason
 from proto.messages import Error, NotLeader, QueryReply
 
@@ -106,6 +106,21 @@ class Standing:
         if self.view.role != "leader":
             text += " on this master (a follower: it may be behind the leader)"
         return app_error(ev, request_id, AppReason.NOT_FOUND, "not_found", text)
+
+
+def owns(peer: Peer, client: str) -> bool:
+    """May ``peer`` act on a job submitted by ``client`` (a job's ``client``: the submitting key's
+    name)? Its owner and operators may; in an insecure cluster everyone may."""
+    return not peer.role or peer.role == "operator" or client == peer.name
+
+
+def not_owner(ev: MessageReceived, request_id: int, job_id: bytes) -> Effect:
+    """Refuse ``ev``: its sender does not own job ``job_id``. Answered (the sender is
+    authenticated and may own other jobs), logged once, counted; nothing changes."""
+    what = type(ev.message).__name__
+    text = f"job {job_id.hex()} belongs to another key; only its owner or an operator may do that ({what})"
+    error = Error(request_id, int(AppReason.REFUSED), ev.message.code, text, {"code": "not_owner", "job": job_id.hex()})
+    return Forbidden(ev.socket, ev.route, what, ev.peer, f"job {job_id.hex()} is not its own", ev.stimulus_id, error)
 
 
 def refuse(ev: MessageReceived, detail: str) -> Effect:

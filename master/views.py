@@ -106,11 +106,13 @@ def job_view(state: LedgerState, job_id: bytes) -> dict[str, Any] | None:
     }
 
 
-def jobs_view(state: LedgerState, limit: int = 100, job_state: str | None = None) -> list[dict[str, Any]]:
-    """The newest ``limit`` jobs (optionally only those in ``job_state``), newest first."""
+def jobs_view(state: LedgerState, limit: int = 100, job_state: str | None = None,
+              client: str | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` jobs (optionally only those in ``job_state``, or submitted by
+    ``client``), newest first."""
     out = []
     for job in reversed(state.jobs.values()):
-        if job_state is None or job.state == job_state:
+        if (job_state is None or job.state == job_state) and (client is None or job.client == client):
             out.append(job_view(state, job.job_id))
             if len(out) >= limit:
                 break

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 from cluster.node.events import Effect, MessageReceived, StartTimer
 from master import views
 from master.ledger import Ledger
-from master.standing import Standing, app_error
+from master.standing import Standing, app_error, not_owner, owns
 from proto.errors import AppReason
 from proto.messages import Watch
 
@@ -74,6 +74,10 @@ class WatchIndex:
         if bad is not None:
             return [app_error(ev, m.request_id, AppReason.REFUSED, "bad_cursor",
                               f"the cursor of job {bad[0].hex()} is {bad[1]}: a cursor counts the endings seen, from 0")]
+        jobs = self.ledger.state.jobs
+        foreign = next((j for j in m.jobs if j in jobs and not owns(ev.peer, jobs[j].client)), None)
+        if foreign is not None:  # a watch answers with results: its owner's only
+            return [not_owner(ev, m.request_id, foreign)]
         out: list[Effect] = []
         old = self._unpark(ev.route)
         if old is not None:  # one parked watch per connection: the newer one replaces it

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cluster.node.events import (
+    PEOPLE,
     Effect,
     Event,
     Log,
@@ -43,6 +44,7 @@ from cluster.node.events import (
     Started,
     StartTimer,
     TimerFired,
+    authorise,
 )
 from proto.errors import StorageStatus
 from proto.fileids import rank
@@ -145,6 +147,9 @@ class StorageSettings:
     read_max: int = 16 * MiB  # largest FILE_REQUEST length
     idle_timeout: float = 30.0  # an upload with no chunk for this long is closed (partial kept)
     max_uploads: int = 256
+    # what one key's open uploads may still promise to send, in all: an UPLOAD_OPEN announcing
+    # more would hold the disk's free space for nothing (the space check counts promises)
+    reserve_per_key: int = 64 * 1024 * MiB
 
 
 class UploadState(enum.Enum):
@@ -180,6 +185,7 @@ class Upload:
     received: int = 0  # bytes accepted (written or being written)
     granted: int = 0  # the sender may send up to this offset
     state: UploadState = UploadState.OPENING
+    holder: str = ""  # the sender's key's name: its promises count against its reserve
 
     def move(self, to: UploadState) -> None:
         """Take the next step of ``UPLOAD_TRANSITIONS``; any other is a local bug."""
@@ -216,6 +222,9 @@ class StorageCore:
             if handler is None:
                 return [Refuse(event.socket, event.route, event.message.code, getattr(event.message, "request_id", 0),
                                f"a storage node does not take {type(event.message).__name__} messages", event.stimulus_id)]
+            forbidden = authorise(event, STORE_AND_READ)
+            if forbidden:
+                return forbidden
             return handler(self, event, event.message, now)
         if isinstance(event, DiskDone):
             return self._on_disk(event, now)
@@ -231,7 +240,7 @@ class StorageCore:
 
     def _on_open(self, ev: MessageReceived, m: UploadOpen, now: float) -> list[Effect]:
         file_id = join128(m.file_id_upper, m.file_id_lower)
-        fail = self._open_problem(m)
+        fail = self._open_problem(m) or self._over_reserve(ev.peer.name, m.size)
         if fail is not None:
             self._count("uploads_refused")
             return [self._done_to(ev.route, m.request_id, 0, file_id, m.size, fail[0], fail[1], ev.stimulus_id)]
@@ -253,7 +262,8 @@ class StorageCore:
                                       "this file is being stored by another upload right now; retry in a moment", ev.stimulus_id)]
             self._count("uploads_superseded")
             out.append(Log(logging.INFO, f"upload {previous.upload_id} of {file_id.hex()} superseded by one from {m.origin or 'a peer'}", ev.stimulus_id))
-        upload = Upload(next(self._ids), file_id, m.size, m.copies, ev.route, m.request_id, m.origin, last_seen=now)
+        upload = Upload(next(self._ids), file_id, m.size, m.copies, ev.route, m.request_id, m.origin, last_seen=now,
+                        holder=ev.peer.name)
         self.uploads[upload.upload_id] = upload
         self.by_file[file_id] = upload.upload_id
         token = next(self._ids)
@@ -271,6 +281,19 @@ class StorageCore:
         if len(self.uploads) >= self.settings.max_uploads:
             return StorageStatus.UNKNOWN_UPLOAD, f"this node has {len(self.uploads)} uploads open; retry in a moment"
         return None
+
+    def _over_reserve(self, holder: str, size: int) -> tuple[int, str] | None:
+        """NO_SPACE if ``holder``'s open uploads would promise more than ``reserve_per_key``
+        with this one. An idle upload is closed after ``idle_timeout``, its promise with it."""
+        if not holder:
+            return None  # an insecure cluster: no key to count against
+        promised = sum(u.size - u.received for u in self.uploads.values() if u.holder == holder)
+        if promised + size <= self.settings.reserve_per_key:
+            return None
+        self._count("uploads_over_key_reserve")
+        return StorageStatus.NO_SPACE, (f"key {holder} has uploads open that will send {promised} more bytes; with "
+                                        f"{size} more that is over the {self.settings.reserve_per_key} bytes one key "
+                                        "may hold: finish or abandon some first")
 
     def _on_chunk(self, ev: MessageReceived, m: FileChunk, now: float) -> list[Effect]:
         upload = self.uploads.get(m.upload_id)
@@ -470,6 +493,11 @@ class StorageCore:
         for upload in self.uploads.values():
             assert upload.received <= upload.size and (upload.state is UploadState.OPENING or upload.received <= upload.granted)
 
+
+# Who may upload to and read from a storage node (the sender's key's role): people, the workers
+# (inputs through their mounts, outputs of tasks) and the other storage nodes (replication,
+# repair). Not monitors, nor the masters and balancers, which never carry data.
+STORE_AND_READ = PEOPLE | {"worker", "storage"}
 
 _HANDLERS: dict[type, Callable] = {
     UploadOpen: StorageCore._on_open,

@@ -205,7 +205,8 @@ def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bo
 
 def settings_of(options: StorageOptions) -> StorageSettings:
     """The node core's settings from the config's ``[storage]`` table."""
-    return StorageSettings(window=int(options.window_mb * (1 << 20)), idle_timeout=options.idle_timeout_s)
+    return StorageSettings(window=int(options.window_mb * (1 << 20)), idle_timeout=options.idle_timeout_s,
+                           reserve_per_key=int(options.reserve_per_key_gb * (1 << 30)))
 
 
 def run_storage(config_path: Path, name: str, data_dir: Path) -> int:

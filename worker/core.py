@@ -51,6 +51,7 @@ from cluster.node.events import (
     StartTimer,
     StopRequested,
     TimerFired,
+    authorise,
 )
 from proto.ids import join128, split128
 from proto.messages import Error, Heartbeat, NotLeader, Outcome, ResultAck, TaskResult, WorkerRequest, WorkerStatus
@@ -131,6 +132,9 @@ class WorkerIdentity:
         return self.slots + self.prefetch
 
 
+BALANCERS_ONLY = frozenset({"balancer"})  # who may send a worker tasks, acks and heartbeats
+
+
 class WorkerCore:
     """One worker's protocol logic."""
 
@@ -185,6 +189,10 @@ class WorkerCore:
         if ev.socket == "control":  # STATUS_QUERY is answered by the loop; nothing else comes here
             return [Refuse(ev.socket, ev.route, m.code, getattr(m, "request_id", 0),
                            f"a worker's control socket answers STATUS_QUERY only, not {type(m).__name__}", ev.stimulus_id)]
+        # the balancers' keys are pinned by this worker: a refusal here means one was revoked
+        forbidden = authorise(ev, BALANCERS_ONLY)
+        if forbidden:
+            return forbidden
         from_current = ev.socket == balancer_socket(self.current)
         if from_current:
             self.last_heard = now

@@ -44,6 +44,7 @@ class StorageOptions:
     fsync: bool = True  # false only for throwaway local clusters on tmpfs
     window_mb: float = 16.0  # upload credit: MiB in flight towards a node per upload
     idle_timeout_s: float = 30.0  # an upload with no chunk for this long is closed (partial kept)
+    reserve_per_key_gb: float = 64.0  # what one key's open uploads may promise to send, in all
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ class Peer(NamedTuple):
 
 ANYONE = Peer("", "")
 
+# Role groups the cores' tables use (cluster.node.keys.ROLES names every role).
+PEOPLE = frozenset({"client", "operator", "gateway"})  # submit jobs, own them, upload and read files
+READERS = PEOPLE | {"monitor"}  # may read what people may read; a monitor may write nothing
+
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
@@ -117,6 +121,32 @@ class Refuse:
     request_id: int
     detail: str
     cause: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Forbidden:
+    """``peer`` may not send this message here (its key's role, or a name not its own, or a job
+    not its own): the loop logs it once per peer and message type, naming the key and address,
+    and counts it. A wrong role is answered nothing; ``reply`` (e.g. ERROR not_owner to a client
+    asking about another's job) is sent if given. The core changed nothing."""
+
+    socket: str
+    route: bytes | None
+    message_type: str
+    peer: Peer
+    detail: str
+    cause: str = ""
+    reply: Message | None = None
+
+
+def authorise(ev: MessageReceived, roles: frozenset[str] | None) -> list["Forbidden"]:
+    """[] if ``ev``'s sender holds one of ``roles``; else the one ``Forbidden`` effect that refuses
+    it. ``roles`` None: no role may send this message here."""
+    if roles is not None and ev.peer.may(*roles):
+        return []
+    held = ev.peer.role or "none"
+    return [Forbidden(ev.socket, ev.route, type(ev.message).__name__, ev.peer,
+                      f"role {held} may not send {type(ev.message).__name__} here", ev.stimulus_id)]
 
 
 @dataclass(frozen=True, slots=True)

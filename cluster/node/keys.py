@@ -32,6 +32,7 @@ with every role); every node warns at start.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -67,8 +68,8 @@ class KeyEntry:
     role: str
     public: str
 
-    @property
-    def peer(self) -> Peer:
+    @functools.cached_property
+    def peer(self) -> Peer:  # made once: the loop asks for it on every message
         return Peer(self.name, self.role)
 
 

@@ -60,6 +60,7 @@ from cluster.node.keys import ZAP_DOMAIN, Credentials, Gatekeeper, KeysError
 from cluster.node.events import (
     CancelTimer,
     Core,
+    Forbidden,
     Effect,
     Event,
     Log,
@@ -83,6 +84,8 @@ LOG_BURST = 20  # rejection lines logged back to back before rate limiting start
 LOG_RATE = 10.0  # rejection lines per second allowed after the burst
 HISTORY = 2000  # (stimulus, event, effect, cause) entries kept; the oldest fall off
 STATUS_HISTORY = 20  # of them, the newest ones a status reply shows
+QUARANTINE_S = 60.0  # how long the messages of a key that sent an oversized one are dropped
+OVERSIZE = (Reason.TOO_LARGE, Reason.TOO_MANY_FRAMES)
 KEYS_CHECK_S = 1.0  # how often the loop looks whether the allow-list file changed
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -154,6 +157,8 @@ class NodeLoop:
         self._server_keys: dict[str, bytes] = {}  # socket name -> the key of the server it reaches
         self._reload = False
         self._keys_checked = 0.0
+        self._forbidden_logged: set[tuple[str, str]] = set()
+        self._quarantined: dict[str, float] = {}  # Z85 key -> until when its messages are dropped
 
     def post(self, event: Event) -> None:
         """Queue an event for the core from any thread; the loop handles it promptly."""
@@ -245,9 +250,11 @@ class NodeLoop:
         for spec in self.specs.values():
             sock = self._ctx.socket(spec.kind)
             sock.setsockopt(zmq.LINGER, self.linger_ms)
-            # libzmq drops anything beyond this before Python sees it; our own, lower limits
-            # then apply with a clear error (see proto.codec.Limits).
-            sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + 2**20)
+            # The largest legal frame: libzmq drops the connection of a peer whose frame is larger
+            # before buffering it. It limits frames, not a multipart message's total (nor its
+            # frame count): the codec checks those once libzmq hands the whole message over, and
+            # an admitted key that overstepped them is quarantined (see _quarantine).
+            sock.setsockopt(zmq.MAXMSGSIZE, max(self.limits.max_message_bytes, self.limits.max_frame0_bytes))
             for opt, value in spec.options.items():
                 sock.setsockopt(opt, value)
             self.bound[spec.name] = []
@@ -322,6 +329,11 @@ class NodeLoop:
             except zmq.Again:
                 return
             except ProtocolError as exc:
+                frame = self.codec.last_frame
+                if self._peer(name, frame) is None:
+                    continue  # a key no longer admitted: not even an error goes back
+                if exc.reason in OVERSIZE:
+                    self._quarantine(name, frame)
                 self._reject(name, sock, exc)
                 continue
             self.counters["messages_in"] += 1
@@ -347,11 +359,13 @@ class NodeLoop:
         if server_key is not None:  # we connected: the peer is the server whose key we pinned
             entry = creds.allow.admit(server_key)
         else:
-            try:
-                user_id = frame.get("User-Id") if frame is not None else None
-            except zmq.ZMQError:
-                user_id = None
+            user_id = _user_id(frame)
             entry = creds.allow.admit(user_id.encode()) if user_id else None
+            if entry is not None and self._quarantined and user_id in self._quarantined:
+                if self._quarantined[user_id] > self.clock():
+                    self.counters["dropped_quarantined"] += 1
+                    return None
+                del self._quarantined[user_id]
         if entry is not None:
             return entry.peer
         self.counters["refused_revoked_key"] += 1
@@ -359,6 +373,20 @@ class NodeLoop:
             self.log.warning("dropped a message on %s from %s: its key is no longer in the allow-list",
                              name, describe_peer(frame, None) if frame is not None else "?")
         return None
+
+    def _quarantine(self, name: str, frame: zmq.Frame | None) -> None:
+        """An admitted key sent a message over the size limits: libzmq had to buffer all of it
+        (it hands a multipart message over only once whole), so its next messages, for
+        ``QUARANTINE_S``, are dropped unread. A ROUTER cannot close one peer's connection; this is
+        the closest it comes. A well-behaved client never does it: its codec refuses to send one."""
+        user_id = _user_id(frame)
+        if not user_id or self.credentials.insecure:
+            return
+        self._quarantined[user_id] = self.clock() + QUARANTINE_S
+        self.counters["quarantined"] += 1
+        entry = self.credentials.allow.admit(user_id.encode())
+        self.log.warning("key %s (%s) sent an oversized message on %s: its messages are dropped for %g s",
+                         entry.name if entry else "?", user_id, name, QUARANTINE_S)
 
     def _read_monitor(self, monitor: zmq.Socket) -> None:
         """Count (and log, rate-limited) the connections whose CURVE handshake failed: a peer
@@ -470,6 +498,8 @@ class NodeLoop:
             if sender is not None:
                 exc.peer += f" (node {uuid.UUID(int=sender)})"
             self._reject(effect.socket, self._sockets[effect.socket], exc, effect.request_id)
+        elif isinstance(effect, Forbidden):
+            self._forbid(effect)
         elif isinstance(effect, Log):
             self.log.log(effect.level, "%s", effect.text)
         elif isinstance(effect, Stop):
@@ -501,6 +531,23 @@ class NodeLoop:
             text=f"{exc.reason.name}: {exc.detail}",
         )
         self._perform(Send(name, reply, route=exc.route, cause="rejected"))
+
+    def _forbid(self, effect: Forbidden) -> None:
+        """A peer's key may not send what it sent: counted, logged once per key and message type
+        (naming the key and the address), never answered."""
+        self.counters["forbidden_total"] += 1
+        self.counters[f"forbidden.{effect.message_type}"] += 1
+        if effect.reply is not None:
+            self._perform(Send(effect.socket, effect.reply, effect.route, effect.cause))
+        seen = (effect.peer.name, effect.message_type)
+        if seen in self._forbidden_logged or len(self._forbidden_logged) >= 10_000:
+            return
+        self._forbidden_logged.add(seen)
+        frame = (self._current or (None, None))[0]
+        where = describe_peer(frame, effect.route) if frame is not None else effect.socket
+        key = self.credentials.allow.by_name.get(effect.peer.name)
+        self.log.warning("forbidden: %s from key %s (%s) at %s on %s: %s", effect.message_type, effect.peer.name or "?",
+                         key.public if key else "?", where, effect.socket, effect.detail)
 
     def _may_log(self) -> bool:
         """A token bucket, so a peer spraying garbage cannot flood the log."""
@@ -554,6 +601,14 @@ def _describe(effect: Effect) -> str:
     if isinstance(effect, (StartTimer, CancelTimer)):
         return f"{type(effect).__name__} {effect.name}"
     return type(effect).__name__
+
+
+def _user_id(frame: zmq.Frame | None) -> str | None:
+    """The key (Z85) ZAP authenticated ``frame``'s connection with; None without CURVE."""
+    try:
+        return frame.get("User-Id") if frame is not None else None
+    except zmq.ZMQError:
+        return None
 
 
 def _drain_pipe(sock: pysocket.socket) -> None:

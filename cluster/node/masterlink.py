@@ -32,12 +32,14 @@ from typing import Any, Callable, Sequence
 import zmq
 
 from cluster.node import keys
+from cluster.node.events import PEOPLE
 from proto import AppReason, Codec, ProtocolError, new_node_id
 from proto.ids import join128, split128
 from proto.messages import Error, FileList, FileLookup, FileRegister, FileRelease, NotLeader, QueryReply
 from proto.types import Message
 
 RETRYABLE = {AppReason.UNAVAILABLE, AppReason.OUTCOME_UNKNOWN}
+WRITERS = PEOPLE | {"storage"}  # the roles whose keys may write to the ledger (master.core.ROLES)
 
 
 class ClusterError(Exception):
@@ -109,6 +111,10 @@ class MasterLink:
             sock.setsockopt(zmq.IMMEDIATE, 1)
             keys.connect(sock, address, credentials)
             self._sockets.append(sock)
+        # A key whose role may not write is told so here: the masters answer it nothing.
+        creds = credentials or keys.for_address(self.masters[0])
+        entry = None if creds.insecure else creds.allow.by_name.get(creds.name)
+        self._read_only = entry.role if entry is not None and entry.role not in WRITERS else None
         self._ids = itertools.count(random.getrandbits(40))
 
     def close(self) -> None:
@@ -170,6 +176,13 @@ class MasterLink:
     def run(self, calls: list[Call], window: int, progress: Callable[[int], None] | None) -> None:
         """Run ``calls`` with up to ``window`` in flight; each ends with ``result`` or ``error``."""
         deadline = time.monotonic() + self.timeout
+        if self._read_only is not None:
+            for call in calls:
+                if call.write:
+                    call.error, call.done = Refused("forbidden", f"your key has role {self._read_only}, which may not "
+                                                                 "change the ledger: ask an operator for a client key "
+                                                                 "(cluster keys add NAME --role client)"), True
+            calls = [c for c in calls if not c.write]
         waiting = list(reversed(calls))  # popped from the end: input order
         in_flight: dict[int, Call] = {}
         done = 0

@@ -8,12 +8,13 @@ import pytest
 import zmq
 
 from cluster.client import Client
-from cluster.local import make_keys, master_nodes, start_all, stop_all
+from cluster.local import master_nodes, start_all, stop_all
 from cluster.node import keys
 from cluster.node.config import parse_security
 from cluster.node.status import query_status
-from proto import Codec, new_node_id
-from proto.messages import Submit, SubmitAck
+from proto import Codec, Reason, new_node_id
+from cluster.local import make_keys
+from proto.messages import Attach, Submit, SubmitAck
 
 from .conftest import Client as RawClient
 from .conftest import detail, wait_for
@@ -122,6 +123,32 @@ def test_a_revoked_key_is_refused_on_its_next_message_and_at_its_next_connect(cl
     assert len(_jobs(tmp_path)) == 1  # only the job submitted before the revocation
 
 
+def test_a_key_of_the_wrong_role_gets_nothing_through(cluster):
+    """A worker key submitting a command, a client key taking the task stream with the largest
+    epoch (both attacks worked before keys): no reply, nothing changes, counted, logged once."""
+    tmp_path, nodes = cluster
+    leader, _ = _leader(nodes)
+    make_keys(tmp_path, {"w9": "worker", "mallory": "client"})
+    servers = {n.address: n.name for n in nodes}
+    security = parse_security({}, str(tmp_path / "masters.toml"))
+    for name, message in (("w9", Submit(5, 1, 2, "list", {"tasks": [{"cmd": ["sh", "-c", "id"]}]})),
+                          ("mallory", Attach(1, 2**64 - 1, 100, "mallory")),
+                          ("mallory", Attach(2, 2**64 - 1, 100, "mallory"))):
+        creds = keys.client_credentials(security, servers, keys.secret_path(tmp_path / "keys", name), remember=False)
+        raw = RawClient(leader.address, creds)
+        try:
+            raw.send(message)
+            assert not raw.sock.poll(SILENCE_S * 1000), f"{name} got an answer to {type(message).__name__}"
+        finally:
+            raw.close()
+    counters = _counters(leader)
+    assert counters.get("forbidden.Submit") == 1 and counters.get("forbidden.Attach") == 2
+    log = leader.log_text()
+    assert log.count("forbidden: Attach from key mallory") == 1 and log.count("forbidden: Submit from key w9") == 1
+    assert detail(leader)["balancer"] is None  # no balancer took the task stream
+    assert _jobs(tmp_path) == []
+
+
 def test_a_client_never_talks_to_a_node_with_another_key(cluster):
     """CURVE authenticates the server too: an impostor on a node's address gets no message."""
     tmp_path, nodes = cluster
@@ -151,3 +178,48 @@ def test_every_node_reports_its_public_key(cluster):
         d = wait_for(lambda n=n: detail(n), 10, f"{n.name} to answer")
         assert d["public_key"] == allow.by_name[n.name].public
         assert d["key_name"] == n.name
+
+
+def _rss_mib(node) -> float:
+    for line in open(f"/proc/{node.pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_huge_multipart_from_a_stranger_costs_nothing_and_from_a_key_quarantines_it(cluster):
+    """libzmq hands a multipart message over only once whole, and bounds frames, not messages:
+    a stranger's 1 GB (20 x 50 MiB) never gets past the handshake; an admitted key's 96 MiB (over
+    the 64 MiB limit) is refused TOO_LARGE and its key's next messages are dropped."""
+    tmp_path, nodes = cluster
+    leader, _ = _leader(nodes)
+    before = _rss_mib(leader)
+    chunk = bytes(50 << 20)
+    ctx = zmq.Context()
+    try:
+        stranger = ctx.socket(zmq.DEALER)
+        stranger.linger = 0
+        stranger.connect(leader.address)
+        stranger.send_multipart([chunk] * 20, copy=False)
+        assert not stranger.poll(SILENCE_S * 1000)
+        wait_for(lambda: _counters(leader).get("handshake_failed_total", 0) >= 1, 10, "the failed handshake counted")
+        assert _rss_mib(leader) - before < 40, "the master buffered a stranger's bytes"
+    finally:
+        ctx.destroy(linger=0)
+    make_keys(tmp_path, {"greedy": "client"})
+    security = parse_security({}, str(tmp_path / "masters.toml"))
+    greedy = keys.client_credentials(security, {n.address: n.name for n in nodes},
+                                     keys.secret_path(tmp_path / "keys", "greedy"), remember=False)
+    raw = RawClient(leader.address, greedy)
+    try:
+        (frame0,) = Codec(new_node_id()).encode(Submit(1, 1, 2, "list", {"tasks": [{"i": 1}]}))
+        raw.send_frames([frame0, bytes(32 << 20), bytes(32 << 20), bytes(32 << 20)])
+        reply = raw.recv(10)
+        assert reply.reason == Reason.TOO_LARGE
+        raw.send(Submit(2, 3, 4, "list", {"tasks": [{"i": 2}]}))  # well-formed, but from a quarantined key
+        assert not raw.sock.poll(SILENCE_S * 1000)
+    finally:
+        raw.close()
+    counters = _counters(leader)
+    assert counters.get("quarantined") == 1 and counters.get("dropped_quarantined", 0) >= 1
+    assert _jobs(tmp_path) == []  # and other keys still get answers

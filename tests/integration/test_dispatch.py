@@ -33,8 +33,8 @@ import zmq
 from cluster.client import Client, Refused
 from cluster.node.config import BalancerAddress, write_balancers_section
 from cluster.futures import TaskError
-from cluster.local import (LocalNode, balancer_nodes, free_port, make_keys, master_nodes, start_all, stop_all,
-                           worker_nodes)
+from cluster.local import (LocalNode, balancer_nodes, credentials_as, free_port, make_keys, master_nodes, start_all,
+                           stop_all, worker_nodes)
 from cluster.node import keys
 from cluster.node.status import query_status
 from cluster.up import alive, descendants
@@ -284,11 +284,13 @@ def test_commands_that_cannot_start_exit_non_zero_or_time_out_fail(cluster):
 
 
 @contextlib.contextmanager
-def dealer(address: str):
+def dealer(address: str, credentials: keys.Credentials | None = None):
+    """A raw DEALER to ``address``, authenticated with ``credentials`` (default: this process's
+    client key)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    keys.connect(sock, address)
+    keys.connect(sock, address, credentials)
     try:
         yield sock, Codec(new_node_id())
     finally:
@@ -303,13 +305,21 @@ def recv_within(sock, codec: Codec, timeout: float):
 
 
 def test_a_forged_result_is_refused_by_the_master_and_the_balancer_keeps_serving(cluster):
+    """A result from a client key goes nowhere (only worker keys post results); one from a
+    worker key for a task no worker was sent is refused by the master (its job is unknown)."""
     c = cluster
     b, before = c.cluster_active()
     ledger_before = c.leader()["ledger"]
     job = os.urandom(16)
     upper, lower = int.from_bytes(job[:8], "big"), int.from_bytes(job[8:], "big")
-    with dealer(b.address) as (sock, codec):
-        codec.send(sock, TaskResult(upper, lower, 0, 1, 1, 0, 0, {"value": b"forged"}, None, None, "forger", []))
+    forged = TaskResult(upper, lower, 0, 1, 1, 0, 0, {"value": b"forged"}, None, None, "forger", [])
+    with dealer(b.address) as (sock, codec):  # this process's client key
+        codec.send(sock, forged)
+        assert not sock.poll(1500), "a client key's result got an answer"
+    c.wait(lambda: (r := query_status([b.address])[0].reply) and r.counters.get("forbidden.TaskResult", 0) >= 1, 10,
+           "the balancer to count the forbidden result")
+    with dealer(b.address, credentials_as(c.dir / "cluster.toml", "forger", "worker")) as (sock, codec):
+        codec.send(sock, forged)
         reply = recv_within(sock, codec, 10)
     assert isinstance(reply, Error), reply
     assert reply.refers_to == TaskResult.code and reply.reason == AppReason.REFUSED, reply
@@ -330,7 +340,7 @@ def test_a_forged_result_is_refused_by_the_master_and_the_balancer_keeps_serving
 def test_impossible_capabilities_are_refused_and_change_nothing(cluster):
     c = cluster
     b, before = c.cluster_active()
-    with dealer(b.address) as (sock, codec):
+    with dealer(b.address, credentials_as(c.dir / "cluster.toml", "liar", "worker")) as (sock, codec):
         codec.send(sock, WorkerStatus(1, 1, 0, 0, [], {"cores": -5}, "liar", True))
         reply = recv_within(sock, codec, 10)
     assert isinstance(reply, Error), reply

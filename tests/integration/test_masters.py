@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from cluster.client import Client, NoQuorum, Refused
-from cluster.local import LocalNode, master_nodes
+from cluster.local import LocalNode, credentials_as, master_nodes
 from cluster.node.status import query_status
 from master.echo_balancer import EchoBalancer
 from proto import Reason
@@ -252,7 +252,7 @@ def test_follower_redirects(masters, clients):
 # ---- 5: task results survive the leader's death -------------------------------------------------
 
 
-def test_results_survive_leader_kill(masters, clients):
+def test_results_survive_leader_kill(masters, clients, tmp_path):
     nodes = masters(3)
     leader = serving_leader(nodes)
     addresses = [n.address for n in nodes]
@@ -260,7 +260,7 @@ def test_results_survive_leader_kill(masters, clients):
     total, kill_at = 3000, 1000
     ref = client.submit_job("range", {"count": total, "keep_results": True})
 
-    echo = EchoBalancer(addresses, credit=256)
+    echo = EchoBalancer(addresses, credit=256, credentials=credentials_as(tmp_path / "masters.toml", "echo", "balancer"))
     killed_at = {}
     original_on = echo._on
 
