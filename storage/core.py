@@ -144,7 +144,10 @@ class StorageSettings:
 
     window: int = 16 * MiB  # upload credit: bytes in flight towards this node per upload
     chunk_max: int = 4 * MiB  # largest FILE_CHUNK payload
-    read_max: int = 16 * MiB  # largest FILE_REQUEST length
+    # largest FILE_REQUEST length: a worker's fetch asks for at most 8 MiB (worker/fetch.py
+    # MAX_FETCH). With the socket's send high-water mark (storage.node) it bounds what a reader
+    # that never reads its answers makes this node hold: SEND_QUEUE x read_max per connection.
+    read_max: int = 8 * MiB
     idle_timeout: float = 30.0  # an upload with no chunk for this long is closed (partial kept)
     max_uploads: int = 256
     # what one key's open uploads may still promise to send, in all: an UPLOAD_OPEN announcing

@@ -26,6 +26,7 @@ import zmq
 from cluster.node.config import ClusterConfig, ConfigError, StorageOptions, load_cluster_config
 from cluster.node.keys import node_credentials
 from cluster.node.loop import NodeLoop, SocketSpec
+from proto import Limits
 from storage.blobs import BlobStore, StoreError
 from storage.core import (
     API,
@@ -176,6 +177,11 @@ class Replicator:
         self.links.close()
 
 
+SEND_QUEUE = 32  # answers queued towards one connection at most (see build_storage)
+RECEIVE_QUEUE = 32  # messages queued from one connection at most: twice a full window of 1 MiB chunks
+MESSAGE_MAX = 8 << 20  # the largest message a storage node takes: a 4 MiB chunk with room to spare
+
+
 def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bool = True,
                   settings: StorageSettings | None = None) -> tuple[NodeLoop, list[Any]]:
     """A storage node ready to ``run()``; close the returned closables after it returns."""
@@ -186,9 +192,13 @@ def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bo
     peers = [n for n in config.storage_nodes if n != name]
     core = StorageCore(name, peers, settings or StorageSettings(), capacity=store.capacity)
     disk = DiskPerformer(store)
-    # Credit bounds what a well-behaved sender has in flight. The receive high-water mark is per sender: a sender that ignores credit fills it and
-    # then TCP pushes back on it, so no peer can queue more than ~64 chunks here.
-    options = {zmq.ROUTER_HANDOVER: 1, zmq.SNDHWM: 1_000, zmq.RCVHWM: 64}
+    # What one connection can make this node hold, worst case (doc/security.md, "Resource limits"):
+    # - received: credit bounds what a well-behaved sender has in flight; one that ignores it
+    #   fills RECEIVE_QUEUE messages of at most MESSAGE_MAX (then TCP pushes back): 256 MiB;
+    # - sent: SEND_QUEUE answers of at most read_max (8 MiB) wait for a reader that does not
+    #   read: 256 MiB; beyond, answers are dropped (a well-behaved reader keeps 8 reads in
+    #   flight, storagelink.WINDOW).
+    options = {zmq.ROUTER_HANDOVER: 1, zmq.SNDHWM: SEND_QUEUE, zmq.RCVHWM: RECEIVE_QUEUE}
     sockets = [SocketSpec(API, zmq.ROUTER, bind=(config.storage_nodes[name],), options=options)]
     holder: dict[str, Replicator] = {}
     performers: dict[type, Any] = {
@@ -196,7 +206,8 @@ def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bo
         AbortUpload: disk.abort, ReadRange: disk.read,
         Replicate: lambda e: holder["replicator"](e),
     }
-    loop = NodeLoop(core, sockets, performers=performers, credentials=credentials)
+    loop = NodeLoop(core, sockets, performers=performers, credentials=credentials,
+                    limits=Limits(max_message_bytes=MESSAGE_MAX, max_frame0_bytes=MESSAGE_MAX))
     holder["replicator"] = replicator = Replicator(store, name, config.storage_nodes, loop)
     upkeep = Maintenance(store, name, config)
     core.upkeep = upkeep.status

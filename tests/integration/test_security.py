@@ -4,6 +4,8 @@ impostor holding another key; the legitimate client goes on working throughout."
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import zmq
 
@@ -13,6 +15,7 @@ from cluster.node import keys
 from cluster.node.config import parse_security
 from cluster.node.status import query_status
 from proto import Codec, Reason, new_node_id
+from proto.ids import split128
 from cluster.local import make_keys
 from proto.messages import Attach, Submit, SubmitAck
 
@@ -223,3 +226,39 @@ def test_a_huge_multipart_from_a_stranger_costs_nothing_and_from_a_key_quarantin
     counters = _counters(leader)
     assert counters.get("quarantined") == 1 and counters.get("dropped_quarantined", 0) >= 1
     assert _jobs(tmp_path) == []  # and other keys still get answers
+
+
+def test_a_reader_that_never_reads_its_answers_costs_a_storage_node_a_bounded_queue(tmp_path):
+    """64 reads of 8 MiB, never read: the node queues at most SEND_QUEUE answers towards that
+    connection (they once took a node to 1 GiB) and goes on serving everyone else."""
+    from cluster.local import storage_nodes
+    from cluster.node.storagelink import StorageLink
+    from proto.fileids import file_id
+    from proto.messages import FileRequest
+    from storage.node import SEND_QUEUE
+
+    config, nodes = storage_nodes(tmp_path, 1)
+    start_all(nodes)
+    try:
+        node = nodes[0]
+        data = os.urandom(8 << 20)
+        fid = file_id(data)
+        with StorageLink(node.address, name="s1") as link:
+            assert link.upload(fid, len(data), lambda o, n: data[o:o + n]) == ["s1"]
+        before = _rss_mib(node)
+        upper, lower = split128(fid)
+        greedy = RawClient(node.address)
+        try:
+            greedy.sock.setsockopt(zmq.RCVHWM, 1)
+            for i in range(64):
+                greedy.send(FileRequest(i, upper, lower, 0, 8 << 20))
+            wait_for(lambda: detail(node)["core"].get("reads", 0) >= 64, 30, "the node to serve the 64 reads")
+            grown = _rss_mib(node) - before
+            assert grown < SEND_QUEUE * 8 + 96, f"the node holds {grown:.0f} MiB for one reader"
+            with StorageLink(node.address, name="s1") as other:  # everyone else is still served
+                got, _ = other.read(fid, 0, 1 << 20)
+                assert bytes(got) == data[:1 << 20]
+        finally:
+            greedy.close()
+    finally:
+        stop_all(nodes)
