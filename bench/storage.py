@@ -4,7 +4,7 @@ the same bytes, and reads through the FUSE mount against reading the cache file 
 
 Run from the repository root::
 
-    .venv/bin/python bench/storage.py            # full run (~6 min), writes bench/results/storage.json
+    .venv/bin/python bench/storage.py            # full run (~8 min), writes bench/results/storage.json
     .venv/bin/python bench/storage.py --quick    # under a minute
     .venv/bin/python bench/storage.py --json /tmp/s.json --reps 2 --no-fuse
     .venv/bin/python bench/storage.py --profile  # cProfile of both sides of one upload and download
@@ -59,6 +59,10 @@ Before all that, a probe of the machine: 1 MiB pwrites into a new file against o
 an existing one (in the disk and the shm directory), since fresh page cache is what most of the
 cases above pay for.
 
+The transfers and FUSE run in plaintext (``[security] insecure = true``, as raw pyzmq); then
+CURVE (the default) against plaintext, two nodes side by side, several client chunk sizes
+(``bench/storage_curve.py``; ``--no-curve`` skips it).
+
 Every round runs each case once, ours and raw alternating (the order flips every round: use an
 even number of rounds); the tables give medians over the rounds and ratios of the medians. The
 machine has 2 cores and is shared: read the CPU shares printed at the end.
@@ -89,7 +93,7 @@ sys.path.insert(0, str(ROOT))
 
 import zmq  # noqa: E402
 
-from bench import machine  # noqa: E402
+from bench import machine, storage_curve  # noqa: E402
 from bench.procs import Worker  # noqa: E402
 from bench.storage_procs import worker  # noqa: E402
 from cluster.local import start_all, stop_all  # noqa: E402
@@ -187,13 +191,14 @@ class Nodes:
     stores in the middle of a measurement.
     """
 
-    def __init__(self, root: Path, count: int, masters: list | None = None) -> None:
+    def __init__(self, root: Path, count: int, masters: list | None = None, insecure: bool = True) -> None:
         from cluster.node.config import StorageOptions
         from cluster.local import storage_nodes
 
         self.root = root
         options = StorageOptions(replicas=count, scrub_interval_s=1e6, gc_interval_s=1e6)
-        self.config, self.nodes = storage_nodes(root, count, masters=masters, options=options, log_level="WARNING")
+        self.config, self.nodes = storage_nodes(root, count, masters=masters, options=options, log_level="WARNING",
+                                                insecure=insecure)
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -277,7 +282,7 @@ def upload_pair(order: tuple[str, str], key: tuple, src: Path, raw_path: Path, n
             got = raw_trial(server, client, "upload", raw_path, src, raw_path, key[1])
         else:
             got = with_cpu(client, nodes.pids, lambda: client.run(
-                "ours_upload", nodes=nodes.addresses, src=str(src), copies=1))
+                "ours_upload", nodes=nodes.addresses, src=str(src), copies=1, config=str(nodes.config)))
             fid = got["fid"]
         trials.setdefault(("upload", *key, 1, side), []).append(got)
     return fid
@@ -293,7 +298,7 @@ def download_pair(order: tuple[str, str], key: tuple, fid: str, raw_path: Path, 
             got = raw_trial(server, client, "download", raw_path, raw_path, dest, key[1])
         else:
             got = with_cpu(client, nodes.pids, lambda: client.run(
-                "ours_download", address=address, fid=fid, dest=str(dest)))
+                "ours_download", address=address, fid=fid, dest=str(dest), config=str(nodes.config)))
             if not got["verified"]:
                 raise RuntimeError(f"the downloaded file {dest} does not match {fid}")
         trials.setdefault(("download", *key, 1, side), []).append(got)
@@ -315,7 +320,7 @@ def transfer_round(r: int, stores: dict[str, Path], sources: dict[int, Path], se
             with Nodes(base / f"k2-{r}", 2) as nodes:
                 for size, src in sources.items():
                     got = with_cpu(client, nodes.pids, lambda: client.run(
-                        "ours_upload", nodes=nodes.addresses, src=str(src), copies=2))
+                        "ours_upload", nodes=nodes.addresses, src=str(src), copies=2, config=str(nodes.config)))
                     trials.setdefault(("upload", store, size, 2, "ours"), []).append(got)
 
 
@@ -485,7 +490,7 @@ def bench_fuse(base: Path, size: int, reps: int, mpctx: Any) -> dict:
     src = base / f"source-{label(size).replace(' ', '')}.bin"
     if not src.exists():
         make_source(src, size)
-    masters = master_nodes(d, 3, log_level="WARNING")
+    masters = master_nodes(d, 3, log_level="WARNING", insecure=True)
     trials: dict[str, list[dict]] = {}
     reader = worker(mpctx, "reader")
     cpu0 = machine.cpu_times()
@@ -532,15 +537,18 @@ def top_functions(path: str, n: int = 14) -> list[dict]:
     return rows[:n]
 
 
-def profile_side(node_dir: Path, client: Worker, task: str, out: Path, **kwargs: Any) -> dict:
+def profile_side(node_dir: Path, client: Worker, task: str, out: Path, curve: bool, **kwargs: Any) -> dict:
     """Run a storage node in this process's main thread under cProfile while ``client`` runs
     ``task`` under cProfile too; the client stops the node with SIGTERM when it is done."""
-    from cluster.node.config import ClusterConfig, StorageOptions
-    from cluster.local import free_port
+    from cluster.node.config import StorageOptions, load_cluster_config
+    from cluster.local import storage_nodes
     from storage.node import build_storage
 
-    address = f"tcp://127.0.0.1:{free_port()}"
-    config = ClusterConfig(storage_nodes={"s1": address}, storage=StorageOptions(replicas=1))
+    path, _ = storage_nodes(node_dir.parent / f"profile-{task}", 1, options=StorageOptions(replicas=1),
+                            insecure=not curve)  # writes the config (and keys); the node runs here
+    config = load_cluster_config(path)
+    address = config.storage_nodes["s1"]
+    kwargs["config"] = str(path)
     loop, closables = build_storage(config, "s1", node_dir)
     client_prof, node_prof = str(out / f"{task}-client.prof"), str(out / f"{task}-node.prof")
     kwargs = {"nodes": {"s1": address}} | kwargs if task == "ours_upload" else {"address": address} | kwargs
@@ -559,26 +567,27 @@ def profile_side(node_dir: Path, client: Worker, task: str, out: Path, **kwargs:
             "client_prof": client_prof, "node_prof": node_prof}
 
 
-def bench_profile(tmp: dict[str, Path], size: int, store: str, mpctx: Any, out: Path) -> dict:
+def bench_profile(tmp: dict[str, Path], size: int, store: str, mpctx: Any, out: Path, curve: bool) -> dict:
     src = tmp["disk"] / "source-profile.bin"
     make_source(src, size)
     client = worker(mpctx, "client")
     node_dir = tmp[store] / "profile-node"
     try:
-        up = profile_side(node_dir, client, "ours_upload", out, src=str(src), copies=1)
+        up = profile_side(node_dir, client, "ours_upload", out, curve, src=str(src), copies=1)
         dest = tmp[store] / "profile-download.bin"
         prefill(dest, size)
-        down = profile_side(node_dir, client, "ours_download", out, fid=up["client"]["fid"], dest=str(dest))
+        down = profile_side(node_dir, client, "ours_download", out, curve, fid=up["client"]["fid"], dest=str(dest))
     finally:
         client.stop()
-    return {"size": size, "store": store, "upload": up, "download": down}
+    return {"size": size, "store": store, "curve": curve, "upload": up, "download": down}
 
 
 def print_profile(res: dict) -> None:
     for op in ("upload", "download"):
         p = res[op]
         c = p["client"]
-        print(f"\n{op} of {label(res['size'])} (store on {res['store']}): client {c['seconds']:.2f} s "
+        mode = "CURVE" if res["curve"] else "plaintext"
+        print(f"\n{op} of {label(res['size'])} (store on {res['store']}, {mode}): client {c['seconds']:.2f} s "
               f"({_rate(res['size'], c['transfer_s']):.0f} MB/s transfer), profiles {p['client_prof']} {p['node_prof']}")
         for side in ("client_top", "node_top"):
             print(f"  {side[:-4]}: own time by function")
@@ -700,6 +709,10 @@ def print_report(res: dict) -> None:
         con.print(t)
     for op, (ours, raw) in SIDES.items():
         con.print(f"{op}: {ours}; {raw}.")
+    con.print("The transfers and FUSE run in plaintext (\\[security] insecure = true), as raw pyzmq does; CURVE's "
+              "cost is the next table's.")
+    if res.get("security"):
+        storage_curve.print_table(con, res["security"])
     con.print("copies 2: the first node stores the file, then pushes it to the second before UPLOAD_DONE; its "
               "ratio is to raw moving one copy. CPU s/GiB: client + server processes, per GiB moved.")
     if "skipped" in res.get("fuse", {}):
@@ -743,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only profile one upload and one download (node in this process) and print where the time goes")
     ap.add_argument("--profile-size", type=int, default=GiB, help="bytes for --profile")
     ap.add_argument("--profile-store", choices=("disk", "shm"), default="shm")
+    ap.add_argument("--profile-curve", action="store_true", help="profile against a CURVE node (default plaintext)")
+    storage_curve.add_arguments(ap)
     args = ap.parse_args(argv)
     reps = args.reps or (2 if args.quick else 4)
     sizes = QUICK_SIZES if args.quick else SIZES
@@ -757,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
                          "dirs": {k: {"path": str(v), "fs": fs_of(v)} for k, v in tmp.items()}}
         if args.profile:  # the .prof files stay for snakeviz/pstats; the JSON only if --json says where
             out = Path(tempfile.mkdtemp(prefix="storage-profile-"))
-            res["profile"] = bench_profile(tmp, args.profile_size, args.profile_store, mpctx, out)
+            res["profile"] = bench_profile(tmp, args.profile_size, args.profile_store, mpctx, out, args.profile_curve)
             print_profile(res["profile"])
             if args.json:
                 machine.finish(res, cpu0, started, args.json)
@@ -766,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"transfers: {reps} rounds of {', '.join(label(s) for s in sizes)} on {', '.join(tmp)}")
         res["transfers"] = (bench_transfers(tmp, reps, sizes, not args.no_copies2, mpctx) if not args.no_transfers
                             else {"rows": [], "skipped": "--no-transfers"})
+        if not args.no_curve:
+            res["security"] = storage_curve.run(args, tmp, mpctx, log)
         if args.no_fuse:
             res["fuse"] = {"skipped": "--no-fuse"}
         else:

@@ -41,16 +41,24 @@ _QB = struct.Struct("<QB")
 _Q = struct.Struct("<Q")
 
 
-def _raw_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+def _raw_socket(ctx: zmq.Context, kind: int, curve: dict | None = None) -> zmq.Socket:
+    """A raw socket; ``curve`` (Z85 keys: ``server_public``, ``server_secret``, ``client_public``,
+    ``client_secret``) makes it CURVE-encrypted like ours (no ZAP: the handshake is not timed)."""
     sock = ctx.socket(kind)
     sock.linger = 0
     sock.rcvtimeo = sock.sndtimeo = int(TIMEOUT_S * 1000)
     sock.sndhwm = sock.rcvhwm = 1000  # as StorageLink's DEALER
+    if curve and kind == zmq.ROUTER:
+        sock.curve_secretkey, sock.curve_publickey = curve["server_secret"], curve["server_public"]
+        sock.curve_server = True
+    elif curve:
+        sock.curve_serverkey = curve["server_public"]
+        sock.curve_secretkey, sock.curve_publickey = curve["client_secret"], curve["client_public"]
     return sock
 
 
-def task_raw_server(ctx: zmq.Context, conn: Any, mode: str, path: str, window: int) -> dict:
-    sock = _raw_socket(ctx, zmq.ROUTER)
+def task_raw_server(ctx: zmq.Context, conn: Any, mode: str, path: str, window: int, curve: dict | None = None) -> dict:
+    sock = _raw_socket(ctx, zmq.ROUTER, curve)
     try:
         conn.send(("port", sock.bind_to_random_port("tcp://127.0.0.1")))
         if mode == "upload":
@@ -114,8 +122,8 @@ def _raw_result(t0: float, c0: float) -> dict:
     return {"seconds": seconds, "transfer_s": seconds, "client_cpu_s": cpu, "client_transfer_cpu_s": cpu}
 
 
-def task_raw_upload(ctx: zmq.Context, conn: Any, port: int, src: str, chunk: int) -> dict:
-    sock = _raw_socket(ctx, zmq.DEALER)
+def task_raw_upload(ctx: zmq.Context, conn: Any, port: int, src: str, chunk: int, curve: dict | None = None) -> dict:
+    sock = _raw_socket(ctx, zmq.DEALER, curve)
     fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     size = os.fstat(fd).st_size
     try:
@@ -145,8 +153,9 @@ def task_raw_upload(ctx: zmq.Context, conn: Any, port: int, src: str, chunk: int
         sock.close()
 
 
-def task_raw_download(ctx: zmq.Context, conn: Any, port: int, dest: str, size: int, chunk: int, window: int) -> dict:
-    sock = _raw_socket(ctx, zmq.DEALER)
+def task_raw_download(ctx: zmq.Context, conn: Any, port: int, dest: str, size: int, chunk: int, window: int,
+                      curve: dict | None = None) -> dict:
+    sock = _raw_socket(ctx, zmq.DEALER, curve)
     fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)  # preallocated: see prefill()
     try:
         sock.connect(f"tcp://127.0.0.1:{port}")
@@ -174,13 +183,26 @@ def task_raw_download(ctx: zmq.Context, conn: Any, port: int, dest: str, size: i
 # ---- ours: StorageLink against a storage node ------------------------------------------------
 
 
-def task_ours_upload(ctx: zmq.Context, conn: Any, nodes: dict[str, str], src: str, copies: int,
+def _learn(config: str) -> None:
+    """Learn the keys (or the plaintext) of the cluster at ``config`` for this process's links,
+    as ``cluster upload --config`` does: StorageLink then authenticates to its nodes by itself."""
+    if config:
+        from pathlib import Path
+
+        from cluster.local import learn_keys
+
+        learn_keys(Path(config))
+
+
+def task_ours_upload(ctx: zmq.Context, conn: Any, nodes: dict[str, str], src: str, copies: int, config: str = "",
                      kill_after: int = 0, **tuning: Any) -> dict:
     """What ``cluster.files.upload_file`` does short of registering: the content id, then an
-    upload to the node ranked first for it."""
+    upload to the node ranked first for it (``tuning``: StorageLink.upload's ``chunk``)."""
     from proto.fileids import file_id_of_path
     from proto.fileids import rank
     from cluster.node.storagelink import StorageLink
+
+    _learn(config)
 
     t0, c0 = time.perf_counter(), time.process_time()
     fid = file_id_of_path(src)
@@ -201,10 +223,14 @@ def task_ours_upload(ctx: zmq.Context, conn: Any, nodes: dict[str, str], src: st
             "client_cpu_s": c2 - c0, "client_transfer_cpu_s": c2 - c1}
 
 
-def task_ours_download(ctx: zmq.Context, conn: Any, address: str, fid: str, dest: str, kill_after: int = 0,
-                       **tuning: Any) -> dict:
+def task_ours_download(ctx: zmq.Context, conn: Any, address: str, fid: str, dest: str, config: str = "",
+                       kill_after: int = 0, **tuning: Any) -> dict:
+    """StorageLink.download into a prefilled file (``tuning``: its ``chunk`` and ``window``),
+    then the client's rehash of what it wrote."""
     from proto.fileids import file_id_of_path
     from cluster.node.storagelink import StorageLink
+
+    _learn(config)
 
     fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)  # preallocated: see prefill()
 
