@@ -13,7 +13,7 @@ hashing, no ZAP): the ceiling of each mode on this machine.
 
 The chunk is the client's: ``StorageLink.upload(chunk=)`` (the node refuses chunks over
 ``StorageSettings.chunk_max``, 4 MiB; credit stays 16 MiB) and ``StorageLink.download(chunk=)``
-(reads up to ``read_max``, 16 MiB; 8 in flight, so 4 MiB reads keep 32 MiB in flight). The
+(reads up to ``read_max``, 8 MiB; 8 in flight, so 4 MiB reads keep 32 MiB in flight). The
 product's default is 1 MiB for both (``cluster.node.storagelink.CHUNK``).
 """
 
