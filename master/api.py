@@ -95,7 +95,7 @@ class ClientApi:
         return self.batcher.enqueue(command, ("submit", ev.route, m.request_id), ev.stimulus_id, now)
 
     def on_cancel(self, ev: MessageReceived, m: CancelJob, now: float) -> list[Effect]:
-        refusal = self.standing.writable(ev, m.request_id)
+        refusal = self.standing.writable(ev, m.request_id, grows=False)
         if refusal is not None:
             return [refusal]
         job_id = join128(m.job_uuid_upper, m.job_uuid_lower)
@@ -121,7 +121,7 @@ class ClientApi:
         return self.batcher.enqueue(command, ("write", ev.route, m.request_id), ev.stimulus_id, now)
 
     def on_file_release(self, ev: MessageReceived, m: FileRelease, now: float) -> list[Effect]:
-        refusal = self.standing.writable(ev, m.request_id)
+        refusal = self.standing.writable(ev, m.request_id, grows=False)
         if refusal is not None:
             return [refusal]
         foreign = self._foreign_job(ev, m.owner)

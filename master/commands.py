@@ -157,8 +157,18 @@ class MakeUnits(msgspec.Struct, tag="make_units", array_like=True, frozen=True):
     now: float
 
 
+class CompactJobs(msgspec.Struct, tag="compact_jobs", array_like=True, frozen=True):
+    """Forget the jobs that ended before ``before`` (wall seconds): their records, specs,
+    idempotency keys and file references (the retention, like etcd's compaction and Slurm's
+    accounting purge). The leader proposes it; the cut-off travels in the command, so every
+    master forgets the same jobs."""
+
+    before: float
+    now: float
+
+
 Command = (SubmitJob | CancelJob | AssignTasks | CompleteTask | RegisterFile | ReleaseFile | DropFile | Barrier
-           | AddWorkSpec | AddUnits | ControlSpec | ExpireLeases | MakeUnits)
+           | AddWorkSpec | AddUnits | ControlSpec | ExpireLeases | MakeUnits | CompactJobs)
 
 
 class Batch(msgspec.Struct, tag="batch", array_like=True, frozen=True):

@@ -27,6 +27,8 @@ class MastersConfig:
     insecure: bool = False
     base: Path = Path(".")  # the config's directory: a relative password_file is read from there
     security: SecurityOptions = field(default_factory=SecurityOptions)  # the ZeroMQ ports' keys
+    jobs_days: float = 30.0  # [retention]: finished jobs are forgotten after this many days; 0 keeps them
+    disk_alarm_mb: float = 256.0  # [raft]: below this much free disk, writes that grow the ledger are refused
 
     def raft_secret(self) -> str | None:
         """The masters' Raft secret: ``password``, else the contents of ``password_file``
@@ -58,9 +60,21 @@ def parse_config(data: dict[str, Any], where: str = "config") -> MastersConfig:
         raise ConfigError(f"{where}: [raft] password_file must be a path")
     if password is not None:
         _check_password(password, f"{where}: [raft] password")
+    retention = data.get("retention", {})
+    days = retention.get("jobs_days", 30.0) if isinstance(retention, dict) else None
+    if isinstance(days, bool) or not isinstance(days, (int, float)) or days < 0:
+        raise ConfigError(f"{where}: [retention] jobs_days must be a number of days, 0 to keep finished jobs forever")
     return MastersConfig(out, password, int(raft.get("snapshot_every", 20_000)), raft.get("timings"),
                          password_file=password_file, insecure=insecure, base=Path(where).parent,
-                         security=parse_security(data, where))
+                         security=parse_security(data, where), jobs_days=float(days),
+                         disk_alarm_mb=_disk_alarm(raft, where))
+
+
+def _disk_alarm(raft: dict[str, Any], where: str) -> float:
+    mb = raft.get("disk_alarm_mb", 256.0)
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or mb < 0:
+        raise ConfigError(f"{where}: [raft] disk_alarm_mb must be a number of MiB (0: no alarm)")
+    return float(mb)
 
 
 def _check_password(secret: Any, what: str) -> None:
@@ -85,6 +99,8 @@ def write_config(config: MastersConfig, path: Path) -> None:
     for m in config.masters.values():
         lines += [f"[masters.{m.name}]", f'api = "{m.api}"', f'raft = "{m.raft}"', ""]
     lines += ["[raft]", f"snapshot_every = {config.snapshot_every}"]
+    if config.disk_alarm_mb != 256.0:
+        lines.append(f"disk_alarm_mb = {config.disk_alarm_mb}")
     if config.password_file:
         lines.append(f'password_file = "{config.password_file}"')
     elif config.password:
@@ -93,6 +109,8 @@ def write_config(config: MastersConfig, path: Path) -> None:
         lines.append("insecure = true")
     if config.security.insecure:
         lines += ["", "[security]", "insecure = true"]
+    if config.jobs_days != 30.0:
+        lines += ["", "[retention]", f"jobs_days = {config.jobs_days}"]
     if config.timings:
         lines.append("[raft.timings]")
         lines += [f"{k} = {v}" for k, v in config.timings.items()]

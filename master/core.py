@@ -37,6 +37,7 @@ Pure: no sockets, clocks, threads or disk; ``now`` comes with each event.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from cluster.node.events import (
@@ -52,10 +53,10 @@ from cluster.node.events import (
     TimerFired,
     authorise,
 )
-from master import views
+from master import joblife, views
 from master.api import ClientApi
 from master.batching import PROPOSAL_TIMEOUT, Batcher, Committed, ProposalFailed, Propose
-from master.commands import Barrier
+from master.commands import Barrier, CompactJobs
 from master.ledger import Ledger
 from master.specs import WorkSpecs
 from master.standing import API, RaftView, Standing, refuse
@@ -85,6 +86,21 @@ __all__ = ["API", "Committed", "MasterCore", "ProposalFailed", "Propose", "RaftV
 RAFT_POLL = 0.02  # how often the core looks at Raft's role and leader (seconds)
 
 
+@dataclass(frozen=True, slots=True)
+class CheckDisk:
+    """Effect: look how much disk is free where this master's journal lives (DiskChecked)."""
+
+    cause: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DiskChecked:
+    """Event: ``free_bytes`` are free where this master's journal lives."""
+
+    free_bytes: int
+    stimulus_id: str
+
+
 # Who may send what to a master (the sender's key's role, cluster.node.keys): people submit and
 # own jobs, monitors read, balancers run the task stream, storage nodes report replicas and ask
 # what is referenced, workers read the file registry for their mounts. Owners are checked after.
@@ -106,6 +122,9 @@ ROLES: dict[type, frozenset[str]] = {
     Credit: frozenset({"balancer"}),
 }
 WORK_READS = frozenset({"summary", "units"})
+DEFAULT_RETENTION_S = 30 * 86400.0  # finished jobs are kept this long (``[retention] jobs_days``)
+COMPACT_EVERY_S = 60.0  # how often the leader looks for jobs to forget
+DISK_CHECK_S = 5.0  # how often a master looks at its free disk
 
 
 def roles_for(message: Any) -> frozenset[str] | None:
@@ -133,6 +152,7 @@ class MasterCore:
         batch_max: int = 2048,
         dispatch_max: int = 1024,
         wall_offset: float = 0.0,
+        retention_s: float | None = DEFAULT_RETENTION_S,
     ) -> None:
         self.ledger = ledger
         self.name = name
@@ -144,6 +164,9 @@ class MasterCore:
         self.stream = BalancerStream(ledger, self.standing, self.batcher, dispatch_max)
         self.watches = WatchIndex(ledger, self.standing)
         self.specs = WorkSpecs(ledger, self.standing, self.batcher)
+        self.retention_s = retention_s  # finished jobs older than this are compacted; None: kept
+        self._next_compaction = 0.0
+        self._next_disk_check = 0.0
         self._messages: dict[type, Callable[[MessageReceived, Any, float], list[Effect]]] = {
             Submit: self.api.on_submit,
             CancelJob: self.api.on_cancel,
@@ -170,6 +193,7 @@ class MasterCore:
             "assign": (self.stream.assigned, self.stream.assign_unknown, None),
             "barrier": (self._serving, None, None),
             "made": (self.specs.made, None, None),
+            "compacted": (self._compacted, None, None),
             "leases": (self.specs.leases_ended, None, None),
         }
 
@@ -186,6 +210,8 @@ class MasterCore:
             return handler(event, event.message, now)
         if isinstance(event, Committed):
             return self._on_committed(event, now)
+        if isinstance(event, DiskChecked):
+            return self._on_disk(event.free_bytes, event.stimulus_id)
         if isinstance(event, ProposalFailed):
             return self._on_failed(event.token, event.reason, event.stimulus_id)
         if isinstance(event, TimerFired):
@@ -202,10 +228,50 @@ class MasterCore:
         if name == "flush":
             return self.batcher.on_flush_timer(now, cause)
         if name == "expire":
-            return self._expire(now, cause) + self.specs.expire_leases(now, cause) + [StartTimer("expire", 1.0)]
+            out = self._expire(now, cause) + self.specs.expire_leases(now, cause) + self._compact(now, cause)
+            if now >= self._next_disk_check:
+                self._next_disk_check = now + DISK_CHECK_S
+                out.append(CheckDisk(cause))
+            return out + [StartTimer("expire", 1.0)]
         if name == "watch":
             return self.watches.expire(now, cause)
         return []
+
+    # ---- the disk alarm (etcd's NOSPACE) ----------------------------------------------------
+
+    def _on_disk(self, free: int, cause: str) -> list[Effect]:
+        st = self.standing
+        was = st.disk_alarm()
+        st.disk_free = free
+        if st.disk_alarm() and not was:
+            st.count("disk_alarms")
+            return [Log(logging.ERROR, f"disk alarm: {free >> 20} MiB free where the journal lives (below "
+                                       f"{st.disk_alarm_bytes >> 20} MiB); new jobs, files and work specs are refused "
+                                       "until space is freed", cause)]
+        if was and not st.disk_alarm():
+            return [Log(logging.WARNING, f"disk alarm cleared: {free >> 20} MiB free; writes are taken again", cause)]
+        return []
+
+    # ---- retention -------------------------------------------------------------------------
+
+    def _compact(self, now: float, cause: str) -> list[Effect]:
+        """Once a minute, a serving leader proposes to forget the jobs that ended more than
+        ``retention_s`` ago (its clock, in the command, so every master forgets the same)."""
+        if self.retention_s is None or now < self._next_compaction or not self.standing.serving():
+            return []
+        self._next_compaction = now + COMPACT_EVERY_S
+        wall = self.standing.wall(now)
+        oldest = joblife.oldest_ended(self.ledger.state)
+        if oldest is None or oldest >= wall - self.retention_s:
+            return []
+        return self.batcher.enqueue(CompactJobs(wall - self.retention_s, wall), ("compacted",), cause, now)
+
+    def _compacted(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
+        n = result.value["compacted"] if result.ok else 0
+        if not n:
+            return []
+        self.standing.count("jobs_compacted", n)
+        return [Log(logging.INFO, f"compacted {n} jobs that ended over {self.retention_s / 86400:g} days ago", cause)]
 
     # ---- Raft role -------------------------------------------------------------------------
 
@@ -310,6 +376,8 @@ class MasterCore:
             "watches_parked": len(self.watches.watchers),
             "proposals_in_flight": len(self.batcher.proposals),
             "balancer": self.stream.status(),
+            "disk": {"free_bytes": self.standing.disk_free, "alarm_below_bytes": self.standing.disk_alarm_bytes,
+                     "alarm": self.standing.disk_alarm()},
             "leader_since": st.leader_since,
             "first_commit_s": None if st.first_commit_at is None or st.leader_since is None
             else round(st.first_commit_at - st.leader_since, 4),

@@ -21,7 +21,8 @@ from typing import Any
 import msgspec
 
 from master import jobs
-from master.commands import CancelJob, SubmitJob
+from master import files
+from master.commands import CancelJob, CompactJobs, ReleaseFile, SubmitJob
 from master.state import Applied, Job, JobState, LedgerState, Task, TaskState, count, next_state, refused
 
 
@@ -165,3 +166,27 @@ def release_waiting(state: LedgerState, ended: Job, now: float) -> None:
             end_job(state, waiter, JobState.FAILED, f"job {job.job_id.hex()}, which it waits for, {job.state}: "
                                              "it never ran", now, release=False)
             stack.append(waiter)  # its own waiters next: a loop, not a recursion as deep as the DAG
+
+
+def compact(state: LedgerState, c: CompactJobs) -> Applied:
+    """COMPACT_JOBS: forget every job that ended before ``c.before``: its record (spec, tasks,
+    results), its idempotency key (a resubmission with it makes a new job) and its references
+    to files (a file nothing else refers to leaves the ledger; the storage nodes' collector
+    deletes it). Active jobs are never touched, however old."""
+    gone = [job_id for job_id, job in state.jobs.items()
+            if job.state is not JobState.ACTIVE and job.finished_at is not None and job.finished_at < c.before]
+    for job_id in gone:
+        job = state.jobs.pop(job_id)
+        if state.keys.get(job.key, (b"", b""))[1] == job_id:
+            del state.keys[job.key]
+        if job_id in state.named:
+            files.release(state, ReleaseFile(None, job_id, c.now))
+        state.waiting.pop(job_id, None)
+    count(state, "jobs_compacted", len(gone))
+    return Applied(True, value={"compacted": len(gone)})
+
+
+def oldest_ended(state: LedgerState) -> float | None:
+    """When the job that ended first (of those still kept) ended; None if none has."""
+    return min((j.finished_at for j in state.jobs.values() if j.state is not JobState.ACTIVE and j.finished_at is not None),
+               default=None)

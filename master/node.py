@@ -22,6 +22,7 @@ authenticates a message before that (master.raft). A master refuses to start wit
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from cluster.node.config import ConfigError
 from cluster.node.keys import node_credentials
 from cluster.node.loop import NodeLoop, SocketSpec
 from master.config import MastersConfig, load_config
-from master.core import API, Committed, MasterCore, Propose, ProposalFailed
+from master.core import API, CheckDisk, Committed, DiskChecked, MasterCore, Propose, ProposalFailed
 from master.ledger import Ledger
 from master.raft import RaftAdapter
 
@@ -72,13 +73,22 @@ def build_master(config: MastersConfig, name: str, data_dir: Path | None, bind: 
         password=secret, snapshot_every=config.snapshot_every, timings=config.timings,
     )
     core = MasterCore(ledger, name, adapter.view, {m.raft: m.api for m in config.masters.values()},
-                      raft_detail=adapter.detail, wall_offset=time.time() - time.monotonic())
+                      raft_detail=adapter.detail, wall_offset=time.time() - time.monotonic(),
+                      retention_s=config.jobs_days * 86400 if config.jobs_days > 0 else None)
     # A burst of WORKER_REQUESTs (up to the balancer's credit) or replies must not hit the default
     # high-water mark of 1000: a ROUTER drops silently beyond it.
     options = {zmq.ROUTER_HANDOVER: 1, zmq.SNDHWM: 200_000, zmq.RCVHWM: 200_000}
     sockets = [SocketSpec(API, zmq.ROUTER, bind=(bind or me.api,), options=options)]
-    loop = NodeLoop(core, sockets, guard=adapter.lock, performers={Propose: lambda p: adapter.propose(p.entry, p.token)},
-                    credentials=credentials)
+    core.standing.disk_alarm_bytes = int(config.disk_alarm_mb) << 20
+
+    def check_disk(effect: CheckDisk) -> list[DiskChecked]:
+        if data_dir is None:
+            return []  # a master without a disk (tests): no alarm
+        st = os.statvfs(data_dir)
+        return [DiskChecked(st.f_bavail * st.f_frsize, effect.cause or "disk")]
+
+    performers = {Propose: lambda p: adapter.propose(p.entry, p.token), CheckDisk: check_disk}
+    loop = NodeLoop(core, sockets, guard=adapter.lock, performers=performers, credentials=credentials)
     holder["loop"] = loop
     return loop, adapter
 

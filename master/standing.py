@@ -40,6 +40,8 @@ class RaftView:
     log_size: int = 0
 
 
+DISK_ALARM_BYTES = 256 << 20  # below this much free disk, writes that grow the ledger are refused
+
 class Standing:
     """This master's role and term as last polled, the term it serves, and its counters.
     ``client_address`` maps a master's Raft address to the address clients use."""
@@ -57,6 +59,8 @@ class Standing:
         self.leader_since: float | None = None
         self.first_commit_at: float | None = None
         self.counters: dict[str, int] = {}
+        self.disk_free: int | None = None  # bytes free where the journal lives (DiskChecked); None: unknown
+        self.disk_alarm_bytes = DISK_ALARM_BYTES
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -81,8 +85,11 @@ class Standing:
         """NOT_LEADER with this master's term and the leader's client address."""
         return Send(API, NotLeader(request_id, self.view.term, self.leader_address()), route, cause)
 
-    def writable(self, ev: MessageReceived, request_id: int) -> Effect | None:
-        """None if this master may take a write now; else the answer that says where to go."""
+    def writable(self, ev: MessageReceived, request_id: int, grows: bool = True) -> Effect | None:
+        """None if this master may take a write now; else the answer that says where to go.
+        ``grows``: a write that adds to the ledger (a submit, a file, a work spec), refused
+        while the disk alarm is raised; a cancel, a release or a task's result is taken even
+        then (they let jobs end and space be reclaimed, as etcd's NOSPACE alarm allows deletes)."""
         if self.view.role != "leader":
             self.count("redirected")
             return self.not_leader(request_id, ev.route, ev.stimulus_id)
@@ -91,7 +98,19 @@ class Standing:
                 ev, request_id, AppReason.UNAVAILABLE, "unavailable",
                 "this leader cannot reach a majority of masters: writes are refused until a quorum is back",
             )
+        if grows and self.disk_alarm():
+            self.count("refused_no_space")
+            return app_error(
+                ev, request_id, AppReason.REFUSED, "no_space",
+                f"master {self.name}'s disk is nearly full ({self.disk_free >> 20} MiB free, the alarm is below "
+                f"{self.disk_alarm_bytes >> 20} MiB): new writes are refused until an operator frees space; "
+                "reads, cancels and releases still work",
+            )
         return None
+
+    def disk_alarm(self) -> bool:
+        """True while this master's disk has less than ``disk_alarm_bytes`` free."""
+        return self.disk_free is not None and self.disk_free < self.disk_alarm_bytes
 
     def reply(self, ev: MessageReceived, request_id: int, value: Any) -> Effect:
         return self.reply_to(ev.route, request_id, value, ev.stimulus_id)

@@ -120,7 +120,7 @@ class BalancerStream:
     # ---- messages --------------------------------------------------------------------------
 
     def on_attach(self, ev: MessageReceived, m: Attach, now: float) -> list[Effect]:
-        refusal = self.standing.writable(ev, m.request_id)
+        refusal = self.standing.writable(ev, m.request_id, grows=False)
         if refusal is not None:
             return [refusal]
         if self.balancer is not None and m.epoch < self.balancer.epoch:
@@ -149,7 +149,7 @@ class BalancerStream:
         return self.dispatch(now, ev.stimulus_id)
 
     def on_result(self, ev: MessageReceived, m: TaskResult, now: float) -> list[Effect]:
-        refusal = self.standing.writable(ev, 0)
+        refusal = self.standing.writable(ev, 0, grows=False)
         if refusal is not None:
             return [refusal]
         term = self.standing.view.term
