@@ -12,7 +12,7 @@ import zmq
 from cluster.client import Client
 from cluster.local import master_nodes, start_all, stop_all
 from cluster.node import keys
-from cluster.node.config import parse_security
+from cluster.node.config import load_cluster_config, parse_security
 from cluster.node.status import query_status
 from proto import Codec, Reason, new_node_id
 from proto.ids import split128
@@ -260,5 +260,46 @@ def test_a_reader_that_never_reads_its_answers_costs_a_storage_node_a_bounded_qu
                 assert bytes(got) == data[:1 << 20]
         finally:
             greedy.close()
+    finally:
+        stop_all(nodes)
+
+
+def test_every_node_kind_lets_no_stranger_through(tmp_path):
+    """A master, a balancer (both its ports), a storage node and a worker's status port: a peer
+    with no key and one with an unknown key get no answer, even to STATUS_QUERY, and each node
+    counts the failed handshakes."""
+    from cluster.local import balancer_nodes, storage_nodes, worker_nodes
+    from proto.messages import StatusQuery
+
+    masters = master_nodes(tmp_path, 3)
+    _, storage = storage_nodes(tmp_path, 1, masters=masters)
+    config, pair = balancer_nodes(tmp_path, 1)
+    workers = worker_nodes(tmp_path, config, 1)
+    nodes = masters + storage + pair + workers
+    start_all(nodes)
+    try:
+        cfg = load_cluster_config(config)
+        targets = [masters[0].address, storage[0].address, pair[0].address, cfg.balancers["b1"].peer,
+                   workers[0].address]
+        ctx = zmq.Context()
+        try:
+            for address in targets:
+                server_key = keys.for_address(address).server_key(address, "w1")
+                for how in ("no key", "unknown key"):
+                    sock = ctx.socket(zmq.DEALER)
+                    sock.linger = 0
+                    if how == "unknown key":
+                        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+                        sock.curve_serverkey = server_key
+                    sock.connect(address)
+                    Codec(new_node_id()).send(sock, StatusQuery(7))
+                    assert not sock.poll(SILENCE_S * 1000), f"{how} got an answer from {address}"
+                    sock.close()
+        finally:
+            ctx.destroy(linger=0)
+        for node in (masters[0], storage[0], pair[0], workers[0]):
+            c = wait_for(lambda node=node: (c := _counters(node)) and c.get("handshake_failed_total", 0) >= 2 and c,
+                         10, f"{node.name} to count the failed handshakes")
+            assert c.get("auth_refused", 0) >= 1, (node.name, c)
     finally:
         stop_all(nodes)
