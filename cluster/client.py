@@ -106,6 +106,7 @@ class Client:
     def __init__(self, masters: Sequence[str] | None = None, *, timeout: float = 30.0, attempt_timeout: float = 1.0,
                  storage: dict[str, str] | None = None, replicas: int | None = None,
                  config: str | Path | None = None, key: str | Path | None = None) -> None:
+        credentials = None  # without a config: the keys this process loaded for the masters' addresses
         if masters is None or config is not None:
             path, looked = find_config(None, Path(config) if config is not None else None)
             if path is None:
@@ -113,7 +114,8 @@ class Client:
                                    "or pass masters=[...]")
             try:
                 config = load_cluster_config(path)
-                client_credentials(config.security, config.servers(), key)
+                # a key named here is this client's alone; else the key is the process's default
+                credentials = client_credentials(config.security, config.servers(), key, remember=key is None)
             except (ConfigError, KeysError) as exc:
                 raise ClusterError(str(exc)) from None
             if not config.masters:
@@ -121,7 +123,7 @@ class Client:
             masters = list(config.masters.values()) if masters is None else masters
             storage = config.storage_nodes if storage is None else storage
             replicas = config.storage.replicas if replicas is None else replicas
-        self.link = MasterLink(masters or [], timeout=timeout, attempt_timeout=attempt_timeout)
+        self.link = MasterLink(masters or [], timeout=timeout, attempt_timeout=attempt_timeout, credentials=credentials)
         self.masters = self.link.masters
         self.storage = dict(storage or {})  # storage node name → address, for upload/download
         self.replicas = 2 if replicas is None else replicas
@@ -224,7 +226,8 @@ class Client:
 
     def _watch(self, job: str, futures: dict) -> None:
         if self._watcher is None:
-            self._watcher = Watcher(self.masters, self._fetch, attempt_timeout=self.attempt_timeout)
+            self._watcher = Watcher(self.masters, self._fetch, attempt_timeout=self.attempt_timeout,
+                                    credentials=self.link.credentials)
             self._watcher.start()
         self._watcher.add(job, futures)
 

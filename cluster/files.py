@@ -52,7 +52,7 @@ def upload_file(masters: MasterLink, storage: dict[str, str], path: str | os.Pat
         raise ClusterError(f"{copies} copies asked for but only {len(storage)} storage nodes are configured")
     name = path.name if name is None else name
     fd = os.open(path, os.O_RDONLY)
-    links = LinkPool(storage, timeout=masters.attempt_timeout * 10)
+    links = LinkPool(storage, timeout=masters.attempt_timeout * 10, credentials=masters.credentials)
     try:
         replicas = upload_ranked(links, fid, size, lambda offset, n: os.pread(fd, n, offset), copies=copies,
                                  origin="client", progress=progress)
@@ -94,7 +94,8 @@ def download_file(masters: MasterLink, storage: dict[str, str], fid: bytes, path
                 progress(len(data))
 
         try:
-            with StorageLink(storage[node], name=node, timeout=masters.attempt_timeout * 10) as link:
+            with StorageLink(storage[node], name=node, timeout=masters.attempt_timeout * 10,
+                             credentials=masters.credentials) as link:
                 size = link.download(fid, write_at)
             os.fsync(fd)
         except TransferError as exc:

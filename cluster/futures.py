@@ -135,9 +135,11 @@ class _WatchCall:
 class Watcher(threading.Thread):
     """Resolves the futures of one client from the leader's WATCH answers (see the module doc)."""
 
-    def __init__(self, masters: list[str], fetch: Callable[[str], bytes], *, attempt_timeout: float = 1.0) -> None:
+    def __init__(self, masters: list[str], fetch: Callable[[str], bytes], *, attempt_timeout: float = 1.0,
+                 credentials: keys.Credentials | None = None) -> None:
         super().__init__(name="cluster-watcher", daemon=True)
         self.masters = masters
+        self.credentials = credentials
         self.fetch = fetch
         self.attempt_timeout = attempt_timeout
         self.leader = 0
@@ -193,7 +195,7 @@ class Watcher(threading.Thread):
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.IMMEDIATE, 1)
-            keys.connect(s, address)
+            keys.connect(s, address, self.credentials)
             socks.append(s)
         poller = zmq.Poller()
         for s in socks:

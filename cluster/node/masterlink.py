@@ -112,7 +112,7 @@ class MasterLink:
             keys.connect(sock, address, credentials)
             self._sockets.append(sock)
         # A key whose role may not write is told so here: the masters answer it nothing.
-        creds = credentials or keys.for_address(self.masters[0])
+        creds = self.credentials = credentials or keys.for_address(self.masters[0])
         entry = None if creds.insecure else creds.allow.by_name.get(creds.name)
         self._read_only = entry.role if entry is not None and entry.role not in WRITERS else None
         self._ids = itertools.count(random.getrandbits(40))

@@ -54,7 +54,8 @@ class StorageLink:
     skipped quickly (a live node on the network is connected in milliseconds)."""
 
     def __init__(self, address: str, *, name: str = "", timeout: float = 10.0, connect_timeout: float | None = None,
-                 ctx: zmq.Context | None = None, codec: Codec | None = None) -> None:
+                 ctx: zmq.Context | None = None, codec: Codec | None = None,
+                 credentials: keys.Credentials | None = None) -> None:
         self.address = address
         self.name = name or address
         self.timeout = timeout
@@ -68,7 +69,7 @@ class StorageLink:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues towards a node that is down
         self._sock.setsockopt(zmq.SNDHWM, 1000)
         self._sock.setsockopt(zmq.RCVHWM, 1000)
-        keys.connect(self._sock, address, name=name or None)
+        keys.connect(self._sock, address, credentials, name=name or None)
         self._ids = itertools.count(random.getrandbits(40))
 
     def close(self) -> None:
@@ -253,9 +254,11 @@ class LinkPool:
     ``drop`` a link after a failure so the next use connects afresh: a late answer on the old
     socket can then never be taken for a new request's."""
 
-    def __init__(self, addresses: dict[str, str], *, timeout: float = 10.0) -> None:
+    def __init__(self, addresses: dict[str, str], *, timeout: float = 10.0,
+                 credentials: keys.Credentials | None = None) -> None:
         self.addresses = addresses
         self.timeout = timeout
+        self.credentials = credentials  # None: the keys this process loaded for each address
         self.down_until: dict[str, float] = {}  # node → until when it is tried last (it did not answer)
         # Keyed by the native thread id, not threading.local: FUSE calls in on libfuse's own
         # threads, and each call from a thread Python did not start gets a fresh thread state,
@@ -271,7 +274,8 @@ class LinkPool:
         links = self._links()
         link = links.get(node)
         if link is None:
-            link = links[node] = StorageLink(self.addresses[node], name=node, timeout=self.timeout)
+            link = links[node] = StorageLink(self.addresses[node], name=node, timeout=self.timeout,
+                                             credentials=self.credentials)
             with self._lock:
                 self._all.add(link)
         return link
