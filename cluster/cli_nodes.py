@@ -251,18 +251,28 @@ def balancer_command(config_path: Path, name: str, log_level: str) -> None:
 @click.option("--memory-mb", type=click.IntRange(0), default=None, help="Memory to announce (default: this machine's).")
 @click.option("--no-mount", is_flag=True, help="Do not mount the FUSE view; fetch stored files into the cache.")
 @click.option("--bind", default=None, help="Endpoint answering `cluster status`, e.g. tcp://0.0.0.0:5580.")
+@click.option("--task-user", default=None, metavar="NAME",
+              help="Run every task as this unprivileged user, never the worker's own: the worker then needs root "
+                   "or CAP_SETUID, CAP_SETGID and CAP_KILL, and its user a member of NAME's primary group "
+                   "(doc/security.md).")
 @click.option("--log-level", default="INFO", show_default=True)
 def worker_command(config_path: Path, name: str, data_dir: Path, slots: int | None, labels: tuple[str, ...],
-                   memory_mb: int | None, no_mount: bool, bind: str | None, log_level: str) -> None:
+                   memory_mb: int | None, no_mount: bool, bind: str | None, task_user: str | None,
+                   log_level: str) -> None:
     """Run a worker: task slots for callables, commands and alignment tiles; stops on SIGTERM."""
     # lazy: worker.node loads numba (the tile kernels), a third of a second that every other
     # `cluster` command would pay at start
+    from worker.executor import TaskUserError
     from worker.node import default_identity, run_worker
 
-    _serve(f"worker {name}", log_level,
-           lambda: run_worker(config_path, default_identity(name, slots, list(labels), memory_mb), data_dir,
-                              mount=not no_mount, control=bind),
-           lambda exc: f"cannot connect: {exc}")
+    def run() -> int:
+        try:
+            return run_worker(config_path, default_identity(name, slots, list(labels), memory_mb), data_dir,
+                              mount=not no_mount, control=bind, task_user=task_user)
+        except TaskUserError as exc:
+            raise click.ClickException(f"worker {name}: --task-user {task_user}: {exc}") from None
+
+    _serve(f"worker {name}", log_level, run, lambda exc: f"cannot connect: {exc}")
 
 
 @click.command("mount")

@@ -356,10 +356,11 @@ def balancer_nodes(directory: Path, count: int = 2, *, log_level: str = "INFO",
 
 
 def worker_nodes(directory: Path, config: Path, count: int = 1, *, slots: int = 1, mount: bool = False,
-                 log_level: str = "INFO", first: int = 1) -> list[LocalNode]:
+                 log_level: str = "INFO", first: int = 1, task_user: str | None = None) -> list[LocalNode]:
     """``count`` workers of ``slots`` slots each, data under ``directory/<name>``. A worker connects
     out to the balancers; its ``address`` is where it answers STATUS_QUERY (ready = answering;
-    registered = listed in the active balancer's status)."""
+    registered = listed in the active balancer's status). ``task_user``: their tasks run as that
+    user (``--task-user``; the launcher must be root or hold the capabilities it needs)."""
     out = []
     names = [f"w{i}" for i in range(first, first + count)]
     make_keys(Path(config).parent, {name: "worker" for name in names})
@@ -371,5 +372,7 @@ def worker_nodes(directory: Path, config: Path, count: int = 1, *, slots: int = 
                 "--slots", str(slots), "--bind", address, "--log-level", log_level]
         if not mount:
             argv.append("--no-mount")
+        if task_user is not None:
+            argv += ["--task-user", task_user]
         out.append(LocalNode(name, argv, address, directory / f"{name}.log"))
     return out

@@ -7,6 +7,28 @@ tiles); the core's ``RunTask`` effects are queued to the slots and each ending i
 as ``TaskEnded``. Stored files reach tasks through the FUSE view: with ``--mount`` the worker
 starts ``cluster mount`` there as a child process (or uses a mount already served there); where
 FUSE is unavailable it fetches whole files into its cache instead and says so.
+
+``--task-user NAME`` runs every task process as that user (issue 20; worker/executor.py says
+how, and what the worker needs: root, or CAP_SETUID, CAP_SETGID and CAP_KILL, and its user a
+member of the task user's primary group G). The data directory is then laid out so that the
+task user reaches only what a task needs, by name (``task_layout``):
+
+- ``D`` itself 0711: searchable, not listable; everything in it but the three names below is
+  closed to group and others (``cache``, ``mount-cache``, ``private``: 0700; ``mount.log``).
+- ``D/scratch`` 0710, group G: the task user passes through it to its own directories,
+  ``slot-N`` (2770, group G: the task's working directory) and ``inputs-N`` (0750, group G:
+  stored files staged for it when there is no mount).
+- ``D/task-cache`` 2770, group G, kept across restarts: the tasks' HOME-like caches (the tile
+  kernels' build, numba's cache: ``XDG_CACHE_HOME``, ``NUMBA_CACHE_DIR``, ``CLUSTER_SW_CACHE``).
+- ``D/mnt``: the FUSE view, mounted with ``allow_other`` so that the task user reads it (a
+  worker that is not root needs ``user_allow_other`` in /etc/fuse.conf; without it the view is
+  not mounted and tasks get stored files staged from the cache).
+- ``D/private`` 0700: what the worker writes and copies for a task (worker/tasks.py).
+
+Before it serves, the worker starts one process as the task user (``executor.probe_task_user``)
+that must find itself without capabilities and unable to list ``D``, ``cache``,
+``mount-cache``, ``private`` or read the worker's secret key, and able to write in
+``task-cache`` (and read the view, when mounted); otherwise it refuses to start, with one line.
 """
 
 from __future__ import annotations
@@ -15,6 +37,7 @@ import logging
 import os
 import queue
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -31,6 +54,8 @@ from cluster.node.storagelink import LinkPool
 from proto.ids import join128
 from worker.cache import BlockCache
 from worker.core import RunTask, TaskEnded, WorkerCore, WorkerIdentity, WorkerOptions, balancer_socket
+from worker.executor import (TaskUser, TaskUserError, clear_as, drop_inheritable_capabilities, probe_task_user,
+                             switch_problem)
 from worker.files import WorkerFiles
 from worker.fusefs import fuse_available, unmount
 from worker.slots import Slot
@@ -43,12 +68,13 @@ log = logging.getLogger("cluster.worker")
 class SlotPool:
     """``slots`` threads, each with its own ``Slot``, taking ``RunTask`` effects in order."""
 
-    def __init__(self, slots: int, runner: TaskRunner, post, stimulus) -> None:
+    def __init__(self, slots: int, runner: TaskRunner, post, stimulus, *, task_user: TaskUser | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.runner = runner
         self.post = post
         self.stimulus = stimulus
         self.tasks: queue.Queue[RunTask | None] = queue.Queue()
-        self.slots = [Slot(i) for i in range(slots)]
+        self.slots = [Slot(i, env=env, task_user=task_user) for i in range(slots)]
         self.threads = [threading.Thread(target=self._serve, args=(s,), name=f"slot-{s.index}", daemon=True)
                         for s in self.slots]
         for t in self.threads:
@@ -83,8 +109,10 @@ class SlotPool:
 class MountChild:
     """``cluster mount`` run as this worker's child, so stored files appear as paths."""
 
-    def __init__(self, mountpoint: Path, config_path: Path, cache: Path, key_file: Path | None = None) -> None:
+    def __init__(self, mountpoint: Path, config_path: Path, cache: Path, key_file: Path | None = None,
+                 allow_other: bool = False) -> None:
         self.key_file = key_file  # the worker's own key: the mount reads files as the worker
+        self.allow_other = allow_other  # tasks run as another user, who must read the view
         self.mountpoint = mountpoint
         self.process: subprocess.Popen | None = None
         self.config_path = config_path
@@ -100,11 +128,19 @@ class MountChild:
         if os.path.ismount(self.mountpoint):
             log.info("using the FUSE view already mounted at %s", self.mountpoint)
             return True
+        if self.allow_other and os.geteuid() != 0 and not _fuse_allows_other():
+            log.warning("tasks run as another user, who cannot read a FUSE view without allow_other, which a "
+                        "user other than root may ask for only with user_allow_other in /etc/fuse.conf: tasks "
+                        "get stored files fetched whole into the cache")
+            return False
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        logf = open(self.mountpoint.parent / "mount.log", "ab")
+        logf = os.fdopen(os.open(self.mountpoint.parent / "mount.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                                 | os.O_CLOEXEC, 0o600), "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cluster", "mount", str(self.mountpoint), "--config", str(self.config_path),
-             "--cache", str(self.cache), *(["--key", str(self.key_file)] if self.key_file else [])], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+             "--cache", str(self.cache), *(["--key", str(self.key_file)] if self.key_file else []),
+             *(["--allow-other"] if self.allow_other else [])],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
         logf.close()
         self.pid_file.write_text(f"{self.process.pid}\n")
         deadline = time.monotonic() + timeout
@@ -137,12 +173,84 @@ class MountChild:
         self.pid_file.unlink(missing_ok=True)
 
 
+def _fuse_allows_other() -> bool:
+    """Whether /etc/fuse.conf lets users other than root mount with allow_other."""
+    try:
+        lines = Path("/etc/fuse.conf").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.split("#")[0].strip() == "user_allow_other" for line in lines)
+
+
+TASK_VISIBLE = ("mnt", "scratch", "task-cache")  # what a task user may reach in the data dir, by name
+PRIVATE = ("cache", "mount-cache", "private")  # 0700: the worker's alone
+
+
+def task_layout(data_dir: Path, task_user: TaskUser) -> None:
+    """Lay the data directory out for tasks run as ``task_user`` (module docstring); the
+    scratch directory must have been removed (or never made) before."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        os.chmod(data_dir, 0o711)
+    except PermissionError:
+        raise TaskUserError(f"cannot set the mode of the data directory {data_dir}: the worker's user must own it") from None
+    for entry in os.scandir(data_dir):
+        if entry.name in TASK_VISIBLE or entry.is_symlink():
+            continue
+        mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+        if mode & 0o077:
+            os.chmod(entry.path, mode & ~0o077)
+    for name in PRIVATE:
+        (data_dir / name).mkdir(mode=0o700, exist_ok=True)
+    scratch, cache = data_dir / "scratch", data_dir / "task-cache"
+    scratch.mkdir(mode=0o700, exist_ok=True)
+    cache.mkdir(mode=0o700, exist_ok=True)
+    for path, mode in ((scratch, 0o710), (cache, 0o2770)):
+        try:
+            os.chown(path, -1, task_user.gid)
+        except PermissionError:
+            raise TaskUserError(f"the worker cannot give {path} to group {task_user.gid} (the primary group of task "
+                                f"user {task_user.name!r}): its user must be a member of that group (usermod -aG, or "
+                                "SupplementaryGroups= in its unit)") from None
+        os.chmod(path, mode)
+
+
+def task_environment(task_user: TaskUser, cache: Path) -> dict[str, str]:
+    """The slot processes' environment with a task user: the worker's, as that user, with the
+    caches that Python code reaches for in ``cache`` (a ``task-cache`` the user writes)."""
+    env = dict(os.environ)
+    env.pop("CLUSTER_KEY", None)  # the worker's key file: nothing of the tasks'
+    env.update(HOME=task_user.home, USER=task_user.name, LOGNAME=task_user.name, XDG_CACHE_HOME=str(cache),
+               NUMBA_CACHE_DIR=str(cache / "numba"), CLUSTER_SW_CACHE=str(cache / "cluster" / "sw"))
+    return env
+
+
+def _remove_scratch(scratch: Path, task_user: TaskUser | None) -> None:
+    """Remove a killed predecessor's scratch directory; what its tasks chmodded away from the
+    worker is removed as the task user first."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    if task_user is not None and scratch.exists():
+        for entry in os.scandir(scratch):
+            if entry.is_dir(follow_symlinks=False):
+                clear_as(task_user, Path(entry.path))
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, mount: bool = True,
-                 control: str | None = None, options: WorkerOptions | None = None
-                 ) -> tuple[NodeLoop, Callable[[], None]]:
+                 control: str | None = None, options: WorkerOptions | None = None,
+                 task_user: str | None = None) -> tuple[NodeLoop, Callable[[], None]]:
     """A worker ready to ``run()``, and the function that releases what it holds afterwards.
     ``control`` is an endpoint to bind for STATUS_QUERY (a worker otherwise only connects out).
-    ``options`` default to the config's ``[heartbeat]`` timings."""
+    ``options`` default to the config's ``[heartbeat]`` timings. ``task_user``: run every task
+    as that user (module docstring); ``TaskUserError`` if the worker cannot."""
+    user = None
+    if task_user is not None:
+        # first, on the main thread before any other starts: capabilities are per thread
+        user = TaskUser.lookup(task_user)
+        problem = switch_problem()
+        if problem:
+            raise TaskUserError(problem)
+        drop_inheritable_capabilities()
     if options is None:
         options = WorkerOptions(interval=config.heartbeat.interval_s, liveness=config.heartbeat.balancer_liveness_s)
     if not config.balancers:
@@ -150,20 +258,43 @@ def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, m
     credentials = node_credentials(config.security, me.name, "worker", config.servers())
     data_dir = Path(data_dir)
     scratch = data_dir / "scratch"
-    shutil.rmtree(scratch, ignore_errors=True)  # a killed predecessor's leftovers
-    scratch.mkdir(parents=True)
+    _remove_scratch(scratch, user)  # a killed predecessor's leftovers
+    env = None
+    if user is None:
+        scratch.mkdir(parents=True)
+    else:
+        task_layout(data_dir, user)
+        env = task_environment(user, (data_dir / "task-cache").absolute())
     files = view = links = child = None
-    if config.storage_nodes and config.masters:
-        mountpoint = data_dir / "mnt"
-        if mount:
-            child = MountChild(mountpoint, Path(config.path), data_dir / "mount-cache",
-                               None if config.security.insecure else secret_path(config.security.secrets, me.name))
-            if not child.start():
-                child = None
-        view = ClusterView(list(config.masters.values()), config.storage_nodes)
-        files = WorkerFiles(view, BlockCache(data_dir / "cache", 4 << 30), mountpoint if child else None)
-        links = LinkPool(config.storage_nodes, timeout=30.0)
-    runner = TaskRunner(me.name, scratch, files=files, links=links, copies=config.storage.replicas)
+    try:
+        if config.storage_nodes and config.masters:
+            mountpoint = data_dir / "mnt"
+            if mount:
+                child = MountChild(mountpoint, Path(config.path), data_dir / "mount-cache",
+                                   None if config.security.insecure else secret_path(config.security.secrets, me.name),
+                                   allow_other=user is not None)
+                if not child.start():
+                    child = None
+            view = ClusterView(list(config.masters.values()), config.storage_nodes)
+            files = WorkerFiles(view, BlockCache(data_dir / "cache", 4 << 30), mountpoint if child else None)
+            links = LinkPool(config.storage_nodes, timeout=30.0)
+        if user is not None:
+            closed = [data_dir, *(data_dir / name for name in PRIVATE)]
+            if not config.security.insecure:
+                closed.append(secret_path(config.security.secrets, me.name))
+            probe_task_user(user, env=env, writable=(data_dir / "task-cache").absolute(),
+                            unreadable=[p.absolute() for p in closed],
+                            readable=[(data_dir / "mnt" / "files").absolute()] if child else [])
+            log.info("tasks run as %s (uid %d, gid %d)", user.name, user.uid, user.gid)
+    except BaseException:
+        if child is not None:
+            child.stop()
+        for held in (links, view):
+            if held is not None:
+                held.close()
+        raise
+    runner = TaskRunner(me.name, scratch, files=files, links=links, copies=config.storage.replicas,
+                        task_user=user, private_root=data_dir / "private")
     balancers = sorted(config.balancers.values(), key=lambda b: not b.primary)  # b0 = the primary
     core = WorkerCore(me, len(balancers), options)
     sockets = [SocketSpec(balancer_socket(i), zmq.DEALER, connect=(b.workers,),
@@ -173,7 +304,7 @@ def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, m
         sockets.append(SocketSpec("control", zmq.ROUTER, bind=(control,)))
     holder: dict[str, object] = {}
     loop = NodeLoop(core, sockets, performers={RunTask: lambda e: holder["pool"].perform(e)}, credentials=credentials)
-    pool = SlotPool(me.slots, runner, loop.post, loop.stimulus)
+    pool = SlotPool(me.slots, runner, loop.post, loop.stimulus, task_user=user, env=env)
     holder["pool"] = pool
 
     def release() -> None:
@@ -184,15 +315,15 @@ def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, m
             view.close()
         if child is not None:
             child.stop()
-        shutil.rmtree(scratch, ignore_errors=True)
+        _remove_scratch(scratch, user)
 
     return loop, release
 
 
 def run_worker(config_path: Path, me: WorkerIdentity, data_dir: Path, *, mount: bool = True,
-               control: str | None = None) -> int:
+               control: str | None = None, task_user: str | None = None) -> int:
     config = load_cluster_config(config_path)
-    loop, release = build_worker(config, me, data_dir, mount=mount, control=control)
+    loop, release = build_worker(config, me, data_dir, mount=mount, control=control, task_user=task_user)
     try:
         return loop.run()
     finally:

@@ -1,4 +1,4 @@
-"""The persistent process of one task slot (``python -m worker.slot_child REQ_FD REP_FD [MEMORY]``).
+"""The persistent process of one task slot (``python -m worker.slot_child REQ_FD REP_FD [MEMORY] [--unprivileged]``).
 
 ``worker.slots.Slot`` starts this module once and sends it task after task; it serves them one
 at a time until its request pipe reaches EOF. It talks over two private pipes inherited as file
@@ -21,6 +21,10 @@ hash of their bytes.
 
 ``MEMORY`` caps the address space (RLIMIT_AS) from the start: see executor._address_space_limit
 for why RLIMIT_AS, and Slot for how a task's own limit is honoured.
+
+``--unprivileged`` (a worker with ``--task-user``): the process refuses to serve, exiting with
+status 2 and one line on stderr, if it runs as root or holds any capability, so that a worker
+that failed to drop its own never lends them to user code.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ RAISED = 1
 UNUSABLE = 2
 FUNCTION_CACHE = 8
 OUTPUT_DIR = ".slot"
+UNPRIVILEGED = "--unprivileged"
 _LENGTH = struct.Struct("<Q")
 
 
@@ -245,7 +250,23 @@ def _peak_rss() -> int:
     return max(own, children) * 1024  # Linux reports KiB
 
 
+def _privileges() -> str | None:
+    """What this process holds that a task must not: root, or any capability."""
+    if os.geteuid() == 0 or os.getuid() == 0:
+        return "it runs as root"
+    with open("/proc/self/status") as f:
+        held = [line.split(":")[0] for line in f
+                if line.startswith(("CapInh:", "CapPrm:", "CapEff:", "CapAmb:")) and int(line.split(":")[1], 16)]
+    return f"it holds capabilities ({', '.join(held)})" if held else None
+
+
 def main(argv: list[str]) -> int:
+    if UNPRIVILEGED in argv:
+        argv = [a for a in argv if a != UNPRIVILEGED]
+        problem = _privileges()
+        if problem:
+            print(f"slot process {os.getpid()} refuses to run tasks: {problem}", file=sys.stderr)
+            return UNUSABLE
     read_fd, write_fd = int(argv[0]), int(argv[1])
     if len(argv) > 2:
         limit = int(argv[2])

@@ -34,6 +34,13 @@ or sleep in a Slot (the worker runs each Slot on a thread of its own).
 What reuse gives up, as in Ray and Dask: a task can leave state behind in the child (modules,
 globals, threads), and processes a callable starts and leaves running live on until the child
 is replaced or closed, when its whole process group is killed.
+
+With a ``task_user`` (``executor.TaskUser``; the worker's ``--task-user``) the child is started
+as that user (``Popen`` ``user``/``group``/``extra_groups``/``umask``, see executor's docstring
+for what the worker needs), with ``--unprivileged``, so it refuses to serve if it holds any
+capability. The scratch directory and ``.slot`` are ``executor.task_dir``s (group G, 2770) that
+the child writes; the parent opens ``.slot`` and the output files there through a directory fd
+without following symbolic links, since any task of that user could have replaced them.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import pickle
 import select
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -53,7 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker import executor, slot_child
-from worker.executor import OUTPUT_CAP_BYTES, Limits, Outcome, _Capture, _mib, _Run, _signal_group
+from worker.executor import (_DIR_FLAGS, OUTPUT_CAP_BYTES, Limits, Outcome, TaskUser, _Capture, _mib, _Run,
+                             _signal_group)
 
 CLOSE_GRACE_S = 2.0
 _LENGTH = struct.Struct("<Q")
@@ -92,18 +101,20 @@ class Slot:
     while a task runs: that task's child is killed and the task fails. ``counters`` counts tasks
     (``tasks``, ``callables``, ``tiles``, ``commands``, ``failed``) and the child's life
     (``spawns``, ``restarts``, ``timeouts``, ``deaths`` mid-task, ``idle_deaths`` between tasks,
-    ``limit_restarts``).
+    ``limit_restarts``). ``task_user``: every task process runs as that user (module docstring).
     """
 
     def __init__(self, index: int, *, memory_bytes: int | None = None,
                  env: dict[str, str] | None = None,
-                 output_cap_bytes: int = OUTPUT_CAP_BYTES) -> None:
+                 output_cap_bytes: int = OUTPUT_CAP_BYTES,
+                 task_user: TaskUser | None = None) -> None:
         if memory_bytes is not None and memory_bytes <= 0:
             raise ValueError(f"memory_bytes must be a positive number of bytes, got {memory_bytes}")
         self.index = index
         self.memory_bytes = memory_bytes  # the slot's cap; a task may ask for less
         self.env = dict(env) if env is not None else None  # the child's; None: the worker's
         self.output_cap_bytes = output_cap_bytes
+        self.task_user = task_user
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._child: _Child | None = None
         self._running: _Child | None = None  # the child a task waits on, while one does
@@ -180,8 +191,13 @@ class Slot:
         out = scratch / "trace"
         if isinstance(request, dict):
             request = {**request, **{k: _absolute(request[k]) for k in ("a", "b", "rows") if k in request}}
+        if out.is_symlink():
+            _unlink(out)
         shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            executor.task_dir(out, self.task_user)
+        except OSError as exc:
+            return self._refused("trace", f"cannot prepare the scratch directory: {exc}")
         outcome = self._run_in_child("trace", {"op": "trace", "request": request, "out": str(out)},
                                      scratch, limits)
         if outcome.ok:
@@ -202,7 +218,7 @@ class Slot:
         outcome = executor.run_command(
             argv, env=env if env is not None else self.env, scratch=scratch, inputs=inputs,
             outputs=outputs, limits=dataclasses.replace(limits, memory_bytes=memory),
-            output_cap_bytes=self.output_cap_bytes)
+            output_cap_bytes=self.output_cap_bytes, task_user=self.task_user)
         if not outcome.ok:
             self.counters["failed"] += 1
         return outcome
@@ -235,19 +251,25 @@ class Slot:
         if memory is not None and memory <= 0:
             return self._refused(kind, _bad_memory(memory), counted=True)
         scratch = Path(os.path.abspath(scratch))
-        output_dir = scratch / slot_child.OUTPUT_DIR
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            return self._refused(kind, f"cannot prepare the scratch directory: {exc}",
-                                 counted=True)
         message["scratch"] = str(scratch)
         try:
             frame = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - whatever the request holds that pickle refuses
             return self._refused(kind, f"cannot prepare the {kind} request: {exc}", counted=True)
+        try:
+            output_fd = _output_dir(scratch, self.task_user)
+        except OSError as exc:
+            return self._refused(kind, f"cannot prepare the scratch directory: {exc}",
+                                 counted=True)
+        try:
+            return self._run_with_output(kind, output_fd, frame, memory, limits, started)
+        finally:
+            os.close(output_fd)
+
+    def _run_with_output(self, kind: str, output_fd: int, frame: bytes, memory: int | None,
+                         limits: Limits, started: float) -> Outcome:
         for name in ("stdout", "stderr"):
-            _unlink(output_dir / name)
+            _unlink_at(output_fd, name)
         with self._lock:
             if self._closed:
                 return self._refused(kind, f"slot {self.index} is closed", counted=True)
@@ -266,8 +288,8 @@ class Slot:
                 closed = self._closed
             if closed and child.pidfd >= 0:  # closed during the task, which got its reply
                 _stop(child)
-        stdout = _read_capped(output_dir / "stdout", self.output_cap_bytes)
-        stderr = _read_capped(output_dir / "stderr", self.output_cap_bytes)
+        stdout = _read_capped(output_fd, "stdout", self.output_cap_bytes)
+        stderr = _read_capped(output_fd, "stderr", self.output_cap_bytes)
         outcome = self._outcome(kind, child, ending, limits, cpu_before)
         outcome = dataclasses.replace(outcome, stdout=stdout, stderr=stderr,
                                       wall_s=time.monotonic() - started)
@@ -301,12 +323,15 @@ class Slot:
         argv = [sys.executable, "-P", "-m", slot_child.__name__, str(requests_r), str(replies_w)]
         if memory is not None:
             argv.append(str(memory))
+        if self.task_user is not None:
+            argv.append(slot_child.UNPRIVILEGED)
         try:
             # stdout goes nowhere and stderr to the worker's log between tasks: only what the
             # child says outside any task (it failed to start) lands there.
             proc = subprocess.Popen(argv, cwd="/", env=self.env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, pass_fds=(requests_r, replies_w),
-                                    start_new_session=True)
+                                    start_new_session=True,
+                                    **(self.task_user.spawn() if self.task_user else {}))
         except OSError:
             for fd in (requests_r, requests_w, replies_r, replies_w):
                 os.close(fd)
@@ -516,6 +541,44 @@ def _unlink(path: Path) -> None:
         pass
 
 
+def _unlink_at(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def _output_dir(scratch: Path, task_user: TaskUser | None) -> int:
+    """An fd of ``scratch/.slot`` (made, with ``scratch``, if missing): a real directory, never
+    a symbolic link a task left there in its place."""
+    executor.task_dir(scratch, task_user)
+    scratch_fd = os.open(scratch, _DIR_FLAGS)
+    try:
+        name = slot_child.OUTPUT_DIR
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=scratch_fd)
+        except FileNotFoundError:
+            fd = None
+        except OSError:  # ELOOP, ENOTDIR: something else took its name
+            os.unlink(name, dir_fd=scratch_fd)
+            fd = None
+        if fd is None:
+            try:
+                os.mkdir(name, 0o777 if task_user is None else 0o700, dir_fd=scratch_fd)
+            except FileExistsError:
+                pass
+            fd = os.open(name, _DIR_FLAGS, dir_fd=scratch_fd)
+        if task_user is not None:
+            try:
+                executor._give_to_group(fd, task_user)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+    finally:
+        os.close(scratch_fd)
+
+
 def _absolute(value):
     """A path (or list of paths) made absolute here; anything else as it is, for the child's
     request checks to refuse."""
@@ -530,15 +593,19 @@ def _bad_memory(memory: int) -> str:
     return f"memory limit must be a positive number of bytes, got {memory}"
 
 
-def _read_capped(path: Path, cap: int) -> bytes:
-    """A task's output file as ``executor`` captures a pipe: whole up to ``cap`` bytes, else
-    its head, a note of what was dropped, and its tail. Reads only those two ends."""
+def _read_capped(dir_fd: int, name: str, cap: int) -> bytes:
+    """A task's output file (``name`` in the directory ``dir_fd``) as ``executor`` captures a
+    pipe: whole up to ``cap`` bytes, else its head, a note of what was dropped, and its tail.
+    Reads only those two ends; a symbolic link or anything but a regular file reads as empty."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except (FileNotFoundError, OSError):
         return b""
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return b""
+        size = st.st_size
         capture = _Capture(cap)
         if size > cap:  # the head, then straight to the tail
             while capture.total < cap // 2 and capture.read_from(fd):

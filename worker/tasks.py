@@ -20,6 +20,19 @@ log small enough (``INLINE_MAX``) travels in the result summary, which the ledge
 bigger one is stored (replicated) in storage and registered with the job when the result is
 recorded (TASK_RESULT ``files``). Every failure here becomes a failed outcome with one line that
 says what went wrong: a bad task never takes its worker down.
+
+With a task user (``--task-user``; worker/executor.py says how tasks are started as it) the
+scratch directory is the task's, so the worker trusts nothing in it: what it stores of a task's
+files (outputs, a tile's boundary, a trace's CIGAR) is first copied, through a descriptor opened
+without following symbolic links (``executor.open_beneath``), into a directory only the worker
+can reach (``private_root/slot-N``), and the copy is what is hashed, uploaded and cached (no
+task process can change it afterwards, nor pass off a link to the worker's key as its output);
+what the worker writes itself (a large value, a long log) goes there too, never into the
+scratch directory. Stored files a task reads come through the FUSE view (mounted with
+allow_other); without the mount, the cache's copy is hard-linked (or copied) into
+``scratch_root/inputs-N``, which the task user may read but not change, since the cache
+itself is closed to it. What a task left that the worker cannot remove through the shared group
+is removed by a process run as the task user (``executor.clear_as``).
 """
 
 from __future__ import annotations
@@ -40,8 +53,8 @@ from proto.messages import Outcome as TaskOutcome  # the slot's own Outcome is a
 from proto.messages import WorkerRequest
 from proto.fileids import file_id_of_path, parse_id
 from cluster.node.storagelink import LinkPool, TransferError, upload_ranked
-from worker import slot_child, tiles, trace_tasks
-from worker.executor import Limits, Outcome
+from worker import executor, slot_child, tiles, trace_tasks
+from worker.executor import Limits, Outcome, TaskUser
 
 log = logging.getLogger("cluster.worker")
 
@@ -87,38 +100,56 @@ def output_digest(data: bytes, mode: Any) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+@dataclass
+class _Place:
+    """Where one task's files are: ``scratch`` is its working directory; ``own`` is where the
+    worker writes its own files for the task (``scratch`` itself without a task user, else a
+    directory only the worker reaches); ``inputs``, with a task user and no mount, is where
+    stored files are staged for the task to read."""
+
+    scratch: Path
+    own: Path
+    inputs: Path | None = None
+    taken: int = 0
+
+
 class TaskRunner:
     """Runs tasks for one worker. ``files`` (a ``worker.files.WorkerFiles``) makes stored files
-    local paths; ``links`` stores results (None: no storage, large results fail clearly)."""
+    local paths; ``links`` stores results (None: no storage, large results fail clearly).
+    ``task_user``: the slots run tasks as that user (module docstring); the worker's own files
+    for a task then go under ``private_root`` (default: ``private`` beside ``scratch_root``)."""
 
     def __init__(self, name: str, scratch_root: Path, *, files: Any = None, links: LinkPool | None = None,
-                 copies: int = 1) -> None:
+                 copies: int = 1, task_user: TaskUser | None = None, private_root: Path | None = None) -> None:
         self.name = name
-        self.scratch_root = Path(scratch_root)
+        self.scratch_root = Path(os.path.abspath(scratch_root))
         self.files = files
         self.links = links
         self.copies = copies
+        self.task_user = task_user
+        self.private_root = Path(os.path.abspath(private_root or self.scratch_root.parent / "private"))
 
     def run(self, slot: Any, request: WorkerRequest) -> Ended:
         """Run ``request`` on ``slot`` (a ``worker.slots.Slot``); never raises for the task's faults."""
         job = join128(request.job_uuid_upper, request.job_uuid_lower)
         # One scratch directory per slot, emptied between tasks rather than made and removed
         # for each: at hundreds of tiny tasks a second, mkdir + rmtree was most of a task's cost.
-        scratch = self.scratch_root / f"slot-{getattr(slot, 'index', 0)}"
+        place = None
         try:
-            _empty(scratch)
+            place = self._place(getattr(slot, "index", 0))
+            self._empty(place)
             args = request.arguments if isinstance(request.arguments, dict) else {}
             run = args.get("run", {}) if isinstance(args.get("run", {}), dict) else {}
             task = args.get("task", {}) if isinstance(args.get("task", {}), dict) else {}
             limits = _limits(run, task)
             if request.kind == "call":
-                return self._call(slot, request, task, scratch, limits)
+                return self._call(slot, request, task, place, limits)
             if request.kind == "command":
-                return self._command(slot, run, task, scratch, limits)
+                return self._command(slot, run, task, place, limits)
             if request.kind == "tile":
-                return self._tile(slot, request, run, task, scratch, limits)
+                return self._tile(slot, request, run, task, place, limits)
             if request.kind == "trace":
-                return self._trace(slot, run, task, scratch, limits)
+                return self._trace(slot, run, task, place, limits)
             raise TaskError(f"unknown task kind {request.kind!r} (this worker runs call, command, tile, trace)")
         except TaskError as exc:
             return Ended(FAILED, -1, {}, error=str(exc))
@@ -127,32 +158,61 @@ class TaskRunner:
             return Ended(FAILED, -1, {}, error=f"worker {self.name}: {type(exc).__name__}: {exc}")
         finally:
             try:
-                _empty(scratch)
+                if place is not None:
+                    self._empty(place)
             except OSError as exc:
-                log.warning("cannot empty the scratch directory %s: %s", scratch, exc)
+                log.warning("cannot empty the scratch directory %s: %s", place.scratch, exc)
+
+    def _place(self, index: int) -> _Place:
+        scratch = self.scratch_root / f"slot-{index}"
+        if self.task_user is None:
+            return _Place(scratch, scratch)
+        own = self.private_root / f"slot-{index}"
+        inputs = self.scratch_root / f"inputs-{index}"
+        if not own.is_dir():
+            own.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not inputs.is_dir():  # the task user reads (group G), only the worker writes
+            inputs.mkdir(mode=0o700, exist_ok=True)
+            os.chown(inputs, -1, self.task_user.gid)
+            os.chmod(inputs, 0o750)
+        return _Place(scratch, own, inputs)
+
+    def _empty(self, place: _Place) -> None:
+        try:
+            _empty(place.scratch, self.task_user)
+        except PermissionError:
+            if self.task_user is None:
+                raise
+            # the task chmodded something away from the group: remove it as the task user
+            executor.clear_as(self.task_user, place.scratch, keep=(slot_child.OUTPUT_DIR,))
+            _empty(place.scratch, self.task_user)
+        if place.own != place.scratch:
+            _empty(place.own, None)
+        if place.inputs is not None:
+            _empty(place.inputs, None)
 
     # ---- kinds -------------------------------------------------------------------------------
 
-    def _call(self, slot: Any, request: WorkerRequest, task: dict, scratch: Path, limits: Limits) -> Ended:
+    def _call(self, slot: Any, request: WorkerRequest, task: dict, place: _Place, limits: Limits) -> Ended:
         arguments = task.get("args")
         if not isinstance(arguments, bytes) or not request.program:
             raise TaskError("a call task needs the job's program (a pickled function) and the task's 'args' bytes")
-        outcome = slot.run_callable(request.program, arguments, scratch, limits)
+        outcome = slot.run_callable(request.program, arguments, place.scratch, limits)
         ended = self._base(outcome)
         if outcome.ok and outcome.result is not None:
             if len(outcome.result) <= INLINE_MAX:
                 ended.summary["value"] = outcome.result
             else:
-                path = scratch / "value.pkl"
+                path = place.own / "value.pkl"
                 path.write_bytes(outcome.result)
-                ended.result_file = self._store(path, "value.pkl", ended)
+                ended.result_file = self._store(path, "value.pkl", ended, place)
                 ended.summary["value_size"] = len(outcome.result)
-        self._logs(outcome, scratch, ended)
+        self._logs(outcome, place, ended)
         if outcome.ok and "compare" in task:
             ended.summary["digest"] = output_digest(outcome.result or b"", task["compare"])
         return ended
 
-    def _command(self, slot: Any, run: dict, task: dict, scratch: Path, limits: Limits) -> Ended:
+    def _command(self, slot: Any, run: dict, task: dict, place: _Place, limits: Limits) -> Ended:
         argv = task.get("argv", run.get("argv"))
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise TaskError("a command task needs 'argv': a non-empty list of strings")
@@ -170,52 +230,52 @@ class TaskRunner:
             fid = parse_id(hex_id) if isinstance(hex_id, str) else None
             if fid is None:
                 raise TaskError(f"input {name!r}: {hex_id!r} is not a file id (32 hex digits)")
-            inputs[name] = self._path(fid)
-        outcome = slot.run_command(argv, env, scratch, inputs, outputs, limits)
+            inputs[name] = self._path(fid, place)
+        outcome = slot.run_command(argv, env, place.scratch, inputs, outputs, limits)
         ended = self._base(outcome)
         ended.summary["exit_code"] = outcome.exit_code
         for name, path in sorted(outcome.outputs.items()):
-            fid = self._store(path, name, ended)
+            fid = self._store(path, name, ended, place)
             ended.summary.setdefault("outputs", {})[name] = fid.hex()
-        self._logs(outcome, scratch, ended)
+        self._logs(outcome, place, ended)
         if outcome.ok and "compare" in task:
             ended.summary["digest"] = output_digest(outcome.stdout or b"", task["compare"])
         return ended
 
-    def _tile(self, slot: Any, request: WorkerRequest, run: dict, task: dict, scratch: Path, limits: Limits) -> Ended:
+    def _tile(self, slot: Any, request: WorkerRequest, run: dict, task: dict, place: _Place, limits: Limits) -> Ended:
         paths = {}
         for side in ("a", "b"):
             fid = parse_id(run.get(side)) if isinstance(run.get(side), str) else None
             if fid is None:
                 raise TaskError(f"a tile task needs '{side}': the file id of a sequence")
-            paths[side] = str(self._path(fid))
-        boundaries = [str(self._path(f)) for f in request.input_files]
+            paths[side] = str(self._path(fid, place))
+        boundaries = [str(self._path(f, place)) for f in request.input_files]
         # only the tile's own keys: the job's run section also holds scheduling keys (need,
         # limits) that are not the kernel's business
         order = {k: v for k, v in {**run, **task}.items() if k in tiles.REQUEST_KEYS}
         order.update(a=paths["a"], b=paths["b"], boundaries=boundaries)
-        outcome = slot.run_tile(order, scratch, limits)
+        outcome = slot.run_tile(order, place.scratch, limits)
         ended = self._base(outcome)
         if outcome.ok:
             ended.summary.update(msgspec.msgpack.decode(outcome.result) if outcome.result else {})
             boundary = outcome.outputs.get("boundary")
             if boundary is None:
                 raise TaskError("the tile left no boundary file")
-            ended.result_file = self._store(boundary, "boundary", ended)
+            ended.result_file = self._store(boundary, "boundary", ended, place)
             rows = outcome.outputs.get("rows")
             if rows is not None:  # the traceback's special rows: the job keeps them (keep_files)
-                ended.summary["rows_bytes"] = rows.stat().st_size
-                self._store(rows, "rows", ended)
-        self._logs(outcome, scratch, ended)
+                self._store(rows, "rows", ended, place)
+                ended.summary["rows_bytes"] = ended.files[-1][1]  # the size of what was stored
+        self._logs(outcome, place, ended)
         return ended
 
-    def _trace(self, slot: Any, run: dict, task: dict, scratch: Path, limits: Limits) -> Ended:
+    def _trace(self, slot: Any, run: dict, task: dict, place: _Place, limits: Limits) -> Ended:
         order = {k: v for k, v in {**run, **task}.items() if k in trace_tasks.REQUEST_KEYS}
         for side in ("a", "b"):
             fid = parse_id(order.get(side)) if isinstance(order.get(side), str) else None
             if fid is None:
                 raise TaskError(f"a trace task needs '{side}': the file id of a sequence")
-            order[side] = str(self._path(fid))
+            order[side] = str(self._path(fid, place))
         if "rows" in order:
             rows = order["rows"]
             if not isinstance(rows, list) or not all(isinstance(r, str) and parse_id(r) for r in rows):
@@ -224,20 +284,20 @@ class TaskRunner:
             paths = []
             for hex_id in rows:
                 try:
-                    paths.append(str(self._path(parse_id(hex_id))))
+                    paths.append(str(self._path(parse_id(hex_id), place)))
                 except TaskError:
                     missing.append(hex_id)
             if missing:
                 raise TaskError(f"{len(missing)} of the {len(rows)} special-rows files are no longer stored "
                                 f"(first {missing[0]}): the score pass must be recomputed")
             order["rows"] = paths
-        outcome = slot.run_trace(order, scratch, limits)
+        outcome = slot.run_trace(order, place.scratch, limits)
         ended = self._base(outcome)
         if outcome.ok:
             ended.summary.update(msgspec.msgpack.decode(outcome.result) if outcome.result else {})
             if "cigar" in outcome.outputs:
-                ended.result_file = self._store(outcome.outputs["cigar"], "cigar", ended)
-        self._logs(outcome, scratch, ended)
+                ended.result_file = self._store(outcome.outputs["cigar"], "cigar", ended, place)
+        self._logs(outcome, place, ended)
         return ended
 
     # ---- pieces ------------------------------------------------------------------------------
@@ -249,7 +309,7 @@ class TaskRunner:
         code = outcome.exit_code if outcome.exit_code is not None else -1
         return Ended(DONE if outcome.ok else FAILED, code, summary, error=None if outcome.ok else outcome.error)
 
-    def _logs(self, outcome: Outcome, scratch: Path, ended: Ended) -> None:
+    def _logs(self, outcome: Outcome, place: _Place, ended: Ended) -> None:
         """stdout/stderr: inline when small, else stored whole with the tail inline."""
         for stream in ("stdout", "stderr"):
             data = getattr(outcome, stream) or b""
@@ -258,21 +318,50 @@ class TaskRunner:
             if len(data) <= LOG_INLINE or self.links is None:
                 ended.summary[stream] = data[-LOG_INLINE:]
                 continue
-            path = scratch / f".{stream}"
+            path = place.own / f".{stream}"
             path.write_bytes(data)
             ended.summary[stream] = data[-LOG_INLINE:]
-            ended.summary[f"{stream}_file"] = self._store(path, stream, ended).hex()
+            ended.summary[f"{stream}_file"] = self._store(path, stream, ended, place).hex()
 
-    def _path(self, fid: bytes) -> Path:
+    def _path(self, fid: bytes, place: _Place | None = None) -> Path:
         if self.files is None:
             raise TaskError(f"this worker has no storage access, and the task reads file {fid.hex()}")
         try:
-            return self.files.path(fid)
+            path = self.files.path(fid)
         except FileNotFoundError:
             raise TaskError(f"the task's input {fid.hex()} is not a stored file") from None
+        if place is None or place.inputs is None:
+            return path
+        mountpoint = getattr(self.files, "mountpoint", None)
+        if mountpoint is not None and Path(path).is_relative_to(mountpoint):
+            return path  # the FUSE view, which the task user reads (allow_other)
+        return _stage(Path(path), place.inputs / fid.hex())
 
-    def _store(self, path: Path, name: str, ended: Ended) -> bytes:
+    def _take(self, path: Path, name: str, place: _Place) -> Path:
+        """A private copy of the file ``path`` a task left in its scratch directory, made from
+        a descriptor opened without following a symbolic link (module docstring)."""
+        try:
+            fd = executor.open_beneath(self.scratch_root, path.relative_to(self.scratch_root))
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise TaskError(f"{name}: not a regular file of the task's own in its scratch directory "
+                            f"({reason})") from None
+        place.taken += 1
+        copy = place.own / f"taken-{place.taken}"
+        try:
+            out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                _copy_fd(fd, out)
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
+        return copy
+
+    def _store(self, path: Path, name: str, ended: Ended, place: _Place | None = None) -> bytes:
         """Store ``path`` (replicated) and list it with the result; returns its file id."""
+        if place is not None and self.task_user is not None and Path(path).is_relative_to(place.scratch):
+            path = self._take(Path(path), name, place)
         if self.links is None:
             raise TaskError(f"this worker has no storage nodes configured: {name} "
                             f"({path.stat().st_size} bytes) cannot be kept")
@@ -298,13 +387,49 @@ class TaskRunner:
         return fid
 
 
-def _empty(scratch: Path) -> None:
+def _stage(source: Path, dest: Path) -> Path:
+    """``source`` (the cache's copy of a stored file, which the task user cannot reach) made
+    readable to the task at ``dest``: a hard link when the file is readable by others (the
+    cache's files are 0644 in a 0700 directory), else a copy."""
+    if os.path.lexists(dest):
+        return dest
+    try:
+        if os.stat(source).st_mode & 0o004:
+            os.link(source, dest)
+            return dest
+    except OSError:
+        pass  # another filesystem, or links refused: copy
+    partial = dest.with_name(dest.name + ".part")
+    shutil.copyfile(source, partial)
+    os.chmod(partial, 0o644)
+    os.replace(partial, dest)
+    return dest
+
+
+def _copy_fd(source: int, dest: int) -> None:
+    """Copy the file at ``source`` (from its start) to ``dest``."""
+    try:
+        while os.copy_file_range(source, dest, 1 << 30):
+            pass
+        return
+    except OSError:  # not supported between these files: plain reads and writes
+        os.lseek(source, 0, os.SEEK_SET)
+        os.lseek(dest, 0, os.SEEK_SET)
+        os.ftruncate(dest, 0)
+    while chunk := os.read(source, 1 << 20):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dest, view):]
+
+
+def _empty(scratch: Path, task_user: TaskUser | None = None) -> None:
     """Make ``scratch`` an empty directory (the slot's own output captures may stay: the slot
-    truncates them for each task)."""
+    truncates them for each task); a missing one is made (an ``executor.task_dir`` with a task
+    user)."""
     try:
         entries = list(os.scandir(scratch))
     except FileNotFoundError:
-        scratch.mkdir(parents=True)
+        executor.task_dir(scratch, task_user)
         return
     for entry in entries:
         if entry.name == slot_child.OUTPUT_DIR and entry.is_dir(follow_symlinks=False):
