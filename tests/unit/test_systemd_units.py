@@ -181,7 +181,8 @@ def node_problems(role: str, unit: Unit) -> list[str]:
     if data_dir is not None:
         if not any(data_dir == s or data_dir.startswith(s + "/") for s in states):
             out.append(f"StateDirectory covering --data-dir {data_dir} (has {states})")
-        _expect(unit, "StateDirectoryMode", "0700", out)
+        # 0711 for the worker: its tasks (another user) pass through to their own directories
+        _expect(unit, "StateDirectoryMode", "0711" if "--task-user" in argv else "0700", out)
     elif states:
         out.append(f"no StateDirectory for a node without --data-dir (has {states})")
     return out
@@ -226,12 +227,17 @@ def worker_problems(unit: Unit) -> list[str]:
     if unit.on("PrivateUsers"):
         out.append("no PrivateUsers: fusermount3 and the switch to cluster-task need the host's uids")
     ambient = unit.items("AmbientCapabilities")
-    if sorted(ambient) != ["CAP_SETGID", "CAP_SETUID"]:
-        out.append(f"AmbientCapabilities=CAP_SETUID CAP_SETGID exactly (has {ambient})")
+    if sorted(ambient) != ["CAP_KILL", "CAP_SETGID", "CAP_SETUID"]:
+        out.append(f"AmbientCapabilities=CAP_SETUID CAP_SETGID CAP_KILL exactly (has {ambient})")
     bounding = unit.items("CapabilityBoundingSet")
-    if sorted(bounding) != ["CAP_SETGID", "CAP_SETUID", "CAP_SYS_ADMIN"]:
-        out.append(f"CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_SYS_ADMIN exactly (has {bounding}): "
+    if sorted(bounding) != ["CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SYS_ADMIN"]:
+        out.append(f"CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_KILL CAP_SYS_ADMIN exactly (has {bounding}): "
                    "the ambient ones, and what the setuid fusermount3 gets for mount(2)")
+    # tasks run as cluster-task, sharing files with the worker through that group
+    if option(exec_args(unit), "--task-user") != "cluster-task":
+        out.append("ExecStart with --task-user cluster-task (tasks must not run as the worker's user)")
+    if unit.items("SupplementaryGroups") != ["cluster-task"]:
+        out.append(f"SupplementaryGroups=cluster-task (has {unit.items('SupplementaryGroups')})")
     _expect(unit, "DevicePolicy", "closed", out)
     if unit.items("DeviceAllow") != ["/dev/fuse", "rw"]:
         out.append(f"DeviceAllow=/dev/fuse rw (has {unit.all('DeviceAllow')})")
