@@ -1,7 +1,9 @@
 # make test : set up everything (system packages, .venv, the project) and run the tests
 # make demo : set up everything, start a local cluster, align a real pair, stop it (see README.md)
 # make lock : re-resolve requirements.lock after an edit of pyproject.toml's dependency tables
-PYTHON ?= python3
+# Debian's own python3 when there is one: what a fresh Debian machine runs, and readable by every
+# user (tasks run as another user run the venv's interpreter; a pyenv under /root is not theirs).
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock

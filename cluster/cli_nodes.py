@@ -17,6 +17,7 @@ from rich.table import Table
 from cluster.cli_common import CONFIG_OPTION, DIR_OPTION, _cluster_config
 from cluster.node.config import ConfigError, cluster_home, find_config
 from cluster.node.keys import KeysError
+from worker.taskuser import TaskUserError  # stdlib only: cheap to load here
 from cluster.node.logs import configure
 from cluster.node.status import query_status
 from cluster.probe.node import build_probe
@@ -262,7 +263,6 @@ def worker_command(config_path: Path, name: str, data_dir: Path, slots: int | No
     """Run a worker: task slots for callables, commands and alignment tiles; stops on SIGTERM."""
     # lazy: worker.node loads numba (the tile kernels), a third of a second that every other
     # `cluster` command would pay at start
-    from worker.executor import TaskUserError
     from worker.node import default_identity, run_worker
 
     def run() -> int:

@@ -25,7 +25,7 @@ task user reaches only what a task needs, by name (``task_layout``):
   not mounted and tasks get stored files staged from the cache).
 - ``D/private`` 0700: what the worker writes and copies for a task (worker/tasks.py).
 
-Before it serves, the worker starts one process as the task user (``executor.probe_task_user``)
+Before it serves, the worker starts one process as the task user (``taskuser.probe_task_user``)
 that must find itself without capabilities and unable to list ``D``, ``cache``,
 ``mount-cache``, ``private`` or read the worker's secret key, and able to write in
 ``task-cache`` (and read the view, when mounted); otherwise it refuses to start, with one line.
@@ -54,7 +54,7 @@ from cluster.node.storagelink import LinkPool
 from proto.ids import join128
 from worker.cache import BlockCache
 from worker.core import RunTask, TaskEnded, WorkerCore, WorkerIdentity, WorkerOptions, balancer_socket
-from worker.executor import (TaskUser, TaskUserError, clear_as, drop_inheritable_capabilities, probe_task_user,
+from worker.taskuser import (TaskUser, TaskUserError, clear_as, drop_inheritable_capabilities, probe_task_user,
                              switch_problem)
 from worker.files import WorkerFiles
 from worker.fusefs import fuse_available, unmount
@@ -236,6 +236,18 @@ def _remove_scratch(scratch: Path, task_user: TaskUser | None) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _switchable(task_user: str) -> TaskUser:
+    """The task user, once the worker is known able to switch to it (``TaskUserError`` if not),
+    with the capabilities no task may inherit cleared. First, on the main thread before any
+    other starts: capabilities are per thread."""
+    user = TaskUser.lookup(task_user)
+    problem = switch_problem()
+    if problem:
+        raise TaskUserError(problem)
+    drop_inheritable_capabilities()
+    return user
+
+
 def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, mount: bool = True,
                  control: str | None = None, options: WorkerOptions | None = None,
                  task_user: str | None = None) -> tuple[NodeLoop, Callable[[], None]]:
@@ -243,14 +255,7 @@ def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, m
     ``control`` is an endpoint to bind for STATUS_QUERY (a worker otherwise only connects out).
     ``options`` default to the config's ``[heartbeat]`` timings. ``task_user``: run every task
     as that user (module docstring); ``TaskUserError`` if the worker cannot."""
-    user = None
-    if task_user is not None:
-        # first, on the main thread before any other starts: capabilities are per thread
-        user = TaskUser.lookup(task_user)
-        problem = switch_problem()
-        if problem:
-            raise TaskUserError(problem)
-        drop_inheritable_capabilities()
+    user = _switchable(task_user) if task_user is not None else None
     if options is None:
         options = WorkerOptions(interval=config.heartbeat.interval_s, liveness=config.heartbeat.balancer_liveness_s)
     if not config.balancers:

@@ -35,10 +35,10 @@ What reuse gives up, as in Ray and Dask: a task can leave state behind in the ch
 globals, threads), and processes a callable starts and leaves running live on until the child
 is replaced or closed, when its whole process group is killed.
 
-With a ``task_user`` (``executor.TaskUser``; the worker's ``--task-user``) the child is started
+With a ``task_user`` (``taskuser.TaskUser``; the worker's ``--task-user``) the child is started
 as that user (``Popen`` ``user``/``group``/``extra_groups``/``umask``, see executor's docstring
 for what the worker needs), with ``--unprivileged``, so it refuses to serve if it holds any
-capability. The scratch directory and ``.slot`` are ``executor.task_dir``s (group G, 2770) that
+capability. The scratch directory and ``.slot`` are ``taskuser.task_dir``s (group G, 2770) that
 the child writes; the parent opens ``.slot`` and the output files there through a directory fd
 without following symbolic links, since any task of that user could have replaced them.
 """
@@ -60,9 +60,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import executor, slot_child
-from worker.executor import (_DIR_FLAGS, OUTPUT_CAP_BYTES, Limits, Outcome, TaskUser, _Capture, _mib, _Run,
-                             _signal_group)
+from worker import executor, slot_child, taskuser
+from worker.executor import OUTPUT_CAP_BYTES, Limits, Outcome, _Capture, _mib, _Run, _signal_group
+from worker.taskuser import DIR_FLAGS, TaskUser
 
 CLOSE_GRACE_S = 2.0
 _LENGTH = struct.Struct("<Q")
@@ -195,7 +195,7 @@ class Slot:
             _unlink(out)
         shutil.rmtree(out, ignore_errors=True)
         try:
-            executor.task_dir(out, self.task_user)
+            taskuser.task_dir(out, self.task_user)
         except OSError as exc:
             return self._refused("trace", f"cannot prepare the scratch directory: {exc}")
         outcome = self._run_in_child("trace", {"op": "trace", "request": request, "out": str(out)},
@@ -551,12 +551,12 @@ def _unlink_at(dir_fd: int, name: str) -> None:
 def _output_dir(scratch: Path, task_user: TaskUser | None) -> int:
     """An fd of ``scratch/.slot`` (made, with ``scratch``, if missing): a real directory, never
     a symbolic link a task left there in its place."""
-    executor.task_dir(scratch, task_user)
-    scratch_fd = os.open(scratch, _DIR_FLAGS)
+    taskuser.task_dir(scratch, task_user)
+    scratch_fd = os.open(scratch, DIR_FLAGS)
     try:
         name = slot_child.OUTPUT_DIR
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=scratch_fd)
+            fd = os.open(name, DIR_FLAGS, dir_fd=scratch_fd)
         except FileNotFoundError:
             fd = None
         except OSError:  # ELOOP, ENOTDIR: something else took its name
@@ -567,10 +567,10 @@ def _output_dir(scratch: Path, task_user: TaskUser | None) -> int:
                 os.mkdir(name, 0o777 if task_user is None else 0o700, dir_fd=scratch_fd)
             except FileExistsError:
                 pass
-            fd = os.open(name, _DIR_FLAGS, dir_fd=scratch_fd)
+            fd = os.open(name, DIR_FLAGS, dir_fd=scratch_fd)
         if task_user is not None:
             try:
-                executor._give_to_group(fd, task_user)
+                taskuser.give_to_group(fd, task_user)
             except BaseException:
                 os.close(fd)
                 raise

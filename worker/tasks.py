@@ -21,10 +21,10 @@ bigger one is stored (replicated) in storage and registered with the job when th
 recorded (TASK_RESULT ``files``). Every failure here becomes a failed outcome with one line that
 says what went wrong: a bad task never takes its worker down.
 
-With a task user (``--task-user``; worker/executor.py says how tasks are started as it) the
+With a task user (``--task-user``; worker/taskuser.py says how tasks are started as it) the
 scratch directory is the task's, so the worker trusts nothing in it: what it stores of a task's
 files (outputs, a tile's boundary, a trace's CIGAR) is first copied, through a descriptor opened
-without following symbolic links (``executor.open_beneath``), into a directory only the worker
+without following symbolic links (``taskuser.open_beneath``), into a directory only the worker
 can reach (``private_root/slot-N``), and the copy is what is hashed, uploaded and cached (no
 task process can change it afterwards, nor pass off a link to the worker's key as its output);
 what the worker writes itself (a large value, a long log) goes there too, never into the
@@ -32,7 +32,7 @@ scratch directory. Stored files a task reads come through the FUSE view (mounted
 allow_other); without the mount, the cache's copy is hard-linked (or copied) into
 ``scratch_root/inputs-N``, which the task user may read but not change, since the cache
 itself is closed to it. What a task left that the worker cannot remove through the shared group
-is removed by a process run as the task user (``executor.clear_as``).
+is removed by a process run as the task user (``taskuser.clear_as``).
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ from proto.messages import Outcome as TaskOutcome  # the slot's own Outcome is a
 from proto.messages import WorkerRequest
 from proto.fileids import file_id_of_path, parse_id
 from cluster.node.storagelink import LinkPool, TransferError, upload_ranked
-from worker import executor, slot_child, tiles, trace_tasks
-from worker.executor import Limits, Outcome, TaskUser
+from worker import slot_child, taskuser, tiles, trace_tasks
+from worker.executor import Limits, Outcome
+from worker.taskuser import TaskUser
 
 log = logging.getLogger("cluster.worker")
 
@@ -184,7 +185,7 @@ class TaskRunner:
             if self.task_user is None:
                 raise
             # the task chmodded something away from the group: remove it as the task user
-            executor.clear_as(self.task_user, place.scratch, keep=(slot_child.OUTPUT_DIR,))
+            taskuser.clear_as(self.task_user, place.scratch, keep=(slot_child.OUTPUT_DIR,))
             _empty(place.scratch, self.task_user)
         if place.own != place.scratch:
             _empty(place.own, None)
@@ -341,7 +342,7 @@ class TaskRunner:
         """A private copy of the file ``path`` a task left in its scratch directory, made from
         a descriptor opened without following a symbolic link (module docstring)."""
         try:
-            fd = executor.open_beneath(self.scratch_root, path.relative_to(self.scratch_root))
+            fd = taskuser.open_beneath(self.scratch_root, path.relative_to(self.scratch_root))
         except (OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise TaskError(f"{name}: not a regular file of the task's own in its scratch directory "
@@ -424,12 +425,12 @@ def _copy_fd(source: int, dest: int) -> None:
 
 def _empty(scratch: Path, task_user: TaskUser | None = None) -> None:
     """Make ``scratch`` an empty directory (the slot's own output captures may stay: the slot
-    truncates them for each task); a missing one is made (an ``executor.task_dir`` with a task
+    truncates them for each task); a missing one is made (an ``taskuser.task_dir`` with a task
     user)."""
     try:
         entries = list(os.scandir(scratch))
     except FileNotFoundError:
-        executor.task_dir(scratch, task_user)
+        taskuser.task_dir(scratch, task_user)
         return
     for entry in entries:
         if entry.name == slot_child.OUTPUT_DIR and entry.is_dir(follow_symlinks=False):

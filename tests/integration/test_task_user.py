@@ -301,13 +301,15 @@ NOT_ROOT = textwrap.dedent("""
     from pathlib import Path
     import cloudpickle
     from worker import executor
-    from worker.executor import Limits, TaskUser, unpack_result
+    from worker import taskuser
+    from worker.executor import Limits, unpack_result
+    from worker.taskuser import TaskUser
     from worker.slots import Slot
 
     root = Path(sys.argv[1])
     root.mkdir(mode=0o711)
-    report = {"switch_problem": executor.switch_problem()}
-    executor.drop_inheritable_capabilities()
+    report = {"switch_problem": taskuser.switch_problem()}
+    taskuser.drop_inheritable_capabilities()
     user = TaskUser.lookup(sys.argv[2])
     scratch_root = root / "scratch"
     scratch_root.mkdir(mode=0o700)
@@ -316,8 +318,8 @@ NOT_ROOT = textwrap.dedent("""
     secret = root / "secret"
     secret.write_text("the worker's")
     os.chmod(secret, 0o600)
-    executor.task_dir(scratch_root / "probe", user)
-    executor.probe_task_user(user, env=None, writable=scratch_root / "probe", unreadable=[secret, root])
+    taskuser.task_dir(scratch_root / "probe", user)
+    taskuser.probe_task_user(user, env=None, writable=scratch_root / "probe", unreadable=[secret, root])
     scratch = scratch_root / "slot-0"
     with Slot(0, task_user=user) as slot:
         done = slot.run_callable(cloudpickle.dumps(lambda: (os.getuid(), print("out"))[0]),
@@ -335,7 +337,7 @@ NOT_ROOT = textwrap.dedent("""
         report["worker_removed"] = True
     except PermissionError:
         report["worker_removed"] = False
-    executor.clear_as(user, scratch, keep=(".slot",))
+    taskuser.clear_as(user, scratch, keep=(".slot",))
     report["left"] = sorted(os.listdir(scratch))
     print(json.dumps(report))
 """)
