@@ -120,6 +120,7 @@ class LaggingFollower:
 
     def __init__(self, client: Client) -> None:
         self.attempt_timeout = client.attempt_timeout
+        self.credentials = client.link.credentials  # the storage links authenticate as the client
 
     def lookup_files(self, file_ids: list[bytes]) -> Answer:
         return Answer({f.hex(): None for f in file_ids}, True, 1, None)
