@@ -246,6 +246,9 @@ class NodeLoop:
             from zmq.auth.thread import ThreadAuthenticator
             self._authenticator = ThreadAuthenticator(self._ctx, log=logging.getLogger("cluster.zap"))
             self._authenticator.start()
+            # The gatekeeper counts on pyzmq's ZAP thread: the key exists before it starts, so the
+            # status reply's copy of the counters never sees the dict change size under it.
+            self.counters["auth_refused"] = 0
             self._authenticator.configure_curve_callback(ZAP_DOMAIN, Gatekeeper(creds, self.counters, self.log))
         for spec in self.specs.values():
             sock = self._ctx.socket(spec.kind)
