@@ -33,7 +33,7 @@ from master.commands import RegisterFile, ReleaseFile, SubmitJob
 from master.joblife import spec_digest
 from master.ledger import Ledger
 from master.standing import API, MAX_LIST, Standing, app_error, app_error_to, not_owner, owns
-from master.state import Applied
+from master.state import Applied, pin_owner
 from proto.errors import AppReason
 from proto.ids import join128, split128
 from proto.messages import (
@@ -115,8 +115,10 @@ class ClientApi:
         foreign = self._foreign_job(ev, m.owner)
         if foreign is not None:
             return [not_owner(ev, m.request_id, foreign)]
-        # pin=0 without an owner is a repair: it adds replicas and no reference
-        command = RegisterFile(file_id, m.size, list(m.replicas), m.owner, self.standing.wall(now), m.name,
+        # pin=0 without an owner is a repair: it adds replicas and no reference. A pin is the
+        # sender's own (its key's; without keys the one shared pin)
+        owner = m.owner if m.owner is not None else (pin_owner(ev.peer.name) or None if m.pin else None)
+        command = RegisterFile(file_id, m.size, list(m.replicas), owner, self.standing.wall(now), m.name,
                                add_ref=bool(m.pin or m.owner))
         return self.batcher.enqueue(command, ("write", ev.route, m.request_id), ev.stimulus_id, now)
 
@@ -127,7 +129,9 @@ class ClientApi:
         foreign = self._foreign_job(ev, m.owner)
         if foreign is not None:
             return [not_owner(ev, m.request_id, foreign)]
-        command = ReleaseFile(m.file_id, m.owner, self.standing.wall(now))
+        # no job named: the file's pin by this key (an operator, too, releases only its own pins)
+        owner = m.owner if m.owner is not None or m.file_id is None else (pin_owner(ev.peer.name) or None)
+        command = ReleaseFile(m.file_id, owner, self.standing.wall(now))
         return self.batcher.enqueue(command, ("write", ev.route, m.request_id), ev.stimulus_id, now)
 
     # ---- answers to the writes, once they committed (or not) --------------------------------
@@ -193,10 +197,15 @@ class ClientApi:
         state = self.ledger.state
         if m.owner is not None and m.owner not in state.jobs and m.owner not in state.named:
             return [self.standing.not_found(ev, m.request_id, f"no job {m.owner.hex()}")]
-        foreign = self._foreign_job(ev, m.owner) if ev.peer.role in ("client", "gateway") else None
+        people = ev.peer.role in ("client", "gateway")
+        foreign = self._foreign_job(ev, m.owner) if people else None
         if foreign is not None:  # workers and storage nodes list any job's files (mounts, the collector)
             return [not_owner(ev, m.request_id, foreign)]
-        page = views.files_view(state, max(1, min(m.limit, MAX_LIST)), m.owner, m.after)
+        # a client lists the files its jobs and its pins refer to, not everyone's
+        among = None
+        if people and m.owner is None:
+            among = {j for j, job in state.jobs.items() if job.client == ev.peer.name} | {pin_owner(ev.peer.name)}
+        page = views.files_view(state, max(1, min(m.limit, MAX_LIST)), m.owner, m.after, among)
         return [self.standing.reply(ev, m.request_id, page)]
 
     def _foreign_job(self, ev: MessageReceived, job_id: bytes | None) -> bytes | None:

@@ -24,6 +24,8 @@ from master.state import (
     MAX_NAME,
     MAX_TASK_FILES,
     PIN,
+    PIN_PREFIX,
+    is_pin,
     Applied,
     FileRecord,
     Job,
@@ -57,7 +59,7 @@ def refusal(state: LedgerState, c: RegisterFile) -> Applied | None:
     owner = PIN if c.owner is None else c.owner
     name = c.name or c.file_id.hex()
     if c.add_ref:
-        if c.owner is not None and c.owner not in state.jobs:
+        if c.owner is not None and not is_pin(c.owner) and c.owner not in state.jobs:
             return refused("unknown_job", f"no job {c.owner.hex()} to own file {c.file_id.hex()}")
         problem = _name_problem(name)
         if problem:
@@ -92,7 +94,7 @@ def release(state: LedgerState, c: ReleaseFile) -> Applied:
     """RELEASE_FILE: an owner lets go of one file, or of all it refers to."""
     owner = PIN if c.owner is None else c.owner
     if c.file_id is None:
-        if c.owner is None:
+        if c.owner is None or is_pin(c.owner):
             return refused("bad_release", "release every file of whom? name a job (or a file id)")
         targets = list(state.named.get(owner, {}).values())
     else:
@@ -260,4 +262,8 @@ def _name_problem(name: str) -> str | None:
 
 
 def _owner_text(owner: bytes) -> str:
-    return "the user pin" if owner == PIN else f"job {owner.hex()}"
+    if owner == PIN:
+        return "the user pin"
+    if is_pin(owner):
+        return f"the pin of {owner[len(PIN_PREFIX):].decode(errors='replace')}"
+    return f"job {owner.hex()}"

@@ -62,7 +62,18 @@ INT64_MAX = 2**63 - 1
 MAX_NAME = 255
 MAX_TASK_FILES = 1024  # files one completion may register
 ENDINGS_KEPT = 2 * jobs.WINDOW  # the newest endings always held; older folded ones may be dropped
-PIN = b""  # the owner key of a user's pin in FileRecord.refs
+PIN = b""  # the owner key of a user's pin in FileRecord.refs (without keys: everyone's)
+PIN_PREFIX = b"pin:"  # a key's own pins: PIN_PREFIX + its name (a job id is 16 bytes, never this)
+
+
+def pin_owner(name: str) -> bytes:
+    """The owner key of the pins of key ``name`` ("" in an insecure cluster: the shared PIN)."""
+    return PIN_PREFIX + name.encode() if name else PIN
+
+
+def is_pin(owner: bytes) -> bool:
+    """A pin's owner key (shared or a key's own), not a job id."""
+    return owner == PIN or owner.startswith(PIN_PREFIX)
 
 
 class Attempt(msgspec.Struct, array_like=True):

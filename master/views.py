@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from master import jobs
 from master.commands import OUTCOMES
-from master.state import PIN, Attempt, Job, JobState, LedgerState, TaskState
+from master.state import PIN, PIN_PREFIX, Attempt, Job, JobState, LedgerState, TaskState, is_pin
 from master.workspec import WorkState
 
 
@@ -217,21 +217,38 @@ def file_view(state: LedgerState, file_id: bytes) -> dict[str, Any] | None:
         "id": file_id.hex(),
         "size": record.size,
         "replicas": list(record.replicas),
-        "refs": {("pinned" if owner == PIN else owner.hex()): name for owner, name in record.refs.items()},
+        "refs": {_owner_label(owner): name for owner, name in record.refs.items()},
         "registered_at": record.registered_at,
     }
 
 
-def files_view(state: LedgerState, limit: int, owner: bytes | None = None, after: bytes | None = None) -> dict[str, Any]:
-    """Files in id order after ``after`` (all, or those ``owner`` refers to); ``next`` is the
-    ``after`` of the following page, None at the end. Cost: O(files) per page."""
-    ids = state.named.get(owner, {}).values() if owner is not None else state.files.keys()
+def files_view(state: LedgerState, limit: int, owner: bytes | None = None, after: bytes | None = None,
+               among: set[bytes] | None = None) -> dict[str, Any]:
+    """Files in id order after ``after`` (all, or those ``owner`` refers to, or those any of
+    ``among``'s owners refers to); ``next`` is the ``after`` of the following page, None at the
+    end. Cost: O(files) per page."""
+    if owner is not None:
+        ids: Any = state.named.get(owner, {}).values()
+    elif among is not None:
+        ids = {f for o in among for f in state.named.get(o, {}).values()}
+    else:
+        ids = state.files.keys()
     page = heapq.nsmallest(limit + 1, (f for f in ids if after is None or f > after))
     views = [file_view(state, f) for f in page[:limit]]
     if owner is not None:
         for v in views:
             v["name"] = state.files[bytes.fromhex(v["id"])].refs[owner]
     return {"files": views, "next": page[limit - 1].hex() if len(page) > limit else None}
+
+
+def _owner_label(owner: bytes) -> str:
+    """How a file's reference is shown: a job's hex id, "pinned" (the shared pin of an
+    insecure cluster) or "pinned:NAME" (the pin of key NAME)."""
+    if owner == PIN:
+        return "pinned"
+    if is_pin(owner):
+        return "pinned:" + owner[len(PIN_PREFIX):].decode(errors="replace")
+    return owner.hex()
 
 
 def footprint(state: LedgerState) -> dict[str, int]:

@@ -88,7 +88,7 @@ class ClusterView:
             if page is None:
                 break
             for f in page["files"]:
-                owners.update(bytes.fromhex(k) for k in f["refs"] if k != "pinned")
+                owners.update(bytes.fromhex(k) for k in f["refs"] if not k.startswith("pinned"))
             if page["next"] is None:
                 break
             after = page["next"]

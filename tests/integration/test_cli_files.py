@@ -53,7 +53,7 @@ def test_upload_files_download_and_rm(config, tmp_path):
     assert plain.returncode == 0 and plain.stdout.strip() == fid, plain.stderr
 
     mine = listed()[fid]
-    assert (mine["size"], sorted(mine["replicas"]), mine["refs"]) == (up["size"], ["s1", "s2"], {"pinned": "data.bin"})
+    assert (mine["size"], sorted(mine["replicas"]), mine["refs"]) == (up["size"], ["s1", "s2"], {"pinned:client": "data.bin"})
     table = cli("files")
     assert table.returncode == 0 and fid[:8] in table.stdout, table.stderr
 

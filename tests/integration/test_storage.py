@@ -179,7 +179,7 @@ def test_upload_download_round_trip_with_two_replicas_and_dedupe(cluster, tmp_pa
 
     record = c.client.lookup_files([fid]).value[ref.id]
     assert record["size"] == len(data) and record["replicas"] == ["s1", "s2"]
-    assert record["refs"] == {"pinned": "input.bin"}
+    assert record["refs"] == {"pinned:client": "input.bin"}  # the pin of the key that uploaded it
     assert [f["id"] for f in c.client.files().value["files"]] == [ref.id]
     for name in ("s1", "s2"):
         blob = c.blob(name, fid)
@@ -334,7 +334,7 @@ def test_released_files_are_collected_and_pinned_ones_kept(cluster, tmp_path):
         wait_for(lambda n=name: (c.upkeep(n).get("last_gc_at") or 0) > collected_at, 10, f"another collection on {name}")
         assert c.upkeep(name).get("collected", 0) >= 1
         assert file_id_of_path(c.blob(name, fp)) == fp
-    assert c.client.lookup_files([fp]).value[pinned.id]["refs"] == {"pinned": "pinned.bin"}
+    assert c.client.lookup_files([fp]).value[pinned.id]["refs"] == {"pinned:client": "pinned.bin"}
 
 
 def _small_file(path: Path, seed: int) -> Path:

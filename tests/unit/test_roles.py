@@ -18,8 +18,8 @@ from master.core import ROLES as MASTER_ROLES
 from master.core import roles_for
 from master.standing import API
 from proto.ids import join128, split128
-from proto.messages import (CancelJob, FileList, FileRegister, FileRelease, JobList, JobQuery, QueryReply, StatusQuery,
-                            Submit, SubmitAck, TaskQuery, TaskResult, Watch, Work, WorkerStatus)
+from proto.messages import (CancelJob, Error, FileList, FileRegister, FileRelease, JobList, JobQuery, QueryReply,
+                            StatusQuery, Submit, SubmitAck, TaskQuery, TaskResult, Watch, Work, WorkerStatus)
 from storage.core import _HANDLERS as STORAGE_TYPES
 from storage.core import STORE_AND_READ
 from worker.core import BALANCERS_ONLY, balancer_socket
@@ -241,3 +241,31 @@ def test_one_keys_upload_promises_are_bounded_and_other_keys_go_on(tmp_path):
     assert answers(open_as(bob, b"\4" * 16, 900 << 10, b"b1"), UploadReady)  # bob holds his own reserve
     assert h.core.counters["uploads_over_key_reserve"] == 2
     assert sorted(u.holder for u in h.core.uploads.values()) == ["alice", "bob"]
+
+
+def test_a_pin_belongs_to_the_key_that_made_it_and_clients_list_only_their_files():
+    h = MasterHarness()
+    job = _alices_job(h)
+    for who, fid, owner in ((ALICE, 1, None), (BOB, 2, None), (ALICE, 3, job)):  # two pins, one job file
+        upper, lower = split128(bytes([fid]) * 16)
+        _as(h, who, FileRegister(10 + fid, upper, lower, 5, int(owner is None), ["s1"], owner, f"f{fid}"))
+    h.flush()
+    h.commit_all()
+    h.take(QueryReply)
+    refs = {f.hex(): r.refs for f, r in h.ledger.state.files.items()}
+    assert list(refs[(bytes([1]) * 16).hex()]) == [b"pin:alice"] and list(refs[(bytes([2]) * 16).hex()]) == [b"pin:bob"]
+    # bob cannot release alice's pin (his own pin of that file does not exist); alice can
+    _as(h, BOB, FileRelease(20, bytes([1]) * 16, None))
+    h.flush()
+    h.commit_all()
+    (err,) = [m for m in h.take(Error)]
+    assert err.detail["code"] == "not_referenced"
+    # each client lists what its pins and jobs refer to; an operator and a worker list every file
+    for peer, want in ((ALICE, {1, 3}), (BOB, {2}), (Peer("root", "operator"), {1, 2, 3}), (Peer("w1", "worker"), {1, 2, 3})):
+        _as(h, peer, FileList(21, 100, None, None))
+        (reply,) = h.take(QueryReply)
+        assert {bytes.fromhex(f["id"])[0] for f in reply.value["files"]} == want, peer
+    _as(h, ALICE, FileRelease(22, bytes([1]) * 16, None))
+    h.flush()
+    h.commit_all()
+    assert bytes([1]) * 16 not in h.ledger.state.files
