@@ -218,6 +218,7 @@ def file_view(state: LedgerState, file_id: bytes) -> dict[str, Any] | None:
         "size": record.size,
         "replicas": list(record.replicas),
         "refs": {_owner_label(owner): name for owner, name in record.refs.items()},
+        "readers": _readers(state, record),
         "registered_at": record.registered_at,
     }
 
@@ -239,6 +240,20 @@ def files_view(state: LedgerState, limit: int, owner: bytes | None = None, after
         for v in views:
             v["name"] = state.files[bytes.fromhex(v["id"])].refs[owner]
     return {"files": views, "next": page[limit - 1].hex() if len(page) > limit else None}
+
+
+def _readers(state: LedgerState, record: Any) -> list[str]:
+    """The keys that may read a file from storage (storage.readers): the owners of the jobs that
+    refer to it and the keys that pinned it; "*" for the shared pin of a cluster without keys."""
+    out = set()
+    for owner in record.refs:
+        if owner == PIN:
+            out.add("*")
+        elif is_pin(owner):
+            out.add(owner[len(PIN_PREFIX):].decode(errors="replace"))
+        elif (job := state.jobs.get(owner)) is not None:
+            out.add(job.client)
+    return sorted(out)
 
 
 def _owner_label(owner: bytes) -> str:

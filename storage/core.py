@@ -37,6 +37,7 @@ from cluster.node.events import (
     PEOPLE,
     Effect,
     Event,
+    Forbidden,
     Log,
     MessageReceived,
     Refuse,
@@ -47,6 +48,7 @@ from cluster.node.events import (
     authorise,
 )
 from proto.errors import StorageStatus
+from storage.readers import LookupReaders, ReadersKnown, ReadGate
 from proto.fileids import rank
 from proto.ids import join128, split128
 from proto.messages import FileChunk, FileRequest, FileResponse, UploadCredit, UploadDone, UploadOpen, UploadReady
@@ -215,6 +217,7 @@ class StorageCore:
         self.by_file: dict[bytes, int] = {}
         self.pending: dict[int, tuple[str, Any]] = {}  # disk/replication token → what it was for
         self.counters: dict[str, int] = {}
+        self.gate = ReadGate()  # which client keys may read which files (storage.readers)
         self._ids = itertools.count(1)
 
     # ---- events in ---------------------------------------------------------------------------
@@ -233,6 +236,8 @@ class StorageCore:
             return self._on_disk(event, now)
         if isinstance(event, Replicated):
             return self._on_replicated(event)
+        if isinstance(event, ReadersKnown):
+            return self._on_readers(event, now)
         if isinstance(event, TimerFired) and event.name == "expire":
             return self._expire(now, event.stimulus_id) + [StartTimer("expire", 1.0, event.stimulus_id)]
         if isinstance(event, Started):
@@ -458,9 +463,35 @@ class StorageCore:
                                            int(StorageStatus.TOO_LARGE), b"",
                                            f"a read of {m.length} bytes; the limit is {self.settings.read_max}: read in pieces"),
                          ev.route, ev.stimulus_id)]
+        if not self.gate.allows(ev.peer.role, ev.peer.name, file_id, now):
+            # a client's first read of a file: the masters say whether its jobs or pins refer to it
+            ask = self.gate.park(file_id, (ev, m))
+            return [LookupReaders(file_id, ev.stimulus_id)] if ask else []
+        return [self._start_read(ev.route, m, file_id, ev.stimulus_id)]
+
+    def _start_read(self, route: bytes | None, m: FileRequest, file_id: bytes, cause: str) -> Effect:
         token = next(self._ids)
-        self.pending[token] = ("read", (ev.route, m, ev.stimulus_id))
-        return [ReadRange(token, file_id, m.offset, m.length)]
+        self.pending[token] = ("read", (route, m, cause))
+        return ReadRange(token, file_id, m.offset, m.length)
+
+    def _on_readers(self, ev: ReadersKnown, now: float) -> list[Effect]:
+        """The masters said who may read a file: the reads that waited go on, or are refused as
+        if the file were not here (NOT_FOUND: a key learns nothing of files not its own); if the
+        masters could not be asked, the reads are dropped and their clients retry."""
+        out: list[Effect] = []
+        for read_ev, m in self.gate.answered(ev.file_id, ev.readers, now):
+            if ev.readers is None:
+                self._count("reads_unanswered")
+                continue
+            if self.gate.may(read_ev.peer.name, ev.file_id):
+                out.append(self._start_read(read_ev.route, m, ev.file_id, ev.stimulus_id))
+                continue
+            self._count("reads_forbidden")
+            reply = FileResponse(m.request_id, m.file_id_upper, m.file_id_lower, m.offset, 0, int(StorageStatus.NOT_FOUND),
+                                 b"", f"no file {ev.file_id.hex()} that key {read_ev.peer.name} may read here")
+            out.append(Forbidden(read_ev.socket, read_ev.route, "FileRequest", read_ev.peer,
+                                 f"file {ev.file_id.hex()} is not referred to by its jobs or pins", ev.stimulus_id, reply))
+        return out
 
     def _read_answer(self, ref: tuple, ev: DiskDone) -> Effect:
         route, m, cause = ref

@@ -42,7 +42,9 @@ from storage.core import (
     WriteChunk,
 )
 from storage.maintenance import Maintenance, push
+from cluster.node.masterlink import ClusterError, MasterLink
 from cluster.node.storagelink import LinkPool, TransferError
+from storage.readers import LookupReaders, ReadersKnown
 
 log = logging.getLogger("cluster.storage")
 
@@ -133,6 +135,42 @@ def _disk_error(token: int, exc: BaseException) -> DiskDone:
 DOWN_PENALTY_S = 10.0
 
 
+class ReaderLookups:
+    """Runs the core's LookupReaders effects (storage.readers) on a thread of their own, with a
+    link to the masters made there (a ZeroMQ socket stays on the thread that made it), and posts
+    ReadersKnown back to the loop. ``close`` ends the thread and the link."""
+
+    def __init__(self, masters: list[str], loop: NodeLoop) -> None:
+        self.masters = masters
+        self.loop = loop
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="readers")
+        self._link: MasterLink | None = None
+
+    def __call__(self, e: LookupReaders) -> None:
+        self.pool.submit(self._run, e)
+
+    def _run(self, e: LookupReaders) -> None:
+        readers: frozenset[str] | None
+        try:
+            if self._link is None:
+                self._link = MasterLink(self.masters, timeout=5.0)
+            record = self._link.lookup_files([e.file_id]).value.get(e.file_id.hex())
+            readers = frozenset(record.get("readers", ())) if record else frozenset()
+        except (ClusterError, OSError) as exc:
+            log.warning("could not ask the masters who may read %s: %s", e.file_id.hex(), exc)
+            readers = None
+        self.loop.post(ReadersKnown(e.file_id, readers, self.loop.stimulus("readers")))
+
+    def close(self) -> None:
+        self.pool.submit(self._close_link).result(timeout=10)
+        self.pool.shutdown(wait=True)
+
+    def _close_link(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+
 class Replicator:
     """Runs the core's Replicate effects on threads and posts Replicated back to the loop."""
 
@@ -205,13 +243,18 @@ def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bo
         BeginUpload: disk.begin, WriteChunk: disk.write, FinishUpload: disk.finish,
         AbortUpload: disk.abort, ReadRange: disk.read,
         Replicate: lambda e: holder["replicator"](e),
+        LookupReaders: lambda e: holder["readers"](e),
     }
     loop = NodeLoop(core, sockets, performers=performers, credentials=credentials,
                     limits=Limits(max_message_bytes=MESSAGE_MAX, max_frame0_bytes=MESSAGE_MAX))
     holder["replicator"] = replicator = Replicator(store, name, config.storage_nodes, loop)
+    holder["readers"] = readers = ReaderLookups(list(config.masters.values()), loop)
+    core.gate.enabled = bool(config.masters)
+    if not config.masters:
+        log.warning("storage %s: no masters in the config, so reads are not checked against their owners", name)
     upkeep = Maintenance(store, name, config)
     core.upkeep = upkeep.status
-    return loop, [replicator, upkeep, store]
+    return loop, [replicator, upkeep, readers, store]
 
 
 def settings_of(options: StorageOptions) -> StorageSettings:

@@ -303,3 +303,39 @@ def test_every_node_kind_lets_no_stranger_through(tmp_path):
             assert c.get("auth_refused", 0) >= 1, (node.name, c)
     finally:
         stop_all(nodes)
+
+
+def test_a_client_key_reads_from_storage_only_the_files_its_jobs_and_pins_refer_to(tmp_path):
+    """Alice uploads (her pin); Bob, another client key that learnt the id, gets NOT_FOUND from
+    every replica; Alice, an operator and a worker key read it."""
+    from cluster.local import credentials_as, storage_nodes
+    from cluster.node.storagelink import StorageLink, TransferError
+    from proto.errors import StorageStatus
+
+    masters = master_nodes(tmp_path, 3)
+    config, storage = storage_nodes(tmp_path, 2, masters=masters)
+    start_all(masters + storage)
+    try:
+        src = tmp_path / "secret.bin"
+        src.write_bytes(os.urandom(300_000))
+        make_keys(tmp_path, {"alice": "client", "bob": "client"})
+        with Client(config=config, key=keys.secret_path(tmp_path / "keys", "alice"), timeout=20) as alice:
+            ref = alice.upload(src)
+        fid = bytes.fromhex(ref.id)
+        cfg = load_cluster_config(config)
+        for who, role, ok in (("bob", "client", False), ("alice", "client", True), ("operator", "operator", True),
+                              ("w7", "worker", True)):
+            creds = credentials_as(config, who, role)
+            for node, address in cfg.storage_nodes.items():
+                with StorageLink(address, name=node, timeout=10, credentials=creds) as link:
+                    if ok:
+                        data, _ = link.read(fid, 0, 1000)
+                        assert bytes(data) == src.read_bytes()[:1000], (who, node)
+                    else:
+                        with pytest.raises(TransferError) as caught:
+                            link.read(fid, 0, 1000)
+                        assert caught.value.status == StorageStatus.NOT_FOUND, (who, node)
+        counters = [_counters(n) for n in storage]
+        assert sum(c.get("forbidden.FileRequest", 0) for c in counters) == 2
+    finally:
+        stop_all(masters + storage)

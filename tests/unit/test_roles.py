@@ -269,3 +269,33 @@ def test_a_pin_belongs_to_the_key_that_made_it_and_clients_list_only_their_files
     h.flush()
     h.commit_all()
     assert bytes([1]) * 16 not in h.ledger.state.files
+
+
+def test_a_client_reads_from_storage_only_what_its_jobs_and_pins_refer_to(tmp_path):
+    from proto.errors import StorageStatus
+    from proto.messages import FileRequest, FileResponse
+    from storage.core import ReadRange
+    from storage.readers import LookupReaders, ReadersKnown
+
+    h = StorageHarness(tmp_path)
+    fid = b"\7" * 16
+    upper, lower = split128(fid)
+
+    def read_as(peer: Peer, rid: int) -> list:
+        return h.core.handle(MessageReceived("api", b"r", 1, FileRequest(rid, upper, lower, 0, 10), f"m{rid}", peer), h.now)
+
+    worker = read_as(Peer("w1", "worker"), 1)  # workers, storage nodes and operators are not asked about
+    assert [type(e) for e in worker] == [ReadRange]
+    first = read_as(ALICE, 2)
+    assert [type(e) for e in first] == [LookupReaders] and first[0].file_id == fid
+    assert read_as(BOB, 3) == []  # parked behind the same lookup
+    answered = h.core.handle(ReadersKnown(fid, frozenset({"alice"}), "r1"), h.now)
+    starts = [e for e in answered if isinstance(e, ReadRange)]
+    refusals = [e for e in answered if isinstance(e, Forbidden)]
+    assert len(starts) == 1 and len(refusals) == 1 and refusals[0].peer == BOB
+    assert isinstance(refusals[0].reply, FileResponse) and refusals[0].reply.status == StorageStatus.NOT_FOUND
+    assert [type(e) for e in read_as(ALICE, 4)] == [ReadRange]  # remembered
+    again = read_as(BOB, 5)  # not remembered as refused: asked afresh (his job may refer to it now)
+    assert [type(e) for e in again] == [LookupReaders]
+    assert h.core.handle(ReadersKnown(fid, None, "r2"), h.now) == []  # masters unreachable: dropped, retried
+    assert h.core.counters["reads_forbidden"] == 1 and h.core.counters["reads_unanswered"] == 1
