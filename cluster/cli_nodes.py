@@ -26,7 +26,7 @@ from cluster.up import down as stop_cluster
 from cluster.up import up as start_cluster
 from proto import Limits
 from worker.cache import BlockCache
-from worker.fusefs import fuse_available, mount
+from worker.fusefs import Tuning, fuse_available, mount
 from worker.view import ClusterView
 
 
@@ -284,9 +284,12 @@ def worker_command(config_path: Path, name: str, data_dir: Path, slots: int | No
 @click.option("--allow-other", is_flag=True, help="Let users other than the mounting one read.")
 @click.option("--key", "key_file", default=None, envvar="CLUSTER_KEY", type=click.Path(dir_okay=False, path_type=Path),
               help="The secret key to read the files with (a worker's mount: the worker's own key).")
+@click.option("--no-listing", is_flag=True,
+              help="files/ and jobs/ list nothing: a file or a job's directory is reached only by an id one was "
+                   "given (a worker's own mount, shared by the tasks of every owner).")
 @click.option("--log-level", default="INFO", show_default=True)
 def mount_command(mountpoint: Path, config_path: Path, cache_dir: Path, cache_gb: float, allow_other: bool,
-                  key_file: Path | None, log_level: str) -> None:
+                  key_file: Path | None, no_listing: bool, log_level: str) -> None:
     """Mount the cluster's files read-only at MOUNTPOINT (files/<id>, jobs/<job>/<name>);
     serves until SIGTERM or `fusermount3 -u MOUNTPOINT`."""
     configure(log_level)
@@ -297,7 +300,8 @@ def mount_command(mountpoint: Path, config_path: Path, cache_dir: Path, cache_gb
     _, config = _cluster_config(config_path, key_file)
     view = ClusterView(list(config.masters.values()), config.storage_nodes)
     try:
-        mount(view, BlockCache(cache_dir, int(cache_gb * 2**30)), mountpoint, allow_other=allow_other)
+        mount(view, BlockCache(cache_dir, int(cache_gb * 2**30)), mountpoint, allow_other=allow_other,
+              tuning=Tuning(enumerate=not no_listing))
     except (OSError, RuntimeError) as exc:
         raise click.ClickException(f"cannot mount at {mountpoint}: {exc}")
     finally:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from worker.cache import BlockCache
-from worker.fusefs import mount
+from worker.fusefs import Tuning, mount
 
 
 class DirView:
@@ -58,11 +58,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--capacity", type=int, default=4 << 30)
     parser.add_argument("--nothreads", action="store_true")
+    parser.add_argument("--no-listing", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cache = BlockCache(args.cache or args.dir / "cache", args.capacity, durable=False)
     try:
-        mount(DirView(args.dir), cache, args.mountpoint, threads=not args.nothreads)
+        mount(DirView(args.dir), cache, args.mountpoint, threads=not args.nothreads,
+              tuning=Tuning(enumerate=not args.no_listing))
     finally:
         cache.close()
 

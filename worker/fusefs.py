@@ -165,6 +165,10 @@ class Tuning:
     readahead: int = 4 * _REQUEST_MAX  # bytes; the kernel's 128 KiB default means 128 KiB requests
     # bytes the cache prefetches past a sequential reader (0: none); see worker.cache.ReadAhead
     cache_read_ahead: int = READ_AHEAD_MAX
+    # list files/ (the cached ids) and jobs/ (every job with files)? Off in a worker's own mount,
+    # which the tasks of every owner share: a task then reaches a file or a job's directory only
+    # by an id it was given (doc/security.md), as it reads its own inputs
+    enumerate: bool = True
 
 
 class StorageFS(_Base):
@@ -248,7 +252,7 @@ class StorageFS(_Base):
         top, rest = parts[0], parts[1:]
         if top == "files":
             if not rest:
-                return {fid.hex(): b"" for fid in self._cache.cached_ids()}
+                return {fid.hex(): b"" for fid in self._cache.cached_ids()} if self._tuning.enumerate else {}
             fid = _parse_id(rest[0])
             size = None if fid is None or len(rest) > 1 else self._size(fid)
             if size is None:
@@ -256,7 +260,7 @@ class StorageFS(_Base):
             return fid, size
         if top == "jobs":
             if not rest:
-                return {job.hex(): {} for job in self._job_list()}
+                return {job.hex(): {} for job in self._job_list()} if self._tuning.enumerate else {}
             job = _parse_id(rest[0])
             node: Any = None if job is None else self._tree(job)
             for part in rest[1:]:

@@ -139,7 +139,8 @@ class MountChild:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cluster", "mount", str(self.mountpoint), "--config", str(self.config_path),
              "--cache", str(self.cache), *(["--key", str(self.key_file)] if self.key_file else []),
-             *(["--allow-other"] if self.allow_other else [])],
+             *(["--allow-other"] if self.allow_other else []),
+             "--no-listing"],  # the tasks of every owner share this mount: no enumerating others' files
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
         logf.close()
         self.pid_file.write_text(f"{self.process.pid}\n")

@@ -65,14 +65,14 @@ def _tail(log: Path | None) -> str:
 class Mount:
     """One mount process over ``store`` at ``path``; stop() kills it by pid and unmounts."""
 
-    def __init__(self, store: Path, path: Path, log: Path) -> None:
-        self.store, self.path, self.log = store, path, log
+    def __init__(self, store: Path, path: Path, log: Path, extra: tuple[str, ...] = ()) -> None:
+        self.store, self.path, self.log, self.extra = store, path, log, extra
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Mount:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.fuse_fixture", str(self.store), str(self.path)],
+                [sys.executable, "-m", "tests.fuse_fixture", str(self.store), str(self.path), *self.extra],
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         wait_until(lambda: live_mount(self.path), 15, f"the mount at {self.path}", self.proc, self.log)
         return self
@@ -129,8 +129,8 @@ def mounts(tmp_path, store):
     """Start mounts over the store at tmp_path/mnt; every one is stopped at teardown."""
     started: list[Mount] = []
 
-    def start() -> Mount:
-        m = Mount(tmp_path / "store", tmp_path / "mnt", tmp_path / "mount.log")
+    def start(*extra: str) -> Mount:
+        m = Mount(tmp_path / "store", tmp_path / "mnt", tmp_path / "mount.log", extra)
         started.append(m)
         return m.start()
 
@@ -193,6 +193,16 @@ def test_listings_and_attributes(mounts, store):
     assert (st.st_mode & 0o7777, st.st_size) == (0o444, len(store[SMALL]))
     assert os.stat(m.path / "jobs").st_mode & 0o7777 == 0o555
     assert os.stat(m.file(SMALL)).st_mtime == os.stat(m.path / "jobs" / JOB.hex() / "input.fa").st_mtime
+
+
+def test_a_workers_mount_lists_no_files_and_no_jobs_but_resolves_ids(mounts, store):
+    """A worker's own mount (--no-listing) is shared by the tasks of every owner: none of them
+    can enumerate the files or jobs of the others; each still reads by the ids it was given."""
+    m = mounts("--no-listing")
+    assert m.file(SMALL).read_bytes() == store[SMALL]
+    assert os.listdir(m.path / "files") == [] and os.listdir(m.path / "jobs") == []
+    assert (m.path / "jobs" / JOB.hex() / "results" / "out.bin").read_bytes() == store[OUT]
+    assert sorted(os.listdir(m.path / "jobs" / JOB.hex())) == ["input.fa", "results"]  # the job's id is the key
 
 
 def test_unknown_names_are_enoent(mounts):
