@@ -23,7 +23,7 @@ from cluster.client import Answer, Client, ClusterError, NotFound
 from cluster.node import keys
 from cluster.node.config import ClusterConfig, StorageOptions, load_cluster_config
 from cluster.files import download_file
-from cluster.local import LocalNode, free_port, master_nodes, storage_nodes
+from cluster.local import LocalNode, credentials_as, free_port, master_nodes, storage_nodes
 from cluster.node.status import query_status
 from proto import Codec, new_node_id
 from proto.errors import StorageStatus
@@ -33,6 +33,7 @@ from proto.fileids import BLOCK, file_id, file_id_of_path
 from proto.fileids import rank
 from cluster.node.storagelink import StorageLink, TransferError
 
+from .conftest import Client as RawClient
 from .conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -390,22 +391,25 @@ def test_bad_input_over_the_wire_gets_clear_statuses(cluster, tmp_path, client_f
     assert done.status == StorageStatus.UNKNOWN_UPLOAD and "no chunk for 1.5 s" in done.error, done
     assert c.partial("s1", fid).stat().st_size == 512 * 1024
 
-    # reads: a range past the end, an unknown id, too much at once
+    # reads: a range past the end, an unknown id, too much at once. The file is stored but never
+    # registered, so no client key may read it (storage.readers): an operator's key reads here.
     small = os.urandom(100_000)
     sid = file_id(small)
     with StorageLink(node.address, name="s1", timeout=5.0) as link:
         assert link.upload(sid, len(small), lambda o, n: small[o:o + n]) == ["s1"]
     s_upper, s_lower = split128(sid)
+    reader = RawClient(node.address, credentials_as(Path(c.config.path), "root", "operator"))
     for rid, (u, lo, offset, length, status, words) in enumerate([
         (s_upper, s_lower, len(small) + 1, 10, StorageStatus.OUT_OF_RANGE, "100000 bytes"),
         (upper ^ 1, lower, 0, 10, StorageStatus.NOT_FOUND, "not stored here"),
         (s_upper, s_lower, 0, 16 * MiB + 1, StorageStatus.TOO_LARGE, "read in pieces"),
         (s_upper, s_lower, 99_990, 100, StorageStatus.OK, ""),
     ], start=100):
-        raw.send(FileRequest(rid, u, lo, offset, length))
-        r = expect(FileResponse)
+        reader.send(FileRequest(rid, u, lo, offset, length))
+        r = reader.recv()
         assert r.request_id == rid and r.status == status and words in (r.error or ""), r
     assert bytes(r.payload) == small[99_990:]
+    reader.close()
 
     # the node is still serving, counted every refusal, and holds no upload open
     detail = c.detail("s1")
