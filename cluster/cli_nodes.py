@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.cli_common import CONFIG_OPTION, DIR_OPTION, _cluster_config
-from cluster.node.config import ConfigError, cluster_home, find_config
-from cluster.node.keys import KeysError
+from cluster.node.config import ConfigError, cluster_home, find_config, load_cluster_config
+from cluster.node.keys import KeysError, node_credentials
 from worker.taskuser import TaskUserError  # stdlib only: cheap to load here
 from cluster.node.logs import configure
 from cluster.node.status import query_status
@@ -156,20 +156,34 @@ def down(directory: Path | None, timeout: float) -> None:
 
 @click.command()
 @click.option("--bind", required=True, help="Endpoint to serve on, e.g. tcp://0.0.0.0:5600.")
-@click.option("--peer", "peers", multiple=True, help="Another probe's endpoint (repeatable).")
+@click.option("--peer", "peers", multiple=True,
+              help="Another probe's endpoint (repeatable); with --config, NAME=ENDPOINT (NAME: its key's name).")
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between heartbeats.")
 @click.option("--liveness", default=3, show_default=True, help="Missed intervals before a peer is silent.")
 @click.option("--max-message-bytes", default=Limits().max_message_bytes, show_default=True,
               help="Larger messages are refused as TOO_LARGE.")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="A cluster config whose keys the probe uses (CURVE); without it, plaintext.")
+@click.option("--name", default=None, help="With --config: this probe's key's name in the allow-list.")
 @click.option("--log-level", default="INFO", show_default=True)
-def probe(bind: str, peers: tuple[str, ...], interval: float, liveness: int, max_message_bytes: int, log_level: str) -> None:
+def probe(bind: str, peers: tuple[str, ...], interval: float, liveness: int, max_message_bytes: int,
+          config_path: Path | None, name: str | None, log_level: str) -> None:
     """Run a probe node: heartbeats to PEERs with round-trip times; stops on SIGTERM/Ctrl-C."""
+    if (config_path is None) != (name is None):
+        raise click.ClickException("give --config and --name together (the probe's keys), or neither (plaintext)")
     try:
         configure(log_level)
         limits = Limits(max_message_bytes=max_message_bytes,
                         max_frame0_bytes=min(Limits().max_frame0_bytes, max_message_bytes))
-        node = build_probe(bind, list(peers), interval=interval, liveness=liveness, limits=limits)
+        named = dict(p.split("=", 1)[::-1] if "=" in p.split("://", 1)[0] else (p, "") for p in peers)
+        credentials = None
+        if config_path is not None:
+            credentials = node_credentials(load_cluster_config(config_path).security, name, None, {})
+        node = build_probe(bind, list(named), interval=interval, liveness=liveness, limits=limits,
+                           credentials=credentials, peer_names={a: n for a, n in named.items() if n})
         sys.exit(node.run())
+    except (ConfigError, KeysError) as exc:
+        raise click.ClickException(str(exc))
     except zmq.ZMQError as exc:
         raise click.ClickException(f"cannot open {bind}: {exc} (is the port in use, or the address not local?)")
     except ValueError as exc:

@@ -337,8 +337,9 @@ def for_address(address: str) -> Credentials:
 # ---- loading a process's credentials -----------------------------------------------------------
 
 
-def node_credentials(security: "SecurityOptions", name: str, role: str, servers: dict[str, str]) -> Credentials:
-    """The credentials of node ``name`` (whose key must be in the allow-list with ``role``):
+def node_credentials(security: "SecurityOptions", name: str, role: str | None, servers: dict[str, str]) -> Credentials:
+    """The credentials of node ``name`` (whose key must be in the allow-list with ``role``, or any
+    role if None: a probe):
     its secret from ``<secrets>/<name>.key_secret``, the live allow-list, and the public key of
     every server in ``servers`` (address -> node name). Learnt for this process's links."""
     if security.insecure:

@@ -89,3 +89,43 @@ def test_status_shows_the_loop_history_with_each_effects_cause(pair):
     # the periodic heartbeats go out on the heartbeat timer, and say so
     wait_for(lambda: any(e[1] == "TimerFired" and e[2].startswith("Send Heartbeat") and e[0].startswith("timer-")
                          for e in status_of(a).detail["history"]), what="a heartbeat sent on its timer")
+
+
+def test_probes_with_keys_heartbeat_each_other_and_a_stranger_gets_nothing(tmp_path):
+    """`cluster probe --config --name`: CURVE between two probes, each pinning the other's key by
+    its name; a peer without a key gets no answer, even to STATUS_QUERY."""
+    import zmq
+
+    from cluster.local import LocalNode, learn_keys, make_keys, start_all, stop_all
+    from proto import Codec, new_node_id
+    from proto.messages import StatusQuery
+
+    make_keys(tmp_path, {"pa": "monitor", "pb": "monitor"})
+    config = tmp_path / "cluster.toml"
+    config.write_text("# keys only: keys.toml and keys/ beside this file\n")
+    creds = learn_keys(config)
+    ports = {"pa": free_port(), "pb": free_port()}
+    nodes = []
+    for me, other in (("pa", "pb"), ("pb", "pa")):
+        address = f"tcp://127.0.0.1:{ports[me]}"
+        creds.add_server(address, me)  # this process's status queries pin the probe's key
+        argv = ["probe", "--bind", address, "--interval", "0.2", "--config", str(config), "--name", me,
+                "--peer", f"{other}=tcp://127.0.0.1:{ports[other]}"]
+        nodes.append(LocalNode(me, argv, address, tmp_path / f"{me}.log"))
+    start_all(nodes)
+    try:
+        a, b = nodes
+        wait_for(lambda: peer_state(a, b) == "alive" and peer_state(b, a) == "alive", what="both peers alive")
+        assert status_of(a).detail["public_key"] == creds.allow.by_name["pa"].public
+        ctx = zmq.Context()
+        try:
+            stranger = ctx.socket(zmq.DEALER)
+            stranger.linger = 0
+            stranger.connect(a.address)
+            Codec(new_node_id()).send(stranger, StatusQuery(1))
+            assert not stranger.poll(1500)
+        finally:
+            ctx.destroy(linger=0)
+        assert "INSECURE" not in a.log_text()
+    finally:
+        stop_all(nodes)
