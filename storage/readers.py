@@ -56,7 +56,7 @@ class ReadGate:
         if role not in GATED or not name or not self.enabled:
             return True
         entry = self.known.get(file_id)
-        return entry is not None and entry[1] > now and (name in entry[0] or EVERYONE in entry[0])
+        return entry is not None and entry[1] > now and self.may(name, file_id)
 
     def park(self, file_id: bytes, read: Any) -> bool:
         """Hold ``read`` until the masters answer; True if a lookup must be sent (the first)."""
@@ -73,5 +73,6 @@ class ReadGate:
         return self.waiting.pop(file_id, [])
 
     def may(self, name: str, file_id: bytes) -> bool:
+        """True if the masters' last answer about ``file_id`` names ``name`` (or everyone)."""
         entry = self.known.get(file_id)
         return entry is not None and (name in entry[0] or EVERYONE in entry[0])

@@ -122,7 +122,7 @@ class AllowList:
         return self.by_public.get(public_z85)
 
     def __iter__(self) -> Iterator[KeyEntry]:
-        return iter(sorted(self.by_name.values(), key=lambda e: (ROLES.index(e.role), e.name)))
+        return iter(sorted(self.by_name.values(), key=_by_role))
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -162,11 +162,16 @@ def write_allow_list(path: Path, entries: list[KeyEntry]) -> None:
     """Write the allow-list atomically (a reader never sees half a file)."""
     lines = ["# The cluster's allow-list: every key admitted and its role. Public keys only: copy it to",
              "# every machine. Written by `cluster keys`; nodes re-read it on SIGHUP.", ""]
-    for e in sorted(entries, key=lambda e: (ROLES.index(e.role), e.name)):
+    for e in sorted(entries, key=_by_role):
         lines += [f"[keys.{_toml_key(e.name)}]", f'role = "{e.role}"', f'public = "{e.public}"', ""]
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path)
+
+
+def _by_role(e: KeyEntry) -> tuple[int, str]:
+    """The order keys are listed and written in: nodes first (ROLES' order), then by name."""
+    return ROLES.index(e.role), e.name
 
 
 def _toml_key(name: str) -> str:

@@ -154,7 +154,7 @@ class NodeLoop:
         self.credentials = credentials if credentials is not None else Credentials.plaintext()
         self._authenticator: Any = None
         self._monitors: dict[zmq.Socket, str] = {}
-        self._server_keys: dict[str, bytes] = {}  # socket name -> the key of the server it reaches
+        self._server_keys: dict[str, str] = {}  # socket name -> the key (Z85) of the server it reaches
         self._reload = False
         self._keys_checked = 0.0
         self._forbidden_logged: set[tuple[str, str]] = set()
@@ -271,7 +271,7 @@ class NodeLoop:
             for endpoint in spec.connect:
                 creds.connect(sock, endpoint, spec.server)
                 if not creds.insecure:
-                    self._server_keys[spec.name] = creds.server_key(endpoint, spec.server)
+                    self._server_keys[spec.name] = creds.server_key(endpoint, spec.server).decode()
             self._sockets[spec.name] = sock
             self._by_socket[sock] = spec.name
 
@@ -360,17 +360,17 @@ class NodeLoop:
             return creds.peer(None)
         server_key = self._server_keys.get(name)
         if server_key is not None:  # we connected: the peer is the server whose key we pinned
-            entry = creds.allow.admit(server_key)
+            peer = creds.peer(server_key)
         else:
             user_id = _user_id(frame)
-            entry = creds.allow.admit(user_id.encode()) if user_id else None
-            if entry is not None and self._quarantined and user_id in self._quarantined:
+            peer = creds.peer(user_id)
+            if peer is not None and self._quarantined and user_id in self._quarantined:
                 if self._quarantined[user_id] > self.clock():
                     self.counters["dropped_quarantined"] += 1
                     return None
                 del self._quarantined[user_id]
-        if entry is not None:
-            return entry.peer
+        if peer is not None:
+            return peer
         self.counters["refused_revoked_key"] += 1
         if self._may_log():
             self.log.warning("dropped a message on %s from %s: its key is no longer in the allow-list",
