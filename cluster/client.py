@@ -28,7 +28,7 @@ import cloudpickle
 from cluster.files import FileRef, download_file, upload_file
 from cluster.futures import TaskFuture, Watcher, resolve
 from cluster.node.config import ConfigError, find_config, load_cluster_config
-from cluster.node.keys import KeysError, client_credentials
+from cluster.node.keys import KeysError, client_credentials, for_address
 from cluster.node.masterlink import (Answer, Call, ClusterError, MasterLink, NoQuorum, NotFound, Refused, id_bytes,
                                      split_id)
 from proto.ids import join128, split128
@@ -101,11 +101,15 @@ class Client:
     where ``cluster up`` puts it), or ``config``; the config also gives ``storage`` and
     ``replicas`` unless they are passed, and the keys: the client authenticates with ``key`` (a
     secret key file), else ``$CLUSTER_KEY``, else the config's client key. Given ``masters``
-    alone, it uses the keys already loaded for their addresses in this process."""
+    alone, it uses the keys already loaded for their addresses in this process.
+
+    ``act_for``: a gateway (a key of role ``gateway``) makes every request for that user of its
+    own, who owns what it submits, pins and reads as ``GATEWAY/act_for``; see doc/security.md."""
 
     def __init__(self, masters: Sequence[str] | None = None, *, timeout: float = 30.0, attempt_timeout: float = 1.0,
                  storage: dict[str, str] | None = None, replicas: int | None = None,
-                 config: str | Path | None = None, key: str | Path | None = None) -> None:
+                 config: str | Path | None = None, key: str | Path | None = None,
+                 act_for: str | None = None) -> None:
         credentials = None  # without a config: the keys this process loaded for the masters' addresses
         if masters is None or config is not None:
             path, looked = find_config(None, Path(config) if config is not None else None)
@@ -123,6 +127,10 @@ class Client:
             masters = list(config.masters.values()) if masters is None else masters
             storage = config.storage_nodes if storage is None else storage
             replicas = config.storage.replicas if replicas is None else replicas
+        if act_for is not None:  # a gateway's client, for one of its users (cluster.node.acting)
+            if not masters:
+                raise ClusterError("act_for needs the masters: pass masters=[...] or config=")
+            credentials = dataclasses.replace(credentials or for_address(list(masters)[0]), act_for=act_for)
         self.link = MasterLink(masters or [], timeout=timeout, attempt_timeout=attempt_timeout, credentials=credentials)
         self.masters = self.link.masters
         self.storage = dict(storage or {})  # storage node name → address, for upload/download

@@ -34,6 +34,7 @@ import cloudpickle
 import zmq
 
 from cluster.node import keys
+from cluster.node.acting import wrap
 from proto import AppReason, Codec, ProtocolError, new_node_id
 from proto.messages import Error, NotLeader, QueryReply, Watch
 
@@ -233,7 +234,8 @@ class Watcher(threading.Thread):
             call.rid += 1
             batch = dict(list(jobs.items())[:MAX_JOBS_PER_WATCH])
             try:
-                codec.send(socks[self.leader], Watch(call.rid, WAIT_MS, batch), flags=zmq.NOBLOCK)
+                act_for = self.credentials.act_for if self.credentials is not None else None
+                codec.send(socks[self.leader], wrap(codec, Watch(call.rid, WAIT_MS, batch), act_for), flags=zmq.NOBLOCK)
                 call.outstanding = (call.rid, now)
                 self.counters["watches"] += 1
             except zmq.Again:  # that master is down: try the next

@@ -36,6 +36,7 @@ enum cluster_message_type {
     CLUSTER_MSG_STATUS_QUERY   = 2,
     CLUSTER_MSG_STATUS_REPLY   = 3,
     CLUSTER_MSG_HEARTBEAT      = 4,
+    CLUSTER_MSG_ACT_FOR        = 5,
     CLUSTER_MSG_SUBMIT         = 10,
     CLUSTER_MSG_SUBMIT_ACK     = 11,
     CLUSTER_MSG_NOT_LEADER     = 12,
@@ -141,6 +142,23 @@ struct cluster_heartbeat {
 } __attribute__((packed));
 #define CLUSTER_HEARTBEAT_HEADER_LENGTH 45u
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_heartbeat) == CLUSTER_HEARTBEAT_HEADER_LENGTH, "cluster_heartbeat size");
+
+/*
+ * ACT_FOR (5): A gateway's request made for one of its own users: `frames` are a whole message
+ * (as the codec encodes it), handled as if `owner` had sent it with a client key. Only a
+ * gateway key may send it; the owner it acts for is `GATEWAY/owner` (the gateway's key name, a
+ * slash, `owner`), so a gateway acts for its own users and never for another key. Replies go
+ * to the gateway, as to any request.
+ *
+ * gateways -> masters, storage nodes.
+ *
+ * Body: owner, frames.
+ */
+struct cluster_act_for {
+    struct cluster_generic_message generic;
+} __attribute__((packed));
+#define CLUSTER_ACT_FOR_HEADER_LENGTH 28u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_act_for) == CLUSTER_ACT_FOR_HEADER_LENGTH, "cluster_act_for size");
 
 /*
  * SUBMIT (10): Submit a job. The idempotency key makes a retried submit land once

@@ -269,23 +269,36 @@ class Codec:
         frame0, raw = self._frame0(message)
         return [bytes(frame0), *raw]
 
-    def send(self, sock: zmq.Socket, message: Message, route: bytes | None = None, flags: int = 0) -> None:
+    def send(self, sock: zmq.Socket, message: Message, route: bytes | None = None, flags: int = 0,
+             track: bool = False) -> tuple[zmq.MessageTracker | None, int]:
         """Encode and send; ``route`` is the peer's routing id on a ROUTER socket.
 
         ``flags`` (e.g. ``zmq.NOBLOCK``) apply to the first frame; once it is queued, ZeroMQ
-        takes the rest of the multipart message without blocking.
+        takes the rest of the multipart message without blocking. Returns the message's size in
+        bytes and, with ``track``, a tracker that is done once libzmq has let go of the message
+        (written it to the connection, or dropped it with the connection): what lets a node bound
+        the bytes queued towards one peer.
         """
         frame0, raw = self._frame0(message)
+        nbytes = len(frame0) + sum(_nbytes(p) for p in raw)
         if route is not None:
             sock.send(route, flags | zmq.SNDMORE)
             flags = 0
         if not raw:
+            if track:  # zero-copy sends are the tracked ones: frame 0 leaves the scratch buffer first
+                return sock.send(bytes(frame0), flags, copy=False, track=True), nbytes
             sock.send(frame0, flags)  # copy=True: the scratch buffer is reused by the next encode
-            return
+            return None, nbytes
         sock.send(frame0, flags | zmq.SNDMORE)
         last = len(raw) - 1
+        tracker = None
         for i, payload in enumerate(raw):
-            sock.send(payload, 0 if i == last else zmq.SNDMORE, copy=False)
+            if i == last:
+                # libzmq releases a message's frames in order, so the last one's tracker speaks for all
+                tracker = sock.send(payload, 0, copy=False, track=track)
+            else:
+                sock.send(payload, zmq.SNDMORE, copy=False)
+        return (tracker if track else None), nbytes
 
     # ---- decoding ------------------------------------------------------------------------
 

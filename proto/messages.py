@@ -85,6 +85,22 @@ class Heartbeat(Message, frozen=True, gc=False):
     reply: U8
 
 
+class ActFor(Message, frozen=True, gc=False):
+    """A gateway's request made for one of its own users: ``frames`` are a whole message (as the
+    codec encodes it), handled as if ``owner`` had sent it with a client key. Only a gateway key
+    may send it; the owner it acts for is ``GATEWAY/owner`` (the gateway's key name, a slash,
+    ``owner``), so a gateway acts for its own users and never for another key. Replies go to the
+    gateway, as to any request."""
+
+    code = 5
+    struct_name = "act_for"
+    sender = "gateways"
+    receiver = "masters, storage nodes"
+
+    owner: str
+    frames: list[bytes]
+
+
 # ---- client ⇄ masters ----------------------------------------------------------------------
 
 
@@ -613,6 +629,7 @@ CATALOGUE: tuple[type[Message], ...] = (
     StatusQuery,
     StatusReply,
     Heartbeat,
+    ActFor,
     Submit,
     SubmitAck,
     NotLeader,

@@ -26,6 +26,7 @@ import zmq
 from cluster.node.config import ClusterConfig, ConfigError, StorageOptions, load_cluster_config
 from cluster.node.keys import node_credentials
 from cluster.node.loop import NodeLoop, SocketSpec
+from cluster.node.sendqueue import SendQueues
 from proto import Limits
 from storage.blobs import BlobStore, StoreError
 from storage.core import (
@@ -218,6 +219,7 @@ class Replicator:
 SEND_QUEUE = 32  # answers queued towards one connection at most (see build_storage)
 RECEIVE_QUEUE = 32  # messages queued from one connection at most: twice a full window of 1 MiB chunks
 MESSAGE_MAX = 8 << 20  # the largest message a storage node takes: a 4 MiB chunk with room to spare
+SEND_BYTES = 64 << 20  # answers' bytes waiting for one connection to read them, whoever it is
 
 
 def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bool = True,
@@ -233,9 +235,10 @@ def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bo
     # What one connection can make this node hold, worst case (doc/security.md, "Resource limits"):
     # - received: credit bounds what a well-behaved sender has in flight; one that ignores it
     #   fills RECEIVE_QUEUE messages of at most MESSAGE_MAX (then TCP pushes back): 256 MiB;
-    # - sent: SEND_QUEUE answers of at most read_max (8 MiB) wait for a reader that does not
-    #   read: 256 MiB; beyond, answers are dropped (a well-behaved reader keeps 8 reads in
-    #   flight, storagelink.WINDOW).
+    # - sent: SEND_BYTES of answers (and one more) wait for a reader that does not read; beyond,
+    #   they are dropped. A well-behaved reader keeps 8 reads of 1 MiB in flight
+    #   (storagelink.WINDOW), a worker's read-ahead 16 MiB per link; SEND_QUEUE answers stays
+    #   the bound in messages.
     options = {zmq.ROUTER_HANDOVER: 1, zmq.SNDHWM: SEND_QUEUE, zmq.RCVHWM: RECEIVE_QUEUE}
     sockets = [SocketSpec(API, zmq.ROUTER, bind=(config.storage_nodes[name],), options=options)]
     holder: dict[str, Replicator] = {}
@@ -246,7 +249,8 @@ def build_storage(config: ClusterConfig, name: str, data_dir: Path, *, fsync: bo
         LookupReaders: lambda e: holder["readers"](e),
     }
     loop = NodeLoop(core, sockets, performers=performers, credentials=credentials,
-                    limits=Limits(max_message_bytes=MESSAGE_MAX, max_frame0_bytes=MESSAGE_MAX))
+                    limits=Limits(max_message_bytes=MESSAGE_MAX, max_frame0_bytes=MESSAGE_MAX),
+                    send_queues=SendQueues(people_bytes=SEND_BYTES, node_bytes=SEND_BYTES))
     holder["replicator"] = replicator = Replicator(store, name, config.storage_nodes, loop)
     holder["readers"] = readers = ReaderLookups(list(config.masters.values()), loop)
     core.gate.enabled = bool(config.masters)

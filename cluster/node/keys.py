@@ -149,6 +149,8 @@ def parse_allow_list(path: Path) -> list[KeyEntry]:
         raise KeysError(f"{path}: needs [keys.<name>] tables")
     out = []
     for name, entry in keys.items():
+        if "/" in name:  # GATEWAY/user names a gateway's user (cluster.node.acting): never a key
+            raise KeysError(f"{path}: [keys.{name}] a key's name may not contain '/'")
         if not isinstance(entry, dict) or entry.get("role") not in ROLES:
             raise KeysError(f"{path}: [keys.{name}] needs role = one of {', '.join(ROLES)}")
         public = entry.get("public")
@@ -239,6 +241,7 @@ class Credentials:
     allow: AllowList = field(default_factory=AllowList)
     servers: dict[str, bytes] = field(default_factory=dict)  # endpoint -> Z85 public key
     insecure: bool = False
+    act_for: str | None = None  # a gateway's user its requests are made for (cluster.node.acting)
 
     @classmethod
     def plaintext(cls, servers: list[str] = ()) -> "Credentials":

@@ -56,7 +56,9 @@ from typing import Any, Callable, NamedTuple
 import zmq
 
 from cluster import __version__
+from cluster.node.acting import NotAGateway, unwrap
 from cluster.node.keys import ZAP_DOMAIN, Credentials, Gatekeeper, KeysError
+from cluster.node.sendqueue import SendQueues
 from cluster.node.events import (
     CancelTimer,
     Core,
@@ -76,7 +78,7 @@ from cluster.node.events import (
 )
 from proto import PROTOCOL_VERSION, Codec, Limits, ProtocolError, Reason, new_node_id
 from proto.codec import describe_peer
-from proto.messages import Error, StatusQuery, StatusReply
+from proto.messages import ActFor, Error, StatusQuery, StatusReply
 from zmq.utils.monitor import recv_monitor_message
 
 BATCH = 256  # messages drained from one socket before looking at the others and the timers
@@ -87,6 +89,7 @@ STATUS_HISTORY = 20  # of them, the newest ones a status reply shows
 QUARANTINE_S = 60.0  # how long the messages of a key that sent an oversized one are dropped
 OVERSIZE = (Reason.TOO_LARGE, Reason.TOO_MANY_FRAMES)
 KEYS_CHECK_S = 1.0  # how often the loop looks whether the allow-list file changed
+SWEEP_S = 10.0  # how often the per-peer send queues forget idle peers
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
@@ -120,6 +123,7 @@ class NodeLoop:
         guard: Any = None,
         performers: dict[type, Callable[[Any], None]] | None = None,
         credentials: Credentials | None = None,
+        send_queues: SendQueues | None = None,
     ) -> None:
         self.core = core
         self.specs = {s.name: s for s in sockets}
@@ -158,6 +162,9 @@ class NodeLoop:
         self._reload = False
         self._keys_checked = 0.0
         self._forbidden_logged: set[tuple[str, str]] = set()
+        # What each ROUTER peer has yet to read, bounded in bytes (cluster.node.sendqueue).
+        self.send_queues = send_queues if send_queues is not None else SendQueues(insecure=self.credentials.insecure)
+        self._swept = 0.0
         self._quarantined: dict[str, float] = {}  # Z85 key -> until when its messages are dropped
 
     def post(self, event: Event) -> None:
@@ -213,6 +220,9 @@ class NodeLoop:
                 if self._reload or self.clock() >= self._keys_checked + KEYS_CHECK_S:
                     self._reload_keys(forced=self._reload)
                     self._reload = False
+                if self.clock() >= self._swept + SWEEP_S:
+                    self._swept = self.clock()
+                    self.send_queues.sweep(self._swept)
                 for monitor in self._monitors:
                     if monitor in ready:
                         self._read_monitor(monitor)
@@ -343,6 +353,20 @@ class NodeLoop:
             peer = self._peer(name, self.codec.last_frame)
             if peer is None:
                 continue
+            if route is not None:
+                self.send_queues.heard(name, route, peer.name, peer.role, self.clock())
+            if type(message) is ActFor:
+                try:
+                    sender, message, peer = unwrap(self.codec, message, peer)
+                except NotAGateway as exc:
+                    self._current = (self.codec.last_frame, sender)
+                    self._forbid(Forbidden(name, route, "ActFor", peer, str(exc), "act-for"))
+                    self._current = None
+                    continue
+                except ProtocolError as exc:
+                    exc.route, exc.peer = route, describe_peer(self.codec.last_frame, route)
+                    self._reject(name, sock, exc)
+                    continue
             if type(message) is StatusQuery:
                 self._answer_status(name, route, message)
                 continue
@@ -476,11 +500,17 @@ class NodeLoop:
     def _perform(self, effect: Effect) -> list[Event] | None:
         if isinstance(effect, Send):
             sock = self._sockets[effect.socket]
+            route = effect.route
+            if route is not None and self._over_budget(effect):
+                return None
             try:
                 # Never block the loop on a slow or absent peer: a DEALER with no connection
                 # (or a full queue) would wait forever. The drop is counted, the core's
                 # protocol (heartbeats, credit, retries) is what recovers from it.
-                self.codec.send(sock, effect.message, route=effect.route, flags=zmq.NOBLOCK)
+                tracker, nbytes = self.codec.send(sock, effect.message, route=route, flags=zmq.NOBLOCK,
+                                                  track=route is not None)
+                if tracker is not None:
+                    self.send_queues.sent(effect.socket, route, tracker, nbytes, self.clock())
                 self.counters["messages_out"] += 1
             except zmq.Again:
                 self.counters["send_dropped"] += 1
@@ -514,6 +544,19 @@ class NodeLoop:
             return self._performers[type(effect)](effect)
         else:
             raise TypeError(f"unknown effect {effect!r}")
+
+    def _over_budget(self, effect: Send) -> bool:
+        """True (the message is dropped, counted, logged rate-limited) if its peer already holds
+        its budget of unread bytes (cluster.node.sendqueue)."""
+        entry = self.send_queues.blocked(effect.socket, effect.route)
+        if entry is None:
+            return False
+        self.counters["send_dropped"] += 1
+        self.counters["send_dropped.peer_queue_bytes"] += 1
+        if self._may_log():
+            self.log.warning("dropped a %s for key %s on %s: %d bytes already wait for it to read (its budget: %d)",
+                             type(effect.message).__name__, entry.name or "?", effect.socket, entry.held, entry.budget)
+        return True
 
     def _reject(self, name: str, sock: zmq.Socket, exc: ProtocolError, request_id: int = 0) -> None:
         self.counters[f"rejected.{exc.reason.name}"] += 1
@@ -575,6 +618,7 @@ class NodeLoop:
         detail.setdefault("endpoints", {n: a for n, a in self.bound.items() if a})
         detail.setdefault("public_key", None if self.credentials.insecure else self.credentials.public.decode())
         detail.setdefault("key_name", self.credentials.name or None)
+        detail.setdefault("send_queues", self.send_queues.status())
         detail.setdefault("history", [list(e) for e in list(self.history)[-STATUS_HISTORY:]])
         reply = StatusReply(
             request_id=query.request_id,

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import zmq
 
 from cluster.node import keys
+from cluster.node.acting import wrap
 from cluster.node.events import PEOPLE
 from proto import AppReason, Codec, ProtocolError, new_node_id
 from proto.ids import join128, split128
@@ -237,7 +238,8 @@ class MasterLink:
         call.request_id = next(self._ids)
         call.tries += 1
         try:
-            self._codec.send(self._sockets[call.target], call.make(call.request_id), flags=zmq.NOBLOCK)
+            message = wrap(self._codec, call.make(call.request_id), self.credentials.act_for)
+            self._codec.send(self._sockets[call.target], message, flags=zmq.NOBLOCK)
         except zmq.Again:  # not connected (IMMEDIATE): that master is down or starting
             call.notes[self.masters[call.target]] = "not reachable"
             call.target = (call.target + 1) % len(self.masters)

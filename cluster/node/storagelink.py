@@ -21,6 +21,7 @@ from typing import Any, Callable
 import zmq
 
 from cluster.node import keys
+from cluster.node.acting import wrap
 from proto import Codec, ProtocolError, new_node_id
 from proto.errors import StorageStatus
 from proto.fileids import rank
@@ -70,6 +71,7 @@ class StorageLink:
         self._sock.setsockopt(zmq.SNDHWM, 1000)
         self._sock.setsockopt(zmq.RCVHWM, 1000)
         keys.connect(self._sock, address, credentials, name=name or None)
+        self._act_for = credentials.act_for if credentials is not None else None
         self._ids = itertools.count(random.getrandbits(40))
 
     def close(self) -> None:
@@ -216,6 +218,7 @@ class StorageLink:
     # ---- the socket --------------------------------------------------------------------------
 
     def _send(self, message: Any) -> None:
+        message = wrap(self._codec, message, self._act_for)
         try:
             self._codec.send(self._sock, message, flags=zmq.NOBLOCK)
         except zmq.Again:

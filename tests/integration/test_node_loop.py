@@ -31,9 +31,10 @@ from cluster.node import keys
 from cluster.node.events import (Log, MessageReceived, Refuse, Send, Started, StartTimer, Stop, StopRequested,
                                  TimerFired)
 from cluster.node.loop import NodeLoop, SocketSpec
+from cluster.node.sendqueue import SendQueues
 from cluster.node.status import query_status
 from proto import Reason
-from proto.messages import Error, Heartbeat, JobQuery
+from proto.messages import Error, FileResponse, Heartbeat, JobQuery
 
 from .conftest import Client, wait_for
 
@@ -200,3 +201,71 @@ def test_sigterm_stops_the_loop_after_the_core_says_goodbye(tmp_path):
         if child.poll() is None:
             os.kill(child.pid, signal.SIGKILL)
             child.wait(10)
+
+
+class BulkCore:
+    """Answers every HEARTBEAT with a 1 MiB FILE_RESPONSE, the way a storage node answers reads."""
+
+    role = "bulk"
+    payload = b"\x5a" * (1 << 20)
+
+    def handle(self, event, now: float) -> list:
+        if isinstance(event, Quit):
+            return [Stop("the test is done")]
+        if isinstance(event, MessageReceived) and isinstance(event.message, Heartbeat):
+            reply = FileResponse(event.message.sequence, 1, 2, 0, len(self.payload), 0, self.payload)
+            return [Send(event.socket, reply, route=event.route)]
+        return []
+
+    def status(self, now: float) -> dict:
+        return {}
+
+
+def stall_then_read(loop: NodeLoop, out: dict) -> None:
+    """A peer that asks for 64 MiB and reads nothing, then reads what reached it and asks again."""
+    reader = None
+    try:
+        address = wait_for(lambda: loop.bound.get("bulk") and loop.bound["bulk"][0], 10, "the loop to bind")
+        keys.learn(keys.Credentials.plaintext([address]))
+        reader = Client(address)
+        for opt in (zmq.RCVHWM, zmq.RCVBUF):
+            reader.sock.setsockopt(opt, 1)  # ZeroMQ and the kernel buffer almost nothing for it
+        for seq in range(64):
+            reader.send(Heartbeat(1, seq, 0))
+        counters, detail = wait_for(
+            lambda: (s := status(address)) and s[0].get("messages_in", 0) >= 64 and s, 10, "the loop to take all 64 asks")
+        out["stalled"] = (counters, detail)
+        got = 0
+        while reader.sock.poll(2000):  # what was queued for it drains, then nothing more comes
+            reader.codec.recv(reader.sock)
+            got += 1
+        out["got"] = got
+        reader.send(Heartbeat(1, 1000, 0))
+        out["after"] = reader.recv(10)
+    except BaseException as exc:
+        out["error"] = exc
+    finally:
+        if reader is not None:
+            reader.close()
+        loop.post(Quit())
+
+
+def test_a_peer_that_does_not_read_holds_at_most_its_byte_budget_and_is_served_again_once_it_reads():
+    budget = 8 << 20
+    loop = NodeLoop(BulkCore(), [SocketSpec("bulk", zmq.ROUTER, bind=("tcp://127.0.0.1:0",))], linger_ms=0,
+                    send_queues=SendQueues(people_bytes=budget, node_bytes=budget))
+    out: dict = {}
+    peer = threading.Thread(target=stall_then_read, args=(loop, out), name="peer", daemon=True)
+    peer.start()
+    assert loop.run() == 0
+    peer.join(10)
+    if "error" in out:
+        raise out["error"]
+    counters, detail = out["stalled"]
+    held = detail["send_queues"]["largest_held_bytes"]
+    # at most its budget and one more message: libzmq's 1000-message queue would have held 64 MiB
+    assert 0 < held <= budget + (1 << 20) + 4096, detail["send_queues"]
+    dropped = counters["send_dropped.peer_queue_bytes"]
+    assert dropped >= 64 - (budget >> 20) - 1 - 8, counters  # a few left through the kernel's buffers
+    assert out["got"] == 64 - dropped
+    assert isinstance(out["after"], FileResponse) and out["after"].request_id == 1000

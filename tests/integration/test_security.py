@@ -229,13 +229,14 @@ def test_a_huge_multipart_from_a_stranger_costs_nothing_and_from_a_key_quarantin
 
 
 def test_a_reader_that_never_reads_its_answers_costs_a_storage_node_a_bounded_queue(tmp_path):
-    """64 reads of 8 MiB, never read: the node queues at most SEND_QUEUE answers towards that
-    connection (they once took a node to 1 GiB) and goes on serving everyone else."""
+    """64 reads of 8 MiB, never read: the node holds at most its byte budget (SEND_BYTES and one
+    answer) towards that connection (they once took a node to 1 GiB), drops the rest (counted)
+    and goes on serving everyone else."""
     from cluster.local import storage_nodes
     from cluster.node.storagelink import StorageLink
     from proto.fileids import file_id
     from proto.messages import FileRequest
-    from storage.node import SEND_QUEUE
+    from storage.node import SEND_BYTES
 
     config, nodes = storage_nodes(tmp_path, 1)
     start_all(nodes)
@@ -254,7 +255,8 @@ def test_a_reader_that_never_reads_its_answers_costs_a_storage_node_a_bounded_qu
                 greedy.send(FileRequest(i, upper, lower, 0, 8 << 20))
             wait_for(lambda: detail(node)["core"].get("reads", 0) >= 64, 30, "the node to serve the 64 reads")
             grown = _rss_mib(node) - before
-            assert grown < SEND_QUEUE * 8 + 96, f"the node holds {grown:.0f} MiB for one reader"
+            assert grown < (SEND_BYTES >> 20) + 8 + 64, f"the node holds {grown:.0f} MiB for one reader"
+            assert _counters(node).get("send_dropped.peer_queue_bytes", 0) >= 40
             with StorageLink(node.address, name="s1") as other:  # everyone else is still served
                 got, _ = other.read(fid, 0, 1 << 20)
                 assert bytes(got) == data[:1 << 20]

@@ -56,6 +56,7 @@ def test_the_allow_list_round_trips_and_maps_keys_to_roles(tmp_path):
     ('[keys.a]\nrole = "client"\npublic = "{k}"\n[keys.b]\nrole = "worker"\npublic = "{k}"\n', "same public key"),
     ('keys = 3\n', "tables"),
     ('[keys.a\n', "TOML"),
+    ('[keys."gw/alice"]\nrole = "client"\npublic = "{k}"\n', "'/'"),  # the name of a gateway's user
 ])
 def test_a_bad_allow_list_is_refused_with_where_and_why(tmp_path, text, words):
     path = tmp_path / "keys.toml"
