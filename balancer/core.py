@@ -572,7 +572,8 @@ class BalancerCore:
         }
 
     def _worker_status(self, w: Worker, now: float) -> dict[str, Any]:
-        return {"name": w.name, "slots": self.worker_slots.get(w.name, w.slots), "credit": w.slots, "free": w.free,
+        slots = self.worker_slots.get(w.name, w.slots)
+        return {"name": w.name, "slots": slots, "credit": w.slots, "credit_free": w.free, "free": w.free_slots(slots),
                 "running": len(w.running),
                 "cached": len(w.cached), "silent_s": round(now - w.last_heard, 3),
                 "cores": w.caps.cores, "memory_mb": w.caps.memory_mb, "gpus": w.caps.gpus,

@@ -81,12 +81,19 @@ class Worker:
     name: str
     route: bytes
     caps: Capabilities
-    slots: int  # total task slots
+    slots: int  # its whole credit: the task slots it runs and its prefetch queue beyond them
     free: int  # credit: last announced free slots minus tasks sent since
     cached: set[bytes] = field(default_factory=set)  # 16-byte ids of files in its local cache
     running: dict[TaskKey, Fence] = field(default_factory=dict)
     last_heard: float = 0.0
     registered_at: float = 0.0
+
+    def free_slots(self, task_slots: int) -> int:
+        """The task slots free now, of the ``task_slots`` the worker runs: its credit is those
+        and a prefetch queue, and what it has taken of the credit fills the slots first (a task
+        waits in the queue only while every slot is busy). Never above ``task_slots``."""
+        task_slots = min(task_slots, self.slots)
+        return max(0, task_slots - (self.slots - self.free))
 
 
 @dataclass

@@ -168,6 +168,23 @@ def test_credit_in_flight_is_not_counted_twice():
     assert h.core.registry.get("w1").free == 1
 
 
+def test_free_slots_never_exceed_the_slots_though_the_credit_adds_a_prefetch_queue():
+    h = active()
+    caps = {"cores": 2, "memory_mb": 1024, "slots": 2}  # 2 task slots, credit 4 (a prefetch queue of 2)
+    h.msg(WORKERS, WorkerStatus(4, 4, 0, 0, [], caps, "w1", True, 0, [], [], []), b"w1")
+
+    def shown() -> tuple:
+        w = h.core.status(h.now)["workers"][0]
+        return w["slots"], w["free"], w["credit"], w["credit_free"]
+
+    assert shown() == (2, 2, 4, 4)
+    h.request(0, (5, 1))
+    assert shown() == (2, 1, 4, 3)
+    for t in (1, 2):
+        h.request(t, (5, t + 1))
+    assert shown() == (2, 0, 4, 1)  # two running, one waiting in the queue: no slot is free
+
+
 def test_results_go_to_the_master_with_the_worker_name_and_acks_come_back_to_that_worker():
     h = active()
     h.register("w1")
