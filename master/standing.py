@@ -122,9 +122,13 @@ class Standing:
                     route, cause)
 
     def not_found(self, ev: MessageReceived, request_id: int, text: str) -> Effect:
-        if self.view.role != "leader":
-            text += " on this master (a follower: it may be behind the leader)"
-        return app_error(ev, request_id, AppReason.NOT_FOUND, "not_found", text)
+        """NOT_FOUND; a follower's says so and names the leader (``leader`` in its detail), which
+        a client asks before it believes the answer (MasterLink)."""
+        if self.view.role == "leader":
+            return app_error(ev, request_id, AppReason.NOT_FOUND, "not_found", text)
+        text += " on this master (a follower: it may be behind the leader)"
+        return app_error_to(ev.route, request_id, AppReason.NOT_FOUND, "not_found", text, ev.stimulus_id,
+                            refers_to=ev.message.code, extra={"leader": self.leader_address()})
 
 
 def owns(peer: Peer, client: str) -> bool:

@@ -267,22 +267,30 @@ class MasterLink:
                 call.target = (call.target + 1) % len(self.masters)
                 self._back_off(call, now)
                 return
+            leader = reply.detail.get("leader") if isinstance(reply.detail, dict) else None
+            if reply.reason == AppReason.NOT_FOUND and self._ask_leader(call, leader):
+                return  # a follower's "not found" may be one it has not applied yet: the leader's decides
             call.done = True
             if reply.reason == AppReason.NOT_FOUND:
                 call.error = NotFound(reply.text)
             else:
                 call.error = Refused(code or "refused", reply.text)
             return
-        if isinstance(reply, QueryReply) and reply.stale and not call.stale_retry and reply.leader in self.masters:
-            leader = self.masters.index(reply.leader)
-            if leader != call.target:  # a follower answered: ask the leader once
-                call.stale_retry = True
-                call.target = self.leader = leader
-                return
+        if isinstance(reply, QueryReply) and reply.stale and self._ask_leader(call, reply.leader):
+            return  # a follower answered: ask the leader once
         if call.write:
             self.leader = call.target
         call.result = reply
         call.done = True
+
+    def _ask_leader(self, call: Call, leader: str | None) -> bool:
+        """Aim ``call`` at ``leader`` (a follower's answer named it) once; False when it was
+        asked already, is unknown, or is the master that answered."""
+        if call.stale_retry or leader not in self.masters or self.masters.index(leader) == call.target:
+            return False
+        call.stale_retry = True
+        call.target = self.leader = self.masters.index(leader)
+        return True
 
     @staticmethod
     def _back_off(call: Call, now: float) -> None:

@@ -291,6 +291,7 @@ def test_reads_say_stale_unless_a_serving_leader_answers():
     f.message(TaskQuery(4, 1, 2, 0))
     (err,) = f.take(Error)
     assert err.reason == AppReason.NOT_FOUND and "behind" in err.text
+    assert err.detail["leader"] == "tcp://m2:5000"  # the client asks the leader before it believes it
 
 
 def test_cancel_is_committed_then_answered_with_the_job_view():
