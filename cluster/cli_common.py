@@ -1,5 +1,6 @@
-"""What the ``cluster`` command modules share: the --dir and --config options, a Client of the
-config's masters, progress bars, and the helpers of the read commands (JSON, durations, tables)."""
+"""What the ``cluster`` command modules share: the --dir, --config and --watch options, a Client
+of the config's masters, progress bars, and the helpers of the read commands (JSON, durations,
+tables, redrawing a view until Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.text import Text
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from cluster.client import Client, ClusterError
@@ -26,6 +29,10 @@ CONFIG_OPTION = click.option(
     "--config", "config_path", envvar="CLUSTER_CONFIG", default=None,
     type=click.Path(dir_okay=False, path_type=Path),
     help="The cluster's TOML file (default: $CLUSTER_CONFIG, else the one `cluster up` wrote).")
+
+WATCH_OPTION = click.option(
+    "--watch", "watch_s", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
+    metavar="[SECONDS]", help="Redraw every SECONDS (default 2) until Ctrl-C.")
 
 
 def _cluster_config(config_path: Path | None, key_file: Path | None = None) -> tuple[Path, ClusterConfig]:
@@ -115,7 +122,45 @@ def _when(age: float | None) -> str:
     return "-" if age is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - age))
 
 
+UNWRAPPED = 1 << 16  # columns of a console that is no terminal: never wrap, never cut an id
+
+
 def _table_console() -> Console:
-    """A console for tables: a pipe gets 160 columns, not rich's 80 (job ids are 32 wide)."""
+    """The console of a command's output: a terminal's own width; a pipe or a file no limit, not
+    rich's 80 columns (a line is as long as what it says: ids whole, nothing wrapped), unless
+    $COLUMNS says otherwise."""
     console = Console()
-    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=160)
+    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=UNWRAPPED)
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)  # the interval --watch redraws at (a test replaces it)
+
+
+def _watch(frame: Callable[[], RenderableType], every: float) -> None:
+    """Draw ``frame()`` every ``every`` seconds until Ctrl-C (exit status 0): in place on a
+    terminal (rich Live), one after another into a pipe, each under a line with the time. A
+    frame whose read fails shows its one-line error instead; the next one tries again."""
+    console = _table_console()
+
+    def drawn() -> RenderableType:
+        try:
+            body: RenderableType = frame()
+        except (click.ClickException, ClusterError) as exc:
+            body = Text(exc.format_message() if isinstance(exc, click.ClickException) else str(exc), style="red")
+        stamp = Text(f"{time.strftime('%H:%M:%S')}, every {every:g} s (Ctrl-C stops)", style="dim")
+        return Group(stamp, body)
+
+    try:
+        if console.is_terminal:
+            with Live(drawn(), console=console, auto_refresh=False) as live:
+                while True:
+                    _sleep(every)
+                    live.update(drawn(), refresh=True)
+        else:
+            while True:
+                console.print(drawn())
+                console.file.flush()
+                _sleep(every)
+    except KeyboardInterrupt:
+        pass

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from cluster.cli_common import CONFIG_OPTION, WRITE_TIMEOUT, _progress, _session
+from cluster.cli_common import CONFIG_OPTION, WRITE_TIMEOUT, _progress, _session, _table_console
 from cluster.client import ClusterError
 from proto.fileids import parse_id
 
@@ -68,12 +67,13 @@ def files(ctx: click.Context, config_path: Path, job: str | None, limit: int, as
         click.echo(json.dumps(answer.value, indent=2, sort_keys=True))
         return
     table = Table(title="files" + (" (stale: a follower answered)" if answer.stale else ""))
-    for col in ("id", "name" if job else "refs", "size", "replicas"):
-        table.add_column(col)
+    table.add_column("id", no_wrap=True, min_width=len(f"{0:032x}"))  # whole: it is what the other commands take
+    for col in ("name" if job else "refs", "size", "replicas"):
+        table.add_column(col, overflow="fold")
     for f in answer.value["files"]:
-        label = f.get("name") if job else ", ".join(f"{k[:8]}:{v}" for k, v in f["refs"].items())
+        label = f.get("name") if job else ", ".join(f"{k}: {v}" for k, v in f["refs"].items())
         table.add_row(f["id"], label, f"{f['size']:,}", ", ".join(f["replicas"]))
-    Console().print(table)
+    _table_console().print(table)
 
 
 @files.command("rm")

@@ -14,9 +14,10 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from cluster.cli_common import (CONFIG_OPTION, WRITE_TIMEOUT, _ago, _client, _cluster_config, _json, _ledger_age, _session,
-                                _table_console, _when)
+from cluster.cli_common import (CONFIG_OPTION, WATCH_OPTION, WRITE_TIMEOUT, _ago, _client, _cluster_config, _json,
+                                _ledger_age, _session, _table_console, _watch, _when)
 from cluster import align as job_lib
 from cluster import alnout
 from cluster.client import ClusterError
@@ -228,38 +229,56 @@ def _watch_alignment(client: Any, job_id: str, slots: int, quiet: bool) -> dict:
               help="With JOB: task N end to end (submitted; each attempt's fence, balancer, worker, outcome; "
                    "the commits' log indices).")
 @click.option("--json", "as_json", is_flag=True, help="Print the masters' job views (+ age_s) as JSON.")
+@WATCH_OPTION
 def jobs(job_id: str | None, config_path: Path | None, state: str | None, limit: int, task_id: int | None,
-         as_json: bool) -> None:
+         as_json: bool, watch_s: float | None) -> None:
     """The newest jobs, newest first; with JOB (hex id), that job's view (an alignment's
     cells done, GCUPS so far and ETA too); with JOB --task N, that task's story."""
+    if watch_s is not None and (as_json or task_id is not None):
+        raise click.UsageError("--watch redraws the list or a JOB's view: drop --json and --task")
     if task_id is not None:
         if job_id is None:
             raise click.ClickException("--task N goes with a JOB: `cluster jobs JOB --task N`")
         _show_task(config_path, job_id, task_id, as_json)
         return
     if job_id is not None:
-        _show_job(config_path, job_id, as_json)
+        if watch_s is not None:
+            _watch(lambda: Text("\n".join(_show_job(config_path, job_id, False, show=None))), watch_s)
+        else:
+            _show_job(config_path, job_id, as_json)
         return
     with _session(config_path) as client:
-        answer = client.jobs(limit, state)
-        masters = client.masters
-    views = [{**v, "age_s": _ledger_age(v.get("submitted_at"), masters)} for v in answer.value]
+        if watch_s is not None:
+            _watch(lambda: _jobs_table(*_job_views(client, limit, state), state), watch_s)
+            return
+        views, stale = _job_views(client, limit, state)
     if as_json:
         click.echo(_json(views))
         return
-    table = Table(title=f"jobs{f' ({state})' if state else ''}" + (" (stale: a follower answered)" if answer.stale else ""))
+    _table_console().print(_jobs_table(views, stale, state))
+    if not views:
+        click.echo("no jobs" + (f" in state {state}" if state else "") + ": `cluster submit -- CMD` runs one", err=True)
+
+
+def _job_views(client: Any, limit: int, state: str | None) -> tuple[list[dict[str, Any]], bool]:
+    """The newest jobs' views (each with its ``age_s``) and whether a follower answered."""
+    answer = client.jobs(limit, state)
+    return [{**v, "age_s": _ledger_age(v.get("submitted_at"), client.masters)} for v in answer.value], answer.stale
+
+
+def _jobs_table(views: list[dict[str, Any]], stale: bool, state: str | None) -> Table:
+    table = Table(title=f"jobs{f' ({state})' if state else ''}" + (" (stale: a follower answered)" if stale else ""))
     for col in ("id", "name", "kind", "state", "done/total", "failed", "submitted", "age"):
         table.add_column(col, no_wrap=col in ("id", "submitted"))
     for v in views:
         state_text = f"waiting for {len(v['waiting_for'])} job(s)" if v.get("waiting_for") else v["state"]
         table.add_row(v["job"], v.get("name") or "-", v["kind"], state_text, f"{v['done']}/{v['total']}",
                       str(v["failed"]), _when(v["age_s"]), _ago(v["age_s"]))
-    _table_console().print(table)
-    if not views:
-        click.echo("no jobs" + (f" in state {state}" if state else "") + ": `cluster submit -- CMD` runs one", err=True)
+    return table
 
 
-def _show_job(config_path: Path | None, job_id: str, as_json: bool) -> None:
+def _show_job(config_path: Path | None, job_id: str, as_json: bool, show: Any = click.echo) -> list[str] | None:
+    """Print JOB's view (``show`` None: return its lines instead, for --watch)."""
     with _session(config_path) as client:
         answer = client.job(job_id.lower())
         view = answer.value
@@ -288,7 +307,10 @@ def _show_job(config_path: Path | None, job_id: str, as_json: bool) -> None:
         lines.append(f"alignment: {a['cells']:,} of {total} cells{rate}{eta}")
         if a["best"]:
             lines.append(f"best so far: score {a['best']['score']} at A[{a['best']['end_a']}] B[{a['best']['end_b']}]")
-    click.echo("\n".join(lines))
+    if show is None:
+        return lines
+    show("\n".join(lines))
+    return None
 
 
 # How `cluster jobs JOB --task N` words each step of a task's story (MasterCore.story's steps).
@@ -395,14 +417,26 @@ def _alignment_progress(view: dict[str, Any], lengths: tuple[int, int] | None,
 @CONFIG_OPTION
 @click.option("--timeout", default=2.0, show_default=True, help="Seconds each balancer has to answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (balancer, workers) instead of a table.")
-def workers(config_path: Path | None, timeout: float, as_json: bool) -> None:
-    """The workers as the active balancer sees them: slots, free, running, cached files, cores,
-    memory, labels, and how long each has been silent."""
-    name, found = _active_balancer(config_path, timeout)
-    listed = found.get("workers", [])
-    if as_json:
-        click.echo(_json({"balancer": name, "workers": listed}))
+@WATCH_OPTION
+def workers(config_path: Path | None, timeout: float, as_json: bool, watch_s: float | None) -> None:
+    """The workers as the active balancer sees them: slots, free slots, running, cached files,
+    cores, memory, labels, and how long each has been silent."""
+    if watch_s is not None:
+        if as_json:
+            raise click.UsageError("--watch redraws the table: drop --json")
+        _watch(lambda: _workers_table(*_active_balancer(config_path, timeout)), watch_s)
         return
+    name, found = _active_balancer(config_path, timeout)
+    if as_json:
+        click.echo(_json({"balancer": name, "workers": found.get("workers", [])}))
+        return
+    _table_console().print(_workers_table(name, found))
+    if not found.get("workers"):
+        click.echo("no worker is registered: start one with `cluster worker` (or `cluster up --workers N`)", err=True)
+
+
+def _workers_table(name: str, found: dict[str, Any]) -> Table:
+    listed = found.get("workers", [])
     table = Table(title=f"workers (active balancer {name})")
     for col in ("name", "slots", "free", "running", "cached", "cores", "memory", "labels", "silent"):
         table.add_column(col, no_wrap=col == "name")
@@ -411,9 +445,7 @@ def workers(config_path: Path | None, timeout: float, as_json: bool) -> None:
         table.add_row(w["name"], str(w["slots"]), str(w["free"]), str(w["running"]), str(w["cached"]),
                       str(w.get("cores", "-")), memory, ", ".join(w.get("labels", [])) or "-",
                       f"{w.get('silent_s', 0):.1f} s")
-    _table_console().print(table)
-    if not listed:
-        click.echo("no worker is registered: start one with `cluster worker` (or `cluster up --workers N`)", err=True)
+    return table
 
 
 def _active_balancer(config_path: Path | None, timeout: float) -> tuple[str, dict[str, Any]]:

@@ -12,9 +12,10 @@ from typing import Any, Callable
 import click
 import zmq
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from cluster.cli_common import CONFIG_OPTION, DIR_OPTION, _cluster_config
+from cluster.cli_common import CONFIG_OPTION, DIR_OPTION, WATCH_OPTION, _cluster_config, _table_console, _watch
 from cluster.node.config import ConfigError, cluster_home, find_config, load_cluster_config
 from cluster.node.keys import KeysError, node_credentials
 from worker.taskuser import TaskUserError  # stdlib only: cheap to load here
@@ -37,39 +38,65 @@ from worker.view import ClusterView
               help="A cluster's TOML file (default: --dir's, else $CLUSTER_CONFIG, else the default directory's).")
 @click.option("--timeout", default=2.0, show_default=True, help="Seconds each node has to answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@WATCH_OPTION
 def status(addresses: tuple[str, ...], directory: Path | None, config_path: Path | None, timeout: float,
-           as_json: bool) -> None:
+           as_json: bool, watch_s: float | None) -> None:
     """Every node of the cluster (its config: `cluster up`'s, --dir's or --config's), or the
-    nodes at ADDRESSES (e.g. tcp://127.0.0.1:5600): role, state, health, pid, version."""
+    nodes at ADDRESSES (e.g. tcp://127.0.0.1:5600): role, state, health, pid, version. A node
+    that is down says why (no answer in time, refused, a bad address). Exit status 1 when one is."""
+    if watch_s is not None and as_json:
+        raise click.UsageError("--watch redraws the table: drop --json")
     if addresses:
-        _status_of_addresses(addresses, timeout, as_json)
+        if watch_s is not None:
+            _watch(lambda: _status_of_addresses(addresses, timeout, False)[0], watch_s)
+            return
+        table, up = _status_of_addresses(addresses, timeout, as_json)
+        if table is not None:
+            _table_console().print(table)
+        if not up:
+            sys.exit(1)
         return
     path, looked = find_config(directory, config_path)
     if path is None:
         raise click.ClickException(f"no cluster config found ({looked}): start a local cluster with `cluster up`, "
                                    "or pass --config FILE or node ADDRESSES")
-    try:
-        nodes = cluster_status(path, timeout=timeout)
-    except UpError as exc:
-        raise click.ClickException(str(exc))
+    if watch_s is not None:
+        _watch(lambda: _status_table(path, _cluster_nodes(path, timeout)), watch_s)
+        return
+    nodes = _cluster_nodes(path, timeout)
     if as_json:
         click.echo(json.dumps({"config": str(path), "nodes": nodes}, indent=2, sort_keys=True))
     else:
-        table = Table(title=f"cluster status ({path})")
-        for col in ("role", "name", "state", "address", "pid", "version"):
-            table.add_column(col, no_wrap=col in ("name", "address", "pid"))
-        for n in nodes:
-            state = n["state"] if n["health"] == "up" else "[red]down[/red] (--json says why)"
-            table.add_row(n["role"], str(n["name"]), state, n["address"] or "-", str(n["pid"] or "-"), n["version"] or "-")
-        Console().print(table)
+        _table_console().print(_status_table(path, nodes))
     if any(n["health"] != "up" for n in nodes):
         sys.exit(1)
 
 
-def _status_of_addresses(addresses: tuple[str, ...], timeout: float, as_json: bool) -> None:
+def _cluster_nodes(path: Path, timeout: float) -> list[dict[str, Any]]:
+    try:
+        return cluster_status(path, timeout=timeout)
+    except UpError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _status_table(path: Path, nodes: list[dict[str, Any]]) -> Table:
+    """The cluster's nodes as a table; a node that is down says why (its query's error)."""
+    table = Table(title=f"cluster status ({path})")
+    for col in ("role", "name", "state", "address", "pid", "version"):
+        table.add_column(col, no_wrap=col in ("name", "address", "pid"))
+    for n in nodes:
+        state = n["state"] if n["health"] == "up" else f"[red]down[/red]: {escape(n.get('error') or 'no answer')}"
+        table.add_row(n["role"], str(n["name"]), state, n["address"] or "-", str(n["pid"] or "-"), n["version"] or "-")
+    return table
+
+
+def _status_of_addresses(addresses: tuple[str, ...], timeout: float, as_json: bool) -> tuple[Table | None, bool]:
+    """The nodes at ``addresses``: printed as JSON with ``as_json``, else returned as a table;
+    and whether every one answered."""
     if find_config()[0] is not None:
         _cluster_config(None)  # the keys to reach its nodes
     results = query_status(list(addresses), timeout=timeout)
+    up = all(r.reply is not None for r in results)
     if as_json:
         out = []
         for r in results:
@@ -82,20 +109,18 @@ def _status_of_addresses(addresses: tuple[str, ...], timeout: float, as_json: bo
                 entry["error"] = r.error
             out.append(entry)
         click.echo(json.dumps(out, indent=2, sort_keys=True))
-    else:
-        table = Table(title="cluster status")
-        for col in ("address", "role", "health", "pid", "uptime", "version", "rejected"):
-            table.add_column(col)
-        for r in results:
-            if r.reply is None:
-                table.add_row(r.address, "?", f"[red]down[/red]: {r.error}", "", "", "", "")
-                continue
-            m = r.reply
-            table.add_row(r.address, m.role, "[green]up[/green]", str(m.pid), f"{m.uptime_ms / 1000:.1f} s",
-                          m.version, str(m.counters.get("rejected_total", 0)))
-        Console().print(table)
-    if any(r.reply is None for r in results):
-        sys.exit(1)
+        return None, up
+    table = Table(title="cluster status")
+    for col in ("address", "role", "health", "pid", "uptime", "version", "rejected"):
+        table.add_column(col)
+    for r in results:
+        if r.reply is None:
+            table.add_row(r.address, "?", f"[red]down[/red]: {escape(r.error or 'no answer')}", "", "", "", "")
+            continue
+        m = r.reply
+        table.add_row(r.address, m.role, "[green]up[/green]", str(m.pid), f"{m.uptime_ms / 1000:.1f} s",
+                      m.version, str(m.counters.get("rejected_total", 0)))
+    return table, up
 
 
 @click.command()
@@ -126,7 +151,7 @@ def up(directory: Path | None, workers: int, slots: int | None, timeout: float, 
         table.add_column(col)
     for r in records:
         table.add_row(r.role, r.name, r.address, str(r.pid), Path(r.log).name)
-    Console().print(table)
+    _table_console().print(table)
     ok, why = fuse_available()
     if not ok:
         click.echo(f"FUSE is unavailable ({why}): workers fetch stored files into their caches instead.")

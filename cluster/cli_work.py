@@ -5,6 +5,7 @@ doc/workspecs.md)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,7 +13,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cluster.cli_common import CONFIG_OPTION, WRITE_TIMEOUT, _json, _session, _table_console
+from cluster.cli_common import CONFIG_OPTION, WATCH_OPTION, WRITE_TIMEOUT, _ago, _json, _session, _table_console, _watch
 from cluster.work import Work
 
 
@@ -91,28 +92,83 @@ def load(spec: str, units_file: Path, config_path: Path | None) -> None:
     """Add the units of UNITS_FILE to SPEC (a line each: key<TAB>data, or JSON lines), in
     batches, with a progress bar. A refused batch is named; the batches before it stay."""
     lines = sum(1 for line in open(units_file, "rb") if line.strip())
-    with _session(config_path, WRITE_TIMEOUT) as client, \
-            Progress(TextColumn("units"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task("load", total=lines)
-        added = _work(client).add_units(spec, _units_from(units_file), progress=lambda n: bar.advance(task, n))
+    with _session(config_path, WRITE_TIMEOUT) as client:
+        work = _work(client)
+        known = [r["spec"] for r in work.summary()]
+        if spec not in known:  # refused up front: not batch by batch, naming units of a file never sent
+            raise click.ClickException(f"no work spec named {spec!r} (known: {', '.join(known) or 'none'}); "
+                                       "`cluster add-spec` makes one")
+        with Progress(TextColumn("units"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
+            task = bar.add_task("load", total=lines)
+            added = work.add_units(spec, _units_from(units_file), progress=lambda n: bar.advance(task, n))
     click.echo(f"{added:,} units added to {spec}")
 
 
 @click.command()
 @CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def summary(config_path: Path | None, as_json: bool) -> None:
-    """Units per state of every work spec (Coordinate's summary), highest priority first."""
+@WATCH_OPTION
+def summary(config_path: Path | None, as_json: bool, watch_s: float | None) -> None:
+    """Units per state of every work spec (Coordinate's summary), highest priority first; with
+    --watch, redrawn with each spec's units done per second over the last interval and an ETA."""
+    if watch_s is not None and as_json:
+        raise click.UsageError("--watch redraws the table: drop --json")
     with _session(config_path) as client:
+        if watch_s is not None:
+            pace = _Pace()
+            _watch(lambda: _summary_table(_work(client).summary(), pace), watch_s)
+            return
         rows = _work(client).summary()
     if as_json:
         click.echo(_json(rows))
         return
-    t = Table("spec", "available", "pending", "finished", "failed", "total", "disputed")
+    _table_console().print(_summary_table(rows))
+
+
+class _Pace:
+    """Units ended (finished or failed) per second over the last interval, per spec and in all,
+    and the time the units left (available and pending) take at that rate."""
+
+    def __init__(self) -> None:
+        self.last: tuple[float, dict[str, int]] | None = None
+
+    def update(self, rows: list[dict[str, Any]], now: float) -> dict[str, tuple[float, float | None]]:
+        """(rate, eta_s) per spec and for "" (all of them); empty on the first call."""
+        ended = {r["spec"]: r["finished"] + r["failed"] for r in rows}
+        left = {r["spec"]: r["available"] + r["pending"] for r in rows}
+        last, self.last = self.last, (now, ended)
+        if last is None or now <= last[0]:
+            return {}
+        seconds, before = now - last[0], last[1]
+        done = {s: max(0, n - before[s]) for s, n in ended.items() if s in before}
+        done[""], left[""] = sum(done.values()), sum(left[s] for s in done)
+        return {s: (n / seconds, left[s] / (n / seconds) if n else None) for s, n in done.items()}
+
+
+def _summary_table(rows: list[dict[str, Any]], pace: _Pace | None = None) -> Table:
+    """The summary's rows as a table; with ``pace`` (--watch) each spec's rate and ETA too."""
+    paced = pace.update(rows, _clock()) if pace is not None else None
+    t = Table("spec", "available", "pending", "finished", "failed", "total", "disputed",
+              *(("units/s", "ETA") if paced is not None else ()))
     for r in rows:
-        t.add_row(r["spec"], *(f"{r[k]:,}" for k in ("available", "pending", "finished", "failed", "total")),
-                  f"{r['disputed']:,}" if r.get("replicas", 1) > 1 else "-")
-    _table_console().print(t)
+        cells = [r["spec"], *(f"{r[k]:,}" for k in ("available", "pending", "finished", "failed", "total")),
+                 f"{r['disputed']:,}" if r.get("replicas", 1) > 1 else "-"]
+        t.add_row(*cells, *(_paced(paced, r["spec"]) if paced is not None else ()))
+    if paced:
+        rate, eta = _paced(paced, "")
+        t.caption = f"all specs: {rate} units/s, ETA {eta}"
+    return t
+
+
+def _paced(paced: dict[str, tuple[float, float | None]], spec: str) -> tuple[str, str]:
+    if spec not in paced:
+        return "-", "-"  # the first frame, or a spec new since the last
+    rate, eta = paced[spec]
+    return f"{rate:,.1f}", _ago(eta)
+
+
+def _clock() -> float:
+    return time.monotonic()
 
 
 @click.command()

@@ -25,11 +25,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import cloudpickle
 
-from cluster.files import FileRef, download_file, upload_file
+from cluster.files import FileRef, download_file, file_id_text, upload_file
 from cluster.futures import TaskFuture, Watcher, resolve
 from cluster.node.config import ConfigError, find_config, load_cluster_config
 from cluster.node.keys import KeysError, client_credentials, for_address
-from cluster.node.masterlink import (Answer, Call, ClusterError, MasterLink, NoQuorum, NotFound, Refused, id_bytes,
+from cluster.node.masterlink import (Answer, Call, ClusterError, MasterLink, NoQuorum, NotFound, Refused,
                                      split_id)
 from proto.ids import join128, split128
 from proto.messages import CancelJob, JobList, JobQuery, Submit, SubmitAck, TaskQuery
@@ -197,15 +197,17 @@ class Client:
             out += futures.values()
         return out
 
-    def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None, inputs: dict[str, str] | None = None,
-            outputs: Sequence[str] = ()) -> TaskFuture:
+    def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
+            inputs: dict[str, FileRef | str] | None = None, outputs: Sequence[str] = ()) -> TaskFuture:
         """Run a command on a worker: ``argv`` in a scratch directory, ``env`` added to a minimal
-        environment, ``inputs`` (name → stored file id) visible there by name, ``outputs`` the
-        files it must leave (stored, ids in the ``CommandResult``)."""
+        environment, ``inputs`` (name → a stored file: the ``FileRef`` ``upload`` returned, or
+        its id) visible there by name, ``outputs`` the files it must leave (stored, ids in the
+        ``CommandResult``). An input that is no file id is refused here, before any submit."""
         argv = list(argv)
         if not argv or not all(isinstance(a, str) for a in argv):
             raise ClusterError("a command is a non-empty list of strings, e.g. ['sort', '-o', 'out', 'in']")
-        run = {"kind": "command", "argv": argv, "env": dict(env or {}), "inputs": dict(inputs or {}),
+        files = {name: file_id_text(ref, f"input {name!r}") for name, ref in (inputs or {}).items()}
+        run = {"kind": "command", "argv": argv, "env": dict(env or {}), "inputs": files,
                "outputs": list(outputs), **self._task_options.run()}
         ref = self.submit_job("list", {"name": argv[0], "run": run, "tasks": [{}], **self._task_options.job()})
         future = TaskFuture(ref.job, 0, "command")
@@ -297,14 +299,16 @@ class Client:
         """Record a durable file in the ledger, referred to by job ``owner`` or a user ``pin``."""
         return self.link.register_file(file_id, size, replicas, owner=owner, name=name, pin=pin)
 
-    def release_files(self, file_id: str | None = None, *, owner: str | None = None) -> dict[str, Any]:
-        """Drop ``owner``'s reference (a job; None: the user pin) on a file, or on every file of
-        ``owner``. A file nothing refers to any more is deleted by the storage nodes."""
-        return self.link.release_files(file_id, owner=owner)
+    def release_files(self, file_id: FileRef | str | None = None, *, owner: str | None = None) -> dict[str, Any]:
+        """Drop ``owner``'s reference (a job; None: the user pin) on a file (a ``FileRef`` or its
+        id), or on every file of ``owner``. A file nothing refers to any more is deleted by the
+        storage nodes."""
+        return self.link.release_files(None if file_id is None else file_id_text(file_id), owner=owner)
 
-    def lookup_files(self, file_ids: Sequence[bytes]) -> Answer:
-        """The ledger's records (size, replicas, refs) of ``file_ids``, by hex id; None if unknown."""
-        return self.link.lookup_files(file_ids)
+    def lookup_files(self, file_ids: Sequence[FileRef | str | bytes]) -> Answer:
+        """The ledger's records (size, replicas, refs) of ``file_ids`` (FileRefs, hex ids or 16
+        bytes each), by hex id; None if unknown."""
+        return self.link.lookup_files([bytes.fromhex(file_id_text(f)) for f in file_ids])
 
     def files(self, limit: int = 100, *, owner: str | None = None, after: str | None = None) -> Answer:
         """Registered files in id order (of one job with ``owner``); ``value["next"]`` pages on."""
@@ -319,11 +323,11 @@ class Client:
         return upload_file(self.link, self.storage, path, owner=owner, name=name, copies=copies or self.replicas,
                            progress=progress)
 
-    def download(self, file_id: str, path: str | os.PathLike[str], *,
+    def download(self, file_id: FileRef | str, path: str | os.PathLike[str], *,
                  progress: Callable[[int], None] | None = None) -> int:
-        """Fetch a stored file into ``path`` from any replica (failing over), verified by its
-        content id; returns its size."""
-        return download_file(self.link, self.storage, id_bytes(file_id), path, progress=progress)
+        """Fetch a stored file (a ``FileRef`` or its id) into ``path`` from any replica (failing
+        over), verified by its content id; returns its size."""
+        return download_file(self.link, self.storage, bytes.fromhex(file_id_text(file_id)), path, progress=progress)
 
 def _chunks(tasks: list[dict], budget: int) -> Iterable[list[dict]]:
     """Tasks in runs whose arguments fit one job's spec."""

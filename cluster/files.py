@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from cluster.node.masterlink import ClusterError, MasterLink, NotFound
 from cluster.node.storagelink import LinkPool, StorageLink, TransferError, upload_ranked
-from proto.fileids import file_id_of_path, rank
+from proto.fileids import HASH_SIZE, file_id_of_path, parse_id, rank
 
 log = logging.getLogger("cluster.client")
 
@@ -34,6 +34,26 @@ class FileRef:
     size: int
     replicas: list[str]
     name: str = ""
+
+    def __str__(self) -> str:
+        return self.id  # an f-string or a command line gets the id, as `cluster upload` prints it
+
+
+def file_id_text(ref: FileRef | str | bytes, what: str = "file") -> str:
+    """The hex id of a file given as a ``FileRef`` (what ``upload`` returns), its id as 32 hex
+    digits, or 16 bytes: what every API that takes a file id accepts. ClusterError for
+    anything else, naming ``what`` (e.g. "input 'reads'")."""
+    if isinstance(ref, FileRef):
+        ref = ref.id
+    if isinstance(ref, (bytes, bytearray)) and len(ref) == HASH_SIZE:
+        return bytes(ref).hex()
+    if isinstance(ref, str):
+        try:
+            return parse_id(ref.strip()).hex()
+        except ValueError:
+            pass
+    raise ClusterError(f"{what}: {ref!r} is not a file id (a FileRef, or {2 * HASH_SIZE} hex digits as "
+                       "`cluster upload` prints)")
 
 
 def upload_file(masters: MasterLink, storage: dict[str, str], path: str | os.PathLike[str], *, owner: str | None,

@@ -54,16 +54,18 @@ class Work:
             chunk = list(islice(it, batch * WINDOW))
             if not chunk:
                 return total
-            calls = []
+            calls, sizes = [], []
             for start in range(0, len(chunk), batch):
                 part = [list(u) for u in chunk[start:start + batch]]
+                sizes.append(len(part))
                 key = os.urandom(16)  # one per batch, kept across its retries
                 calls.append(self.client.link.call(
                     lambda rid, part=part, key=key: WorkMessage(rid, "add_units", spec, part, key), write=True))
             self.client.link.run(calls, WINDOW, None)
             for k, call in enumerate(calls):
                 if call.error is not None:
-                    raise ClusterError(f"units {total + k * batch:,}..{total + k * batch + batch - 1:,} of spec {spec!r} "
+                    first = total + k * batch  # the units that batch holds, not a whole batch's worth
+                    raise ClusterError(f"units {first:,}..{first + sizes[k] - 1:,} of spec {spec!r} "
                                        f"were refused: {call.error}") from None
                 added = call.result.value["added"]
                 if progress:

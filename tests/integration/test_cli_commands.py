@@ -16,11 +16,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from cluster.client import Client, ClusterError
 from cluster.local import free_port, make_keys
 from cluster.up import is_ours, read_nodes
 
@@ -147,6 +149,69 @@ def test_workers_lists_the_worker(home):
     assert {"free", "running", "cached", "cores", "memory_mb", "labels", "silent_s"} <= set(found["workers"][0])
     table = run(home, "workers")
     assert table.returncode == 0 and "w1" in table.stdout
+    # free counts task slots: never above them, though the credit adds a prefetch queue
+    (idle,) = wait_for(lambda: [w for w in as_json(run(home, "workers", "--json"))["workers"] if not w["running"]],
+                       30, "the worker to be idle")
+    assert idle["free"] == idle["slots"] == 1 and idle["credit"] >= idle["slots"]
+
+
+def test_upload_gives_a_file_ref_that_run_download_and_release_take(home, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_bytes(os.urandom(1000).hex().encode())
+    with Client(config=home / "cluster.toml") as client:
+        ref = client.upload(src)
+        result = client.run(["cat", "data"], inputs={"data": ref}).result(timeout=60)
+        assert (result.exit_code, result.stdout) == (0, src.read_bytes())
+        assert client.download(ref, tmp_path / "back.txt") == src.stat().st_size
+        assert client.lookup_files([ref]).value[ref.id]["size"] == src.stat().st_size
+        assert [bytes(d).hex() for d in client.release_files(ref)["dropped"]] == [ref.id]
+        with pytest.raises(ClusterError, match="'data'"):
+            client.run(["cat", "data"], inputs={"data": ref.name})  # a name is no file id: refused before a submit
+
+
+def test_watch_redraws_until_ctrl_c(home):
+    """`status`, `jobs`, `workers` and `summary` with --watch draw again and again into a pipe,
+    until SIGINT (Ctrl-C) ends them with exit status 0."""
+    for command, mark in (("status", "leader"), ("jobs", "done/total"), ("workers", "w1"), ("summary", "available")):
+        proc = subprocess.Popen([*CLUSTER, command, "--watch", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env_for(home))
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
+        reader.start()
+        try:
+            wait_for(lambda: sum(mark in line for line in list(seen)) >= 2, 30, f"`{command} --watch` to redraw")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        reader.join(timeout=10)
+        assert "Traceback" not in proc.stderr.read()
+
+
+def test_status_names_why_a_node_is_down(home, tmp_path):
+    config = (home / "cluster.toml").read_text()
+    storage = as_json(run(home, "status", "--json"))["nodes"]
+    s2 = next(n["address"] for n in storage if n["name"] == "s2")
+    dead = tmp_path / "dead.toml"  # s2 moved to a port nothing listens on (its key is still the known one)
+    dead.write_text(config.replace(s2, f"tcp://127.0.0.1:{free_port()}")
+                    + f'\n[security]\nkeys = "{home}/keys.toml"\nsecrets = "{home}/keys"\n')
+    said = run(home, "status", "--config", str(dead), "--json", "--timeout", "0.5")
+    assert said.returncode == 1
+    (down,) = [n for n in json.loads(said.stdout)["nodes"] if n["health"] != "up"]
+    assert down["name"] == "s2" and down["error"]
+    table = run(home, "status", "--config", str(dead), "--timeout", "0.5")
+    assert table.returncode == 1
+    row = next(line for line in table.stdout.splitlines() if " s2 " in line)
+    assert down["error"].split(":")[0] in row  # the reason itself, on the node's row
+
+
+def test_unknown_job_and_spec_are_named_as_unknown(home, tmp_path):
+    unknown = "ab" * 16
+    line = one_line_error(run(home, "align", "--job", unknown))
+    assert unknown in line and "follower" not in line  # the leader's answer: no such job
+    units = tmp_path / "units.tsv"
+    units.write_text("".join(f"u{k}\t{k}\n" for k in range(2000)))
+    line = one_line_error(run(home, "load", "no-such-spec", str(units)))
+    assert "'no-such-spec'" in line and not re.search(r"units \d", line)  # refused up front, no batch named
 
 
 def test_logs(home, tmp_path):

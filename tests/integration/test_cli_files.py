@@ -55,7 +55,7 @@ def test_upload_files_download_and_rm(config, tmp_path):
     mine = listed()[fid]
     assert (mine["size"], sorted(mine["replicas"]), mine["refs"]) == (up["size"], ["s1", "s2"], {"pinned:client": "data.bin"})
     table = cli("files")
-    assert table.returncode == 0 and fid[:8] in table.stdout, table.stderr
+    assert table.returncode == 0 and fid in table.stdout, table.stderr  # whole ids, in a pipe too
 
     out = tmp_path / "back.bin"
     got = cli("download", fid, str(out))
