@@ -21,7 +21,7 @@ from cluster.cli_common import (CONFIG_OPTION, WATCH_OPTION, WRITE_TIMEOUT, _ago
 from cluster import align as job_lib
 from cluster import alnout
 from cluster.client import ClusterError
-from cluster.futures import TaskError
+from cluster.futures import CommandFailed, TaskError, TaskTimeout
 from cluster.node.config import cluster_home, find_config, load_cluster_config
 from cluster.node.status import query_status
 from cluster.up import read_nodes
@@ -299,6 +299,7 @@ def _show_job(config_path: Path | None, job_id: str, as_json: bool, show: Any = 
                      "to be done before it starts")
     if view.get("error"):
         lines.append(f"error: {view['error']}")
+    lines += _failure_lines(view.get("failures") or [])
     if alignment is not None:
         a = alignment
         total = (f"{a['total_cells']:,}" + ("" if a["exact_total"] else " (estimated)")) if a["total_cells"] else "?"
@@ -311,6 +312,20 @@ def _show_job(config_path: Path | None, job_id: str, as_json: bool, show: Any = 
         return lines
     show("\n".join(lines))
     return None
+
+
+def _failure_lines(failures: list[dict[str, Any]]) -> list[str]:
+    """Why the job's newest attempts failed, and what the newest one wrote (the ledger keeps the
+    end of it: master.reasons), so "why did this fail?" takes one command."""
+    if not failures:
+        return []
+    lines = ["failures (newest first):"]
+    for i, f in enumerate(failures):
+        lines.append(f"  task {f['task']} on {f['worker'] or '?'}: {f['outcome']}: {f['error'] or '-'}")
+        if i == 0 and f.get("tail"):
+            lines += [f"    {line}" for line in f["tail"].splitlines()]
+    lines.append(f"  (`cluster jobs JOB --task {failures[0]['task']}` tells that task's whole story)")
+    return lines
 
 
 # How `cluster jobs JOB --task N` words each step of a task's story (MasterCore.story's steps).
@@ -366,6 +381,7 @@ def _task_lines(view: dict[str, Any], stale: bool) -> list[str]:
             text += f" ({s['error']})"
         cause = f"  [{s['stimulus_id']}]" if s.get("stimulus_id") else ""
         lines.append(f"  {when:>11}  {s['source']:<6}  {text}{cause}")
+        lines += [f"{'':>23}| {line}" for line in (s.get("tail") or "").splitlines()]
     if story and not any(s["source"] == "leader" for s in story):
         lines.append("(the leader's log holds none of it: another leader handed it out, or it is older than the log)")
     return lines
@@ -491,7 +507,19 @@ def _pairs(values: tuple[str, ...], what: str, option: str) -> dict[str, str]:
 def submit(argv: tuple[str, ...], config_path: Path | None, env: tuple[str, ...], inputs: tuple[str, ...],
            outputs: tuple[str, ...], timeout_s: float | None, after: tuple[str, ...], no_wait: bool, as_json: bool) -> None:
     """Run a command on a worker and print its output and exit code. E.g.
-    `cluster submit -- sh -c "echo hi"`; a command that fails gives one line and a non-zero exit."""
+    `cluster submit -- sh -c "echo hi"`; a command that fails gives one line and exits with the
+    command's own status (124: it timed out; 125: the cluster could not run it)."""
+    try:
+        _submit(argv, config_path, env, inputs, outputs, timeout_s, after, no_wait, as_json)
+    except SubmitFailed:
+        raise
+    except click.ClickException as exc:  # bad options, no quorum, a refusal: not the command's status
+        raise SubmitFailed(exc.format_message(), EXIT_CLUSTER) from None
+
+
+def _submit(argv: tuple[str, ...], config_path: Path | None, env: tuple[str, ...], inputs: tuple[str, ...],
+            outputs: tuple[str, ...], timeout_s: float | None, after: tuple[str, ...], no_wait: bool,
+            as_json: bool) -> None:
     files = _pairs(inputs, "NAME=FILEID", "--input")
     for name, file_id in files.items():
         try:
@@ -522,8 +550,23 @@ def submit(argv: tuple[str, ...], config_path: Path | None, env: tuple[str, ...]
     click.echo(f"exit code {result.exit_code} (job {future.job})", err=True)
 
 
+# `cluster submit`'s exit status, as `srun` and `docker run` say theirs: the command's own status
+# when it ran; else one of these, which no command of ours returns by itself (doc/operations.md).
+EXIT_TIMEOUT = 124  # it ran past --timeout and was killed (as coreutils' `timeout` says it)
+EXIT_CLUSTER = 125  # the cluster could not take or run the job (no quorum, refused, a task that could not start)
+
+
+class SubmitFailed(click.ClickException):
+    """One line on stderr, and the exit status ``code``."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
 def _wait_command(future: Any, program: str) -> Any:
-    """The CommandResult of ``future``; its failure as one line; Ctrl-C leaves the job running."""
+    """The CommandResult of ``future``; its failure as one line and its exit status; Ctrl-C
+    leaves the job running."""
     try:
         while True:
             try:
@@ -533,7 +576,8 @@ def _wait_command(future: Any, program: str) -> Any:
     except TaskError as exc:
         tail = exc.stderr.decode(errors="replace").strip().splitlines()[-1:]
         said = f"; its stderr ends: {tail[0].strip()[:300]!r}" if tail else ""
-        raise click.ClickException(f"{program} failed on the cluster: {exc.error} (job {future.job}){said}") from None
+        code = exc.exit_code if isinstance(exc, CommandFailed) else EXIT_TIMEOUT if isinstance(exc, TaskTimeout) else EXIT_CLUSTER
+        raise SubmitFailed(f"{program} failed on the cluster: {exc.error} (job {future.job}){said}", code) from None
     except KeyboardInterrupt:
         click.echo(f"\njob {future.job} keeps running: `cluster jobs {future.job}` follows it, "
                    f"`cluster cancel {future.job}` stops it", err=True)

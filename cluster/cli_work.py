@@ -211,7 +211,8 @@ def units(spec: str, config_path: Path | None, state: str | None, min_attempts: 
     voted = any("ballots" in u for u in view["units"])
     t = Table("unit", "key", "state", "attempts", *(["votes"] if voted else []))
     for u in view["units"]:
-        tried = "; ".join(f"{a['worker']}: {a['outcome'] or 'running'}" for a in u["attempts"]) or "-"
+        tried = "; ".join(f"{a['worker']}: {a['outcome'] or 'running'}" + (f" ({a['reason']})" if a.get("reason") else "")
+                          for a in u["attempts"]) or "-"
         row = [str(u["unit"]), u["key"], u["state"], tried]
         if voted:
             b = u.get("ballots")
@@ -219,8 +220,28 @@ def units(spec: str, config_path: Path | None, state: str | None, min_attempts: 
                        + ("" if b["winner"] or not b["disputed"] else " (no quorum)") if b else "-")
         t.add_row(*row)
     _table_console().print(t)
+    _failure_tails(view["units"])
     if view["next"] is not None:
         click.echo(f"(more: the first {limit} shown)")
+
+
+TAILS_SHOWN = 5
+
+
+def _failure_tails(rows: list[dict[str, Any]]) -> None:
+    """Under the table, what the last failed attempt of the first few failed units wrote: the
+    end of a traceback, or of a command's stderr (the ledger keeps it: master.reasons)."""
+    shown = 0
+    for u in rows:
+        last = next((a for a in reversed(u["attempts"]) if a.get("tail")), None)
+        if last is None:
+            continue
+        if shown == TAILS_SHOWN:
+            click.echo("(--json shows the rest)")
+            return
+        shown += 1
+        click.echo(f"\nunit {u['unit']} ({u['key']}), on {last['worker']}: {last['reason']}")
+        click.echo("\n".join(f"  {line}" for line in last["tail"].splitlines()))
 
 
 def _control(action: str, doc: str, value_type: Any = None):

@@ -46,7 +46,9 @@ MAX_JOBS_PER_WATCH = 10_000
 
 class TaskError(Exception):
     """A task failed for good: ``error`` is its one-line reason (e.g. ``ZeroDivisionError:
-    division by zero``), ``stderr`` the end of what it wrote there (a traceback for a call)."""
+    division by zero``), ``stderr`` the end of what it wrote there (a traceback for a call),
+    shown as a note under the exception. The subclasses say how it failed; a callable's own
+    exception is raised as itself when it can be unpickled here (``task_exception``)."""
 
     def __init__(self, job: str, task: int, error: str, stderr: bytes = b"", attempts: int = 0) -> None:
         super().__init__(f"task {task} of job {job} failed: {error}")
@@ -55,6 +57,51 @@ class TaskError(Exception):
         self.error = error
         self.stderr = stderr
         self.attempts = attempts
+
+
+class TaskTimeout(TaskError):
+    """The task ran past its ``timeout_s`` and was killed."""
+
+
+class CommandFailed(TaskError):
+    """A command ended with a non-zero status (``exit_code``) or was killed by a signal
+    (``exit_code`` is then 128 + the signal's number, as a shell says it)."""
+
+    def __init__(self, job: str, task: int, error: str, stderr: bytes = b"", attempts: int = 0,
+                 exit_code: int = 1) -> None:
+        super().__init__(job, task, error, stderr, attempts)
+        self.exit_code = exit_code
+
+
+def task_exception(job: str, task: int, kind: str, summary: dict, error: str, attempts: int) -> Exception:
+    """The exception a failed task's future raises: the callable's own (with the worker's
+    traceback as a note) when it travelled and unpickles; else a ``TaskError`` of the kind the
+    worker reported (``worker.tasks.failure_kind``)."""
+    stderr = summary.get("stderr", b"")
+    stderr = stderr if isinstance(stderr, bytes) else b""
+    failure = summary.get("failure")
+    if failure == "timeout":
+        exc: TaskError = TaskTimeout(job, task, error, stderr, attempts)
+    elif kind == "command" and failure in ("exit", "signal"):
+        code, signum = summary.get("exit_code"), summary.get("signal")
+        code = code if isinstance(code, int) and code > 0 else 128 + signum if isinstance(signum, int) else 1
+        exc = CommandFailed(job, task, error, stderr, attempts, code)
+    else:
+        exc = TaskError(job, task, error, stderr, attempts)
+    told = stderr.decode("utf-8", "replace").rstrip()
+    note = f"(task {task} of job {job}, on the worker" + (f"; what it wrote to stderr ends:)\n{told}" if told else ")")
+    raised = summary.get("exception")
+    if failure == "raised" and isinstance(raised, bytes):
+        try:
+            original = cloudpickle.loads(raised)
+        except Exception:  # noqa: BLE001 - its class is not importable here: the TaskError stands
+            original = None
+        if isinstance(original, Exception):  # never a SystemExit or KeyboardInterrupt out of result()
+            original.add_note(note)
+            original.task_error = exc  # type: ignore[attr-defined] - job, task, attempts for who wants them
+            return original
+    exc.add_note(note)
+    return exc
 
 
 @dataclass(frozen=True)
@@ -90,9 +137,7 @@ def resolve(future: TaskFuture, state: str, summary: dict | None, error: str | N
     summary = summary or {}
     try:
         if state != "done":
-            stderr = summary.get("stderr", b"")
-            future.set_exception(TaskError(future.job, future.task, error or state,
-                                           stderr if isinstance(stderr, bytes) else b"", attempts))
+            future.set_exception(task_exception(future.job, future.task, future.kind, summary, error or state, attempts))
             return
         future.set_result(decode_value(future.kind, summary, fetch, result_file))
     except Exception as exc:  # noqa: BLE001 - an undecodable value is this future's failure only

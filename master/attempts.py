@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from master import files, joblife
+from master import files, joblife, reasons
 from master.commands import CANCELLED, DONE, FAILED, LOST, OUTCOMES, AssignTasks, CompleteTask
 from master.files import task_files_problem
 from master.state import (
@@ -143,8 +143,9 @@ def _complete_unit(state: LedgerState, work: WorkState, c: CompleteTask) -> Appl
         output = value if isinstance(value, (bytes, bytearray)) else b""
     digest = c.summary.get("digest") if isinstance(c.summary, dict) else None
     try:
+        why = None if c.outcome == DONE else (reasons.line(c.error, OUTCOMES[c.outcome]), reasons.tail(c.summary))
         code = work.complete(c.job_id, c.task_id, (c.fence_term, c.fence_sequence), outcome, c.worker,
-                             bytes(output), c.now, digest if isinstance(digest, bytes) else None)
+                             bytes(output), c.now, digest if isinstance(digest, bytes) else None, why)
     except WorkSpecError as exc:
         if exc.code == "stale_fence":
             count(state, "stale_completions")
@@ -284,4 +285,6 @@ def _end(attempt: Attempt, c: CompleteTask, outcome: int, error: str | None) -> 
     attempt.outcome = outcome
     attempt.ended_at = c.now
     attempt.worker = c.worker or attempt.worker
-    attempt.error = error
+    attempt.error = None if error is None else reasons.line(error, OUTCOMES[outcome])
+    if outcome in (FAILED, LOST) and c.outcome == outcome:  # its own report: what it wrote is its
+        attempt.tail = reasons.tail(c.summary)

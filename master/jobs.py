@@ -26,6 +26,8 @@ from typing import Any
 
 import msgspec
 
+from master import runs
+
 KINDS = ("list", "range", "grid")
 WINDOW = 1024  # unfinished task records a list/range job keeps materialised
 MAX_SPEC_BYTES = 1 << 20  # an encoded spec; bigger inputs belong in storage files
@@ -70,6 +72,8 @@ def validate_spec(kind: str, spec: Any, encoded_size: int) -> dict[str, Any]:
     run = spec.get("run", {})
     if not isinstance(run, dict):
         raise SpecError("bad_spec", "'run' (what workers execute) must be a map")
+    if (why := runs.problem(run)) is not None:
+        raise SpecError("bad_run", why)
     out["run"] = run
     if kind == "list":
         tasks = spec.get("tasks")

@@ -86,7 +86,8 @@ class Attempt(msgspec.Struct, array_like=True):
     worker: str = ""
     ended_at: float | None = None
     outcome: int | None = None  # None while open; else commands.DONE … LOST
-    error: str | None = None
+    error: str | None = None  # why it failed: one line (master.reasons)
+    tail: str = ""  # the end of what a failed attempt wrote, and the file holding all of it
 
 
 class Task(msgspec.Struct, array_like=True):

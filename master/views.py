@@ -12,9 +12,11 @@ import heapq
 from typing import Any, Iterator
 
 from master import jobs
-from master.commands import OUTCOMES
+from master.commands import FAILED, LOST, OUTCOMES
 from master.state import PIN, PIN_PREFIX, Attempt, Job, JobState, LedgerState, TaskState, is_pin
 from master.workspec import WorkState
+
+FAILURES_SHOWN = 3  # the newest failed attempts a job view carries
 
 
 def ready_tasks(state: LedgerState, work: WorkState, limit: int,
@@ -81,7 +83,10 @@ def job_view(state: LedgerState, job_id: bytes) -> dict[str, Any] | None:
     if job is None:
         return None
     states: dict[str, int] = {}
-    for t in job.tasks.values():
+    failures: list[tuple[float, int, Any]] = []  # (ended at, task id, attempt) of failed or lost attempts
+    for task_id, t in job.tasks.items():
+        if job.failed_attempts:
+            failures.extend((a.ended_at or 0.0, task_id, a) for a in t.attempts if a.outcome in (FAILED, LOST))
         states[t.state] = states.get(t.state, 0) + 1
     return {
         "job": job_id.hex(),
@@ -101,6 +106,9 @@ def job_view(state: LedgerState, job_id: bytes) -> dict[str, Any] | None:
         "duplicates": job.duplicates,
         "reduced": job.reduced,
         "error": job.error,
+        # why its newest attempts failed (master.reasons), newest first: `cluster jobs JOB` shows them
+        "failures": [{"task": t, "worker": a.worker, "outcome": OUTCOMES.get(a.outcome), "error": a.error, "tail": a.tail,
+                      "ended_at": a.ended_at} for _, t, a in heapq.nlargest(FAILURES_SHOWN, failures, key=lambda f: f[:2])],
         "waiting_for": [j.hex() for j in job.after] if job.state == JobState.ACTIVE else [],
         **({"align": job.spec["align"]} if "align" in job.spec else {}),
     }
@@ -146,6 +154,7 @@ def task_view(state: LedgerState, job_id: bytes, task_id: int) -> dict[str, Any]
                 "ended_at": a.ended_at,
                 "outcome": OUTCOMES.get(a.outcome) if a.outcome is not None else None,
                 "error": a.error,
+                "tail": a.tail,
             }
             for a in task.attempts
         ],
@@ -171,7 +180,7 @@ def task_story(state: LedgerState, job_id: bytes, task_id: int) -> list[dict[str
         out.append({"step": "assigned", "at": a.assigned_at, "fence": fence, "balancer": a.balancer})
         if a.outcome is not None:
             out.append({"step": "ended", "at": a.ended_at, "fence": fence, "worker": a.worker,
-                        "outcome": OUTCOMES.get(a.outcome), "error": a.error})
+                        "outcome": OUTCOMES.get(a.outcome), "error": a.error, "tail": a.tail})
     return out
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from master.commands import Outcome
+from master.reasons import KEPT_PER_SPEC
 
 
 class AttemptOutcome(IntEnum):
@@ -95,6 +96,8 @@ class Attempt:
     start: float
     end: float | None
     outcome: str | None
+    reason: str | None = None  # why a failed or lost attempt failed (master.reasons)
+    tail: str = ""
 
 
 class AttemptLog:
@@ -111,6 +114,8 @@ class AttemptLog:
         self.end = Column(np.float64, np.nan)
         self.outcome = Column(np.int8, OPEN)
         self.open: dict[int, int] = {}  # pending unit -> its open row
+        # row -> (line, tail) of a failed or lost attempt, the newest KEPT_PER_SPEC (master.reasons)
+        self.reasons: dict[int, tuple[str, str]] = {}
 
     def columns(self) -> dict[str, Column]:
         """The columns by snapshot name, in ``COLUMNS`` order."""
@@ -127,13 +132,19 @@ class AttemptLog:
         self.outcome.extend(np.full(n, OPEN, np.int8))
         self.open.update(zip(ids.tolist(), range(first, first + n)))
 
-    def close(self, uid: int, outcome: int, now: float, worker: int | None) -> None:
-        """End the open attempt of ``uid``; ``worker``, when known, is who ran it."""
+    def close(self, uid: int, outcome: int, now: float, worker: int | None,
+              reason: tuple[str, str] | None = None) -> None:
+        """End the open attempt of ``uid``; ``worker``, when known, is who ran it; ``reason``
+        (line, tail), why it failed."""
         row = self.open.pop(uid)
         if worker is not None:
             self.worker.data[row] = worker
         self.end.data[row] = now
         self.outcome.data[row] = outcome
+        if reason is not None:
+            self.reasons[row] = reason
+            if len(self.reasons) > KEPT_PER_SPEC:  # rows only grow: the first is the oldest
+                del self.reasons[next(iter(self.reasons))]
 
     def opened(self, uid: int) -> tuple[int, float]:
         """(worker, start) of pending ``uid``'s open attempt."""
@@ -145,7 +156,8 @@ class AttemptLog:
         rows = np.flatnonzero(self.unit.view == uid)
         return [Attempt(uid, workers[int(self.worker.data[r])], float(self.start.data[r]),
                         None if math.isnan(self.end.data[r]) else float(self.end.data[r]),
-                        None if self.outcome.data[r] < 0 else OUTCOME_NAMES[int(self.outcome.data[r])])
+                        None if self.outcome.data[r] < 0 else OUTCOME_NAMES[int(self.outcome.data[r])],
+                        *self.reasons.get(int(r), (None, "")))
                 for r in rows]
 
     def validate_state(self, n_units: int, n_workers: int) -> None:
@@ -162,3 +174,6 @@ class AttemptLog:
         assert np.all(self.outcome.view[~is_open] <= max(AttemptOutcome)), "an attempt ended with an unknown outcome"
         assert rows == 0 or (0 <= self.unit.view.min() and self.unit.view.max() < n_units), "an attempt of no unit"
         assert rows == 0 or (0 <= self.worker.view.min() and self.worker.view.max() < n_workers), "an unknown worker"
+        assert len(self.reasons) <= KEPT_PER_SPEC, "more reasons kept than the bound"
+        for row in self.reasons:
+            assert 0 <= row < rows and self.outcome.data[row] in (LOST, FAILED_OUTCOME), f"a reason for row {row}, not a failure"

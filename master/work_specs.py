@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from master import runs
+
 MAX_KEY = 1024  # bytes of a unit key
 MAX_DATA = 64 << 10  # bytes of a unit's data; bigger inputs belong in storage files
 SPEC_KEYS = frozenset(("name", "run", "priority", "weight", "max_running", "max_attempts", "lease_s", "then",
@@ -116,6 +118,8 @@ def _check_identity(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     run = spec.get("run")
     if not isinstance(run, dict) or not isinstance(run.get("kind"), str):
         raise WorkSpecError("bad_spec", "'run' must be a map with a 'kind' (call, command, tile...)")
+    if (why := runs.problem(run)) is not None:
+        raise WorkSpecError("bad_run", why)
     return name, run
 
 

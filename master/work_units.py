@@ -219,7 +219,8 @@ class UnitTable:
 
     # ---- ending attempts ----------------------------------------------------------------------------
 
-    def end(self, uid: int, outcome: int, now: float, max_attempts: int, worker: str | None = None) -> int:
+    def end(self, uid: int, outcome: int, now: float, max_attempts: int, worker: str | None = None,
+            reason: tuple[str, str] | None = None) -> int:
         """End ``uid``'s open attempt with ``outcome`` (an ``AttemptOutcome``: DONE, LOST or
         FAILED_OUTCOME); returns the unit's new state (FINISHED, AVAILABLE again, or FAILED once
         its attempts ran out; -1 for no such unit). ``worker``: who ran it, when known (the lease
@@ -228,7 +229,7 @@ class UnitTable:
         # .item() reads a plain int: numpy compares its own scalars with an IntEnum very slowly
         if not 0 <= uid < len(self.keys) or self.state.data.item(uid) != PENDING:
             return self.state.data.item(uid) if 0 <= uid < len(self.keys) else -1
-        self._close(uid, outcome, now, worker)
+        self._close(uid, outcome, now, worker, reason)
         if outcome == DONE:
             return self._settle(uid, FINISHED)
         return self._settle(uid, FAILED if self._spent(uid, max_attempts) else AVAILABLE)
@@ -265,9 +266,11 @@ class UnitTable:
         won, output = self.quorum.decide(uid, quorum)
         return self._settle(uid, FINISHED if won else FAILED), output
 
-    def _close(self, uid: int, outcome: int, now: float, worker: str | None) -> None:
+    def _close(self, uid: int, outcome: int, now: float, worker: str | None,
+               reason: tuple[str, str] | None = None) -> None:
         """End the open attempt of pending ``uid``."""
-        self.history.close(uid, outcome, now, self._worker(worker) if worker else None)
+        self.history.close(uid, outcome, now, self._worker(worker) if worker else None,
+                           None if outcome == DONE else reason)
         self.counts[PENDING] -= 1
         self.lease_until.data[uid] = np.inf
         self.holder.data[uid] = -1
@@ -356,9 +359,12 @@ class UnitTable:
     def to_state(self) -> dict[str, Any]:
         """Everything, as plain values and bytes (for the ledger's msgspec snapshot)."""
         cols = {name: col.view.tobytes() for name, col in self._columns().items()}
-        return {"keys": self.keys, "data": self.data, "workers": self.workers,
-                "available": [[p, list(q)] for p, q in self.available.items()],
-                "open": [[u, r] for u, r in self.history.open.items()], **self.quorum.to_state(), **cols}
+        out = {"keys": self.keys, "data": self.data, "workers": self.workers,
+               "available": [[p, list(q)] for p, q in self.available.items()],
+               "open": [[u, r] for u, r in self.history.open.items()], **self.quorum.to_state(), **cols}
+        if self.history.reasons:  # only then: a table without failures keeps its older form
+            out["reasons"] = [[r, line, tail] for r, (line, tail) in self.history.reasons.items()]
+        return out
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> "UnitTable":
@@ -370,6 +376,7 @@ class UnitTable:
             col.restore(s.get(name), len(t.keys))  # a snapshot from before the column: its fill for every unit
         t.available = {int(p): deque(q) for p, q in s["available"]}
         t.history.open = {int(u): int(r) for u, r in s["open"]}
+        t.history.reasons = {int(r): (line, tail) for r, line, tail in s.get("reasons", ())}  # none before reasons
         t.quorum = BallotBox.from_state(s)
         t.counts = [int(np.count_nonzero(t.state.view == k)) for k in UnitState]
         return t

@@ -38,6 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from master.work_history import DONE, FAILED_OUTCOME, LOST, OUTCOME_NAMES, Attempt, AttemptOutcome
+from master import reasons
 from master.work_share import Demand, allocate
 from master.work_specs import (COMPARE_MODES, MAX_DATA, MAX_KEY, MAX_REPLICAS, SPEC_KEYS, WorkSpec, WorkSpecError,
                                check_chain, is_int32, is_weight, validate_spec)
@@ -125,13 +126,15 @@ class WorkState:
         return assigned, skipped
 
     def complete(self, sid: bytes, uid: int, fence: tuple[int, int], outcome: int, worker: str,
-                 output: bytes | None, now: float, digest: bytes | None = None) -> str:
+                 output: bytes | None, now: float, digest: bytes | None = None,
+                 reason: tuple[str, str] | None = None) -> str:
         """A unit's attempt ended (``outcome``: DONE, LOST or FAILED_OUTCOME here). Returns
         "recorded", or "duplicate" for a unit already finished; raises WorkSpecError for a unit
         that does not exist or a token that is not its newest lease. A finished unit of a spec
         with ``then`` adds ``[key, output]`` to that spec (once: the key makes it idempotent).
         A redundant spec's replica votes with ``digest`` (the worker's digest of its whole
-        output; of ``output`` when absent) and the unit finishes once the quorum decides."""
+        output; of ``output`` when absent) and the unit finishes once the quorum decides.
+        ``reason``: why a failed or lost attempt failed (line, tail: ``master.reasons``)."""
         name = self.ids[sid]
         spec, table = self.specs[name], self.tables[name]
         if not 0 <= uid < len(table):
@@ -148,7 +151,7 @@ class WorkState:
                 digest = hashlib.blake2b(output, digest_size=16).digest()
             new, output = table.vote(uid, worker, digest, output, now, spec)
         else:
-            new = table.end(uid, outcome, now, spec.max_attempts, worker)
+            new = table.end(uid, outcome, now, spec.max_attempts, worker, reason)
         if new == FINISHED and spec.then is not None and spec.then in self.tables:
             following = self.tables[spec.then]
             key = table.keys[uid]
@@ -211,7 +214,9 @@ class WorkState:
             if not table.counts[PENDING]:
                 continue
             for uid in table.expired(now).tolist():
-                table.end(uid, LOST, now, self.specs[name].max_attempts)
+                holder = int(table.holder.data[uid])
+                who = table.workers[holder] if 0 <= holder < len(table.workers) else ""
+                table.end(uid, LOST, now, self.specs[name].max_attempts, reason=(reasons.expired(who), ""))
                 n += 1
         return n
 

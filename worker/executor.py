@@ -85,6 +85,7 @@ class Outcome:
     max_rss_bytes: int = 0
     timed_out: bool = False
     killed_by_signal: int | None = None
+    exception: bytes | None = None  # callables: cloudpickle of what it raised, when that pickles
 
 
 class TaskFailed(Exception):

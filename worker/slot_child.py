@@ -111,13 +111,18 @@ def _summary(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
 
 
-class _Failed(Exception):
-    """A task that failed: ``status`` and the one line for ``Outcome.error``."""
+EXCEPTION_MAX = 64 << 10  # a raised exception travels pickled to the caller up to this size
 
-    def __init__(self, status: int, line: str) -> None:
+
+class _Failed(Exception):
+    """A task that failed: ``status``, the one line for ``Outcome.error`` and, for a callable
+    that raised, the exception pickled (so the caller can raise it again, as Ray does)."""
+
+    def __init__(self, status: int, line: str, exception: bytes | None = None) -> None:
         super().__init__(line)
         self.status = status
         self.line = line
+        self.exception = exception
 
 
 def _fail(status: int, what: str, exc: BaseException) -> _Failed:
@@ -125,7 +130,15 @@ def _fail(status: int, what: str, exc: BaseException) -> _Failed:
         traceback.print_exception(exc, file=sys.__stderr__)
     except Exception:  # noqa: BLE001
         pass
-    return _Failed(status, f"{what}{_summary(exc)}")
+    pickled = None
+    if status == RAISED and isinstance(exc, Exception):
+        try:
+            pickled = _cloudpickle().dumps(exc)
+        except BaseException:  # noqa: BLE001 - an exception that does not pickle travels as its line
+            pickled = None
+        if pickled is not None and len(pickled) > EXCEPTION_MAX:
+            pickled = None
+    return _Failed(status, f"{what}{_summary(exc)}", pickled)
 
 
 class Server:
@@ -138,17 +151,19 @@ class Server:
 
     def serve(self, request: dict) -> dict:
         _reset_peak_rss()
+        exception = None  # what a callable raised, pickled
         try:
             os.chdir(request["scratch"])
             with self.redirect:
                 ok, status, error, result = True, 0, None, self._run(request)
         except _Failed as failed:
             ok, status, error, result = False, failed.status, failed.line, None
+            exception = failed.exception
         except OSError as exc:  # chdir or the output files: the scratch directory is unusable
             ok, status, error, result = False, UNUSABLE, f"cannot set up the task: {exc}", None
         finally:
             os.chdir("/")  # the worker may remove the scratch directory once we reply
-        return {"ok": ok, "status": status, "error": error, "result": result,
+        return {"ok": ok, "status": status, "error": error, "result": result, "exception": exception,
                 "cpu_total_s": _cpu_total(), "max_rss_bytes": _peak_rss()}
 
     def _run(self, request: dict) -> bytes:

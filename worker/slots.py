@@ -406,7 +406,7 @@ class Slot:
             # The CPU since the previous reply: a fresh child's start-up is its first task's.
             cpu_s = max(0.0, reply["cpu_total_s"] - cpu_before)
             return Outcome(ok=reply["ok"], kind=kind, exit_code=reply["status"], error=error,
-                           result=reply["result"] if reply["ok"] else None, stdout=b"",
+                           result=reply["result"] if reply["ok"] else None, exception=reply.get("exception"), stdout=b"",
                            stderr=b"", cpu_s=cpu_s, max_rss_bytes=reply["max_rss_bytes"])
         run = _Run(status=ending.status)
         if self._closed:

@@ -82,6 +82,21 @@ class Ended:
     cached: tuple[bytes, ...] = ()
 
 
+def failure_kind(outcome: Any) -> str:
+    """How a failed attempt failed, in the words a client's exception types follow
+    (``cluster.futures``): ``timeout``, ``signal`` (killed), ``raised`` (a callable raised),
+    ``exit`` (a command's non-zero status), ``error`` (anything else: it could not run)."""
+    if outcome.timed_out:
+        return "timeout"
+    if outcome.killed_by_signal:
+        return "signal"
+    if outcome.kind == "callable" and outcome.exit_code == slot_child.RAISED:
+        return "raised"
+    if outcome.kind == "command" and outcome.exit_code:
+        return "exit"
+    return "error"
+
+
 def output_digest(data: bytes, mode: Any) -> bytes:
     """The digest a redundant work unit's replica votes with (master.workspec), of its whole
     output (stdout, or a callable's pickled value): ``bytes`` as it is; ``text`` with trailing
@@ -200,6 +215,8 @@ class TaskRunner:
             raise TaskError("a call task needs the job's program (a pickled function) and the task's 'args' bytes")
         outcome = slot.run_callable(request.program, arguments, place.scratch, limits)
         ended = self._base(outcome)
+        if outcome.exception is not None and len(outcome.exception) <= INLINE_MAX:
+            ended.summary["exception"] = outcome.exception  # what it raised, pickled: the caller raises it again
         if outcome.ok and outcome.result is not None:
             if len(outcome.result) <= INLINE_MAX:
                 ended.summary["value"] = outcome.result
@@ -308,6 +325,10 @@ class TaskRunner:
         if outcome.max_rss_bytes:
             summary["max_rss_bytes"] = outcome.max_rss_bytes
         code = outcome.exit_code if outcome.exit_code is not None else -1
+        if not outcome.ok:
+            summary["failure"] = failure_kind(outcome)
+            if outcome.killed_by_signal:
+                summary["signal"] = outcome.killed_by_signal
         return Ended(DONE if outcome.ok else FAILED, code, summary, error=None if outcome.ok else outcome.error)
 
     def _logs(self, outcome: Outcome, place: _Place, ended: Ended) -> None:

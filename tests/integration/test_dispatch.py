@@ -23,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import zmq
 
 from cluster.client import Client, Refused
 from cluster.node.config import BalancerAddress, write_balancers_section
-from cluster.futures import TaskError
+from cluster.futures import CommandFailed, TaskError, TaskTimeout
 from cluster.local import (LocalNode, balancer_nodes, credentials_as, free_port, make_keys, master_nodes, start_all,
                            stop_all, worker_nodes)
 from cluster.node import keys
@@ -61,6 +62,17 @@ def raise_on_three(x):
     if x == 3:
         raise ValueError(f"item {x} is unlucky")
     return x * 10
+
+
+class Unloadable(Exception):
+    """Pickles on the worker, but cannot be unpickled anywhere: its reduction calls int('x')."""
+
+    def __reduce__(self):
+        return int, ("not a number",)
+
+
+def raise_unloadable():
+    raise Unloadable("nobody can load me")
 
 
 def nap_triple(x):
@@ -244,21 +256,28 @@ def test_a_raising_task_fails_alone_and_the_rest_of_its_map_succeeds(cluster):
     concurrent.futures.wait(futures, timeout=60)
     assert all(f.done() for f in futures)
     err = futures[3].exception()
-    assert isinstance(err, TaskError), err
-    assert "ValueError" in err.error and "unlucky" in err.error, err.error
-    assert (err.job, err.task) == (futures[3].job, 3)
+    assert type(err) is ValueError and str(err) == "item 3 is unlucky", err  # the callable's own exception
+    assert "ValueError" in err.task_error.error and (err.task_error.job, err.task_error.task) == (futures[3].job, 3)
     assert [f.result() for i, f in enumerate(futures) if i != 3] == [i * 10 for i in range(8) if i != 3]
     view = task_view(cluster, futures[3].job, 3)
     assert view["state"] == "failed"
     assert [a["outcome"] for a in view["attempts"]] == ["failed"]  # a task's own failure is not retried
-    with pytest.raises(TaskError, match="ValueError"):
+    with pytest.raises(ValueError, match="unlucky"):
         cluster.client.task_result(futures[3].job, 3)
 
 
 def test_a_failed_call_carries_its_traceback(cluster):
     err = cluster.client.submit(raise_on_three, 3).exception(timeout=30)
-    assert isinstance(err, TaskError)
-    assert b"Traceback" in err.stderr and b"ValueError" in err.stderr, err.stderr
+    assert type(err) is ValueError
+    shown = "".join(traceback.format_exception(err))  # what an uncaught one prints: the worker's traceback too
+    assert "raise_on_three" in shown and "item 3 is unlucky" in shown and f"of job {err.task_error.job}" in shown
+    assert b"Traceback" in err.task_error.stderr
+
+
+def test_an_exception_that_cannot_be_unpickled_here_arrives_as_a_task_error(cluster):
+    err = cluster.client.submit(raise_unloadable).exception(timeout=30)
+    assert type(err) is TaskError and "Unloadable" in err.error and "nobody can load me" in err.error, err
+    assert "raise_unloadable" in "".join(traceback.format_exception(err))
 
 
 def test_commands_that_cannot_start_exit_non_zero_or_time_out_fail(cluster):
@@ -271,12 +290,14 @@ def test_commands_that_cannot_start_exit_non_zero_or_time_out_fail(cluster):
     assert isinstance(err, TaskError), err
     assert "no-such-command-xyz" in err.error and ("not found" in err.error or "cannot start" in err.error), err.error
 
+    assert not isinstance(err, (CommandFailed, TaskTimeout))  # it never ran: the cluster's failure
+
     err = failing.exception(timeout=30)
-    assert isinstance(err, TaskError), err
+    assert isinstance(err, CommandFailed) and err.exit_code == 3, err
     assert "exit status 3" in err.error, err.error
 
     err = slow.exception(timeout=30)
-    assert isinstance(err, TaskError), err
+    assert isinstance(err, TaskTimeout), err
     assert "timed out" in err.error or "timeout" in err.error, err.error
 
     ok = client.run(["sh", "-c", "echo hi"]).result(timeout=30)

@@ -121,10 +121,10 @@ def assert_refused(ledger: Ledger, before: Ledger, result, code: str, *fragments
 def test_submit_list_job_materialises_its_argument_maps_in_order():
     ledger = Ledger()
     tasks = [{"seq": "ACGT"}, {"seq": "GG"}, {"seq": "T"}]
-    r = submit(ledger, "list", {"tasks": tasks, "run": {"fn": "sw"}, "name": "three"})
+    r = submit(ledger, "list", {"tasks": tasks, "run": {"kind": "call", "fn": "sw"}, "name": "three"})
     assert r.ok and r.value == {"job": jid(1), "created": True}
     assert ready(ledger, jid(1)) == [0, 1, 2]
-    assert views.task_order(ledger.state, ledger.work, jid(1), 1) == {"run": {"fn": "sw"}, "arguments": {"seq": "GG"}, "inputs": []}
+    assert views.task_order(ledger.state, ledger.work, jid(1), 1) == {"run": {"kind": "call", "fn": "sw"}, "arguments": {"seq": "GG"}, "inputs": []}
     view = views.job_view(ledger.state, jid(1))
     assert (view["name"], view["total"], view["ready"], view["state"], view["priority"]) == ("three", 3, 3, "active", 0)
     spec = ledger.state.jobs[jid(1)].spec
@@ -228,6 +228,9 @@ BAD_SUBMISSIONS = [
     ("range", {"count": 1, "max_attempts": "3"}, "bad_spec", ["'max_attempts'"]),
     ("range", {"count": 1, "priority": 2**31}, "bad_spec", ["'priority'"]),
     ("range", {"count": 1, "run": ["sw"]}, "bad_spec", ["'run'"]),
+    ("range", {"count": 1, "run": {"kind": "comand", "argv": ["id"]}}, "bad_run", ["'comand'", "command"]),
+    ("list", {"tasks": [{}], "run": {"kind": "command", "argv": "id"}}, "bad_run", ["'argv'"]),
+    ("list", {"tasks": [{}], "run": {"kind": "call", "timeout_s": -1}}, "bad_run", ["'timeout_s'"]),
     ("range", {"count": 1, "keep_results": 1}, "bad_spec", ["'keep_results'"]),
     ("range", {"count": 1, "retry_failed": 0}, "bad_spec", ["'retry_failed'", "true or false"]),
     ("list", {"tasks": [{}], "fail_fast": "no"}, "bad_spec", ["'fail_fast'", "'no'"]),
@@ -249,12 +252,12 @@ def test_bad_submissions_are_refused_and_change_nothing(kind, spec, code, fragme
 
 
 def test_spec_size_limit_is_inclusive():
-    overhead = len(msgspec.msgpack.encode({"count": 1, "run": {"blob": b"x" * 70_000}})) - 70_000
-    at_limit = {"count": 1, "run": {"blob": b"x" * (jobs.MAX_SPEC_BYTES - overhead)}}
+    overhead = len(msgspec.msgpack.encode({"count": 1, "run": {"kind": "call", "blob": b"x" * 70_000}})) - 70_000
+    at_limit = {"count": 1, "run": {"kind": "call", "blob": b"x" * (jobs.MAX_SPEC_BYTES - overhead)}}
     assert len(msgspec.msgpack.encode(at_limit)) == jobs.MAX_SPEC_BYTES
     ledger = Ledger()
     assert submit(ledger, "range", at_limit, n=1).ok
-    over = {"count": 1, "run": {"blob": b"x" * (jobs.MAX_SPEC_BYTES - overhead + 1)}}
+    over = {"count": 1, "run": {"kind": "call", "blob": b"x" * (jobs.MAX_SPEC_BYTES - overhead + 1)}}
     assert submit(ledger, "range", over, n=2).code == "spec_too_large"
 
 

@@ -512,7 +512,14 @@ def test_the_snapshot_form_and_the_persisted_numbers_do_not_change():
     # the digest of golden_work()'s snapshot as master/workspec.py wrote it before the split (849
     # lines, one module): snapshots and the Raft log outlive any version of this code
     blob = golden_work()
-    assert hashlib.blake2b(blob, digest_size=16).hexdigest() == "de842aa8d6d872112db78efc07acf5f3"
+    state = msgspec.msgpack.decode(blob)
+    # the attempts' reasons came later (master.reasons), as one key a table has only when an
+    # attempt failed; without it, the form is the one pinned before
+    assert state["tables"]["s"].pop("reasons") == [[4, "lease expired: no report from b1 in time (its worker lost, or too slow)", ""]]
+    older = msgspec.msgpack.encode(state)
+    assert hashlib.blake2b(older, digest_size=16).hexdigest() == "de842aa8d6d872112db78efc07acf5f3"
+    assert msgspec.msgpack.encode(WorkState.from_state(state).to_state()) == older  # a snapshot from before reasons loads
+    assert hashlib.blake2b(blob, digest_size=16).hexdigest() == "4061dd694ff5bc1e836e367061f7949c"
     assert msgspec.msgpack.encode(WorkState.from_state(msgspec.msgpack.decode(blob)).to_state()) == blob
     assert [(s.name, int(s)) for s in UnitState] == [("AVAILABLE", 0), ("PENDING", 1), ("FINISHED", 2), ("FAILED", 3)]
     assert [(o.name, int(o)) for o in AttemptOutcome] == [("DONE", 0), ("LOST", 1), ("FAILED", 2)]
