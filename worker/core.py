@@ -411,7 +411,8 @@ class WorkerCore:
             "epoch": self.epoch,
             "slots": self.me.slots,
             "prefetch": self.me.prefetch,
-            "free": self._free(),
+            "free": max(0, self.me.slots - len(self.running)),  # task slots, never above "slots"
+            "credit_free": self._free(),  # what it may still take, its prefetch queue included
             "running": [{"task": f"{k[0].hex()}/{k[1]}", "kind": r.request.kind, "for_s": round(now - r.started, 3)}
                         for k, r in list(self.running.items())[:50]],
             "queued": len(self.queued),

@@ -189,3 +189,15 @@ def test_a_result_held_while_unregistered_is_told_as_held_then_resent():
     h.accepted("b1")
     assert [s["step"] for s in h.core.story(JOB, 0)][-2:] == ["result_held", "result_resent"]
     assert h.core.story(JOB, 0)[-1]["balancer"] == 1
+
+
+def test_free_counts_task_slots_and_never_passes_them():
+    """`cluster status` read a worker's free credit (slots + prefetch) as its free slots: 2 slots
+    showed free 4. Free is task slots now; the credit left is beside it."""
+    h = registered(slots=2, prefetch=2)
+    status = h.core.status(h.now)
+    assert (status["slots"], status["free"], status["credit_free"]) == (2, 2, 4)
+    h.request(1, fence=(5, 1))
+    status = h.core.status(h.now)
+    assert status["free"] == 2 - len(h.core.running) and status["free"] <= status["slots"]
+    assert status["credit_free"] == 3
