@@ -33,7 +33,7 @@ from cluster.node.events import (Log, MessageReceived, Refuse, Send, Started, St
 from cluster.node.loop import NodeLoop, SocketSpec
 from cluster.node.sendqueue import SendQueues
 from cluster.node.status import query_status
-from proto import Reason
+from proto import Codec, Reason, new_node_id
 from proto.messages import Error, FileResponse, Heartbeat, JobQuery
 
 from .conftest import Client, wait_for
@@ -209,16 +209,20 @@ class BulkCore:
     role = "bulk"
     payload = b"\x5a" * (1 << 20)
 
+    def __init__(self) -> None:
+        self.asked = 0
+
     def handle(self, event, now: float) -> list:
         if isinstance(event, Quit):
             return [Stop("the test is done")]
         if isinstance(event, MessageReceived) and isinstance(event.message, Heartbeat):
+            self.asked += 1
             reply = FileResponse(event.message.sequence, 1, 2, 0, len(self.payload), 0, self.payload)
             return [Send(event.socket, reply, route=event.route)]
         return []
 
     def status(self, now: float) -> dict:
-        return {}
+        return {"asked": self.asked}
 
 
 def stall_then_read(loop: NodeLoop, out: dict) -> None:
@@ -227,13 +231,17 @@ def stall_then_read(loop: NodeLoop, out: dict) -> None:
     try:
         address = wait_for(lambda: loop.bound.get("bulk") and loop.bound["bulk"][0], 10, "the loop to bind")
         keys.learn(keys.Credentials.plaintext([address]))
-        reader = Client(address)
-        for opt in (zmq.RCVHWM, zmq.RCVBUF):
-            reader.sock.setsockopt(opt, 1)  # ZeroMQ and the kernel buffer almost nothing for it
+        reader = Client.__new__(Client)  # its options before it connects: libzmq applies them to new connections only
+        reader.ctx = zmq.Context()
+        reader.sock = reader.ctx.socket(zmq.DEALER)
+        for opt, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 1), (zmq.RCVBUF, 4096)):
+            reader.sock.setsockopt(opt, value)  # ZeroMQ and the kernel buffer almost nothing for it
+        keys.connect(reader.sock, address)
+        reader.codec = Codec(new_node_id())
         for seq in range(64):
             reader.send(Heartbeat(1, seq, 0))
-        counters, detail = wait_for(
-            lambda: (s := status(address)) and s[0].get("messages_in", 0) >= 64 and s, 10, "the loop to take all 64 asks")
+        counters, detail = wait_for(lambda: (s := status(address)) and s[1]["asked"] == 64 and s, 20,
+                                    "the loop to take all 64 asks")
         out["stalled"] = (counters, detail)
         got = 0
         while reader.sock.poll(2000):  # what was queued for it drains, then nothing more comes
