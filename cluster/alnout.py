@@ -6,8 +6,8 @@ ranges ``A[start_a..end_a]`` and ``B[start_b..end_b]``, the score and the op cod
 in the target/reference columns, so their I and D mean what ours mean.
 
 Alignments can be millions of columns long: the text view is written block by block from
-numpy chunks, never as one string, and the dot plot draws a downsampled path. matplotlib is
-imported inside ``write_dotplot`` only, so importing this module stays light.
+numpy chunks, never as one string. The dot plot is ``cluster.dotplot``'s (shared k-mers in
+numpy, matplotlib imported only when drawing), so importing this module stays light.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import IO
 
 import numpy as np
 
+from cluster import dotplot
 from worker.sw import cigar
 from worker.sw.scoring import Scoring
 
 PAF_MAPQ = 255  # "missing" in both the PAF and SAM specs: we compute no mapping quality
 SAM_MAX_POS = 2**31 - 1  # SAM v1 section 1.4: POS and @SQ LN are in [1, 2^31 - 1]
 _TEXT_CHUNK_BLOCKS = 512  # text view: blocks per numpy pass and per write (~110 kB)
-_DOTPLOT_POINTS = 10_000
 
 # SAM v1 section 1.4: QNAME is [!-?A-~]{1,254}; RNAME (and @SQ SN) is
 # [0-9A-Za-z!#$%&+./:;?@^_|~-][0-9A-Za-z!#$%&*+./:;=?@^_|~-]*.
@@ -294,50 +294,9 @@ def write_text(record: AlignmentRecord, path_or_file: str | Path | IO[str],
 
 # --- dot plot ---------------------------------------------------------------------------------
 
-def path_points(record: AlignmentRecord,
-                max_points: int = _DOTPLOT_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y): positions in A and B along the alignment path, from its start corner
-    (start_a, start_b) to its end corner (end_a + 1, end_b + 1), at most ``max_points``
-    points evenly spaced over the columns (both ends always included)."""
-    in_a, in_b = cigar.consumed(record.ops)
-    x = record.start_a + np.concatenate(([0], np.cumsum(in_a, dtype=np.int64)))
-    y = record.start_b + np.concatenate(([0], np.cumsum(in_b, dtype=np.int64)))
-    if x.size > max_points:
-        keep = np.unique(np.linspace(0, x.size - 1, max_points).round().astype(np.int64))
-        x, y = x[keep], y[keep]
-    return x, y
-
-
 def write_dotplot(record: AlignmentRecord, path: str | Path, *, title: str | None = None) -> Path:
-    """Write a PNG dot plot: A on x and B on y over their whole lengths, the alignment path
-    as a line (downsampled to at most ~10k points), its start and end marked. Returns the
-    path."""
-    # Imported here: matplotlib costs ~0.3 s to import and only this writer needs it. The
-    # Figure API without pyplot keeps no global state, so it is safe from worker threads.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    r = record
-    x, y = path_points(r)
-    # Tabs and newlines have no glyph: shown as single spaces.
-    name_a, name_b = (" ".join(n.split()) for n in (r.name_a, r.name_b))
-    fig = Figure(figsize=(7, 7), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(x, y, color="tab:blue", linewidth=1.2, label="alignment path")
-    ax.plot([x[0]], [y[0]], "o", color="tab:green",
-            label=f"start A{r.start_a + 1} B{r.start_b + 1}")
-    ax.plot([x[-1]], [y[-1]], "s", color="tab:red", label=f"end A{r.end_a + 1} B{r.end_b + 1}")
-    ax.set_xlim(0, r.len_a)
-    ax.set_ylim(0, r.len_b)
-    ax.set_xlabel(f"A: {name_a} ({r.len_a:,} letters)")
-    ax.set_ylabel(f"B: {name_b} ({r.len_b:,} letters)")
-    # the names are on the axes already; a title of two long accession names would be cut off
-    ax.set_title(title if title is not None else f"score {int(r.score):,}, {cigar.stats(r.ops)['identity']:.1%} identity, "
-                 f"A[{r.start_a + 1:,}..{r.end_a + 1:,}] x B[{r.start_b + 1:,}..{r.end_b + 1:,}]", fontsize="medium")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png")
-    return path
+    """Write a PNG dot plot (``cluster.dotplot``): the shared k-mers of the two whole sequences
+    (forward and reverse complement), the alignment's path over them, and a zoom onto the
+    aligned region, axes in bp with the sequences' names. The record holds both sequences, so
+    nothing else is needed. Returns the path."""
+    return dotplot.write_dotplot(record, path, title=title)

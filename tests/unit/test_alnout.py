@@ -282,17 +282,6 @@ def test_dotplot(record, tmp_path, title):
     assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
 
 
-def test_dotplot_path_is_downsampled():
-    n = 50_000
-    ops = np.zeros(n, dtype=np.uint8)
-    seq = "A" * (n + 10)
-    r = AlignmentRecord("a", "b", n + 10, n + 10, 5, n + 4, 3, n + 2, 2 * n, ops, seq, seq)
-    x, y = alnout.path_points(r)
-    assert x.size <= 10_000
-    assert (x[0], y[0]) == (5, 3) and (x[-1], y[-1]) == (n + 5, n + 3)
-    assert np.all(np.diff(x) >= 0) and np.all(np.diff(y) >= 0)
-
-
 def test_import_is_light():
     """Importing cluster.alnout must not pull matplotlib in (only write_dotplot needs it)."""
     code = "import sys, cluster.alnout; print('matplotlib' in sys.modules)"
