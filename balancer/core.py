@@ -79,6 +79,7 @@ from proto.messages import (
     PeerState,
     ResultAck,
     TaskResult,
+    TaskWaiting,
     WorkerRequest,
     WorkerStatus,
 )
@@ -92,6 +93,7 @@ LOST, FAILED = Outcome.LOST, Outcome.FAILED
 # in slices. 1,000 of them in one burst held the loop for 20-60 ms each tick (bench/batch.py,
 # 1,000 simulated workers), and a result arriving meanwhile waited that long for its next task.
 BEAT_BATCH = 100
+WAITING_EVERY_S = 1.0  # how often the tasks that wait, and why, are told to the master (TASK_WAITING)
 
 _need_of = need_of  # the name tests/unit/test_master_core.py imports from here
 
@@ -160,6 +162,8 @@ class BalancerCore:
         self.worker_slots: dict[str, int] = {}  # task slots each worker runs (its credit adds a prefetch queue)
         self.beat_due: list[bytes] = []  # routes still to heartbeat this interval (see BEAT_BATCH)
         self.beat_gap = options.interval  # seconds between two slices of them
+        self.waiting_due = 0.0  # when TASK_WAITING is next told to the master
+        self.waiting_told = False  # the last one said some wait: the next says so even when none do
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -520,7 +524,19 @@ class BalancerCore:
         out += [Send(WORKERS, beat, route, cause) for route in late if route in self.routes]
         out += self._beat(cause)
         out += self.stream.tick(now, self.epoch, self._attach_ask(), cause)
-        return out
+        return out + self._tell_waiting(now, cause)
+
+    def _tell_waiting(self, now: float, cause: str) -> list[Effect]:
+        """Once a second, the master hears which tasks wait here and why, so that `cluster jobs`
+        says "waiting: no worker has 64 cores (the most is 2)" rather than "running"."""
+        if not self.stream.link.attached or now < self.waiting_due:
+            return []
+        self.waiting_due = now + WAITING_EVERY_S
+        total, rows = self.dispatcher.waiting()
+        if not total and not self.waiting_told:
+            return []
+        self.waiting_told = total > 0
+        return [self.stream.send(TaskWaiting(total, [[job, n, why] for job, n, why in rows]), cause)]
 
     def _expire(self, now: float, cause: str) -> list[Effect]:
         """Purge the workers silent for longer than ``worker_liveness``; report their tasks lost."""

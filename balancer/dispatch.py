@@ -293,6 +293,23 @@ class Dispatcher:
         """How many tasks wait."""
         return len(self._where)
 
+    def waiting(self, limit: int = 200) -> tuple[int, list[tuple[bytes, int, str]]]:
+        """How many tasks wait, and why, per job and distinct need: ``(job, tasks, reason)``, the
+        largest ``limit`` of them, the reason as ``story`` tells it for the queue's head (every
+        task of one queue waits for the same reason). O(queues + workers), once a second."""
+        seen = None if self._seen is None else tuple(_Seen(w.name, w.caps, w.free) for w in self._seen.workers())
+        rows = []
+        for level in self._levels.values():
+            for job, lane in level.items():
+                for need, queue in lane.queues.items():
+                    if not queue:
+                        continue
+                    head = next(iter(queue.values()))
+                    fresh = seen is None or head.seq >= self._seen_seq
+                    rows.append((job, len(queue), "not yet considered" if fresh else _why_waiting(need, seen)))
+        rows.sort(key=lambda r: -r[1])
+        return len(self._where), rows[:limit]
+
     def status(self) -> dict:
         oldest = min(
             (next(iter(q.values())).added_at for level in self._levels.values() for lane in level.values()

@@ -271,7 +271,7 @@ def _jobs_table(views: list[dict[str, Any]], stale: bool, state: str | None) -> 
     for col in ("id", "name", "kind", "state", "done/total", "failed", "submitted", "age"):
         table.add_column(col, no_wrap=col in ("id", "submitted"))
     for v in views:
-        state_text = f"waiting for {len(v['waiting_for'])} job(s)" if v.get("waiting_for") else v["state"]
+        state_text = _state_text(v)
         table.add_row(v["job"], v.get("name") or "-", v["kind"], state_text, f"{v['done']}/{v['total']}",
                       str(v["failed"]), _when(v["age_s"]), _ago(v["age_s"]))
     return table
@@ -291,12 +291,15 @@ def _show_job(config_path: Path | None, job_id: str, as_json: bool, show: Any = 
     ran = view["finished_at"] - view["submitted_at"] if view.get("finished_at") and view.get("submitted_at") else None
     lines = [f"job {view['job']}  {view.get('name') or ''}".rstrip(),
              f"kind {view['kind']}, {view['state']}" + (" (stale: a follower answered)" if answer.stale else ""),
-             f"tasks: {view['done']} of {view['total']} done, {view['failed']} failed, {view['assigned']} running, "
+             f"tasks: {view['done']} of {view['total']} done, {view['failed']} failed, "
+             f"{view.get('running', view['assigned'])} running, {view.get('waiting', 0)} waiting for a worker, "
              f"{view['ready']} ready; {view['failed_attempts']} failed attempts",
              f"submitted {_when(age)} ({_ago(age)} ago)" + (f", ended after {_ago(ran)}" if ran is not None else "")]
     if view.get("waiting_for"):
         lines.append(f"waiting for job{'s' * (len(view['waiting_for']) > 1)} {', '.join(view['waiting_for'])} "
                      "to be done before it starts")
+    for w in view.get("waiting_reasons") or []:  # the balancer's word: why no worker runs them
+        lines.append(f"waiting: {w['tasks']} task{'s' * (w['tasks'] != 1)}: {w['reason']}")
     if view.get("error"):
         lines.append(f"error: {view['error']}")
     lines += _failure_lines(view.get("failures") or [])
@@ -312,6 +315,17 @@ def _show_job(config_path: Path | None, job_id: str, as_json: bool, show: Any = 
         return lines
     show("\n".join(lines))
     return None
+
+
+def _state_text(v: dict[str, Any]) -> str:
+    """A job's state as the list shows it: what it waits for when nothing of it runs (Slurm's
+    REASON), else its state."""
+    if v.get("waiting_for"):
+        return f"waiting for {len(v['waiting_for'])} job(s)"
+    reasons = v.get("waiting_reasons") or []
+    if v["state"] == "active" and reasons and not v.get("running"):
+        return f"waiting: {reasons[0]['reason']}"
+    return v["state"]
 
 
 def _failure_lines(failures: list[dict[str, Any]]) -> list[str]:

@@ -33,6 +33,7 @@ from master.commands import RegisterFile, ReleaseFile, SubmitJob
 from master.joblife import spec_digest
 from master.ledger import Ledger
 from master.standing import API, MAX_LIST, Standing, app_error, app_error_to, not_owner, owns
+from master.pending import WaitingBoard
 from master.state import Applied, pin_owner
 from proto.errors import AppReason
 from proto.ids import join128, split128
@@ -63,8 +64,10 @@ class ClientApi:
     """The client messages' handlers, over the shared ledger, standing and write queue."""
 
     def __init__(self, ledger: Ledger, standing: Standing, batcher: Batcher,
-                 story: Callable[[bytes, int], list[dict[str, Any]]] | None = None) -> None:
+                 story: Callable[[bytes, int], list[dict[str, Any]]] | None = None,
+                 waiting: WaitingBoard | None = None) -> None:
         self.ledger = ledger
+        self.waiting = waiting if waiting is not None else WaitingBoard()
         self.standing = standing
         self.batcher = batcher
         self.story = story  # a task's story for TASK_QUERY (the core's: ledger and leader's log)
@@ -168,13 +171,13 @@ class ClientApi:
             return [self.standing.not_found(ev, m.request_id, f"no job {job_id.hex()}")]
         if ev.peer.role != "monitor" and not owns(ev.peer, view["client"]):  # monitors see every job's state
             return [not_owner(ev, m.request_id, job_id)]
-        return [self.standing.reply(ev, m.request_id, view)]
+        return [self.standing.reply(ev, m.request_id, self.waiting.annotate(view, now))]
 
     def on_job_list(self, ev: MessageReceived, m: JobList, now: float) -> list[Effect]:
         # people see their own jobs; operators and monitors every job
         mine = ev.peer.name if ev.peer.role in ("client", "gateway") else None
-        return [self.standing.reply(ev, m.request_id, views.jobs_view(self.ledger.state, min(m.limit, MAX_LIST), m.state,
-                                                                      client=mine))]
+        rows = views.jobs_view(self.ledger.state, min(m.limit, MAX_LIST), m.state, client=mine)
+        return [self.standing.reply(ev, m.request_id, [self.waiting.annotate(v, now) for v in rows])]
 
     def on_task_query(self, ev: MessageReceived, m: TaskQuery, now: float) -> list[Effect]:
         job_id = join128(m.job_uuid_upper, m.job_uuid_lower)

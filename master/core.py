@@ -61,6 +61,7 @@ from master.ledger import Ledger
 from master.specs import WorkSpecs
 from master.standing import API, RaftView, Standing, refuse
 from master.state import Applied
+from master.pending import WaitingBoard
 from master.stream import BalancerStream, merge_acks
 from master.watches import WatchIndex
 from proto.messages import (
@@ -77,6 +78,7 @@ from proto.messages import (
     Submit,
     TaskQuery,
     TaskResult,
+    TaskWaiting,
     Watch,
     Work,
 )
@@ -120,6 +122,7 @@ ROLES: dict[type, frozenset[str]] = {
     TaskResult: frozenset({"balancer"}),
     Attach: frozenset({"balancer"}),
     Credit: frozenset({"balancer"}),
+    TaskWaiting: frozenset({"balancer"}),
 }
 WORK_READS = frozenset({"summary", "units"})
 DEFAULT_RETENTION_S = 30 * 86400.0  # finished jobs are kept this long (``[retention] jobs_days``)
@@ -160,8 +163,9 @@ class MasterCore:
         self.raft_detail = raft_detail
         self.standing = Standing(name, client_address, wall_offset)
         self.batcher = Batcher(self.standing, batch_max)
-        self.api = ClientApi(ledger, self.standing, self.batcher, story=self.story)
-        self.stream = BalancerStream(ledger, self.standing, self.batcher, dispatch_max)
+        self.waiting = WaitingBoard()  # why assigned tasks are not running yet (the balancer's word)
+        self.api = ClientApi(ledger, self.standing, self.batcher, story=self.story, waiting=self.waiting)
+        self.stream = BalancerStream(ledger, self.standing, self.batcher, dispatch_max, waiting=self.waiting)
         self.watches = WatchIndex(ledger, self.standing)
         self.specs = WorkSpecs(ledger, self.standing, self.batcher)
         self.retention_s = retention_s  # finished jobs older than this are compacted; None: kept
@@ -181,6 +185,7 @@ class MasterCore:
             TaskResult: self.stream.on_result,
             Attach: self.stream.on_attach,
             Credit: self.stream.on_credit,
+            TaskWaiting: self.stream.on_waiting,
             Watch: self.watches.on_watch,
             Work: self.specs.on_work,
         }

@@ -36,7 +36,8 @@ from master.standing import API, Standing, app_error, app_error_to, refuse
 from master.state import Applied
 from proto.errors import AppReason
 from proto.ids import join128, split128
-from proto.messages import Attach, Attached, Credit, ResultAck, TaskResult, WorkerRequest
+from master.pending import WaitingBoard
+from proto.messages import Attach, Attached, Credit, ResultAck, TaskResult, TaskWaiting, WorkerRequest
 
 
 STORY_KEPT = 16_384  # task events the leader remembers (about the last 4,000 tasks' lives)
@@ -103,8 +104,10 @@ class BalancerLink:
 class BalancerStream:
     """The leader's side of the balancer stream. ``dispatch_max`` tasks per proposal at most."""
 
-    def __init__(self, ledger: Ledger, standing: Standing, batcher: Batcher, dispatch_max: int = 1024) -> None:
+    def __init__(self, ledger: Ledger, standing: Standing, batcher: Batcher, dispatch_max: int = 1024,
+                 waiting: WaitingBoard | None = None) -> None:
         self.ledger = ledger
+        self.waiting = waiting if waiting is not None else WaitingBoard()  # why assigned tasks wait
         self.standing = standing
         self.batcher = batcher
         self.dispatch_max = dispatch_max
@@ -128,6 +131,7 @@ class BalancerStream:
                               f"balancer epoch {m.epoch} is older than the active balancer's ({self.balancer.epoch})")]
         replaced = self.balancer is not None and self.balancer.route != ev.route
         self.balancer = BalancerLink(ev.route, m.epoch, m.name, m.credit)
+        self.waiting.forget()  # the new balancer will say what waits with it
         self.inflight.clear()  # answers to earlier proposals still land; they are simply not resent
         out: list[Effect] = [Log(logging.INFO, f"balancer {m.name} attached (epoch {m.epoch}, credit {m.credit})"
                                  + (", replacing the previous one" if replaced else ""), ev.stimulus_id)]
@@ -147,6 +151,14 @@ class BalancerStream:
             return [refuse(ev, "CREDIT from a balancer that is not attached (send ATTACH first)")]
         link.credit += m.amount
         return self.dispatch(now, ev.stimulus_id)
+
+    def on_waiting(self, ev: MessageReceived, m: TaskWaiting, now: float) -> list[Effect]:
+        """The attached balancer says which tasks wait with it, and why (master.pending)."""
+        link = self.balancer
+        if link is None or ev.route != link.route:
+            return [refuse(ev, "TASK_WAITING from a balancer that is not attached (send ATTACH first)")]
+        why = self.waiting.update(m.total, m.jobs, now)
+        return [refuse(ev, why)] if why else []
 
     def on_result(self, ev: MessageReceived, m: TaskResult, now: float) -> list[Effect]:
         refusal = self.standing.writable(ev, 0, grows=False)

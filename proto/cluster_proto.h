@@ -52,6 +52,7 @@ enum cluster_message_type {
     CLUSTER_MSG_RESULT_ACK     = 22,
     CLUSTER_MSG_WORKER_STATUS  = 23,
     CLUSTER_MSG_CREDIT         = 24,
+    CLUSTER_MSG_TASK_WAITING   = 44,
     CLUSTER_MSG_ATTACH         = 25,
     CLUSTER_MSG_ATTACHED       = 26,
     CLUSTER_MSG_PEER_STATE     = 27,
@@ -430,6 +431,24 @@ struct cluster_credit {
 } __attribute__((packed));
 #define CLUSTER_CREDIT_HEADER_LENGTH 45u
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_credit) == CLUSTER_CREDIT_HEADER_LENGTH, "cluster_credit size");
+
+/*
+ * TASK_WAITING (44): The tasks the balancer holds and cannot place yet, and why (Slurm's
+ * REASON): `jobs` has one `[job id (16 bytes), tasks, reason]` per job and distinct need, at
+ * most a few hundred; `total` counts every task it holds unplaced. Sent about once a second
+ * while any wait (and once more when none do), on the attached stream. Soft state: the leader
+ * shows it in job views, and forgets it when the balancer falls silent.
+ *
+ * balancer -> master leader.
+ *
+ * Body: jobs.
+ */
+struct cluster_task_waiting {
+    struct cluster_generic_message generic;
+    uint64_t total;
+} __attribute__((packed));
+#define CLUSTER_TASK_WAITING_HEADER_LENGTH 36u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_task_waiting) == CLUSTER_TASK_WAITING_HEADER_LENGTH, "cluster_task_waiting size");
 
 /*
  * ATTACH (25): A balancer becomes the master leader's dispatcher. `epoch` is its Binary Star

@@ -473,6 +473,22 @@ class Attach(Message, frozen=True, gc=False):
     name: str
 
 
+class TaskWaiting(Message, frozen=True, gc=False):
+    """The tasks the balancer holds and cannot place yet, and why (Slurm's REASON): ``jobs``
+    has one ``[job id (16 bytes), tasks, reason]`` per job and distinct need, at most a few
+    hundred; ``total`` counts every task it holds unplaced. Sent about once a second while any
+    wait (and once more when none do), on the attached stream. Soft state: the leader shows it
+    in job views, and forgets it when the balancer falls silent."""
+
+    code = 44
+    struct_name = "task_waiting"
+    sender = "balancer"
+    receiver = "master leader"
+
+    total: U64
+    jobs: list[list[Any]]
+
+
 class Attached(Message, frozen=True, gc=False):
     """The leader accepted the balancer; its assignments carry fencing tokens of ``term``."""
 
@@ -645,6 +661,7 @@ CATALOGUE: tuple[type[Message], ...] = (
     ResultAck,
     WorkerStatus,
     Credit,
+    TaskWaiting,
     Attach,
     Attached,
     PeerState,

@@ -11,6 +11,7 @@ import signal
 
 import pytest
 
+from cluster.client import Client
 from cluster.up import is_ours
 
 from .test_cli_commands import JOB_ID, as_json, one_line_error, pids_of, run, wait_for
@@ -69,3 +70,23 @@ def test_a_misspelt_kind_is_refused_at_once_and_a_failed_unit_says_why(home, tmp
     (unit,) = as_json(run(home, "units", "sq", "--json"))["units"]
     assert [(a["outcome"], a["reason"], a["tail"]) for a in unit["attempts"]] == \
         [("failed", "exit status 2", "cannot square seven")] * 2
+
+
+def test_a_task_no_worker_can_run_is_waiting_with_the_reason_not_running(home):
+    with Client(config=home / "cluster.toml") as client:
+        future = client.options(need={"cores": 64}).run(["true"])
+    job = future.job
+
+    def waiting():
+        view = as_json(run(home, "jobs", job, "--json"))
+        return view if view.get("waiting") == 1 else None
+
+    view = wait_for(waiting, 20, "the balancer's reason to reach the job's view")
+    assert view["running"] == 0 and view["assigned"] == 1
+    (reason,) = view["waiting_reasons"]
+    assert reason["tasks"] == 1 and reason["reason"].startswith("no worker has 64 cores (the most is ")
+    shown = run(home, "jobs", job).stdout
+    assert "0 running, 1 waiting for a worker" in shown and "waiting: 1 task: no worker has 64 cores" in shown, shown
+    listed = run(home, "jobs", "--limit", "50").stdout
+    assert "waiting: no worker has 64 cores" in listed, listed  # the list's state column says why
+    assert run(home, "cancel", job).returncode == 0
