@@ -1,6 +1,6 @@
 """The ``cluster`` command line: for users and operators.
 
-Built so far: ``up``/``down`` (a local cluster in the background, see ``cluster.up``), ``status``
+Built so far: ``up``/``down``/``restart`` (a local cluster in the background, see ``cluster.up``), ``status``
 (every node of a cluster, or any node by address), ``probe`` (a probe node between machines), the node
 commands ``master``, ``balancer``, ``storage`` and ``worker``, the file commands ``upload``, ``download``, ``files``,
 ``align``, for users and operators ``jobs``, ``workers``, ``submit``, ``cancel`` and ``logs``, and the
@@ -16,9 +16,10 @@ import click
 from cluster import __version__
 from cluster.cli_common import CONFIG_OPTION, DIR_OPTION, _client, _progress
 from cluster.cli_files import download, files, upload
-from cluster.cli_jobs import align, cancel, jobs, logs, submit, workers
+from cluster.cli_jobs import align, jobs, workers
+from cluster.cli_tasks import cancel, logs, submit
 from cluster.cli_keys import keys_group
-from cluster.cli_nodes import (balancer_command, down, master_command, mount_command, probe, status,
+from cluster.cli_nodes import (balancer_command, down, master_command, mount_command, probe, restart, status,
                                storage_command, up, worker_command)
 from cluster.cli_work import COMMANDS as WORK_COMMANDS
 
@@ -32,7 +33,7 @@ def cli() -> None:
     """Operate a ZeroMQ compute cluster."""
 
 
-for _command in (status, up, down, probe, master_command, storage_command, balancer_command, worker_command,
+for _command in (status, up, down, restart, probe, master_command, storage_command, balancer_command, worker_command,
                  mount_command, upload, download, files, align, jobs, workers, submit, cancel, logs, keys_group,
                  *WORK_COMMANDS):
     cli.add_command(_command)

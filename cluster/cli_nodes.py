@@ -1,5 +1,5 @@
-"""The node commands of ``cluster``: ``up``, ``down`` and ``status`` of a cluster, and the nodes
-themselves: ``probe``, ``master``, ``storage``, ``balancer``, ``worker`` and ``mount``."""
+"""The node commands of ``cluster``: ``up``, ``down``, ``restart`` and ``status`` of a cluster, and
+the nodes themselves: ``probe``, ``master``, ``storage``, ``balancer``, ``worker`` and ``mount``."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ from cluster.node.status import query_status
 from cluster.probe.node import build_probe
 from cluster.up import UpError, cluster_status
 from cluster.up import down as stop_cluster
+from cluster.up import restart as restart_node
 from cluster.up import up as start_cluster
 from proto import Limits
 from worker.cache import BlockCache
-from worker.fusefs import Tuning, fuse_available, mount
+from worker.fusefs import Tuning, end_with, fuse_available, mount
 from worker.view import ClusterView
 
 
@@ -125,20 +126,29 @@ def _status_of_addresses(addresses: tuple[str, ...], timeout: float, as_json: bo
 
 @click.command()
 @DIR_OPTION
-@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Workers to start.")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Workers to run (default: as recorded, else 1); more than recorded adds workers.")
 @click.option("--slots", type=click.IntRange(1, 4096), default=None,
-              help="Task slots per worker (default: this machine's cores / workers, at least 1).")
+              help="Task slots per worker (default: as recorded, else this machine's cores / workers, at least 1).")
+@click.option("--masters", type=click.IntRange(1, 7), default=None,
+              help="Masters of a new cluster (default 3); a recorded cluster keeps its own.")
+@click.option("--fresh", is_flag=True, help="Start a new, empty cluster: remove the stopped one's ledger, stored "
+              "files, worker data and logs first (the keys stay).")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds the cluster has to come up.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (dir, config, nodes) instead of a table.")
-def up(directory: Path | None, workers: int, slots: int | None, timeout: float, as_json: bool) -> None:
+def up(directory: Path | None, workers: int | None, slots: int | None, masters: int | None, fresh: bool,
+       timeout: float, as_json: bool) -> None:
     """Start a local cluster in the background: 3 masters, the balancer pair, 2 storage nodes and
-    --workers workers on 127.0.0.1; returns once it serves. `cluster down` stops it."""
+    --workers workers on 127.0.0.1; returns once it serves. `cluster down` stops it, and the next
+    `cluster up` in the same directory restarts that same cluster (ledger, files, keys, ports; logs
+    appended), or what of it is not running."""
     directory = (directory or cluster_home()).expanduser().absolute()
     err = Console(stderr=True)
     try:
         with err.status("starting the cluster") as spinner:
-            records = start_cluster(directory, workers, slots, timeout=timeout,
-                            progress=lambda what: spinner.update(f"waiting for the cluster: {what}"))
+            records = start_cluster(directory, workers, slots, masters=masters, fresh=fresh, timeout=timeout,
+                                    progress=lambda what: spinner.update(f"waiting for the cluster: {what}"),
+                                    say=lambda line: click.echo(line, err=True))
     except UpError as exc:
         raise click.ClickException(str(exc))
     config = directory / "cluster.toml"
@@ -176,7 +186,26 @@ def down(directory: Path | None, timeout: float) -> None:
         click.echo(f"no cluster running in {directory}{mounts}")
         return
     killed = f", {report.killed} killed after the deadline" if report.killed else ""
-    click.echo(f"stopped {report.running} node processes in {directory}{killed}{mounts}; logs are kept there")
+    click.echo(f"stopped {report.running} node processes in {directory}{killed}{mounts}; their data and logs are "
+               f"kept there: `cluster up` restarts this cluster, `cluster up --fresh` starts an empty one")
+
+
+@click.command()
+@click.argument("name")
+@DIR_OPTION
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds the node has to come up.")
+def restart(name: str, directory: Path | None, timeout: float) -> None:
+    """Start the local cluster's node NAME (m1, b1, s1, w1, ...) again, once it is down (e.g.
+    killed), with the arguments `cluster up` started it with; `cluster down` stops it as the others."""
+    directory = (directory or cluster_home()).expanduser().absolute()
+    err = Console(stderr=True)
+    try:
+        with err.status(f"restarting {name}") as spinner:
+            record = restart_node(directory, name, timeout=timeout,
+                                  progress=lambda what: spinner.update(f"waiting for the cluster: {what}"))
+    except UpError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"restarted {name} (pid {record.pid}; log: {record.log})")
 
 
 @click.command()
@@ -326,9 +355,11 @@ def worker_command(config_path: Path, name: str, data_dir: Path, slots: int | No
 @click.option("--no-listing", is_flag=True,
               help="files/ and jobs/ list nothing: a file or a job's directory is reached only by an id one was "
                    "given (a worker's own mount, shared by the tasks of every owner).")
+@click.option("--end-with", "end_with_pid", type=click.IntRange(1), default=None, metavar="PID",
+              help="Unmount and exit when process PID exits (a worker's mount: the worker's pid).")
 @click.option("--log-level", default="INFO", show_default=True)
 def mount_command(mountpoint: Path, config_path: Path, cache_dir: Path, cache_gb: float, allow_other: bool,
-                  key_file: Path | None, no_listing: bool, log_level: str) -> None:
+                  key_file: Path | None, no_listing: bool, end_with_pid: int | None, log_level: str) -> None:
     """Mount the cluster's files read-only at MOUNTPOINT (files/<id>, jobs/<job>/<name>);
     serves until SIGTERM or `fusermount3 -u MOUNTPOINT`."""
     configure(log_level)
@@ -337,6 +368,8 @@ def mount_command(mountpoint: Path, config_path: Path, cache_dir: Path, cache_gb
         raise click.ClickException(f"FUSE is unavailable here ({why}); workers on this machine read stored "
                                    "files through the cache without a mount")
     _, config = _cluster_config(config_path, key_file)
+    if end_with_pid is not None:
+        end_with(end_with_pid, mountpoint)
     view = ClusterView(list(config.masters.values()), config.storage_nodes)
     try:
         mount(view, BlockCache(cache_dir, int(cache_gb * 2**30)), mountpoint, allow_other=allow_other,

@@ -16,44 +16,43 @@ it, every worker registered with that balancer, every storage node answering. ``
 reads one round of replies and says what is still missing and whose log to show. If a node exits
 or the deadline passes, ``up`` stops every node it started, by pid, and names the node.
 
-``down`` stops by pid, never by name. Each pid is opened as a pidfd first and kept only if its
-``/proc/<pid>/cmdline`` is one of our nodes (``python -m cluster`` with a path under D), so a
-reused pid is never signalled, and the pidfd then pins that very process. Workers go first (on
-SIGTERM they unmount their FUSE view and stop their slots), then balancers, storage, masters:
-SIGTERM, wait on the pidfds until a shared deadline, SIGKILL what is left and the descendants
-it leaves behind (slot processes, task commands). Then a FUSE mount child a SIGKILLed worker left
-(``D/<worker>/mount.pid``) is stopped the same way, and FUSE mounts still under D are unmounted
-(lazily if busy).
+A cluster that served is recorded in ``D/local.json`` (``cluster.localstate``), which ``down``
+keeps: the next ``up`` in D restarts that same cluster (same ports, keys, ledger, stored files;
+logs appended), with the flags that differ applied where they safely can be; ``up --fresh``
+removes the nodes' state first. ``up`` on a running cluster starts what of it is not running
+(and the workers a larger --workers adds); ``restart NODE`` starts one dead node with its
+recorded arguments. Both put the new pids in nodes.json, so ``down`` stops them too.
+
+``down`` stops by pid, never by name (``cluster.pids``): workers first (on SIGTERM they unmount
+their FUSE view and stop their slots), then balancers, storage, masters, SIGKILL past a shared
+deadline, with the descendants a SIGKILLed node leaves behind; then the FUSE mount child of a
+SIGKILLed worker and the mounts still under D.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import select
-import shutil
-import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from cluster.local import LocalNode, balancer_nodes, master_nodes, stop_all, storage_nodes, worker_nodes
+from cluster import localstate
+from cluster.local import LocalNode, balancer_nodes, learn_keys, master_nodes, stop_all, storage_nodes, worker_nodes
+from cluster.localstate import ChangeRefused, Settings
 from cluster.node.config import ConfigError, cluster_home, load_cluster_config
 from cluster.node.keys import KeysError, client_credentials
 from cluster.node.status import StatusResult, query_status
-from worker.fusefs import unmount
+from cluster.pids import (STOP_ORDER, Stopped, UpError, alive, descendants, is_ours, open_ours, stop_records,
+                          sweep_mounts, sweep_worker_mount)
+
+__all__ = ["UpError", "NodeRecord", "STOP_ORDER", "Stopped", "alive", "descendants", "is_ours", "stop_records",
+           "sweep_mounts", "read_nodes", "write_nodes", "up", "down", "restart", "assess", "cluster_status"]
 
 ROLES = ("master", "balancer", "storage", "worker")
-STOP_ORDER = ("worker", "balancer", "storage", "master")
 MARKER = ".local-cluster"
 NODES = "nodes.json"
-_OUR_ENTRIES = re.compile(r"[msbw]\d+(\.log)?|cluster\.toml|masters\.toml|nodes\.json")
-
-
-class UpError(Exception):
-    """One sentence for the user: what went wrong and what to do."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,7 @@ class NodeRecord:
     pid: int | None
     log: str
     data_dir: str | None = None
+    argv: list[str] | None = field(default=None, compare=False)  # what it runs with (`python -m cluster ARGV`)
 
 
 # ---- where the cluster is -------------------------------------------------------------------------
@@ -86,246 +86,6 @@ def write_nodes(directory: Path, records: list[NodeRecord]) -> None:
     tmp.write_text(json.dumps({"dir": str(directory), "config": str(directory / "cluster.toml"),
                                "nodes": [asdict(r) for r in records]}, indent=2) + "\n")
     tmp.replace(directory / NODES)
-
-
-# ---- processes, by pid ------------------------------------------------------------------------------
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def is_ours(pid: int, directory: Path) -> bool:
-    """Whether ``pid`` runs one of D's nodes: ``python -m cluster …`` with a path under D."""
-    args = _cmdline(pid)
-    under = str(directory) + os.sep
-    return "cluster" in args[:4] and any(a.startswith(under) for a in args)
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie is not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _open(pid: int | None, directory: Path | None) -> int | None:
-    """A pidfd for ``pid`` if it is alive (and, with ``directory``, one of D's nodes)."""
-    if not pid or pid <= 0:
-        return None
-    try:
-        fd = os.pidfd_open(pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-    if directory is not None and not is_ours(pid, directory):
-        os.close(fd)
-        return None
-    return fd
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live descendant of ``pid`` (from /proc), e.g. a worker's slot processes, which run
-    in sessions of their own."""
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
-            except OSError:
-                continue
-            for k in map(int, kids):
-                if k not in out:
-                    out.add(k)
-                    todo.append(k)
-    return out
-
-
-def _wait_exit(fds: dict[int, Any], deadline: float) -> dict[int, Any]:
-    """Wait on the pidfds until all exited or the deadline; returns those still running."""
-    left = dict(fds)
-    poller = select.poll()
-    for fd in left:
-        poller.register(fd, select.POLLIN)
-    while left and (rest := deadline - time.monotonic()) > 0:
-        for fd, _ in poller.poll(rest * 1000):
-            poller.unregister(fd)
-            left.pop(fd, None)
-    return left
-
-
-def _wait_reaped(fds: dict[int, Any], deadline: float) -> None:
-    """Wait until the exited processes behind ``fds`` are reaped (gone from the process table),
-    so that a caller checking their pids afterwards finds none. Their parent now is init (or a
-    subreaper), which may reap only every second or so; our own children are left to us."""
-    left = [fd for fd in fds if _parent(_pid_of(fd)) != os.getpid()]
-    while left and time.monotonic() < deadline:
-        for fd in list(left):
-            try:
-                signal.pidfd_send_signal(fd, 0)
-            except ProcessLookupError:
-                left.remove(fd)
-        if left:
-            time.sleep(0.02)  # the poll interval of a deadline loop: reaping by another process has no event
-
-
-def _parent(pid: int | None) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) if pid else None
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _signal(fd: int, sig: int) -> None:
-    try:
-        signal.pidfd_send_signal(fd, sig)
-    except ProcessLookupError:
-        pass
-
-
-@dataclass
-class Stopped:
-    """What ``stop_processes`` did: processes that exited on SIGTERM, and those it SIGKILLed."""
-
-    terminated: int = 0
-    killed: int = 0
-
-    def add(self, other: "Stopped") -> None:
-        self.terminated += other.terminated
-        self.killed += other.killed
-
-
-def stop_processes(fds: dict[int, str], deadline: float, grace: float = 2.0) -> Stopped:
-    """SIGTERM the processes behind ``fds`` (pidfd → name), wait until ``deadline`` (at least
-    ``grace`` seconds), then SIGKILL what is left. The caller closes the pidfds."""
-    done = Stopped()
-    for fd in fds:
-        _signal(fd, signal.SIGTERM)
-    left = _wait_exit(fds, max(deadline, time.monotonic() + grace))
-    done.terminated = len(fds) - len(left)
-    for fd in left:
-        _signal(fd, signal.SIGKILL)
-    done.killed = len(left)
-    _wait_exit(left, time.monotonic() + 5.0)
-    return done
-
-
-def stop_records(records: list[NodeRecord], directory: Path, timeout: float = 15.0) -> Stopped:
-    """Stop D's node processes by pid, workers first, then balancers, storage, masters. Only pids
-    whose cmdline is one of D's nodes are touched. Descendants a SIGKILLed node leaves behind
-    (slot processes, their commands, a mount child) are SIGKILLed too. Returns once every one
-    of them is gone from the process table (or a few seconds after)."""
-    deadline = time.monotonic() + timeout
-    done = Stopped()
-    held: list[int] = []  # every pidfd opened, closed at the end
-    try:
-        for role in STOP_ORDER:
-            fds: dict[int, str] = {}
-            for r in records:
-                if r.role == role and (fd := _open(r.pid, directory)) is not None:
-                    fds[fd] = r.name
-            held += fds
-            orphans = _family_of(fds)  # taken now: a SIGKILLed node's children are reparented
-            held += orphans
-            if fds:
-                done.add(stop_processes(fds, deadline))
-            left = _wait_exit(orphans, time.monotonic() + 1.0)
-            for fd in left:
-                _signal(fd, signal.SIGKILL)
-            _wait_exit(left, time.monotonic() + 5.0)
-            done.killed += len(left)
-        _wait_reaped(dict.fromkeys(held), time.monotonic() + 5.0)
-    finally:
-        for fd in held:
-            os.close(fd)
-    return done
-
-
-def _family_of(fds: dict[int, str]) -> dict[int, str]:
-    """Pidfds for the live descendants of the processes behind ``fds``."""
-    out: dict[int, str] = {}
-    for fd, name in fds.items():
-        pid = _pid_of(fd)
-        for kid in descendants(pid) if pid else ():
-            kfd = _open(kid, None)
-            if kfd is not None:
-                out[kfd] = f"{name}/{kid}"
-    return out
-
-
-def _pid_of(fd: int) -> int | None:
-    """The pid behind a pidfd (its /proc/self/fdinfo ``Pid:`` line)."""
-    try:
-        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-            if line.startswith("Pid:"):
-                pid = int(line.split()[1])
-                return pid if pid > 0 else None
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-# ---- FUSE mounts a dead worker left -------------------------------------------------------------
-
-
-def _fuse_mounts_under(directory: Path) -> list[str]:
-    """FUSE mount points under ``directory``, deepest first (from /proc/self/mountinfo)."""
-    under = str(directory) + os.sep
-    found = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                mine, _, theirs = line.partition(" - ")
-                fields = mine.split()
-                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]) if len(fields) > 4 else ""
-                if point.startswith(under) and theirs.split(" ", 1)[0].startswith("fuse"):
-                    found.append(point)
-    except OSError:
-        return []
-    return sorted(set(found), key=len, reverse=True)
-
-
-def sweep_mounts(directory: Path, deadline: float) -> tuple[Stopped, list[str]]:
-    """Stop the mount children SIGKILLed workers left (their pid in ``D/<worker>/mount.pid``), then
-    unmount the FUSE mounts still under D (lazily when busy). Returns what it stopped and the
-    mount points it unmounted."""
-    fds: dict[int, str] = {}
-    for pid_file in directory.glob("*/mount.pid"):
-        try:
-            pid = int(pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pid = None
-        if (fd := _open(pid, directory)) is not None:
-            fds[fd] = f"{pid_file.parent.name}'s mount"
-    try:
-        stopped = stop_processes(fds, deadline)
-        _wait_reaped(fds, time.monotonic() + 5.0)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    for pid_file in directory.glob("*/mount.pid"):
-        pid_file.unlink(missing_ok=True)
-    unmounted = []
-    for point in _fuse_mounts_under(directory):
-        try:
-            unmount(point)
-        except OSError:
-            try:
-                unmount(point, lazy=True)
-            except OSError as exc:
-                raise UpError(f"cannot unmount {point} ({exc}): unmount it by hand (`fusermount3 -uz {point}`)") from None
-        unmounted.append(point)
-    return stopped, unmounted
 
 
 # ---- up ----------------------------------------------------------------------------------------------
@@ -383,75 +143,251 @@ def running_records(directory: Path) -> list[NodeRecord]:
     """The records of D's nodes.json whose process still runs (and is one of D's nodes)."""
     live = []
     for r in read_nodes(directory) or []:
-        fd = _open(r.pid, directory)
+        fd = open_ours(r.pid, directory)
         if fd is not None:
             os.close(fd)
             live.append(r)
     return live
 
 
+def _running(directory: Path, live: list[NodeRecord]) -> UpError:
+    return UpError(f"a cluster is already running in {directory} ({len(live)} processes): "
+                   f"run `cluster down{_dir_flag(directory)}` first")
+
+
+def _check_ours(directory: Path) -> None:
+    if directory.exists() and any(directory.iterdir()) and not (directory / MARKER).exists():
+        raise UpError(f"{directory} is not empty and was not made by `cluster up`: pass --dir with a new or empty directory")
+
+
 def _prepare(directory: Path) -> None:
     """Make D ready for a new cluster: refuse if one runs there; clear a stopped one's state."""
     live = running_records(directory)
     if live:
-        raise UpError(f"a cluster is already running in {directory} ({len(live)} processes): "
-                      f"run `cluster down{_dir_flag(directory)}` first")
-    if directory.exists() and any(directory.iterdir()) and not (directory / MARKER).exists():
-        raise UpError(f"{directory} is not empty and was not made by `cluster up`: pass --dir with a new or empty directory")
+        raise _running(directory, live)
+    _check_ours(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sweep_mounts(directory, time.monotonic() + 10.0)
-    for entry in directory.iterdir():
-        if _OUR_ENTRIES.fullmatch(entry.name):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    (directory / MARKER).write_text("made by `cluster up`; `cluster up` clears the nodes' state here\n")
+    localstate.clear_state(directory)
+    (directory / MARKER).write_text("made by `cluster up`; `cluster up --fresh` clears the nodes' state here\n")
 
 
 def _dir_flag(directory: Path) -> str:
     return "" if directory == cluster_home() else f" --dir {directory}"
 
 
-def _plan(directory: Path, workers: int, slots: int) -> list[tuple[str, LocalNode]]:
+def _plan(directory: Path, workers: int, slots: int, masters: int = 3) -> list[tuple[str, LocalNode]]:
     """The nodes of a local cluster (roles with ``LocalNode``s); writes D/cluster.toml."""
-    masters = master_nodes(directory, 3)
-    _, storage = storage_nodes(directory, 2, masters=masters)
+    masters_ = master_nodes(directory, masters)
+    _, storage = storage_nodes(directory, 2, masters=masters_)
     config, pair = balancer_nodes(directory, 2)
     crew = worker_nodes(directory, config, workers, slots=slots, mount=True)
-    return [("master", n) for n in masters] + [("balancer", n) for n in pair] + \
+    return [("master", n) for n in masters_] + [("balancer", n) for n in pair] + \
         [("storage", n) for n in storage] + [("worker", n) for n in crew]
 
 
 def _record(role: str, node: LocalNode, directory: Path) -> NodeRecord:
     data = directory / node.name
     return NodeRecord(node.name, role, node.address, node.pid, str(node.log_path),
-                      str(data) if role != "balancer" else None)
+                      str(data) if role != "balancer" else None, list(node.argv))
 
 
-def up(directory: Path, workers: int = 1, slots: int | None = None, *, timeout: float = 60.0,
-       progress: Callable[[str], None] = lambda what: None) -> list[NodeRecord]:
-    """Start a local cluster in ``directory`` in the background and return once it serves (see
-    the module docstring). Raises ``UpError`` (after stopping what it started) if it does not."""
+def up(directory: Path, workers: int | None = None, slots: int | None = None, *, masters: int | None = None,
+       fresh: bool = False, timeout: float = 60.0, progress: Callable[[str], None] = lambda what: None,
+       say: Callable[[str], None] = lambda line: None) -> list[NodeRecord]:
+    """Start the local cluster of ``directory`` in the background and return once it serves: the
+    one recorded there (restarted, or what of it is not running), else a new one; ``None`` flags:
+    as recorded (see the module docstring). ``say`` gets a line for each thing the user should
+    know (what --fresh removes, what is restarted). Raises ``UpError`` (after stopping what it
+    started) if it does not serve, or when the flags cannot apply to the recorded cluster."""
     directory = Path(directory).expanduser().absolute()
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise UpError("--workers must be at least 1")
+    _check_ours(directory)
+    live = running_records(directory)
+    if fresh:
+        if live:
+            raise _running(directory, live)
+        _fresh(directory, say)
+    settings = localstate.read_settings(directory)
+    if settings is None:
+        return _start_new(directory, workers or 1, slots, masters or 3, timeout, progress)
+    try:
+        change = localstate.reconcile(settings, workers, slots, masters, running=bool(live))
+    except ChangeRefused as exc:
+        raise UpError(str(exc)) from None
+    if live:
+        return _bring_back(directory, settings, change, live, timeout, progress, say)
+    return _restart_all(directory, settings, change, timeout, progress, say)
+
+
+def _fresh(directory: Path, say: Callable[[str], None]) -> None:
+    """``up --fresh``: say what of the stopped cluster in D goes, then remove it."""
+    sweep_mounts(directory, time.monotonic() + 10.0)
+    entries = localstate.state_entries(directory)
+    if entries:
+        say(f"--fresh: removing {localstate.describe(entries)} in {directory} (the keys stay)")
+    localstate.clear_state(directory)
+
+
+def _start_new(directory: Path, workers: int, slots: int | None, masters: int, timeout: float,
+               progress: Callable[[str], None]) -> list[NodeRecord]:
     slots = slots or max(1, (os.cpu_count() or 1) // workers)
     _prepare(directory)
-    plan = _plan(directory, workers, slots)
-    nodes = [n for _, n in plan]
+    plan = _plan(directory, workers, slots, masters)
+    records = _launch(directory, plan, [], timeout, progress)
+    _record_settings(directory, Settings(masters, 2, 2, workers, slots, localstate.read_configs(directory)), records)
+    return records
+
+
+def _restart_all(directory: Path, settings: Settings, change: localstate.Change, timeout: float,
+                 progress: Callable[[str], None], say: Callable[[str], None]) -> list[NodeRecord]:
+    """Start the stopped cluster recorded in D again, with ``change`` applied."""
+    sweep_mounts(directory, time.monotonic() + 10.0)
+    settings = _applied(settings, change)
+    localstate.write_configs(directory, settings)
+    if (taken := localstate.taken_port(settings)) is not None:
+        forget(directory)
+        raise UpError(f"port {taken[0]} ({taken[1]}) is in use by another program: stop it, or start a new, "
+                      f"empty cluster on new ports with `cluster up{_dir_flag(directory)} --fresh`")
+    plan = [(n["role"], _node_of(n)) for n in settings.nodes] + _more_workers(directory, settings, change)
+    say(f"restarting the cluster recorded in {directory / localstate.SETTINGS}{_words(change)}")
+    records = _launch(directory, plan, [], timeout, progress)
+    _record_settings(directory, settings, records)
+    return records
+
+
+def _bring_back(directory: Path, settings: Settings, change: localstate.Change, live: list[NodeRecord],
+                timeout: float, progress: Callable[[str], None], say: Callable[[str], None]) -> list[NodeRecord]:
+    """``up`` on a running cluster: start its recorded nodes that are not running, and the
+    workers ``change`` adds; nodes.json gets their pids."""
+    running = {r.name for r in live}
+    dead = [n for n in settings.nodes if n["name"] not in running]
+    if not dead and not change.add_workers:
+        raise _running(directory, live)
+    for n in dead:
+        if n["role"] == "worker":
+            sweep_worker_mount(directory, n["name"], time.monotonic() + 10.0)
+    _wait_detached(directory, read_nodes(directory) or [], [n["name"] for n in dead])
+    plan = [(n["role"], _node_of(n)) for n in dead] + _more_workers(directory, settings, change)
+    if dead:
+        say(f"starting what of the cluster in {directory} is not running: {', '.join(n['name'] for n in dead)}")
+    records = _launch(directory, plan, read_nodes(directory) or [], timeout, progress)
+    _record_settings(directory, settings, records)
+    return records
+
+
+def _applied(settings: Settings, change: localstate.Change) -> Settings:
+    """The recorded settings less the dropped workers, with the new slots."""
+    settings = localstate.without(settings, change.drop_workers)
+    if change.slots is None:
+        return settings
+    nodes = tuple({**n, "argv": localstate.with_slots(n["argv"], change.slots)} if n["role"] == "worker" else n
+                  for n in settings.nodes)
+    return replace(settings, nodes=nodes, slots=change.slots)
+
+
+def _more_workers(directory: Path, settings: Settings, change: localstate.Change) -> list[tuple[str, LocalNode]]:
+    if not change.add_workers:
+        return []
+    crew = worker_nodes(directory, directory / "cluster.toml", change.add_workers, slots=change.slots or settings.slots,
+                        mount=True, first=localstate.next_worker(settings))
+    return [("worker", n) for n in crew]
+
+
+def _words(change: localstate.Change) -> str:
+    parts = [f"{change.add_workers} more worker(s)"] if change.add_workers else []
+    parts += [f"without {', '.join(change.drop_workers)}"] if change.drop_workers else []
+    parts += [f"{change.slots} slots per worker"] if change.slots is not None else []
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _node_of(n: dict[str, Any]) -> LocalNode:
+    """The ``LocalNode`` that starts a recorded node again, with its recorded arguments."""
+    return LocalNode(n["name"], list(n["argv"]), n["address"], Path(n["log"]))
+
+
+def _record_settings(directory: Path, settings: Settings, records: list[NodeRecord]) -> None:
+    nodes = tuple({k: v for k, v in asdict(r).items() if k != "pid"} for r in records)
+    workers = sum(r.role == "worker" for r in records)
+    localstate.write_settings(directory, replace(settings, nodes=nodes, workers=workers))
+
+
+def restart(directory: Path, name: str, *, timeout: float = 60.0,
+            progress: Callable[[str], None] = lambda what: None) -> NodeRecord:
+    """Start D's node ``name`` again, with its recorded arguments, once it is down (e.g. it was
+    SIGKILLed); returns its record with the new pid, which nodes.json now has (so ``down`` stops
+    it). A worker's leftover FUSE mount is swept first. Returns once the cluster serves again."""
+    directory = Path(directory).expanduser().absolute()
+    records = read_nodes(directory)
+    if not records:
+        raise UpError(f"no cluster running in {directory}: `cluster up{_dir_flag(directory)}` starts it again")
+    record = next((r for r in records if r.name == name), None)
+    if record is None:
+        raise UpError(f"{name} is not a node of the cluster in {directory} (its nodes: "
+                      f"{', '.join(r.name for r in records)})")
+    if (fd := open_ours(record.pid, directory)) is not None:
+        os.close(fd)
+        raise UpError(f"{name} is running (pid {record.pid}): `cluster restart` starts a node that is down")
+    if not record.argv:
+        raise UpError(f"{name} was started by an older `cluster up` that did not record how: "
+                      f"`cluster down{_dir_flag(directory)}` then `cluster up{_dir_flag(directory)}` restart it")
+    if record.role == "worker":
+        sweep_worker_mount(directory, name, time.monotonic() + 10.0)
+    _wait_detached(directory, records, [name])
+    node = LocalNode(record.name, list(record.argv), record.address, Path(record.log))
+    out = _launch(directory, [(record.role, node)], records, timeout, progress)
+    return next(r for r in out if r.name == name)
+
+
+def _wait_detached(directory: Path, records: list[NodeRecord], dead: list[str], timeout: float = 5.0) -> None:
+    """Before a dead master starts again: wait (up to ``timeout``) until no balancer is attached
+    to it any more. A balancer notices a silent master after 1.5 s; a master restarted at its old
+    address sooner is found there again as a follower, and the balancer stayed attached to it
+    (seen: the cluster then never served until that master stopped again)."""
+    addresses = {r.address for r in records if r.name in dead and r.role == "master"}
+    balancers = [r.address for r in records if r.role == "balancer"]
+    if not addresses or not balancers:
+        return
+    learn_keys(directory / "cluster.toml")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        results = query_status(balancers, timeout=0.5)
+        links = [(res.reply.detail.get("master") or {}) for res in results if res.reply is not None]
+        if not any(link.get("attached") and link.get("address") in addresses for link in links):
+            return
+        time.sleep(0.1)  # the poll interval of a deadline loop, not a wait for the condition
+
+
+def _launch(directory: Path, plan: list[tuple[str, LocalNode]], others: list[NodeRecord], timeout: float,
+            progress: Callable[[str], None]) -> list[NodeRecord]:
+    """Start ``plan``'s nodes, put them in nodes.json (replacing the records of ``others`` with
+    their names; the other records stay) and wait until the cluster serves: the new nodes and
+    those of ``others`` that run. On failure, stop the new nodes by pid; when it started the
+    whole cluster, forget it (nodes.json and the configs; the recorded settings stay)."""
+    credentials = learn_keys(directory / "cluster.toml")
+    for role, node in plan:
+        if role == "worker":
+            credentials.add_server(node.address, node.name)
+    for r in others:
+        if r.role == "worker":
+            credentials.add_server(r.address, r.name)
+    live = {r.name for r in running_records(directory)} if others else set()
     try:
         for _, node in plan:
             node.start()
-        records = [_record(role, node, directory) for role, node in plan]
+        new = {node.name: _record(role, node, directory) for role, node in plan}
+        records = [new.pop(r.name, r) for r in others] + list(new.values())
         write_nodes(directory, records)
-        _wait_serving(plan, records, timeout, progress)
+        watched = [r for r in records if r.name in live or any(r.name == n.name for _, n in plan)]
+        _wait_serving(plan, watched, timeout, progress)
     except BaseException:
         started = [_record(role, node, directory) for role, node in plan if node.pid is not None]
         stop_records(started, directory, timeout=10.0)  # by pid, with what a killed worker leaves
-        stop_all(nodes)  # reaps our children (all exited by now)
-        sweep_mounts(directory, time.monotonic() + 5.0)
-        forget(directory)
+        stop_all([n for _, n in plan])  # reaps our children (all exited by now)
+        if not others:
+            sweep_mounts(directory, time.monotonic() + 5.0)
+            forget(directory)
         raise
     return records
 
@@ -502,7 +438,8 @@ class DownReport:
 
 
 def down(directory: Path, timeout: float = 15.0) -> DownReport:
-    """Stop D's cluster by pid (see the module docstring); forget its nodes and config."""
+    """Stop D's cluster by pid (see the module docstring); forget its pids and config. What makes it
+    the same cluster on the next ``up`` stays: the recorded settings, data, logs and keys."""
     directory = Path(directory).expanduser().absolute()
     records = read_nodes(directory) or []
     live = running_records(directory)

@@ -45,6 +45,7 @@ import itertools
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import stat
@@ -462,6 +463,40 @@ def unmount(mountpoint: str | os.PathLike, *, lazy: bool = False) -> None:
         if done.returncode == 0:
             return
     raise OSError(errno.EBUSY, f"cannot unmount {path}: {done.stderr.strip()}")
+
+
+def end_with(pid: int, mountpoint: str | os.PathLike) -> threading.Thread:
+    """Unmount ``mountpoint`` and end this process when process ``pid`` (a worker, this mount's
+    parent) exits, however it exits: a mount must not outlive its worker.
+
+    Why a watch on a pidfd and not PR_SET_PDEATHSIG: the death signal needs a ``preexec_fn`` in the
+    worker, which is unsafe in a threaded process, and it fires when the *thread* that forked
+    exits, not the worker; nor can the worker clean up after a SIGKILL. A pidfd becomes readable
+    when the process exits (an event, no polling), whoever its parent is. Then a lazy unmount
+    (tasks may still hold files open) ends the FUSE loop, and SIGTERM covers a loop not yet
+    started. If ``pid`` is gone already, or is not our parent any more (it died and we were
+    reparented), this process ends at once."""
+    path = os.path.abspath(os.fspath(mountpoint))
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fd = None
+    if fd is None or os.getppid() != pid:
+        log.warning("fuse: process %d, whose mount this is, is gone: not mounting %s", pid, path)
+        raise SystemExit(1)
+
+    def watch() -> None:
+        select.select([fd], [], [])  # readable once the process exited
+        log.warning("fuse: process %d, whose mount this is, exited: unmounting %s", pid, path)
+        try:
+            unmount(path, lazy=True)
+        except OSError as exc:
+            log.warning("fuse: unmount of %s: %s", path, exc)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name=f"end-with-{pid}", daemon=True)
+    thread.start()
+    return thread
 
 
 def clear_stale_mount(mountpoint: str | os.PathLike) -> bool:
