@@ -140,6 +140,8 @@ class MountChild:
             [sys.executable, "-m", "cluster", "mount", str(self.mountpoint), "--config", str(self.config_path),
              "--cache", str(self.cache), *(["--key", str(self.key_file)] if self.key_file else []),
              *(["--allow-other"] if self.allow_other else []),
+             # ends with this worker, however it ends (a SIGKILL too): see worker.fusefs.end_with
+             "--end-with", str(os.getpid()),
              "--no-listing"],  # the tasks of every owner share this mount: no enumerating others' files
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
         logf.close()
