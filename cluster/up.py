@@ -263,6 +263,7 @@ def _bring_back(directory: Path, settings: Settings, change: localstate.Change, 
     workers ``change`` adds; nodes.json gets their pids."""
     running = {r.name for r in live}
     dead = [n for n in settings.nodes if n["name"] not in running]
+    dead_names = {n["name"] for n in dead}
     if not dead and not change.add_workers:
         raise _running(directory, live)
     for n in dead:
@@ -272,6 +273,9 @@ def _bring_back(directory: Path, settings: Settings, change: localstate.Change, 
     plan = [(n["role"], _node_of(n)) for n in dead] + _more_workers(directory, settings, change)
     if dead:
         say(f"starting what of the cluster in {directory} is not running: {', '.join(n['name'] for n in dead)}")
+    if change.add_workers:
+        say(f"adding {', '.join(n.name for _, n in plan if n.name not in running and n.name not in dead_names)} "
+            "to the running cluster")
     records = _launch(directory, plan, read_nodes(directory) or [], timeout, progress)
     _record_settings(directory, settings, records)
     return records
