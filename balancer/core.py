@@ -54,7 +54,7 @@ from typing import Any
 
 from balancer.binary_star import BinaryStar, State, Transition
 from balancer.dispatch import Dispatcher, DispatchError, Task
-from balancer.intake import need_of, parse_registration, refuse, worker_slots
+from balancer.intake import need_of, parse_registration, refuse, worker_output, worker_slots
 from balancer.masters import MasterStream
 from balancer.registry import Registry, RegistryError, Worker
 from cluster.node.events import (
@@ -160,6 +160,7 @@ class BalancerCore:
         self.transitions: list[tuple[float, str]] = []  # (when, why), the newest last
         self.place_due = False
         self.worker_slots: dict[str, int] = {}  # task slots each worker runs (its credit adds a prefetch queue)
+        self.worker_output: dict[str, str] = {}  # where each worker serves its tasks' output ("" if nowhere)
         self.beat_due: list[bytes] = []  # routes still to heartbeat this interval (see BEAT_BATCH)
         self.beat_gap = options.interval  # seconds between two slices of them
         self.waiting_due = 0.0  # when TASK_WAITING is next told to the master
@@ -313,6 +314,7 @@ class BalancerCore:
         self._route(ev.route, m.name, moved=before is None or before.route != ev.route)
         self.sent_count[m.name] = 0
         self.worker_slots[m.name] = worker_slots(m)
+        self.worker_output[m.name] = worker_output(m)
         for key in tasks:  # it runs these: never dispatch them again from here
             if self.dispatcher.remove(*key):
                 self.orders.pop(key, None)
@@ -370,6 +372,7 @@ class BalancerCore:
             return []
         self.sent_count.pop(name, None)
         self.worker_slots.pop(name, None)
+        self.worker_output.pop(name, None)
         return self._report_lost(name, dict(w.running), why, cause)
 
     def _report_lost(self, name: str, lost: dict[tuple[bytes, int], tuple[int, int]], why: str, cause: str) -> list[Effect]:
@@ -549,6 +552,7 @@ class BalancerCore:
         for w, lost in expired:
             self.sent_count.pop(w.name, None)
             self.worker_slots.pop(w.name, None)
+            self.worker_output.pop(w.name, None)
             out += self._report_lost(w.name, {k: w.running[k] for k in lost},
                                      f"silent for more than {self.options.worker_liveness:g} s", cause)
         return out
@@ -593,7 +597,7 @@ class BalancerCore:
                 "running": len(w.running),
                 "cached": len(w.cached), "silent_s": round(now - w.last_heard, 3),
                 "cores": w.caps.cores, "memory_mb": w.caps.memory_mb, "gpus": w.caps.gpus,
-                "labels": sorted(w.caps.labels), "kernel": w.caps.kernel}
+                "labels": sorted(w.caps.labels), "kernel": w.caps.kernel, "output": self.worker_output.get(w.name, "")}
 
     def validate_state(self) -> None:
         self.star.validate_state()

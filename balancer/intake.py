@@ -66,6 +66,14 @@ def worker_slots(m: WorkerStatus) -> int:
     return slots if isinstance(slots, int) and 0 < slots <= m.slots_total else m.slots_total
 
 
+def worker_output(m: WorkerStatus) -> str:
+    """Where the worker serves its tasks' output (``capabilities.output``, an endpoint), "" if
+    it says nowhere or says it wrongly: followers ask it there (OUTPUT_FOLLOW)."""
+    output = m.capabilities.get("output") if isinstance(m.capabilities, dict) else None
+    ok = isinstance(output, str) and output.startswith(("tcp://", "ipc://")) and len(output) <= 200
+    return output if ok else ""
+
+
 def need_of(m: WorkerRequest) -> tuple[Need, int, str | None]:
     """What the task needs of a worker and its priority, from the job's ``run`` section."""
     args = m.arguments if isinstance(m.arguments, dict) else {}

@@ -16,7 +16,8 @@ import click
 from cluster import __version__
 from cluster.cli_common import CONFIG_OPTION, DIR_OPTION, _client, _progress
 from cluster.cli_files import download, files, upload
-from cluster.cli_jobs import align, cancel, jobs, logs, submit, workers
+from cluster.cli_jobs import align, jobs, workers
+from cluster.cli_tasks import cancel, logs, submit
 from cluster.cli_keys import keys_group
 from cluster.cli_nodes import (balancer_command, down, master_command, mount_command, probe, restart, status,
                                storage_command, up, worker_command)

@@ -65,7 +65,7 @@ def _client(config_path: Path | None, timeout: float = 15.0) -> Client:
     if not config.masters:
         raise click.ClickException(f"{config_path}: no [masters.NAME] entries: the file commands need the masters")
     return Client(list(config.masters.values()), storage=config.storage_nodes, replicas=config.storage.replicas,
-                  timeout=timeout)
+                  timeout=timeout, balancers=[b.workers for b in config.balancers.values()])
 
 
 def _progress(total: int, what: str) -> Any:

@@ -21,11 +21,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import cloudpickle
 
 from cluster.files import FileRef, download_file, file_id_text, upload_file
+from cluster.follow import Line, follow
 from cluster.futures import TaskFuture, Watcher, resolve
 from cluster.node.config import ConfigError, find_config, load_cluster_config
 from cluster.node.keys import KeysError, client_credentials, for_address
@@ -104,13 +105,16 @@ class Client:
     alone, it uses the keys already loaded for their addresses in this process.
 
     ``act_for``: a gateway (a key of role ``gateway``) makes every request for that user of its
-    own, who owns what it submits, pins and reads as ``GATEWAY/act_for``; see doc/security.md."""
+    own, who owns what it submits, pins and reads as ``GATEWAY/act_for``; see doc/security.md.
+    ``balancers``: their addresses (their workers' ports), where ``follow`` finds the workers;
+    the config gives them."""
 
     def __init__(self, masters: Sequence[str] | None = None, *, timeout: float = 30.0, attempt_timeout: float = 1.0,
                  storage: dict[str, str] | None = None, replicas: int | None = None,
                  config: str | Path | None = None, key: str | Path | None = None,
-                 act_for: str | None = None) -> None:
+                 act_for: str | None = None, balancers: Sequence[str] | None = None) -> None:
         credentials = None  # without a config: the keys this process loaded for the masters' addresses
+        balancers = list(balancers or [])  # where the workers' output ports are listed (cluster.follow)
         if masters is None or config is not None:
             path, looked = find_config(None, Path(config) if config is not None else None)
             if path is None:
@@ -127,12 +131,14 @@ class Client:
             masters = list(config.masters.values()) if masters is None else masters
             storage = config.storage_nodes if storage is None else storage
             replicas = config.storage.replicas if replicas is None else replicas
+            balancers = balancers or [b.workers for b in config.balancers.values()]
         if act_for is not None:  # a gateway's client, for one of its users (cluster.node.acting)
             if not masters:
                 raise ClusterError("act_for needs the masters: pass masters=[...] or config=")
             credentials = dataclasses.replace(credentials or for_address(list(masters)[0]), act_for=act_for)
         self.link = MasterLink(masters or [], timeout=timeout, attempt_timeout=attempt_timeout, credentials=credentials)
         self.masters = self.link.masters
+        self.balancers = balancers
         self.storage = dict(storage or {})  # storage node name → address, for upload/download
         self.replicas = 2 if replicas is None else replicas
         self.timeout = timeout
@@ -234,11 +240,27 @@ class Client:
                 self._fetch, result_file)
         return future.result(0)
 
+    def follow(self, job: str, task: int, *, done: Callable[[], bool] | None = None,
+               state: dict[str, Any] | None = None, live: bool = True) -> Iterator[Line]:
+        """Task ``task`` of ``job``'s output lines as they come (``cluster.follow.Line``: time,
+        stream, text), from the worker that runs it, until it has ended there; nothing if no
+        worker can be reached. ``done``: whether the task has ended (asked of the masters when
+        not given). Needs a client made from the cluster config (it names the balancers)."""
+        if not self.balancers:
+            raise ClusterError("following output needs the cluster config (Client(config=...)): it names the balancers")
+
+        def ended() -> bool:
+            return self.task(job, task).value.get("state") in ("done", "failed", "cancelled")
+
+        return follow(self.balancers, self.link.credentials, job, task, done=done or ended, state=state, live=live)
+
     def _watch(self, job: str, futures: dict) -> None:
         if self._watcher is None:
             self._watcher = Watcher(self.masters, self._fetch, attempt_timeout=self.attempt_timeout,
                                     credentials=self.link.credentials)
             self._watcher.start()
+        for future in futures.values():
+            future.follower = self  # future.stream() follows its output through this client
         self._watcher.add(job, futures)
 
     def _fetch(self, file_id: str) -> bytes:

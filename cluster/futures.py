@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cloudpickle
 import zmq
@@ -125,10 +125,19 @@ class TaskFuture(concurrent.futures.Future):
         self.job = job
         self.task = task
         self.kind = kind
+        self.follower: Any = None  # the Client that made it (stream())
         self.set_running_or_notify_cancel()  # it is durable and queued: it cannot be cancelled here
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.job}/{self.task} {self._state.lower()}>"
+
+    def stream(self) -> Iterator[Any]:
+        """Its output as it comes: ``cluster.follow.Line`` s (``at``, ``stream``, ``text``) from
+        the worker that runs it, until it has ended there (``result()`` still has the whole
+        output). E.g. ``for line in future.stream(): print(line.text)``."""
+        if self.follower is None:
+            raise RuntimeError("this future was not made by a Client: it has no output to follow")
+        return self.follower.follow(self.job, self.task, done=self.done)
 
 
 def resolve(future: TaskFuture, state: str, summary: dict | None, error: str | None, attempts: int,

@@ -219,6 +219,9 @@ class BalancerStream:
         metadata = {"task": order["arguments"], "run": {k: v for k, v in run.items() if k != "program"}}
         if order.get("avoid"):
             metadata["avoid"] = order["avoid"]  # workers that already ran a replica of this unit
+        job = self.ledger.state.jobs.get(job_id)
+        if job is not None:  # who may follow its output on the worker (OUTPUT_FOLLOW); a unit: operators
+            metadata["owner"] = job.client
         return WorkerRequest(
             upper, lower, task_id, fence[0], fence[1], len(program), len(order["inputs"]),
             str(run.get("kind", "")), program, order["inputs"], metadata,

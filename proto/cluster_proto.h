@@ -53,6 +53,8 @@ enum cluster_message_type {
     CLUSTER_MSG_WORKER_STATUS  = 23,
     CLUSTER_MSG_CREDIT         = 24,
     CLUSTER_MSG_TASK_WAITING   = 44,
+    CLUSTER_MSG_OUTPUT_FOLLOW  = 45,
+    CLUSTER_MSG_OUTPUT_LINES   = 46,
     CLUSTER_MSG_ATTACH         = 25,
     CLUSTER_MSG_ATTACHED       = 26,
     CLUSTER_MSG_PEER_STATE     = 27,
@@ -449,6 +451,48 @@ struct cluster_task_waiting {
 } __attribute__((packed));
 #define CLUSTER_TASK_WAITING_HEADER_LENGTH 36u
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_task_waiting) == CLUSTER_TASK_WAITING_HEADER_LENGTH, "cluster_task_waiting size");
+
+/*
+ * OUTPUT_FOLLOW (45): Ask a worker for the output lines of a task it runs (or ran lately)
+ * after line `after` (0: from the first it still holds). Answered with OUTPUT_LINES. Output
+ * never passes through masters or balancers: a follower asks the worker's own port (its
+ * `output` endpoint, in the balancer's worker list).
+ *
+ * clients (the task's owner), operators, monitors -> worker (its control port).
+ *
+ * Body: none.
+ */
+struct cluster_output_follow {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint64_t job_uuid_upper;
+    uint64_t job_uuid_lower;
+    uint64_t task_id;
+    uint64_t after;
+} __attribute__((packed));
+#define CLUSTER_OUTPUT_FOLLOW_HEADER_LENGTH 68u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_output_follow) == CLUSTER_OUTPUT_FOLLOW_HEADER_LENGTH, "cluster_output_follow size");
+
+/*
+ * OUTPUT_LINES (46): A task's output lines after OUTPUT_FOLLOW's `after`: `lines` are `[seq,
+ * time (Unix seconds, when the worker read it), stream (1 stdout, 2 stderr), text]`; `next` is
+ * the `after` to ask with next; `dropped` counts lines lost to the worker's bound before the
+ * first one here. `status`: 0 running, 1 ended (nothing will follow `next`), 2 not here (this
+ * worker neither runs nor lately ran it).
+ *
+ * worker -> whoever sent OUTPUT_FOLLOW.
+ *
+ * Body: lines.
+ */
+struct cluster_output_lines {
+    struct cluster_generic_message generic;
+    uint64_t request_id;
+    uint64_t next;
+    uint64_t dropped;
+    uint8_t status;
+} __attribute__((packed));
+#define CLUSTER_OUTPUT_LINES_HEADER_LENGTH 53u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_output_lines) == CLUSTER_OUTPUT_LINES_HEADER_LENGTH, "cluster_output_lines size");
 
 /*
  * ATTACH (25): A balancer becomes the master leader's dispatcher. `epoch` is its Binary Star

@@ -41,8 +41,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.node.events import (
+    READERS,
     Effect,
     Event,
+    Forbidden,
     Log,
     MessageReceived,
     Refuse,
@@ -54,7 +56,12 @@ from cluster.node.events import (
     authorise,
 )
 from proto.ids import join128, split128
-from proto.messages import Error, Heartbeat, NotLeader, Outcome, ResultAck, TaskResult, WorkerRequest, WorkerStatus
+from proto.errors import AppReason
+from proto.messages import (Error, Heartbeat, NotLeader, Outcome, OutputFollow, OutputLines, ResultAck, TaskResult,
+                            WorkerRequest, WorkerStatus)
+from worker.output import Outputs
+
+RUNNING, ENDED, NOT_HERE = 0, 1, 2  # OUTPUT_LINES' status
 
 TaskKey = tuple[bytes, int]
 Fence = tuple[int, int]
@@ -91,6 +98,19 @@ class TaskEnded:
     stimulus_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class OutputRead:
+    """Event: the task ``job``/``task`` wrote ``data`` to ``stream`` (1 stdout, 2 stderr), read at
+    ``at`` (Unix seconds) by the thread that runs it (worker.output)."""
+
+    job: bytes
+    task: int
+    stream: int
+    data: bytes
+    at: float
+    stimulus_id: str = "output"
+
+
 @dataclass(frozen=True)
 class WorkerOptions:
     interval: float = 0.25  # heartbeats
@@ -125,6 +145,7 @@ class WorkerIdentity:
     # Tasks held ready beyond the slots (Celery's prefetch, Dask's ready queue): a slot that
     # frees starts its next task at once instead of waiting a round trip to the balancer.
     prefetch: int = 0
+    output: str = ""  # where followers ask for its tasks' output (its control port), "" if nowhere
 
     @property
     def credit(self) -> int:
@@ -141,7 +162,7 @@ class WorkerCore:
     role = "worker"
 
     def __init__(self, me: WorkerIdentity, balancers: int, options: WorkerOptions = WorkerOptions(),
-                 cached: tuple[bytes, ...] = ()) -> None:
+                 cached: tuple[bytes, ...] = (), wall_offset: float = 0.0) -> None:
         if balancers not in (1, 2):
             raise ValueError("a worker talks to one balancer or a pair")
         self.me = me
@@ -162,6 +183,8 @@ class WorkerCore:
         self.epoch = 0
         self.counters: dict[str, int] = {}
         self.log: deque[tuple[TaskKey, dict[str, Any]]] = deque(maxlen=STORY_KEPT)
+        self.outputs = Outputs()  # the running tasks' output lines, for followers (worker.output)
+        self.wall_offset = wall_offset  # Unix time less the loop's clock: when an output ended
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -170,6 +193,9 @@ class WorkerCore:
             return self._on_message(event, now)
         if isinstance(event, TaskEnded):
             return self._on_ended(event, now)
+        if isinstance(event, OutputRead):
+            self.outputs.feed((event.job, event.task), event.stream, event.data, event.at)
+            return []
         if isinstance(event, TimerFired):
             if event.name == "tick":
                 return self._tick(now, event.stimulus_id) + [StartTimer("tick", self.options.interval, event.stimulus_id)]
@@ -186,9 +212,12 @@ class WorkerCore:
 
     def _on_message(self, ev: MessageReceived, now: float) -> list[Effect]:
         m = ev.message
-        if ev.socket == "control":  # STATUS_QUERY is answered by the loop; nothing else comes here
+        if ev.socket == "control":  # STATUS_QUERY (answered by the loop) and OUTPUT_FOLLOW come here
+            if isinstance(m, OutputFollow):
+                return self._on_follow(ev, m)
             return [Refuse(ev.socket, ev.route, m.code, getattr(m, "request_id", 0),
-                           f"a worker's control socket answers STATUS_QUERY only, not {type(m).__name__}", ev.stimulus_id)]
+                           f"a worker's control socket answers STATUS_QUERY and OUTPUT_FOLLOW only, not {type(m).__name__}",
+                           ev.stimulus_id)]
         # the balancers' keys are pinned by this worker: a refusal here means one was revoked
         forbidden = authorise(ev, BALANCERS_ONLY)
         if forbidden:
@@ -257,7 +286,8 @@ class WorkerCore:
         tasks += [[k[0], k[1], h.result.fence_term, h.result.fence_sequence] for k, h in self.held.items() if k not in self.running]
         status = WorkerStatus(
             me.credit, self._free(), 0, len(self.running), list(me.labels),
-            {"cores": me.cores, "memory_mb": me.memory_mb, "gpus": me.gpus, "kernel": me.kernel, "slots": me.slots},
+            {"cores": me.cores, "memory_mb": me.memory_mb, "gpus": me.gpus, "kernel": me.kernel, "slots": me.slots,
+             **({"output": me.output} if me.output else {})},
             me.name, True, 0, tasks, sorted(self.cached), [],
         )
         self._count("registrations_sent")
@@ -344,9 +374,27 @@ class WorkerCore:
             return []
         return self._start(m, now, ev.stimulus_id)
 
+    def _on_follow(self, ev: MessageReceived, m: OutputFollow) -> list[Effect]:
+        """A task's output lines, to its owner, an operator or a monitor (worker.output)."""
+        forbidden = authorise(ev, READERS)
+        if forbidden:
+            return forbidden
+        ring = self.outputs.find((join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id))
+        if ring is None:
+            return [Send(ev.socket, OutputLines(m.request_id, m.after, 0, NOT_HERE, []), ev.route, ev.stimulus_id)]
+        if ev.peer.role in ("client", "gateway") and ev.peer.name != ring.owner:
+            error = Error(m.request_id, int(AppReason.REFUSED), m.code, "the task belongs to another key; only its owner "
+                          "or an operator may follow its output", {"code": "not_owner"})
+            return [Forbidden(ev.socket, ev.route, "OutputFollow", ev.peer, "a task not its own", ev.stimulus_id, error)]
+        lines, nxt, dropped = ring.read(m.after)
+        status = ENDED if ring.ended and nxt >= ring.next_seq - 1 else RUNNING
+        return [Send(ev.socket, OutputLines(m.request_id, nxt, dropped, status, lines), ev.route, ev.stimulus_id)]
+
     def _start(self, m: WorkerRequest, now: float, cause: str) -> list[Effect]:
         key = _key_of(m)
         self.running[key] = _Running(m, (m.fence_term, m.fence_sequence), now)
+        owner = m.arguments.get("owner") if isinstance(m.arguments, dict) else None
+        self.outputs.start(key, owner if isinstance(owner, str) else "")
         self._count("tasks_started")
         # which slot runs it is the loop's affair (a free slot thread takes it); the core knows how many are busy
         self._note(key, "started", now, cause, fence=[m.fence_term, m.fence_sequence], kind=m.kind,
@@ -359,6 +407,7 @@ class WorkerCore:
         if ran is None:
             self._count("unknown_endings")
             return []
+        self.outputs.end(key, now + self.wall_offset)
         self._count("tasks_done" if ev.outcome == Outcome.DONE else "tasks_failed")
         upper, lower = split128(ev.job)
         result = TaskResult(upper, lower, ev.task, ev.fence[0], ev.fence[1], ev.outcome, ev.exit_code, ev.summary,

@@ -42,8 +42,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
@@ -56,6 +57,8 @@ _READ_CHUNK = 1 << 16
 # that aborts (C++ bad_alloc, Rust), one that touches a NULL it did not check, or the OOM killer.
 _MEMORY_SIGNALS = {signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS}
 _CALL_DIR = ".task"
+
+Listen = Callable[[int, bytes], None]  # (stream: 1 stdout, 2 stderr; a chunk as it was read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,7 @@ def run_command(
     limits: Limits = Limits(),
     output_cap_bytes: int = OUTPUT_CAP_BYTES,
     task_user: TaskUser | None = None,
+    listen: Listen | None = None,
 ) -> Outcome:
     """Run ``argv`` in ``scratch`` (created if missing) and report how it ended.
 
@@ -131,7 +135,7 @@ def run_command(
     if problem:
         return _not_started("command", problem)
     run = _supervise(argv, env=env, cwd=scratch, limits=limits, cap=output_cap_bytes,
-                     spawn=task_user.spawn() if task_user else None)
+                     spawn=task_user.spawn() if task_user else None, listen=listen)
     if run.start_error:
         return _not_started("command", run.start_error)
     found, missing = _collect_outputs(scratch, outputs or [])
@@ -227,9 +231,10 @@ class _Run:
 
 
 def _supervise(argv: list[str], *, env: dict[str, str] | None, cwd: Path, limits: Limits, cap: int,
-               spawn: dict[str, Any] | None = None) -> _Run:
+               spawn: dict[str, Any] | None = None, listen: Listen | None = None) -> _Run:
     """Start ``argv`` as a group leader, enforce ``limits``, reap it; see the module docstring.
-    ``spawn``: more ``Popen`` arguments (``TaskUser.spawn``)."""
+    ``spawn``: more ``Popen`` arguments (``TaskUser.spawn``); ``listen(stream, chunk)`` hears
+    each chunk of stdout (1) and stderr (2) as it is read."""
     run = _Run(timeout_s=limits.timeout_s)
     started = time.monotonic()
     try:
@@ -245,7 +250,8 @@ def _supervise(argv: list[str], *, env: dict[str, str] | None, cwd: Path, limits
     except OSError as exc:
         run.start_error = f"cannot start {argv[0]}: {exc.strerror or exc}"
         return run
-    streams = {proc.stdout.fileno(): _Capture(cap), proc.stderr.fileno(): _Capture(cap)}
+    streams = {proc.stdout.fileno(): _Capture(cap, None if listen is None else partial(listen, 1)),
+               proc.stderr.fileno(): _Capture(cap, None if listen is None else partial(listen, 2))}
     try:
         pidfd = os.pidfd_open(proc.pid)
         try:
@@ -340,19 +346,22 @@ def _address_space_limit(memory_bytes: int):
 class _Capture:
     """One output stream: all of it up to ``cap`` bytes, else its head and tail and a note."""
 
-    __slots__ = ("cap", "head", "tail", "total")
+    __slots__ = ("cap", "head", "tail", "total", "listen")
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, listen: Callable[[bytes], None] | None = None) -> None:
         self.cap = cap
         self.head = bytearray()
         self.tail = bytearray()
         self.total = 0
+        self.listen = listen  # told every chunk as it is read: a follower sees output live
 
     def read_from(self, fd: int) -> bool:
         """Take one chunk from ``fd``; False at EOF."""
         chunk = os.read(fd, _READ_CHUNK)
         if not chunk:
             return False
+        if self.listen is not None:
+            self.listen(chunk)
         self.total += len(chunk)
         room = self.cap // 2 - len(self.head)
         if room > 0:

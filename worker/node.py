@@ -33,15 +33,18 @@ that must find itself without capabilities and unable to list ``D``, ``cache``,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
 import shutil
+import socket as pysocket
 import stat
 import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +56,7 @@ from cluster.node.loop import NodeLoop, SocketSpec
 from cluster.node.storagelink import LinkPool
 from proto.ids import join128
 from worker.cache import BlockCache
-from worker.core import RunTask, TaskEnded, WorkerCore, WorkerIdentity, WorkerOptions, balancer_socket
+from worker.core import OutputRead, RunTask, TaskEnded, WorkerCore, WorkerIdentity, WorkerOptions, balancer_socket
 from worker.taskuser import (TaskUser, TaskUserError, clear_as, drop_inheritable_capabilities, probe_task_user,
                              switch_problem)
 from worker.files import WorkerFiles
@@ -251,6 +254,23 @@ def _switchable(task_user: str) -> TaskUser:
     return user
 
 
+def _output_read(holder: dict[str, object], job: bytes, task: int, stream: int, chunk: bytes) -> None:
+    """A task's output as a slot thread reads it: to the core, stamped now (worker.output)."""
+    loop = holder.get("loop")
+    if isinstance(loop, NodeLoop):
+        loop.post(OutputRead(job, task, stream, chunk, time.time()))
+
+
+def advertised(endpoint: str) -> str:
+    """The endpoint followers reach a bound ``endpoint`` at: a wildcard host (``0.0.0.0``, ``*``)
+    becomes this machine's name, as the balancers and clients of a rack know it."""
+    scheme, _, rest = endpoint.partition("://")
+    host, sep, port = rest.rpartition(":")
+    if scheme == "tcp" and sep and host in ("0.0.0.0", "*", "[::]", "::"):
+        return f"tcp://{pysocket.getfqdn()}:{port}"
+    return endpoint
+
+
 def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, mount: bool = True,
                  control: str | None = None, options: WorkerOptions | None = None,
                  task_user: str | None = None) -> tuple[NodeLoop, Callable[[], None]]:
@@ -301,17 +321,20 @@ def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, m
             if held is not None:
                 held.close()
         raise
+    holder: dict[str, object] = {}
     runner = TaskRunner(me.name, scratch, files=files, links=links, copies=config.storage.replicas,
-                        task_user=user, private_root=data_dir / "private")
+                        task_user=user, private_root=data_dir / "private", listen=partial(_output_read, holder))
     balancers = sorted(config.balancers.values(), key=lambda b: not b.primary)  # b0 = the primary
-    core = WorkerCore(me, len(balancers), options)
+    if control:  # followers find its tasks' output there (the balancer's worker list shows it)
+        me = dataclasses.replace(me, output=advertised(control))
+    core = WorkerCore(me, len(balancers), options, wall_offset=time.time() - time.monotonic())
     sockets = [SocketSpec(balancer_socket(i), zmq.DEALER, connect=(b.workers,),
                           options={zmq.SNDHWM: 100_000, zmq.RCVHWM: 100_000, zmq.IMMEDIATE: 1})
                for i, b in enumerate(balancers)]
     if control:
         sockets.append(SocketSpec("control", zmq.ROUTER, bind=(control,)))
-    holder: dict[str, object] = {}
     loop = NodeLoop(core, sockets, performers={RunTask: lambda e: holder["pool"].perform(e)}, credentials=credentials)
+    holder["loop"] = loop
     pool = SlotPool(me.slots, runner, loop.post, loop.stimulus, task_user=user, env=env)
     holder["pool"] = pool
 

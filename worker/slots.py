@@ -142,7 +142,7 @@ class Slot:
     # -- tasks -------------------------------------------------------------------------------
 
     def run_callable(self, function: bytes, arguments: bytes, scratch: Path,
-                     limits: Limits = Limits()) -> Outcome:
+                     limits: Limits = Limits(), listen: executor.Listen | None = None) -> Outcome:
         """Run ``function(*args, **kwargs)`` in the slot's child, with cwd ``scratch``.
 
         ``function`` is ``cloudpickle.dumps(fn)`` and ``arguments`` is
@@ -155,7 +155,7 @@ class Slot:
                 return self._refused("callable", f"{name} must be cloudpickle bytes, got a "
                                                  f"{type(value).__name__}")
         message = {"op": "call", "function": bytes(function), "arguments": bytes(arguments)}
-        return self._run_in_child("callable", message, Path(scratch), limits)
+        return self._run_in_child("callable", message, Path(scratch), limits, listen)
 
     def run_tile(self, request: dict, scratch: Path, limits: Limits = Limits()) -> Outcome:
         """Compute the tile ``request`` names (see worker/tiles.py) in the slot's child.
@@ -207,7 +207,7 @@ class Slot:
 
     def run_command(self, argv: list[str], env: dict[str, str] | None, scratch: Path,
                     inputs: dict[str, Path] | None = None, outputs: list[str] | None = None,
-                    limits: Limits = Limits()) -> Outcome:
+                    limits: Limits = Limits(), listen: executor.Listen | None = None) -> Outcome:
         """``executor.run_command`` under the slot's memory cap; ``env`` None: the slot's env."""
         self._count("commands")
         if self._closed:
@@ -218,7 +218,7 @@ class Slot:
         outcome = executor.run_command(
             argv, env=env if env is not None else self.env, scratch=scratch, inputs=inputs,
             outputs=outputs, limits=dataclasses.replace(limits, memory_bytes=memory),
-            output_cap_bytes=self.output_cap_bytes, task_user=self.task_user)
+            output_cap_bytes=self.output_cap_bytes, task_user=self.task_user, listen=listen)
         if not outcome.ok:
             self.counters["failed"] += 1
         return outcome
@@ -244,7 +244,8 @@ class Slot:
         self.counters["tasks"] += 1
         self.counters[kind_counter] += 1
 
-    def _run_in_child(self, kind: str, message: dict, scratch: Path, limits: Limits) -> Outcome:
+    def _run_in_child(self, kind: str, message: dict, scratch: Path, limits: Limits,
+                      listen: executor.Listen | None = None) -> Outcome:
         started = time.monotonic()
         self._count(kind + "s")
         memory = self._task_memory(limits)
@@ -262,12 +263,12 @@ class Slot:
             return self._refused(kind, f"cannot prepare the scratch directory: {exc}",
                                  counted=True)
         try:
-            return self._run_with_output(kind, output_fd, frame, memory, limits, started)
+            return self._run_with_output(kind, output_fd, frame, memory, limits, started, listen)
         finally:
             os.close(output_fd)
 
     def _run_with_output(self, kind: str, output_fd: int, frame: bytes, memory: int | None,
-                         limits: Limits, started: float) -> Outcome:
+                         limits: Limits, started: float, listen: executor.Listen | None = None) -> Outcome:
         for name in ("stdout", "stderr"):
             _unlink_at(output_fd, name)
         with self._lock:
@@ -280,9 +281,12 @@ class Slot:
                                            f"{exc.strerror or exc}", counted=True)
             self._running = child
         cpu_before = child.cpu_total_s
+        tail = _OutputTail(output_fd, listen) if listen is not None else None
         try:
             ending = self._exchange(child, _LENGTH.pack(len(frame)) + frame, limits, started)
         finally:
+            if tail is not None:
+                tail.close()
             with self._lock:
                 self._running = None
                 closed = self._closed
@@ -591,6 +595,50 @@ def _absolute(value):
 
 def _bad_memory(memory: int) -> str:
     return f"memory limit must be a positive number of bytes, got {memory}"
+
+
+class _OutputTail(threading.Thread):
+    """What a callable appends to its output files, read a few times a second and told to
+    ``listen`` (stream, chunk) while it runs: a follower sees ``print`` live (worker.output).
+    Opened as ``_read_capped`` opens them: by name in the output directory, never through a
+    link. Reads at most ``TAIL_READ`` per file and pass, so a flood is followed late, not all."""
+
+    EVERY_S = 0.2
+    TAIL_READ = 256 << 10
+
+    def __init__(self, dir_fd: int, listen: executor.Listen) -> None:
+        super().__init__(name="output-tail", daemon=True)
+        self.dir_fd, self.listen = dir_fd, listen
+        self.offsets = {1: 0, 2: 0}
+        self.done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.wait(self.EVERY_S):
+            self.read()
+
+    def close(self) -> None:
+        self.done.set()
+        self.join()
+        self.read()  # what it wrote last
+
+    def read(self) -> None:
+        for stream, name in ((1, "stdout"), (2, "stderr")):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.dir_fd)
+            except OSError:
+                continue  # not written yet
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
+                chunk = os.pread(fd, self.TAIL_READ, self.offsets[stream])
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if chunk:
+                self.offsets[stream] += len(chunk)
+                self.listen(stream, chunk)
 
 
 def _read_capped(dir_fd: int, name: str, cap: int) -> bytes:

@@ -44,7 +44,8 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import msgspec
 
@@ -136,8 +137,11 @@ class TaskRunner:
     for a task then go under ``private_root`` (default: ``private`` beside ``scratch_root``)."""
 
     def __init__(self, name: str, scratch_root: Path, *, files: Any = None, links: LinkPool | None = None,
-                 copies: int = 1, task_user: TaskUser | None = None, private_root: Path | None = None) -> None:
+                 copies: int = 1, task_user: TaskUser | None = None, private_root: Path | None = None,
+                 listen: Callable[[bytes, int, int, bytes], None] | None = None) -> None:
         self.name = name
+        # (job, task, stream, chunk): hears a command's or a callable's output as it comes (worker.output)
+        self.listen = listen
         self.scratch_root = Path(os.path.abspath(scratch_root))
         self.files = files
         self.links = links
@@ -161,7 +165,7 @@ class TaskRunner:
             if request.kind == "call":
                 return self._call(slot, request, task, place, limits)
             if request.kind == "command":
-                return self._command(slot, run, task, place, limits)
+                return self._command(slot, request, run, task, place, limits)
             if request.kind == "tile":
                 return self._tile(slot, request, run, task, place, limits)
             if request.kind == "trace":
@@ -213,7 +217,7 @@ class TaskRunner:
         arguments = task.get("args")
         if not isinstance(arguments, bytes) or not request.program:
             raise TaskError("a call task needs the job's program (a pickled function) and the task's 'args' bytes")
-        outcome = slot.run_callable(request.program, arguments, place.scratch, limits)
+        outcome = slot.run_callable(request.program, arguments, place.scratch, limits, listen=self._listener(request))
         ended = self._base(outcome)
         if outcome.exception is not None and len(outcome.exception) <= INLINE_MAX:
             ended.summary["exception"] = outcome.exception  # what it raised, pickled: the caller raises it again
@@ -230,7 +234,7 @@ class TaskRunner:
             ended.summary["digest"] = output_digest(outcome.result or b"", task["compare"])
         return ended
 
-    def _command(self, slot: Any, run: dict, task: dict, place: _Place, limits: Limits) -> Ended:
+    def _command(self, slot: Any, request: WorkerRequest, run: dict, task: dict, place: _Place, limits: Limits) -> Ended:
         argv = task.get("argv", run.get("argv"))
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise TaskError("a command task needs 'argv': a non-empty list of strings")
@@ -249,7 +253,7 @@ class TaskRunner:
             if fid is None:
                 raise TaskError(f"input {name!r}: {hex_id!r} is not a file id (32 hex digits)")
             inputs[name] = self._path(fid, place)
-        outcome = slot.run_command(argv, env, place.scratch, inputs, outputs, limits)
+        outcome = slot.run_command(argv, env, place.scratch, inputs, outputs, limits, listen=self._listener(request))
         ended = self._base(outcome)
         ended.summary["exit_code"] = outcome.exit_code
         for name, path in sorted(outcome.outputs.items()):
@@ -319,6 +323,11 @@ class TaskRunner:
         return ended
 
     # ---- pieces ------------------------------------------------------------------------------
+
+    def _listener(self, request: WorkerRequest) -> Callable[[int, bytes], None] | None:
+        if self.listen is None:
+            return None
+        return partial(self.listen, join128(request.job_uuid_upper, request.job_uuid_lower), request.task_id)
 
     def _base(self, outcome: Outcome) -> Ended:
         summary: dict[str, Any] = {"wall_s": round(outcome.wall_s, 6), "cpu_s": round(outcome.cpu_s, 6)}

@@ -22,9 +22,10 @@ class StatusResult:
     error: str | None = None
 
 
-def query_status(addresses: list[str], timeout: float = 2.0) -> list[StatusResult]:
-    """Query every address in parallel; each gets ``timeout`` seconds to answer, with the keys
-    this process loaded for it (``cluster.node.keys``)."""
+def query_status(addresses: list[str], timeout: float = 2.0,
+                 credentials: keys.Credentials | None = None) -> list[StatusResult]:
+    """Query every address in parallel; each gets ``timeout`` seconds to answer, with
+    ``credentials``, else the keys this process loaded for it (``cluster.node.keys``)."""
     ctx = zmq.Context.instance()
     codec = Codec(new_node_id())
     pending: dict[zmq.Socket, tuple[str, int]] = {}
@@ -35,7 +36,7 @@ def query_status(addresses: list[str], timeout: float = 2.0) -> list[StatusResul
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             try:
-                keys.connect(sock, address)
+                keys.connect(sock, address, credentials)
             except zmq.ZMQError as exc:
                 sock.close()
                 results[address] = StatusResult(address, None, f"bad address: {exc}")

@@ -52,6 +52,16 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def command_failed(result: subprocess.CompletedProcess, *streamed: str) -> str:
+    """The one line `cluster submit` ends with when the command failed; before it, only the lines
+    the command itself wrote to stderr, as they came (``streamed``)."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert lines[:-1] == list(streamed), f"expected the command's own lines {streamed}, then one: {result.stderr!r}"
+    return lines[-1]
+
+
 def as_json(result: subprocess.CompletedProcess):
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
@@ -136,7 +146,7 @@ def test_jobs_task_tells_a_tasks_story_end_to_end(home):
 
 def test_submit_of_a_failing_command_is_one_line(home):
     failed = run(home, "submit", "--", "sh", "-c", "echo boom >&2; exit 3")
-    line = one_line_error(failed)
+    line = command_failed(failed, "boom")
     assert "exit status 3" in line and "boom" in line and JOB_ID.search(line)
     assert "--env 'novalue' is not K=V" in one_line_error(run(home, "submit", "--env", "novalue", "--", "true"))
     assert "not a file id" in one_line_error(run(home, "submit", "--input", "x=zz", "--", "true"))

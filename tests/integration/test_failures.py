@@ -14,7 +14,7 @@ import pytest
 from cluster.client import Client
 from cluster.up import is_ours
 
-from .test_cli_commands import JOB_ID, as_json, one_line_error, pids_of, run, wait_for
+from .test_cli_commands import JOB_ID, as_json, command_failed, one_line_error, pids_of, run, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ def home(tmp_path_factory):
 def test_submit_exits_with_the_commands_own_status_and_jobs_says_why(home):
     failed = run(home, "submit", "--", "sh", "-c", "echo first >&2; echo boom >&2; exit 4")
     assert failed.returncode == 4, failed.stderr
-    job = JOB_ID.search(one_line_error(failed)).group(0)
+    job = JOB_ID.search(command_failed(failed, "first", "boom")).group(0)
     shown = run(home, "jobs", job)
     assert shown.returncode == 0, shown.stderr
     assert "exit status 4" in shown.stdout and "    boom" in shown.stdout and "    first" in shown.stdout, shown.stdout
