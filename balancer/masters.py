@@ -151,6 +151,9 @@ class MasterStream:
             link.attach_sent = now
             return []
         if isinstance(m, Error):
+            if isinstance(m.detail, dict) and m.detail.get("code") == "not_attached":
+                self._count("reattached")  # the master restarted, or forgot us: attach again at once
+                return self.attach(now, epoch, ask, cause)
             return self._on_error(m, cause)
         return []
 

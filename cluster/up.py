@@ -269,7 +269,6 @@ def _bring_back(directory: Path, settings: Settings, change: localstate.Change, 
     for n in dead:
         if n["role"] == "worker":
             sweep_worker_mount(directory, n["name"], time.monotonic() + 10.0)
-    _wait_detached(directory, read_nodes(directory) or [], [n["name"] for n in dead])
     plan = [(n["role"], _node_of(n)) for n in dead] + _more_workers(directory, settings, change)
     if dead:
         say(f"starting what of the cluster in {directory} is not running: {', '.join(n['name'] for n in dead)}")
@@ -338,29 +337,9 @@ def restart(directory: Path, name: str, *, timeout: float = 60.0,
                       f"`cluster down{_dir_flag(directory)}` then `cluster up{_dir_flag(directory)}` restart it")
     if record.role == "worker":
         sweep_worker_mount(directory, name, time.monotonic() + 10.0)
-    _wait_detached(directory, records, [name])
     node = LocalNode(record.name, list(record.argv), record.address, Path(record.log))
     out = _launch(directory, [(record.role, node)], records, timeout, progress)
     return next(r for r in out if r.name == name)
-
-
-def _wait_detached(directory: Path, records: list[NodeRecord], dead: list[str], timeout: float = 5.0) -> None:
-    """Before a dead master starts again: wait (up to ``timeout``) until no balancer is attached
-    to it any more. A balancer notices a silent master after 1.5 s; a master restarted at its old
-    address sooner is found there again as a follower, and the balancer stayed attached to it
-    (seen: the cluster then never served until that master stopped again)."""
-    addresses = {r.address for r in records if r.name in dead and r.role == "master"}
-    balancers = [r.address for r in records if r.role == "balancer"]
-    if not addresses or not balancers:
-        return
-    learn_keys(directory / "cluster.toml")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        results = query_status(balancers, timeout=0.5)
-        links = [(res.reply.detail.get("master") or {}) for res in results if res.reply is not None]
-        if not any(link.get("attached") and link.get("address") in addresses for link in links):
-            return
-        time.sleep(0.1)  # the poll interval of a deadline loop, not a wait for the condition
 
 
 def _launch(directory: Path, plan: list[tuple[str, LocalNode]], others: list[NodeRecord], timeout: float,

@@ -216,9 +216,17 @@ class ClientApi:
         job = self.ledger.state.jobs.get(job_id) if job_id is not None else None
         return job_id if job is not None and not owns(ev.peer, job.client) else None
 
-    def on_heartbeat(self, ev: MessageReceived, m: Heartbeat, now: float) -> list[Effect]:
+    def on_heartbeat(self, ev: MessageReceived, m: Heartbeat, now: float, attached: bool = True) -> list[Effect]:
+        """A balancer's heartbeat on its stream. Answered in kind only by the leader it is
+        attached to: a follower says NOT_LEADER, and a leader it is not attached to (this master
+        restarted, or another balancer took the stream) says ``not_attached``, so a balancer
+        whose master came back as someone else re-attaches even when it has nothing else to say."""
         if m.reply:
             return []  # masters send no heartbeats: a stray answer
         self.standing.count("heartbeats")
-        # Followers answer too: a balancer learns "not leader" from the answers to its other messages.
+        if not self.standing.leading():
+            return [self.standing.not_leader(0, ev.route, ev.stimulus_id)]
+        if not attached:
+            return [app_error(ev, 0, AppReason.STALE_FENCE, "not_attached",
+                              "this master has no stream with you (it restarted, or another balancer attached): ATTACH again")]
         return [Send(API, Heartbeat(self.standing.view.term, m.sequence, 1), ev.route, ev.stimulus_id)]

@@ -181,7 +181,7 @@ class MasterCore:
             TaskQuery: self.api.on_task_query,
             FileLookup: self.api.on_file_lookup,
             FileList: self.api.on_file_list,
-            Heartbeat: self.api.on_heartbeat,
+            Heartbeat: self._on_heartbeat,
             TaskResult: self.stream.on_result,
             Attach: self.stream.on_attach,
             Credit: self.stream.on_credit,
@@ -201,6 +201,10 @@ class MasterCore:
             "compacted": (self._compacted, None, None),
             "leases": (self.specs.leases_ended, None, None),
         }
+
+    def _on_heartbeat(self, ev: MessageReceived, m: Heartbeat, now: float) -> list[Effect]:
+        link = self.stream.balancer
+        return self.api.on_heartbeat(ev, m, now, attached=link is not None and link.route == ev.route)
 
     # ---- events --------------------------------------------------------------------------
 

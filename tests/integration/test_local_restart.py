@@ -101,3 +101,22 @@ def test_a_sigkilled_worker_restarts_and_its_mount_ends(home):
     assert "stopped 8 node processes" in out(d, "down")
     assert not alive(again.pid)
     assert str(d) not in Path("/proc/mounts").read_text()
+
+
+def test_the_leader_sigkilled_and_restarted_at_once_serves_again(home):
+    """A master restarted at its old address within the balancer's 1.5 s liveness came back as a
+    follower (or a leader that no longer knew the stream) while the balancer stayed attached to
+    it, and the cluster never served again. The master now says NOT_LEADER or not_attached to the
+    balancer's heartbeats, and the balancer attaches to the leader."""
+    d, seen = home
+    up(d, seen, "--workers", "1", "--slots", "1")
+    statuses = json.loads(out(d, "status", "--json"))
+    leader = next(n for n in statuses["nodes"] if n["role"] == "master" and n.get("state") == "leader")
+    record = next(r for r in read_nodes(d) if r.name == leader["name"])
+    os.kill(record.pid, signal.SIGKILL)
+    wait_for(lambda: not alive(record.pid), 10, "the leader to die")
+    restarted = run(d, "restart", record.name)
+    seen += pids_of(d)
+    assert restarted.returncode == 0, restarted.stderr
+    done = run(d, "submit", "--", "echo", "served", timeout=60)
+    assert done.returncode == 0 and done.stdout == "served\n", done.stdout + done.stderr

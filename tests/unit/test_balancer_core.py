@@ -355,3 +355,12 @@ def test_many_workers_are_heartbeated_in_slices_and_none_is_skipped():
     h.tick()  # the last slice's timer never fired: those workers hear now, with the next round's first slice
     heard = {e.route for e in h.sent(Heartbeat, WORKERS)}
     assert {n.encode() for n in names[2 * BEAT_BATCH:]} <= heard and len(heard) == BEAT_BATCH + 50
+
+
+def test_a_master_that_forgot_the_stream_makes_the_balancer_attach_again_at_once():
+    h = active()
+    h.out.clear()
+    h.msg("m0", Error(0, 1003, Heartbeat.code, "ATTACH again", {"code": "not_attached"}))
+    (attach,) = h.sent(Attach)
+    assert attach.socket == "m0" and not h.core.stream.link.attached
+    assert h.core.counters["reattached"] == 1

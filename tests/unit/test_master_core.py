@@ -377,13 +377,27 @@ def test_an_assignment_committing_across_a_balancer_change_goes_to_the_new_balan
 # ---- heartbeats ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("role", ["leader", "follower"])
-def test_every_master_answers_a_heartbeat_with_its_term(role):
-    h = Harness(role=role, term=6)
+def test_the_leader_a_balancer_is_attached_to_answers_its_heartbeat_with_its_term():
+    h = Harness(term=6)
+    attach(h, 1)
     h.message(Heartbeat(2, 41, 0), BALANCER)
     (hb,) = h.take(Heartbeat)
     assert (hb.epoch, hb.sequence, hb.reply) == (6, 41, 1)
     assert not any(isinstance(e, (Send, Refuse)) for e in h.message(Heartbeat(2, 41, 1), BALANCER)), "an answer is not answered"
+
+
+def test_a_balancer_heartbeating_a_master_that_came_back_as_someone_else_is_told_so():
+    """A master restarted at once keeps its address: the balancer's link reconnects and its
+    heartbeats would be answered as ever, so it stayed attached to a follower, or to a leader
+    that no longer knew it, and the cluster never served again. Now each says so."""
+    follower = Harness(role="follower", term=6)
+    follower.message(Heartbeat(2, 41, 0), BALANCER)
+    (told,) = follower.take(NotLeader)
+    assert told.leader == "tcp://m2:5000" and not follower.take(Heartbeat)
+    leader = Harness(term=6)  # leads, but nobody attached since it started
+    leader.message(Heartbeat(2, 42, 0), BALANCER)
+    (err,) = leader.take(Error)
+    assert err.detail["code"] == "not_attached" and not leader.take(Heartbeat)
 
 
 # ---- watches ------------------------------------------------------------------------------------
