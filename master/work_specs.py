@@ -115,8 +115,9 @@ def _check_identity(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     name = spec.get("name")
     if not isinstance(name, str) or not name or len(name) > 200 or "/" in name:
         raise WorkSpecError("bad_spec", f"'name' must be 1-200 characters without '/', not {name!r}")
-    run = spec.get("run")
-    if not isinstance(run, dict) or not isinstance(run.get("kind"), str):
+    run = spec.get("run", {})
+    # No run: its units are for outside workers (a Coordinate gateway's), not the cluster's.
+    if not isinstance(run, dict) or (run and not isinstance(run.get("kind"), str)):
         raise WorkSpecError("bad_spec", "'run' must be a map with a 'kind' (call, command, tile...)")
     if (why := runs.problem(run)) is not None:
         raise WorkSpecError("bad_run", why)

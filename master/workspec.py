@@ -99,6 +99,8 @@ class WorkState:
                 proposed.setdefault(name, set()).add(task_id)
         demands = []
         for name, spec in self.specs.items():
+            if not spec.run:  # units for outside workers: the cluster's do not take them
+                continue
             counts = self.tables[name].counts
             k = len(proposed.get(name, ()))
             demands.append(Demand(name, spec.priority, spec.weight, counts[PENDING] + k, counts[AVAILABLE] - k,

@@ -451,6 +451,8 @@ def test_worker_sigkilled_mid_task_its_task_finishes_on_the_other(tmp_path):
         attempts = [(a["outcome"], a["worker"]) for a in view["attempts"]]
         other = next(w.name for w in c.workers if w is not victim)
         assert attempts == [("lost", victim_name), ("done", other)], view
+        lost = view["attempts"][0]["error"]  # the reason the ledger keeps, as `cluster jobs JOB` shows it
+        assert victim_name in lost and "silent" in lost, lost
         # The orphaned slot process ends by itself once its task is over (its pipes are gone).
         c.wait(lambda: not any(alive(p) for p in children), 15,
                f"the slot processes {children} of the killed worker to exit")

@@ -101,3 +101,13 @@ def test_a_spec_whose_run_no_worker_runs_is_refused_at_once():
             w.add_spec({"name": "bad2", "run": run})
         assert caught.value.code == "bad_run" and words in caught.value.text
     assert "bad2" not in w.specs
+
+
+def test_a_spec_without_run_is_for_outside_workers_and_never_handed_to_the_clusters():
+    w = WorkState()
+    w.add_spec({"name": "outside"})  # a Coordinate gateway's: its own workers take the units
+    w.add_spec({"name": "inside", "run": {"kind": "call"}})
+    w.add_units("outside", [["a", b""]])
+    w.add_units("inside", [["b", b""]])
+    assert w.ready(10) == [(spec_id("inside"), 0)]
+    assert {r["spec"]: r["available"] for r in w.summary()} == {"outside": 1, "inside": 1}
