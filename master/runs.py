@@ -39,7 +39,8 @@ def _strings(value: Any) -> str | None:
 
 
 def _names(value: Any) -> str | None:
-    ok = isinstance(value, list) and all(isinstance(v, str) and v and "/" not in v for v in value)
+    # paths in the task's scratch directory, e.g. "d/out.txt"; the worker checks where they lead
+    ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
     return None if ok else "must be a list of file names"
 
 
