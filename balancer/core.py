@@ -72,6 +72,7 @@ from cluster.node.events import (
 from proto.errors import AppReason
 from proto.ids import join128, split128
 from proto.messages import (
+    Attach,
     Outcome,
     Error,
     Heartbeat,
@@ -93,6 +94,7 @@ LOST, FAILED = Outcome.LOST, Outcome.FAILED
 # in slices. 1,000 of them in one burst held the loop for 20-60 ms each tick (bench/batch.py,
 # 1,000 simulated workers), and a result arriving meanwhile waited that long for its next task.
 BEAT_BATCH = 100
+EPOCH_RAISE_S = 2.0  # at most one epoch raise (to outbid a stale attachment) per this many seconds
 WAITING_EVERY_S = 1.0  # how often the tasks that wait, and why, are told to the master (TASK_WAITING)
 
 _need_of = need_of  # the name tests/unit/test_master_core.py imports from here
@@ -163,6 +165,7 @@ class BalancerCore:
         self.worker_output: dict[str, str] = {}  # where each worker serves its tasks' output ("" if nowhere)
         self.beat_due: list[bytes] = []  # routes still to heartbeat this interval (see BEAT_BATCH)
         self.beat_gap = options.interval  # seconds between two slices of them
+        self.epoch_raised_at = float("-inf")  # when an ATTACH refused as stale last raised the epoch
         self.waiting_due = 0.0  # when TASK_WAITING is next told to the master
         self.waiting_told = False  # the last one said some wait: the next says so even when none do
 
@@ -412,7 +415,30 @@ class BalancerCore:
             return self._route_acks(m, ev.stimulus_id)
         if isinstance(m, Error) and m.refers_to == TaskResult.code:
             return self._on_result_refused(ev, m)
+        if isinstance(m, Error) and m.refers_to == Attach.code and isinstance(m.detail, dict) \
+                and m.detail.get("code") == "stale_balancer":
+            return self._outbid(m, now, ev.stimulus_id)
         return self.stream.on_message(m, now, self.epoch, self._attach_ask(), ev.stimulus_id)
+
+    def _outbid(self, refusal: Error, now: float, cause: str) -> list[Effect]:
+        """The masters refused ATTACH: another balancer attached with a newer epoch (it was
+        active while this one was cut off, and has stood down since, as Binary Star says). This
+        one is the active one now, so it takes an epoch above theirs and attaches again, rather
+        than be refused forever (the wedge seen after a heal). At most once per EPOCH_RAISE_S:
+        in a split where both are active, the masters' fencing keeps every result once, and the
+        two take turns with the stream, not a storm of ATTACHes, until the split heals."""
+        theirs = refusal.detail.get("epoch")
+        if not isinstance(theirs, int) or isinstance(theirs, bool) or theirs < self.epoch:
+            return self.stream.on_message(refusal, now, self.epoch, self._attach_ask(), cause)
+        if now - self.epoch_raised_at < EPOCH_RAISE_S:
+            self.stream.link.attached = False
+            return []  # the stream's tick retries ATTACH after attach_retry
+        self.epoch_raised_at = now
+        self.epoch = theirs + 1
+        self._count("epoch_raised")
+        self.stream.reset()
+        return [Log(logging.WARNING, f"the masters hold a newer balancer epoch ({theirs}): attaching with {self.epoch}",
+                    cause)] + self._attach(now, cause)
 
     def _route_acks(self, m: ResultAck, cause: str) -> list[Effect]:
         """Each acknowledgement to the worker that sent the result, one message per worker."""

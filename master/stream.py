@@ -127,8 +127,9 @@ class BalancerStream:
         if refusal is not None:
             return [refusal]
         if self.balancer is not None and m.epoch < self.balancer.epoch:
-            return [app_error(ev, m.request_id, AppReason.STALE_FENCE, "stale_balancer",
-                              f"balancer epoch {m.epoch} is older than the active balancer's ({self.balancer.epoch})")]
+            return [app_error_to(ev.route, m.request_id, AppReason.STALE_FENCE, "stale_balancer",
+                                 f"balancer epoch {m.epoch} is older than the active balancer's ({self.balancer.epoch})",
+                                 ev.stimulus_id, refers_to=m.code, extra={"epoch": self.balancer.epoch})]
         replaced = self.balancer is not None and self.balancer.route != ev.route
         self.balancer = BalancerLink(ev.route, m.epoch, m.name, m.credit)
         self.waiting.forget()  # the new balancer will say what waits with it

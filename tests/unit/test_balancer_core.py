@@ -364,3 +364,22 @@ def test_a_master_that_forgot_the_stream_makes_the_balancer_attach_again_at_once
     (attach,) = h.sent(Attach)
     assert attach.socket == "m0" and not h.core.stream.link.attached
     assert h.core.counters["reattached"] == 1
+
+
+def test_an_active_balancer_refused_as_stale_outbids_the_epoch_the_masters_hold_at_most_every_two_seconds():
+    """After a heal, the primary is active again but the backup attached with a newer epoch
+    while it was cut off: the masters refused the primary forever and no task ran (issue 22)."""
+    h = active()
+    mine = h.core.epoch
+    h.out.clear()
+    stale = Error(1, 1003, Attach.code, "older", {"code": "stale_balancer", "epoch": mine + 5})
+    h.msg("m0", stale)
+    (again,) = h.sent(Attach)
+    assert again.message.epoch == mine + 6 and h.core.counters["epoch_raised"] == 1
+    h.out.clear()
+    h.msg("m0", Error(1, 1003, Attach.code, "older", {"code": "stale_balancer", "epoch": mine + 9}))
+    assert not h.sent(Attach) and h.core.epoch == mine + 6  # not twice within EPOCH_RAISE_S
+    h.now += 2.5
+    h.msg("m0", Error(1, 1003, Attach.code, "older", {"code": "stale_balancer", "epoch": mine + 9}))
+    (again,) = h.sent(Attach)
+    assert again.message.epoch == mine + 10

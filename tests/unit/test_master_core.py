@@ -807,3 +807,12 @@ def test_the_task_log_index_drops_exactly_the_oldest_events():
         for task in range(4):
             want = [n for j, t, n in kept if (j, t) == (job, task)]
             assert [int(e["at"]) for e in log.of(job, task)] == want
+
+
+def test_an_older_balancers_attach_is_refused_naming_the_epoch_it_must_outbid():
+    h = Harness()
+    attach(h, 1, epoch=10)
+    h.message(Attach(1, 7, 1, "b2"), b"other-balancer")
+    (err,) = h.take(Error)
+    assert (err.refers_to, err.detail) == (Attach.code, {"code": "stale_balancer", "epoch": 10})
+    assert h.core.stream.balancer.epoch == 10  # the attached stream stays as it was
