@@ -6,8 +6,10 @@
 #   fuse3                 : the workers' read-only FUSE view (mfusepy binds libfuse3)
 #   samtools              : tests check the SAM output with samtools view (skipped without it)
 #   strace                : a test reads a master's syscalls to prove its term and vote are fsynced
+#   iproute2, nftables    : tests/rack puts every node on its own host (network namespaces on a
+#                           bridge) and cuts the links between them (nft rules inside the namespaces)
 set -euo pipefail
-want=(python3 python3-venv gcc libc6-dev fuse3 samtools strace)
+want=(python3 python3-venv gcc libc6-dev fuse3 samtools strace iproute2 nftables)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
