@@ -326,6 +326,8 @@ class Rack:
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
                "HOME": str(host.root / "var" / "lib" / "cluster"),
                **{k: installed(v, host.root) for k, v in host.unit.environment.items()}}
+        if "PYTHONPATH" in os.environ:  # another checkout's code under this venv (e.g. an older commit's)
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
         with open(self.log(name), "ab") as log:
             log.write(f"---- rack: {shlex.join(host.command())}\n".encode())
