@@ -9,6 +9,7 @@ rack that serves as a whole and leaves it healed. The times each fault cost are 
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -270,3 +271,89 @@ def test_pair_split_with_its_workers_mid_run_then_healed(healthy: Rack):
           f"{split:.2f} s, all work done {finished:.2f} s after the split; after the heal the rack served as a "
           f"whole in {settled:.2f} s (active: {rack.active()}), new work took {after:.2f} s; duplicate "
           f"completions refused: {duplicates}")
+
+
+# ---- e: the active balancer cut off from the workers, not from its peer nor the masters ---------------
+#
+# Binary Star's rule (zguide ch. 4): the passive one takes over only when its peer is silent AND
+# a client (a worker) turns to it. Here the peer is not silent, so the passive one sends the
+# workers back ("balancer 1 is passive; turning to balancer 0") and they bounce between the two
+# for as long as the cut lasts: nothing runs, nothing is lost, and work goes on after the heal.
+
+
+def test_active_balancer_cut_off_from_the_workers_only_nothing_lost_work_goes_on_after_heal(healthy: Rack):
+    rack = healthy
+    old = rack.active()
+    with rack.client() as c:
+        futures, expected, calls = start_work(c, 200, 20, "e")
+        tally = Tally(futures)
+        rack.wait(lambda: tally.done() >= 40, 60, "40 tasks done before the cut")
+        cut = time.monotonic()
+        done_at_cut = tally.done()
+        rack.cut([old], rack.role("worker"))
+        rack.wait(lambda: all((d := rack.detail(w)) and d["state"] == "registering" for w in rack.role("worker")),
+                  10, f"the workers to find {old} silent")
+        stall = rack.wait(lambda: time.monotonic() - cut >= 4 and tally.done(), 10, "4 s of the cut")
+        rack.heal()
+        healed = time.monotonic()
+        assert results(futures, calls, 60) == expected
+        finished = time.monotonic() - healed
+        assert done_at_cut < len(futures), "the work was all done before the cut"
+        assert all(len(t) == 1 for t in tally.times.values()) and len(tally.times) == len(futures)
+        rack.wait_healthy(30)
+        after = work_goes_on(rack, c, "e-after")
+        duplicates = recorded_once(c, futures)
+    print(f"\n[rack e] cut {old} from the workers at {done_at_cut}/{len(futures)} done: {stall}/{len(futures)} done "
+          f"4 s into the cut; all done {finished:.2f} s after the heal (active: {rack.active()}), new work took "
+          f"{after:.2f} s; duplicate completions refused: {duplicates}")
+
+
+@pytest.mark.xfail(strict=True, reason="Binary Star: while the active balancer hears its peer, the passive one "
+                   "refuses the workers that turn to it, so a balancer cut off from every worker (but not from "
+                   "its peer) stalls all work until the cut heals; the pair would need the active one's worker "
+                   "count in its state, and a takeover rule for an active one that has none")
+def test_active_balancer_cut_off_from_the_workers_only_work_goes_on_during_the_cut(healthy: Rack):
+    rack = healthy
+    old = rack.active()
+    with rack.client() as c:
+        rack.cut([old], rack.role("worker"))
+        try:
+            assert c.submit(double, 21).result(timeout=10) == 42
+        finally:
+            rack.heal()
+
+
+# ---- f: the active balancer paused (SIGSTOP) mid-run, then continued --------------------------------
+
+
+def test_active_balancer_paused_mid_run_then_continued(healthy: Rack):
+    rack = healthy
+    old = rack.active()
+    new = other(rack.role("balancer"), old)
+    with rack.client() as c:
+        futures, expected, calls = start_work(c, 200, 20, "f")
+        tally = Tally(futures)
+        rack.wait(lambda: tally.done() >= 40, 60, "40 tasks done before the pause")
+        paused = time.monotonic()
+        done_at_pause = tally.done()
+        rack.signal(old, signal.SIGSTOP)
+        try:
+            rack.wait(lambda: (d := rack.detail(new)) and d["state"] == "active" and d["master"].get("attached"),
+                      20, f"{new} to take over from the paused {old}")
+            takeover = time.monotonic() - paused
+            moved = tally.done()
+            rack.wait(lambda: tally.done() >= moved + 10, 20, f"10 tasks done through {new} while {old} is paused")
+            resumed = time.monotonic() - paused
+        finally:
+            rack.signal(old, signal.SIGCONT)
+        continued = time.monotonic()
+        assert results(futures, calls, 120) == expected
+        assert done_at_pause < len(futures), "the work was all done before the pause"
+        assert all(len(t) == 1 for t in tally.times.values()) and len(tally.times) == len(futures)
+        rack.wait_healthy(30)
+        settled = time.monotonic() - continued
+        after = work_goes_on(rack, c, "f-after")
+        duplicates = recorded_once(c, futures)
+    print(f"\n[rack f] paused {old} at {done_at_pause}/{len(futures)} done: {new} active and attached after "
+          f"{takeover:.2f} s, 10 more tasks done {resumed:.2f} s after the pause; continued, the rack served as a whole {settled:.2f} s later (active: {rack.active()}), "
+          f"new work took {after:.2f} s; duplicate completions refused: {duplicates}")
