@@ -494,6 +494,8 @@ class Rack:
             for pid, started in host.strays.items():
                 if _start_time(pid) == started:
                     os.kill(pid, signal.SIGKILL)
+        for host in self.nodes():  # a veth pair goes with its bridge end at once (with its namespace, later)
+            subprocess.run(["ip", "link", "del", host.veth], capture_output=True)
         for ns in self.namespaces:
             done = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
             if done.returncode != 0:
@@ -504,4 +506,8 @@ class Rack:
             if done.returncode != 0:
                 problems.append(f"ip link del {self.bridge}: {done.stderr.strip()}")
             self._bridge_made = False
+        left = [ns for ns in _run(["ip", "netns", "list"]).split() if ns.startswith(f"{self.prefix}-")]
+        left += [name for name in re.findall(r"^\d+: ([^:@]+)", _run(["ip", "-o", "link", "show"]), re.M)
+                 if name.startswith(self.prefix)]
+        problems += [f"left behind: {name}" for name in left]
         return problems
