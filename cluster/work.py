@@ -50,8 +50,10 @@ class Work:
         many were added. A refused batch raises ClusterError naming it; batches before it stay."""
         it = iter(units)
         total = 0
+        window = 1  # the first batch alone finds the leader; then WINDOW at a time, sent in order to it, so
+        # units keep the file's order (a batch redirected by a follower would be retried after later ones)
         while True:
-            chunk = list(islice(it, batch * WINDOW))
+            chunk = list(islice(it, batch * window))
             if not chunk:
                 return total
             calls, sizes = [], []
@@ -61,7 +63,8 @@ class Work:
                 key = os.urandom(16)  # one per batch, kept across its retries
                 calls.append(self.client.link.call(
                     lambda rid, part=part, key=key: WorkMessage(rid, "add_units", spec, part, key), write=True))
-            self.client.link.run(calls, WINDOW, None)
+            self.client.link.run(calls, window, None)
+            window = WINDOW
             for k, call in enumerate(calls):
                 if call.error is not None:
                     first = total + k * batch  # the units that batch holds, not a whole batch's worth
