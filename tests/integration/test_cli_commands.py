@@ -9,6 +9,7 @@ must be one line on stderr (never a traceback) with a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -82,11 +83,12 @@ def pids_of(home: Path) -> list[int]:
     return pids + [int(f.read_text().split()[0]) for f in home.glob("*/mount.pid")]
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """The CLUSTER_HOME of the module's running cluster; stopped by pid at the end."""
-    d = tmp_path_factory.mktemp("clicmd") / "home"
-    started = run(d, "up", "--workers", "1", "--slots", "1", timeout=120)
+@contextlib.contextmanager
+def local_cluster(tmp_path_factory, name: str, *up_args: str):
+    """The CLUSTER_HOME of a running `cluster up UP_ARGS`; at the end `cluster down`, then SIGKILL
+    by pid for anything of ours left, whatever happened. Other modules' fixtures use it too."""
+    d = tmp_path_factory.mktemp(name) / "home"
+    started = run(d, "up", *up_args, timeout=120)
     seen = pids_of(d)
     try:
         assert started.returncode == 0, started.stderr
@@ -97,6 +99,13 @@ def home(tmp_path_factory):
         for pid in seen:
             if is_ours(pid, d):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """The CLUSTER_HOME of the module's running cluster; stopped by pid at the end."""
+    with local_cluster(tmp_path_factory, "clicmd", "--workers", "1", "--slots", "1") as d:
+        yield d
 
 
 def test_submit_prints_output_and_jobs_shows_it(home):

@@ -6,33 +6,19 @@ at the end whatever happened (`cluster down`, then SIGKILL by pid for anything o
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 
 from cluster.client import Client
-from cluster.up import is_ours
 
-from .test_cli_commands import JOB_ID, as_json, command_failed, one_line_error, pids_of, run, wait_for
+from .test_cli_commands import JOB_ID, as_json, command_failed, local_cluster, one_line_error, run, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    d = tmp_path_factory.mktemp("failures") / "home"
-    started = run(d, "up", "--workers", "1", "--slots", "1", timeout=120)
-    seen = pids_of(d)
-    try:
-        assert started.returncode == 0, started.stderr
+    with local_cluster(tmp_path_factory, "failures", "--workers", "1", "--slots", "1") as d:
         yield d
-    finally:
-        seen += pids_of(d)
-        run(d, "down", timeout=60)
-        for pid in seen:
-            if is_ours(pid, d):
-                os.kill(pid, signal.SIGKILL)
 
 
 def test_submit_exits_with_the_commands_own_status_and_jobs_says_why(home):

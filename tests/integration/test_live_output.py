@@ -7,8 +7,6 @@ happened (`cluster down`, then SIGKILL by pid for anything of ours left)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 
@@ -17,27 +15,16 @@ import pytest
 from cluster.client import Client, ClusterError
 from cluster.local import make_keys
 from cluster.node import keys
-from cluster.up import is_ours
 
-from .test_cli_commands import CLUSTER, JOB_ID, env_for, pids_of, run
+from .test_cli_commands import CLUSTER, JOB_ID, env_for, local_cluster, run
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    d = tmp_path_factory.mktemp("live") / "home"
-    started = run(d, "up", "--workers", "1", "--slots", "2", timeout=120)
-    seen = pids_of(d)
-    try:
-        assert started.returncode == 0, started.stderr
+    with local_cluster(tmp_path_factory, "live", "--workers", "1", "--slots", "2") as d:
         yield d
-    finally:
-        seen += pids_of(d)
-        run(d, "down", timeout=60)
-        for pid in seen:
-            if is_ours(pid, d):
-                os.kill(pid, signal.SIGKILL)
 
 
 def timed_lines(proc: subprocess.Popen) -> list[tuple[float, str]]:
