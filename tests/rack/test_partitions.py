@@ -108,6 +108,16 @@ def work_goes_on(rack: Rack, c: Client, tag: str) -> float:
     return time.monotonic() - t
 
 
+def heal_and_go_on(rack: Rack, c: Client, futures, tag: str) -> tuple[float, float, int]:
+    """Heal, wait until the rack serves as a whole, run new work, check ``futures`` recorded once:
+    (seconds to serve again after the heal, seconds the new work took, duplicates refused)."""
+    rack.heal()
+    healed = time.monotonic()
+    rack.wait_healthy(30)
+    settled = time.monotonic() - healed
+    return settled, work_goes_on(rack, c, tag), recorded_once(c, futures)
+
+
 def other(pair: list[str], name: str) -> str:
     return next(n for n in pair if n != name)
 
@@ -134,12 +144,7 @@ def test_active_balancer_cut_off_mid_run_then_healed_work_still_runs(healthy: Ra
         assert done_at_cut < len(futures), "the work was all done before the cut"
         assert all(len(t) == 1 for t in tally.times.values()) and len(tally.times) == len(futures)
 
-        rack.heal()
-        healed = time.monotonic()
-        rack.wait_healthy(30)
-        settled = time.monotonic() - healed
-        after = work_goes_on(rack, c, "a-after")
-        duplicates = recorded_once(c, futures)
+        settled, after, duplicates = heal_and_go_on(rack, c, futures, "a-after")
     print(f"\n[rack a] cut {old} at {done_at_cut}/{len(futures)} done; {new} active and attached after "
           f"{takeover:.2f} s, first task through it {resumed:.2f} s after the cut; after the heal the rack "
           f"served as a whole in {settled:.2f} s (active: {rack.active()}), new work took {after:.2f} s; "
@@ -263,12 +268,7 @@ def test_pair_split_with_its_workers_mid_run_then_healed(healthy: Rack):
         assert done_at_cut < len(futures), "the work was all done before the split"
         assert all(len(t) == 1 for t in tally.times.values()) and len(tally.times) == len(futures)
 
-        rack.heal()
-        healed = time.monotonic()
-        rack.wait_healthy(30)
-        settled = time.monotonic() - healed
-        after = work_goes_on(rack, c, "d-after")
-        duplicates = recorded_once(c, futures)
+        settled, after, duplicates = heal_and_go_on(rack, c, futures, "d-after")
     print(f"\n[rack d] split {{{b1},{w1}}} | {{{b2},{w2}}} at {done_at_cut}/{len(futures)} done: both active after "
           f"{split:.2f} s, all work done {finished:.2f} s after the split; after the heal the rack served as a "
           f"whole in {settled:.2f} s (active: {rack.active()}), new work took {after:.2f} s; duplicate "
