@@ -39,6 +39,18 @@ class FileRef:
         return self.id  # an f-string or a command line gets the id, as `cluster upload` prints it
 
 
+class UploadFailed(ClusterError):
+    """An upload that did not make its copies durable: nothing was registered. ``status`` is the
+    ``proto.errors.StorageStatus`` a node refused it with (None: no node answered, or too few
+    copies could be made); ``retryable``: worth trying again once the storage nodes are back
+    (the nodes resume their partial copies), not when the file itself was refused."""
+
+    def __init__(self, text: str, status: int | None, retryable: bool) -> None:
+        super().__init__(text)
+        self.status = status
+        self.retryable = retryable
+
+
 def file_id_text(ref: FileRef | str | bytes, what: str = "file") -> str:
     """The hex id of a file given as a ``FileRef`` (what ``upload`` returns), its id as 32 hex
     digits, or 16 bytes: what every API that takes a file id accepts. ClusterError for
@@ -78,9 +90,10 @@ def upload_file(masters: MasterLink, storage: dict[str, str], path: str | os.Pat
                                  origin="client", progress=progress)
     except TransferError as exc:
         if exc.status is not None and not exc.retryable:
-            raise ClusterError(f"upload of {path} refused: {exc}") from None
-        raise ClusterError(f"upload of {path} failed: {exc}; nothing was registered. "
-                           "Check `cluster status` and retry: the storage nodes resume partial uploads.") from None
+            raise UploadFailed(f"upload of {path} refused: {exc}", exc.status, False) from None
+        raise UploadFailed(f"upload of {path} failed: {exc}; nothing was registered. "
+                           "Check `cluster status` and retry: the storage nodes resume partial uploads.",
+                           exc.status, True) from None
     finally:
         links.close()
         os.close(fd)
