@@ -30,9 +30,19 @@ namespace drops on input (the sender's packets leave and vanish, as on a cut cab
 receiver is the client, the sender drops on output. ``signal``, ``kill`` and ``restart`` act on
 a host's node by pid.
 
+A slow network (this kernel has no netem): every host runs a delay proxy (tests/rack/netem.py)
+from the moment its link is made, and an nftables nat rule in its namespace sends every TCP
+connection coming in over its link through it, so each direction of every link, the client's
+included, passes one proxy. The proxies pass bytes straight through until ``delay(ms,
+jitter_ms)`` sets, at run time, a delay on the connections the given hosts accept (all hosts:
+every link, each way once; open connections too, as netem on a live link). ``loss(percent)``
+drops that share of the packets the given hosts receive, and of those they send the client
+(nftables ``numgen random``: TCP retransmits them). ``heal()`` clears delay and loss too.
+
 ``down()`` tears everything down whatever happened: the nodes by pid (SIGTERM, SIGKILL after a
 grace) and every descendant seen (checked by start time, so a reused pid is never signalled),
-then the namespaces and the bridge by name. Nothing is ever found or stopped by process name.
+and the hosts' delay proxies by pid, then the namespaces and the bridge by name. Nothing is ever
+found or stopped by process name.
 """
 
 from __future__ import annotations
@@ -56,6 +66,8 @@ from cluster.node import keys
 from cluster.node.config import load_cluster_config
 from cluster.node.status import query_status
 from cluster.pids import descendants
+
+from . import netem
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "deploy" / "systemd"
@@ -159,6 +171,7 @@ class Host:
     root: Path
     unit: Unit | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
+    proxy: subprocess.Popen | None = field(default=None, repr=False)  # its delay proxy (netem.py)
     strays: dict[int, str] = field(default_factory=dict)  # descendants seen: pid -> start time
 
     @property
@@ -219,6 +232,7 @@ class Rack:
     def up(self, timeout: float = 90.0) -> "Rack":
         self._make_network()
         self._lay_out()
+        self.wait(lambda: all(self._proxy_answers(h) for h in self.nodes()), 20, "every host's delay proxy")
         for host in self.nodes():
             self.start(host.name)
 
@@ -264,9 +278,27 @@ class Rack:
         for argv in (["link", "set", f"{veth}p", "name", "eth0"], ["addr", "add", f"{host.ip}/24", "dev", "eth0"],
                      ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
             _run(["ip", "-n", ns, *argv])
-        # The table the faults fill: a chain on input and one on output, accepting by default.
+        # The table the faults fill: a chain on input and one on output for cuts, the same for
+        # loss (a drop in either is final), accepting by default.
         self._nft(ns, "table inet rack {\n chain input { type filter hook input priority 0; policy accept; }\n"
-                      " chain output { type filter hook output priority 0; policy accept; }\n}\n")
+                      " chain output { type filter hook output priority 0; policy accept; }\n"
+                      " chain loss_in { type filter hook input priority 1; policy accept; }\n"
+                      " chain loss_out { type filter hook output priority 1; policy accept; }\n}\n")
+        self._nft(ns, netem.nat_rules())
+        self.log(host.name).parent.mkdir(parents=True, exist_ok=True)
+        host.proxy = netem.start(ns, self._control(host), self.log(f"{host.name}.netem"), seed=len(self.namespaces))
+
+    def _control(self, host: Host) -> Path:
+        return self.dir / "netem" / f"{host.name}.sock"
+
+    def _proxy_answers(self, host: Host) -> bool:
+        if host.proxy.poll() is not None:
+            raise RackError(f"{host.name}'s delay proxy exited ({host.proxy.returncode}): "
+                            f"{self.log(host.name + '.netem').read_text(errors='replace')[-2000:]}")
+        try:
+            return bool(netem.control(self._control(host), timeout=1.0))
+        except OSError:
+            return False
 
     def _nft(self, ns: str, script: str) -> None:
         _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], stdin=script)
@@ -383,11 +415,41 @@ class Rack:
         for ns, lines in rules.items():
             self._nft(ns, "\n".join(lines) + "\n")
 
+    def delay(self, ms: float, jitter_ms: float = 0.0, hosts: Iterable[str] | None = None) -> None:
+        """Delay each direction of every TCP connection the hosts of ``hosts`` (default: every
+        host, so every link) accept by ``ms`` +- a uniform ``jitter_ms``, order kept; 0 clears it."""
+        for name in self._hosts(hosts):
+            netem.control(self._control(self.hosts[name]), delay_ms=ms, jitter_ms=jitter_ms)
+
+    def loss(self, percent: float, hosts: Iterable[str] | None = None) -> None:
+        """Drop ``percent`` % of the packets the hosts of ``hosts`` (default: every host) receive
+        over their links, and of those they send the client; 0 clears it."""
+        for name in self._hosts(hosts):
+            host = self.hosts[name]
+            lines = ["flush chain inet rack loss_in", "flush chain inet rack loss_out"]
+            if percent > 0:
+                drop = f"numgen random mod 100000 < {round(percent * 1000)} drop"
+                lines += [f"add rule inet rack loss_in iif \"eth0\" {drop}",
+                          f"add rule inet rack loss_out oif \"eth0\" ip daddr {self.hosts[CLIENT].ip} {drop}"]
+            self._nft(host.netns, "\n".join(lines) + "\n")
+
+    def links(self, name: str) -> dict[str, Any]:
+        """Host ``name``'s delay proxy: its delay and jitter now, and the connections it carried."""
+        return netem.control(self._control(self.hosts[name]))
+
+    def _hosts(self, hosts: Iterable[str] | None) -> list[str]:
+        names = [h.name for h in self.nodes()] if hosts is None else list(hosts)
+        if unknown := [n for n in names if self.hosts[n].netns is None]:
+            raise RackError(f"{unknown}: only the rack's hosts have links to slow down (the client's are theirs)")
+        return names
+
     def heal(self) -> None:
-        """Undo every cut and isolation."""
+        """Undo every cut and isolation, and clear delay and loss."""
         for host in self.nodes():
-            self._nft(host.netns, "flush chain inet rack input\nflush chain inet rack output\n")
+            self._nft(host.netns, "flush chain inet rack input\nflush chain inet rack output\n"
+                                  "flush chain inet rack loss_in\nflush chain inet rack loss_out\n")
             _run(["ip", "link", "set", host.veth, "up"])
+        self.delay(0)
 
     # ---- what the nodes say ------------------------------------------------------------------
 
@@ -472,6 +534,19 @@ class Rack:
 
     # ---- tearing down -------------------------------------------------------------------------
 
+    def _stop_proxies(self, grace: float) -> None:
+        """The hosts' delay proxies, by pid: SIGTERM, SIGKILL after ``grace`` (they keep no state)."""
+        proxies = [h.proxy for h in self.nodes() if h.proxy is not None]
+        for proxy in proxies:
+            if proxy.poll() is None:
+                proxy.terminate()
+        for proxy in proxies:
+            try:
+                proxy.wait(grace)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+                proxy.wait(10)
+
     def down(self, grace: float = 5.0) -> list[str]:
         """Stop every node by pid (SIGTERM, SIGKILL after ``grace``) and every descendant seen,
         delete the namespaces and the bridge by name. Returns what could not be undone."""
@@ -494,6 +569,7 @@ class Rack:
             for pid, started in host.strays.items():
                 if _start_time(pid) == started:
                     os.kill(pid, signal.SIGKILL)
+        self._stop_proxies(grace)
         for host in self.nodes():  # a veth pair goes with its bridge end at once (with its namespace, later)
             subprocess.run(["ip", "link", "del", host.veth], capture_output=True)
         for ns in self.namespaces:
