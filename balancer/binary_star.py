@@ -27,16 +27,39 @@ draws them, with our departures marked:
   ACTIVE, and it is counted and logged. Fencing by epoch at the masters makes the stale side's
   assignments harmless either way.
 - Two PASSIVEs would leave nobody serving (zguide aborts): the primary becomes ACTIVE.
+- An ACTIVE one that reaches no worker while its peer hears them (ours; zguide has no such
+  rule). Each heartbeat says how many workers its sender has registered. A balancer cut off
+  from every worker, but not from its peer, purges them and announces 0; the workers turn to
+  the passive one, which zguide's rule refuses (the peer is not silent), so all work would stall
+  for as long as the cut lasts. So a peer that has announced ACTIVE with 0 workers for a whole
+  liveness period counts as *stranded*, and a client turning to the passive one then makes it
+  take over (``CLIENT_PEER_STRANDED``), as silence would. The stranded one hears the new active
+  one announce workers while it has none (``PEER_ACTIVE_SERVING``) and steps down, whichever
+  role it has, and the new one, hearing the reverse (``PEER_ACTIVE_IDLE``), keeps serving: of
+  two actives, the side with the workers serves; where both or neither have some, the backup
+  steps down as before. Only a client's turn can start this,
+  as with silence, so a pair whose workers reach neither side does not flap.
 - Every other event changes nothing and is ignored, as in zguide; the table says so with an
   ``IGNORE`` rule, so that it covers every state a role can be in and every event. A state the
   role cannot be in (a backup in PRIMARY) has no rules: an event there is a
   ``BinaryStarError``.
 
-A client turning to this balancer is one of three events, decided before the table is read:
+A client turning to this balancer is one of four events, decided before the table is read:
 the peer was never heard and its first ``peer_expiry`` is still ahead (``CLIENT_PEER_UNKNOWN``),
-it was heard and is not yet silent (``CLIENT_PEER_ALIVE``), or it is silent past
-``peer_expiry`` (``CLIENT_PEER_SILENT``). zguide tests ``now >= peer_expiry`` inside its
+it is silent past ``peer_expiry`` (``CLIENT_PEER_SILENT``), it is heard but stranded
+(``CLIENT_PEER_STRANDED``), or heard and serving (``CLIENT_PEER_ALIVE``). Likewise a heartbeat
+saying ACTIVE is ``PEER_ACTIVE_SERVING`` when it announces workers and this one has none, and
+``PEER_ACTIVE_IDLE`` the other way round. zguide tests ``now >= peer_expiry`` inside its
 CLIENT_REQUEST handlers; naming the outcomes keeps the table pure data.
+
+A heartbeat is news only while it is fresh. A PUB socket and the kernel hold what the peer sent
+while the link was cut and deliver it all when it heals: seconds-old heartbeats saying "active,
+with workers" would make a backup step down that has since taken over those workers. Each
+heartbeat carries its sender's clock; ``fresh`` keeps the least lag seen (now minus that clock:
+the clocks' offset plus the link's delay) and drops a heartbeat that arrives more than a
+liveness period later than that, which is no newer than silence. The least lag is forgotten
+when the peer restarts (its sequence starts again), so a peer on a host with another clock is
+measured afresh.
 
 Everything is a method taking ``now``; no clock, sockets or threads (tests drive every
 transition directly). The balancer's loop sends ``heartbeat()`` every ``interval`` seconds
@@ -76,6 +99,9 @@ class StarEvent(enum.Enum):
     CLIENT_PEER_UNKNOWN = "client_peer_unknown"  # a client turned here; the peer never heard, not yet expired
     CLIENT_PEER_ALIVE = "client_peer_alive"  # ... the peer heard within its liveness
     CLIENT_PEER_SILENT = "client_peer_silent"  # ... the peer silent past peer_expiry
+    CLIENT_PEER_STRANDED = "client_peer_stranded"  # ... the peer heard, active with no worker for a period
+    PEER_ACTIVE_SERVING = "peer_active_serving"  # the peer is active with workers and this one has none
+    PEER_ACTIVE_IDLE = "peer_active_idle"  # the peer is active with no worker and this one has some
 
 
 class Action(enum.Enum):
@@ -119,6 +145,9 @@ _PR, _BK, _AC, _PA = State.PRIMARY, State.BACKUP, State.ACTIVE, State.PASSIVE
 _E = StarEvent
 _IGNORE, _SETTLE, _SERVE, _REFUSE, _TAKE_OVER = Action.IGNORE, Action.SETTLE, Action.SERVE, Action.REFUSE, Action.TAKE_OVER
 _TAKING_OVER = "peer silent for {silence:g} s and a client turned to this one: taking over"
+_STRANDED = "the active peer has reached no worker for {silence:g} s and a worker turned to this one: taking over"
+_YIELD = "both sides active: the peer has the workers and this one none, so it stands by"
+_KEEP = "both sides active: this one has the workers and the peer none, so it keeps serving"
 
 # The whole machine: role -> (state, event) -> rule. zguide chapter 4, "Binary Star", its state
 # chart and bstar.c's s_execute_fsm, with the departures listed in the module docstring.
@@ -131,6 +160,9 @@ TRANSITIONS: dict[Role, dict[tuple[State, StarEvent], Rule]] = {
         (_PR, _E.CLIENT_PEER_UNKNOWN): Rule(_PR, _REFUSE, "give the backup its chance to show up first"),
         (_PR, _E.CLIENT_PEER_ALIVE): Rule(_AC, _SERVE, "a client turned to this primary and no backup answers: it serves"),
         (_PR, _E.CLIENT_PEER_SILENT): Rule(_AC, _SERVE, "a client turned to this primary and no backup answers: it serves"),
+        (_PR, _E.CLIENT_PEER_STRANDED): Rule(_AC, _SERVE, "a client turned to this primary and no backup answers: it serves"),
+        (_PR, _E.PEER_ACTIVE_SERVING): Rule(_PA, _SETTLE, "peer is active (it took over): this primary stands by"),
+        (_PR, _E.PEER_ACTIVE_IDLE): Rule(_PA, _SETTLE, "peer is active (it took over): this primary stands by"),
         (_AC, _E.PEER_PRIMARY): Rule(_AC, _IGNORE, "already serving"),
         (_AC, _E.PEER_BACKUP): Rule(_AC, _IGNORE, "already serving"),
         (_AC, _E.PEER_ACTIVE): Rule(_AC, Action.DUAL_ACTIVE, "both sides active: the primary keeps serving"),
@@ -138,9 +170,15 @@ TRANSITIONS: dict[Role, dict[tuple[State, StarEvent], Rule]] = {
         (_AC, _E.CLIENT_PEER_UNKNOWN): Rule(_AC, _SERVE, "serving"),
         (_AC, _E.CLIENT_PEER_ALIVE): Rule(_AC, _SERVE, "serving"),
         (_AC, _E.CLIENT_PEER_SILENT): Rule(_AC, _SERVE, "serving"),
+        (_AC, _E.CLIENT_PEER_STRANDED): Rule(_AC, _SERVE, "serving"),
+        (_AC, _E.PEER_ACTIVE_SERVING): Rule(_PA, Action.DUAL_ACTIVE, _YIELD),
+        (_AC, _E.PEER_ACTIVE_IDLE): Rule(_AC, Action.DUAL_ACTIVE, _KEEP),
         (_PA, _E.PEER_PRIMARY): Rule(_AC, _SETTLE, "peer restarted as primary: this one serves"),
         (_PA, _E.PEER_BACKUP): Rule(_AC, _SETTLE, "peer restarted as backup: this one serves"),
         (_PA, _E.PEER_ACTIVE): Rule(_PA, _IGNORE, "the peer serves"),
+        (_PA, _E.PEER_ACTIVE_SERVING): Rule(_PA, _IGNORE, "the peer serves"),
+        (_PA, _E.PEER_ACTIVE_IDLE): Rule(_PA, _IGNORE, "the peer serves"),
+        (_PA, _E.CLIENT_PEER_STRANDED): Rule(_AC, _TAKE_OVER, _STRANDED),
         (_PA, _E.PEER_PASSIVE): Rule(_AC, Action.DUAL_PASSIVE, "both sides passive: the primary serves"),
         (_PA, _E.CLIENT_PEER_UNKNOWN): Rule(_PA, _REFUSE, "the peer may still serve"),
         (_PA, _E.CLIENT_PEER_ALIVE): Rule(_PA, _REFUSE, "the peer serves: the client should turn to it"),
@@ -154,6 +192,9 @@ TRANSITIONS: dict[Role, dict[tuple[State, StarEvent], Rule]] = {
         (_BK, _E.CLIENT_PEER_UNKNOWN): Rule(_BK, _REFUSE, "the primary may still come up"),
         (_BK, _E.CLIENT_PEER_ALIVE): Rule(_BK, _REFUSE, "the primary answers: the client should turn to it"),
         (_BK, _E.CLIENT_PEER_SILENT): Rule(_AC, _TAKE_OVER, _TAKING_OVER),
+        (_BK, _E.CLIENT_PEER_STRANDED): Rule(_AC, _TAKE_OVER, _STRANDED),
+        (_BK, _E.PEER_ACTIVE_SERVING): Rule(_PA, _SETTLE, "peer is active: this backup stands by"),
+        (_BK, _E.PEER_ACTIVE_IDLE): Rule(_PA, _SETTLE, "peer is active: this backup stands by"),
         (_AC, _E.PEER_PRIMARY): Rule(_AC, _IGNORE, "already serving"),
         (_AC, _E.PEER_BACKUP): Rule(_AC, _IGNORE, "already serving"),
         (_AC, _E.PEER_ACTIVE): Rule(_PA, Action.DUAL_ACTIVE, "both sides active (a healed partition): the backup steps down"),
@@ -161,9 +202,15 @@ TRANSITIONS: dict[Role, dict[tuple[State, StarEvent], Rule]] = {
         (_AC, _E.CLIENT_PEER_UNKNOWN): Rule(_AC, _SERVE, "serving"),
         (_AC, _E.CLIENT_PEER_ALIVE): Rule(_AC, _SERVE, "serving"),
         (_AC, _E.CLIENT_PEER_SILENT): Rule(_AC, _SERVE, "serving"),
+        (_AC, _E.CLIENT_PEER_STRANDED): Rule(_AC, _SERVE, "serving"),
+        (_AC, _E.PEER_ACTIVE_SERVING): Rule(_PA, Action.DUAL_ACTIVE, _YIELD),
+        (_AC, _E.PEER_ACTIVE_IDLE): Rule(_AC, Action.DUAL_ACTIVE, _KEEP),
         (_PA, _E.PEER_PRIMARY): Rule(_AC, _SETTLE, "peer restarted as primary: this one serves"),
         (_PA, _E.PEER_BACKUP): Rule(_AC, _SETTLE, "peer restarted as backup: this one serves"),
         (_PA, _E.PEER_ACTIVE): Rule(_PA, _IGNORE, "the peer serves"),
+        (_PA, _E.PEER_ACTIVE_SERVING): Rule(_PA, _IGNORE, "the peer serves"),
+        (_PA, _E.PEER_ACTIVE_IDLE): Rule(_PA, _IGNORE, "the peer serves"),
+        (_PA, _E.CLIENT_PEER_STRANDED): Rule(_AC, _TAKE_OVER, _STRANDED),
         (_PA, _E.PEER_PASSIVE): Rule(_PA, Action.DUAL_PASSIVE, "both sides passive: the primary will serve"),
         (_PA, _E.CLIENT_PEER_UNKNOWN): Rule(_PA, _REFUSE, "the peer may still serve"),
         (_PA, _E.CLIENT_PEER_ALIVE): Rule(_PA, _REFUSE, "the peer serves: the client should turn to it"),
@@ -206,6 +253,11 @@ class BinaryStar:
     peer_state: State | None = field(init=False, default=None)
     peer_expiry: float = field(init=False)
     last_heard: float | None = field(init=False, default=None)
+    workers: int = field(init=False, default=0)  # this side's registered workers, as the core last said
+    peer_workers: int = field(init=False, default=-1)  # the peer's, as its last heartbeat said (-1: it did not say)
+    peer_stranded_since: float | None = field(init=False, default=None)  # since when it announces ACTIVE with none
+    peer_lag: float | None = field(init=False, default=None)  # the least (now - the peer's clock) seen
+    peer_sequence: int = field(init=False, default=-1)  # the last heartbeat's sequence
     counters: dict[str, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -225,22 +277,61 @@ class BinaryStar:
 
     # ---- events ------------------------------------------------------------------------------
 
-    def on_peer(self, peer: State, now: float) -> Transition | None:
-        """The peer's heartbeat said it is in state ``peer``."""
+    def fresh(self, sent: float, sequence: int, now: float) -> bool:
+        """Whether a heartbeat the peer sent at ``sent`` (its clock) with ``sequence``, arriving
+        at ``now``, is news; a stale one is counted (``peer_stale``) and must be ignored."""
+        if sequence < self.peer_sequence:
+            self.peer_lag = None  # a restarted peer counts from 1 again: measure its clock afresh
+        self.peer_sequence = sequence
+        lag = now - sent
+        if self.peer_lag is None or lag < self.peer_lag:
+            self.peer_lag = lag
+            return True
+        if lag - self.peer_lag > self.period:
+            self._count("peer_stale")
+            return False
+        return True
+
+    def on_peer(self, peer: State, now: float, peer_workers: int = -1, workers: int | None = None) -> Transition | None:
+        """The peer's heartbeat said it is in state ``peer`` with ``peer_workers`` registered
+        (-1: a peer that does not say); ``workers`` is how many this side has now."""
+        if workers is not None:
+            self.workers = workers
         self.peer_state = peer
+        self.peer_workers = peer_workers
         self.last_heard = now
         self.peer_expiry = now + self.period
-        return self._apply(PEER_EVENTS[peer])[1]
+        if peer != State.ACTIVE or peer_workers != 0:
+            self.peer_stranded_since = None
+        elif self.peer_stranded_since is None:
+            self.peer_stranded_since = now
+        return self._apply(self.peer_event())[1]
 
-    def on_client(self, now: float) -> tuple[bool, Transition | None]:
+    def on_client(self, now: float, workers: int | None = None) -> tuple[bool, Transition | None]:
         """A master or worker turned to this balancer: (serve it?, any change of state)."""
+        if workers is not None:
+            self.workers = workers
         return self._apply(self.client_event(now))
 
+    def peer_event(self) -> StarEvent:
+        """The event the peer's last heartbeat is: its state, or for an active peer that has
+        workers where this one has none (or the other way round) ``PEER_ACTIVE_SERVING``
+        (``PEER_ACTIVE_IDLE``)."""
+        if self.peer_state == State.ACTIVE and self.peer_workers >= 0 and (self.peer_workers == 0) != (self.workers == 0):
+            return StarEvent.PEER_ACTIVE_SERVING if self.peer_workers > 0 else StarEvent.PEER_ACTIVE_IDLE
+        return PEER_EVENTS[self.peer_state]
+
     def client_event(self, now: float) -> StarEvent:
-        """Which of the three client events a client turning to this balancer at ``now`` is."""
+        """Which of the four client events a client turning to this balancer at ``now`` is."""
         if now >= self.peer_expiry:
             return StarEvent.CLIENT_PEER_SILENT
-        return StarEvent.CLIENT_PEER_UNKNOWN if self.peer_state is None else StarEvent.CLIENT_PEER_ALIVE
+        if self.peer_state is None:
+            return StarEvent.CLIENT_PEER_UNKNOWN
+        return StarEvent.CLIENT_PEER_STRANDED if self.peer_stranded(now) else StarEvent.CLIENT_PEER_ALIVE
+
+    def peer_stranded(self, now: float) -> bool:
+        """The peer, still heard, has announced ACTIVE with no worker for a whole liveness period."""
+        return self.peer_stranded_since is not None and now - self.peer_stranded_since >= self.period
 
     def rule(self, event: StarEvent) -> Rule:
         """The table's rule for ``event`` in the current state; ``BinaryStarError`` if none."""
@@ -268,6 +359,9 @@ class BinaryStar:
             "peer_state": None if self.peer_state is None else self.peer_state.name.lower(),
             "peer_alive": self.peer_alive(now),
             "peer_silent_s": None if self.last_heard is None else round(now - self.last_heard, 3),
+            "workers": self.workers,
+            "peer_workers": None if self.peer_workers < 0 else self.peer_workers,
+            "peer_stranded": self.peer_stranded(now),
             **self.counters,
         }
 
@@ -284,8 +378,10 @@ class BinaryStar:
         # without a heartbeat: in any state but ACTIVE, the last heartbeat heard leaves it there.
         if self.state == State.PASSIVE:
             assert self.peer_state is not None, "only a heartbeat makes a balancer passive"
+        if self.peer_stranded_since is not None:
+            assert self.peer_state == State.ACTIVE and self.peer_workers == 0, "only an active peer with no worker strands"
         if self.state != State.ACTIVE and self.peer_state is not None:
-            assert self.rule(PEER_EVENTS[self.peer_state]).new == self.state, \
+            assert self.rule(self.peer_event()).new == self.state, \
                 f"{self.state.name} is not where hearing {self.peer_state.name} leaves a {self.role.value}"
         if self.state in (State.ACTIVE, State.PASSIVE):
             assert self.counters.get(f"to_{self.state.name.lower()}", 0) >= 1, "a balancer starts unsettled"

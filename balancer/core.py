@@ -231,11 +231,16 @@ class BalancerCore:
         except ValueError:
             self._count("peer_bad_state")
             return [Log(logging.WARNING, f"peer {m.name} sent an unknown Binary Star state {m.state}; ignored", cause)]
+        if m.clock_ms >= 0 and not self.star.fresh(m.clock_ms / 1000, m.sequence, now):
+            return []  # sent before a cut healed: no newer than silence (balancer.binary_star)
         self.peer_epoch = max(self.peer_epoch, m.epoch)
         if m.workers:
             self.peer_workers = m.workers
-        t = self.star.on_peer(peer, now)
+        t = self.star.on_peer(peer, now, m.workers_registered, self._registered())
         return self._transition(t, now, cause)
+
+    def _registered(self) -> int:
+        return len(self.registry.workers()) if self.star.serving() else 0
 
     def _transition(self, t: Transition | None, now: float, cause: str) -> list[Effect]:
         if t is None or t.old == t.new:
@@ -269,7 +274,7 @@ class BalancerCore:
         return out
 
     def _client_turns(self, now: float, cause: str) -> tuple[bool, list[Effect]]:
-        serve, t = self.star.on_client(now)
+        serve, t = self.star.on_client(now, self._registered())
         return serve, self._transition(t, now, cause)
 
     # ---- workers -----------------------------------------------------------------------------
@@ -430,6 +435,9 @@ class BalancerCore:
         theirs = refusal.detail.get("epoch")
         if not isinstance(theirs, int) or isinstance(theirs, bool) or theirs < self.epoch:
             return self.stream.on_message(refusal, now, self.epoch, self._attach_ask(), cause)
+        if self._yielding(now):
+            self.stream.link.attached = False
+            return []  # the peer took over with the workers: this one stands down at its next heartbeat
         if now - self.epoch_raised_at < EPOCH_RAISE_S:
             self.stream.link.attached = False
             return []  # the stream's tick retries ATTACH after attach_retry
@@ -439,6 +447,13 @@ class BalancerCore:
         self.stream.reset()
         return [Log(logging.WARNING, f"the masters hold a newer balancer epoch ({theirs}): attaching with {self.epoch}",
                     cause)] + self._attach(now, cause)
+
+    def _yielding(self, now: float) -> bool:
+        """No worker is registered here and the peer is heard: this one does not take the stream
+        from the masters' newer attachment. Either the peer took over with the workers (this one
+        stands down at its next heartbeat) or the workers are on their way here (they register,
+        and the next refusal outbids). Outbidding now would only make the two take turns."""
+        return self._registered() == 0 and self.star.peer_alive(now)
 
     def _route_acks(self, m: ResultAck, cause: str) -> list[Effect]:
         """Each acknowledgement to the worker that sent the result, one message per worker."""
@@ -539,7 +554,9 @@ class BalancerCore:
     def _tick(self, now: float, cause: str) -> list[Effect]:
         self.peer_seq += 1
         out: list[Effect] = [Send(PEER_OUT, PeerState(int(self.star.heartbeat()), self.epoch, self.peer_seq,
-                                                      self.name, self.workers_endpoint), None, cause)]
+                                                      self.name, self.workers_endpoint, self._registered(),
+                                                      int(now * 1000)),
+                                  None, cause)]
         if not self.star.serving():
             return out
         out += self._expire(now, cause)

@@ -534,11 +534,15 @@ CLUSTER_STATIC_ASSERT(sizeof(struct cluster_attached) == CLUSTER_ATTACHED_HEADER
  * PEER_STATE (27): A balancer's Binary Star heartbeat to its peer: its `state`
  * (balancer.binary_star.State: 1 primary, 2 backup, 3 active, 4 passive) and `epoch` (grows
  * each time one becomes active; the masters fence balancers by it). `workers` is the endpoint
- * workers use, so a passive one can send them to the active one.
+ * workers use, so a passive one can send them to the active one; `workers_registered` how many
+ * workers it has registered (-1 from a sender that does not say), so that an active one that
+ * reaches none can be taken over from (balancer.binary_star); `clock_ms` the sender's
+ * monotonic clock when it sent it (-1: not said), so that heartbeats a healed link delivers
+ * late are known for stale.
  *
  * balancer -> its peer balancer.
  *
- * Body: name, workers.
+ * Body: name, workers, workers_registered, clock_ms.
  */
 struct cluster_peer_state {
     struct cluster_generic_message generic;

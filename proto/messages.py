@@ -544,7 +544,11 @@ class PeerState(Message, frozen=True, gc=False):
     """A balancer's Binary Star heartbeat to its peer: its ``state`` (balancer.binary_star.State:
     1 primary, 2 backup, 3 active, 4 passive) and ``epoch`` (grows each time one becomes
     active; the masters fence balancers by it). ``workers`` is the endpoint workers use, so a
-    passive one can send them to the active one."""
+    passive one can send them to the active one; ``workers_registered`` how many workers it
+    has registered (-1 from a sender that does not say), so that an active one that reaches
+    none can be taken over from (balancer.binary_star); ``clock_ms`` the sender's monotonic
+    clock when it sent it (-1: not said), so that heartbeats a healed link delivers late are
+    known for stale."""
 
     code = 27
     struct_name = "peer_state"
@@ -556,6 +560,8 @@ class PeerState(Message, frozen=True, gc=False):
     sequence: U64
     name: str
     workers: str = ""
+    workers_registered: int = -1
+    clock_ms: int = -1
 
 
 # ---- storage (proto.storage_messages, re-exported here) ------------------------------------

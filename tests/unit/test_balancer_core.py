@@ -368,8 +368,10 @@ def test_a_master_that_forgot_the_stream_makes_the_balancer_attach_again_at_once
 
 def test_an_active_balancer_refused_as_stale_outbids_the_epoch_the_masters_hold_at_most_every_two_seconds():
     """After a heal, the primary is active again but the backup attached with a newer epoch
-    while it was cut off: the masters refused the primary forever and no task ran (issue 22)."""
+    while it was cut off: the masters refused the primary forever and no task ran (issue 22).
+    The backup has stood down and sent its workers here."""
     h = active()
+    h.register("w1")
     mine = h.core.epoch
     h.out.clear()
     stale = Error(1, 1003, Attach.code, "older", {"code": "stale_balancer", "epoch": mine + 5})
@@ -383,3 +385,59 @@ def test_an_active_balancer_refused_as_stale_outbids_the_epoch_the_masters_hold_
     h.msg("m0", Error(1, 1003, Attach.code, "older", {"code": "stale_balancer", "epoch": mine + 9}))
     (again,) = h.sent(Attach)
     assert again.message.epoch == mine + 10
+
+
+def test_heartbeats_to_the_peer_say_how_many_workers_are_registered():
+    h = active()
+    h.register("w1")
+    h.register("w2")
+    h.tick()
+    assert h.sent(PeerState, PEER_OUT)[-1].message.workers_registered == 2
+    b = Harness(primary=False)
+    b.peer(State.ACTIVE)
+    b.tick()
+    assert b.sent(PeerState, PEER_OUT)[-1].message.workers_registered == 0
+
+
+def test_an_active_balancer_that_lost_every_worker_yields_to_its_peer_that_took_over_with_them():
+    """The active one cut off from the workers but not from its peer (issue 22): it purges them;
+    the peer takes over when they turn to it; hearing the peer active with the workers, this one
+    stands down, and a stale refusal meanwhile does not make it outbid the peer's attachment."""
+    h = active()
+    h.register("w1")
+    for _ in range(8):  # w1 silent for 2 s: purged
+        h.tick()
+    assert len(h.core.registry) == 0 and h.core.star.serving()
+    h.peer(State.PASSIVE)  # the peer still heard
+    h.out.clear()
+    h.msg("m0", Error(1, 1003, Attach.code, "older", {"code": "stale_balancer", "epoch": h.core.epoch + 1}))
+    assert not h.sent(Attach) and "epoch_raised" not in h.core.counters
+    h.msg("peer_in", PeerState(int(State.ACTIVE), h.core.epoch + 1, 2, "peer", "tcp://peer:1", 1))
+    assert h.core.star.state == State.PASSIVE and h.core.star.counters["dual_active"] == 1
+
+
+def test_a_passive_balancer_takes_over_from_an_active_peer_stranded_without_workers():
+    h = Harness(primary=False)
+    h.msg("peer_in", PeerState(int(State.ACTIVE), 7, 1, "peer", "tcp://peer:1", 2))
+    h.register("w1")  # the peer has its workers: refused
+    assert h.core.star.state == State.PASSIVE and h.sent(NotLeader, WORKERS, b"w1")
+    for k in range(5):  # the peer announces no worker for over a second, still heard
+        h.now += 0.25
+        h.msg("peer_in", PeerState(int(State.ACTIVE), 7, 2 + k, "peer", "tcp://peer:1", 0))
+    h.register("w1")
+    assert h.core.star.state == State.ACTIVE and "w1" in h.core.registry
+    attach = h.sent(Attach)
+    assert attach and attach[-1].message.epoch > 7
+    h.tick()  # and it tells the peer it has the workers
+    assert h.sent(PeerState, PEER_OUT)[-1].message.workers_registered == 1
+
+
+def test_a_heartbeat_the_peer_sent_before_a_cut_healed_is_ignored():
+    h = Harness(primary=False)
+    h.msg("peer_in", PeerState(int(State.ACTIVE), 7, 1, "peer", "tcp://peer:1", 2, 0))
+    assert h.core.star.state == State.PASSIVE
+    h.now = 10.0  # the peer's last word before a cut, delivered when it heals
+    h.msg("peer_in", PeerState(int(State.PASSIVE), 7, 2, "peer", "tcp://peer:1", 2, 250))
+    assert h.core.star.state == State.PASSIVE and h.core.star.counters["peer_stale"] == 1
+    h.msg("peer_in", PeerState(int(State.PASSIVE), 7, 40, "peer", "tcp://peer:1", 2, 9_990))
+    assert h.core.star.counters["dual_passive"] == 1  # a fresh one is news: both passive (the primary will serve)

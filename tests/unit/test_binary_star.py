@@ -28,7 +28,9 @@ from balancer.binary_star import (
 A, B, P = State.ACTIVE, State.BACKUP, State.PASSIVE
 PR = State.PRIMARY
 EXPIRY = 0.25 * 4
-CLIENT_EVENTS = (StarEvent.CLIENT_PEER_UNKNOWN, StarEvent.CLIENT_PEER_ALIVE, StarEvent.CLIENT_PEER_SILENT)
+CLIENT_EVENTS = (StarEvent.CLIENT_PEER_UNKNOWN, StarEvent.CLIENT_PEER_ALIVE, StarEvent.CLIENT_PEER_SILENT,
+                 StarEvent.CLIENT_PEER_STRANDED)
+HEARD_EVENTS = (*PEER_EVENTS.values(), StarEvent.PEER_ACTIVE_SERVING, StarEvent.PEER_ACTIVE_IDLE)
 
 
 def star(primary: bool, state: State | None = None) -> BinaryStar:
@@ -57,7 +59,7 @@ def forced(role: Role, state: State) -> BinaryStar:
 @pytest.mark.parametrize("role", list(Role))
 def test_the_table_has_a_rule_for_every_state_of_a_role_and_every_event_and_no_other(role):
     assert set(TRANSITIONS[role]) == {(s, e) for s in ROLE_STATES[role] for e in StarEvent}
-    assert set(PEER_EVENTS) == set(State) and set(PEER_EVENTS.values()) | set(CLIENT_EVENTS) == set(StarEvent)
+    assert set(PEER_EVENTS) == set(State) and set(HEARD_EVENTS) | set(CLIENT_EVENTS) == set(StarEvent)
 
 
 @pytest.mark.parametrize(("role", "state", "event"), [(r, s, e) for r in Role for (s, e) in TRANSITIONS[r]])
@@ -74,7 +76,7 @@ def test_each_rule_is_well_formed(role, state, event):
     if rule.action == Action.SETTLE:
         assert rule.new != state
     if rule.action == Action.TAKE_OVER:
-        assert state in (B, P) and event == StarEvent.CLIENT_PEER_SILENT
+        assert state in (B, P) and event in (StarEvent.CLIENT_PEER_SILENT, StarEvent.CLIENT_PEER_STRANDED)
     assert rule.why
 
 
@@ -92,10 +94,9 @@ def test_the_machine_carries_out_each_rule(role, state, event):
     assert s.counters.get(counter, 0) == (1 if counter else 0)
 
 
-@pytest.mark.parametrize(("role", "state", "peer"), [(r, s, p) for r in Role for s in ROLE_STATES[r] for p in State])
-def test_a_heartbeat_that_settles_a_passive_or_unsettled_state_leaves_it_there_when_heard_again(role, state, peer):
+@pytest.mark.parametrize(("role", "state", "event"), [(r, s, e) for r in Role for s in ROLE_STATES[r] for e in HEARD_EVENTS])
+def test_a_heartbeat_that_settles_a_passive_or_unsettled_state_leaves_it_there_when_heard_again(role, state, event):
     # what validate_state relies on: outside ACTIVE, the last heartbeat heard keeps the state
-    event = PEER_EVENTS[peer]
     after = TRANSITIONS[role][(state, event)].new
     if after != A:
         assert TRANSITIONS[role][(after, event)].new == after
@@ -320,3 +321,139 @@ def test_after_a_partition_in_which_both_served_the_backup_steps_down_on_heal():
     primary.validate_state()
     backup.validate_state()
     assert primary.counters["dual_active"] == 1 and backup.counters["dual_active"] == 1
+
+
+# ---- an active one that reaches no worker (ours: the stranded rule) -------------------------------
+
+
+def test_a_passive_takes_over_from_an_active_peer_that_has_reached_no_worker_for_a_period():
+    s = star(False, P)
+    s.on_peer(A, 0.0, peer_workers=2)
+    assert s.on_client(0.1) == (False, None)  # the peer serves its workers
+    s.on_peer(A, 1.0, peer_workers=0)  # the peer purged its workers: stranded from now
+    s.validate_state()
+    assert s.client_event(1.5) == StarEvent.CLIENT_PEER_ALIVE and s.on_client(1.5) == (False, None)
+    s.on_peer(A, 1.75, peer_workers=0)  # still heard, still without workers
+    assert s.status(2.0)["peer_stranded"] and s.peer_alive(2.0)
+    served, change = s.on_client(2.0)
+    assert served and change.new == A and change.why.startswith("the active peer has reached no worker for 1 s")
+    assert s.counters["takeovers"] == 1
+    s.validate_state()
+
+
+@pytest.mark.parametrize("workers", [1, -1])
+def test_a_peer_that_announces_workers_or_does_not_say_is_never_stranded(workers):
+    s = star(True, P)
+    for t in (0.0, 1.0, 2.0, 3.0):
+        s.on_peer(A, t, peer_workers=workers)
+    assert not s.peer_stranded(3.1) and s.on_client(3.1) == (False, None)
+    s.validate_state()
+
+
+def test_one_heartbeat_with_workers_ends_the_stranding():
+    s = star(False, P)
+    s.on_peer(A, 0.0, peer_workers=0)
+    s.on_peer(A, 0.9, peer_workers=1)  # a worker came back to it
+    s.on_peer(A, 1.2, peer_workers=0)
+    assert not s.peer_stranded(2.0) and s.peer_stranded(2.2)
+
+
+@pytest.mark.parametrize("primary", [True, False])
+def test_an_active_one_without_workers_yields_to_an_active_peer_with_workers_whatever_its_role(primary):
+    s = star(primary, A)
+    change = s.on_peer(A, 0.5, peer_workers=3, workers=0)
+    assert s.state == P and change.why.startswith("both sides active: the peer has the workers")
+    assert s.counters["dual_active"] == 1
+    s.validate_state()
+
+
+@pytest.mark.parametrize(("primary", "mine", "theirs", "after"), [
+    (True, 2, 3, A), (False, 2, 3, P),  # both have workers: the backup steps down, as before
+    (True, 0, 0, A), (False, 0, 0, P),  # neither has: the same
+    (True, 1, 0, A), (False, 1, 0, A),  # this one has them: the peer will yield
+])
+def test_dual_active_with_workers_on_both_or_neither_side_keeps_the_primary(primary, mine, theirs, after):
+    s = star(primary, A)
+    s.on_peer(A, 0.5, peer_workers=theirs, workers=mine)
+    assert s.state == after
+    s.validate_state()
+
+
+def run_pair_with_workers(seed: int, cut: tuple[float, float], steps: int = 600, n: int = 3):
+    """Two stars and ``n`` workers, 50 ms steps, seeded. Each balancer registers the workers that
+    reach it and purges one silent for 1.5 s; a worker heartbeats every 250 ms and turns to the
+    other balancer after 1 s of silence or at once when refused. During ``cut`` the primary
+    hears no worker (and no worker hears it), but it hears its peer. Returns the two stars and,
+    per step, (time, primary serving, backup serving, workers registered with an active one)."""
+    rng = random.Random(seed)
+    phase = [rng.randrange(5) for _ in range(n)]  # workers heartbeat every 250 ms, not in lockstep
+    stars = [star(True), star(False)]
+    stars[0].on_peer(B, 0.0)
+    stars[1].on_peer(A, 0.0)
+    heard: list[dict[int, float]] = [{}, {}]  # per balancer: worker -> last heard
+    current = [0] * n  # which balancer each worker talks to
+    silent_since = [0.0] * n
+    trace = []
+    for i in range(1, steps):
+        t = i * 0.05
+        cutting = cut[0] <= t < cut[1]
+        for b in (0, 1):
+            if not stars[b].serving():
+                heard[b].clear()
+            for w in [w for w, at in heard[b].items() if t - at > 1.5]:
+                del heard[b][w]
+        if i % 5 == 0:  # the pair's heartbeats, with each side's registered workers
+            counts = [len(heard[b]) if stars[b].serving() else 0 for b in (0, 1)]
+            stars[1].on_peer(stars[0].heartbeat(), t, counts[0], counts[1])
+            stars[0].on_peer(stars[1].heartbeat(), t, counts[1], counts[0])
+        for w in range(n):
+            if i % 5 != phase[w]:
+                continue
+            b = current[w]
+            if cutting and b == 0:
+                if t - silent_since[w] > 1.0:
+                    current[w], silent_since[w] = 1, t
+                continue
+            if stars[b].serving():
+                heard[b][w] = t
+                silent_since[w] = t
+                continue
+            served, _ = stars[b].on_client(t, len(heard[b]) if stars[b].serving() else 0)
+            if served:
+                heard[b][w] = silent_since[w] = t
+            else:
+                current[w], silent_since[w] = 1 - b, t
+        for s_ in stars:
+            s_.validate_state()
+        reached = sum(1 for w in range(n) if stars[current[w]].serving() and w in heard[current[w]])
+        trace.append((t, stars[0].serving(), stars[1].serving(), reached))
+    return stars[0], stars[1], trace
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_workers_cut_off_from_the_active_one_only_move_to_its_peer_and_stay_after_the_heal(seed):
+    primary, backup, trace = run_pair_with_workers(seed, cut=(5.0, 20.0))
+    during = [r for t, _, _, r in trace if 10.0 <= t < 20.0]
+    assert min(during) == 3, "every worker served by an active balancer 5 s into the cut"
+    first = next(t for t, p, b, r in trace if t >= 5.0 and b and r == 3)
+    assert first < 5.0 + 5.0, f"all workers with the backup only at {first:.2f} s"
+    both = [t for t, p, b, _ in trace if p and b]
+    assert all(first - 2.0 <= t < first + 0.5 for t in both), "two actives only for a heartbeat or two"
+    assert (primary.state, backup.state) == (P, A) and trace[-1][3] == 3  # after the heal: no flapping back
+    assert backup.counters["takeovers"] == 1 and primary.counters["to_passive"] == 1
+
+
+def test_heartbeats_a_healed_link_delivers_late_are_stale_and_a_restarted_peer_is_measured_afresh():
+    s = star(False, A)
+    offset = 500.0  # the peer's clock runs 500 s behind this one's; the link takes 2 ms
+    for k in range(1, 5):
+        assert s.fresh(k * 0.25 - offset, k, k * 0.25 + 0.002)
+    # a cut from 1.0 s to 6.0 s: what the peer sent meanwhile arrives in one burst at 6.0 s
+    burst = [(k, k * 0.25 - offset) for k in range(5, 25)]
+    kept = [k for k, sent in burst if s.fresh(sent, k, 6.0)]
+    assert kept == list(range(20, 25))  # sent within a liveness period (1 s) of arriving
+    assert s.counters["peer_stale"] == 15
+    assert s.fresh(6.25 - offset, 25, 6.252)
+    # the peer restarts on another host, whose clock runs ahead: its sequence starts again
+    assert s.fresh(9_000.0, 1, 7.0) and s.fresh(9_000.25, 2, 7.25)
+    assert not s.fresh(9_000.25, 3, 8.5)  # and late ones are still caught

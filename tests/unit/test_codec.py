@@ -100,7 +100,7 @@ SAMPLES: dict[type[Message], Message] = {
                                [[b"j" * 16, 3, 2, 7]], [FILE_ID], []),
     Watch: Watch(11, 5000, {b"j" * 16: 3}),
     Work: Work(12, "add_units", "fetch", [["url-1", b"http://x/1"]], b"k" * 16),
-    PeerState: PeerState(3, 1_700_000_000_000, 42, "b1", "tcp://127.0.0.1:5570"),
+    PeerState: PeerState(3, 1_700_000_000_000, 42, "b1", "tcp://127.0.0.1:5570", 2, 123_456_789),
     Credit: Credit(1, 4096, 1),
     FileRequest: FileRequest(1, 2, 3, 0, 4096),
     FileResponse: FileResponse(1, 2, 3, 0, 10, 0, b"0123456789", None),
