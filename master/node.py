@@ -21,6 +21,7 @@ authenticates a message before that (master.raft). A master refuses to start wit
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import time
@@ -94,6 +95,9 @@ def build_master(config: MastersConfig, name: str, data_dir: Path | None, bind: 
 
 
 def run_master(config_path: Path, name: str, data_dir: Path | None) -> int:
+    # A fault in C (a SIGBUS from a journal page the disk could not back, master.raft) leaves the
+    # Python stack of every thread in the log instead of a bare "Bus error".
+    faulthandler.enable()
     config = load_config(config_path)
     loop, adapter = build_master(config, name, data_dir)
     try:

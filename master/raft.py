@@ -25,6 +25,14 @@ Durability, beyond pysyncobj's defaults:
   (rename, then fsync the directory) and ``_store_meta`` (write, fsync, ``durable_replace``)
   replace pysyncobj's, for this process (``tests/integration/test_raft_durability.py`` reads
   the syscalls with strace).
+- A full disk, or one that fails, stops the master (``master.diskfull``): pysyncobj keeps an
+  entry in memory before writing it, so a master that carried on after a failed write could
+  acknowledge what it never persisted. Every write of the journal, the meta file and snapshots
+  (made or received) goes through ``stop_for_disk`` on an ``OSError``: one clear line, then
+  ``os._exit(EXIT_DISK)``, with nothing else of the process run. pysyncobj grows the journal
+  with ``mmap.resize`` (a sparse file): on a full disk the first store into a new page was a
+  SIGBUS (tried on a tmpfs). ``_AllocatedFile`` allocates each growth with ``posix_fallocate``
+  first, so it is an ENOSPC before anything is written, and the journal is what it was.
 
 Security: pysyncobj pickles what it sends and unpickles what it receives, so a byte from a
 stranger must never reach it.
@@ -40,7 +48,9 @@ stranger must never reach it.
 
 pysyncobj private API used here, in one place: ``_getLeader``, ``_isLeader``, ``_getTerm``,
 ``_getRaftLogSize``, ``getStatus()`` keys, the module-level ``createJournal`` factory, and the
-journal's ``MetaStorer.storeMeta`` and the serializer's ``atomicReplace``, replaced (see above).
+journal's ``MetaStorer.storeMeta`` and the serializer's ``atomicReplace``, replaced (see above);
+the journal module's ``ResizableFile`` (its ``__mm`` and ``__f``) and the ``Serializer`` class
+``syncobj`` builds, subclassed.
 """
 
 from __future__ import annotations
@@ -49,9 +59,10 @@ import logging
 import os
 import pickle
 import struct
+import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import pysyncobj.syncobj as _syncobj_module
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
@@ -59,12 +70,15 @@ import pysyncobj.tcp_server as _tcp_server_module
 import pysyncobj.transport as _transport_module
 import pysyncobj.pickle as _pysyncobj_pickle
 import pysyncobj.serializer as _serializer_module
-from pysyncobj.journal import FileJournal, MemoryJournal, MetaStorer
+import pysyncobj.journal as _journal_module
+from pysyncobj.journal import FileJournal, MemoryJournal, MetaStorer, ResizableFile
+from pysyncobj.serializer import Serializer
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
 from master import commands
 from master.core import RaftView
+from master.diskfull import EXIT_DISK, failure_line, grown_size
 from master.ledger import Ledger
 
 log = logging.getLogger("cluster.master.raft")
@@ -86,27 +100,13 @@ DEFAULT_TIMINGS = {
 }
 
 
-class _DurableJournal(FileJournal):
-    """pysyncobj's file journal, remembering when it holds writes not yet msynced."""
-
-    dirty = False
-
-    def add(self, command: bytes, idx: int, term: int) -> None:
-        super().add(command, idx, term)
-        self.dirty = True
-
-    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 (pysyncobj's name)
-        super().deleteEntriesFrom(entryFrom)
-        self.dirty = True
-
-    def clear(self) -> None:
-        super().clear()
-        self.dirty = True
-
-    def sync(self) -> None:
-        if self.dirty:
-            self.dirty = False
-            self.flush()  # mmap.flush(): msync(MS_SYNC)
+def stop_for_disk(what: str, path: str, exc: OSError) -> NoReturn:
+    """Log why (``master.diskfull.failure_line``) and end the process at once with ``EXIT_DISK``.
+    ``os._exit``: no other thread may run on, and nothing may be written after a failed write."""
+    log.critical(failure_line(what, path, exc.errno, exc.strerror))
+    logging.shutdown()  # flushes every handler: the line must reach the log before the process ends
+    sys.stderr.flush()
+    os._exit(EXIT_DISK)
 
 
 def durable_replace(src: str, dst: str) -> None:
@@ -119,18 +119,153 @@ def durable_replace(src: str, dst: str) -> None:
         os.close(fd)
 
 
+class _AllocatedFile(ResizableFile):
+    """pysyncobj's journal file with every byte it maps allocated on disk before it is mapped, so a
+    full disk is an ENOSPC here, before anything is written, and never a SIGBUS (module docstring)."""
+
+    def __init__(self, fileName: str, initialSize: int = 1024, resizeFactor: float = 2.0,  # noqa: N803 (pysyncobj's)
+                 defaultContent: bytes | None = None) -> None:
+        self.path = fileName
+        self.factor = resizeFactor
+        if not os.path.exists(fileName):
+            # made whole under another name: a journal cut short by ENOSPC would not open again
+            tmp = fileName + ".new"
+            with open(tmp, "wb") as f:
+                f.write(defaultContent or b"")
+                f.flush()
+                os.posix_fallocate(f.fileno(), 0, initialSize)
+                os.fsync(f.fileno())
+            durable_replace(tmp, fileName)
+        super().__init__(fileName, initialSize, resizeFactor, defaultContent)
+        self._allocate(0, len(self._ResizableFile__mm))  # one written sparse before this class
+
+    def write(self, offset: int, values: bytes) -> None:
+        mm = self._ResizableFile__mm
+        mapped = len(mm)
+        size = grown_size(mapped, offset + len(values), self.factor)
+        if size > mapped:
+            self._allocate(mapped, size)
+            # pysyncobj grows the mapping only while the file (mm.size(): fstat) is too small
+            mm.resize(size)
+        super().write(offset, values)
+
+    def _allocate(self, start: int, end: int) -> None:
+        if end > start:
+            os.posix_fallocate(self._ResizableFile__f.fileno(), start, end - start)
+
+
+_journal_module.ResizableFile = _AllocatedFile  # what FileJournal opens its file with
+
+
+class _DurableJournal(FileJournal):
+    """pysyncobj's file journal, remembering when it holds writes not yet msynced, and stopping the
+    process on a write it could not make (``stop_for_disk``)."""
+
+    dirty = False
+
+    def __init__(self, journalFile: str) -> None:  # noqa: N803 (pysyncobj's name)
+        self.path = journalFile
+        try:
+            super().__init__(journalFile)
+        except OSError as exc:
+            stop_for_disk("open the Raft journal", journalFile, exc)
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        try:
+            super().add(command, idx, term)
+        except OSError as exc:
+            stop_for_disk("append to the Raft journal", self.path, exc)
+        self.dirty = True
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802 (pysyncobj's name)
+        try:
+            super().deleteEntriesFrom(entryFrom)
+        except OSError as exc:
+            stop_for_disk("truncate the Raft journal", self.path, exc)
+        self.dirty = True
+
+    def clear(self) -> None:
+        try:
+            super().clear()
+        except OSError as exc:
+            stop_for_disk("clear the Raft journal", self.path, exc)
+        self.dirty = True
+
+    def sync(self) -> None:
+        if self.dirty:
+            try:
+                self.flush()  # mmap.flush(): msync(MS_SYNC)
+            except OSError as exc:
+                stop_for_disk("sync the Raft journal to disk", self.path, exc)
+            self.dirty = False
+
+    def _destroy(self) -> None:
+        try:
+            super()._destroy()
+        except OSError as exc:
+            stop_for_disk("sync the Raft journal to disk", self.path, exc)
+
+
+def _replace_or_stop(src: str, dst: str) -> None:
+    try:
+        durable_replace(src, dst)
+    except OSError as exc:
+        stop_for_disk("rename a ledger snapshot into place", dst, exc)
+
+
 def _store_meta(self: MetaStorer, meta: dict) -> None:
     """pysyncobj's ``MetaStorer.storeMeta`` (term, vote, commit index), durable before it returns."""
     path = self.getPath()
-    with open(path + ".tmp", "wb") as f:
-        f.write(_pysyncobj_pickle.dumps(meta))
-        f.flush()
-        os.fsync(f.fileno())
-    durable_replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(_pysyncobj_pickle.dumps(meta))
+            f.flush()
+            os.fsync(f.fileno())
+        durable_replace(path + ".tmp", path)
+    except OSError as exc:
+        stop_for_disk("store the Raft term, vote and commit index", path, exc)
 
 
 MetaStorer.storeMeta = _store_meta  # type: ignore[method-assign]
-_serializer_module.atomicReplace = durable_replace  # what pysyncobj renames a snapshot with
+_serializer_module.atomicReplace = _replace_or_stop  # what pysyncobj renames a snapshot with
+
+
+class _DurableSerializer(Serializer):
+    """pysyncobj's snapshot serializer, writing a snapshot received from the leader itself: pysyncobj
+    logs a failed write of one and goes on without it (the leader sends it again, and again), and
+    renames it into place without an fsync."""
+
+    def __init__(self, fileName: str | None, *args: Any) -> None:  # noqa: N803 (pysyncobj's name)
+        super().__init__(fileName, *args)
+        self.path = fileName
+        self.incoming: Any = None
+
+    def setTransmissionData(self, data: Any) -> bool:  # noqa: N802 (pysyncobj's name)
+        if self.path is None or data is None:
+            return super().setTransmissionData(data)
+        chunk, first, last = data
+        tmp = self.path + ".1.tmp"
+        try:
+            if first:
+                if self.incoming is not None:
+                    self.incoming.close()
+                self.incoming = open(tmp, "wb")
+            elif self.incoming is None:
+                return False
+            self.incoming.write(chunk)
+            if not last:
+                return False
+            self.incoming.flush()
+            os.fsync(self.incoming.fileno())
+            self.incoming.close()
+            self.incoming = None
+            durable_replace(tmp, self.path)
+            return True
+        except OSError as exc:
+            stop_for_disk("write the ledger snapshot received from the leader", tmp, exc)
+
+
+_syncobj_module.Serializer = _DurableSerializer  # what SyncObj.__init__ builds its serializer with
 
 _journals = threading.local()
 
@@ -240,7 +375,10 @@ class RaftAdapter:
         self.last_snapshot: dict[str, Any] | None = None
         journal = snapshot = None
         if data_dir is not None:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                data_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                stop_for_disk("make the data directory", str(data_dir / "raft.journal"), exc)
             journal = str(data_dir / "raft.journal")
             snapshot = str(data_dir / "ledger.snapshot")
         conf = SyncObjConf(
@@ -276,12 +414,15 @@ class RaftAdapter:
             state = self.ledger.snapshot()
             applied = self.ledger.state.applied
         raft = pickle.dumps(raft_data, protocol=pickle.HIGHEST_PROTOCOL)
-        with open(path, "wb") as f:
-            f.write(SNAPSHOT_MAGIC + struct.pack("<QQ", len(raft), len(state)))
-            f.write(raft)
-            f.write(state)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(path, "wb") as f:
+                f.write(SNAPSHOT_MAGIC + struct.pack("<QQ", len(raft), len(state)))
+                f.write(raft)
+                f.write(state)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # pysyncobj would log it and try again at the next compaction
+            stop_for_disk("write a ledger snapshot", path, exc)
         self.last_snapshot = {"bytes": len(state), "commands_applied": applied, "log_index": raft_data[0][1]}
         log.info("snapshot written: %d bytes of ledger at log index %d", len(state), raft_data[0][1])
 
