@@ -428,14 +428,18 @@ class Rack:
             host = self.hosts[name]
             lines = ["flush chain inet rack loss_in", "flush chain inet rack loss_out"]
             if percent > 0:
-                drop = f"numgen random mod 100000 < {round(percent * 1000)} drop"
+                drop = f"numgen random mod 100000 < {round(percent * 1000)} counter drop"
                 lines += [f"add rule inet rack loss_in iif \"eth0\" {drop}",
                           f"add rule inet rack loss_out oif \"eth0\" ip daddr {self.hosts[CLIENT].ip} {drop}"]
             self._nft(host.netns, "\n".join(lines) + "\n")
 
     def links(self, name: str) -> dict[str, Any]:
-        """Host ``name``'s delay proxy: its delay and jitter now, and the connections it carried."""
-        return netem.control(self._control(self.hosts[name]))
+        """Host ``name``'s links: its proxy's delay and jitter now and the connections it carried,
+        and ``lost``, the packets its loss rules dropped since ``loss()`` set them."""
+        host = self.hosts[name]
+        listed = _run(["ip", "netns", "exec", host.netns, "nft", "list", "table", "inet", "rack"])
+        lost = sum(int(n) for n in re.findall(r"counter packets (\d+)", listed))  # only the loss rules count
+        return {**netem.control(self._control(host)), "lost": lost}
 
     def _hosts(self, hosts: Iterable[str] | None) -> list[str]:
         names = [h.name for h in self.nodes()] if hosts is None else list(hosts)
