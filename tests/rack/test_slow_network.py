@@ -3,8 +3,9 @@
 Black-box, as tests/rack/test_partitions.py: the rack's delay proxies (tests/rack/netem.py) hold
 each direction of every link 50 ms +- 10 ms, and nftables drops 1% of the packets each host
 receives (``Rack.delay``, ``Rack.loss``); work goes in through the client API. Checked: the delay
-is really on the links (a status round trip cannot beat the delay, and every host's proxy
-carried the rack's connections, Raft's included), and a whole-pair alignment still finishes
+is really on the links (a status round trip cannot beat the delay, on a new connection or on
+one open before the delay was set, and every host's proxy carried the rack's connections, Raft's
+included), and a whole-pair alignment still finishes
 exact, against ``worker.sw.align`` on the same pair in this process. The times are printed
 (`pytest -s`), the healed rack's beside them.
 
@@ -70,19 +71,32 @@ def status_round_trip(rack: Rack, name: str) -> float:
     return time.monotonic() - started
 
 
+def request_round_trip(c) -> float:
+    """Seconds for one read of the ledger (the last job) on client ``c``'s open connection."""
+    started = time.monotonic()
+    c.jobs(limit=1)
+    return time.monotonic() - started
+
+
 def test_the_delay_is_on_every_link(healthy: Rack):
     rack = healthy
     names = [h.name for h in rack.nodes()]
     healed = {n: status_round_trip(rack, n) for n in names}
-    rack.delay(DELAY_MS, JITTER_MS)
-    try:
-        slow = {n: status_round_trip(rack, n) for n in names}
-        proxies = {n: rack.links(n) for n in names}
-    finally:
-        rack.heal()
-    # A request and its reply each cross the link once, at no less than the delay less its jitter.
+    with rack.client() as c:
+        c.jobs(limit=1)  # connected to the leader before the delay is set
+        open_healed = request_round_trip(c)
+        rack.delay(DELAY_MS, JITTER_MS)
+        try:
+            open_slow = request_round_trip(c)
+            slow = {n: status_round_trip(rack, n) for n in names}
+            proxies = {n: rack.links(n) for n in names}
+        finally:
+            rack.heal()
+    # A request and its reply each cross the link once, at no less than the delay less its jitter:
+    # on a new connection, and on one that was open when the delay was set (as netem on a live link).
     floor = 2 * (DELAY_MS - JITTER_MS) / 1000
     assert min(slow.values()) >= floor, slow
+    assert open_slow >= floor, open_slow
     assert all(p["delay_ms"] == DELAY_MS and p["jitter_ms"] == JITTER_MS for p in proxies.values()), proxies
     # Every node's connections came through its host's proxy, and Raft's: each pair of masters
     # holds one connection, which one of the two accepted.
@@ -92,7 +106,8 @@ def test_the_delay_is_on_every_link(healthy: Rack):
     assert raft_links >= 3, {n: proxies[n]["ports"] for n in rack.role("master")}
     print(f"\n[rack slow] status round trip (a new CURVE connection and one request) with every link at "
           f"{DELAY_MS} +- {JITTER_MS} ms: {min(slow.values()) * 1000:.0f}-{max(slow.values()) * 1000:.0f} ms "
-          f"(healed: {min(healed.values()) * 1000:.0f}-{max(healed.values()) * 1000:.0f} ms); "
+          f"(healed: {min(healed.values()) * 1000:.0f}-{max(healed.values()) * 1000:.0f} ms); a request on a client "
+          f"connection open before the delay {open_slow * 1000:.0f} ms (healed {open_healed * 1000:.1f} ms); "
           f"connections through the proxies: {sum(p['connections'] for p in proxies.values())}, Raft's {raft_links}")
 
 
