@@ -200,7 +200,7 @@ class Client:
             spec = {"name": name, "run": run, "tasks": chunk, **self._task_options.job()}
             ref = self.submit_job("list", spec)
             futures = {i: TaskFuture(ref.job, i, "call") for i in range(len(chunk))}
-            self._watch(ref.job, futures)
+            self._watch(ref.job, futures, ref.log_index)
             out += futures.values()
         return out
 
@@ -218,7 +218,7 @@ class Client:
                "outputs": list(outputs), **self._task_options.run()}
         ref = self.submit_job("list", {"name": argv[0], "run": run, "tasks": [{}], **self._task_options.job()})
         future = TaskFuture(ref.job, 0, "command")
-        self._watch(ref.job, {0: future})
+        self._watch(ref.job, {0: future}, ref.log_index)
         return future
 
     def options(self, **options: Any) -> "Client":
@@ -255,14 +255,14 @@ class Client:
 
         return follow(self.balancers, self.link.credentials, job, task, done=done or ended, state=state, live=live)
 
-    def _watch(self, job: str, futures: dict) -> None:
+    def _watch(self, job: str, futures: dict, since: int = 0) -> None:
         if self._watcher is None:
             self._watcher = Watcher(self.masters, self._fetch, attempt_timeout=self.attempt_timeout,
                                     credentials=self.link.credentials)
             self._watcher.start()
         for future in futures.values():
             future.follower = self  # future.stream() follows its output through this client
-        self._watcher.add(job, futures)
+        self._watcher.add(job, futures, since)
 
     def _fetch(self, file_id: str) -> bytes:
         with tempfile.TemporaryDirectory(prefix="cluster-result-") as d:

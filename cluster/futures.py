@@ -15,6 +15,12 @@ the older one empty), so a fresh task is never waiting for the previous watch to
 cursors are positions in the ledger's per-job list of endings, so a watch resumes unchanged on
 a new leader after a failover; nothing is lost in between.
 
+A job "unknown" to the master that answered counts only if that master has applied the entry
+its submit committed at (the reply's ``log_index``, against the submit's): a leader cut off from
+the others still believes it leads for up to a second, while the client may already have
+submitted through the new one, and its ledger lacks that job. Such an answer is stale: the
+watch goes to the next master, after a back-off.
+
 ``TaskFuture`` is a ``concurrent.futures.Future``: ``result``, ``exception``,
 ``add_done_callback``, ``concurrent.futures.wait`` and ``as_completed`` work as usual. A task
 that raised gives its exception's line in a ``TaskError`` (the traceback, captured on the
@@ -170,6 +176,7 @@ def decode_value(kind: str, summary: dict, fetch: Callable[[str], bytes], result
 @dataclass
 class _Watched:
     cursor: int = 0
+    since: int = 0  # the log index its submit committed at: a master behind it cannot know the job
     futures: dict[int, TaskFuture] = field(default_factory=dict)
 
 
@@ -211,11 +218,13 @@ class Watcher(threading.Thread):
         self._wake_lock = threading.Lock()
         self.counters: dict[str, int] = {"watches": 0, "resolved": 0}
 
-    def add(self, job: str, futures: dict[int, TaskFuture]) -> None:
-        """Watch ``futures`` (task id → future) of ``job`` until each is settled."""
+    def add(self, job: str, futures: dict[int, TaskFuture], since: int = 0) -> None:
+        """Watch ``futures`` (task id → future) of ``job`` until each is settled; ``since``: the
+        Raft log index its submit committed at."""
         key = bytes.fromhex(job)
         with self._lock:
             watched = self._jobs.setdefault(key, _Watched())
+            watched.since = max(watched.since, since)
             watched.futures.update(futures)
             self._dirty = True
         self._wake()
@@ -314,7 +323,9 @@ class Watcher(threading.Thread):
             call.outstanding = None
             if isinstance(reply, QueryReply):
                 call.backoff = 0.05
-                self._apply(reply.value)
+                if not self._apply(reply.value, reply.log_index):
+                    self.leader = (self.leader + 1) % len(self.masters)  # behind our submits: not the leader
+                    call.back_off(time.monotonic())
             elif isinstance(reply, NotLeader):
                 known = reply.leader in self.masters
                 self.leader = self.masters.index(reply.leader) if known else (self.leader + 1) % len(self.masters)
@@ -329,14 +340,21 @@ class Watcher(threading.Thread):
             log.warning("watch refused: %s", reply.text)
         self.leader = (self.leader + 1) % len(self.masters)
 
-    def _apply(self, value: Any) -> None:
+    def _apply(self, value: Any, applied: int) -> bool:
+        """Settle what a WATCH answer says; False if it came from a master that has not applied
+        some watched job's submit yet (its "unknown" for that job is stale, and is ignored)."""
         if not isinstance(value, dict):
-            return
+            return True
         settled: list[tuple[TaskFuture, dict]] = []
         orphaned: list[tuple[TaskFuture, str]] = []
+        current = True
         with self._lock:
             for job_hex in value.get("unknown", []):
-                watched = self._jobs.pop(bytes.fromhex(job_hex), None)
+                watched = self._jobs.get(bytes.fromhex(job_hex))
+                if watched is not None and applied < watched.since:
+                    current = False
+                    continue
+                self._jobs.pop(bytes.fromhex(job_hex), None)
                 for f in (watched.futures.values() if watched else []):
                     orphaned.append((f, f"job {job_hex} is unknown to the leader"))
             for job_hex, entry in value.get("jobs", {}).items():
@@ -362,3 +380,4 @@ class Watcher(threading.Thread):
         for f, why in orphaned:
             if not f.done():
                 f.set_exception(TaskError(f.job, f.task, why))
+        return current

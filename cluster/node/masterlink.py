@@ -15,6 +15,15 @@ believed to lead; the answer decides what next:
 - No answer within ``attempt_timeout``: the master is presumed down; try the next one.
 - Anything else is the answer.
 
+A write the leader leaves unanswered for ``attempt_timeout / 5`` may be stuck at a leader that
+has lost its quorum and does not know it yet (it steps down only after Raft's leader fallback,
+and the followers may have elected another by then). So the link asks the other masters who
+leads (a FILE_LOOKUP of no file: any master answers it at once, from memory, with the leader it
+knows), once per that interval while a write waits. When the answer names another
+master, the writes waiting at the old one go there at once (a retried submit keeps its
+idempotency key: never doubled) instead of waiting out ``attempt_timeout``. A leader that is
+merely slow is named by the others and left alone.
+
 Reads go to the leader when one is known, else to any master; the answer says ``stale`` when it
 did not come from a leader with a quorum (it may be behind). Past the ``timeout`` deadline the
 link raises ``NoQuorum`` with what each master said, in words a user can act on. ``run`` keeps a
@@ -90,6 +99,15 @@ class Call:
     done: bool = False
     stale_retry: bool = False
 
+
+@dataclass(frozen=True)
+class Probe:
+    """A question to master ``asked``: who leads? (``target``: where the stalled writes wait)."""
+
+    asked: int
+    target: int
+    sent_at: float
+
 class MasterLink:
     """Requests to the masters at ``masters`` (their client API addresses): ``timeout`` is the
     deadline of one request, retries included; ``attempt_timeout`` how long one master may stay
@@ -117,6 +135,7 @@ class MasterLink:
         entry = None if creds.insecure else creds.allow.by_name.get(creds.name)
         self._read_only = entry.role if entry is not None and entry.role not in WRITERS else None
         self._ids = itertools.count(random.getrandbits(40))
+        self.probe_after = max(0.05, attempt_timeout / 5)  # a write unanswered this long: ask who leads
 
     def close(self) -> None:
         for sock in self._sockets:
@@ -186,6 +205,7 @@ class MasterLink:
             calls = [c for c in calls if not c.write]
         waiting = list(reversed(calls))  # popped from the end: input order
         in_flight: dict[int, Call] = {}
+        probes: dict[int, Probe] = {}  # request id -> who-leads question in flight
         done = 0
         poller = zmq.Poller()
         for sock in self._sockets:
@@ -207,7 +227,7 @@ class MasterLink:
                 else:
                     held.append(call)
             waiting.extend(reversed(held))
-            wait_ms = 20 if waiting else int(self.attempt_timeout * 1000 / 4) + 1
+            wait_ms = 20 if waiting else int(min(self.attempt_timeout / 4, self.probe_after / 2) * 1000) + 1
             for sock, _ in poller.poll(wait_ms):
                 for _ in range(1024):
                     try:
@@ -216,9 +236,12 @@ class MasterLink:
                         break
                     except ProtocolError:
                         continue
-                    call = in_flight.pop(getattr(reply, "request_id", -1), None)
-                    if call is None:
-                        continue  # an answer to a try we gave up on
+                    rid = getattr(reply, "request_id", -1)
+                    call = in_flight.pop(rid, None)
+                    if call is None:  # an answer to a try we gave up on, or to a probe
+                        if rid in probes:
+                            waiting += self._on_probe(probes.pop(rid), reply, in_flight)
+                        continue
                     self._on_reply(call, reply, time.monotonic())
                     if call.done:
                         done += 1
@@ -233,6 +256,42 @@ class MasterLink:
                     call.notes[self.masters[call.target]] = f"no answer within {self.attempt_timeout:g} s"
                     call.target = (call.target + 1) % len(self.masters)
                     waiting.append(call)
+            self._probe(in_flight, probes, now)
+
+    def _probe(self, in_flight: dict[int, Call], probes: dict[int, Probe], now: float) -> None:
+        """Ask the other masters who leads when a write has waited ``probe_after`` (module docstring)."""
+        for rid, p in list(probes.items()):
+            if now - p.sent_at > self.attempt_timeout:
+                del probes[rid]  # unanswered: that master is down or busy; the next probe asks again
+        stalled = next((c for c in in_flight.values() if c.write and now - c.sent_at > self.probe_after), None)
+        if stalled is None or len(self.masters) < 2 or any(now - p.sent_at < self.probe_after for p in probes.values()):
+            return
+        for asked in range(len(self.masters)):
+            if asked == stalled.target:
+                continue
+            rid = next(self._ids)
+            try:
+                message = wrap(self._codec, FileLookup(rid, []), self.credentials.act_for)
+                self._codec.send(self._sockets[asked], message, flags=zmq.NOBLOCK)
+            except zmq.Again:  # not connected: that one cannot say
+                continue
+            probes[rid] = Probe(asked, stalled.target, now)
+
+    def _on_probe(self, probe: Probe, reply: Message, in_flight: dict[int, Call]) -> list[Call]:
+        """The writes to send again, to the leader ``probe``'s answer names, if another than theirs."""
+        leader = reply.leader if isinstance(reply, QueryReply) else None
+        if leader not in self.masters or self.masters.index(leader) == probe.target:
+            return []
+        self.leader = self.masters.index(leader)
+        moved = []
+        for rid, call in list(in_flight.items()):
+            if call.write and call.target == probe.target:
+                del in_flight[rid]
+                call.notes[self.masters[probe.target]] = (f"no answer; {self.masters[probe.asked]} said {leader} "
+                                                          f"leads (term {reply.term})")
+                call.target = self.leader
+                moved.append(call)
+        return moved
 
     def _send(self, call: Call, now: float) -> bool:
         call.request_id = next(self._ids)

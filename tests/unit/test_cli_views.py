@@ -34,7 +34,7 @@ def test_run_sends_a_file_refs_id_and_refuses_a_bad_input_before_any_submit():
     client._task_options = TaskOptions()
     submitted: list[dict] = []
     client.submit_job = lambda kind, spec: submitted.append(spec) or JobRef(JOB, 1, "k")
-    client._watch = lambda job, futures: None
+    client._watch = lambda job, futures, since=0: None
     client.run(["cat", "in"], inputs={"in": FileRef(FID, 10, ["s1"]), "raw": FID.upper()})
     assert submitted[0]["run"]["inputs"] == {"in": FID, "raw": FID}
     with pytest.raises(ClusterError, match="'bad'"):
