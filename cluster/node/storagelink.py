@@ -16,7 +16,7 @@ import itertools
 import random
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 import zmq
 
@@ -182,20 +182,27 @@ class StorageLink:
         chunk: int = CHUNK,
         window: int = WINDOW,
         progress: Callable[[int], None] | None = None,
+        have: Container[int] = (),
     ) -> int:
         """Fetch the file from ``start`` to its end with ``window`` reads in flight, handing
-        each range to ``write_at(offset, data)`` (any order); returns the file's size."""
+        each range to ``write_at(offset, data)`` (any order); returns the file's size. Ranges
+        whose offsets are in ``have`` are skipped (a read resumed from another replica)."""
         size = self.size(file_id)
         upper, lower = split128(file_id)
         inflight: dict[int, tuple[int, int]] = {}  # request id → (offset, length)
         offset = start
         while offset < size or inflight:
             while offset < size and len(inflight) < window:
+                if offset in have:
+                    offset += chunk
+                    continue
                 request_id = next(self._ids)
                 n = min(chunk, size - offset)
                 self._send(FileRequest(request_id, upper, lower, offset, n))
                 inflight[request_id] = (offset, n)
                 offset += n
+            if not inflight:
+                break  # the rest was in ``have``
             reply = self._expect((FileResponse,), "to read")
             asked = inflight.pop(reply.request_id, None)
             if asked is None:
