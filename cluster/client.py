@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import cloudpickle
 
-from cluster.files import FileRef, UploadFailed, download_file, file_id_text, upload_file
+from cluster.files import DownloadFailed, FileRef, UploadFailed, download_file, file_id_text, upload_file
 from cluster.follow import Line, follow
 from cluster.futures import TaskFuture, Watcher, resolve
 from cluster.node.config import ConfigError, find_config, load_cluster_config
@@ -35,7 +35,7 @@ from cluster.node.masterlink import (Answer, Call, ClusterError, MasterLink, NoQ
 from proto.ids import join128, split128
 from proto.messages import CancelJob, JobList, JobQuery, Submit, SubmitAck, TaskQuery
 
-__all__ = ["Answer", "Client", "ClusterError", "FileRef", "JobRef", "NoQuorum", "NotFound", "Refused", "TaskOptions",
+__all__ = ["Answer", "Client", "ClusterError", "DownloadFailed", "FileRef", "JobRef", "NoQuorum", "NotFound", "Refused", "TaskOptions",
            "UploadFailed"]
 
 SPEC_BUDGET = 900 << 10  # bytes of task arguments per job (the masters refuse specs over 1 MiB)
