@@ -323,7 +323,12 @@ class BalancerCore:
         self.sent_count[m.name] = 0
         self.worker_slots[m.name] = worker_slots(m)
         self.worker_output[m.name] = worker_output(m)
-        for key in tasks:  # it runs these: never dispatch them again from here
+        for key, fence in tasks.items():  # it runs these (or holds their results): never dispatch them again from here
+            order = self.orders.get(key)
+            if order is not None and (order.fence_term, order.fence_sequence) > tuple(fence):
+                # not the attempt waiting here: the masters recorded the one it reports lost and gave
+                # the task a newer token (dropping this order left it to no one: the chaos soak)
+                continue
             if self.dispatcher.remove(*key):
                 self.orders.pop(key, None)
                 self._count("pending_found_running")
@@ -358,7 +363,7 @@ class BalancerCore:
             return [self._forbid(ev, f"task {key[0].hex()}/{key[1]} runs on {', '.join(sorted(runners))}, "
                                      f"not on {ev.peer.name}")]
         if name is not None:
-            self.registry.finished(name, key)
+            self.registry.finished(name, key, (m.fence_term, m.fence_sequence))
         else:
             self._count("results_from_unregistered")
         self.ack_routes[key] = ev.route

@@ -236,10 +236,16 @@ class Registry:
         self._runs.setdefault(key, {})[name] = fence
         return w
 
-    def finished(self, name: str, key: TaskKey) -> Fence | None:
-        """Worker ``name`` ended task ``key``; returns the fence it ran under, or None when the
-        task was not running there (a duplicate result). The task's slot comes back as credit."""
+    def finished(self, name: str, key: TaskKey, fence: Fence | None = None) -> Fence | None:
+        """Worker ``name`` ended task ``key`` (under ``fence``, when known); returns the fence it
+        ran under, or None when the task was not running there (a duplicate result). The task's
+        slot comes back as credit. A result under an older fence than the one the task was sent
+        there with since (the masters recorded that attempt lost and gave the task a newer token)
+        ends nothing: the newer attempt still runs there, and is reported lost if the worker is."""
         w = self._known(name)
+        running = w.running.get(key)
+        if fence is not None and running is not None and tuple(fence) < tuple(running):
+            return None
         fence = w.running.pop(key, None)
         if fence is not None:
             self._forget(name, [key])

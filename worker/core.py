@@ -359,8 +359,21 @@ class WorkerCore:
         if key in self.running or any(_key_of(q) == key for q in self.queued):
             self._count("duplicate_requests")
             self._note(key, "duplicate", now, ev.stimulus_id)
+            if key in self.running and self.running[key].fence < fence:
+                # The run under way is now this token's attempt: its result goes out under it (the
+                # older token's attempt was recorded lost, so a result under that one is refused)
+                self.running[key].fence = fence
             return self._status_soon(ev.stimulus_id)
         held = self.held.get(key)
+        if held is not None and (held.result.fence_term, held.result.fence_sequence) < fence:
+            # The masters recorded the attempt whose result is held as lost (this worker was cut
+            # off or silent) and gave the task a newer token, here: that result will be refused as
+            # stale, and resending it would leave the new attempt to no one (seen in the chaos
+            # soak: units pending until their lease ran out). Run the task again instead.
+            del self.held[key]
+            self._count("held_superseded")
+            self._note(key, "superseded", now, ev.stimulus_id, fence=[held.result.fence_term, held.result.fence_sequence])
+            held = None
         if held is not None:  # ran here already; its result is on its way: send it again
             self._count("results_resent")
             self._note(key, "result_resent", now, ev.stimulus_id, balancer=self.current, why="asked again")
@@ -410,10 +423,12 @@ class WorkerCore:
         self.outputs.end(key, now + self.wall_offset)
         self._count("tasks_done" if ev.outcome == Outcome.DONE else "tasks_failed")
         upper, lower = split128(ev.job)
-        result = TaskResult(upper, lower, ev.task, ev.fence[0], ev.fence[1], ev.outcome, ev.exit_code, ev.summary,
+        # a newer token given while it ran or waited in line (see _on_request): the run is that attempt
+        fence = max(tuple(ev.fence), tuple(ran.fence), tuple(self.newest.get(key, ev.fence)))
+        result = TaskResult(upper, lower, ev.task, fence[0], fence[1], ev.outcome, ev.exit_code, ev.summary,
                             ev.result_file, ev.error, self.me.name, ev.files)
         self.held[key] = _Held(result, now)
-        self._note(key, "ended", now, ev.stimulus_id, fence=list(ev.fence), outcome=ev.outcome, exit_code=ev.exit_code,
+        self._note(key, "ended", now, ev.stimulus_id, fence=list(fence), outcome=ev.outcome, exit_code=ev.exit_code,
                    error=ev.error, seconds=round(now - ran.started, 6))
         for fid in ev.cached:
             if fid not in self.cached:

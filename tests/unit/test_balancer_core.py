@@ -441,3 +441,39 @@ def test_a_heartbeat_the_peer_sent_before_a_cut_healed_is_ignored():
     assert h.core.star.state == State.PASSIVE and h.core.star.counters["peer_stale"] == 1
     h.msg("peer_in", PeerState(int(State.PASSIVE), 7, 40, "peer", "tcp://peer:1", 2, 9_990))
     assert h.core.star.counters["dual_passive"] == 1  # a fresh one is news: both passive (the primary will serve)
+
+
+def test_a_stale_result_from_a_worker_sent_the_task_again_leaves_the_newer_attempt_running_there():
+    """Chaos soak (seed 2): a worker's result under an older token popped the newer attempt the
+    balancer had sent it since, so that attempt was never reported lost when the worker was."""
+    h = active()
+    h.register("w1")
+    h.request(0, (5, 1))
+    h.request(0, (6, 1))  # the masters recorded (5, 1) lost and gave the task a newer token
+    assert h.core.registry.get("w1").running == {(JOB, 0): (6, 1)}
+    up, lo = split128(JOB)
+    h.msg(WORKERS, TaskResult(up, lo, 0, 5, 1, 0, 0, {"v": 1}, None, None, "", []), b"w1")
+    assert h.core.registry.get("w1").running == {(JOB, 0): (6, 1)}  # still runs there
+    h.msg(WORKERS, TaskResult(up, lo, 0, 6, 1, 0, 0, {"v": 1}, None, None, "", []), b"w1")
+    assert h.core.registry.get("w1").running == {}
+    assert [m.message.fence_term for m in h.sent(TaskResult, "m0")] == [5, 6]  # the master judges each
+
+
+def test_a_worker_registering_with_an_older_attempt_of_a_waiting_task_does_not_drop_the_newer_one():
+    """Chaos soak (seed 2): a worker cut off from the balancers was purged and its tasks reported
+    lost; the masters gave them newer tokens, which waited here; the worker came back listing the
+    old attempts (their results held), and the balancer dropped the waiting orders as "running
+    there": the units stayed pending until their lease ran out."""
+    h = active()
+    h.request(0, (6, 1))  # no worker yet: it waits
+    assert (JOB, 0) in h.core.orders
+    h.register("w2", tasks=[[JOB, 0, 5, 1]])  # holds the result of the attempt recorded lost
+    assert [(m.message.task_id, m.message.fence_term) for m in h.sent(WorkerRequest, WORKERS)] == [(0, 6)]
+    assert h.core.counters.get("pending_found_running", 0) == 0
+
+
+def test_a_worker_registering_with_the_attempt_that_waits_here_takes_it_off_the_queue():
+    h = active()
+    h.request(0, (6, 1))
+    h.register("w2", tasks=[[JOB, 0, 6, 1]])  # a new balancer's open assignment it already runs
+    assert not h.sent(WorkerRequest, WORKERS) and h.core.counters["pending_found_running"] == 1

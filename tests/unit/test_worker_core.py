@@ -201,3 +201,30 @@ def test_free_counts_task_slots_and_never_passes_them():
     status = h.core.status(h.now)
     assert status["free"] == 2 - len(h.core.running) and status["free"] <= status["slots"]
     assert status["credit_free"] == 3
+
+
+def test_a_newer_token_for_a_task_whose_result_is_held_runs_it_again_and_drops_the_stale_result():
+    """Seen in the chaos soak (seed 2): a worker cut off from the balancers held a result; the
+    masters recorded that attempt lost and gave the task a newer token, and the balancer sent it
+    to the same worker, which resent the old result (refused as stale, then dropped) and ran
+    nothing: the unit stayed pending until its lease ran out."""
+    h = registered()
+    h.request(0, (5, 1))
+    h.end(0, (5, 1))
+    h.request(0, (6, 1))
+    assert h.runs() == [0, 0] and h.core.counters["held_superseded"] == 1
+    assert not h.core.held and [s["step"] for s in h.core.story(JOB, 0)][-3:] == ["received", "superseded", "started"]
+    h.end(0, (6, 1))
+    assert [(m.fence_term, m.fence_sequence) for m in h.sent(TaskResult)] == [(5, 1), (6, 1)]
+
+
+def test_a_newer_token_for_a_task_it_runs_or_queues_makes_that_run_the_new_attempt():
+    h = registered(slots=1, prefetch=1)
+    h.request(0, (5, 1))
+    h.request(1, (5, 2))  # waits in line
+    h.request(0, (6, 1))  # the masters recorded (5, 1) lost and sent the task here again
+    h.request(1, (6, 2))
+    assert h.runs() == [0] and h.core.counters["duplicate_requests"] == 2
+    h.end(0, (5, 1))
+    h.end(1, (5, 2))
+    assert [(m.task_id, m.fence_term, m.fence_sequence) for m in h.sent(TaskResult)] == [(0, 6, 1), (1, 6, 2)]
