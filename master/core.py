@@ -196,7 +196,7 @@ class MasterCore:
             "write": (self.api.answer, self.api.unknown, self.api.not_leader),
             "complete": (self.stream.recorded, self.stream.result_unknown, self.stream.result_not_leader),
             "assign": (self.stream.assigned, self.stream.assign_unknown, None),
-            "barrier": (self._serving, None, None),
+            "barrier": (self._serving, self._barrier_lost, None),
             "made": (self.specs.made, None, None),
             "compacted": (self._compacted, None, None),
             "leases": (self.specs.leases_ended, None, None),
@@ -299,9 +299,24 @@ class MasterCore:
             self.stream.begin_term()
             st.leader_since = now
             st.first_commit_at = None
-            barrier = Barrier(st.view.term, self.name, st.wall(now))
-            out += self.batcher.propose([(barrier, ("barrier", st.view.term))], now, cause)
+            out += self._propose_barrier(now, cause)
+        elif leading and st.barrier_lost and st.serving_term != st.view.term:
+            out += self._propose_barrier(now, cause)
         return out
+
+    def _propose_barrier(self, now: float, cause: str) -> list[Effect]:
+        self.standing.barrier_lost = False
+        barrier = Barrier(self.standing.view.term, self.name, self.standing.wall(now))
+        return self.batcher.propose([(barrier, ("barrier", self.standing.view.term))], now, cause)
+
+    def _barrier_lost(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
+        """The Barrier was not answered in time (followers that catch up from a snapshot take
+        longer): its late commit is no answer any more (the proposal was taken), so another is
+        proposed at the next Raft check; else this leader never served in its term (the chaos
+        soak, seed 5: a leader wedged for good, every write refused)."""
+        if reply[1] == self.standing.view.term:
+            self.standing.barrier_lost = True
+        return [Log(logging.WARNING, f"the Barrier of term {reply[1]} did not commit ({reason}); proposing another", cause)]
 
     def _step_down(self, cause: str) -> list[Effect]:
         """This master stopped leading: answer what it queued, forget the balancer."""

@@ -56,6 +56,7 @@ class Standing:
         self.view = RaftView("follower", 0, None, False)
         self.serving_term = 0  # the term whose Barrier has committed on this leader
         self.barrier_term = 0  # the term a Barrier was proposed for
+        self.barrier_lost = False  # that Barrier went unanswered: propose another
         self.leader_since: float | None = None
         self.first_commit_at: float | None = None
         self.counters: dict[str, int] = {}

@@ -816,3 +816,21 @@ def test_an_older_balancers_attach_is_refused_naming_the_epoch_it_must_outbid():
     (err,) = h.take(Error)
     assert (err.refers_to, err.detail) == (Attach.code, {"code": "stale_balancer", "epoch": 10})
     assert h.core.stream.balancer.epoch == 10  # the attached stream stays as it was
+
+
+def test_a_barrier_that_does_not_commit_in_time_is_proposed_again_and_the_leader_serves():
+    """Chaos soak (seed 5): a new leader's Barrier waited on followers catching up from a
+    snapshot for longer than PROPOSAL_TIMEOUT; its proposal expired, its late commit answered
+    nothing, and the leader never served in its term (every write refused, for good)."""
+    h = Harness()
+    h.raft = RaftView("leader", 4, "10.0.0.1:6000", True)
+    h.event(TimerFired("raft", "t"))
+    (barrier,) = h.proposed
+    h.now += 6.0
+    h.event(TimerFired("expire", "x"))  # unanswered: the followers are far behind
+    h.event(TimerFired("raft", "t"))
+    assert len(h.proposed) == 2 and h.core.standing.serving_term != 4
+    h.commit_all()  # the first commits late (answering nothing), then the second
+    assert h.core.standing.serving() and h.core.standing.serving_term == 4
+    h.event(TimerFired("raft", "t"))
+    assert not h.proposed  # serving: no more Barriers
