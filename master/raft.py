@@ -51,8 +51,8 @@ pysyncobj private API used here, in one place: ``_getLeader``, ``_isLeader``, ``
 journal's ``MetaStorer.storeMeta`` and the serializer's ``atomicReplace``, replaced (see above);
 the journal module's ``ResizableFile`` (its ``__mm`` and ``__f``) and the ``Serializer`` class
 ``syncobj`` builds, subclassed; the transport's tick, connect and message hooks
-and ``SyncObj``'s election deadline, vote, state and last log entry (``_RaftTransport``, faster
-failovers).
+and ``SyncObj``'s election deadline, vote, state, log and last log entry (``_RaftTransport``, faster
+failovers and catch-ups).
 """
 
 from __future__ import annotations
@@ -378,6 +378,15 @@ class _RaftTransport(TCPTransport):
       included) never hurries: a stale candidate of the leader's own term deposes nobody. With the cut applied to one follower
       a little before the other, the first to time out often has the shorter log and cannot
       win; and under load both timers often fire together.
+    - **A follower whose log ends in entries the leader does not have points the leader back
+      past them at once** (the conflicting term's first index, Raft §5.3's optimisation), and
+      keeps pointing there until an append fits. pysyncobj's follower answers a conflict with
+      "from prevLogIdx" and an append beyond its log with "from my end + 1", while its leader
+      streams every batch of a tick (64 KiB each) and obeys the last answer: with more than one
+      batch in flight, the later batches' "end + 1" undid the first one's step back, for good.
+      The follower stayed stuck until the leader's next compaction sent it a snapshot (up to
+      300 s: the chaos soak's stalls; doc/masters.md). The hint never points below the
+      follower's commit index, and a lower next index only makes the leader resend entries.
     """
 
     journal: Any = None
@@ -386,6 +395,7 @@ class _RaftTransport(TCPTransport):
         self._linked: set[Any] = set()  # partners whose connection is up, its handshake done
         self._last_sent: dict[Any, float] = {}
         self._campaign = 0  # the last term this master asked votes for (one log line per campaign)
+        self._resend_from: dict[Any, int] = {}  # leader -> where our log stops matching the leader's (a hint)
         super().__init__(syncObj, selfNode, otherNodes)
 
     def send(self, node: Any, message: Any) -> bool:
@@ -395,8 +405,47 @@ class _RaftTransport(TCPTransport):
         if message.get("type") == "request_vote" and message["term"] != self._campaign:
             self._campaign = message["term"]
             log.info("raft: campaigning in term %d", message["term"])
+        if message.get("type") == "next_node_idx":
+            message = self._steer(node, message)
         self._last_sent[node] = time.monotonic()
         return super().send(node, message)
+
+    def _steer(self, node: Any, message: dict) -> dict:
+        """Our answer to an append: a refusal names the lowest conflict found since the last
+        append that fitted (the class docstring); an append that fitted ends the search."""
+        if message["success"]:
+            self._resend_from.pop(node, None)
+        elif message["reset"] and node in self._resend_from:
+            message = {**message, "next_node_idx": min(message["next_node_idx"], self._resend_from[node])}
+        return message
+
+    def _note_conflict(self, node: Any, message: dict) -> None:
+        """Before pysyncobj reads an append: if our entry at its prevLogIdx has another term than
+        the leader's, remember the first index of our entries that cannot be the leader's either
+        (terms only grow along a log: ours from the first with a term >= min(our term there,
+        the leader's + 1)), never at or below our commit index."""
+        prev = message.get("prevLogIdx")
+        if prev is None or message.get("transmission") not in (None, "finish"):
+            return
+        r = self._syncObj
+        entries = r._SyncObj__raftLog  # noqa: SLF001 (a list of (command, index, term))
+        first = entries[0][1]
+        if message["term"] < r._getTerm() or not first <= prev <= entries[-1][1]:
+            return
+        mine = entries[prev - first][2]
+        if mine == message["prevLogTerm"]:
+            return
+        low, high = max(r.raftCommitIndex + 1, first + 1), prev
+        if low > high:
+            return  # nothing above our commit index to point at: pysyncobj's own answer stands
+        bound = min(mine, message["prevLogTerm"] + 1)
+        while low < high:
+            mid = (low + high) // 2
+            if entries[mid - first][2] >= bound:
+                high = mid
+            else:
+                low = mid + 1
+        self._resend_from[node] = min(low, self._resend_from.get(node, low))
 
     def _onTick(self) -> None:  # noqa: N802 (pysyncobj's name; called on the Raft thread every tick)
         super()._onTick()
@@ -429,6 +478,8 @@ class _RaftTransport(TCPTransport):
     def _onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
         if message == KEEPALIVE:
             return  # reading it was the point: the link's idle clock restarted
+        if message.get("type") == "append_entries":
+            self._note_conflict(node, message)
         if message.get("type") != "request_vote":
             return super()._onMessageReceived(node, message)
         r = self._syncObj
