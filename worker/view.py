@@ -27,6 +27,7 @@ from cluster.node.storagelink import LinkPool, TransferError
 log = logging.getLogger("cluster.worker")
 
 LISTING_TTL = 2.0
+STALE_READ_S = 1.2  # a cut-off leader steps down within 1 s (doc/masters.md); ask once more after that
 
 
 class ClusterView:
@@ -122,15 +123,37 @@ class ClusterView:
     # ---- inside ------------------------------------------------------------------------------
 
     def _record(self, fid: bytes) -> dict[str, Any] | None:
+        """The ledger's record of ``fid``, or None where the masters say there is no such file.
+        Masters that do not answer are an error (EIO), not an absence: a task would fail for
+        good on ENOENT, and the mount remembers an absence for a while (seen in the chaos soak:
+        a tile task failed all its attempts in 0.7 s during a failover). An absence is asked
+        again once after ``STALE_READ_S``: a leader cut off from the others answers from its
+        own ledger until it steps down, and may not know a file registered since."""
         record = self._records.get(fid)
         if record is not None:
             return record
-        value = self._ask(lambda: self.client.lookup_files([fid]))
-        self.counters["lookups"] += 1
-        record = (value or {}).get(fid.hex())
-        if record is not None:
-            self._records[fid] = record
-        return record
+        for again in (False, True):
+            if again:
+                time.sleep(STALE_READ_S)  # a FUSE thread of its own waits; the lock is not held
+            record = self._lookup(fid).get(fid.hex())
+            if record is not None:
+                self._records[fid] = record
+                return record
+        return None
+
+    def _lookup(self, fid: bytes) -> dict[str, Any]:
+        with self._lock:
+            self.counters["lookups"] += 1
+            try:
+                answer = self.client.lookup_files([fid])
+            except NotFound:
+                return {}
+            except ClusterError as exc:
+                raise OSError(errno.EIO, f"the masters did not answer a lookup of {fid.hex()} ({exc})") from exc
+        found = answer.value or {}
+        if answer.stale and fid.hex() not in found:  # no leader with a quorum: it may just not know yet
+            raise OSError(errno.EIO, f"only a master without a quorum answered a lookup of {fid.hex()}")
+        return found
 
     def _ask(self, call: Any, raise_not_found: bool = False) -> Any:
         with self._lock:
