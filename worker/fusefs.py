@@ -202,7 +202,6 @@ class StorageFS(_Base):
         # Memos: plain dicts, written without a lock; two threads may both ask the view, which
         # is harmless since the answers agree (files are immutable).
         self._sizes: dict[bytes, int] = {}
-        self._absent: dict[bytes, float] = {}
         self._jobs: tuple[float, list[bytes]] | None = None
         self._trees: dict[bytes, tuple[float, dict[str, Any] | None]] = {}
         self._handles: dict[int, tuple[bytes, int]] = {}
@@ -220,12 +219,11 @@ class StorageFS(_Base):
             return size
         size = self._cache.size_of(fid)
         if size is None:
-            seen = self._absent.get(fid)
-            if seen is not None and self._clock() - seen < self._ttl:
-                return None
+            # An absence is not remembered: a task names a file because the ledger registered it,
+            # so "absent" is a lagging master's answer (the view asks twice, 1.2 s apart), and a
+            # remembered one failed every retry of a tile task within a second (the chaos soak)
             size = _ask(self._view.size, fid)
             if size is None:
-                _bounded(self._absent)[fid] = self._clock()
                 return None
         _bounded(self._sizes)[fid] = size
         return size
