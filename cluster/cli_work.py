@@ -27,6 +27,8 @@ from cluster.work import Work
               help="Share of the running slots among specs of equal priority.")
 @click.option("--max-running", type=click.IntRange(0), default=None, help="At most this many units running at once.")
 @click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--max-lost", type=click.IntRange(1, 100), default=10, show_default=True,
+              help="Attempts lost to dead workers or expired leases before a unit fails (apart from --max-attempts).")
 @click.option("--lease", "lease_s", type=float, default=300.0, show_default=True,
               help="Seconds a worker holds a unit before it is handed to another.")
 @click.option("--then", default=None, help="The spec that gets each finished unit's output as a new unit.")
@@ -40,7 +42,7 @@ from cluster.work import Work
 @click.option("--every", "interval", type=float, default=None,
               help="Continuous: make a unit every this many seconds while none waits or runs.")
 def add_spec(name: str, config_path: Path | None, run_json: str, priority: int, weight: float, max_running: int | None,
-             max_attempts: int, lease_s: float, then: str | None, paused: bool, replicas: int, quorum: int | None,
+             max_attempts: int, max_lost: int, lease_s: float, then: str | None, paused: bool, replicas: int, quorum: int | None,
              compare: str, interval: float | None) -> None:
     """Create the work spec NAME."""
     try:
@@ -49,6 +51,8 @@ def add_spec(name: str, config_path: Path | None, run_json: str, priority: int, 
         raise click.ClickException(f"--run is not JSON: {exc}") from None
     keys: dict[str, Any] = {"priority": priority, "weight": weight, "max_attempts": max_attempts, "lease_s": lease_s,
                             "paused": paused}
+    if max_lost != 10:  # only then: a master from before max_lost refuses the key
+        keys["max_lost"] = max_lost
     if max_running is not None:
         keys["max_running"] = max_running
     if then:

@@ -53,9 +53,11 @@ class JobRef:
 @dataclass(frozen=True)
 class TaskOptions:
     """How tasks from ``submit``/``map``/``run`` run. ``need``: what a worker must offer
-    (cores, memory_mb, gpus, labels, kernel). ``max_attempts`` counts runs lost to a dead worker;
-    a task that fails by itself (raises, exits non-zero, times out) is retried only with
-    ``retry_failed`` (Ray's ``retry_exceptions``). ``after``: jobs (ids, futures or JobRefs)
+    (cores, memory_mb, gpus, labels, kernel). A task that fails by itself (raises, exits
+    non-zero, times out) is retried only with ``retry_failed`` (Ray's ``retry_exceptions``), up to
+    ``max_attempts`` runs; runs lost to a dead worker are retried apart from those, up to
+    ``max_lost`` (so a flaky cluster never fails sound work, and a task that kills every worker
+    it lands on still ends). ``after``: jobs (ids, futures or JobRefs)
     that must be done before these tasks start; if one fails or is cancelled, these fail
     without running."""
 
@@ -64,6 +66,7 @@ class TaskOptions:
     need: dict[str, Any] | None = None
     priority: int = 0
     max_attempts: int = 3
+    max_lost: int = 10
     retry_failed: bool = False
     after: tuple[Any, ...] = ()
 
@@ -88,8 +91,8 @@ class TaskOptions:
         return out
 
     def job(self) -> dict[str, Any]:
-        out = {"priority": self.priority, "max_attempts": self.max_attempts, "retry_failed": self.retry_failed,
-               "fail_fast": False}
+        out = {"priority": self.priority, "max_attempts": self.max_attempts, "max_lost": self.max_lost,
+               "retry_failed": self.retry_failed, "fail_fast": False}
         if self.after:
             out["after"] = sorted({getattr(x, "job", x) for x in self.after})
         return out
@@ -223,7 +226,8 @@ class Client:
 
     def options(self, **options: Any) -> "Client":
         """A view of this client whose ``submit``/``map``/``run`` use ``options``
-        (``TaskOptions``: timeout_s, memory_mb, need, priority, max_attempts, retry_failed, after)."""
+        (``TaskOptions``: timeout_s, memory_mb, need, priority, max_attempts, max_lost, retry_failed,
+        after)."""
         view = copy.copy(self)
         view._task_options = self._task_options.replace(**options)
         return view

@@ -39,7 +39,7 @@ class Work:
 
     def add_spec(self, name: str, run: dict[str, Any], **keys: Any) -> dict[str, Any]:
         """Create a work spec: ``run`` is what each unit runs (a job's ``run``), ``keys`` its
-        scheduling keys (priority, weight, max_running, max_attempts, lease_s, then, paused),
+        scheduling keys (priority, weight, max_running, max_attempts, max_lost, lease_s, then, paused),
         redundancy (replicas, quorum, compare) and ``continuous`` with ``interval``."""
         return self._write("add_spec", "", {"name": name, "run": run, **keys})
 

@@ -8,9 +8,11 @@ failed; cancelled when their job is). ``assign`` hands ready tasks out under fen
 leader's and is refused. ``complete`` records an attempt's end: execution is at-least-once,
 recording exactly-once, so the first completion of a task is recorded and later ones are
 acknowledged, ignored and counted; a completion must name the token of one of the task's
-attempts. A failed attempt is retried up to ``max_attempts`` (only LOST ones when the spec
-says ``retry_failed: false``); a task failing for good fails its job, or with ``fail_fast:
-false`` is recorded and the job goes on. A done task whose readers have all read it is folded
+attempts. A failed attempt is retried until the task has failed ``max_attempts`` times of its
+own (FAILED: it raised, exited non-zero, timed out; never again with ``retry_failed: false``) or
+been LOST ``max_lost`` times (its worker died: no fault of the task's, so that budget is apart
+and larger, and bounds only a task that kills every worker it runs on); a task failing for good
+fails its job, or with ``fail_fast: false`` is recorded and the job goes on. A done task whose readers have all read it is folded
 away (its record and files dropped, unless ``keep_results``), so a grid job's ledger holds its
 frontier, not every tile. Work units (``master.workspec``) share the tokens; their table
 records their ends.
@@ -26,6 +28,7 @@ from typing import Any
 from master import files, joblife, reasons
 from master.commands import CANCELLED, DONE, FAILED, LOST, OUTCOMES, AssignTasks, CompleteTask
 from master.files import task_files_problem
+from master.jobs import DEFAULT_MAX_LOST
 from master.state import (
     ENDINGS_KEPT,
     INT64_MAX,
@@ -217,15 +220,22 @@ def _record_failure(state: LedgerState, job: Job, c: CompleteTask, task: Task, a
         _end(attempt, c, c.outcome, error)
         return Applied(True, "ignored", "an older attempt ended; a newer one is running")
     ended = 1 + sum(1 for a in task.attempts if a.outcome not in (None, DONE))
-    # Only the task's own failure may end it early: a LOST attempt says nothing about the task.
+    # LOST attempts say nothing about the task (its worker died): they use their own budget,
+    # max_lost, and only the task's own failures use max_attempts (HTCondor and Slurm requeue
+    # a job whose machine was lost without charging it); only its own failure may end it early
+    lost = (c.outcome == LOST) + sum(1 for a in task.attempts if a.outcome == LOST)
+    own = ended - lost
+    max_lost = job.spec.get("max_lost", DEFAULT_MAX_LOST)  # a job from before max_lost: the default
     own_failure_final = c.outcome == FAILED and not job.spec.get("retry_failed", True)
-    if ended < job.spec["max_attempts"] and not own_failure_final:
+    if own < job.spec["max_attempts"] and lost < max_lost and not own_failure_final:
         _end(attempt, c, c.outcome, error)
         job.failed_attempts += 1
         count(state, f"attempts_{OUTCOMES[c.outcome]}")
         task.state = next_state(task.state, "retry")
         job.ready[c.task_id] = None
-        return Applied(True, "retry", f"attempt {ended} of {job.spec['max_attempts']} failed")
+        if c.outcome == LOST:
+            return Applied(True, "retry", f"attempt {ended} lost ({lost} of {max_lost} losses allowed)")
+        return Applied(True, "retry", f"attempt {own} of {job.spec['max_attempts']} failed")
     task_files, refusal = files.task_files(state, job, c)
     if refusal is not None:
         return refusal
@@ -240,7 +250,10 @@ def _record_failure(state: LedgerState, job: Job, c: CompleteTask, task: Task, a
     job.endings.append(c.task_id)
     files.store_task_files(state, task_files)
     count(state, "tasks_failed")
-    text = f"task {c.task_id} failed after {ended} attempt{'s' * (ended != 1)}: {error}"
+    if lost >= max_lost:
+        text = f"task {c.task_id} {reasons.lost_out(lost, error)}"
+    else:
+        text = f"task {c.task_id} failed after {ended} attempt{'s' * (ended != 1)}: {error}"
     if not job.spec.get("fail_fast", True):
         job.live -= 1
         job.source.on_failed(c.task_id)  # ended: the window moves past it

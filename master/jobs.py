@@ -33,6 +33,8 @@ WINDOW = 1024  # unfinished task records a list/range job keeps materialised
 MAX_SPEC_BYTES = 1 << 20  # an encoded spec; bigger inputs belong in storage files
 MAX_TASKS = 1 << 40
 MAX_ATTEMPTS = 100
+MAX_LOST = 100
+DEFAULT_MAX_LOST = 10  # attempts lost to dead workers before a task fails (they do not use max_attempts)
 DEPENDS = ("wavefront", "none")
 
 
@@ -69,6 +71,7 @@ def validate_spec(kind: str, spec: Any, encoded_size: int) -> dict[str, Any]:
     out = dict(spec)
     out["priority"] = _int(spec, "priority", 0, -(2**31), 2**31 - 1)
     out["max_attempts"] = _int(spec, "max_attempts", 3, 1, MAX_ATTEMPTS)
+    out["max_lost"] = _int(spec, "max_lost", DEFAULT_MAX_LOST, 1, MAX_LOST)
     run = spec.get("run", {})
     if not isinstance(run, dict):
         raise SpecError("bad_spec", "'run' (what workers execute) must be a map")
@@ -121,7 +124,9 @@ def _is_hex(text: str) -> bool:
 def _failure_rules(kind: str, spec: dict[str, Any], out: dict[str, Any]) -> None:
     """``retry_failed`` (default true): false ends a task at its first FAILED attempt (the task's
     own failure: it raised, exited non-zero, timed out); LOST attempts are retried either way, up
-    to ``max_attempts``. ``fail_fast`` (default true): a task failing for good fails the job and
+    to ``max_lost`` (they never use ``max_attempts``, which counts the task's own failures: a dead
+    worker says nothing about the task, as HTCondor and Slurm requeue without charging the job; the
+    bound stops a task that kills its workers). ``fail_fast`` (default true): a task failing for good fails the job and
     cancels the rest; false (independent tasks only) records the failure and lets the job go on."""
     for name in ("retry_failed", "fail_fast"):
         value = spec.get(name, True)

@@ -48,6 +48,12 @@ def tail(summary: Any) -> str:
     return out
 
 
+def lost_out(times: int, error: str) -> str:
+    """Why a task or unit failed for good without failing itself: its attempts were lost
+    ``times`` times (its ``max_lost``), each on a worker that died, was purged or went silent."""
+    return f"lost {times} time{'s' * (times != 1)}: its workers kept failing (max_lost); the last: {error}"
+
+
 def expired(holder: str) -> str:
     """The reason of an attempt whose lease ran out."""
     return f"lease expired: no report from {holder or 'its holder'} in time (its worker lost, or too slow)"

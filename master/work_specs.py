@@ -5,7 +5,8 @@ Theory of operation
 A **work spec** names what to run (``run``: a callable, a command template or a tile kind, as a
 job's ``run``) and how it is scheduled: ``priority`` (absolute: a spec runs only when every spec
 of higher priority can take no more), ``weight`` (among specs of equal priority, running slots
-are shared in proportion to weight), ``max_running``, ``max_attempts``, ``lease_s`` and
+are shared in proportion to weight), ``max_running``, ``max_attempts`` (failures of the unit's
+own), ``max_lost`` (attempts lost to dead workers or expired leases), ``lease_s`` and
 ``then`` (the spec fed each finished unit's output). ``replicas``/``quorum``/``compare`` ask
 for redundant execution (``master.work_quorum``), ``continuous``/``interval`` for a unit made
 every ``interval`` while none waits or runs (Coordinate's continuous work specs).
@@ -23,11 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from master import runs
+from master.jobs import DEFAULT_MAX_LOST, MAX_LOST
 
 MAX_KEY = 1024  # bytes of a unit key
 MAX_DATA = 64 << 10  # bytes of a unit's data; bigger inputs belong in storage files
 SPEC_KEYS = frozenset(("name", "run", "priority", "weight", "max_running", "max_attempts", "lease_s", "then",
-                       "paused", "replicas", "quorum", "compare", "continuous", "interval"))
+                       "paused", "replicas", "quorum", "compare", "continuous", "interval", "max_lost"))
 MAX_REPLICAS = 15
 COMPARE_MODES = ("bytes", "text", "json")  # how a worker digests an output for the quorum (worker.tasks)
 
@@ -61,6 +63,7 @@ class WorkSpec:
     continuous: bool = False  # a unit is made every ``interval`` s while the spec has none waiting or running
     interval: float = 60.0
     last_made: float = -math.inf  # when the last continuous unit was made (ledger time)
+    max_lost: int = DEFAULT_MAX_LOST  # attempts lost (not failed) before a unit fails: apart from max_attempts
 
 
 def is_int(value: Any) -> bool:
@@ -97,8 +100,11 @@ def validate_spec(spec: Any, known: Iterable[str] = ()) -> WorkSpec:
         raise WorkSpecError("bad_spec", f"'paused' must be true or false, not {paused!r}")
     replicas, quorum, compare = _check_replicas(spec)
     continuous, interval = _check_continuous(spec)
+    max_lost = spec.get("max_lost", DEFAULT_MAX_LOST)
+    if not is_int(max_lost) or not 1 <= max_lost <= MAX_LOST:
+        raise WorkSpecError("bad_spec", f"'max_lost' must be an integer from 1 to {MAX_LOST}, not {max_lost!r}")
     return WorkSpec(name, run, priority, float(weight), max_running, max_attempts, float(lease_s), then, paused,
-                    replicas, quorum, compare, continuous, float(interval))
+                    replicas, quorum, compare, continuous, float(interval), max_lost=max_lost)
 
 
 def _check_keys(spec: Any) -> None:

@@ -10,6 +10,10 @@ handed out), finished, or failed; ``TRANSITIONS`` is the whole state machine:
                          PENDING --lost, failed, a replica's vote--> AVAILABLE (attempts left)
                          PENDING --lost, failed, no quorum--> FAILED --retry--> AVAILABLE
 
+A unit fails once it has failed ``max_attempts`` times of its own or been lost ``max_lost``
+times (its worker died or its lease ran out): the two budgets are apart, as for tasks
+(``master.attempts``), so that dead workers never use up the attempts of a sound unit.
+
 Units are kept column by column (``UnitTable``): one numpy array per field (state, priority,
 attempts, lease end, holder, fencing token, votes) and plain lists for keys and data, so that a
 million units cost tens of bytes each, a snapshot is a handful of array copies, and "which
@@ -30,9 +34,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from master.work_history import DONE, Attempt, AttemptLog, Column
+from master import reasons
+from master.work_history import DONE, LOST, Attempt, AttemptLog, Column
 from master.work_quorum import BallotBox
-from master.work_specs import MAX_DATA, MAX_KEY, WorkSpec, WorkSpecError, is_int32
+from master.work_specs import DEFAULT_MAX_LOST, MAX_DATA, MAX_KEY, WorkSpec, WorkSpecError, is_int32
 
 
 class UnitState(IntEnum):
@@ -66,7 +71,7 @@ class IllegalTransition(RuntimeError):
 
 # snapshot names of the table's columns, in the order ``to_state`` writes them (a persisted order)
 _COLUMNS = ("state", "priority", "attempts", "lease_until", "holder", *AttemptLog.COLUMNS, "fence_term",
-            "fence_seq", "votes")
+            "fence_seq", "votes", "lost")
 
 
 class UnitTable:
@@ -84,6 +89,9 @@ class UnitTable:
         self.fence_term = Column(np.int64)  # the fencing token of the unit's newest lease
         self.fence_seq = Column(np.int64)
         self.votes = Column(np.uint8)  # ballots that counted towards the unit's quorum
+        # attempts lost (their worker died, their lease ran out): max_lost, not max_attempts, bounds them;
+        # at most 100 + 100 + MAX_REPLICAS attempts in all, so uint8 holds them
+        self.lost = Column(np.uint8)
         self.workers: list[str] = []  # worker index -> worker name
         self._worker_ix: dict[str, int] = {}
         self.available: dict[int, deque[int]] = {}  # unit priority -> FIFO of unit ids
@@ -114,6 +122,7 @@ class UnitTable:
         self.fence_term.extend(np.zeros(n, np.int64))
         self.fence_seq.extend(np.zeros(n, np.int64))
         self.votes.extend(np.zeros(n, np.uint8))
+        self.lost.extend(np.zeros(n, np.uint8))
         for uid, p in zip(range(first, first + n), prios):
             self.available.setdefault(p, deque()).append(uid)
         self.counts[AVAILABLE] += n
@@ -220,19 +229,25 @@ class UnitTable:
     # ---- ending attempts ----------------------------------------------------------------------------
 
     def end(self, uid: int, outcome: int, now: float, max_attempts: int, worker: str | None = None,
-            reason: tuple[str, str] | None = None) -> int:
+            reason: tuple[str, str] | None = None, max_lost: int = DEFAULT_MAX_LOST) -> int:
         """End ``uid``'s open attempt with ``outcome`` (an ``AttemptOutcome``: DONE, LOST or
         FAILED_OUTCOME); returns the unit's new state (FINISHED, AVAILABLE again, or FAILED once
-        its attempts ran out; -1 for no such unit). ``worker``: who ran it, when known (the lease
-        names who handed it out). A unit that is not pending (a late or duplicate report) is
-        left as it is."""
+        it failed ``max_attempts`` times or was lost ``max_lost`` times; -1 for no such unit).
+        ``worker``: who ran it, when known (the lease names who handed it out). A unit that is
+        not pending (a late or duplicate report) is left as it is."""
         # .item() reads a plain int: numpy compares its own scalars with an IntEnum very slowly
         if not 0 <= uid < len(self.keys) or self.state.data.item(uid) != PENDING:
             return self.state.data.item(uid) if 0 <= uid < len(self.keys) else -1
+        lost_out = False
+        if outcome == LOST:
+            self.lost.data[uid] += 1
+            lost_out = self.lost.data.item(uid) >= max_lost
+            if lost_out and reason is not None:  # the unit's last reason says why it failed for good
+                reason = (reasons.line(reasons.lost_out(self.lost.data.item(uid), reason[0]), "lost"), reason[1])
         self._close(uid, outcome, now, worker, reason)
         if outcome == DONE:
             return self._settle(uid, FINISHED)
-        return self._settle(uid, FAILED if self._spent(uid, max_attempts) else AVAILABLE)
+        return self._settle(uid, FAILED if lost_out or self._spent(uid, max_attempts) else AVAILABLE)
 
     def vote(self, uid: int, worker: str, digest: bytes, output: bytes, now: float, spec: WorkSpec
              ) -> tuple[int, bytes | None]:
@@ -257,8 +272,10 @@ class UnitTable:
         return self._decide(uid, spec.quorum)
 
     def _spent(self, uid: int, max_attempts: int) -> bool:
-        """Whether ``uid`` used up its attempts: the attempts that gave a vote do not count."""
-        return self.attempts.data.item(uid) - self.votes.data.item(uid) >= max_attempts
+        """Whether ``uid`` used up its attempts: those that gave a vote, and those lost (their
+        own budget, ``max_lost``), do not count."""
+        own = self.attempts.data.item(uid) - self.votes.data.item(uid) - self.lost.data.item(uid)
+        return own >= max_attempts
 
     def _decide(self, uid: int, quorum: int) -> tuple[int, bytes | None]:
         """Count the unit's votes (``BallotBox.decide``): (FINISHED, the winning output) or
@@ -295,6 +312,7 @@ class UnitTable:
                 self.state.data[uid] = AVAILABLE
                 self.attempts.data[uid] = 0
                 self.votes.data[uid] = 0  # a redundant unit starts over: every replica runs again
+                self.lost.data[uid] = 0
                 self.quorum.forget(uid)
                 self.available.setdefault(self.priority.data.item(uid), deque()).append(uid)
                 self.counts[FAILED] -= 1
@@ -358,7 +376,9 @@ class UnitTable:
 
     def to_state(self) -> dict[str, Any]:
         """Everything, as plain values and bytes (for the ledger's msgspec snapshot)."""
-        cols = {name: col.view.tobytes() for name, col in self._columns().items()}
+        # "lost" came later: a table that never lost an attempt keeps its older form
+        cols = {name: col.view.tobytes() for name, col in self._columns().items()
+                if name != "lost" or col.view.any()}
         out = {"keys": self.keys, "data": self.data, "workers": self.workers,
                "available": [[p, list(q)] for p, q in self.available.items()],
                "open": [[u, r] for u, r in self.history.open.items()], **self.quorum.to_state(), **cols}
@@ -429,6 +449,7 @@ class UnitTable:
         votes still count (available or pending) has its ballots kept."""
         votes, state = self.votes.view, self.state.view
         assert np.all(votes <= self.attempts.view), "more votes than attempts"
+        assert np.all(votes.astype(np.int32) + self.lost.view <= self.attempts.view), "more votes and losses than attempts"
         for uid in self.quorum.ballots:
             assert int(state[uid]) in (AVAILABLE, PENDING, FAILED), f"unit {uid}: decided, but its ballots are kept"
             assert len(self.quorum.ballots[uid]) == votes[uid], f"unit {uid}: votes and ballots differ"

@@ -40,8 +40,8 @@ import numpy as np
 from master.work_history import DONE, FAILED_OUTCOME, LOST, OUTCOME_NAMES, Attempt, AttemptOutcome
 from master import reasons
 from master.work_share import Demand, allocate
-from master.work_specs import (COMPARE_MODES, MAX_DATA, MAX_KEY, MAX_REPLICAS, SPEC_KEYS, WorkSpec, WorkSpecError,
-                               check_chain, is_int32, is_weight, validate_spec)
+from master.work_specs import (COMPARE_MODES, DEFAULT_MAX_LOST, MAX_DATA, MAX_KEY, MAX_REPLICAS, SPEC_KEYS, WorkSpec,
+                               WorkSpecError, check_chain, is_int32, is_weight, validate_spec)
 from master.work_units import AVAILABLE, FAILED, FINISHED, PENDING, STATE_NAMES, UnitState, UnitTable
 
 # the names importable from here before the split (the facade's re-exports), and this module's own.
@@ -153,7 +153,7 @@ class WorkState:
                 digest = hashlib.blake2b(output, digest_size=16).digest()
             new, output = table.vote(uid, worker, digest, output, now, spec)
         else:
-            new = table.end(uid, outcome, now, spec.max_attempts, worker, reason)
+            new = table.end(uid, outcome, now, spec.max_attempts, worker, reason, spec.max_lost)
         if new == FINISHED and spec.then is not None and spec.then in self.tables:
             following = self.tables[spec.then]
             key = table.keys[uid]
@@ -218,7 +218,9 @@ class WorkState:
             for uid in table.expired(now).tolist():
                 holder = int(table.holder.data[uid])
                 who = table.workers[holder] if 0 <= holder < len(table.workers) else ""
-                table.end(uid, LOST, now, self.specs[name].max_attempts, reason=(reasons.expired(who), ""))
+                spec = self.specs[name]
+                table.end(uid, LOST, now, spec.max_attempts, reason=(reasons.expired(who), ""),
+                          max_lost=spec.max_lost)
                 n += 1
         return n
 
@@ -328,6 +330,8 @@ class WorkState:
     def to_state(self) -> dict[str, Any]:
         return {"specs": [[s.name, s.run, s.priority, s.weight, s.max_running, s.max_attempts, s.lease_s, s.then,
                            s.paused, s.replicas, s.quorum, s.compare, s.continuous, s.interval, s.last_made]
+                          # max_lost came later: a spec with the default keeps its older form
+                          + ([s.max_lost] if s.max_lost != DEFAULT_MAX_LOST else [])
                           for s in self.specs.values()],
                 "tables": {name: t.to_state() for name, t in self.tables.items()},
                 "batches": {name: [[k, n] for k, n in keys.items()] for name, keys in self.batches.items()}}

@@ -226,6 +226,9 @@ BAD_SUBMISSIONS = [
     ("range", {"count": 1, "max_attempts": 0}, "bad_spec", ["'max_attempts'"]),
     ("range", {"count": 1, "max_attempts": jobs.MAX_ATTEMPTS + 1}, "bad_spec", ["'max_attempts'"]),
     ("range", {"count": 1, "max_attempts": "3"}, "bad_spec", ["'max_attempts'"]),
+    ("range", {"count": 1, "max_lost": 0}, "bad_spec", ["'max_lost'", "from 1 to 100"]),
+    ("range", {"count": 1, "max_lost": jobs.MAX_LOST + 1}, "bad_spec", ["'max_lost'"]),
+    ("range", {"count": 1, "max_lost": True}, "bad_spec", ["'max_lost'"]),
     ("range", {"count": 1, "priority": 2**31}, "bad_spec", ["'priority'"]),
     ("range", {"count": 1, "run": ["sw"]}, "bad_spec", ["'run'"]),
     ("range", {"count": 1, "run": {"kind": "comand", "argv": ["id"]}}, "bad_run", ["'comand'", "command"]),
@@ -353,12 +356,32 @@ def test_failed_attempts_retry_until_max_attempts_then_the_job_fails():
     assert views.ready_tasks(ledger.state, ledger.work, 10) == [] and ledger.state.counters["jobs_failed"] == 1
 
 
-def test_lost_attempts_count_towards_max_attempts():
+def test_lost_attempts_use_max_lost_not_max_attempts():
+    # the chaos soak (seed 30): three lost attempts in 11 s failed a command that never failed
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1, "max_attempts": 2, "max_lost": 3})
+    assert ledger.state.jobs[jid(1)].spec["max_lost"] == 3
+    for n in (1, 2):
+        r = run_task(ledger, jid(1), 0, outcome=LOST)
+        assert r.code == "retry" and r.text == f"attempt {n} lost ({n} of 3 losses allowed)"
+    r = run_task(ledger, jid(1), 0, outcome=LOST, error="worker w2 was lost while running it")
+    assert r.code == "failed" and r.text == (
+        "task 0 lost 3 times: its workers kept failing (max_lost); the last: worker w2 was lost while running it")
     ledger = Ledger()
     submit(ledger, "range", {"count": 1, "max_attempts": 2})
-    assert run_task(ledger, jid(1), 0, outcome=LOST).code == "retry"
-    r = run_task(ledger, jid(1), 0, outcome=LOST)
-    assert r.code == "failed" and r.text == "task 0 failed after 2 attempts: lost"
+    assert ledger.state.jobs[jid(1)].spec["max_lost"] == jobs.DEFAULT_MAX_LOST == 10
+    assert all(run_task(ledger, jid(1), 0, outcome=LOST).code == "retry" for _ in range(9))
+    assert run_task(ledger, jid(1), 0, outcome=FAILED).code == "retry", "its first failure of its own"
+    r = run_task(ledger, jid(1), 0, outcome=FAILED, error="exit status 4")
+    assert r.code == "failed" and r.text == "task 0 failed after 11 attempts: exit status 4"
+
+
+def test_a_job_from_before_max_lost_gets_the_default():
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 1, "max_attempts": 1})
+    del ledger.state.jobs[jid(1)].spec["max_lost"]  # a spec accepted before the key existed
+    assert all(run_task(ledger, jid(1), 0, outcome=LOST).code == "retry" for _ in range(9))
+    assert run_task(ledger, jid(1), 0, outcome=LOST).code == "failed"
 
 
 def test_completions_after_the_job_failed_are_ignored():
@@ -733,7 +756,11 @@ def test_retry_failed_false_ends_a_task_at_its_own_failure_but_retries_lost_atte
     submit(ledger, "range", {"count": 2, "max_attempts": 3, "retry_failed": False})
     assert run_task(ledger, jid(1), 0, outcome=LOST).code == "retry", "a dead worker says nothing about the task"
     assert run_task(ledger, jid(1), 0, outcome=LOST).code == "retry"
-    assert run_task(ledger, jid(1), 0, outcome=LOST).code == "failed", "LOST still ends at max_attempts"
+    assert run_task(ledger, jid(1), 0, outcome=LOST).code == "retry", "LOST does not use max_attempts"
+    ledger = Ledger()
+    submit(ledger, "range", {"count": 2, "max_attempts": 1, "max_lost": 2, "retry_failed": False})
+    assert run_task(ledger, jid(1), 0, outcome=LOST).code == "retry"
+    assert run_task(ledger, jid(1), 0, outcome=LOST).code == "failed", "LOST ends at max_lost"
     ledger = Ledger()
     submit(ledger, "range", {"count": 2, "max_attempts": 3, "retry_failed": False})
     assert run_task(ledger, jid(1), 1, outcome=LOST).code == "retry"
@@ -831,7 +858,7 @@ def test_a_completion_registers_the_task_files_with_the_job_and_they_go_with_its
 
 def test_duplicate_and_ignored_completions_register_nothing():
     ledger = Ledger()
-    submit(ledger, "range", {"count": 2, "max_attempts": 1})
+    submit(ledger, "range", {"count": 2, "max_attempts": 1, "max_lost": 1})
     f = fences(assign(ledger, [(jid(1), 0), (jid(1), 1)]))
     complete(ledger, jid(1), 0, f[(jid(1), 0)])
     assert complete(ledger, jid(1), 0, f[(jid(1), 0)], files=[file_entry(1, "out")]).code == "duplicate"

@@ -82,6 +82,7 @@ def job_bodies(draw) -> tuple[str, dict[str, Any]]:
             optional={
                 "priority": st.integers(-1, 1),
                 "max_attempts": st.integers(1, 3),
+                "max_lost": st.integers(1, 3),
                 "keep_results": st.booleans(),
                 "reduce": st.sampled_from(
                     [{}, {"max": "score"}, {"sum": ["score"]}, {"max": "score", "sum": ["score", "cells"]}]
@@ -238,9 +239,12 @@ class LedgerMachine(RuleBasedStateMachine):
             assert r.code == "ignored" or outcome != DONE
         if r.code in ("retry", "failed"):
             record = self.ledger.state.jobs[job]
-            ended = sum(a.outcome not in (None, DONE) for a in record.tasks[task].attempts)
-            final = ended == record.spec["max_attempts"] or (outcome == FAILED and not record.spec["retry_failed"])
-            assert final is (r.code == "failed"), (ended, r)
+            attempts = record.tasks[task].attempts
+            own = sum(a.outcome not in (None, DONE, LOST) for a in attempts)
+            lost = sum(a.outcome == LOST for a in attempts)
+            final = (own == record.spec["max_attempts"] or lost == record.spec["max_lost"]
+                     or (outcome == FAILED and not record.spec["retry_failed"]))
+            assert final is (r.code == "failed"), (own, lost, r)
             if r.code == "failed":
                 self.failed.add((job, task))
             if record.spec["fail_fast"] or r.code == "retry":
@@ -611,3 +615,46 @@ def test_refused_submissions_leave_the_ledger_unchanged(body):
     assert ledger.state.applied == restored_before.state.applied + 1
     assert ledger.state.counters[f"refused.{r.code}"] == restored_before.state.counters.get(f"refused.{r.code}", 0) + 1
     assert key_of(50) not in ledger.state.keys and jid(50) not in ledger.state.jobs
+
+
+# ---- the two budgets: a task's own failures (max_attempts) and its lost attempts (max_lost) ---------
+
+
+@settings(max_examples=200, **SETTINGS)
+@given(st.integers(1, 5), st.integers(1, 12), st.lists(st.sampled_from([FAILED, LOST]), min_size=1, max_size=20),
+       st.booleans())
+def test_a_task_fails_only_when_one_budget_is_used_up(max_attempts, max_lost, outcomes, retry_failed):
+    """However lost and failed attempts interleave, the task is retried while it has failed fewer
+    than ``max_attempts`` times of its own and been lost fewer than ``max_lost`` times (and, with
+    ``retry_failed: false``, not failed at all), and fails at the attempt that uses one up, with
+    the reason of the budget it used up: lost attempts never use ``max_attempts``."""
+    ledger = Ledger()
+    spec = {"count": 1, "max_attempts": max_attempts, "max_lost": max_lost, "retry_failed": retry_failed}
+    assert ledger.apply(SubmitJob(jid(1), key_of(1), spec_digest("range", spec), "range", spec, "c", 1.0)).ok
+    own = lost = 0
+    for n, outcome in enumerate(outcomes):
+        ((_, _, fence),) = ledger.apply(AssignTasks(1, n + 1, "b", [(jid(1), 0)], 2.0 + n)).value["assigned"]
+        r = ledger.apply(CompleteTask(jid(1), 0, fence[0], fence[1], outcome, "w", {}, None, "why", 2.5 + n))
+        own += outcome == FAILED
+        lost += outcome == LOST
+        spent = own >= max_attempts or lost >= max_lost or (outcome == FAILED and not retry_failed)
+        assert r.code == ("failed" if spent else "retry"), (own, lost, r)
+        if spent:
+            job = ledger.state.jobs[jid(1)]
+            assert job.state == "failed" and job.failed_attempts == n + 1
+            assert ("lost" in job.error.split(":")[0]) is (outcome == LOST), job.error
+            return
+    assert lost < max_lost and ledger.state.jobs[jid(1)].state == "active"
+
+
+@settings(max_examples=50, **SETTINGS)
+@given(st.integers(1, 100), st.integers(1, 3))
+def test_fewer_lost_attempts_than_max_lost_never_fail_a_task(max_lost, max_attempts):
+    ledger = Ledger()
+    spec = {"count": 1, "max_attempts": max_attempts, "max_lost": max_lost}
+    assert ledger.apply(SubmitJob(jid(1), key_of(1), spec_digest("range", spec), "range", spec, "c", 1.0)).ok
+    for n in range(max_lost):
+        ((_, _, fence),) = ledger.apply(AssignTasks(1, n + 1, "b", [(jid(1), 0)], 2.0)).value["assigned"]
+        r = ledger.apply(CompleteTask(jid(1), 0, fence[0], fence[1], LOST, "w", {}, None, None, 3.0))
+        assert r.code == ("failed" if n + 1 == max_lost else "retry"), (n, r)
+    assert ledger.state.jobs[jid(1)].error.startswith(f"task 0 lost {max_lost} time")

@@ -49,7 +49,8 @@ def test_a_done_attempt_keeps_no_reason():
 def _spec_with_a_failing_unit() -> tuple[Ledger, bytes]:
     ledger = Ledger()
     w = ledger.work
-    w.add_spec({"name": "sq", "run": {"kind": "command", "argv": ["sh", "-c", "exit 4"]}, "max_attempts": 2})
+    w.add_spec({"name": "sq", "run": {"kind": "command", "argv": ["sh", "-c", "exit 4"]}, "max_attempts": 2,
+                "max_lost": 1})
     w.add_units("sq", [["u1", b""]])
     return ledger, spec_id("sq")
 
@@ -64,7 +65,9 @@ def test_a_failed_unit_says_why_and_an_expired_lease_says_so():
     units = ledger.work.units_view("sq")["units"]
     first, second = units[0]["attempts"]
     assert (first["outcome"], first["reason"], first["tail"], first["worker"]) == ("failed", "exit status 4", "sh: oops", "w1")
-    assert second["outcome"] == "lost" and second["reason"] == reasons.expired("b1")
+    # its last attempt used up max_lost: its reason says so
+    assert second["outcome"] == "lost" and second["reason"] == reasons.line(reasons.lost_out(1, reasons.expired("b1")), "")
+    assert second["reason"].startswith("lost 1 time: its workers kept failing")
     assert units[0]["state"] == "failed"
     ledger.work.validate_state()
     again = WorkState.from_state(msgspec.msgpack.decode(msgspec.msgpack.encode(ledger.work.to_state())))

@@ -128,7 +128,7 @@ def test_leases_expire_on_the_simulated_clock_and_attempts_are_recorded():
     assert t.end(1, DONE, 111.0, max_attempts=2) == FINISHED
     assert t.end(1, DONE, 112.0, max_attempts=2) == FINISHED  # a duplicate report changes nothing
     assert t.lease(10, "w2", now=120.0, lease_s=10) == [3, 4, 0]
-    assert t.end(0, FAILED_OUTCOME, 121.0, max_attempts=2) == FAILED  # its second attempt: no more
+    assert t.end(0, FAILED_OUTCOME, 121.0, max_attempts=1) == FAILED  # its own first failure: the lost one did not count
     assert [(a.worker, a.start, a.end, a.outcome) for a in t.attempts_of(0)] == \
         [("w1", 100.0, 110.5, "lost"), ("w2", 120.0, 121.0, "failed")]
     assert t.held_by("w1").tolist() == [2] and t.held_by("w2").tolist() == [3, 4]
@@ -358,9 +358,24 @@ def test_ready_tasks_share_the_slots_among_specs_by_weight_and_priority():
     assert count == {"urgent": 2, "heavy": 6, "light": 2}  # urgent first, to its max; then 3:1 (ties by name)
 
 
+def test_a_unit_lost_again_and_again_fails_at_max_lost_not_max_attempts():
+    t = UnitTable()
+    t.add(units(1))
+    for n in range(1, 5):
+        t.lease(1, f"w{n}", now=float(n), lease_s=10)
+        state = t.end(0, LOST, n + 0.5, max_attempts=1, reason=(f"worker w{n} lost", ""), max_lost=4)
+        assert state == (FAILED if n == 4 else AVAILABLE) and t.lost.data[0] == n
+    assert t.attempts_of(0)[-1].reason == "lost 4 times: its workers kept failing (max_lost); the last: worker w4 lost"
+    assert t.retry([0]) == 1 and t.lost.data[0] == 0  # a fresh budget of both kinds
+    t.lease(1, "w5", now=9.0, lease_s=10)
+    assert t.end(0, FAILED_OUTCOME, 9.5, max_attempts=1, max_lost=4) == FAILED
+    check_invariants(t)
+
+
 def test_leases_that_end_are_taken_back_by_the_leader_and_late_results_refused():
     ledger = Ledger()
-    ledger_apply(ledger, C.AddWorkSpec({"name": "s", "run": {"kind": "call"}, "lease_s": 30, "max_attempts": 2}, 0.0))
+    ledger_apply(ledger, C.AddWorkSpec({"name": "s", "run": {"kind": "call"}, "lease_s": 30, "max_attempts": 1,
+                                        "max_lost": 2}, 0.0))
     ledger_apply(ledger, C.AddUnits("s", units(3), 0.0))
     sid = spec_id("s")
     ledger_apply(ledger, C.AssignTasks(1, 1, "b1", views.ready_tasks(ledger.state, ledger.work, 2), 100.0))
@@ -429,13 +444,15 @@ def test_a_replica_lost_or_reported_twice_by_one_worker_does_not_count():
     assert _replica(ledger, sid, 0, "w1", b"A" * 16, 1, 1.0).ok
     ledger_apply(ledger, C.AssignTasks(1, 2, "b1", [(sid, 0)], 3.0))
     assert ledger_apply(ledger, C.CompleteTask(sid, 0, 1, 2, C.LOST, "w2", {}, None, None, 4.0)).ok
-    assert (t.state.data[0], t.votes.data[0]) == (AVAILABLE, 1)  # one lost attempt of a budget of 2
+    assert (t.state.data[0], t.votes.data[0]) == (AVAILABLE, 1)  # lost: max_lost's budget, not max_attempts
     assert _replica(ledger, sid, 0, "w1", b"A" * 16, 3, 5.0).ok  # the same worker again: no second vote
+    assert (t.state.data[0], t.votes.data[0]) == (AVAILABLE, 1)  # one attempt of its own, of 2
+    assert _replica(ledger, sid, 0, "w1", b"A" * 16, 4, 5.5).ok
     assert (t.state.data[0], t.votes.data[0]) == (FAILED, 1)  # and that used up the budget
-    assert [a.outcome for a in t.attempts_of(0)] == ["done", "lost", "done"]
+    assert [a.outcome for a in t.attempts_of(0)] == ["done", "lost", "done", "done"]
     # with a budget left, the unit finishes once a second worker agrees
     ledger_apply(ledger, C.ControlSpec("s", "retry", 6.0))
-    assert _replica(ledger, sid, 0, "w1", b"A" * 16, 4, 7.0).ok and _replica(ledger, sid, 0, "w2", b"A" * 16, 5, 9.0).ok
+    assert _replica(ledger, sid, 0, "w1", b"A" * 16, 5, 7.0).ok and _replica(ledger, sid, 0, "w2", b"A" * 16, 6, 9.0).ok
     assert t.state.data[0] == FINISHED and 0 not in t.disputes
 
 
@@ -516,10 +533,12 @@ def test_the_snapshot_form_and_the_persisted_numbers_do_not_change():
     # the attempts' reasons came later (master.reasons), as one key a table has only when an
     # attempt failed; without it, the form is the one pinned before
     assert state["tables"]["s"].pop("reasons") == [[4, "lease expired: no report from b1 in time (its worker lost, or too slow)", ""]]
+    # so did the count of lost attempts (max_lost), as a column a table has only once one was lost
+    assert np.frombuffer(state["tables"]["s"].pop("lost"), np.uint8).tolist() == [0, 0, 1]
     older = msgspec.msgpack.encode(state)
     assert hashlib.blake2b(older, digest_size=16).hexdigest() == "de842aa8d6d872112db78efc07acf5f3"
     assert msgspec.msgpack.encode(WorkState.from_state(state).to_state()) == older  # a snapshot from before reasons loads
-    assert hashlib.blake2b(blob, digest_size=16).hexdigest() == "4061dd694ff5bc1e836e367061f7949c"
+    assert hashlib.blake2b(blob, digest_size=16).hexdigest() == "c03ea694c27903e57e483c0fc1a2e694"  # with "lost"
     assert msgspec.msgpack.encode(WorkState.from_state(msgspec.msgpack.decode(blob)).to_state()) == blob
     assert [(s.name, int(s)) for s in UnitState] == [("AVAILABLE", 0), ("PENDING", 1), ("FINISHED", 2), ("FAILED", 3)]
     assert [(o.name, int(o)) for o in AttemptOutcome] == [("DONE", 0), ("LOST", 1), ("FAILED", 2)]
