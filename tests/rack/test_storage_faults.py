@@ -281,6 +281,18 @@ def test_storage_node_cut_from_client_mid_upload_completes_on_both(healthy: Rack
           f"with copies on {ref.replicas} ({s_other} pushed the second to {receiver}); both byte-exact")
 
 
+def read_under_way(rack: Rack, ref, out: Path):
+    """Start a paced download of ``ref`` to ``out`` and wait until a storage node has served
+    ``CUT_AT`` bytes of it: (the transfer, its pace, the nodes' status before, the serving node)."""
+    pace = Pace()
+    before = status_of(rack, rack.role("storage"))
+    read = Transfer(rack, lambda c: c.download(ref, out, progress=pace))
+    read.start()
+    server = rack.wait(lambda: grown(rack, before, "bytes_out", CUT_AT), 30,
+                       f"a storage node to serve {CUT_AT // MiB} MiB of the read")
+    return read, pace, before, server
+
+
 # ---- mid-read, the serving node isolated: the read completes from the other replica ---------------
 
 
@@ -292,12 +304,7 @@ def test_storage_node_isolated_mid_read_completes_from_the_other_replica(healthy
         ref = c.upload(path)
     assert ref.replicas == storage, ref
     out = tmp_path / "copy.bin"
-    pace = Pace()
-    before = status_of(rack, storage)
-    read = Transfer(rack, lambda c: c.download(ref, out, progress=pace))
-    read.start()
-    server = rack.wait(lambda: grown(rack, before, "bytes_out", CUT_AT), 30,
-                       f"a storage node to serve {CUT_AT // MiB} MiB of the read")
+    read, pace, before, server = read_under_way(rack, ref, out)
     survivor = next(n for n in storage if n != server)
     got_at_cut = pace.total()
     cut = time.monotonic()
@@ -342,12 +349,7 @@ def test_every_replica_cut_off_mid_read_fails_typed_and_leaves_no_file(healthy: 
     with rack.client() as c:
         ref = c.upload(path)
     out = tmp_path / "copy.bin"
-    pace = Pace()
-    before = status_of(rack, storage)
-    read = Transfer(rack, lambda c: c.download(ref, out, progress=pace))
-    read.start()
-    server = rack.wait(lambda: grown(rack, before, "bytes_out", CUT_AT), 30,
-                       f"a storage node to serve {CUT_AT // MiB} MiB of the read")
+    read, pace, before, server = read_under_way(rack, ref, out)
     got_at_cut = pace.total()
     cut = time.monotonic()
     rack.cut(storage, ["client"])  # the storage nodes still hear the masters and each other
