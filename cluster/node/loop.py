@@ -166,6 +166,8 @@ class NodeLoop:
         self.send_queues = send_queues if send_queues is not None else SendQueues(insecure=self.credentials.insecure)
         self._swept = 0.0
         self._quarantined: dict[str, float] = {}  # Z85 key -> until when its messages are dropped
+        self._readers: dict[int, Callable[[], list[Event] | None]] = {}  # fd -> what to call when readable
+        self._poller: zmq.Poller | None = None
 
     def post(self, event: Event) -> None:
         """Queue an event for the core from any thread; the loop handles it promptly."""
@@ -176,6 +178,20 @@ class NodeLoop:
                 wake.send(b"p")
             except (BlockingIOError, OSError):
                 pass  # the pipe is full (a wake-up is pending anyway) or closing
+
+    def add_reader(self, fd: int, on_readable: Callable[[], list[Event] | None]) -> None:
+        """Call ``on_readable`` on the loop's thread whenever ``fd`` is readable; the events it
+        returns reach the core in order. For pipes the node drives itself (a worker's slot
+        processes): one thread, no hand-off. Call it on the loop's thread (a performer) or before
+        ``run``; the callback must not block (read what is there, return)."""
+        self._readers[fd] = on_readable
+        if self._poller is not None:
+            self._poller.register(fd, zmq.POLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd`` (before closing it: a closed descriptor in the poller is an error)."""
+        if self._readers.pop(fd, None) is not None and self._poller is not None:
+            self._poller.unregister(fd)
 
     def story(self, stimulus_id: str) -> list[Entry]:
         """What the loop did for ``stimulus_id`` (and what named it as cause), oldest first."""
@@ -213,6 +229,9 @@ class NodeLoop:
             poller.register(wake_fd, zmq.POLLIN)
             for monitor in self._monitors:
                 poller.register(monitor, zmq.POLLIN)
+            for fd in self._readers:
+                poller.register(fd, zmq.POLLIN)
+            self._poller = poller
             while not self._stopping:
                 ready = dict(poller.poll(self._poll_timeout_ms()))
                 if wake_fd in ready:
@@ -237,9 +256,12 @@ class NodeLoop:
                 for sock, name in self._by_socket.items():
                     if sock in ready:
                         self._drain(name, sock)
+                if self._readers:
+                    self._read_fds(ready)
                 self._fire_timers()
         finally:
             self._wake_w = None
+            self._poller = None
             self._restore_signals(old_handlers, wake_r, wake_w)
             self._close()
         self.log.info("%s stopped", self.core.role)
@@ -375,6 +397,19 @@ class NodeLoop:
             self._current = None
             if self._stopping:
                 return
+
+    def _read_fds(self, ready: dict) -> None:
+        for fd, on_readable in list(self._readers.items()):
+            if fd not in ready or self._stopping:
+                continue
+            try:
+                events = on_readable()
+            except Exception:  # a reader's bug: logged and counted, the node serves on
+                self.counters["reader_errors"] += 1
+                self.log.exception("%s could not read descriptor %d; the node goes on serving", self.core.role, fd)
+                continue
+            for event in events or ():
+                self._dispatch(event)
 
     def _peer(self, name: str, frame: zmq.Frame | None) -> Peer | None:
         """Who sent ``frame``, by the key it was authenticated with, if that key is still in the
