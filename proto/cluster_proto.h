@@ -58,6 +58,7 @@ enum cluster_message_type {
     CLUSTER_MSG_ATTACH         = 25,
     CLUSTER_MSG_ATTACHED       = 26,
     CLUSTER_MSG_PEER_STATE     = 27,
+    CLUSTER_MSG_MESSAGE_BATCH  = 47,
     CLUSTER_MSG_FILE_REQUEST   = 30,
     CLUSTER_MSG_FILE_RESPONSE  = 31,
     CLUSTER_MSG_FILE_CHUNK     = 32,
@@ -552,6 +553,28 @@ struct cluster_peer_state {
 } __attribute__((packed));
 #define CLUSTER_PEER_STATE_HEADER_LENGTH 45u
 CLUSTER_STATIC_ASSERT(sizeof(struct cluster_peer_state) == CLUSTER_PEER_STATE_HEADER_LENGTH, "cluster_peer_state size");
+
+/*
+ * MESSAGE_BATCH (47): Many messages for one peer in one (issue 23): `items` are `count` whole
+ * messages, each as the codec encodes its frame 0 (none carries raw frames). The receiver
+ * handles each alone, as if it had come by itself from the same sender on the same connection:
+ * every task keeps its own fence and is accepted or refused alone, and a malformed item is
+ * refused alone. Only the task path's types ride a batch (`BATCHABLE`); a batch in a batch, or
+ * any other type inside, is refused as UNEXPECTED. A node's loop sends one when it holds more
+ * than one such message for the same peer at the end of one turn of its loop: an idle path
+ * sends a lone message as itself, so batching adds no delay; under load a turn's messages
+ * travel together (at most `BATCH_MAX_ITEMS` items, `BATCH_MAX_BYTES` bytes).
+ *
+ * masters, balancers, workers -> their peers on the task path.
+ *
+ * Body: items.
+ */
+struct cluster_message_batch {
+    struct cluster_generic_message generic;
+    uint32_t count;
+} __attribute__((packed));
+#define CLUSTER_MESSAGE_BATCH_HEADER_LENGTH 32u
+CLUSTER_STATIC_ASSERT(sizeof(struct cluster_message_batch) == CLUSTER_MESSAGE_BATCH_HEADER_LENGTH, "cluster_message_batch size");
 
 /*
  * FILE_REQUEST (30): Read `length` bytes at `offset` of an immutable file (the seed's

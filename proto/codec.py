@@ -43,7 +43,7 @@ import msgspec
 import zmq
 
 from proto.errors import EncodeError, ProtocolError, Reason
-from proto.messages import CATALOGUE
+from proto.messages import BATCH_MAX_BYTES, BATCH_MAX_ITEMS, BATCHABLE, CATALOGUE, MessageBatch
 from proto.types import CType, Message, PayloadMarker
 
 MAGIC = 0x5A43  # b"CZ" little-endian
@@ -299,6 +299,58 @@ class Codec:
             else:
                 sock.send(payload, zmq.SNDMORE, copy=False)
         return (tracker if track else None), nbytes
+
+    def batch(self, messages: Sequence[Message]) -> MessageBatch:
+        """One MESSAGE_BATCH carrying ``messages`` (each of ``BATCHABLE``, none with raw frames)."""
+        if len(messages) > BATCH_MAX_ITEMS:
+            raise EncodeError(f"{len(messages)} messages, at most {BATCH_MAX_ITEMS} ride one batch")
+        items = self.encode_items(messages)
+        return MessageBatch(len(items), items)
+
+    def encode_items(self, messages: Sequence[Message]) -> list[bytes]:
+        """Each message's frame 0, to ride a MESSAGE_BATCH (each of ``BATCHABLE``, no raw frames)."""
+        items = []
+        for m in messages:
+            if type(m) not in BATCHABLE:
+                raise EncodeError(f"{type(m).__name__} may not ride a MESSAGE_BATCH")
+            frame0, raw = self._frame0(m)
+            if raw:
+                raise EncodeError(f"{type(m).__name__} with raw frames may not ride a MESSAGE_BATCH")
+            items.append(bytes(frame0))
+        return items
+
+    @staticmethod
+    def batch_cuts(sizes: Sequence[int]) -> list[tuple[int, int]]:
+        """Where to cut messages of encoded ``sizes`` into batches: [start, end) runs of at most
+        ``BATCH_MAX_ITEMS`` items and (but for a lone large item) ``BATCH_MAX_BYTES`` bytes."""
+        cuts, start, total = [], 0, 0
+        for i, n in enumerate(sizes):
+            if i > start and (i - start >= BATCH_MAX_ITEMS or total + n > BATCH_MAX_BYTES):
+                cuts.append((start, i))
+                start, total = i, 0
+            total += n
+        if start < len(sizes):
+            cuts.append((start, len(sizes)))
+        return cuts
+
+    def unbatch(self, batch: MessageBatch) -> list[tuple[int, Message] | ProtocolError]:
+        """The messages a MESSAGE_BATCH carries, in order: each (sender node id, message), or
+        the ProtocolError that item alone earns (malformed, a nested batch, a type that may not
+        ride one). The caller refuses those and handles the rest, each on its own."""
+        out: list[tuple[int, Message] | ProtocolError] = []
+        for item in batch.items:
+            try:
+                sender, message = self._decode(item, ())
+            except ProtocolError as exc:
+                out.append(exc)
+                continue
+            if type(message) not in BATCHABLE:
+                out.append(ProtocolError(Reason.UNEXPECTED, f"{_BY_CLASS[type(message)].name} may not ride a "
+                                         f"MESSAGE_BATCH (only {', '.join(sorted(_BY_CLASS[c].name for c in BATCHABLE))})",
+                                         message.code))
+                continue
+            out.append((sender, message))
+        return out
 
     # ---- decoding ------------------------------------------------------------------------
 

@@ -564,6 +564,40 @@ class PeerState(Message, frozen=True, gc=False):
     clock_ms: int = -1
 
 
+class MessageBatch(Message, frozen=True, gc=False):
+    """Many messages for one peer in one (issue 23): ``items`` are ``count`` whole messages, each
+    as the codec encodes its frame 0 (none carries raw frames). The receiver handles each alone,
+    as if it had come by itself from the same sender on the same connection: every task keeps its
+    own fence and is accepted or refused alone, and a malformed item is refused alone. Only the
+    task path's types ride a batch (``BATCHABLE``); a batch in a batch, or any other type
+    inside, is refused as UNEXPECTED. A node's loop sends one when it holds more than one such
+    message for the same peer at the end of one turn of its loop: an idle path sends a lone
+    message as itself, so batching adds no delay; under load a turn's messages travel together
+    (at most ``BATCH_MAX_ITEMS`` items, ``BATCH_MAX_BYTES`` bytes)."""
+
+    code = 47
+    struct_name = "message_batch"
+    sender = "masters, balancers, workers"
+    receiver = "their peers on the task path"
+
+    count: U32
+    items: list[bytes]
+
+    def problem(self) -> str | None:
+        if self.count != len(self.items):
+            return f"count is {self.count}, the body carries {len(self.items)} items"
+        if self.count > BATCH_MAX_ITEMS:
+            return f"{self.count} items, at most {BATCH_MAX_ITEMS} ride one batch"
+        return None
+
+
+BATCH_MAX_ITEMS = 1024  # items in one MESSAGE_BATCH at most
+BATCH_MAX_BYTES = 1 << 20  # a batch is cut before its items pass this many bytes
+# What may ride a MESSAGE_BATCH: only what masters, balancers and workers (node loops all) send
+# each other per task. Never what a client or a probe receives: they read messages one by one.
+BATCHABLE: frozenset[type[Message]] = frozenset({WorkerRequest, TaskResult, ResultAck, Credit})
+
+
 # ---- storage (proto.storage_messages, re-exported here) ------------------------------------
 
 from proto.storage_messages import (  # noqa: E402 - the catalogue below lists them with the rest
@@ -604,6 +638,7 @@ CATALOGUE: tuple[type[Message], ...] = (
     Attach,
     Attached,
     PeerState,
+    MessageBatch,
     FileRequest,
     FileResponse,
     FileChunk,

@@ -44,21 +44,23 @@ import contextlib
 import heapq
 import itertools
 import logging
-import os
-import signal
 import socket as pysocket
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import zmq
 
 from cluster import __version__
 from cluster.node.acting import NotAGateway, unwrap
 from cluster.node.keys import ZAP_DOMAIN, Credentials, Gatekeeper, KeysError
+from cluster.node.history import Entry, describe_effect
+from cluster.node.outbox import Outbox
 from cluster.node.sendqueue import SendQueues
+from cluster.node.signals import SignalPipe
+from cluster.node.status import status_reply
 from cluster.node.events import (
     CancelTimer,
     Core,
@@ -76,16 +78,17 @@ from cluster.node.events import (
     StopRequested,
     TimerFired,
 )
-from proto import PROTOCOL_VERSION, Codec, Limits, ProtocolError, Reason, new_node_id
+from proto import Codec, Limits, ProtocolError, Reason, new_node_id
 from proto.codec import describe_peer
-from proto.messages import ActFor, Error, StatusQuery, StatusReply
+from proto.errors import EncodeError
+from proto.messages import ActFor, Error, MessageBatch, StatusQuery
 from zmq.utils.monitor import recv_monitor_message
 
 BATCH = 256  # messages drained from one socket before looking at the others and the timers
 LOG_BURST = 20  # rejection lines logged back to back before rate limiting starts
 LOG_RATE = 10.0  # rejection lines per second allowed after the burst
 HISTORY = 2000  # (stimulus, event, effect, cause) entries kept; the oldest fall off
-STATUS_HISTORY = 20  # of them, the newest ones a status reply shows
+
 QUARANTINE_S = 60.0  # how long the messages of a key that sent an oversized one are dropped
 OVERSIZE = (Reason.TOO_LARGE, Reason.TOO_MANY_FRAMES)
 KEYS_CHECK_S = 1.0  # how often the loop looks whether the allow-list file changed
@@ -168,6 +171,7 @@ class NodeLoop:
         self._quarantined: dict[str, float] = {}  # Z85 key -> until when its messages are dropped
         self._readers: dict[int, Callable[[], list[Event] | None]] = {}  # fd -> what to call when readable
         self._poller: zmq.Poller | None = None
+        self._outbox = Outbox()  # the task path's sends, batched per peer at the end of a turn
 
     def post(self, event: Event) -> None:
         """Queue an event for the core from any thread; the loop handles it promptly."""
@@ -206,8 +210,8 @@ class NodeLoop:
     def run(self) -> int:
         """Serve until the core stops or SIGTERM/SIGINT; returns the exit status (0)."""
         self._open()
-        old_handlers, wake_r, wake_w = self._install_signals()
-        self._wake_w = wake_w
+        pipe = SignalPipe(self._on_signal, self._on_hangup)
+        self._wake_w = pipe.write
         try:
             self._started_at = self.clock()
             self._log_checked = self._started_at
@@ -225,7 +229,7 @@ class NodeLoop:
                     poller.register(sock, zmq.POLLIN)
             # pyzmq's poll reports a plain socket by its file descriptor, not by the object
             # registered: test the fd, or the pipe is never drained and the loop spins.
-            wake_fd = wake_r.fileno()
+            wake_fd = pipe.read.fileno()
             poller.register(wake_fd, zmq.POLLIN)
             for monitor in self._monitors:
                 poller.register(monitor, zmq.POLLIN)
@@ -235,7 +239,7 @@ class NodeLoop:
             while not self._stopping:
                 ready = dict(poller.poll(self._poll_timeout_ms()))
                 if wake_fd in ready:
-                    _drain_pipe(wake_r)
+                    pipe.drain()
                 if self._reload or self.clock() >= self._keys_checked + KEYS_CHECK_S:
                     self._reload_keys(forced=self._reload)
                     self._reload = False
@@ -259,13 +263,23 @@ class NodeLoop:
                 if self._readers:
                     self._read_fds(ready)
                 self._fire_timers()
+                if self._outbox:
+                    self._flush_outbox()
         finally:
+            if self._outbox and self._sockets:
+                self._flush_outbox()  # farewells and the last turn's results still go
             self._wake_w = None
             self._poller = None
-            self._restore_signals(old_handlers, wake_r, wake_w)
+            pipe.restore()
             self._close()
         self.log.info("%s stopped", self.core.role)
         return 0
+
+    def _on_signal(self, name: str) -> None:
+        self._signal = name
+
+    def _on_hangup(self) -> None:
+        self._reload = True
 
     def _open(self) -> None:
         self._ctx = zmq.Context()
@@ -323,34 +337,6 @@ class NodeLoop:
             self._ctx.term()
             self._ctx = None
 
-    def _install_signals(self) -> tuple[dict, pysocket.socket, pysocket.socket]:
-        # A signal interrupts zmq_poll, but pyzmq resumes polling after running the Python
-        # handler; the wake-up pipe makes the poll return at once.
-        wake_r, wake_w = pysocket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        old = {}
-
-        def on_signal(signum: int, _frame: Any) -> None:
-            self._signal = signal.Signals(signum).name
-
-        def on_hangup(_signum: int, _frame: Any) -> None:
-            self._reload = True
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old[sig] = signal.signal(sig, on_signal)
-        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
-        old["wakeup_fd"] = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        return old, wake_r, wake_w
-
-    @staticmethod
-    def _restore_signals(old: dict, wake_r: pysocket.socket, wake_w: pysocket.socket) -> None:
-        signal.set_wakeup_fd(old.pop("wakeup_fd"))
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        wake_r.close()
-        wake_w.close()
-
     # ---- events in -----------------------------------------------------------------------
 
     def _stimulus(self, kind: str) -> str:
@@ -390,11 +376,29 @@ class NodeLoop:
                     self._reject(name, sock, exc)
                     continue
             if type(message) is StatusQuery:
-                self._answer_status(name, route, message)
+                self._perform(Send(name, status_reply(self, message), route=route, cause="status"))
                 continue
             self._current = (self.codec.last_frame, sender)
-            self._dispatch(MessageReceived(name, route, sender, message, self._stimulus("msg"), peer))
+            if type(message) is MessageBatch:
+                self._unbatch(name, sock, route, peer, message)
+            else:
+                self._dispatch(MessageReceived(name, route, sender, message, self._stimulus("msg"), peer))
             self._current = None
+            if self._stopping:
+                return
+
+    def _unbatch(self, name: str, sock: zmq.Socket, route: bytes | None, peer: Peer, batch: MessageBatch) -> None:
+        """Each message of a MESSAGE_BATCH reaches the core alone, from the batch's sender; a
+        malformed item (or one that may not ride a batch) is refused alone."""
+        self.counters["batches_in"] += 1
+        for item in self.codec.unbatch(batch):
+            if isinstance(item, ProtocolError):
+                item.route, item.peer = route, describe_peer(self.codec.last_frame, route)
+                self._reject(name, sock, item)
+                continue
+            self.counters["batched_in"] += 1
+            sender, message = item
+            self._dispatch(MessageReceived(name, route, sender, message, self._stimulus("msg"), peer))
             if self._stopping:
                 return
 
@@ -520,7 +524,7 @@ class NodeLoop:
             stimulus_id = getattr(event, "stimulus_id", "") or type(event).__name__
             event_name = type(event).__name__
             for effect in effects:
-                self.history.append(Entry(stimulus_id, event_name, _describe(effect), getattr(effect, "cause", "") or stimulus_id))
+                self.history.append(Entry(stimulus_id, event_name, describe_effect(effect), getattr(effect, "cause", "") or stimulus_id))
                 try:
                     result = self._perform(effect)
                 except Exception:  # a performer's bug: logged and counted, the node serves on
@@ -534,24 +538,16 @@ class NodeLoop:
 
     def _perform(self, effect: Effect) -> list[Event] | None:
         if isinstance(effect, Send):
-            sock = self._sockets[effect.socket]
-            route = effect.route
-            if route is not None and self._over_budget(effect):
+            if self._outbox.holds(effect):
+                group = self._outbox.hold(effect)
+                if group is not None:
+                    self._send_group(group)
                 return None
-            try:
-                # Never block the loop on a slow or absent peer: a DEALER with no connection
-                # (or a full queue) would wait forever. The drop is counted, the core's
-                # protocol (heartbeats, credit, retries) is what recovers from it.
-                tracker, nbytes = self.codec.send(sock, effect.message, route=route, flags=zmq.NOBLOCK,
-                                                  track=route is not None)
-                if tracker is not None:
-                    self.send_queues.sent(effect.socket, route, tracker, nbytes, self.clock())
-                self.counters["messages_out"] += 1
-            except zmq.Again:
-                self.counters["send_dropped"] += 1
-            except zmq.ZMQError as exc:  # e.g. EHOSTUNREACH on a ROUTER with mandatory routing
-                self.counters["send_errors"] += 1
-                self.log.warning("could not send %s on %s: %s", type(effect.message).__name__, effect.socket, exc)
+            if self._outbox:
+                group = self._outbox.take(effect.socket, effect.route)
+                if group is not None:  # what the core said first to this peer goes first
+                    self._send_group(group)
+            self._send(effect)
         elif isinstance(effect, StartTimer):
             seq = next(self._seq)
             self._timer_seq[effect.name] = seq
@@ -579,6 +575,51 @@ class NodeLoop:
             return self._performers[type(effect)](effect)
         else:
             raise TypeError(f"unknown effect {effect!r}")
+
+    def _send(self, effect: Send) -> None:
+        """Send one message now, within its peer's byte budget."""
+        sock = self._sockets[effect.socket]
+        route = effect.route
+        if route is not None and self._over_budget(effect):
+            return
+        try:
+            # Never block the loop on a slow or absent peer: a DEALER with no connection
+            # (or a full queue) would wait forever. The drop is counted, the core's
+            # protocol (heartbeats, credit, retries) is what recovers from it.
+            tracker, nbytes = self.codec.send(sock, effect.message, route=route, flags=zmq.NOBLOCK,
+                                              track=route is not None)
+            if tracker is not None:
+                self.send_queues.sent(effect.socket, route, tracker, nbytes, self.clock())
+            self.counters["messages_out"] += 1
+        except zmq.Again:
+            self.counters["send_dropped"] += 1
+        except zmq.ZMQError as exc:  # e.g. EHOSTUNREACH on a ROUTER with mandatory routing
+            self.counters["send_errors"] += 1
+            self.log.warning("could not send %s on %s: %s", type(effect.message).__name__, effect.socket, exc)
+
+    def _send_group(self, group: list[Send]) -> None:
+        """One peer's held sends: a lone one as itself, more as MESSAGE_BATCHes."""
+        if len(group) == 1:
+            self._send(group[0])
+            return
+        try:
+            items = self.codec.encode_items([e.message for e in group])
+        except EncodeError:  # a core's bug: each goes alone, so the one at fault is named
+            for effect in group:
+                self._send(effect)
+            return
+        first = group[0]
+        for start, end in self.codec.batch_cuts([len(b) for b in items]):
+            if end - start == 1:
+                self._send(group[start])
+                continue
+            self.counters["batches_out"] += 1
+            self.counters["batched_out"] += end - start
+            self._send(Send(first.socket, MessageBatch(end - start, items[start:end]), first.route, first.cause))
+
+    def _flush_outbox(self) -> None:
+        for group in self._outbox.take_all():
+            self._send_group(group)
 
     def _over_budget(self, effect: Send) -> bool:
         """True (the message is dropped, counted, logged rate-limited) if its peer already holds
@@ -640,62 +681,9 @@ class NodeLoop:
             return True
         return False
 
-    def _answer_status(self, name: str, route: bytes | None, query: StatusQuery) -> None:
-        now = self.clock()
-        try:
-            with self._guard:
-                detail = dict(self.core.status(now))
-        except Exception:
-            self.counters["core_errors"] += 1
-            self.log.exception("%s core failed to report status", self.core.role)
-            detail = {"error": "core status failed; see the node's log"}
-        detail.setdefault("node_id", str(uuid.UUID(int=self.node_id)))
-        detail.setdefault("endpoints", {n: a for n, a in self.bound.items() if a})
-        detail.setdefault("public_key", None if self.credentials.insecure else self.credentials.public.decode())
-        detail.setdefault("key_name", self.credentials.name or None)
-        detail.setdefault("send_queues", self.send_queues.status())
-        detail.setdefault("history", [list(e) for e in list(self.history)[-STATUS_HISTORY:]])
-        reply = StatusReply(
-            request_id=query.request_id,
-            uptime_ms=int((now - self._started_at) * 1000),
-            pid=os.getpid(),
-            role=self.core.role,
-            version=f"{__version__} (protocol {PROTOCOL_VERSION})",
-            counters=dict(self.counters),
-            detail=detail,
-        )
-        self._perform(Send(name, reply, route=route, cause="status"))
-
-
-class Entry(NamedTuple):
-    """One line of the loop's history: what ``effect`` the core asked for, on which event."""
-
-    stimulus_id: str
-    event: str
-    effect: str
-    cause: str
-
-
-def _describe(effect: Effect) -> str:
-    """A few words naming an effect (its message's type, a timer's name), never its payload."""
-    if isinstance(effect, Send):
-        return f"Send {type(effect.message).__name__} on {effect.socket}"
-    if isinstance(effect, (StartTimer, CancelTimer)):
-        return f"{type(effect).__name__} {effect.name}"
-    return type(effect).__name__
-
-
 def _user_id(frame: zmq.Frame | None) -> str | None:
     """The key (Z85) ZAP authenticated ``frame``'s connection with; None without CURVE."""
     try:
         return frame.get("User-Id") if frame is not None else None
     except zmq.ZMQError:
         return None
-
-
-def _drain_pipe(sock: pysocket.socket) -> None:
-    try:
-        while sock.recv(512):
-            pass
-    except BlockingIOError:
-        pass

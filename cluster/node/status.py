@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
+import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
+from cluster import __version__
 from cluster.node import keys
-from proto import Codec, ProtocolError, new_node_id
+from proto import PROTOCOL_VERSION, Codec, ProtocolError, new_node_id
 from proto.messages import Error, StatusQuery, StatusReply
+
+
+STATUS_HISTORY = 20  # of a node loop's history entries, the newest ones a status reply shows
 
 
 @dataclass(frozen=True)
@@ -74,3 +81,33 @@ def query_status(addresses: list[str], timeout: float = 2.0,
         for sock in pending:
             sock.close()
     return [results[a] for a in addresses]
+
+
+def status_reply(loop: Any, query: StatusQuery) -> StatusReply:
+    """A node loop's answer to STATUS_QUERY: the loop's runtime facts (endpoints, key, send
+    queues, counters, the newest history) and ``core.status()``. A core whose status raises is
+    a bug: counted, logged, and the reply still goes, saying so."""
+    now = loop.clock()
+    try:
+        with loop._guard:
+            detail = dict(loop.core.status(now))
+    except Exception:
+        loop.counters["core_errors"] += 1
+        loop.log.exception("%s core failed to report status", loop.core.role)
+        detail = {"error": "core status failed; see the node's log"}
+    creds = loop.credentials
+    detail.setdefault("node_id", str(uuid.UUID(int=loop.node_id)))
+    detail.setdefault("endpoints", {n: a for n, a in loop.bound.items() if a})
+    detail.setdefault("public_key", None if creds.insecure else creds.public.decode())
+    detail.setdefault("key_name", creds.name or None)
+    detail.setdefault("send_queues", loop.send_queues.status())
+    detail.setdefault("history", [list(e) for e in list(loop.history)[-STATUS_HISTORY:]])
+    return StatusReply(
+        request_id=query.request_id,
+        uptime_ms=int((now - loop._started_at) * 1000),
+        pid=os.getpid(),
+        role=loop.core.role,
+        version=f"{__version__} (protocol {PROTOCOL_VERSION})",
+        counters=dict(loop.counters),
+        detail=detail,
+    )

@@ -28,7 +28,7 @@ from proto.codec import (
     Codec,
     MessageSpec,
 )
-from proto.messages import WorkerRequest
+from proto.messages import Credit, MessageBatch, WorkerRequest
 from proto.types import Message, PayloadMarker
 
 GCC = shutil.which("gcc")
@@ -96,6 +96,9 @@ def sample(spec: MessageSpec, seed: int) -> tuple[Message, dict[str, Any]]:
     if spec.cls is WorkerRequest:  # its lengths must agree with its body
         header.update(program_length=0x0203, num_input_files=3)
         body.update(program=bytes(0x0203), input_files=[bytes([i]) * 16 for i in range(3)])
+    if spec.cls is MessageBatch:  # its count must agree with its items
+        header.update(count=3)
+        body.update(items=Codec(seed).encode_items([Credit(i, 1, 0) for i in range(3)]))
     return spec.cls(**header, **body), header
 
 

@@ -30,6 +30,7 @@ from proto import (
     spec_for,
 )
 from proto.codec import GENERIC_STRUCT
+from proto.messages import BATCH_MAX_BYTES, BATCH_MAX_ITEMS
 from proto.messages import (
     Attach,
     Attached,
@@ -63,6 +64,7 @@ from proto.messages import (
     Submit,
     SubmitAck,
     TaskResult,
+    MessageBatch,
     PeerState,
     Watch,
     Work,
@@ -101,6 +103,7 @@ SAMPLES: dict[type[Message], Message] = {
     Watch: Watch(11, 5000, {b"j" * 16: 3}),
     Work: Work(12, "add_units", "fetch", [["url-1", b"http://x/1"]], b"k" * 16),
     PeerState: PeerState(3, 1_700_000_000_000, 42, "b1", "tcp://127.0.0.1:5570", 2, 123_456_789),
+    MessageBatch: Codec(7).batch([Credit(3, 4, 0), ResultAck(1, 2, 3, 4, 5)]),
     Credit: Credit(1, 4096, 1),
     FileRequest: FileRequest(1, 2, 3, 0, 4096),
     FileResponse: FileResponse(1, 2, 3, 0, 10, 0, b"0123456789", None),
@@ -649,3 +652,45 @@ def test_size_limit_counts_bytes_of_numpy_frames_not_rows():
     with pytest.raises(ProtocolError) as info:
         Codec(1, Limits(max_message_bytes=1000)).decode([frames[0], big])
     assert info.value.reason == Reason.TOO_LARGE
+
+
+# ---- MESSAGE_BATCH: many messages in one, each handled (and refused) alone --------------------
+
+
+def test_a_batch_refuses_each_bad_item_alone_and_keeps_the_others():
+    codec = Codec(7)
+    good = [ResultAck(1, 2, 3, 4, 5), Credit(9, 2, 0)]
+    nested = codec.encode(codec.batch(good))[0]
+    not_batchable = codec.encode(SAMPLES[Submit])[0]
+    garbage = b"CZ\x01\x15" + b"\x00" * 3
+    items = [codec.encode(good[0])[0], nested, not_batchable, garbage, codec.encode(good[1])[0]]
+    out = codec.unbatch(MessageBatch(len(items), items))
+    assert [type(x[1]) if isinstance(x, tuple) else x.reason for x in out] == [
+        ResultAck, Reason.UNEXPECTED, Reason.UNEXPECTED, Reason.SHORT_FRAME, Credit]
+    assert out[1].message_type == MessageBatch.code and out[2].message_type == Submit.code
+    assert [x[1] for x in (out[0], out[4])] == good
+    assert out[0][0] == 7  # each item keeps its sender's node id
+
+
+def test_a_batch_whose_count_disagrees_is_refused_whole():
+    codec = Codec(7)
+    frame0 = bytearray(codec.encode(codec.batch([Credit(1, 1, 0), Credit(2, 1, 0)]))[0])
+    struct.pack_into("<I", frame0, GENERIC_SIZE, 3)  # the header's count
+    with pytest.raises(ProtocolError) as err:
+        codec.decode([bytes(frame0)])
+    assert err.value.reason == Reason.BAD_BODY and err.value.message_type == MessageBatch.code
+
+
+def test_only_the_task_paths_messages_may_be_batched():
+    codec = Codec(7)
+    with pytest.raises(EncodeError):
+        codec.batch([SAMPLES[Submit]])
+    with pytest.raises(EncodeError):
+        codec.batch([Credit(1, 1, 0)] * (BATCH_MAX_ITEMS + 1))
+
+
+def test_batch_cuts_respect_the_item_and_byte_limits():
+    assert Codec.batch_cuts([10] * 5) == [(0, 5)]
+    assert Codec.batch_cuts([10] * (BATCH_MAX_ITEMS + 1)) == [(0, BATCH_MAX_ITEMS), (BATCH_MAX_ITEMS, BATCH_MAX_ITEMS + 1)]
+    big = BATCH_MAX_BYTES // 2 + 1
+    assert Codec.batch_cuts([big, big, 5, BATCH_MAX_BYTES * 2]) == [(0, 1), (1, 3), (3, 4)]

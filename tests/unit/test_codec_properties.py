@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from proto import SPECS, Codec, Limits, Message, MessageSpec, ProtocolError
 from proto.codec import GENERIC_SIZE, GENERIC_STRUCT, MAGIC, PROTOCOL_VERSION
-from proto.messages import WorkerRequest
+from proto.messages import BATCHABLE, MessageBatch, WorkerRequest
 from proto.types import CType, PayloadMarker
 
 LIMITS = Limits(inline_payload_bytes=64)
@@ -96,9 +96,19 @@ def _spec(cls: type[Message]) -> MessageSpec:
     return next(s for s in SPECS if s.cls is cls)
 
 
+@st.composite
+def message_batches(draw) -> MessageBatch:
+    """A MESSAGE_BATCH of 0-6 messages of the types that may ride one."""
+    inner = draw(st.lists(st.sampled_from(sorted(BATCHABLE, key=lambda c: c.code))
+                          .flatmap(lambda c: messages_of(_spec(c))), max_size=6))
+    return Codec(draw(NODE_IDS)).batch(inner)
+
+
 def messages_of(spec: MessageSpec) -> st.SearchStrategy[Message]:
     if spec.cls is WorkerRequest:
         return worker_requests()
+    if spec.cls is MessageBatch:
+        return message_batches()
     hints = typing.get_type_hints(spec.cls, include_extras=True)
     fields = {name: header_strategy(ct) for name, ct in spec.header_fields}
     for f in msgspec.structs.fields(spec.cls):
@@ -284,3 +294,26 @@ def test_deeply_nested_bodies_raise_only_protocol_error(spec, prefix, token, dep
 
 def test_header_struct_matches_generic_layout():
     assert GENERIC_STRUCT.format in ("<HBBQQQ", b"<HBBQQQ") and struct.calcsize("<HBBQQQ") == GENERIC_SIZE
+
+
+@settings(max_examples=200, **SETTINGS)
+@given(batch=message_batches(), node_id=NODE_IDS)
+def test_a_batch_unpacks_to_its_messages_in_order(batch, node_id):
+    """What rides a MESSAGE_BATCH comes out of it unchanged, in order, from its sender."""
+    codec = Codec(node_id, LIMITS)
+    _, received = codec.decode(codec.encode(batch))
+    items = codec.unbatch(received)
+    assert len(items) == batch.count
+    for item, raw in zip(items, batch.items):
+        assert not isinstance(item, ProtocolError)
+        sender, message = item
+        assert Codec(sender, LIMITS).encode(message)[0] == raw
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(items=st.lists(st.binary(max_size=120), max_size=8))
+def test_arbitrary_batch_items_raise_nothing_and_refuse_each_alone(items):
+    """Whatever bytes a batch's items hold, unbatch answers one result per item, never raises."""
+    out = Codec(1).unbatch(MessageBatch(len(items), items))
+    assert len(out) == len(items)
+    assert all(isinstance(x, ProtocolError) or type(x[1]) in BATCHABLE for x in out)
