@@ -352,7 +352,8 @@ class MasterCore:
         out += self.stream.dispatch(now, ev.stimulus_id)
         # A Barrier commits after every entry of earlier terms: any watched job may have changed.
         every = any(reply[0] == "barrier" for reply in proposal.replies)
-        return out + self.watches.wake(list(self.watches.watching) if every else proposal.jobs, ev.stimulus_id)
+        out += self.watches.wake(list(self.watches.watching) if every else proposal.jobs, ev.stimulus_id)
+        return out + self.batcher.rearm(ev.stimulus_id)
 
     def _on_failed(self, token: int, reason: str, cause: str) -> list[Effect]:
         proposal = self.batcher.take(token)
@@ -364,7 +365,7 @@ class MasterCore:
             unknown = self._answers[reply[0]][1]
             if unknown is not None:
                 out += unknown(reply, reason, cause)
-        return out
+        return out + self.batcher.rearm(cause)
 
     def _expire(self, now: float, cause: str) -> list[Effect]:
         out: list[Effect] = []

@@ -208,7 +208,9 @@ class BalancerStream:
         # dispatch rate (bench/ledger.py).
         at, term = self.standing.wall(now), self.standing.view.term
         command = AssignTasks(term, first, link.name, tasks, at)
-        return self.batcher.propose([(command, ("assign", link.epoch, tasks))], now, cause)
+        # queued with the completions: one entry records a round's results and the assignments
+        # they made room for (master.batching, group commit)
+        return self.batcher.enqueue(command, ("assign", link.epoch, tasks), cause, now)
 
     def worker_request(self, job_id: bytes, task_id: int, fence: tuple[int, int]) -> WorkerRequest:
         """WORKER_REQUEST for one assignment: what a worker needs to run the task."""

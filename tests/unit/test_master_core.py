@@ -63,6 +63,7 @@ class Harness:
         self.sent: list[Send] = []
         self.stimuli = 0
         self.index = 0
+        self.flush_armed = False  # a zero-delay flush timer the loop would fire after draining
         self.event(Started("s0"))
         self.event(TimerFired("raft", "t0"))  # sees the role; a leader proposes its Barrier
         if role == "leader":
@@ -77,7 +78,7 @@ class Harness:
             elif isinstance(e, Send):
                 self.sent.append(e)
             elif isinstance(e, StartTimer) and e.name == "flush" and e.delay == 0:
-                pass  # the test fires it with flush()
+                self.flush_armed = True  # the test fires it with flush(), or commit_all does
         return effects
 
     def message(self, m, route: bytes = CLIENT):
@@ -85,10 +86,16 @@ class Harness:
         return self.event(MessageReceived(API, route, 7, m, f"msg-{self.stimuli}"))
 
     def flush(self):
+        self.flush_armed = False
         return self.event(TimerFired("flush", "flush"))
 
     def commit_all(self):
-        while self.proposed:
+        """Commit every proposal, firing the flush timers the loop would fire in between (group
+        commit queues what arrives while a proposal is in flight)."""
+        while self.proposed or self.flush_armed:
+            if not self.proposed:
+                self.flush()
+                continue
             p = self.proposed.pop(0)
             self.index += 1
             self.raft = RaftView(self.raft.role, self.raft.term, self.raft.leader, True, self.index, self.index)
@@ -199,6 +206,8 @@ def test_dispatch_waits_for_commit_and_respects_credit():
     h.message(Attach(1, 1, 4, "b1"), BALANCER)
     (attached,) = h.take(Attached)
     assert attached.term == 3
+    assert not h.proposed, "assignments queue with the completions (group commit) until the flush"
+    h.flush()
     assert len(h.proposed) == 1 and isinstance(h.proposed[0].entry, AssignTasks)
     assert not h.take(WorkerRequest), "an assignment goes out only once committed"
     h.commit_all()
@@ -366,6 +375,7 @@ def test_an_assignment_committing_across_a_balancer_change_goes_to_the_new_balan
     h.flush()
     h.commit_all()
     h.message(Attach(1, 1, 2, "b1"), BALANCER)
+    h.flush()
     assert len(h.proposed) == 1  # AssignTasks in flight for balancer epoch 1
     h.message(Attach(2, 2, 2, "b2"), b"b2-route")  # before it commits: not an open assignment yet
     h.sent.clear()
@@ -834,3 +844,33 @@ def test_a_barrier_that_does_not_commit_in_time_is_proposed_again_and_the_leader
     assert h.core.standing.serving() and h.core.standing.serving_term == 4
     h.event(TimerFired("raft", "t"))
     assert not h.proposed  # serving: no more Barriers
+
+
+def test_group_commit_queues_what_arrives_while_a_proposal_is_in_flight_and_sends_it_as_one_entry():
+    """At most one proposal in flight: completions and the assignments they make room for wait
+    for it and then go together, one Raft entry (master.batching); an idle leader waits for no one."""
+    h = Harness()
+    h.message(submit(1, spec={"count": 20}))
+    h.flush()
+    h.commit_all()
+    attach(h, 4)
+    requests = h.take(WorkerRequest)
+    assert len(requests) == 4
+    results = [TaskResult(r.job_uuid_upper, r.job_uuid_lower, r.task_id, r.fence_term, r.fence_sequence,
+                          0, 0, {}, None, None, "w1") for r in requests]
+    h.message(results[0], BALANCER)
+    h.flush()
+    assert len(h.proposed) == 1, "an idle leader proposes a lone completion at once"
+    for r in results[1:]:  # arrive while the first completion is in flight
+        h.message(r, BALANCER)
+    h.flush()
+    assert len(h.proposed) == 1, "nothing more is proposed while one proposal is in flight"
+    first = h.proposed.pop(0)
+    h.index += 1
+    h.event(Committed(first.token, h.ledger.apply(first.entry), h.index, "c-first"))
+    assert h.flush_armed, "once it commits, what queued goes at the next flush"
+    h.flush()
+    (entry,) = [p.entry for p in h.proposed]
+    assert isinstance(entry, Batch) and [type(c) for c in entry.commands] == [CompleteTask] * 3
+    h.commit_all()
+    assert sum(len(m.acks()) for m in h.take(ResultAck)) == 4
