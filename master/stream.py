@@ -6,8 +6,15 @@ A balancer ATTACHes with its Binary Star epoch and a credit (a newer epoch repla
 balancer; an older one is refused). It is told every open assignment again (it matches them
 with its workers), then, once the leader serves (its term's ``Barrier`` has committed, Raft §8),
 the leader proposes ``AssignTasks`` for ready tasks within the credit (``dispatch``). Each
-assignment carries a fencing token (term, sequence) and goes out as WORKER_REQUEST only after it
-commits. CREDIT adds to the credit. Completions come back as TASK_RESULT and are acknowledged
+assignment carries a fencing token (term, sequence) and goes out as WORKER_REQUEST as soon as it
+is proposed, with its commit under way (Raft's pipelining; issue 23: it took a quorum round off
+every task's latency). That is safe because only the ledger records: the tokens are exactly the
+ones the entry assigns (positional: term, first sequence + i), and a task's completion is
+proposed after its assignment, so it is applied after it in every log. If the assignment never
+commits (this leader is deposed first), the ledger holds no attempt with that token and refuses
+the result as stale, and the task stays ready for the next leader: work may run twice, it is
+never recorded twice. A task that is no longer ready when its entry commits (cancelled
+meanwhile) is skipped by the ledger, and its result refused alike. CREDIT adds to the credit. Completions come back as TASK_RESULT and are acknowledged
 with RESULT_ACK once recorded (or found to be duplicates); the acks one commit makes for one
 route go out as one message (``merge_acks``).
 
@@ -194,7 +201,7 @@ class BalancerStream:
         link = self.balancer
         if link is None or not self.standing.serving():
             return []
-        room = min(link.credit - len(self.inflight), self.dispatch_max)
+        room = min(link.credit, self.dispatch_max)
         if room <= 0:
             return []
         tasks = views.ready_tasks(self.ledger.state, self.ledger.work, room, self.inflight)
@@ -203,14 +210,19 @@ class BalancerStream:
         first = self.sequence + 1
         self.sequence += len(tasks)
         self.inflight.update(tasks)
-        # No log step here: the ledger records the assignment (fence, balancer) once it commits,
-        # and "sent" or "not_committed" follows; a step per task on this path cost the leader's
-        # dispatch rate (bench/ledger.py).
         at, term = self.standing.wall(now), self.standing.view.term
         command = AssignTasks(term, first, link.name, tasks, at)
         # queued with the completions: one entry records a round's results and the assignments
         # they made room for (master.batching, group commit)
-        return self.batcher.enqueue(command, ("assign", link.epoch, tasks), cause, now)
+        out = self.batcher.enqueue(command, ("assign", link.epoch, tasks, first), cause, now)
+        # ... and sent now, under the tokens the entry will record (see the theory above). No
+        # log step per task here: "sent" follows once it commits (a step per task on this path
+        # cost the leader's dispatch rate, bench/ledger.py).
+        for i, (job_id, task_id) in enumerate(tasks):
+            out.append(Send(API, self.worker_request(job_id, task_id, (term, first + i)), link.route, cause))
+        link.credit -= len(tasks)
+        link.sent += len(tasks)
+        return out
 
     def worker_request(self, job_id: bytes, task_id: int, fence: tuple[int, int]) -> WorkerRequest:
         """WORKER_REQUEST for one assignment: what a worker needs to run the task."""
@@ -234,7 +246,7 @@ class BalancerStream:
 
     def assigned(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
         """An ``assign`` reply: the assignments committed; each goes to the attached balancer."""
-        _, _, tasks = reply
+        _, epoch, tasks, _ = reply
         self.inflight.difference_update(tasks)
         at = self.standing.wall(now)
         if not result.ok:
@@ -245,17 +257,17 @@ class BalancerStream:
             self.log.add(job_id, task_id, "skipped", at, cause, log_index=log_index)
         link = self.balancer
         out: list[Effect] = []
+        # It went to the balancer of ``epoch`` when proposed. One that attached while this was
+        # committing did not get it among the open assignments: it goes to that one now.
+        resend = link is not None and link.epoch != epoch
         for job_id, task_id, fence in result.value["assigned"]:
             self.standing.count("tasks_assigned")
             self.log.add(job_id, task_id, "sent", at, cause, fence=list(fence), log_index=log_index,
                          balancer=None if link is None else link.name)
-            if link is None:
-                continue  # no balancer now: the next one gets open assignments on ATTACH
-            # A balancer that attached while this was committing did not get it among the open
-            # assignments: it goes to whichever balancer is attached now.
-            out.append(Send(API, self.worker_request(job_id, task_id, fence), link.route, cause))
-            link.credit -= 1
-            link.sent += 1
+            if resend:
+                out.append(Send(API, self.worker_request(job_id, task_id, fence), link.route, cause))
+                link.credit -= 1
+                link.sent += 1
         return out
 
     def recorded(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:

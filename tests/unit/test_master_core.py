@@ -198,7 +198,7 @@ def attach(h: Harness, credit: int, epoch: int = 1, route: bytes = BALANCER):
     h.commit_all()
 
 
-def test_dispatch_waits_for_commit_and_respects_credit():
+def test_dispatch_sends_as_it_proposes_under_the_entrys_tokens_and_respects_credit():
     h = Harness()
     h.message(submit(1, spec={"count": 10}))
     h.flush()
@@ -207,17 +207,49 @@ def test_dispatch_waits_for_commit_and_respects_credit():
     (attached,) = h.take(Attached)
     assert attached.term == 3
     assert not h.proposed, "assignments queue with the completions (group commit) until the flush"
-    h.flush()
-    assert len(h.proposed) == 1 and isinstance(h.proposed[0].entry, AssignTasks)
-    assert not h.take(WorkerRequest), "an assignment goes out only once committed"
-    h.commit_all()
-    requests = h.take(WorkerRequest)
-    assert len(requests) == 4
+    requests = h.take(WorkerRequest)  # pipelined: sent while the entry commits
     assert [(r.fence_term, r.fence_sequence) for r in requests] == [(3, 1), (3, 2), (3, 3), (3, 4)]
+    h.flush()
+    (proposal,) = h.proposed
+    assert isinstance(proposal.entry, AssignTasks)
+    assert (proposal.entry.term, proposal.entry.first_sequence) == (3, 1)
+    assert [t for _, t in proposal.entry.tasks] == [r.task_id for r in requests]
+    h.commit_all()
+    assert not h.take(WorkerRequest), "nothing is sent twice once it commits"
+    job = h.ledger.state.jobs[join128(requests[0].job_uuid_upper, requests[0].job_uuid_lower)]
+    assert [(a.fence_term, a.fence_sequence) for r in requests for a in job.tasks[r.task_id].attempts] == \
+        [(r.fence_term, r.fence_sequence) for r in requests], "the ledger records exactly the tokens sent"
     assert not h.proposed, "no credit left: nothing more is proposed"
     h.message(Credit(1, 2, 0), BALANCER)
-    h.commit_all()
     assert len(h.take(WorkerRequest)) == 2
+    h.commit_all()
+
+
+def test_a_result_of_an_assignment_that_never_committed_is_refused_and_the_task_stays_ready():
+    """Pipelining's one risk: the leader is deposed before its assignment commits. The worker
+    may have run the task; the next leader's ledger holds no attempt with that token, so the
+    result is refused, not recorded, and the task is handed out again."""
+    h = Harness()
+    h.message(submit(1, spec={"count": 1}))
+    h.flush()
+    h.commit_all()
+    h.message(Attach(1, 1, 1, "b1"), BALANCER)
+    (r,) = h.take(WorkerRequest)
+    h.flush()
+    h.proposed.clear()  # the entry is lost with this leader: never applied anywhere
+    h2 = Harness(term=4, ledger=h.ledger)
+    attach(h2, 1)
+    (again,) = h2.take(WorkerRequest)
+    assert (again.task_id, again.fence_term) == (r.task_id, 4)
+    late = TaskResult(r.job_uuid_upper, r.job_uuid_lower, r.task_id, r.fence_term, r.fence_sequence,
+                      0, 0, {}, None, None, "w1")
+    h2.message(late, BALANCER)
+    h2.commit_all()
+    assert not h2.take(ResultAck)
+    (err,) = h2.take(Error)
+    assert err.reason == AppReason.STALE_FENCE and err.detail["code"] == "stale_fence"
+    job = h2.ledger.state.jobs[join128(r.job_uuid_upper, r.job_uuid_lower)]
+    assert job.tasks[r.task_id].state.name == "ASSIGNED" and len(job.tasks[r.task_id].attempts) == 1
 
 
 def test_results_are_acked_after_commit_and_duplicates_are_acked_but_not_recorded():
