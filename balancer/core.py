@@ -26,7 +26,8 @@ machine to the registry (``balancer.registry``) and the dispatcher (``balancer.d
   waiting.
 - **Credit from workers.** A worker's heartbeat says its free slots and how many WORKER_REQUESTs
   it has received since registering; the difference to what was sent is in flight and is not
-  counted twice. Nothing is sent beyond it (``Registry.sent`` refuses).
+  counted twice, and how many tasks it takes in all now (its prefetch queue adapts:
+  worker.prefetch). Nothing is sent beyond it (``Registry.sent`` refuses).
 - **Results** go to the master leader with the worker's name; RESULT_ACK (or a final refusal
   of the result) comes back and is routed to the worker that sent it. Workers keep results
   until acknowledged and resend them, so nothing is lost when a balancer or a master dies.
@@ -54,7 +55,7 @@ from typing import Any
 
 from balancer.binary_star import BinaryStar, State, Transition
 from balancer.dispatch import Dispatcher, DispatchError, Task
-from balancer.intake import need_of, parse_registration, refuse, worker_output, worker_slots
+from balancer.intake import MAX_SLOTS, need_of, parse_registration, refuse, worker_output, worker_slots
 from balancer.masters import MasterStream
 from balancer.registry import Registry, RegistryError, Worker
 from cluster.node.events import (
@@ -292,8 +293,9 @@ class BalancerCore:
             return [self._to_worker_error(ev, "not_registered",
                                           f"worker {m.name!r} is not registered with balancer {self.name}; register again")]
         free = m.slots_free - max(0, self.sent_count.get(name, 0) - m.received)
+        slots = m.slots_total if 0 < m.slots_total <= MAX_SLOTS else None  # its credit now (worker.prefetch)
         try:
-            self.registry.heartbeat(name, now, max(0, free), m.cache_add, m.cache_drop)
+            self.registry.heartbeat(name, now, max(0, free), m.cache_add, m.cache_drop, slots=slots)
         except RegistryError as exc:
             return [self._to_worker_error(ev, exc.code, exc.text)]
         return []

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 A worker *registers* with its name, its ROUTER identity (``route``), its ``Capabilities``
 (cores, memory, GPUs, labels, kernel build) and its number of task slots. From then on it
-*heartbeats*: each heartbeat says how many slots are free right now (its credit) and which
+*heartbeats*: each heartbeat says how many slots are free right now (its credit), how many it
+takes in all now (a worker's prefetch queue may grow and shrink: worker.prefetch) and which
 files entered or left its local cache since the last one. The balancer heartbeats the worker
 too (the loop does that); this module only keeps the state the dispatcher decides from.
 
@@ -90,10 +91,9 @@ class Worker:
 
     def free_slots(self, task_slots: int) -> int:
         """The task slots free now, of the ``task_slots`` the worker runs: its credit is those
-        and a prefetch queue, and what it has taken of the credit fills the slots first (a task
-        waits in the queue only while every slot is busy). Never above ``task_slots``."""
-        task_slots = min(task_slots, self.slots)
-        return max(0, task_slots - (self.slots - self.free))
+        and a prefetch queue, and the tasks it holds fill the slots first (a task waits in the
+        queue only while every slot is busy). Never above ``task_slots``."""
+        return max(0, min(task_slots, self.slots) - len(self.running))
 
 
 @dataclass
@@ -175,8 +175,7 @@ class Registry:
         why = caps.problem()
         if why:
             self._refuse("bad_capabilities", f"worker {name}: {why}")
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
-            self._refuse("bad_slots", f"worker {name}: slots must be an integer >= 0, not {slots!r}")
+        self._check_slots(name, slots)
         self._check_free(name, free, slots)
         self._check_ids(name, cached)
         for key, fence in running.items():
@@ -202,15 +201,22 @@ class Registry:
         free: int,
         cached_add: Iterable[bytes] = (),
         cached_drop: Iterable[bytes] = (),
+        slots: int | None = None,
     ) -> Worker:
-        """A worker's heartbeat: its credit now (``free`` slots) and its cache changes."""
+        """A worker's heartbeat: its credit now (``free`` slots; ``slots`` in all, when it says)
+        and its cache changes."""
         w = self._known(name)
         cached_add, cached_drop = frozenset(cached_add), frozenset(cached_drop)
-        self._check_free(name, free, w.slots)
+        if slots is not None:
+            self._check_slots(name, slots)
+        self._check_free(name, free, w.slots if slots is None else slots)
         self._check_ids(name, cached_add | cached_drop)
         both = cached_add & cached_drop
         if both:
             self._refuse("bad_cache_change", f"worker {name}: {next(iter(both)).hex()} is both added and dropped")
+        if slots is not None and slots != w.slots:
+            self.slots_total += slots - w.slots
+            w.slots = slots
         self._set_free(w, free)
         w.cached |= cached_add
         w.cached -= cached_drop
@@ -367,6 +373,10 @@ class Registry:
         if w is None:
             self._refuse("unknown_worker", f"worker {name!r} is not registered (it must register first)")
         return w
+
+    def _check_slots(self, name: str, slots: object) -> None:
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
+            self._refuse("bad_slots", f"worker {name}: slots must be an integer >= 0, not {slots!r}")
 
     def _check_free(self, name: str, free: object, slots: int) -> None:
         if not isinstance(free, int) or isinstance(free, bool) or free < 0:

@@ -168,6 +168,24 @@ def test_credit_in_flight_is_not_counted_twice():
     assert h.core.registry.get("w1").free == 1
 
 
+def test_a_heartbeat_restates_the_workers_credit_as_its_prefetch_queue_grows_and_shrinks():
+    """A worker's prefetch queue adapts (worker.prefetch): each heartbeat's slots_total is its
+    credit now, which the registry takes (and sizes its ask to the master by)."""
+    h = active()
+    h.register("w1", slots=4)
+    h.heartbeat("w1", free=40, received=0, slots=40)  # short tasks: a deep queue
+    w = h.core.registry.get("w1")
+    assert (w.slots, w.free, h.core.registry.slots_total) == (40, 40, 40)
+    for t in range(3):
+        h.request(t, (5, t + 1))
+    assert w.free == 37
+    h.heartbeat("w1", free=3, received=3, slots=6)  # long tasks now: the queue shrank, 3 still held
+    assert (w.slots, w.free, h.core.registry.slots_total) == (6, 3, 6)
+    assert h.core.status(h.now)["workers"][0]["credit"] == 6
+    h.heartbeat("w1", free=7, received=3, slots=6)  # more free than it takes in all: refused, nothing changes
+    assert (w.slots, w.free) == (6, 3)
+
+
 def test_free_slots_never_exceed_the_slots_though_the_credit_adds_a_prefetch_queue():
     h = active()
     caps = {"cores": 2, "memory_mb": 1024, "slots": 2}  # 2 task slots, credit 4 (a prefetch queue of 2)
