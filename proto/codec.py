@@ -37,7 +37,7 @@ import struct
 import typing
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import msgspec
 import zmq
@@ -270,17 +270,19 @@ class Codec:
         return [bytes(frame0), *raw]
 
     def send(self, sock: zmq.Socket, message: Message, route: bytes | None = None, flags: int = 0,
-             track: bool = False) -> tuple[zmq.MessageTracker | None, int]:
+             track: bool | Callable[[int], bool] = False) -> tuple[zmq.MessageTracker | None, int]:
         """Encode and send; ``route`` is the peer's routing id on a ROUTER socket.
 
         ``flags`` (e.g. ``zmq.NOBLOCK``) apply to the first frame; once it is queued, ZeroMQ
         takes the rest of the multipart message without blocking. Returns the message's size in
         bytes and, with ``track``, a tracker that is done once libzmq has let go of the message
         (written it to the connection, or dropped it with the connection): what lets a node bound
-        the bytes queued towards one peer.
+        the bytes queued towards one peer. ``track`` may be a function of the message's size.
         """
         frame0, raw = self._frame0(message)
         nbytes = len(frame0) + sum(_nbytes(p) for p in raw)
+        if callable(track):  # decided by the message's size (cluster.node.sendqueue)
+            track = track(nbytes)
         if route is not None:
             sock.send(route, flags | zmq.SNDMORE)
             flags = 0

@@ -49,6 +49,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import zmq
@@ -586,9 +587,9 @@ class NodeLoop:
             # Never block the loop on a slow or absent peer: a DEALER with no connection
             # (or a full queue) would wait forever. The drop is counted, the core's
             # protocol (heartbeats, credit, retries) is what recovers from it.
-            tracker, nbytes = self.codec.send(sock, effect.message, route=route, flags=zmq.NOBLOCK,
-                                              track=route is not None)
-            if tracker is not None:
+            track = False if route is None else partial(self.send_queues.wants_tracker, effect.socket, route)
+            tracker, nbytes = self.codec.send(sock, effect.message, route=route, flags=zmq.NOBLOCK, track=track)
+            if route is not None:
                 self.send_queues.sent(effect.socket, route, tracker, nbytes, self.clock())
             self.counters["messages_out"] += 1
         except zmq.Again:

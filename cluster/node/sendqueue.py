@@ -10,7 +10,16 @@ not sent: the loop counts and logs it, as libzmq would drop it at the high-water
 peer's own protocol (a retry, a re-read) recovers, as from any lost message.
 
 A message goes while the route holds less than its budget, so a route holds at most its budget
-plus one message (itself at most the codec's largest). The budget depends on who the peer is, by
+plus one message (itself at most the codec's largest).
+
+Not every message carries a tracker (issue 23): a zero-copy send with a tracker cost the task
+path about a third of a balancer's CPU (pyzmq frees such a frame through its garbage-collector
+thread, one inproc message and a wake-up per send). libzmq lets go of one route's messages in
+the order they were sent, so a done tracker releases every byte sent before it on that route
+too. A message therefore carries one (``wants_tracker``) only when its route has no tracked
+message pending, when it is large (``TRACK_BYTES``), or when ``TRACK_EVERY`` untracked bytes have
+gone since the last tracked one; the bytes in between ride the next tracker. At most
+``TRACK_EVERY`` bytes stay counted after a route's queue has drained, until its next message. The budget depends on who the peer is, by
 the role of the key it last spoke with: a person's key (client, operator, monitor, gateway) gets
 ``people_bytes``; a node's key gets ``node_bytes``, larger, because a master's stream to its
 balancer carries every dispatched task's spec, and a node is trusted to read its queue. In an
@@ -27,17 +36,20 @@ PEOPLE_BYTES = 64 * MiB  # a client's replies waiting to be read: a few full-siz
 NODE_BYTES = 1024 * MiB  # a balancer's stream of tasks waiting to be read
 NODE_ROLES = frozenset({"master", "balancer", "storage", "worker"})
 FORGET_S = 60.0  # an idle route's entry (nothing queued, not heard from) is forgotten after this
+TRACK_BYTES = 64 * 1024  # a message this large always carries a tracker
+TRACK_EVERY = 1 * MiB  # untracked bytes a route may send before its next message carries one
 
 
 class _Route:
-    __slots__ = ("budget", "name", "held", "queued", "heard")
+    __slots__ = ("budget", "name", "held", "queued", "heard", "untracked")
 
     def __init__(self, budget: int, name: str, heard: float) -> None:
         self.budget = budget
         self.name = name
         self.held = 0
-        self.queued: collections.deque[tuple[Any, int]] = collections.deque()
+        self.queued: collections.deque[tuple[Any, int]] = collections.deque()  # (tracker, bytes it releases)
         self.heard = heard
+        self.untracked = 0  # bytes sent since the last tracked message: the next tracker releases them
 
 
 class SendQueues:
@@ -73,16 +85,28 @@ class SendQueues:
                 return entry
         return None
 
+    def wants_tracker(self, socket: str, route: bytes, nbytes: int) -> bool:
+        """Whether a message of ``nbytes`` to ``route`` should carry a tracker (module docstring)."""
+        entry = self._routes.get((socket, route))
+        if entry is None or nbytes >= TRACK_BYTES or entry.untracked + nbytes >= TRACK_EVERY:
+            return True
+        self._release(entry)
+        return not entry.queued
+
     def sent(self, socket: str, route: bytes, tracker: Any, nbytes: int, now: float) -> None:
         """A message of ``nbytes`` went into libzmq's queue towards ``route``; ``tracker`` says
-        when it left."""
+        when it left (None: it rides the route's next tracker)."""
         entry = self._routes.get((socket, route))
         if entry is None:
             budget = self.node_bytes if self.insecure else self.people_bytes
             entry = self._routes[(socket, route)] = _Route(budget, "", now)
         self._release(entry)  # as it goes, so a fast peer's queue of trackers stays short
-        entry.queued.append((tracker, nbytes))
         entry.held += nbytes
+        if tracker is None:
+            entry.untracked += nbytes
+            return
+        entry.queued.append((tracker, entry.untracked + nbytes))
+        entry.untracked = 0
 
     def sweep(self, now: float) -> None:
         """Release what libzmq has let go of, and forget routes idle for ``FORGET_S``."""

@@ -70,3 +70,35 @@ def test_sweep_forgets_idle_routes_but_not_those_still_holding_bytes():
     tracker.done = True
     q.sweep(FORGET_S + 2)
     assert q.status() == {"routes": 0, "largest_held_bytes": 0}
+
+
+def test_only_some_messages_carry_a_tracker_and_a_done_one_releases_the_untracked_before_it():
+    """libzmq lets go of one route's messages in order: one tracker speaks for what went before."""
+    q = SendQueues(people_bytes=1000, node_bytes=10_000)
+    q.heard("api", b"b1", "balancer-1", "balancer", 0.0)
+    assert q.wants_tracker("api", b"b1", 10), "nothing pending: the first one is tracked"
+    first = Tracker()
+    q.sent("api", b"b1", first, 10, 0.0)
+    assert not q.wants_tracker("api", b"b1", 10), "one is pending: small ones ride the next tracker"
+    q.sent("api", b"b1", None, 10, 0.0)
+    q.sent("api", b"b1", None, 10, 0.0)
+    assert q.wants_tracker("api", b"b1", 64 * 1024), "a large message always carries one"
+    second = Tracker()
+    q.sent("api", b"b1", second, 20, 0.0)
+    assert q.status()["largest_held_bytes"] == 50
+    first.done = True
+    assert q.status()["largest_held_bytes"] == 40
+    second.done = True  # releases itself and the two untracked ones sent before it
+    assert q.status()["largest_held_bytes"] == 0
+    assert q.wants_tracker("api", b"b1", 10), "nothing pending again"
+
+
+def test_untracked_bytes_force_a_tracker_before_they_reach_the_bound():
+    q = SendQueues(people_bytes=1 << 30, node_bytes=1 << 30)
+    q.heard("api", b"c", "c", "client", 0.0)
+    q.sent("api", b"c", Tracker(), 10, 0.0)  # never done: the peer does not read
+    sent = 0
+    while not q.wants_tracker("api", b"c", 1000):
+        q.sent("api", b"c", None, 1000, 0.0)
+        sent += 1000
+    assert 0 < sent < 1 << 20
