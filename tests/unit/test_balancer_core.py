@@ -495,3 +495,38 @@ def test_a_worker_registering_with_the_attempt_that_waits_here_takes_it_off_the_
     h.request(0, (6, 1))
     h.register("w2", tasks=[[JOB, 0, 6, 1]])  # a new balancer's open assignment it already runs
     assert not h.sent(WorkerRequest, WORKERS) and h.core.counters["pending_found_running"] == 1
+
+
+def test_a_batch_of_requests_and_a_batch_of_results_are_handled_one_by_one():
+    """MESSAGE_BATCHes unpacked as the node loop does (``Codec.unbatch``): each request keeps its
+    own fence (a duplicate, an older token and one a worker already runs go nowhere), each
+    result goes on alone under its own fence (issue 23)."""
+    from proto import Codec
+
+    h = active()
+    h.register("w1", slots=4, tasks=[[JOB, 7, 5, 9]])
+    up, lo = split128(JOB)
+
+    def request(task, fence):
+        return WorkerRequest(up, lo, task, fence[0], fence[1], 0, 0, "call", b"", [], {"run": {"kind": "call"}, "task": {}})
+
+    codec = Codec(3)
+    mix = [request(1, (5, 1)), request(1, (5, 1)), request(2, (5, 2)), request(2, (5, 1)),
+           request(7, (5, 9)), request(3, (6, 1))]
+    for _, m in codec.unbatch(codec.decode(codec.encode(codec.batch(mix)))[1]):
+        h.msg("m0", m)
+    sent = sorted((e.message.task_id, e.message.fence_term, e.message.fence_sequence)
+                  for e in h.sent(WorkerRequest, WORKERS, b"w1"))
+    assert sent == [(1, 5, 1), (2, 5, 2), (3, 6, 1)]
+    # (1, (5,1)) again and (2, (5,1)), older than the (5,2) w1 now runs, and 7, which w1 ran
+    # before: none goes out again
+    assert h.core.counters["requests_already_running"] + h.core.counters.get("requests_duplicate", 0) == 3
+
+    results = [TaskResult(up, lo, t, f, s, 0, 0, {"t": t}, None, None, "", []) for t, f, s in sent]
+    results.append(TaskResult(up, lo, 99, 5, 77, 0, 0, {}, None, None, "", []))  # never sent here
+    for _, m in codec.unbatch(codec.decode(codec.encode(codec.batch(results)))[1]):
+        h.msg(WORKERS, m, b"w1")
+    forwarded = sorted((e.message.task_id, e.message.fence_sequence, e.message.worker)
+                       for e in h.sent(TaskResult, "m0"))
+    assert forwarded == [(1, 1, "w1"), (2, 2, "w1"), (3, 1, "w1"), (99, 77, "w1")], \
+        "each goes on under its own fence; the master, not the balancer, judges the unknown one"

@@ -21,7 +21,7 @@ from master.jobs import MAX_SPEC_BYTES
 from master.ledger import Ledger, spec_digest
 from master.stream import TaskLog
 from master.watches import MAX_WATCH_JOBS, MAX_WATCH_TASKS, MAX_WATCH_WAIT
-from proto import AppReason
+from proto import AppReason, Codec
 from proto.messages import (
     FileList,
     FileLookup,
@@ -906,3 +906,37 @@ def test_group_commit_queues_what_arrives_while_a_proposal_is_in_flight_and_send
     assert isinstance(entry, Batch) and [type(c) for c in entry.commands] == [CompleteTask] * 3
     h.commit_all()
     assert sum(len(m.acks()) for m in h.take(ResultAck)) == 4
+
+
+def test_a_batch_of_results_good_stale_duplicate_and_unknown_is_answered_one_by_one():
+    """A MESSAGE_BATCH from the balancer, unpacked as the node loop does (``Codec.unbatch``):
+    every result keeps its own fence and is recorded, acknowledged or refused on its own, and
+    one commit records the good ones (issue 23)."""
+    h = Harness()
+    h.message(submit(1, spec={"count": 4}))
+    h.flush()
+    h.commit_all()
+    attach(h, 4)
+    r = h.take(WorkerRequest)
+
+    def result(req, sequence=None, upper=None):
+        return TaskResult(req.job_uuid_upper if upper is None else upper, req.job_uuid_lower, req.task_id,
+                          req.fence_term, req.fence_sequence if sequence is None else sequence, 0, 0,
+                          {"v": req.task_id}, None, None, "w1")
+
+    mix = [result(r[0]), result(r[1], sequence=r[1].fence_sequence + 99), result(r[0]),
+           result(r[2], upper=r[2].job_uuid_upper ^ 1), result(r[3])]
+    codec = Codec(5)
+    batch = codec.decode(codec.encode(codec.batch(mix)))[1]
+    for _, message in codec.unbatch(batch):
+        h.message(message, BALANCER)
+    h.flush()
+    assert len(h.proposed) == 1 and len(h.proposed[0].entry.commands) == 5, "one entry for the batch"
+    h.commit_all()
+    acked = {a[2] for m in h.take(ResultAck) for a in m.acks()}
+    refused = {e.detail["task_id"]: e.detail["code"] for e in h.take(Error)}
+    assert acked == {r[0].task_id, r[3].task_id}
+    assert refused == {r[1].task_id: "stale_fence", r[2].task_id: "unknown_job"}
+    job = h.ledger.state.jobs[join128(r[0].job_uuid_upper, r[0].job_uuid_lower)]
+    assert [job.tasks[x.task_id].state.name for x in r] == ["DONE", "ASSIGNED", "ASSIGNED", "DONE"]
+    assert len(job.tasks[r[0].task_id].attempts) == 1, "the duplicate is acknowledged, not recorded twice"
