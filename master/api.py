@@ -9,6 +9,12 @@ once it has committed (``answer``): SUBMIT_ACK, a QUERY_REPLY with the result, o
 A submit whose idempotency key the ledger already holds is answered at once, from the ledger;
 one whose proposal fails is answered OUTCOME_UNKNOWN and the client retries with the same key.
 
+Admission (backpressure): the leader holds at most ``MAX_PENDING_TASKS`` pending tasks per
+client (``ClientLoad``). A new submit that would take its owner past that is refused, before it
+costs a Raft round, with REFUSED ``too_many_pending`` (nothing changed): the client waits for some
+of its tasks to end and submits again with the same idempotency key (``Client.map`` keeps
+itself under its own, smaller window and never meets it).
+
 Reads (JOB_QUERY, JOB_LIST, TASK_QUERY, FILE_LOOKUP, FILE_LIST) are answered by any master from
 its own ledger (``master.views``); ``stale`` is 0 only when a serving leader with a quorum
 answers. TASK_QUERY's reply carries the task's ``story`` (``MasterCore.story``): the ledger's
@@ -34,7 +40,7 @@ from master.joblife import spec_digest
 from master.ledger import Ledger
 from master.standing import API, MAX_LIST, Standing, app_error, app_error_to, not_owner, owns
 from master.pending import WaitingBoard
-from master.state import Applied, pin_owner
+from master.state import Applied, Job, JobState, LedgerState, pin_owner
 from proto.errors import AppReason
 from proto.ids import join128, split128
 from proto.messages import (
@@ -53,11 +59,108 @@ from proto.messages import (
 )
 
 MAX_LOOKUP = 10_000  # file ids per FILE_LOOKUP
+# A client's pending tasks the leader admits: 10× Client.map's default window, so several maps
+# (or processes) under one key fit, while one careless loop cannot fill the masters' memory.
+MAX_PENDING_TASKS = 100_000
+LOAD_RECOUNT_S = 0.25  # how old a client's count may be before a submit counts its jobs again
+TOO_MANY_PENDING = "too_many_pending"  # the ERROR detail code of the refusal (the client backs off on it)
 
 
 def job_id_for(key: bytes) -> bytes:
     """A job's id, derived from its idempotency key so every leader picks the same one."""
     return hashlib.blake2b(key, digest_size=16, person=b"cluster-job").digest()
+
+
+def held_tasks(job: Job) -> int:
+    """The tasks ``job`` makes the ledger hold for its client now: a list job's unfinished tasks
+    (their arguments are data in its spec); a range or grid job's live records (its tasks are made
+    by rule, at most ``jobs.WINDOW`` at a time), at least 1 while it waits for other jobs."""
+    if job.state != JobState.ACTIVE:
+        return 0
+    if job.kind == "list":
+        return job.total - job.done - job.failed
+    return max(1, job.live)
+
+
+def submit_cost(kind: str, spec: dict[str, Any]) -> int:
+    """What a new job (its validated ``spec``) adds to ``held_tasks`` of its client."""
+    if kind == "list":
+        return len(spec["tasks"])
+    return max(1, min(spec["count"] if kind == "range" else spec["rows"] * spec["cols"], jobs.WINDOW))
+
+
+class ClientLoad:
+    """Each client's pending tasks on this leader, for admission (the module doc).
+
+    A client's pending tasks: ``held_tasks`` summed over its active jobs, plus the tasks of its
+    submits queued or proposed and not yet answered (``in_flight``). Its jobs are indexed by
+    client as they appear in the ledger (jobs are added in ``Job.seq`` order, so the new ones are
+    the last: a look from the newest back), and counted again at most every ``LOAD_RECOUNT_S``
+    (what commits in between is added to the count; tasks that end in between lower it only at
+    the next count, so the bound errs on the strict side). A restored snapshot is a new
+    ``LedgerState``: it is indexed anew. A single job over the limit is admitted when its client
+    has nothing pending, else it could never run."""
+
+    def __init__(self, limit: int = MAX_PENDING_TASKS) -> None:
+        self.limit = limit
+        self.state: LedgerState | None = None  # the ledger state indexed
+        self.seq = 0  # the newest job indexed
+        self.jobs: dict[str, dict[bytes, None]] = {}  # client → its jobs, active when last looked at
+        self.counted: dict[str, tuple[float, int]] = {}  # client → (when, pending tasks then)
+        self.in_flight: dict[str, int] = {}  # client → tasks of its submits not yet answered
+
+    def refusal(self, state: LedgerState, client: str, cost: int, now: float) -> str | None:
+        """Why a submit of ``cost`` tasks by ``client`` is refused now, or None to admit it."""
+        pending = self.pending(state, client, now)
+        if pending == 0 or pending + cost <= self.limit:
+            return None
+        return (f"you have {pending:,} tasks pending (submitted, not ended); the masters hold at most "
+                f"{self.limit:,} per client and this job has {cost:,}: submit it again once some have ended")
+
+    def pending(self, state: LedgerState, client: str, now: float) -> int:
+        """``client``'s pending tasks, counted again if the count is older than LOAD_RECOUNT_S."""
+        counted = self.counted.get(client)
+        if counted is None or now - counted[0] >= LOAD_RECOUNT_S or state is not self.state:
+            self._index(state)
+            mine = self.jobs.get(client, {})
+            for job_id in [j for j in mine if j not in state.jobs or state.jobs[j].state != JobState.ACTIVE]:
+                del mine[job_id]
+            if not mine:
+                self.jobs.pop(client, None)
+            counted = (now, sum(held_tasks(state.jobs[j]) for j in mine))
+            self.counted[client] = counted
+        return counted[1] + self.in_flight.get(client, 0)
+
+    def proposed(self, client: str, cost: int) -> None:
+        """A submit of ``cost`` tasks was admitted and queued."""
+        self.in_flight[client] = self.in_flight.get(client, 0) + cost
+
+    def answered(self, client: str, cost: int, committed: bool) -> None:
+        """A submit admitted earlier was answered: it committed (a new job) or not."""
+        left = self.in_flight.get(client, 0) - cost
+        if left > 0:
+            self.in_flight[client] = left
+        else:
+            self.in_flight.pop(client, None)
+        counted = self.counted.get(client)
+        if committed and counted is not None:  # its job counts from now, until the next count sees it
+            self.counted[client] = (counted[0], counted[1] + cost)
+
+    def _index(self, state: LedgerState) -> None:
+        """Add the jobs that appeared since the last look (all of them, for a new state)."""
+        if state is not self.state:
+            self.state, self.seq, self.jobs, self.counted = state, 0, {}, {}
+        if state.job_seq == self.seq:
+            return
+        new = []
+        for job in reversed(state.jobs.values()):
+            if job.seq <= self.seq:
+                break
+            if job.state == JobState.ACTIVE:
+                new.append(job)
+        for job in reversed(new):
+            self.jobs.setdefault(job.client, {})[job.job_id] = None
+        self.seq = state.job_seq
 
 
 class ClientApi:
@@ -71,6 +174,7 @@ class ClientApi:
         self.standing = standing
         self.batcher = batcher
         self.story = story  # a task's story for TASK_QUERY (the core's: ledger and leader's log)
+        self.load = ClientLoad()  # admission: each client's pending tasks
 
     # ---- writes --------------------------------------------------------------------------
 
@@ -81,7 +185,7 @@ class ClientApi:
         key = join128(m.idempotency_key_upper, m.idempotency_key_lower)
         try:
             encoded = msgspec.msgpack.encode(m.spec)
-            jobs.validate_spec(m.kind, m.spec, len(encoded))
+            spec = jobs.validate_spec(m.kind, m.spec, len(encoded))
         except jobs.SpecError as exc:
             return [app_error(ev, m.request_id, AppReason.REFUSED, exc.code, exc.text)]
         digest = spec_digest(m.kind, m.spec)
@@ -94,8 +198,14 @@ class ClientApi:
             return [Send(API, SubmitAck(m.request_id, upper, lower, self.standing.view.last_applied), ev.route, ev.stimulus_id)]
         # the job's owner: the submitting key's name (without keys, the client's node id)
         client = ev.peer.name or f"node:{ev.sender:032x}"
+        cost = submit_cost(m.kind, spec)
+        refusal = self.load.refusal(self.ledger.state, client, cost, now)
+        if refusal is not None:
+            self.standing.count("refused_too_many_pending")
+            return [app_error(ev, m.request_id, AppReason.REFUSED, TOO_MANY_PENDING, refusal)]
+        self.load.proposed(client, cost)
         command = SubmitJob(job_id_for(key), key, digest, m.kind, m.spec, client, self.standing.wall(now))
-        return self.batcher.enqueue(command, ("submit", ev.route, m.request_id), ev.stimulus_id, now)
+        return self.batcher.enqueue(command, ("submit", ev.route, m.request_id, client, cost), ev.stimulus_id, now)
 
     def on_cancel(self, ev: MessageReceived, m: CancelJob, now: float) -> list[Effect]:
         refusal = self.standing.writable(ev, m.request_id, grows=False)
@@ -141,7 +251,9 @@ class ClientApi:
 
     def answer(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
         """A ``submit``, ``cancel`` or ``write`` reply: the command committed with ``result``."""
-        kind, route, request_id = reply
+        kind, route, request_id = reply[:3]
+        if kind == "submit":
+            self.load.answered(reply[3], reply[4], result.ok and bool(result.value.get("created")))
         if not result.ok:
             return [app_error_to(route, request_id, AppReason.REFUSED, result.code, result.text, cause)]
         if kind == "submit":
@@ -154,12 +266,16 @@ class ClientApi:
 
     def unknown(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
         """The write's proposal did not commit here: the client retries with the same key."""
+        if reply[0] == "submit":
+            self.load.answered(reply[3], reply[4], False)
         return [app_error_to(reply[1], reply[2], AppReason.OUTCOME_UNKNOWN, "outcome_unknown",
                              f"the write may or may not have committed ({reason}); retry with the same idempotency key",
                              cause)]
 
     def not_leader(self, reply: tuple, cause: str) -> list[Effect]:
         """The write was queued when this master stopped leading."""
+        if reply[0] == "submit":
+            self.load.answered(reply[3], reply[4], False)
         return [self.standing.not_leader(reply[2], reply[1], cause)]
 
     # ---- reads ---------------------------------------------------------------------------
