@@ -11,6 +11,11 @@ Every submit carries a 128-bit idempotency key (random unless given) that stays 
 all its retries, and the ledger binds the key to one job: a retried submit never makes a second
 job, even when the first try committed and only its answer was lost (etcd's approach).
 ``submit_many`` keeps a window of submits in flight, which is what makes bulk submission fast.
+
+``map`` over many items submits them chunk by chunk from a thread of its own, keeping at most
+``map_window`` tasks outstanding (``cluster.mapfeed``): bounded memory here and on the masters,
+which refuse a client past their own limit (``too_many_pending``, ``master.api``); a submit so
+refused is tried again with the same key once some of the client's tasks have ended.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import copy
 import dataclasses
 import os
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -28,6 +35,7 @@ import cloudpickle
 from cluster.files import DownloadFailed, FileRef, UploadFailed, download_file, file_id_text, upload_file
 from cluster.follow import Line, follow
 from cluster.futures import TaskFuture, Watcher, resolve
+from cluster.mapfeed import MAP_CHUNK, MAP_WINDOW, TOO_MANY_PENDING, Chunker, MapFeed, MapFeeder
 from cluster.node.config import ConfigError, find_config, load_cluster_config
 from cluster.node.keys import KeysError, client_credentials, for_address
 from cluster.node.masterlink import (Answer, Call, ClusterError, MasterLink, NoQuorum, NotFound, Refused,
@@ -39,6 +47,7 @@ __all__ = ["Answer", "Client", "ClusterError", "DownloadFailed", "FileRef", "Job
            "UploadFailed"]
 
 SPEC_BUDGET = 900 << 10  # bytes of task arguments per job (the masters refuse specs over 1 MiB)
+NO_KWARGS: dict[str, Any] = {}  # map's items have none (shared: it is copied when pickled)
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,11 @@ class TaskOptions:
         out = {"priority": self.priority, "max_attempts": self.max_attempts, "max_lost": self.max_lost,
                "retry_failed": self.retry_failed, "fail_fast": False}
         if self.after:
-            out["after"] = sorted({getattr(x, "job", x) for x in self.after})
+            after = {getattr(x, "job", x) for x in self.after}
+            if None in after:
+                raise ClusterError("after= names a future whose task is not submitted yet (a long map submits "
+                                   "its items as earlier ones end): name it once its job is set")
+            out["after"] = sorted(after)
         return out
 
 
@@ -111,12 +124,14 @@ class Client:
     ``act_for``: a gateway (a key of role ``gateway``) makes every request for that user of its
     own, who owns what it submits, pins and reads as ``GATEWAY/act_for``; see doc/security.md.
     ``balancers``: their addresses (their workers' ports), where ``follow`` finds the workers;
-    the config gives them."""
+    the config gives them. ``map_window``: the most tasks this client keeps outstanding
+    (submitted, not ended) through ``map``; ``map_chunk``: the most tasks per job a map submits."""
 
     def __init__(self, masters: Sequence[str] | None = None, *, timeout: float = 30.0, attempt_timeout: float = 1.0,
                  storage: dict[str, str] | None = None, replicas: int | None = None,
                  config: str | Path | None = None, key: str | Path | None = None,
-                 act_for: str | None = None, balancers: Sequence[str] | None = None) -> None:
+                 act_for: str | None = None, balancers: Sequence[str] | None = None,
+                 map_window: int = MAP_WINDOW, map_chunk: int = MAP_CHUNK) -> None:
         credentials = None  # without a config: the keys this process loaded for the masters' addresses
         balancers = list(balancers or [])  # where the workers' output ports are listed (cluster.follow)
         if masters is None or config is not None:
@@ -148,7 +163,25 @@ class Client:
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self._watcher: Any = None
+        self._watch_lock = threading.Lock()  # the map thread and the caller may both make the watcher
         self._task_options = TaskOptions()
+        # shared with the views options() makes: one window per client
+        self._maps = MapFeeder(self._connect_submitter, window=map_window, chunk=map_chunk, patience=timeout)
+
+    @property
+    def map_window(self) -> int:
+        """The most tasks this client keeps outstanding through ``map``."""
+        return self._maps.window.capacity
+
+    @property
+    def outstanding(self) -> int:
+        """Tasks submitted through ``map`` that have not ended yet."""
+        return self._maps.window.outstanding
+
+    @property
+    def most_outstanding(self) -> int:
+        """The most tasks that were ever outstanding through ``map`` at once (never over ``map_window``)."""
+        return self._maps.window.most
 
     @property
     def leader(self) -> int:
@@ -156,6 +189,7 @@ class Client:
         return self.link.leader
 
     def close(self) -> None:
+        self._maps.close()
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
@@ -179,33 +213,69 @@ class Client:
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on a worker; returns its future once the task is durable
         (committed by a quorum of masters). Options: ``Client.options(...)``."""
-        return self.map_args(fn, [(args, kwargs)])[0]
-
-    def map(self, fn: Callable[..., Any], *iterables: Any) -> list[TaskFuture]:
-        """Run ``fn`` over the items of ``iterables`` (like the built-in ``map``), one task each,
-        submitted as one job (several when the arguments are large); futures in input order."""
-        return self.map_args(fn, [(args, {}) for args in zip(*iterables)])
-
-    def map_args(self, fn: Callable[..., Any], calls: Sequence[tuple[tuple, dict]]) -> list[TaskFuture]:
-        """Run ``fn(*args, **kwargs)`` for each ``(args, kwargs)`` of ``calls``."""
+        program = self._program(fn)
         try:
-            program = cloudpickle.dumps(fn)
-            tasks = [{"args": cloudpickle.dumps((tuple(a), dict(k)))} for a, k in calls]
+            task = {"args": cloudpickle.dumps((args, kwargs))}
         except Exception as exc:  # noqa: BLE001 - whatever pickling raises, the user gets one line
-            raise ClusterError(f"cannot ship {getattr(fn, '__name__', fn)!r} or its arguments to the workers: "
-                               f"{type(exc).__name__}: {exc}") from None
-        if not tasks:
+            raise _cannot_ship(fn, exc) from None
+        ref = self.submit_job("list", self._call_spec(fn, program, [task]))
+        future = TaskFuture(ref.job, 0, "call")
+        self._watch(ref.job, {0: future}, ref.log_index)
+        return future
+
+    def map(self, fn: Callable[..., Any], *iterables: Any,
+            progress: Callable[[int], None] | None = None) -> list[TaskFuture]:
+        """Run ``fn`` over the items of ``iterables`` (like the built-in ``map``), one task each;
+        futures in input order. Returns once the first chunk of tasks is durable; the rest are
+        submitted as earlier tasks end, within ``map_window`` (``map_args`` says more)."""
+        items = list(zip(*iterables))
+        return self._map(fn, len(items), ((args, NO_KWARGS) for args in items), progress)
+
+    def map_args(self, fn: Callable[..., Any], calls: Sequence[tuple[tuple, dict]], *,
+                 progress: Callable[[int], None] | None = None) -> list[TaskFuture]:
+        """Run ``fn(*args, **kwargs)`` for each ``(args, kwargs)`` of ``calls``; futures in input order.
+
+        The calls go as jobs of at most ``map_chunk`` tasks, each pickled only when its job is
+        submitted, with at most ``map_window`` tasks of this client outstanding: so memory here
+        and on the masters stays bounded however many calls there are. Returns once the first
+        job is durable (what would refuse every job raises here, as does an item of it that
+        cannot be pickled); the later jobs are submitted by the client's map thread as tasks end.
+        A later job that is refused (or finds no quorum) fails its futures with that error and
+        the map's remaining ones with a ``ClusterError`` naming it; an item that cannot be
+        pickled fails its own future. Arguments are pickled when their job is submitted: do not
+        change them in place before then. ``progress(n)``: told of each job's ``n`` durable tasks
+        (from the map thread). A future's ``job`` and ``task`` are None until its job is submitted."""
+        return self._map(fn, len(calls), iter(calls), progress)
+
+    def _map(self, fn: Callable[..., Any], count: int, calls: Any,
+             progress: Callable[[int], None] | None) -> list[TaskFuture]:
+        program = self._program(fn)
+        if count == 0:
             return []
+        shared = threading.Condition()  # one for the map's futures (TaskFuture says why)
+        futures = [TaskFuture(None, None, "call", shared) for _ in range(count)]
+        feed = MapFeed(Chunker(calls, futures, SPEC_BUDGET - len(program)),
+                       lambda tasks: self._call_spec(fn, program, tasks),
+                       lambda ref, chunk: self._watch(ref.job, chunk, ref.log_index), progress)
+        self._maps.feed(feed)
+        return futures
+
+    def _program(self, fn: Callable[..., Any]) -> bytes:
+        try:
+            return cloudpickle.dumps(fn)
+        except Exception as exc:  # noqa: BLE001 - whatever pickling raises, the user gets one line
+            raise _cannot_ship(fn, exc) from None
+
+    def _call_spec(self, fn: Callable[..., Any], program: bytes, tasks: list[dict]) -> dict[str, Any]:
+        """A job spec that calls ``fn`` (pickled: ``program``) once per task."""
         name = getattr(fn, "__qualname__", getattr(fn, "__name__", "call"))
         run = {"kind": "call", "program": program, **self._task_options.run()}
-        out: list[TaskFuture] = []
-        for chunk in _chunks(tasks, SPEC_BUDGET - len(program)):
-            spec = {"name": name, "run": run, "tasks": chunk, **self._task_options.job()}
-            ref = self.submit_job("list", spec)
-            futures = {i: TaskFuture(ref.job, i, "call") for i in range(len(chunk))}
-            self._watch(ref.job, futures, ref.log_index)
-            out += futures.values()
-        return out
+        return {"name": name, "run": run, "tasks": tasks, **self._task_options.job()}
+
+    def _connect_submitter(self) -> "_LinkSubmitter":
+        """A link of its own for the map thread (a ZeroMQ socket belongs to one thread)."""
+        return _LinkSubmitter(MasterLink(self.masters, timeout=self.timeout, attempt_timeout=self.attempt_timeout,
+                                         credentials=self.link.credentials))
 
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
             inputs: dict[str, FileRef | str] | None = None, outputs: Sequence[str] = ()) -> TaskFuture:
@@ -260,10 +330,11 @@ class Client:
         return follow(self.balancers, self.link.credentials, job, task, done=done or ended, state=state, live=live)
 
     def _watch(self, job: str, futures: dict, since: int = 0) -> None:
-        if self._watcher is None:
-            self._watcher = Watcher(self.masters, self._fetch, attempt_timeout=self.attempt_timeout,
-                                    credentials=self.link.credentials)
-            self._watcher.start()
+        with self._watch_lock:
+            if self._watcher is None:
+                self._watcher = Watcher(self.masters, self._fetch, attempt_timeout=self.attempt_timeout,
+                                        credentials=self.link.credentials)
+                self._watcher.start()
         for future in futures.values():
             future.follower = self  # future.stream() follows its output through this client
         self._watcher.add(job, futures, since)
@@ -283,23 +354,10 @@ class Client:
         progress: Callable[[int], None] | None = None,
     ) -> list[JobRef]:
         """Submit many jobs with up to ``window`` in flight; results in input order.
-        A refused submit raises ``Refused`` after the others have finished."""
-        jobs = list(jobs)
-        keys = list(keys) if keys else [os.urandom(16) for _ in jobs]
-        calls = [self._submit_call(kind, spec, key) for (kind, spec), key in zip(jobs, keys)]
-        self.link.run(calls, window, progress)
-        out = []
-        for call, key in zip(calls, keys):
-            if call.error is not None:
-                raise call.error
-            ack: SubmitAck = call.result
-            job = join128(ack.job_uuid_upper, ack.job_uuid_lower).hex()
-            out.append(JobRef(job, ack.log_index, key.hex()))
-        return out
-
-    def _submit_call(self, kind: str, spec: dict[str, Any], key: bytes) -> Call:
-        upper, lower = split128(key)
-        return self.link.call(lambda rid: Submit(rid, upper, lower, kind, spec), write=True)
+        A refused submit raises ``Refused`` after the others have finished; one refused because
+        this client has too many tasks pending (``too_many_pending``) is tried again, with the
+        same key, backing off until ``timeout`` has passed."""
+        return submit_jobs(self.link, list(jobs), list(keys) if keys else None, window, progress, self.timeout)
 
     def cancel(self, job: str, reason: str = "") -> dict[str, Any]:
         upper, lower = split_id(job)
@@ -356,16 +414,53 @@ class Client:
         over), verified by its content id; returns its size."""
         return download_file(self.link, self.storage, bytes.fromhex(file_id_text(file_id)), path, progress=progress)
 
-def _chunks(tasks: list[dict], budget: int) -> Iterable[list[dict]]:
-    """Tasks in runs whose arguments fit one job's spec."""
-    chunk: list[dict] = []
-    size = 0
-    for t in tasks:
-        n = len(t["args"]) + 16
-        if chunk and size + n > budget:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(t)
-        size += n
-    if chunk:
-        yield chunk
+def _cannot_ship(fn: Any, exc: Exception) -> ClusterError:
+    return ClusterError(f"cannot ship {getattr(fn, '__name__', fn)!r} or its arguments to the workers: "
+                        f"{type(exc).__name__}: {exc}")
+
+
+def submit_jobs(link: MasterLink, jobs: list[tuple[str, dict[str, Any]]], keys: list[bytes] | None, window: int,
+                progress: Callable[[int], None] | None, patience: float) -> list[JobRef]:
+    """``Client.submit_many`` over ``link``: the jobs refused ``too_many_pending`` go again (same
+    keys) after a back-off, until ``patience`` seconds have passed."""
+    keys = keys or [os.urandom(16) for _ in jobs]
+    calls = [_submit_call(link, kind, spec, key) for (kind, spec), key in zip(jobs, keys)]
+    todo = list(range(len(calls)))
+    give_up_at, delay = time.monotonic() + patience, 0.05
+    while True:
+        link.run([calls[i] for i in todo], window, progress)
+        busy = [i for i in todo if isinstance(calls[i].error, Refused) and calls[i].error.code == TOO_MANY_PENDING]
+        if not busy or time.monotonic() + delay > give_up_at:
+            break
+        time.sleep(delay)  # the masters hold too many of our tasks: some must end first
+        delay = min(delay * 2, 1.0)
+        for i in busy:
+            calls[i] = _submit_call(link, jobs[i][0], jobs[i][1], keys[i])
+        todo = busy
+    out = []
+    for call, key in zip(calls, keys):
+        if call.error is not None:
+            raise call.error
+        ack: SubmitAck = call.result
+        job = join128(ack.job_uuid_upper, ack.job_uuid_lower).hex()
+        out.append(JobRef(job, ack.log_index, key.hex()))
+    return out
+
+
+def _submit_call(link: MasterLink, kind: str, spec: dict[str, Any], key: bytes) -> Call:
+    upper, lower = split128(key)
+    return link.call(lambda rid: Submit(rid, upper, lower, kind, spec), write=True)
+
+
+class _LinkSubmitter:
+    """The map thread's submits, over a link of its own (``cluster.mapfeed.Submitter``): one job
+    at a time; the feeder does its own back-off, so a busy refusal is raised at once."""
+
+    def __init__(self, link: MasterLink) -> None:
+        self.link = link
+
+    def submit(self, kind: str, spec: dict[str, Any], key: bytes) -> JobRef:
+        return submit_jobs(self.link, [(kind, spec)], [key], 1, None, 0.0)[0]
+
+    def close(self) -> None:
+        self.link.close()
