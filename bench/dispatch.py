@@ -1,49 +1,53 @@
 #!/usr/bin/env python3
-"""Dispatch benchmark (issue 7): no-op task throughput and submit→result latency of our cluster's
-durable path against Dask ``LocalCluster`` and Ray, in one run on this machine.
+"""Dispatch benchmark (issues 7 and 23): our durable task path against Ray and Dask, the master
+leader's CPU per task, the rate through each hop, and draining a work spec, in one session on
+this machine. Run from the repository root::
 
-Run from the repository root::
+    .venv/bin/python bench/dispatch.py                  # every default part (~10 min)
+    .venv/bin/python bench/dispatch.py --quick          # the same, smaller (about a minute)
+    .venv/bin/python bench/dispatch.py --parts peers,hops --peers ray --json /tmp/d.json
 
-    .venv/bin/python bench/dispatch.py                # full run (~3-4 min once the peers are installed)
-    .venv/bin/python bench/dispatch.py --quick        # under a minute (the first run also builds the venv)
-    .venv/bin/python bench/dispatch.py --peers dask --json /tmp/d.json --skip-setup
+Parts (``--parts``, comma-separated; default ``peers,hops,leader,drain,slot``; ``all`` adds the
+opt-in ``takeover`` and ``curve``):
+
+* ``peers``: ours (3 masters, the balancer pair, one worker of 2 slots, the client's futures;
+  CURVE on, as shipped; every task committed by a Raft quorum twice, its assignment and its
+  result, before its future resolves) against Dask ``LocalCluster`` (2 processes x 1 thread) and
+  Ray (``num_cpus=2``), neither durable, from their own venv. Every system stays up and the
+  batches are interleaved (``dispatch_systems.interleave``): R rounds (quick 2, default 7), each
+  one batch of N no-op tasks per system (quick 1,000, default 5,000) and K/R sequential submit ->
+  result round trips (K: quick 60, default 300), the order rotating. Medians, p99, and ours /
+  each peer (ratio of medians and median of the paired per-round ratios). Before the rounds,
+  each system's idle CPU (its heartbeats, in the others' background).
+* ``hops``: on the same cluster of ours (the peers stopped by then), a stream of batches
+  (``dispatch_hops.TaskStream``) for a window after a warm-up: tasks/s through each hop, from
+  the nodes' status counters before and after; messages/s per node; CPU per task per process.
+* ``leader``: the leader's CPU per task at the highest rate it sustains, with simulated workers
+  (``dispatch_leader``): committed tasks/s, leader µs per task and its share of a core, the
+  followers', balancers' and simulated workers' too; feeds ``map`` and ``units``.
+* ``drain``: N work units (quick 1,000, default 100,000) drained by a fresh local cluster (3
+  masters, the balancer pair, one worker of 2 slots), once as callable no-op units and once as
+  ``true`` command units (``dispatch_drain``): units/s, all finished checked.
+* ``slot``: one ``worker.slots.Slot`` alone, no network and no ledger (the ceiling of a slot).
+* ``takeover`` (opt-in): SIGKILL of the active balancer under a stream, 5 times: seconds to the
+  first task completed through the other one.
+* ``curve`` (opt-in): CURVE against plaintext on our cluster (``dispatch_curve``).
 
 The peers live in the benchmark's own environment, never in the project's dependencies:
 ``bench/.peers-venv`` (git-ignored), made on demand with ``python -m venv`` and pip installs of the
 pinned ``PINS`` (``--skip-setup``: fail if it is missing instead of building it). Each peer runs in
-its own process, ``bench/dispatch_peers.py`` under that venv's python, which prints one JSON line;
-a peer that cannot be installed or fails is reported as such and the others go on.
-
-What is measured, the same loop for every system (``dispatch_peers.measure``):
-
-* **Throughput**: N no-op tasks (``def noop(i): return i``) submitted at once, the idiomatic fast
-  way (Dask: ``client.map(noop, range(N), pure=False)`` + ``client.gather``; Ray:
-  ``ray.get([noop.remote(i) for i in range(N)])``), timed from the first submit to the last
-  result, after one untimed warm-up batch. N = 5,000 (quick 1,000), R = 5 (quick 2) reps; the
-  median and every rep are reported.
-* **Latency**: K = 300 (quick 100) sequential round trips of one task, submit → result; median
-  and p99 in ms (with K = 100 the p99 is the second-largest sample).
-
-Dask: 2 worker processes, 1 thread each. Ray: ``ray.init(num_cpus=2)``. Both on 127.0.0.1, their
-scratch files in a temporary directory. Every process a peer run starts carries a marker in its
-environment; once the peer's process has exited, any process still carrying it is stopped by pid
-and reported (``leftovers``). Our system is one more row (``measure_ours``), with ratios.
-
-Before the systems, one worker slot alone (``measure_slot``): N no-op callables through one
-``worker.slots.Slot`` in this process, its child started outside the clock: the rate a slot
-allows with no network and no ledger, and the count of child processes it started (1: the child
-is reused, not respawned per task).
+its own process (``bench/dispatch_peers.py --serve``), and once it has quit, any process still
+carrying its marker is stopped by pid and reported (``leftovers``). A part that fails is reported
+as such and the others go on. The JSON (``--json``; default ``bench/results/dispatch.json``,
+``dispatch-quick.json`` with ``--quick``) holds every figure, and ``acceptance`` sets issue 23's
+bounds against them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import secrets
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,17 +61,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import machine  # noqa: E402
-from bench.dispatch_curve import measure_security  # noqa: E402
+from bench.dispatch_report import acceptance, print_report  # noqa: E402
 
 VENV = ROOT / "bench" / ".peers-venv"
-PEERS_SCRIPT = ROOT / "bench" / "dispatch_peers.py"
 STAMP = ".setup.json"  # in the venv: what was installed and how long it took
 # Pins that install on Python 3.11 here (checked 2026-11); distributed pinned with dask.
 PINS = {"dask": {"dask": "2026.8.0", "distributed": "2026.8.0"}, "ray": {"ray": "2.60.0"}}
 EXTRAS = {"dask": "dask[distributed]"}
 PIP_TIMEOUT_S = 900
-DURABLE = {"ours": True, "dask": False, "ray": False}
-MARKER = "DISPATCH_BENCH_RUN"
+PARTS = ("peers", "hops", "leader", "drain", "slot", "takeover", "curve")
+DEFAULT_PARTS = ("peers", "hops", "leader", "drain", "slot")
 
 
 def log(text: str) -> None:
@@ -147,159 +150,6 @@ def ensure_peers(peers: list[str], skip_setup: bool, venv: Path = VENV) -> dict:
     return out
 
 
-# ---- one peer, in its own process ------------------------------------------------------------------
-
-
-def marked_pids(token: str) -> list[int]:
-    """Processes whose environment carries this run's marker (all the peer's descendants)."""
-    needle = f"{MARKER}={token}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:  # gone, or not ours to read
-            pass
-    return pids
-
-
-def stop_leftovers(token: str) -> list[dict]:
-    """Stop, by pid, every process still carrying the marker: SIGTERM, then SIGKILL after 5 s."""
-    found = [{"pid": pid, "cmdline": _cmdline(pid)} for pid in marked_pids(token)]
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        alive = marked_pids(token)
-        for pid in alive:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.1)
-            alive = marked_pids(token)
-        if not alive:
-            break
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
-    except OSError:
-        return "?"
-
-
-def run_peer(peer: str, cfg: dict, timeout: float) -> dict:
-    """Run ``dispatch_peers.py PEER`` in the venv; its JSON line, summarized, or ``{"error": …}``."""
-    token = secrets.token_hex(8)
-    cpu0 = machine.cpu_times()
-    with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-        env.update({MARKER: token, "TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0",
-                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "DASK_TEMPORARY_DIRECTORY": tmp})
-        cmd = [str(venv_python()), "-I", str(PEERS_SCRIPT), peer, "--tasks", str(cfg["tasks"]),
-               "--reps", str(cfg["reps"]), "--round-trips", str(cfg["round_trips"]),
-               "--warmup-tasks", str(cfg["warmup_tasks"]), "--workers", str(cfg["workers"])]
-        err_path = Path(tmp) / "stderr.txt"
-        t0 = time.perf_counter()
-        with open(err_path, "w") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=tmp, env=env,
-                                    start_new_session=True)
-            try:
-                stdout, _ = proc.communicate(timeout=timeout)
-                error = None if proc.returncode == 0 else f"exit code {proc.returncode}"
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                stdout, _ = proc.communicate()
-                error = f"no result in {timeout:.0f} s"
-        wall = time.perf_counter() - t0
-        leftovers = stop_leftovers(token)
-        tail = err_path.read_text(errors="replace").splitlines()[-30:]
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    if error or not lines:
-        return {"system": peer, "error": error or "no JSON line on stdout", "stderr_tail": tail,
-                "leftovers": leftovers, "wall_s": wall}
-    res = summarize(json.loads(lines[-1]))
-    res.update(wall_s=wall, leftovers=leftovers, cpu_shares=machine.cpu_shares(cpu0, machine.cpu_times()))
-    return res
-
-
-def p99(xs: list[float]) -> float:
-    """Nearest-rank 99th percentile."""
-    s = sorted(xs)
-    return s[max(0, math.ceil(0.99 * len(s)) - 1)]
-
-
-def summarize(res: dict) -> dict:
-    """Add the medians and the p99 that the table shows to a result of ``dispatch_peers.measure``."""
-    tp, lat = res["throughput"], res["latency"]
-    tp["tasks_per_s_median"] = statistics.median(tp["tasks_per_s_reps"])
-    lat["median_ms"] = statistics.median(lat["samples_ms"])
-    lat["p99_ms"] = p99(lat["samples_ms"])
-    lat["mean_ms"] = statistics.fmean(lat["samples_ms"])
-    res["durable"] = DURABLE.get(res["system"], False)
-    return res
-
-
-# ---- our cluster ---------------------------------------------------------------------------------
-
-
-def measure_ours(args: argparse.Namespace) -> dict | None:
-    """Our cluster's full durable path on this machine: 3 masters (Raft journals fsynced on
-    disk), the balancer pair, one worker of 2 slots (Ray's 2 CPUs, Dask's 2 × 1 thread), the
-    client's futures. Each task is committed twice by a quorum (its assignment and its result)
-    before its future resolves. Then the balancer takeover: ``args.kills`` times, SIGKILL the
-    active balancer while tasks stream and time until the first task completes through the
-    other one (the killed one is restarted and becomes the passive one)."""
-    import cloudpickle
-
-    from bench import dispatch_peers
-    from bench.dispatch_peers import measure, noop
-    from cluster import __version__
-    from cluster.client import Client
-    from cluster.local import balancer_nodes, master_nodes, start_all, stop_all, worker_nodes
-    from cluster.node.status import query_status
-
-    # the workers cannot import bench/: ship noop by value (as a notebook's function would be)
-    cloudpickle.register_pickle_by_value(dispatch_peers)
-    work = Path(tempfile.mkdtemp(prefix="dispatch-bench-"))
-    masters = master_nodes(work, 3)
-    config, balancers = balancer_nodes(work, 2)
-    # one worker with 2 slots, as Ray's one node with num_cpus=2 (2 worker processes); 2 workers of
-    # 1 slot (Dask's layout) measured ~10% slower here: one more process on 2 cores
-    workers = worker_nodes(work, config, 1, slots=args.workers)
-    nodes = masters + balancers + workers
-    client = None
-    t0 = time.perf_counter()
-    cpu0 = machine.cpu_times()
-    try:
-        start_all(nodes)
-        client = Client([m.address for m in masters], timeout=60)
-        _wait_registered(balancers, 1, query_status)
-        start_s = time.perf_counter() - t0
-        log(f"ours: {args.reps} batches of {args.tasks:,} tasks, {args.round_trips} round trips")
-        res = measure(lambda n: [f.result(timeout=300) for f in client.map(noop, range(n))],
-                      lambda i: client.submit(noop, i).result(timeout=60),
-                      args.tasks, args.reps, args.round_trips, args.warmup_tasks)
-        res.update(system="ours", versions={"cluster": __version__}, start_s=round(start_s, 2))
-        res["takeover"] = _takeovers(client, balancers, args.kills, query_status)
-        res.update(wall_s=time.perf_counter() - t0, cpu_shares=machine.cpu_shares(cpu0, machine.cpu_times()))
-        out = summarize(res)
-        out["takeover"] = res["takeover"]
-        log(f"ours: {out['throughput']['tasks_per_s_median']:,.0f} tasks/s, latency median "
-            f"{out['latency']['median_ms']:.2f} ms; takeover median {res['takeover']['median_s']:.2f} s")
-        return out
-    except Exception as exc:  # noqa: BLE001 - the report says what failed; the peers still run
-        log(f"ours failed: {type(exc).__name__}: {exc} (logs in {work})")
-        return {"error": f"{type(exc).__name__}: {exc}", "logs": str(work)}
-    finally:
-        if client is not None:
-            client.close()
-        stop_all(nodes)
-
-
 def measure_slot(tasks: int) -> dict:
     """One slot's no-op rate: ``tasks`` no-op callables through ``worker.slots.Slot`` (see the
     module docstring); tasks/s and the slot's counters."""
@@ -321,230 +171,193 @@ def measure_slot(tasks: int) -> dict:
             "spawns": counters["spawns"], "restarts": counters["restarts"]}
 
 
-def _active(balancers: list, query_status) -> Any:
-    for b in balancers:
-        if b.process is None or b.process.poll() is not None:
-            continue
-        r = query_status([b.address], timeout=0.5)[0].reply
-        if r is not None and r.detail.get("state") == "active" and r.detail.get("master", {}).get("attached"):
-            return b, r
-    return None, None
+# ---- the parts -------------------------------------------------------------------------------------
 
 
-def _wait_registered(balancers: list, workers: int, query_status, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _, r = _active(balancers, query_status)
-        if r is not None and r.detail["registry"]["workers"] >= workers:
-            return
-        time.sleep(0.05)  # polling another process's status: nothing to wait on
-    raise TimeoutError(f"{workers} workers did not register with an active balancer within {timeout:g} s")
+def run_peers(cfg: dict, peers: list[str], setup: dict, ours: Any) -> dict:
+    """Ours and each installed peer up side by side, then the interleaved rounds."""
+    from bench.dispatch_systems import PeerSystem, idle_cpu, interleave
 
-
-def _takeovers(client: Any, balancers: list, kills: int, query_status) -> dict:
-    """Kill the active balancer ``kills`` times under a stream of tasks: seconds from each kill
-    to the first task dispatched by the other balancer and recorded done (the ledger's attempt
-    says which balancer handed it out)."""
-    import concurrent.futures
-
-    from bench.dispatch_peers import noop
-
-    times = []
-    for k in range(kills):
-        _wait_registered(balancers, 1, query_status)
-        victim, _ = _active(balancers, query_status)
-        stream = client.map(noop, range(1000))
-        concurrent.futures.wait(stream[:50])
-        killed_at = time.perf_counter()
-        victim.kill()
-        pending = [f for f in stream if not f.done()]
-        took = None
-        for f in concurrent.futures.as_completed(pending, timeout=60):
-            # tasks the killed one handed out may still finish (workers keep their results and
-            # resend them): the takeover is done when a task the other one dispatched is recorded
-            attempts = client.task(f.job, f.task).value.get("attempts", [])
-            if any(a["outcome"] == "done" and a["balancer"] != victim.name for a in attempts):
-                took = time.perf_counter() - killed_at
-                break
-        if took is None:
-            raise AssertionError(f"takeover {k + 1}: no task went through the other balancer")
-        if sorted(f.result(timeout=120) for f in stream) != list(range(1000)):
-            raise AssertionError(f"takeover {k + 1}: wrong results")
-        times.append(took)
-        log(f"  takeover {k + 1}/{kills}: {took:.2f} s")
-        victim.start()  # it comes back passive: the other one is in charge now
-    return {"kills": kills, "seconds": [round(t, 3) for t in times],
-            "median_s": round(statistics.median(times), 3) if times else None}
-
-
-# ---- report ---------------------------------------------------------------------------------------
-
-METRICS = (("tasks_per_s", "tasks/s median", True), ("latency_median_ms", "latency median ms", False),
-           ("latency_p99_ms", "latency p99 ms", False))
-
-
-def metric(res: dict | None, name: str) -> float | None:
-    if not res or "error" in res:
-        return None
-    if name == "tasks_per_s":
-        return res["throughput"]["tasks_per_s_median"]
-    return res["latency"]["median_ms" if name == "latency_median_ms" else "p99_ms"]
-
-
-def ratios(systems: dict[str, dict | None]) -> list[dict]:
-    """ours / each peer and ours / the best peer, per metric (tasks/s: > 1 is ours faster;
-    latency: < 1 is ours faster)."""
-    ours = systems.get("ours")
-    out = []
-    for name, _, higher_better in METRICS:
-        mine = metric(ours, name)
-        peers = {p: metric(r, name) for p, r in systems.items() if p != "ours" and metric(r, name)}
-        if mine is None or not peers:
-            continue
-        for p, v in peers.items():
-            out.append({"metric": name, "baseline": p, "value": mine / v})
-        best = (max if higher_better else min)(peers, key=peers.get)
-        out.append({"metric": name, "baseline": f"faster peer ({best})", "value": mine / peers[best]})
+    systems: dict[str, Any] = {}
+    out: dict[str, Any] = {"systems": {}, "not_run": {}}
+    started = []
+    try:
+        for peer in peers:  # the peers start in their processes while ours starts here
+            if not setup["peers"][peer]["ok"]:
+                out["not_run"][peer] = setup["peers"][peer]["error"]
+                continue
+            started.append(PeerSystem(peer, venv_python(), cfg["workers"], cfg["warmup_tasks"]))
+        log(f"peers: starting ours{''.join(', ' + p.name for p in started)}")
+        out["systems"]["ours"] = {"info": ours.start(cfg["warmup_tasks"])}
+        systems["ours"] = ours
+        for p in started:
+            try:
+                out["systems"][p.name] = {"info": p.wait_ready(180)}
+                systems[p.name] = p
+            except Exception as exc:  # noqa: BLE001 - reported; the others go on
+                out["not_run"][p.name] = f"{type(exc).__name__}: {exc}"
+                out["systems"][p.name] = {"stderr_tail": p.stderr_tail()}
+        out["idle_cores"] = idle_cpu(systems, cfg["idle_s"])
+        log(f"peers: idle cores {out['idle_cores']}; {cfg['rounds']} rounds of {cfg['tasks']:,} tasks and "
+            f"{cfg['round_trips'] // cfg['rounds']} round trips per system")
+        cpu0 = machine.cpu_times()
+        rounds = interleave(systems, cfg["rounds"], cfg["tasks"], cfg["round_trips"], log)
+        rounds["cpu_shares"] = machine.cpu_shares(cpu0, machine.cpu_times())
+        for name, r in rounds.pop("systems").items():
+            out["systems"][name].update(r)
+        out.update(rounds)
+    finally:
+        for p in started:
+            p.close()
+            out["systems"].setdefault(p.name, {})["leftovers"] = p.leftovers
     return out
 
 
-def _row(name: str, res: dict | None, reason: str) -> list[str]:
-    if not res or "error" in res:
-        why = res["error"] if res else reason
-        return [name, "yes" if DURABLE.get(name) else "no", "-", "-", "-", why[:60], ""]
-    tp, lat = res["throughput"], res["latency"]
-    return [name, "yes" if res["durable"] else "no", f"{tp['tasks_per_s_median']:,.0f}",
-            f"{lat['median_ms']:.2f}", f"{lat['p99_ms']:.2f}",
-            " ".join(f"{x:,.0f}" for x in tp["tasks_per_s_reps"]),
-            ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items())]
+def run_hops(cfg: dict, ours: Any) -> dict:
+    """A stream through our cluster; the rate through each hop in the window."""
+    from bench.dispatch_hops import TaskStream, hop_rates, sample
+
+    stream = TaskStream(ours.client, ours.noop, cfg["batch"], cfg["depth"])
+    log(f"hops: {cfg['depth']} batches of {cfg['batch']:,} in flight, {cfg['warmup_s']:g} s warm-up, "
+        f"{cfg['window_s']:g} s window")
+    pids = ours.pids() | {"client": os.getpid()}
+    stream.pump(time.monotonic() + cfg["warmup_s"])
+    a = sample(ours.nodes, pids)
+    stream.pump(a.at + cfg["window_s"])
+    b = sample(ours.nodes, pids)
+    stream.drain()
+    backlog = stream.backlog_between(a.at, b.at)
+    out = hop_rates(a, b, stream.submitted_between(a.at, b.at))
+    out.update(backlog_min=min(backlog, default=None), config=cfg,
+               feed=f"Client.map in this process, {cfg['depth']} batches of {cfg['batch']:,} no-op tasks in flight")
+    return out
 
 
-def print_report(res: dict) -> None:
-    m, cfg = res["machine"], res["config"]
-    head = (f"Dispatch benchmark {m['date']}  {m['nproc']} cpus ({m['cpu']}), Python {m['python']}; "
-            f"{cfg['reps']} batches of {cfg['tasks']:,} no-op tasks, {cfg['round_trips']} round trips"
-            f"{' (quick)' if cfg['quick'] else ''}")
-    cols = ["system", "durable", "tasks/s median", "latency median ms", "latency p99 ms", "tasks/s reps", "versions"]
-    cells = [_row(name, r, res["not_run"].get(name, "not run")) for name, r in res["systems"].items()]
+def with_ours(parts: list[str], cfgs: dict, peers: list[str], setup: dict) -> dict:
+    """The parts that run on one cluster of ours: peers, hops, takeover (in that order)."""
+    from bench.dispatch_hops import log_findings
+    from bench.dispatch_systems import OurCluster, takeovers
+
+    ours = OurCluster(slots=cfgs["peers"]["workers"])
+    res: dict[str, Any] = {}
     try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        Console = None
-    if Console is not None:
-        con = Console(width=max(140, Console().width))
-        out = con.print
-        out(head)
-        t = Table(title="No-op tasks on 2 workers, one machine (median of reps)")
-        for c in cols:
-            t.add_column(c, justify="left" if c in ("system", "durable", "versions", "tasks/s reps") else "right")
-        for r in cells:
-            t.add_row(*r)
-        out(t)
-    else:
-        out = print
-        out(head)
-        w = [max(len(x[i]) for x in [cols] + cells) for i in range(len(cols))]
-        for r in [cols] + cells:
-            out("  ".join(x.ljust(w[i]) for i, x in enumerate(r)))
-    if res["ratios"]:
-        out("Ratios ours / peer (tasks/s: > 1 ours faster; latency: < 1 ours faster):")
-        for r in res["ratios"]:
-            out(f"  {r['metric']:18s} / {r['baseline']:18s} {r['value']:6.2f}x")
-    setup = res["setup"]
-    for peer, e in setup["peers"].items():
-        first = setup["first_setup"].get(peer, {})
-        took = e.get("install_s", first.get("install_s"))
-        out(f"setup {peer}: {'ok' if e['ok'] else e.get('error', 'failed')[:200]}"
-            + (f"; pip install took {took:.0f} s" + ("" if "install_s" in e else f" ({first.get('date')})")
-               if took else ""))
-    for name, r in res["systems"].items():
-        if r and "error" not in r:
-            sh = r.get("cpu_shares") or {}
-            out(f"{name}: started in {r.get('start_s', 0):.1f} s, warm-up {r['warmup']['seconds']:.1f} s, "
-                f"process {r['wall_s']:.1f} s; CPU busy {sh.get('busy', 0):.0%}, steal {sh.get('steal', 0):.0%}"
-                + (f"; LEFTOVER processes stopped: {len(r['leftovers'])}" if r.get("leftovers") else ""))
-            if r.get("takeover"):
-                t = r["takeover"]
-                out(f"{name}: balancer takeover, SIGKILL of the active one to the first task completed through "
-                    f"the other: median {t['median_s']:.2f} s of {t['kills']} ({', '.join(f'{x:.2f}' for x in t['seconds'])})")
-        elif r:
-            out(f"{name} failed: {r['error']}\n  " + "\n  ".join(r.get("stderr_tail", [])[-10:]))
-    s = res.get("slot")
-    if s:
-        out(f"one slot alone: {s['tasks_per_s']:,.0f} no-op tasks/s ({s['ok']:,} of {s['tasks']:,} ok, "
-            f"{s['spawns']} child process(es) started)")
-    sec = res.get("security")
-    if sec and "error" not in sec:
-        out(f"CURVE against plaintext (our cluster, {sec['rounds']} interleaved batches of {sec['tasks']:,}): "
-            f"{sec['curve']['median']:,.0f} against {sec['plaintext']['median']:,.0f} tasks/s median, "
-            f"ratio {sec['curve_over_plaintext']:.2f} (CURVE costs {1 - sec['curve_over_plaintext']:.0%})")
-    elif sec:
-        out(f"CURVE against plaintext failed: {sec['error']}")
-    out(f"total {res['elapsed_s']:.1f} s; results in {res['json_path']}")
+        if "peers" in parts:
+            res["peers"] = _guard("peers", lambda: run_peers(cfgs["peers"], peers, setup, ours))
+        else:
+            ours.start(cfgs["peers"]["warmup_tasks"])
+        if "hops" in parts:
+            res["hops"] = _guard("hops", lambda: run_hops(cfgs["hops"], ours))
+        if "takeover" in parts:
+            res["takeover"] = _guard("takeover", lambda: takeovers(ours, cfgs["takeover"]["kills"]))
+    except Exception as exc:  # noqa: BLE001 - our cluster did not start: every part on it fails
+        for p in ("peers", "hops", "takeover"):
+            if p in parts and p not in res:
+                res[p] = {"error": f"{type(exc).__name__}: {exc}", "logs": str(ours.work)}
+    finally:
+        ours.close()
+        res["ours_log_findings"] = log_findings(ours.work)
+    return res
+
+
+def _guard(name: str, run: Any) -> dict:
+    """``run()``, or ``{"error": ...}`` if it raised: one part's failure does not stop the others."""
+    import traceback
+
+    try:
+        return run()
+    except Exception as exc:  # noqa: BLE001 - reported with the others' figures
+        log(f"{name} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def run_parts(parts: list[str], cfgs: dict, peers: list[str], setup: dict) -> dict:
+    from bench.dispatch_curve import measure_security
+    from bench.dispatch_drain import measure_drain
+    from bench.dispatch_leader import measure_leader
+
+    res: dict[str, Any] = {}
+    if "slot" in parts:
+        res["slot"] = _guard("slot", lambda: measure_slot(cfgs["slot"]["tasks"]))
+    if {"peers", "hops", "takeover"} & set(parts):
+        res.update(with_ours(parts, cfgs, peers, setup))
+    if "leader" in parts:
+        res["leader"] = _guard("leader", lambda: measure_leader(cfgs["leader"]))
+    if "drain" in parts:
+        res["drain"] = {}
+        for variant in cfgs["drain"]["variants"]:
+            log(f"drain: {cfgs['drain']['units']:,} {variant} units")
+            r = _guard("drain", lambda: measure_drain(variant, cfgs["drain"]["units"]))
+            res["drain"][variant] = r
+            if "units_per_s" in r:
+                log(f"drain ({variant}): {r['units_per_s']:,.0f} units/s, {r['finished']:,} finished, {r['failed']} failed")
+    if "curve" in parts:
+        c = cfgs["curve"]
+        log(f"curve: CURVE against plaintext, {c['rounds']} interleaved batches of {c['tasks']:,} each")
+        res["curve"] = measure_security(c["tasks"], c["rounds"], c["workers"], log)
+    return res
 
 
 # ---- main -----------------------------------------------------------------------------------------
 
 
+def configs(args: argparse.Namespace) -> dict[str, dict]:
+    """Every part's settings, full or ``--quick``."""
+    q = args.quick
+    tasks = args.tasks or (1_000 if q else 5_000)
+    return {
+        "peers": {"tasks": tasks, "rounds": args.rounds or (2 if q else 7),
+                  "round_trips": args.round_trips or (60 if q else 300), "warmup_tasks": min(tasks, 300 if q else 1_000),
+                  "workers": 2, "idle_s": 1.0 if q else 3.0},
+        "hops": {"batch": 500 if q else 2_000, "depth": 4, "warmup_s": 1.0 if q else 3.0, "window_s": 3.0 if q else 15.0},
+        "leader": {"workers": 8, "procs": 2, "slots": 16, "prefetch": 16, "feeders": 2,
+                   "batch": 1_000 if q else 2_000, "depth": 4 if q else 8,
+                   "warmup_s": 1.5 if q else 5.0, "window_s": 3.0 if q else 20.0,
+                   "feeds": args.leader_feeds.split(",") if args.leader_feeds else (["units"] if q else ["map", "units"])},
+        "drain": {"units": args.units or (1_000 if q else 100_000), "variants": args.drain_variants.split(",")},
+        "slot": {"tasks": tasks},
+        "takeover": {"kills": 5},
+        "curve": {"tasks": tasks, "rounds": 3 if q else 7, "workers": 2},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1,000 tasks x 2 reps, 100 round trips (< 60 s once set up)")
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "dispatch.json"), help="where to write the results")
+    ap.add_argument("--quick", action="store_true", help="smaller counts and windows: about a minute once set up")
+    ap.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                    help=f"comma-separated parts: {', '.join(PARTS)}, or all (default: {','.join(DEFAULT_PARTS)})")
+    ap.add_argument("--json", default=None, help="where to write the results (default bench/results/dispatch.json, "
+                                                 "dispatch-quick.json with --quick)")
     ap.add_argument("--peers", default="dask,ray", help="comma-separated peers to run (dask, ray; empty: none)")
     ap.add_argument("--skip-setup", action="store_true", help="fail if bench/.peers-venv is missing instead of building it")
-    ap.add_argument("--tasks", type=int, default=None, help="tasks per throughput batch (default 5,000, --quick 1,000)")
-    ap.add_argument("--reps", type=int, default=None, help="timed throughput batches (default 5, --quick 2)")
-    ap.add_argument("--round-trips", type=int, default=None, help="latency round trips (default 300, --quick 100)")
-    ap.add_argument("--security-rounds", type=int, default=None,
-                    help="interleaved CURVE/plaintext batches each (default 7, --quick 3; 0: skip)")
+    ap.add_argument("--tasks", type=int, default=None, help="tasks per interleaved batch (default 5,000, --quick 1,000)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, --quick 2)")
+    ap.add_argument("--round-trips", type=int, default=None, help="latency round trips per system (default 300, --quick 60)")
+    ap.add_argument("--units", type=int, default=None, help="units per drain (default 100,000, --quick 1,000)")
+    ap.add_argument("--drain-variants", default="call,command", help="comma-separated: call, command")
+    ap.add_argument("--leader-feeds", default=None, help="comma-separated: map, units (default both, --quick units)")
     args = ap.parse_args(argv)
-    q = args.quick
-    args.tasks = args.tasks or (1_000 if q else 5_000)
-    args.reps = args.reps or (2 if q else 5)
-    args.round_trips = args.round_trips or (100 if q else 300)
-    args.warmup_tasks = min(args.tasks, 1_000)
-    args.security_rounds = (3 if q else 7) if args.security_rounds is None else args.security_rounds
-    args.workers = 2
-    args.kills = 5
-    peers = [p for p in args.peers.split(",") if p]
-    unknown = set(peers) - set(PINS)
-    if unknown:
-        ap.error(f"unknown peers {sorted(unknown)}; choose from {sorted(PINS)}")
+    parts = list(PARTS) if args.parts == "all" else [p for p in args.parts.split(",") if p]
+    if set(parts) - set(PARTS):
+        ap.error(f"unknown parts {sorted(set(parts) - set(PARTS))}; choose from {', '.join(PARTS)} or all")
+    peers = [p for p in args.peers.split(",") if p] if "peers" in parts else []
+    if set(peers) - set(PINS):
+        ap.error(f"unknown peers {sorted(set(peers) - set(PINS))}; choose from {sorted(PINS)}")
+    json_path = args.json or str(ROOT / "bench" / "results" / ("dispatch-quick.json" if args.quick else "dispatch.json"))
 
     started = time.perf_counter()
-    res: dict[str, Any] = {"machine": machine.machine_info()}
-    cfg = {"quick": q, "tasks": args.tasks, "reps": args.reps, "round_trips": args.round_trips,
-           "warmup_tasks": args.warmup_tasks, "workers": args.workers, "peers": peers, "pins": PINS}
-    res["config"] = cfg
+    cfgs = configs(args)
+    res: dict[str, Any] = {"machine": machine.machine_info(), "parts": parts, "peers_asked": peers,
+                           "config": {"quick": args.quick, **{p: cfgs[p] for p in parts}, "pins": PINS}}
     cpu0 = machine.cpu_times()
     res["setup"] = ensure_peers(peers, args.skip_setup) if peers else {"peers": {}, "first_setup": {}}
-    res["slot"] = measure_slot(args.tasks)
-    systems: dict[str, dict | None] = {"ours": measure_ours(args)}
-    if args.security_rounds:
-        log(f"security: CURVE against plaintext, {args.security_rounds} interleaved batches of {args.tasks:,} each")
-        res["security"] = measure_security(args.tasks, args.security_rounds, args.workers, log)
-    not_run = {"ours": systems["ours"]["error"]} if systems["ours"] and "error" in systems["ours"] else {}
-    timeout = 120.0 if q else 300.0
-    for peer in peers:
-        setup = res["setup"]["peers"][peer]
-        if not setup["ok"]:
-            systems[peer], not_run[peer] = None, setup["error"]
-            continue
-        log(f"{peer}: {args.reps} batches of {args.tasks:,} tasks, {args.round_trips} round trips")
-        systems[peer] = run_peer(peer, cfg, timeout)
-        r = systems[peer]
-        if "error" in r:
-            log(f"{peer} failed: {r['error']}")
-        else:
-            log(f"{peer}: {r['throughput']['tasks_per_s_median']:,.0f} tasks/s, "
-                f"latency median {r['latency']['median_ms']:.2f} ms, p99 {r['latency']['p99_ms']:.2f} ms")
-            res["machine"].update(r.get("versions", {}))
-    res["systems"], res["not_run"] = systems, not_run
-    res["ratios"] = ratios(systems)
-    machine.finish(res, cpu0, started, args.json)
+    res.update(run_parts(parts, cfgs, peers, res["setup"]))
+    for name, r in (res.get("peers") or {}).get("systems", {}).items():
+        res["machine"].update((r.get("info") or {}).get("versions", {}) if name != "ours" else {})
+    res["acceptance"] = acceptance(res)
+    machine.finish(res, cpu0, started, json_path)
     print_report(res)
-    return 0 if all(r is None or "error" not in r for r in systems.values()) else 1
+    failed = [p for p in parts if isinstance(res.get(p), dict) and "error" in res[p]]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

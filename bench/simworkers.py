@@ -18,6 +18,16 @@ CLOCK_MONOTONIC, so the parent can place samples in time). It includes this proc
 delay in reading the socket; ``loop`` in the output (how long one pass of the loop took)
 bounds that delay.
 
+Like a real worker's loop, a simulated worker handles each message of a MESSAGE_BATCH alone, and
+the task-path messages it makes in one pass of the loop go to each balancer as one batch (a lone
+one as itself).
+
+``--slots``/``--prefetch`` give each worker more slots (the leader benchmark of
+``bench/dispatch.py``, issue 23, where ``--run-s 0`` ends every task at once). In a cluster with
+CURVE (the default) each simulated worker speaks with its own key, named as the worker
+(``sim0001`` ...), which the parent must have put in the allow-list with role worker
+(``cluster.local.make_keys``); a plaintext cluster (``insecure = true``) needs none.
+
 On SIGTERM or SIGINT (or after ``--max-s``) the process writes ``--out`` (JSON: per request
 ``[arrival, latency_s, worker, nth task of that worker]``, counters, loop timings) and exits.
 
@@ -36,7 +46,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,10 +54,11 @@ sys.path.insert(0, str(ROOT))
 import zmq  # noqa: E402
 
 from cluster.node.config import load_cluster_config  # noqa: E402
+from cluster.node.keys import node_credentials  # noqa: E402
 from cluster.node.events import Log, MessageReceived, Send, Started, StartTimer, TimerFired  # noqa: E402
 from proto import Codec, ProtocolError, new_node_id  # noqa: E402
 from proto.ids import join128  # noqa: E402
-from proto.messages import TaskResult, WorkerRequest, WorkerStatus  # noqa: E402
+from proto.messages import BATCHABLE, MessageBatch, TaskResult, WorkerRequest, WorkerStatus  # noqa: E402
 from worker.core import RunTask, TaskEnded, WorkerCore, WorkerIdentity, WorkerOptions  # noqa: E402
 
 HWM = 100_000  # as worker/node.py
@@ -67,7 +78,8 @@ class SimWorkers:
     worker endpoints, the primary's first (b0, as a real worker orders them)."""
 
     def __init__(self, endpoints: list[str], count: int, first: int, run_s: float, seed: int,
-                 options: WorkerOptions = WorkerOptions()) -> None:
+                 options: WorkerOptions = WorkerOptions(), slots: int = 1, prefetch: int = 0,
+                 credentials: Callable[[str], Any] | None = None) -> None:
         self.run_s = run_s
         self.options = options
         self.rng = random.Random(seed)
@@ -79,7 +91,8 @@ class SimWorkers:
         self.owner: dict[zmq.Socket, tuple[int, str]] = {}
         self.poller = zmq.Poller()
         for i in range(count):
-            me = WorkerIdentity(f"sim{first + i:04d}", slots=1, cores=1, prefetch=0)
+            me = WorkerIdentity(f"sim{first + i:04d}", slots=slots, cores=slots, prefetch=prefetch)
+            keys = credentials(me.name) if credentials is not None else None  # CURVE: each worker its own key
             self.cores.append(WorkerCore(me, len(endpoints), options))
             self.codecs.append(Codec(new_node_id()))  # each worker is a node of its own
             socks = []
@@ -87,7 +100,10 @@ class SimWorkers:
                 s = self.ctx.socket(zmq.DEALER)
                 for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, HWM), (zmq.RCVHWM, HWM), (zmq.IMMEDIATE, 1)):
                     s.setsockopt(opt, value)
-                s.connect(endpoint)
+                if keys is not None:
+                    keys.connect(s, endpoint)
+                else:
+                    s.connect(endpoint)
                 self.poller.register(s, zmq.POLLIN)
                 self.owner[s] = (i, f"b{b}")
                 socks.append(s)
@@ -100,6 +116,7 @@ class SimWorkers:
         self.nth = [0] * count
         self.samples: list[list] = []  # [arrival, latency, worker, nth]
         self.counters: dict[str, int] = {}
+        self.held: dict[tuple[int, int], list[Any]] = {}  # (worker, balancer) -> task-path messages this pass
         self.passes: list[float] = []  # seconds each pass of the loop took (poll return → next poll)
         self.stopping = False
 
@@ -118,6 +135,7 @@ class SimWorkers:
             for sock, _ in ready:
                 self._drain(sock)
             self._fire_timers()
+            self._flush()
             self.passes.append(time.monotonic() - t0)
 
     def _drain(self, sock: zmq.Socket) -> None:
@@ -131,15 +149,46 @@ class SimWorkers:
             except ProtocolError as exc:
                 self._count(f"rejected.{exc.reason.name}")
                 continue
-            now = time.monotonic()
-            if type(message) is WorkerRequest:
-                self._count("requests")
-                since = self.free_since[i]
-                if since is not None:
-                    self.samples.append([now, now - since, i, self.nth[i]])
-                    self.nth[i] += 1
-                    self.free_since[i] = None
-            self._handle(i, MessageReceived(name, route, sender, message, self._stimulus("msg")), now)
+            if type(message) is not MessageBatch:
+                self._received(i, name, route, sender, message)
+                continue
+            for item in codec.unbatch(message):  # each alone, as the node loop hands them to the core
+                if isinstance(item, ProtocolError):
+                    self._count(f"rejected.{item.reason.name}")
+                else:
+                    self._received(i, name, route, *item)
+
+    def _received(self, i: int, name: str, route: bytes | None, sender: int, message: Any) -> None:
+        now = time.monotonic()
+        if type(message) is WorkerRequest:
+            self._count("requests")
+            since = self.free_since[i]
+            if since is not None:
+                self.samples.append([now, now - since, i, self.nth[i]])
+                self.nth[i] += 1
+                self.free_since[i] = None
+        self._handle(i, MessageReceived(name, route, sender, message, self._stimulus("msg")), now)
+
+    def _flush(self) -> None:
+        """Send what each worker held in this pass of the loop, per balancer socket: a lone message
+        as itself, more as MESSAGE_BATCHes, as a real worker's loop does at the end of its turn."""
+        for (i, b), messages in self.held.items():
+            codec, sock = self.codecs[i], self.socks[i][b]
+            if len(messages) == 1:
+                self._send(codec, sock, messages[0])
+                continue
+            items = codec.encode_items(messages)
+            for start, end in codec.batch_cuts([len(x) for x in items]):
+                self._send(codec, sock, messages[start] if end - start == 1 else
+                           MessageBatch(end - start, items[start:end]))
+        self.held.clear()
+
+    def _send(self, codec: Codec, sock: zmq.Socket, message: Any) -> None:
+        try:
+            codec.send(sock, message, flags=zmq.NOBLOCK)
+            self._count("sent")
+        except zmq.Again:
+            self._count("send_dropped")  # as the real loop: the protocol's retries recover
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
@@ -172,16 +221,18 @@ class SimWorkers:
                     self.free_since[i] = sent_at  # its first free slot, or again after a re-registration
                 elif ended and type(m) is TaskResult:
                     self.free_since[i] = sent_at  # the result frees the slot (not a resend: those come by timer)
-                try:
-                    self.codecs[i].send(self.socks[i][int(effect.socket[1:])], m, flags=zmq.NOBLOCK)
-                    self._count("sent")
-                except zmq.Again:
-                    self._count("send_dropped")  # as the real loop: the protocol's retries recover
+                key = (i, int(effect.socket[1:]))
+                if type(m) in BATCHABLE:
+                    self.held.setdefault(key, []).append(m)  # sent at the end of this pass (_flush)
+                    continue
+                for held in self.held.pop(key, []):  # what was held for that balancer goes first
+                    self._send(self.codecs[i], self.socks[i][key[1]], held)
+                self._send(self.codecs[i], self.socks[i][key[1]], m)
             elif kind is StartTimer:
                 self._timer(i, effect.name, effect.delay, None)
             elif kind is RunTask:
-                self._timer(i, f"run-{_key(effect.request)}", self.run_s * self.rng.uniform(0.5, 1.5),
-                            _ended(effect.request, self._stimulus("task-ended")))
+                run_s = self.run_s * self.rng.uniform(0.5, 1.5) if self.run_s > 0 else 0.0  # 0: ends at once
+                self._timer(i, f"run-{_key(effect.request)}", run_s, _ended(effect.request, self._stimulus("task-ended")))
             elif kind is Log:
                 pass  # registrations, redirections: the counters below say it
             else:
@@ -232,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first", type=int, default=1, help="number of the first worker (names sim0001 …)")
     ap.add_argument("--run-s", type=float, default=5.0, help="mean simulated run time of a task, seconds")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--slots", type=int, default=1, help="slots of each worker")
+    ap.add_argument("--prefetch", type=int, default=0, help="tasks each worker holds ready beyond its slots")
     ap.add_argument("--max-s", type=float, default=600.0, help="exit after this long even without a signal")
     ap.add_argument("--out", required=True, help="where to write the JSON at exit")
     args = ap.parse_args(argv)
@@ -239,8 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     config = load_cluster_config(Path(args.config))
     balancers = sorted(config.balancers.values(), key=lambda b: not b.primary)  # b0 = the primary
     beat = config.heartbeat  # the timings a real worker of this cluster would use
+    credentials = None
+    if not config.security.insecure:  # each worker's key must be in the allow-list, role worker (the parent makes them)
+        def credentials(name: str) -> Any:
+            return node_credentials(config.security, name, "worker", config.servers())
     sim = SimWorkers([b.workers for b in balancers], args.count, args.first, args.run_s, args.seed,
-                     WorkerOptions(interval=beat.interval_s, liveness=beat.balancer_liveness_s))
+                     WorkerOptions(interval=beat.interval_s, liveness=beat.balancer_liveness_s),
+                     slots=args.slots, prefetch=args.prefetch, credentials=credentials)
 
     def on_signal(signum: int, _frame: Any) -> None:
         sim.stopping = True
