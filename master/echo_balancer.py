@@ -16,7 +16,8 @@ import zmq
 
 from cluster.node import keys
 from proto import AppReason, Codec, ProtocolError, new_node_id
-from proto.messages import Attach, Attached, Credit, Error, Heartbeat, NotLeader, ResultAck, TaskResult, WorkerRequest
+from proto.messages import (BATCH_MAX_ITEMS, Attach, Attached, Credit, Error, Heartbeat, MessageBatch, NotLeader, ResultAck,
+                            TaskResult, WorkerRequest)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class EchoBalancer:
         self.target = 0
         self.attached = False
         self.unacked: dict[tuple[int, int, int], TaskResult] = {}  # sent results awaiting RESULT_ACK
+        self.outbox: list[TaskResult] = []  # results of this drain, to go as batches
         self.sent_at: dict[tuple[int, int, int], float] = {}
         self.pending_credit = 0
 
@@ -85,11 +87,23 @@ class EchoBalancer:
                 except ProtocolError:
                     continue
                 self.last_heard = time.monotonic()
-                self._on(m)
+                if type(m) is MessageBatch:  # each item alone, as a balancer's loop does
+                    for item in self.codec.unbatch(m):
+                        if isinstance(item, tuple):
+                            self._on(item[1])
+                else:
+                    self._on(m)
+            self._flush()
             if self.pending_credit and self.attached:
                 self.codec.send(self.sock, Credit(self.epoch, self.pending_credit, 0))
                 self.pending_credit = 0
         return self.stats
+
+    def _flush(self) -> None:
+        out, self.outbox = self.outbox, []
+        for start in range(0, len(out), BATCH_MAX_ITEMS):
+            chunk = out[start:start + BATCH_MAX_ITEMS]
+            self.codec.send(self.sock, chunk[0] if len(chunk) == 1 else self.codec.batch(chunk))
 
     def _on_silence(self) -> None:
         now = time.monotonic()
@@ -125,7 +139,7 @@ class EchoBalancer:
                                 0, 0, self.summary, None, None, self.name)
             self.unacked[key] = result
             self.sent_at[key] = time.monotonic()
-            self.codec.send(self.sock, result)
+            self.outbox.append(result)  # a drain's results go as MESSAGE_BATCHes, as a balancer's would
         elif isinstance(m, ResultAck):
             for upper, lower, task, _term, _seq in m.acks():
                 key = (upper, lower, task)
