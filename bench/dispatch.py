@@ -33,6 +33,10 @@ opt-in ``takeover`` and ``curve``):
   first task completed through the other one.
 * ``curve`` (opt-in): CURVE against plaintext on our cluster (``dispatch_curve``).
 
+``--raft-option KEY=VALUE`` (repeatable) gives every cluster's masters a pysyncobj option in
+``[raft.timings]`` (e.g. ``appendEntriesBatchSizeBytes=67108864``), to measure a setting before
+it ships; without it the masters run as shipped, and the JSON says which.
+
 The peers live in the benchmark's own environment, never in the project's dependencies:
 ``bench/.peers-venv`` (git-ignored), made on demand with ``python -m venv`` and pip installs of the
 pinned ``PINS`` (``--skip-setup``: fail if it is missing instead of building it). Each peer runs in
@@ -238,7 +242,7 @@ def with_ours(parts: list[str], cfgs: dict, peers: list[str], setup: dict) -> di
     from bench.dispatch_hops import log_findings
     from bench.dispatch_systems import OurCluster, takeovers
 
-    ours = OurCluster(slots=cfgs["peers"]["workers"])
+    ours = OurCluster(slots=cfgs["peers"]["workers"], raft=cfgs["raft"])
     res: dict[str, Any] = {}
     try:
         if "peers" in parts:
@@ -286,7 +290,7 @@ def run_parts(parts: list[str], cfgs: dict, peers: list[str], setup: dict) -> di
         res["drain"] = {}
         for variant in cfgs["drain"]["variants"]:
             log(f"drain: {cfgs['drain']['units']:,} {variant} units")
-            r = _guard("drain", lambda: measure_drain(variant, cfgs["drain"]["units"]))
+            r = _guard("drain", lambda: measure_drain(variant, cfgs["drain"]["units"], cfgs["raft"]))
             res["drain"][variant] = r
             if "units_per_s" in r:
                 log(f"drain ({variant}): {r['units_per_s']:,.0f} units/s, {r['finished']:,} finished, {r['failed']} failed")
@@ -300,10 +304,15 @@ def run_parts(parts: list[str], cfgs: dict, peers: list[str], setup: dict) -> di
 # ---- main -----------------------------------------------------------------------------------------
 
 
+def _number(text: str) -> int | float:
+    return float(text) if "." in text or "e" in text.lower() else int(text)
+
+
 def configs(args: argparse.Namespace) -> dict[str, dict]:
     """Every part's settings, full or ``--quick``."""
     q = args.quick
     tasks = args.tasks or (1_000 if q else 5_000)
+    raft = {k: _number(v) for k, _, v in (o.partition("=") for o in args.raft_option)} or None
     return {
         "peers": {"tasks": tasks, "rounds": args.rounds or (2 if q else 7),
                   "round_trips": args.round_trips or (60 if q else 300), "warmup_tasks": min(tasks, 300 if q else 1_000),
@@ -312,11 +321,13 @@ def configs(args: argparse.Namespace) -> dict[str, dict]:
         "leader": {"workers": 8, "procs": 2, "slots": 16, "prefetch": 16, "feeders": 2,
                    "batch": 1_000 if q else 2_000, "depth": 4 if q else 8,
                    "warmup_s": 1.5 if q else 5.0, "window_s": 3.0 if q else 20.0,
-                   "feeds": args.leader_feeds.split(",") if args.leader_feeds else (["units"] if q else ["map", "units"])},
+                   "feeds": args.leader_feeds.split(",") if args.leader_feeds else (["units"] if q else ["map", "units"]),
+                   "raft": raft},
         "drain": {"units": args.units or (1_000 if q else 100_000), "variants": args.drain_variants.split(",")},
         "slot": {"tasks": tasks},
         "takeover": {"kills": 5},
         "curve": {"tasks": tasks, "rounds": 3 if q else 7, "workers": 2},
+        "raft": raft,
     }
 
 
@@ -335,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--units", type=int, default=None, help="units per drain (default 100,000, --quick 1,000)")
     ap.add_argument("--drain-variants", default="call,command", help="comma-separated: call, command")
     ap.add_argument("--leader-feeds", default=None, help="comma-separated: map, units (default both, --quick units)")
+    ap.add_argument("--raft-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a pysyncobj option for every cluster's masters ([raft.timings]), e.g. "
+                         "appendEntriesBatchSizeBytes=67108864; default none: as shipped")
     args = ap.parse_args(argv)
     parts = list(PARTS) if args.parts == "all" else [p for p in args.parts.split(",") if p]
     if set(parts) - set(PARTS):
@@ -347,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     cfgs = configs(args)
     res: dict[str, Any] = {"machine": machine.machine_info(), "parts": parts, "peers_asked": peers,
-                           "config": {"quick": args.quick, **{p: cfgs[p] for p in parts}, "pins": PINS}}
+                           "config": {"quick": args.quick, **{p: cfgs[p] for p in parts}, "pins": PINS,
+                                      "raft_options": cfgs["raft"] or "as shipped"}}
     cpu0 = machine.cpu_times()
     res["setup"] = ensure_peers(peers, args.skip_setup) if peers else {"peers": {}, "first_setup": {}}
     res.update(run_parts(parts, cfgs, peers, res["setup"]))

@@ -55,17 +55,18 @@ def _wait_drained(work: Any, spec: str, n: int, timeout: float) -> dict:
         time.sleep(POLL_S)  # polling the ledger's summary: the units end inside the cluster
 
 
-def measure_drain(variant: str, n: int) -> dict:
+def measure_drain(variant: str, n: int, raft: dict[str, Any] | None = None) -> dict:
     """Drain ``n`` units of ``variant`` (module docstring); units/s and the checks."""
     from bench.dispatch_hops import hop_rates, log_findings, sample
     from bench.dispatch_leader import LOAD_BATCH
-    from bench.dispatch_systems import wait_registered
+    from bench.dispatch_systems import raft_options, wait_registered
     from cluster.client import Client
     from cluster.local import balancer_nodes, master_nodes, start_all, stop_all, worker_nodes
     from cluster.work import Work
 
     work_dir = Path(tempfile.mkdtemp(prefix=f"dispatch-drain-{variant}-"))
     masters = master_nodes(work_dir, 3, log_level="WARNING")
+    raft_options(work_dir, raft)
     config, balancers = balancer_nodes(work_dir, 2, log_level="WARNING")
     workers = worker_nodes(work_dir, config, 1, slots=2, log_level="WARNING")
     nodes = masters + balancers + workers

@@ -188,12 +188,13 @@ def measure_leader(cfg: dict) -> dict:
     """The leader part (module docstring). ``cfg``: workers, procs, slots, prefetch, batch, depth,
     warmup_s, window_s, feeds (a list of ``map``, ``units``)."""
     from bench.dispatch_hops import log_findings
-    from bench.dispatch_systems import wait_registered
+    from bench.dispatch_systems import raft_options, wait_registered
     from cluster.client import Client
     from cluster.local import balancer_nodes, make_keys, master_nodes, start_all, stop_all
 
     work = Path(tempfile.mkdtemp(prefix="dispatch-leader-"))
     masters = master_nodes(work, 3, log_level="WARNING")
+    raft_options(work, cfg.get("raft"))
     config, balancers = balancer_nodes(work, 2, log_level="WARNING")
     make_keys(config.parent, {f"sim{i:04d}": "worker" for i in range(1, cfg["workers"] + 1)})
     nodes = masters + balancers

@@ -189,7 +189,8 @@ def print_report(res: dict) -> None:
     m = res["machine"]
     out.line(f"Dispatch benchmark {m['date']}  {m['nproc']} cpus ({m['cpu']}), Python {m['python']}; parts "
              f"{', '.join(res['parts'])}{' (quick)' if res['config']['quick'] else ''}; machine busy "
-             f"{_fmt(100 * ((m.get('cpu_shares_during_run') or {}).get('busy') or 0))}% during the run")
+             f"{_fmt(100 * ((m.get('cpu_shares_during_run') or {}).get('busy') or 0))}% during the run; masters' Raft "
+             f"options {res['config'].get('raft_options', 'as shipped')}")
     _section(out, res, "peers", _peers)
     _section(out, res, "hops", lambda o, h: _hops(o, f"Through each hop of ours ({h.get('feed')}, "
                                                     f"{_fmt(h.get('seconds'), 1)} s window)", h))

@@ -180,6 +180,20 @@ class PeerSystem:
 # ---- our cluster ------------------------------------------------------------------------------------
 
 
+def raft_options(directory: Path, options: dict[str, Any] | None) -> None:
+    """Add ``options`` as ``[raft.timings]`` (pysyncobj's ``SyncObjConf`` keywords, passed through
+    by master/raft.py) to the masters' config in ``directory``, before they start. Only for a run
+    that asks (``--raft-option``, to measure a setting before it ships); by default the masters
+    run as shipped."""
+    if not options:
+        return
+    path = directory / "masters.toml"
+    text = path.read_text()
+    if "[raft.timings]" in text:
+        raise ValueError(f"{path} has [raft.timings] already")
+    path.write_text(text.rstrip("\n") + "\n\n[raft.timings]\n" + "".join(f"{k} = {v!r}\n" for k, v in options.items()))
+
+
 class OurCluster:
     """Our durable path (see the module docstring), started by ``start``; ``nodes`` are the
     ``cluster.local.LocalNode``s, ``client`` the ``cluster.client.Client``."""
@@ -187,7 +201,7 @@ class OurCluster:
     name = "ours"
     durable = True
 
-    def __init__(self, slots: int = 2, log_level: str = "WARNING") -> None:
+    def __init__(self, slots: int = 2, log_level: str = "WARNING", raft: dict[str, Any] | None = None) -> None:
         import cloudpickle
 
         from bench import dispatch_peers
@@ -198,6 +212,7 @@ class OurCluster:
         self.noop = dispatch_peers.noop
         self.work = Path(tempfile.mkdtemp(prefix="dispatch-bench-"))
         self.masters = master_nodes(self.work, 3, log_level=log_level)
+        raft_options(self.work, raft)
         self.config, self.balancers = balancer_nodes(self.work, 2, log_level=log_level)
         self.workers = worker_nodes(self.work, self.config, 1, slots=slots, log_level=log_level)
         self.nodes = self.masters + self.balancers + self.workers
