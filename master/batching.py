@@ -29,10 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.node.events import Effect, StartTimer
-from master.commands import Batch, CancelJob, CompleteTask, Entry
+from master.commands import Batch, CancelJob, CompleteTask, Entry, encode
 from master.standing import Standing
 
 PROPOSAL_TIMEOUT = 5.0  # a proposal unanswered this long is answered OUTCOME_UNKNOWN
+# A Raft entry is cut before its encoding passes this many bytes (a lone larger command goes
+# alone). It keeps every entry far below pysyncobj's ``appendEntriesBatchSizeBytes`` (master.raft),
+# above which pysyncobj sends an entry in pieces, a path that truncated entries under load.
+ENTRY_MAX_BYTES = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +60,13 @@ class ProposalFailed:
 
 @dataclass(frozen=True, slots=True)
 class Propose:
-    """Replicate ``entry`` through Raft; the loop posts Committed/ProposalFailed for ``token``."""
+    """Replicate ``entry`` through Raft; the loop posts Committed/ProposalFailed for ``token``.
+    ``data`` is its encoding (``master.commands.encode``), made once, by the batcher."""
 
     entry: Entry
     token: int
     cause: str = ""
+    data: bytes | None = None
 
 
 @dataclass
@@ -118,15 +124,21 @@ class Batcher:
         return []
 
     def propose(self, items: list[tuple[Any, tuple]], now: float, cause: str) -> list[Effect]:
-        """One ``Propose`` for ``items`` (command, reply): a single command, or a ``Batch``."""
-        self.tokens += 1
+        """One ``Propose`` for ``items`` (command, reply): a single command, or a ``Batch``; cut
+        in halves while its encoding is over ``ENTRY_MAX_BYTES``."""
         commands = [c for c, _ in items]
+        entry = commands[0] if len(commands) == 1 else Batch(commands)
+        data = encode(entry)
+        if len(data) > ENTRY_MAX_BYTES and len(items) > 1:
+            self.standing.count("entries_cut")
+            half = len(items) // 2
+            return self.propose(items[:half], now, cause) + self.propose(items[half:], now, cause)
+        self.tokens += 1
         touched = {c.job_id for c in commands if isinstance(c, (CompleteTask, CancelJob))}
         self.proposals[self.tokens] = Proposal([reply for _, reply in items], now, touched)
-        entry = commands[0] if len(commands) == 1 else Batch(commands)
         self.standing.count("proposals")
         self.standing.count("commands_proposed", len(commands))
-        return [Propose(entry, self.tokens, cause)]
+        return [Propose(entry, self.tokens, cause, data)]
 
     def take(self, token: int) -> Proposal | None:
         """The proposal ``token`` (now answered), or None if it was answered already."""

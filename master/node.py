@@ -88,7 +88,7 @@ def build_master(config: MastersConfig, name: str, data_dir: Path | None, bind: 
         st = os.statvfs(data_dir)
         return [DiskChecked(st.f_bavail * st.f_frsize, effect.cause or "disk")]
 
-    performers = {Propose: lambda p: adapter.propose(p.entry, p.token), CheckDisk: check_disk}
+    performers = {Propose: lambda p: adapter.propose(p.entry, p.token, p.data), CheckDisk: check_disk}
     loop = NodeLoop(core, sockets, guard=adapter.lock, performers=performers, credentials=credentials)
     holder["loop"] = loop
     return loop, adapter

@@ -275,6 +275,7 @@ _syncobj_module.Serializer = _DurableSerializer  # what SyncObj.__init__ builds 
 
 _journals = threading.local()
 
+APPEND_ENTRIES_BYTES = 32 << 20  # see SyncObjConf below; under AUTHENTICATED_MAX
 UNAUTHENTICATED_MAX = 64 << 10  # bytes a connection may announce before its first good message
 # After it: one Raft message, at most a batch of commands the client API accepted (64 MiB of
 # frames) with pysyncobj's framing around it.
@@ -543,6 +544,12 @@ class RaftAdapter:
         conf = SyncObjConf(
             autoTick=True,
             appendEntriesUseBatch=False,  # our core batches; each proposal goes out at once
+            # An entry at or above this size goes in pieces ("transmission"), a path that under
+            # load truncated entries on the followers (bench/dispatch.py, issue 23: ~1,900
+            # errors per master and a lost quorum once group commit made entries of ~100 KiB).
+            # master.batching keeps entries under ENTRY_MAX_BYTES, far below it, so it is never
+            # taken; it also bounds one AppendEntries of a follower catching up (AUTHENTICATED_MAX).
+            appendEntriesBatchSizeBytes=APPEND_ENTRIES_BYTES,
             journalFile=journal,
             fullDumpFile=snapshot,
             serializer=self._write_snapshot if snapshot else None,
@@ -607,10 +614,11 @@ class RaftAdapter:
 
     # ---- the loop thread -------------------------------------------------------------------
 
-    def propose(self, entry: commands.Entry, token: int) -> None:
-        """Replicate ``entry``; ``on_result(token, result, log_index)`` or ``on_failure(token,
-        reason)`` is called later, on the Raft thread."""
-        data = commands.encode(entry)
+    def propose(self, entry: commands.Entry, token: int, data: bytes | None = None) -> None:
+        """Replicate ``entry`` (``data``: its encoding, if made already); ``on_result(token,
+        result, log_index)`` or ``on_failure(token, reason)`` is called later, on the Raft thread."""
+        if data is None:
+            data = commands.encode(entry)
 
         def done(result: Any, error: int) -> None:
             if error == FAIL_REASON.SUCCESS:

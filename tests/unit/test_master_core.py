@@ -940,3 +940,22 @@ def test_a_batch_of_results_good_stale_duplicate_and_unknown_is_answered_one_by_
     job = h.ledger.state.jobs[join128(r[0].job_uuid_upper, r[0].job_uuid_lower)]
     assert [job.tasks[x.task_id].state.name for x in r] == ["DONE", "ASSIGNED", "ASSIGNED", "DONE"]
     assert len(job.tasks[r[0].task_id].attempts) == 1, "the duplicate is acknowledged, not recorded twice"
+
+
+def test_an_entry_is_cut_before_its_encoding_passes_the_byte_bound(monkeypatch):
+    """Group commit makes large entries; each stays under ENTRY_MAX_BYTES (far below the size at
+    which pysyncobj sends an entry in pieces), and every command is proposed exactly once."""
+    from master import batching
+    from master.commands import encode
+
+    monkeypatch.setattr(batching, "ENTRY_MAX_BYTES", 4096)
+    h = Harness()
+    for rid in range(1, 41):
+        h.message(submit(rid, spec={"count": 1, "note": "x" * 300}))
+    h.flush()
+    sizes = [len(encode(p.entry)) for p in h.proposed]
+    assert len(sizes) > 1 and all(n <= 4096 for n in sizes)
+    assert all(p.data == encode(p.entry) for p in h.proposed), "encoded once, by the batcher"
+    assert sum(len(p.entry.commands) if isinstance(p.entry, Batch) else 1 for p in h.proposed) == 40
+    h.commit_all()
+    assert len(h.take(SubmitAck)) == 40
