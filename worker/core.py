@@ -11,13 +11,19 @@ worker turns to the other one and registers there; that is what lets a passive b
 over, and only then.
 
 Tasks (WORKER_REQUEST) become ``RunTask`` effects, at most one per slot; the loop runs them and
-posts ``TaskEnded``. Fencing: a request whose token is older than the newest this worker has
-seen for that task is refused (a deposed leader's); a task already running here is not started
-twice, and one whose result is waiting for its acknowledgement gets that result again instead
-of a second run. The credit a worker announces is its slots plus a small prefetch queue, so a
+reports ``TaskEnded``. A task with a time limit is reported ``TaskTimed`` when it begins; the
+core times it and asks for ``StopTask`` (SIGTERM, then SIGKILL) if it is still running then.
+Fencing: a request whose token is older than the newest this worker has seen for that task is
+refused (a deposed leader's); a task already running here is not started twice, and one whose
+result is waiting for its acknowledgement gets that result again instead of a second run.
+
+Credit and prefetch. The credit a worker announces is its slots plus a prefetch queue, so a
 slot that frees starts the next task at once instead of waiting for a round trip to the
 balancer; a request beyond that (it should not happen: credit) waits in the same queue rather
-than being dropped.
+than being dropped. The queue is fixed (``WorkerIdentity.prefetch``) or adapts between that and
+``prefetch_max`` to the tasks' duration and the dispatch round trip (worker.prefetch): short
+tasks behind a slow round trip get a deep queue, long ones keep the small one. Every heartbeat
+states the credit of the moment (``slots_total``); a queue that grew is announced at once.
 
 Results are kept until RESULT_ACK (the master committed them) or a final refusal, and sent
 again every ``result_retry`` seconds and after every registration, so a result survives the
@@ -42,6 +48,7 @@ from typing import Any
 
 from cluster.node.events import (
     READERS,
+    CancelTimer,
     Effect,
     Event,
     Forbidden,
@@ -60,6 +67,7 @@ from proto.errors import AppReason
 from proto.messages import (Error, Heartbeat, NotLeader, Outcome, OutputFollow, OutputLines, ResultAck, TaskResult,
                             WorkerRequest, WorkerStatus)
 from worker.output import Outputs
+from worker.prefetch import Prefetch
 
 RUNNING, ENDED, NOT_HERE = 0, 1, 2  # OUTPUT_LINES' status
 
@@ -67,6 +75,7 @@ TaskKey = tuple[bytes, int]
 Fence = tuple[int, int]
 
 STORY_KEPT = 8_192  # task steps the worker remembers (about the last 1,500 tasks' lives)
+STOP_TIMERS = ("term ", "kill ")  # timer names of a task's time limit: SIGTERM, then SIGKILL
 
 
 def balancer_socket(index: int) -> str:
@@ -99,9 +108,33 @@ class TaskEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskTimed:
+    """Event: the task ``job``/``task`` began on a slot with a time limit: if it still runs
+    ``term_after`` seconds from now, stop it (SIGTERM; None: no such step), and kill it (SIGKILL)
+    ``kill_after`` seconds from now."""
+
+    job: bytes
+    task: int
+    term_after: float | None
+    kill_after: float
+    stimulus_id: str = "timed"
+
+
+@dataclass(frozen=True, slots=True)
+class StopTask:
+    """Effect: the running task ``job``/``task`` is past its time limit: SIGTERM its processes,
+    or SIGKILL them when ``final``; its ``TaskEnded`` follows as it dies."""
+
+    job: bytes
+    task: int
+    final: bool
+    cause: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class OutputRead:
     """Event: the task ``job``/``task`` wrote ``data`` to ``stream`` (1 stdout, 2 stderr), read at
-    ``at`` (Unix seconds) by the thread that runs it (worker.output)."""
+    ``at`` (Unix seconds) by the loop (worker.output)."""
 
     job: bytes
     task: int
@@ -123,6 +156,7 @@ class _Running:
     request: WorkerRequest
     fence: Fence
     started: float
+    timed: bool = False  # its stop timers are set
 
 
 @dataclass
@@ -146,10 +180,13 @@ class WorkerIdentity:
     # frees starts its next task at once instead of waiting a round trip to the balancer.
     prefetch: int = 0
     output: str = ""  # where followers ask for its tasks' output (its control port), "" if nowhere
+    # Above ``prefetch``: the queue adapts between the two to the tasks' length and the round
+    # trip (module docstring); at or below it, the queue is ``prefetch``, fixed.
+    prefetch_max: int = 0
 
     @property
     def credit(self) -> int:
-        """Tasks this worker takes at once: its slots and its prefetch queue."""
+        """Tasks this worker takes at once at first: its slots and its (smallest) prefetch queue."""
         return self.slots + self.prefetch
 
 
@@ -175,6 +212,7 @@ class WorkerCore:
         self.received = 0
         self.running: dict[TaskKey, _Running] = {}
         self.queued: deque[WorkerRequest] = deque()
+        self.queued_keys: set[TaskKey] = set()  # of ``queued``: a deep prefetch queue is searched per request
         self.held: dict[TaskKey, _Held] = {}  # results awaiting RESULT_ACK
         self.newest: dict[TaskKey, Fence] = {}  # newest token seen per live task
         self.cached: set[bytes] = set(cached)
@@ -184,6 +222,7 @@ class WorkerCore:
         self.counters: dict[str, int] = {}
         self.log: deque[tuple[TaskKey, dict[str, Any]]] = deque(maxlen=STORY_KEPT)
         self.outputs = Outputs()  # the running tasks' output lines, for followers (worker.output)
+        self.prefetch = Prefetch(me.slots, me.prefetch, me.prefetch_max)
         self.wall_offset = wall_offset  # Unix time less the loop's clock: when an output ended
 
     # ---- events ------------------------------------------------------------------------------
@@ -196,7 +235,11 @@ class WorkerCore:
         if isinstance(event, OutputRead):
             self.outputs.feed((event.job, event.task), event.stream, event.data, event.at)
             return []
+        if isinstance(event, TaskTimed):
+            return self._on_timed(event)
         if isinstance(event, TimerFired):
+            if event.name.startswith(STOP_TIMERS):
+                return self._on_time_up(event, now)
             if event.name == "tick":
                 return self._tick(now, event.stimulus_id) + [StartTimer("tick", self.options.interval, event.stimulus_id)]
             if event.name == "status":
@@ -281,11 +324,12 @@ class WorkerCore:
     def _register(self, now: float, cause: str) -> list[Effect]:
         self.register_sent = now
         self.registered = False
+        self.prefetch.forget_returned()
         me = self.me
         tasks = [[k[0], k[1], r.fence[0], r.fence[1]] for k, r in self.running.items()]
         tasks += [[k[0], k[1], h.result.fence_term, h.result.fence_sequence] for k, h in self.held.items() if k not in self.running]
         status = WorkerStatus(
-            me.credit, self._free(), 0, len(self.running), list(me.labels),
+            self._credit(), self._free(), 0, len(self.running), list(me.labels),
             {"cores": me.cores, "memory_mb": me.memory_mb, "gpus": me.gpus, "kernel": me.kernel, "slots": me.slots,
              **({"output": me.output} if me.output else {})},
             me.name, True, 0, tasks, sorted(self.cached), [],
@@ -310,7 +354,7 @@ class WorkerCore:
     def _heartbeat(self, cause: str) -> list[Effect]:
         me = self.me
         added, self.cache_added = self.cache_added, []
-        status = WorkerStatus(me.credit, self._free(), 0, len(self.running), [], {}, me.name, False,
+        status = WorkerStatus(self._credit(), self._free(), 0, len(self.running), [], {}, me.name, False,
                               self.received, [], added, [])
         return [Send(balancer_socket(self.current), status, None, cause)]
 
@@ -332,6 +376,7 @@ class WorkerCore:
                     self.last_heard = now
                 out += self._register(now, cause)
             return out
+        out += self._adapt(now, cause)  # a task running long shrinks the queue now
         out += self._heartbeat(cause)
         for key, held in self.held.items():
             if now - held.sent_at >= self.options.result_retry:
@@ -347,6 +392,7 @@ class WorkerCore:
         key = (join128(m.job_uuid_upper, m.job_uuid_lower), m.task_id)
         fence = (m.fence_term, m.fence_sequence)
         self.received += 1
+        self.prefetch.task_received(now)
         self._note(key, "received", now, ev.stimulus_id, fence=list(fence), balancer=self.current)
         newest = self.newest.get(key)
         if newest is not None and fence < newest:
@@ -356,7 +402,7 @@ class WorkerCore:
             return [Log(logging.WARNING, f"task {key[0].hex()}/{key[1]} refused: token {fence} is older than {newest}",
                         ev.stimulus_id)] + self._status_soon(ev.stimulus_id)
         self.newest[key] = fence if newest is None else max(newest, fence)
-        if key in self.running or any(_key_of(q) == key for q in self.queued):
+        if key in self.running or key in self.queued_keys:
             self._count("duplicate_requests")
             self._note(key, "duplicate", now, ev.stimulus_id)
             if key in self.running and self.running[key].fence < fence:
@@ -380,12 +426,13 @@ class WorkerCore:
             held.sent_at = now
             return [Send(balancer_socket(self.current), held.result, None, ev.stimulus_id)] + self._status_soon(ev.stimulus_id)
         if len(self.running) >= self.me.slots:
-            if len(self.queued) >= self.me.prefetch:
+            if len(self.queued) >= self.prefetch.depth:
                 self._count("queued_beyond_credit")
             self.queued.append(m)
+            self.queued_keys.add(key)
             self._note(key, "queued", now, ev.stimulus_id, ahead=len(self.queued) - 1)
             return []
-        return self._start(m, now, ev.stimulus_id)
+        return self._start(m, now, ev.stimulus_id, key)
 
     def _on_follow(self, ev: MessageReceived, m: OutputFollow) -> list[Effect]:
         """A task's output lines, to its owner, an operator or a monitor (worker.output)."""
@@ -403,8 +450,8 @@ class WorkerCore:
         status = ENDED if ring.ended and nxt >= ring.next_seq - 1 else RUNNING
         return [Send(ev.socket, OutputLines(m.request_id, nxt, dropped, status, lines), ev.route, ev.stimulus_id)]
 
-    def _start(self, m: WorkerRequest, now: float, cause: str) -> list[Effect]:
-        key = _key_of(m)
+    def _start(self, m: WorkerRequest, now: float, cause: str, key: TaskKey | None = None) -> list[Effect]:
+        key = key or _key_of(m)
         self.running[key] = _Running(m, (m.fence_term, m.fence_sequence), now)
         owner = m.arguments.get("owner") if isinstance(m.arguments, dict) else None
         self.outputs.start(key, owner if isinstance(owner, str) else "")
@@ -421,6 +468,7 @@ class WorkerCore:
             self._count("unknown_endings")
             return []
         self.outputs.end(key, now + self.wall_offset)
+        self.prefetch.task_ended(now - ran.started)
         self._count("tasks_done" if ev.outcome == Outcome.DONE else "tasks_failed")
         upper, lower = split128(ev.job)
         # a newer token given while it ran or waited in line (see _on_request): the run is that attempt
@@ -434,17 +482,57 @@ class WorkerCore:
             if fid not in self.cached:
                 self.cached.add(fid)
                 self.cache_added.append(fid)
-        out: list[Effect] = []
+        out: list[Effect] = [CancelTimer(f"{step}{key[0].hex()}/{key[1]}", ev.stimulus_id)
+                             for step in STOP_TIMERS] if ran.timed else []
         if self.registered:
             # the result is also the credit for the slot it frees (the balancer counts it so);
             # the next heartbeat restates the count, so no extra message per task
             out.append(Send(balancer_socket(self.current), result, None, ev.stimulus_id))
+            self.prefetch.credit_returned(now)
             self._note(key, "result_sent", now, ev.stimulus_id, balancer=self.current)
         else:
             self._note(key, "result_held", now, ev.stimulus_id, why="not registered: sent once registered")
         if self.queued:
-            out += self._start(self.queued.popleft(), now, ev.stimulus_id)
+            nxt = self.queued.popleft()
+            nxt_key = _key_of(nxt)
+            self.queued_keys.discard(nxt_key)
+            out += self._start(nxt, now, ev.stimulus_id, nxt_key)
+        return out + self._adapt(now, ev.stimulus_id)
+
+    def _on_timed(self, ev: TaskTimed) -> list[Effect]:
+        """A task with a time limit began: its stop timers."""
+        key = (ev.job, ev.task)
+        ran = self.running.get(key)
+        if ran is None:
+            return []
+        ran.timed = True
+        name = f"{key[0].hex()}/{key[1]}"
+        out: list[Effect] = [StartTimer(f"{STOP_TIMERS[1]}{name}", ev.kill_after, ev.stimulus_id)]
+        if ev.term_after is not None:
+            out.append(StartTimer(f"{STOP_TIMERS[0]}{name}", ev.term_after, ev.stimulus_id))
         return out
+
+    def _on_time_up(self, ev: TimerFired, now: float) -> list[Effect]:
+        """A running task's time limit (or its grace after SIGTERM) is over: stop it."""
+        step, _, name = ev.name.partition(" ")
+        job_hex, _, task = name.partition("/")
+        try:
+            key = (bytes.fromhex(job_hex), int(task))
+        except ValueError:
+            return []
+        if key not in self.running:
+            return []
+        final = step == STOP_TIMERS[1].strip()
+        self._count("tasks_killed" if final else "tasks_stopped")
+        self._note(key, "killed" if final else "stopped", now, ev.stimulus_id, why="time limit")
+        return [StopTask(key[0], key[1], final, ev.stimulus_id)]
+
+    def _adapt(self, now: float, cause: str) -> list[Effect]:
+        """The prefetch queue set anew; a grown one is announced right after this burst."""
+        if not self.prefetch.adaptive:
+            return []
+        oldest = now - min((r.started for r in self.running.values()), default=now)
+        return self._status_soon(cause) if self.prefetch.update(oldest) else []
 
     def _status_soon(self, cause: str) -> list[Effect]:
         """A heartbeat with the new credit right after this burst (a zero-delay timer fires once
@@ -454,8 +542,12 @@ class WorkerCore:
         self.status_due = True
         return [StartTimer("status", 0.0, cause)]
 
+    def _credit(self) -> int:
+        """Tasks this worker takes at once now: its slots and its prefetch queue."""
+        return self.me.slots + self.prefetch.depth
+
     def _free(self) -> int:
-        return max(0, self.me.credit - len(self.running) - len(self.queued))
+        return max(0, self._credit() - len(self.running) - len(self.queued))
 
     # ---- operators ---------------------------------------------------------------------------
 
@@ -474,7 +566,7 @@ class WorkerCore:
             "balancer": self.current,
             "epoch": self.epoch,
             "slots": self.me.slots,
-            "prefetch": self.me.prefetch,
+            **self.prefetch.status(),
             "free": max(0, self.me.slots - len(self.running)),  # task slots, never above "slots"
             "credit_free": self._free(),  # what it may still take, its prefetch queue included
             "running": [{"task": f"{k[0].hex()}/{k[1]}", "kind": r.request.kind, "for_s": round(now - r.started, 3)}
@@ -489,7 +581,9 @@ class WorkerCore:
 
     def validate_state(self) -> None:
         assert len(self.running) <= self.me.slots
+        assert self.prefetch.floor <= self.prefetch.depth <= self.prefetch.ceiling
         assert all(_key_of(q) not in self.running for q in self.queued)
+        assert self.queued_keys == {_key_of(q) for q in self.queued}
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
