@@ -15,7 +15,7 @@ PURE = sorted(
     "state.py", "files.py", "joblife.py", "attempts.py", "standing.py", "batching.py", "api.py", "stream.py",
     "watches.py", "specs.py", "work_units.py", "work_specs.py", "work_history.py", "work_quorum.py",
     "work_share.py", "reasons.py", "runs.py", "pending.py", "diskfull.py")] + [ROOT / "storage/core.py", ROOT / "worker/core.py",
-    ROOT / "worker/output.py", ROOT / "cluster/node/acting.py", ROOT / "cluster/node/sendqueue.py",
+    ROOT / "worker/output.py", ROOT / "worker/prefetch.py", ROOT / "cluster/node/acting.py", ROOT / "cluster/node/sendqueue.py",
     ROOT / "cluster/readplan.py"]
 
 
