@@ -360,6 +360,11 @@ class _Capture:
         chunk = os.read(fd, _READ_CHUNK)
         if not chunk:
             return False
+        self.take(chunk)
+        return True
+
+    def take(self, chunk: bytes) -> None:
+        """Keep ``chunk`` (as the cap allows) and tell it to ``listen``."""
         if self.listen is not None:
             self.listen(chunk)
         self.total += len(chunk)
@@ -371,7 +376,6 @@ class _Capture:
         keep = self.cap - self.cap // 2
         if len(self.tail) > 2 * keep + _READ_CHUNK:
             del self.tail[: len(self.tail) - keep]
-        return True
 
     def value(self) -> bytes:
         if self.total <= self.cap:

@@ -7,17 +7,35 @@ which belong to the user's code. Each message is one frame: an 8-byte little-end
 then a pickle of plain data (dicts of str, bytes, int, float, bool, None).
 
 Requests: ``{"op": "call", "scratch", "function", "arguments"}`` (cloudpickle bytes of the
-function, and of ``(args, kwargs)``; the result is cloudpickle bytes) or ``{"op": "tile",
+function, and of ``(args, kwargs)``; the result is cloudpickle bytes), ``{"op": "tile",
 "scratch", "request", "out"}`` (see worker/tiles.py; the result is the summary in MessagePack,
-as the rest of the cluster's messages). Reply: ``{"ok", "status", "error", "result", "cpu_total_s", "max_rss_bytes"}``: ``status``
-follows worker.task_child (0 ok, 1 raised, 2 unusable), ``cpu_total_s`` is this process's CPU
-time since it started (the parent takes differences) and ``max_rss_bytes`` the task's peak.
+as the rest of the cluster's messages), ``{"op": "trace", ...}`` likewise, or ``{"op":
+"command", "scratch", "argv", "env", "timeout_s", "grace_s", "memory_bytes"}``. Reply: ``{"ok",
+"status", "error", "result", "cpu_total_s", "max_rss_bytes"}``: ``status`` follows
+worker.task_child (0 ok, 1 raised, 2 unusable), ``cpu_total_s`` is this process's CPU time
+(its own and its reaped children's) since it started (the parent takes differences) and
+``max_rss_bytes`` the task's peak. A command's reply says how it ended instead: ``status`` is
+its wait status, ``timed_out``, ``cpu_s`` and ``max_rss_bytes`` its own (``wait4``), ``error``
+why it could not start (``"command not found: X"``), if it could not.
 
-Per task the process changes into the scratch directory and points fds 1 and 2 at
-``scratch/.slot/stdout`` and ``.slot/stderr`` (dup2), so that ``print``, tracebacks and the
-output of C code land in the task's files; it points them back afterwards. A map ships one
-function with many argument tuples, so unpickled functions are kept in a small LRU keyed by a
-hash of their bytes.
+A request larger than the pipe holds is written in pieces: when the pipe is empty in the middle
+of a frame, this process asks for the rest with a ``{"op": "more"}`` frame on the reply pipe, so
+the worker's loop writes only when woken by something it reads, never by a pipe that drained.
+
+Output: fds 1 and 2 are pipes the worker reads as they fill (stdin is /dev/null), so ``print``,
+tracebacks and the output of C code reach it live; it attributes what comes while a task runs
+to that task. Python's buffers are flushed before each reply, so a task's output is in the pipes
+before its reply is. A map ships one function with many argument tuples, so unpickled functions
+are kept in a small LRU keyed by a hash of their bytes.
+
+Commands are started from here rather than from the worker: ``os.posix_spawn`` (a vfork, so the
+cost does not grow with this process's size) in the task's scratch directory, as the leader of
+a process group of its own in this process's session, signal dispositions and mask reset; a
+command with a memory limit is forked instead (``subprocess`` with a ``preexec_fn`` that sets
+RLIMIT_AS: posix_spawn cannot set a limit). Its stdout and stderr are this process's, the
+worker's pipes. This process enforces the command's timeout (SIGTERM to its group, SIGKILL after
+the grace) because it alone can signal the group race-free: it reaps the leader, so the group id
+cannot be reused before the sweep that kills what the leader left behind.
 
 ``MEMORY`` caps the address space (RLIMIT_AS) from the start: see executor._address_space_limit
 for why RLIMIT_AS, and Slot for how a task's own limit is honoured.
@@ -33,69 +51,65 @@ import hashlib
 import os
 import pickle
 import resource
+import select
+import signal
 import struct
+import subprocess
 import sys
+import time
 import traceback
 from collections import OrderedDict
+
+from worker.spawn import spawner
 
 RAISED = 1
 UNUSABLE = 2
 FUNCTION_CACHE = 8
-OUTPUT_DIR = ".slot"
 UNPRIVILEGED = "--unprivileged"
+MORE = {"op": "more"}
 _LENGTH = struct.Struct("<Q")
+# What a command starts with: every disposition a task may have changed here (a callable that
+# ignored SIGTERM, Python's own SIG_IGN of SIGPIPE) back to the default, and no signal blocked.
+_DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
 class _Channel:
     """Blocking frame I/O on the two pipes (the parent does the waiting and the timeouts)."""
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
-        self.reader = os.fdopen(read_fd, "rb", buffering=1 << 16)
+        self.read_fd = read_fd
         self.write_fd = write_fd
+        self.poller = select.poll()
+        self.poller.register(read_fd, select.POLLIN)
 
     def receive(self) -> dict | None:
         """The next request, or None at EOF (the slot is closing)."""
-        header = self.reader.read(_LENGTH.size)
-        if len(header) < _LENGTH.size:
+        header = self._read(_LENGTH.size, ask=False)
+        if header is None:
             return None
         (length,) = _LENGTH.unpack(header)
-        body = self.reader.read(length)
-        if len(body) < length:
-            return None
-        return pickle.loads(body)
+        body = self._read(length, ask=True)
+        return None if body is None else pickle.loads(body)
+
+    def _read(self, n: int, *, ask: bool) -> bytes | None:
+        """``n`` bytes; None at EOF. ``ask``: in the middle of a frame, a drained pipe is answered
+        with a MORE frame (the worker writes the rest only when asked)."""
+        chunks, got = [], 0
+        while got < n:
+            if ask and not self.poller.poll(0):
+                self.send(MORE)
+            chunk = os.read(self.read_fd, n - got)
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            got += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def send(self, message: dict) -> None:
         body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         view = memoryview(_LENGTH.pack(len(body)) + body)
         while view:
             view = view[os.write(self.write_fd, view):]
-
-
-class _Redirect:
-    """Fds 1 and 2 pointed at the task's output files for the length of a ``with`` block."""
-
-    def __init__(self) -> None:
-        # The slot's own stdout/stderr, restored after every task.
-        self.saved = (os.dup(1), os.dup(2))
-
-    def __enter__(self) -> _Redirect:
-        _flush()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        out = os.open(os.path.join(OUTPUT_DIR, "stdout"), flags, 0o644)
-        try:
-            err = os.open(os.path.join(OUTPUT_DIR, "stderr"), flags, 0o644)
-        except OSError:
-            os.close(out)
-            raise
-        for fd, target in ((out, 1), (err, 2)):
-            os.dup2(fd, target)
-            os.close(fd)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _flush()
-        os.dup2(self.saved[0], 1)
-        os.dup2(self.saved[1], 2)
 
 
 def _flush() -> None:
@@ -146,22 +160,23 @@ class Server:
 
     def __init__(self) -> None:
         self.functions: OrderedDict[bytes, object] = OrderedDict()
-        self.redirect = _Redirect()
         self.tiles = None  # worker.tiles, imported on the first tile (numpy, numba are heavy)
 
     def serve(self, request: dict) -> dict:
+        if request["op"] == "command":
+            return run_command(request)
         _reset_peak_rss()
         exception = None  # what a callable raised, pickled
         try:
             os.chdir(request["scratch"])
-            with self.redirect:
-                ok, status, error, result = True, 0, None, self._run(request)
+            ok, status, error, result = True, 0, None, self._run(request)
         except _Failed as failed:
             ok, status, error, result = False, failed.status, failed.line, None
             exception = failed.exception
-        except OSError as exc:  # chdir or the output files: the scratch directory is unusable
+        except OSError as exc:  # chdir: the scratch directory is unusable
             ok, status, error, result = False, UNUSABLE, f"cannot set up the task: {exc}", None
         finally:
+            _flush()  # what the task printed reaches the pipes before the reply does
             os.chdir("/")  # the worker may remove the scratch directory once we reply
         return {"ok": ok, "status": status, "error": error, "result": result, "exception": exception,
                 "cpu_total_s": _cpu_total(), "max_rss_bytes": _peak_rss()}
@@ -235,6 +250,103 @@ class Server:
         import msgspec
 
         return msgspec.msgpack.encode(summary)
+
+
+def run_command(request: dict) -> dict:
+    """Start ``request["argv"]`` in its scratch directory and wait for its end, enforcing its
+    timeout (module docstring); the reply."""
+    argv, env = request["argv"], request["env"]
+    env = os.environ if env is None else env
+    reply = {"ok": True, "status": 0, "error": None, "result": None, "timed_out": False, "cpu_s": 0.0,
+             "max_rss_bytes": 0}
+    started = time.monotonic()
+    try:
+        os.chdir(request["scratch"])
+    except OSError as exc:
+        reply.update(ok=False, error=f"cannot set up the task: {exc}")
+        return {**reply, "cpu_total_s": _cpu_total()}
+    try:
+        pid, proc = _launch(argv, env, request["scratch"], request.get("memory_bytes"))
+    except FileNotFoundError:
+        reply.update(ok=False, error=f"command not found: {argv[0]}")
+    except OSError as exc:
+        reply.update(ok=False, error=f"cannot start {argv[0]}: {exc.strerror or exc}")
+    finally:
+        os.chdir("/")
+    if reply["ok"]:
+        pidfd = os.pidfd_open(pid)
+        try:
+            reply["timed_out"] = _wait(pid, pidfd, started, request.get("timeout_s"), request.get("grace_s", 2.0))
+        finally:
+            os.close(pidfd)
+        _signal_group(pid, signal.SIGKILL)  # what the leader left behind; it is unreaped, so its
+        _, status, usage = os.wait4(pid, 0)  # group id cannot have been reused yet
+        if proc is not None:
+            proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits on it
+        reply.update(status=status, cpu_s=usage.ru_utime + usage.ru_stime, max_rss_bytes=usage.ru_maxrss * 1024)
+    return {**reply, "cpu_total_s": _cpu_total()}
+
+
+def _launch(argv: list[str], env, cwd: str, memory: int | None) -> tuple[int, subprocess.Popen | None]:
+    """The command's pid (and its Popen, kept until it is reaped, when it was forked)."""
+    if memory is None:
+        if spawner().usable:
+            return spawner().spawn(argv, dict(env), cwd, 1, 2), None
+        return os.posix_spawn(_which(argv[0], env), argv, env, setpgroup=0, setsigdef=_DEFAULT_SIGNALS,
+                              setsigmask=()), None
+    proc = subprocess.Popen(argv, env=env, process_group=0, preexec_fn=lambda: _limited(memory))
+    return proc.pid, proc
+
+
+def _limited(memory: int) -> None:
+    """Between fork and exec of a command with a memory limit: the limit, and the signals reset."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    for signum in _DEFAULT_SIGNALS:
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _which(name: str, env) -> str:
+    """The file ``name`` runs, found on ``env``'s PATH as ``subprocess`` finds it."""
+    if "/" in name:
+        return name
+    denied = None
+    for directory in os.get_exec_path(env):
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+        if denied is None and os.path.exists(path):
+            denied = path
+    if denied is not None:
+        raise PermissionError(13, os.strerror(13), denied)
+    raise FileNotFoundError(2, os.strerror(2), name)
+
+
+def _wait(pid: int, pidfd: int, started: float, timeout_s: float | None, grace_s: float) -> bool:
+    """Until the command's leader exits, enforcing the timeout; True if it timed out."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    steps = []  # SIGTERM at the deadline, SIGKILL a grace period later
+    if timeout_s is not None:
+        steps = [(started + timeout_s, signal.SIGTERM), (started + timeout_s + grace_s, signal.SIGKILL)]
+    timed_out = False
+    while True:
+        wait_ms = max(0, int((steps[0][0] - time.monotonic()) * 1000) + 1) if steps else None
+        if poller.poll(wait_ms):
+            return timed_out
+        while steps and time.monotonic() >= steps[0][0]:
+            _signal_group(pid, steps.pop(0)[1])
+            timed_out = True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _cloudpickle():

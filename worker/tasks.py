@@ -122,19 +122,42 @@ class _Place:
     """Where one task's files are: ``scratch`` is its working directory; ``own`` is where the
     worker writes its own files for the task (``scratch`` itself without a task user, else a
     directory only the worker reaches); ``inputs``, with a task user and no mount, is where
-    stored files are staged for the task to read."""
+    stored files are staged for the task to read. ``private``: something went to ``own`` or
+    ``inputs`` for this task, to be removed with it."""
 
     scratch: Path
     own: Path
     inputs: Path | None = None
     taken: int = 0
+    private: bool = False
+
+
+@dataclass
+class Prepared:
+    """A task ready for a slot: its order read, its files' paths found (``TaskRunner.prepare``).
+    ``order`` is what the slot takes (the kind's own arguments); ``task`` the task's own
+    arguments (``compare``)."""
+
+    request: WorkerRequest
+    kind: str
+    place: _Place
+    limits: Limits
+    order: dict[str, Any]
+    task: dict[str, Any]
 
 
 class TaskRunner:
     """Runs tasks for one worker. ``files`` (a ``worker.files.WorkerFiles``) makes stored files
     local paths; ``links`` stores results (None: no storage, large results fail clearly).
     ``task_user``: the slots run tasks as that user (module docstring); the worker's own files
-    for a task then go under ``private_root`` (default: ``private`` beside ``scratch_root``)."""
+    for a task then go under ``private_root`` (default: ``private`` beside ``scratch_root``).
+
+    A task goes through four steps, so that the worker's loop runs the quick ones itself and
+    hands only those that may wait on storage to a thread: ``prepare`` (read the order, find the
+    input files' paths: blocks when ``prepare_blocks``), ``begin`` on a slot (never blocks; its
+    ``Outcome`` comes from the slot), ``finish`` (what the outcome becomes, and what is stored:
+    blocks when ``finish_blocks``) and ``tidy`` (empty the scratch directory). ``run`` does all
+    four in turn, waiting for the slot."""
 
     def __init__(self, name: str, scratch_root: Path, *, files: Any = None, links: LinkPool | None = None,
                  copies: int = 1, task_user: TaskUser | None = None, private_root: Path | None = None,
@@ -148,54 +171,146 @@ class TaskRunner:
         self.copies = copies
         self.task_user = task_user
         self.private_root = Path(os.path.abspath(private_root or self.scratch_root.parent / "private"))
+        self._places: dict[int, _Place] = {}
 
     def run(self, slot: Any, request: WorkerRequest) -> Ended:
-        """Run ``request`` on ``slot`` (a ``worker.slots.Slot``); never raises for the task's faults."""
-        job = join128(request.job_uuid_upper, request.job_uuid_lower)
-        # One scratch directory per slot, emptied between tasks rather than made and removed
-        # for each: at hundreds of tiny tasks a second, mkdir + rmtree was most of a task's cost.
+        """Run ``request`` on ``slot`` (a ``worker.slots.Slot``) and wait for its end; never
+        raises for the task's faults."""
+        prepared = self.prepare(getattr(slot, "index", 0), request)
+        if isinstance(prepared, Ended):
+            return prepared
+        outcome = self.begin(slot, prepared)
+        if outcome is None:
+            outcome = slot._wait(None)
+        ended = self.finish(prepared, outcome)
+        self.tidy(prepared.place, quick=False)
+        return ended
+
+    # ---- the four steps ----------------------------------------------------------------------
+
+    @staticmethod
+    def prepare_blocks(request: WorkerRequest) -> bool:
+        """Whether ``prepare`` may wait on storage: the task reads stored files."""
+        if request.kind in ("tile", "trace"):
+            return True
+        if request.kind != "command" or not isinstance(request.arguments, dict):
+            return False
+        return any(isinstance(part, dict) and part.get("inputs") for part in
+                   (request.arguments.get("run"), request.arguments.get("task")))
+
+    def prepare(self, index: int, request: WorkerRequest) -> Prepared | Ended:
+        """The task ``request`` ready for slot ``index``, or how it failed (its order is wrong,
+        an input is missing: the scratch directory is tidied already)."""
         place = None
         try:
-            place = self._place(getattr(slot, "index", 0))
-            self._empty(place)
+            place = self._place(index)
             args = request.arguments if isinstance(request.arguments, dict) else {}
             run = args.get("run", {}) if isinstance(args.get("run", {}), dict) else {}
             task = args.get("task", {}) if isinstance(args.get("task", {}), dict) else {}
             limits = _limits(run, task)
             if request.kind == "call":
-                return self._call(slot, request, task, place, limits)
-            if request.kind == "command":
-                return self._command(slot, request, run, task, place, limits)
-            if request.kind == "tile":
-                return self._tile(slot, request, run, task, place, limits)
-            if request.kind == "trace":
-                return self._trace(slot, run, task, place, limits)
-            raise TaskError(f"unknown task kind {request.kind!r} (this worker runs call, command, tile, trace)")
-        except TaskError as exc:
+                order = self._call_order(request, task)
+            elif request.kind == "command":
+                order = self._command_order(run, task, place)
+            elif request.kind == "tile":
+                order = self._tile_order(request, run, task, place)
+            elif request.kind == "trace":
+                order = self._trace_order(run, task, place)
+            else:
+                raise TaskError(f"unknown task kind {request.kind!r} (this worker runs call, command, tile, trace)")
+            return Prepared(request, request.kind, place, limits, order, task)
+        except Exception as exc:  # noqa: BLE001 - a bad order, or a bug: the attempt's, never the worker's
+            ended = self.failure(request, exc)
+        if place is not None:
+            self.tidy(place, quick=False)
+        return ended
+
+    def begin(self, slot: Any, prepared: Prepared) -> Outcome | None:
+        """Start the task on ``slot``: None when it runs (its ``Outcome`` comes from the slot),
+        else its Outcome at once."""
+        order, place, limits = prepared.order, prepared.place, prepared.limits
+        listen = self._listener(prepared.request)
+        if prepared.kind == "call":
+            return slot.begin_callable(prepared.request.program, order["args"], place.scratch, limits, listen=listen)
+        if prepared.kind == "command":
+            return slot.begin_command(order["argv"], order["env"], place.scratch, order["inputs"], order["outputs"],
+                                      limits, listen=listen)
+        if prepared.kind == "tile":
+            return slot.begin_tile(order, place.scratch, limits)
+        return slot.begin_trace(order, place.scratch, limits)
+
+    def finish_blocks(self, prepared: Prepared, outcome: Outcome) -> bool:
+        """Whether ``finish`` stores something (and so may wait on storage)."""
+        if self.links is not None and any(len(data or b"") > LOG_INLINE for data in (outcome.stdout, outcome.stderr)):
+            return True
+        if prepared.kind == "call":
+            return outcome.ok and outcome.result is not None and len(outcome.result) > INLINE_MAX
+        if prepared.kind == "command":
+            return bool(outcome.outputs)
+        return outcome.ok and (prepared.kind == "tile" or "cigar" in outcome.outputs)
+
+    def finish(self, prepared: Prepared, outcome: Outcome) -> Ended:
+        """What the task's ``outcome`` becomes, its files stored; never raises."""
+        try:
+            if prepared.kind == "call":
+                return self._call(prepared, outcome)
+            if prepared.kind == "command":
+                return self._command(prepared, outcome)
+            if prepared.kind == "tile":
+                return self._tile(prepared, outcome)
+            return self._trace(prepared, outcome)
+        except Exception as exc:  # noqa: BLE001 - storing failed, or a bug: the attempt's
+            return self.failure(prepared.request, exc)
+
+    def tidy(self, place: _Place, *, quick: bool) -> bool:
+        """Empty the task's scratch directory (and the worker's own files for it). ``quick``:
+        only if that is a few unlinks (the loop's thread must not wait); False if it was not."""
+        try:
+            if quick:
+                if not _empty_quickly(place.scratch):
+                    return False
+            else:
+                self._empty(place)
+            if place.private:
+                _empty(place.own, None)
+                if place.inputs is not None:
+                    _empty(place.inputs, None)
+                place.private = False
+            place.taken = 0
+        except OSError as exc:
+            if quick:
+                return False
+            log.warning("cannot empty the scratch directory %s: %s", place.scratch, exc)
+        return True
+
+    def failure(self, request: WorkerRequest, exc: BaseException) -> Ended:
+        """How a task failed in the worker: ``exc`` is a ``TaskError`` (its line) or a bug (logged)."""
+        if isinstance(exc, TaskError):
             return Ended(FAILED, -1, {}, error=str(exc))
-        except Exception as exc:  # a bug or an I/O failure here is the attempt's, not the worker's
-            log.exception("task %s/%s failed in the worker", job.hex(), request.task_id)
-            return Ended(FAILED, -1, {}, error=f"worker {self.name}: {type(exc).__name__}: {exc}")
-        finally:
-            try:
-                if place is not None:
-                    self._empty(place)
-            except OSError as exc:
-                log.warning("cannot empty the scratch directory %s: %s", place.scratch, exc)
+        job = join128(request.job_uuid_upper, request.job_uuid_lower)
+        log.error("task %s/%s failed in the worker", job.hex(), request.task_id, exc_info=exc)
+        return Ended(FAILED, -1, {}, error=f"worker {self.name}: {type(exc).__name__}: {exc}")
 
     def _place(self, index: int) -> _Place:
+        place = self._places.get(index)
+        if place is not None:
+            return place
         scratch = self.scratch_root / f"slot-{index}"
         if self.task_user is None:
-            return _Place(scratch, scratch)
-        own = self.private_root / f"slot-{index}"
-        inputs = self.scratch_root / f"inputs-{index}"
-        if not own.is_dir():
-            own.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not inputs.is_dir():  # the task user reads (group G), only the worker writes
-            inputs.mkdir(mode=0o700, exist_ok=True)
-            os.chown(inputs, -1, self.task_user.gid)
-            os.chmod(inputs, 0o750)
-        return _Place(scratch, own, inputs)
+            place = _Place(scratch, scratch)
+        else:
+            own = self.private_root / f"slot-{index}"
+            inputs = self.scratch_root / f"inputs-{index}"
+            if not own.is_dir():
+                own.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not inputs.is_dir():  # the task user reads (group G), only the worker writes
+                inputs.mkdir(mode=0o700, exist_ok=True)
+                os.chown(inputs, -1, self.task_user.gid)
+                os.chmod(inputs, 0o750)
+            place = _Place(scratch, own, inputs)
+        taskuser.task_dir(scratch, self.task_user)
+        self._places[index] = place
+        return place
 
     def _empty(self, place: _Place) -> None:
         try:
@@ -204,37 +319,19 @@ class TaskRunner:
             if self.task_user is None:
                 raise
             # the task chmodded something away from the group: remove it as the task user
-            taskuser.clear_as(self.task_user, place.scratch, keep=(slot_child.OUTPUT_DIR,))
+            taskuser.clear_as(self.task_user, place.scratch)
             _empty(place.scratch, self.task_user)
-        if place.own != place.scratch:
-            _empty(place.own, None)
-        if place.inputs is not None:
-            _empty(place.inputs, None)
 
-    # ---- kinds -------------------------------------------------------------------------------
+    # ---- kinds: the order ---------------------------------------------------------------------
 
-    def _call(self, slot: Any, request: WorkerRequest, task: dict, place: _Place, limits: Limits) -> Ended:
+    @staticmethod
+    def _call_order(request: WorkerRequest, task: dict) -> dict[str, Any]:
         arguments = task.get("args")
         if not isinstance(arguments, bytes) or not request.program:
             raise TaskError("a call task needs the job's program (a pickled function) and the task's 'args' bytes")
-        outcome = slot.run_callable(request.program, arguments, place.scratch, limits, listen=self._listener(request))
-        ended = self._base(outcome)
-        if outcome.exception is not None and len(outcome.exception) <= INLINE_MAX:
-            ended.summary["exception"] = outcome.exception  # what it raised, pickled: the caller raises it again
-        if outcome.ok and outcome.result is not None:
-            if len(outcome.result) <= INLINE_MAX:
-                ended.summary["value"] = outcome.result
-            else:
-                path = place.own / "value.pkl"
-                path.write_bytes(outcome.result)
-                ended.result_file = self._store(path, "value.pkl", ended, place)
-                ended.summary["value_size"] = len(outcome.result)
-        self._logs(outcome, place, ended)
-        if outcome.ok and "compare" in task:
-            ended.summary["digest"] = output_digest(outcome.result or b"", task["compare"])
-        return ended
+        return {"args": arguments}
 
-    def _command(self, slot: Any, request: WorkerRequest, run: dict, task: dict, place: _Place, limits: Limits) -> Ended:
+    def _command_order(self, run: dict, task: dict, place: _Place) -> dict[str, Any]:
         argv = task.get("argv", run.get("argv"))
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise TaskError("a command task needs 'argv': a non-empty list of strings")
@@ -253,18 +350,9 @@ class TaskRunner:
             if fid is None:
                 raise TaskError(f"input {name!r}: {hex_id!r} is not a file id (32 hex digits)")
             inputs[name] = self._path(fid, place)
-        outcome = slot.run_command(argv, env, place.scratch, inputs, outputs, limits, listen=self._listener(request))
-        ended = self._base(outcome)
-        ended.summary["exit_code"] = outcome.exit_code
-        for name, path in sorted(outcome.outputs.items()):
-            fid = self._store(path, name, ended, place)
-            ended.summary.setdefault("outputs", {})[name] = fid.hex()
-        self._logs(outcome, place, ended)
-        if outcome.ok and "compare" in task:
-            ended.summary["digest"] = output_digest(outcome.stdout or b"", task["compare"])
-        return ended
+        return {"argv": argv, "env": env, "inputs": inputs, "outputs": outputs}
 
-    def _tile(self, slot: Any, request: WorkerRequest, run: dict, task: dict, place: _Place, limits: Limits) -> Ended:
+    def _tile_order(self, request: WorkerRequest, run: dict, task: dict, place: _Place) -> dict[str, Any]:
         paths = {}
         for side in ("a", "b"):
             fid = parse_id(run.get(side)) if isinstance(run.get(side), str) else None
@@ -276,22 +364,9 @@ class TaskRunner:
         # limits) that are not the kernel's business
         order = {k: v for k, v in {**run, **task}.items() if k in tiles.REQUEST_KEYS}
         order.update(a=paths["a"], b=paths["b"], boundaries=boundaries)
-        outcome = slot.run_tile(order, place.scratch, limits)
-        ended = self._base(outcome)
-        if outcome.ok:
-            ended.summary.update(msgspec.msgpack.decode(outcome.result) if outcome.result else {})
-            boundary = outcome.outputs.get("boundary")
-            if boundary is None:
-                raise TaskError("the tile left no boundary file")
-            ended.result_file = self._store(boundary, "boundary", ended, place)
-            rows = outcome.outputs.get("rows")
-            if rows is not None:  # the traceback's special rows: the job keeps them (keep_files)
-                self._store(rows, "rows", ended, place)
-                ended.summary["rows_bytes"] = ended.files[-1][1]  # the size of what was stored
-        self._logs(outcome, place, ended)
-        return ended
+        return order
 
-    def _trace(self, slot: Any, run: dict, task: dict, place: _Place, limits: Limits) -> Ended:
+    def _trace_order(self, run: dict, task: dict, place: _Place) -> dict[str, Any]:
         order = {k: v for k, v in {**run, **task}.items() if k in trace_tasks.REQUEST_KEYS}
         for side in ("a", "b"):
             fid = parse_id(order.get(side)) if isinstance(order.get(side), str) else None
@@ -313,7 +388,59 @@ class TaskRunner:
                 raise TaskError(f"{len(missing)} of the {len(rows)} special-rows files are no longer stored "
                                 f"(first {missing[0]}): the score pass must be recomputed")
             order["rows"] = paths
-        outcome = slot.run_trace(order, place.scratch, limits)
+        return order
+
+    # ---- kinds: the outcome -------------------------------------------------------------------
+
+    def _call(self, prepared: Prepared, outcome: Outcome) -> Ended:
+        place = prepared.place
+        ended = self._base(outcome)
+        if outcome.exception is not None and len(outcome.exception) <= INLINE_MAX:
+            ended.summary["exception"] = outcome.exception  # what it raised, pickled: the caller raises it again
+        if outcome.ok and outcome.result is not None:
+            if len(outcome.result) <= INLINE_MAX:
+                ended.summary["value"] = outcome.result
+            else:
+                path = place.own / "value.pkl"
+                place.private = True
+                path.write_bytes(outcome.result)
+                ended.result_file = self._store(path, "value.pkl", ended, place)
+                ended.summary["value_size"] = len(outcome.result)
+        self._logs(outcome, place, ended)
+        if outcome.ok and "compare" in prepared.task:
+            ended.summary["digest"] = output_digest(outcome.result or b"", prepared.task["compare"])
+        return ended
+
+    def _command(self, prepared: Prepared, outcome: Outcome) -> Ended:
+        place = prepared.place
+        ended = self._base(outcome)
+        ended.summary["exit_code"] = outcome.exit_code
+        for name, path in sorted(outcome.outputs.items()):
+            fid = self._store(path, name, ended, place)
+            ended.summary.setdefault("outputs", {})[name] = fid.hex()
+        self._logs(outcome, place, ended)
+        if outcome.ok and "compare" in prepared.task:
+            ended.summary["digest"] = output_digest(outcome.stdout or b"", prepared.task["compare"])
+        return ended
+
+    def _tile(self, prepared: Prepared, outcome: Outcome) -> Ended:
+        place = prepared.place
+        ended = self._base(outcome)
+        if outcome.ok:
+            ended.summary.update(msgspec.msgpack.decode(outcome.result) if outcome.result else {})
+            boundary = outcome.outputs.get("boundary")
+            if boundary is None:
+                raise TaskError("the tile left no boundary file")
+            ended.result_file = self._store(boundary, "boundary", ended, place)
+            rows = outcome.outputs.get("rows")
+            if rows is not None:  # the traceback's special rows: the job keeps them (keep_files)
+                self._store(rows, "rows", ended, place)
+                ended.summary["rows_bytes"] = ended.files[-1][1]  # the size of what was stored
+        self._logs(outcome, place, ended)
+        return ended
+
+    def _trace(self, prepared: Prepared, outcome: Outcome) -> Ended:
+        place = prepared.place
         ended = self._base(outcome)
         if outcome.ok:
             ended.summary.update(msgspec.msgpack.decode(outcome.result) if outcome.result else {})
@@ -350,6 +477,7 @@ class TaskRunner:
                 ended.summary[stream] = data[-LOG_INLINE:]
                 continue
             path = place.own / f".{stream}"
+            place.private = True
             path.write_bytes(data)
             ended.summary[stream] = data[-LOG_INLINE:]
             ended.summary[f"{stream}_file"] = self._store(path, stream, ended, place).hex()
@@ -366,6 +494,7 @@ class TaskRunner:
         mountpoint = getattr(self.files, "mountpoint", None)
         if mountpoint is not None and Path(path).is_relative_to(mountpoint):
             return path  # the FUSE view, which the task user reads (allow_other)
+        place.private = True
         return _stage(Path(path), place.inputs / fid.hex())
 
     def _take(self, path: Path, name: str, place: _Place) -> Path:
@@ -378,6 +507,7 @@ class TaskRunner:
             raise TaskError(f"{name}: not a regular file of the task's own in its scratch directory "
                             f"({reason})") from None
         place.taken += 1
+        place.private = True
         copy = place.own / f"taken-{place.taken}"
         try:
             out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -454,21 +584,42 @@ def _copy_fd(source: int, dest: int) -> None:
 
 
 def _empty(scratch: Path, task_user: TaskUser | None = None) -> None:
-    """Make ``scratch`` an empty directory (the slot's own output captures may stay: the slot
-    truncates them for each task); a missing one is made (an ``taskuser.task_dir`` with a task
-    user)."""
+    """Make ``scratch`` an empty directory; a missing one is made (an ``taskuser.task_dir``
+    with a task user)."""
     try:
         entries = list(os.scandir(scratch))
     except FileNotFoundError:
         taskuser.task_dir(scratch, task_user)
         return
     for entry in entries:
-        if entry.name == slot_child.OUTPUT_DIR and entry.is_dir(follow_symlinks=False):
-            continue
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path)
         else:
             os.unlink(entry.path)
+
+
+QUICK_ENTRIES = 32  # a scratch directory with more than this is emptied off the loop's thread
+
+
+def _empty_quickly(scratch: Path) -> bool:
+    """Empty ``scratch`` if that takes a few unlinks (most tasks leave nothing); False, having
+    removed nothing, if it holds a directory or more than ``QUICK_ENTRIES`` entries or is
+    missing, or False part way if an unlink is refused (a task user's file)."""
+    try:
+        with os.scandir(scratch) as listing:
+            entries = list(listing)
+    except OSError:
+        return False
+    if len(entries) > QUICK_ENTRIES or any(e.is_dir(follow_symlinks=False) for e in entries):
+        return False
+    for entry in entries:
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+    return True
 
 
 def _limits(run: dict, task: dict) -> Limits:

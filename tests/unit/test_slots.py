@@ -249,9 +249,14 @@ def test_close_kills_what_a_callable_left_running(tmp_path):
 
 
 def test_a_command_runs_in_its_own_process(slot, tmp_path):
-    out = slot.run_command(["sh", "-c", "echo hello; echo oops >&2"], None, tmp_path)
+    # started by the worker (posix_spawn: no slot child needed), as the leader of a process group
+    # of its own: its pid and group id, as the kernel says them, in a file it leaves
+    out = slot.run_command(["sh", "-c", "echo hello; echo oops >&2; cut -d' ' -f1,5 /proc/$$/stat > ids"],
+                           None, tmp_path)
     assert out.ok and out.kind == "command"
     assert (out.stdout, out.stderr) == (b"hello\n", b"oops\n")
+    pid, group = (int(x) for x in (tmp_path / "ids").read_text().split())
+    assert pid == group and pid != os.getpid()
     assert slot.pid is None and slot.counters["commands"] == 1
 
 
