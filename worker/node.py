@@ -1,10 +1,12 @@
 """A worker process: the core, its loop, the task slots and the view of storage.
 
 ``cluster-worker --config cluster.toml --name w1 --data-dir D [--slots N] [--label L]…`` runs
-one. The config names the balancers (``[balancers.*]``), masters and storage nodes. Each slot
-is a thread that owns one ``worker.slots.Slot`` (a persistent child process for callables and
-tiles); the core's ``RunTask`` effects are queued to the slots and each ending is posted back
-as ``TaskEnded``. Stored files reach tasks through the FUSE view: with ``--mount`` the worker
+one. The config names the balancers (``[balancers.*]``), masters and storage nodes. Its slots
+(``worker.slots.Slot``: a persistent child process each, which runs callables, tiles and traces
+and starts commands) are driven from the node's own loop (``worker.slotpool``): the core's
+``RunTask`` begins a task on a free slot and returns, and the slots' pipes, in the loop's
+poller, bring its output and its end (``OutputRead``, ``TaskEnded``); no thread per slot or per
+task. Stored files reach tasks through the FUSE view: with ``--mount`` the worker
 starts ``cluster mount`` there as a child process (or uses a mount already served there); where
 FUSE is unavailable it fetches whole files into its cache instead and says so.
 
@@ -36,15 +38,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
 import shutil
 import socket as pysocket
 import stat
 import subprocess
 import sys
-import threading
 import time
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -54,59 +53,17 @@ from cluster.node.config import ClusterConfig, ConfigError, load_cluster_config
 from cluster.node.keys import node_credentials, secret_path
 from cluster.node.loop import NodeLoop, SocketSpec
 from cluster.node.storagelink import LinkPool
-from proto.ids import join128
 from worker.cache import BlockCache
-from worker.core import OutputRead, RunTask, TaskEnded, WorkerCore, WorkerIdentity, WorkerOptions, balancer_socket
+from worker.core import RunTask, StopTask, WorkerCore, WorkerIdentity, WorkerOptions, balancer_socket
 from worker.taskuser import (TaskUser, TaskUserError, clear_as, drop_inheritable_capabilities, probe_task_user,
                              switch_problem)
 from worker.files import WorkerFiles
 from worker.fusefs import fuse_available, unmount
-from worker.slots import Slot
+from worker.slotpool import SlotPool
 from worker.tasks import TaskRunner
 from worker.view import ClusterView
 
 log = logging.getLogger("cluster.worker")
-
-
-class SlotPool:
-    """``slots`` threads, each with its own ``Slot``, taking ``RunTask`` effects in order."""
-
-    def __init__(self, slots: int, runner: TaskRunner, post, stimulus, *, task_user: TaskUser | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.runner = runner
-        self.post = post
-        self.stimulus = stimulus
-        self.tasks: queue.Queue[RunTask | None] = queue.Queue()
-        self.slots = [Slot(i, env=env, task_user=task_user) for i in range(slots)]
-        self.threads = [threading.Thread(target=self._serve, args=(s,), name=f"slot-{s.index}", daemon=True)
-                        for s in self.slots]
-        for t in self.threads:
-            t.start()
-
-    def perform(self, effect: RunTask) -> None:
-        self.tasks.put(effect)
-
-    def _serve(self, slot: Slot) -> None:
-        while True:
-            effect = self.tasks.get()
-            if effect is None:
-                return
-            m = effect.request
-            ended = self.runner.run(slot, m)
-            job = join128(m.job_uuid_upper, m.job_uuid_lower)
-            self.post(TaskEnded(job, m.task_id, (m.fence_term, m.fence_sequence), ended.outcome, ended.exit_code,
-                                ended.summary, ended.result_file, ended.error, ended.files, ended.cached,
-                                self.stimulus("task-ended")))
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the slot processes (a running task is killed with its child) and the threads."""
-        for _ in self.threads:
-            self.tasks.put(None)
-        for slot in self.slots:
-            slot.close()
-        deadline = time.monotonic() + timeout
-        for t in self.threads:
-            t.join(max(0.0, deadline - time.monotonic()))
 
 
 class MountChild:
@@ -254,13 +211,6 @@ def _switchable(task_user: str) -> TaskUser:
     return user
 
 
-def _output_read(holder: dict[str, object], job: bytes, task: int, stream: int, chunk: bytes) -> None:
-    """A task's output as a slot thread reads it: to the core, stamped now (worker.output)."""
-    loop = holder.get("loop")
-    if isinstance(loop, NodeLoop):
-        loop.post(OutputRead(job, task, stream, chunk, time.time()))
-
-
 def advertised(endpoint: str) -> str:
     """The endpoint followers reach a bound ``endpoint`` at: a wildcard host (``0.0.0.0``, ``*``)
     becomes this machine's name, as the balancers and clients of a rack know it."""
@@ -321,9 +271,8 @@ def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, m
             if held is not None:
                 held.close()
         raise
-    holder: dict[str, object] = {}
     runner = TaskRunner(me.name, scratch, files=files, links=links, copies=config.storage.replicas,
-                        task_user=user, private_root=data_dir / "private", listen=partial(_output_read, holder))
+                        task_user=user, private_root=data_dir / "private")
     balancers = sorted(config.balancers.values(), key=lambda b: not b.primary)  # b0 = the primary
     if control:  # followers find its tasks' output there (the balancer's worker list shows it)
         me = dataclasses.replace(me, output=advertised(control))
@@ -333,10 +282,10 @@ def build_worker(config: ClusterConfig, me: WorkerIdentity, data_dir: Path, *, m
                for i, b in enumerate(balancers)]
     if control:
         sockets.append(SocketSpec("control", zmq.ROUTER, bind=(control,)))
-    loop = NodeLoop(core, sockets, performers={RunTask: lambda e: holder["pool"].perform(e)}, credentials=credentials)
-    holder["loop"] = loop
-    pool = SlotPool(me.slots, runner, loop.post, loop.stimulus, task_user=user, env=env)
-    holder["pool"] = pool
+    holder: dict[str, SlotPool] = {}
+    loop = NodeLoop(core, sockets, credentials=credentials,
+                    performers={RunTask: lambda e: holder["pool"].run(e), StopTask: lambda e: holder["pool"].stop(e)})
+    pool = holder["pool"] = SlotPool(me.slots, runner, loop, task_user=user, env=env)
 
     def release() -> None:
         pool.close()
@@ -361,10 +310,14 @@ def run_worker(config_path: Path, me: WorkerIdentity, data_dir: Path, *, mount: 
         release()
 
 
+PREFETCH_PER_SLOT = 64  # the most an adaptive prefetch queue holds per slot (worker.prefetch)
+
+
 def default_identity(name: str, slots: int | None, labels: list[str], memory_mb: int | None = None,
                      prefetch: int | None = None) -> WorkerIdentity:
-    """This machine as a worker: one slot per core unless told otherwise, and as many tasks
-    again prefetched."""
+    """This machine as a worker: one slot per core unless told otherwise; ``prefetch`` tasks
+    queued beyond them, or (None) a queue that adapts from one per slot to ``PREFETCH_PER_SLOT``
+    per slot (worker.prefetch)."""
     cores = os.cpu_count() or 1
     if memory_mb is None:
         try:
@@ -379,6 +332,8 @@ def default_identity(name: str, slots: int | None, labels: list[str], memory_mb:
     except OSError:
         kernel = ""
     slots = slots or cores
-    return WorkerIdentity(name, slots, cores, memory_mb, 0, list(labels), kernel,
-                          slots if prefetch is None else prefetch)
+    if prefetch is not None:
+        return WorkerIdentity(name, slots, cores, memory_mb, 0, list(labels), kernel, prefetch)
+    return WorkerIdentity(name, slots, cores, memory_mb, 0, list(labels), kernel, slots,
+                          prefetch_max=PREFETCH_PER_SLOT * slots)
 
