@@ -277,3 +277,80 @@ def test_a_peer_that_does_not_read_holds_at_most_its_byte_budget_and_is_served_a
     assert dropped >= 64 - (budget >> 20) - 1 - 8, counters  # a few left through the kernel's buffers
     assert out["got"] == 64 - dropped
     assert isinstance(out["after"], FileResponse) and out["after"].request_id == 1000
+
+
+# ---- descriptors the node drives itself (add_reader) -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piped:
+    """What a reader read from its pipe (a worker's slot pipes give OutputRead, TaskEnded)."""
+
+    data: bytes
+    stimulus_id: str = "piped"
+
+
+class PipeCore:
+    role = "pipe"
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+        self.threads: set[str] = set()
+
+    def handle(self, event, now: float) -> list:
+        if isinstance(event, Piped):
+            self.got.append(event.data)
+            self.threads.add(threading.current_thread().name)
+            if event.data == b"quit":
+                return [Stop("the test is done")]
+        return []
+
+    def status(self, now: float) -> dict:
+        return {"got": len(self.got)}
+
+
+def test_readers_are_called_on_the_loop_thread_their_events_in_order_and_removed_readers_are_not():
+    first_r, first_w = os.pipe()
+    second_r, second_w = os.pipe()
+    for fd in (first_r, second_r):
+        os.set_blocking(fd, False)
+    core = PipeCore()
+    loop = NodeLoop(core, [], linger_ms=0)
+    reads: list[bytes] = []
+
+    def on_first() -> list:
+        chunk = os.read(first_r, 100)
+        reads.append(chunk)
+        if chunk == b"boom":
+            raise RuntimeError("a reader's bug")  # logged and counted: the node serves on
+        if chunk == b"two":  # from here the loop watches the second pipe, not the first
+            loop.remove_reader(first_r)
+            loop.add_reader(second_r, on_second)
+        return [Piped(chunk), Piped(chunk + b"!")]
+
+    def on_second() -> list:
+        return [Piped(os.read(second_r, 100))]
+
+    def writer() -> None:  # one piece at a time, so that each is one read
+        try:
+            for piece in (b"one", b"boom", b"two"):
+                seen = len(reads)
+                os.write(first_w, piece)
+                wait_for(lambda: len(reads) > seen, 10, f"the loop to read {piece!r}")
+            os.write(first_w, b"not read: no longer watched")
+        finally:
+            os.write(second_w, b"quit")  # the loop stops whatever happened
+
+    loop.add_reader(first_r, on_first)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert loop.run() == 0
+    finally:
+        thread.join(30)
+        for fd in (first_r, first_w, second_r, second_w):
+            os.close(fd)
+    assert core.got == [b"one", b"one!", b"two", b"two!", b"quit"]
+    assert core.threads == {threading.main_thread().name}
+    assert loop.counters["reader_errors"] == 1
+    assert reads == [b"one", b"boom", b"two"]
