@@ -16,7 +16,7 @@ error). The phases:
    of N ``range`` jobs of one task each, window 256; a submit counts when its SUBMIT_ACK (sent
    only after the batch committed on a quorum) is back. Median of R reps.
    Jobs stay in the ledger once done, so every rep starts with more of them (recorded per rep as
-   ``jobs_in_ledger_before``): ``Ledger.ready_tasks`` scans all of them on each dispatch.
+   ``jobs_in_ledger_before``); phase 5 measures what they cost the leader.
 2. **Task completions/s committed**, same cluster: one ``range`` job of M tasks
    (``keep_results`` false), then ``master.echo_balancer.EchoBalancer`` (credit 2048) attaches to
    the leader and completes every task at once; M / (time from ATTACH to the M-th RESULT_ACK).
@@ -37,6 +37,13 @@ error). The phases:
    was elected (its ``leader_since``; the masters' clock is CLOCK_MONOTONIC, shared by every
    process here), its ``first_commit_s`` (election → its first entry committed), the terms
    passed. The killed master is restarted and is a caught-up follower before the next round.
+5. **Finished jobs** (only with ``--finished-jobs N``): the leader's ledger work per task in one
+   process (``bench/leader_work.py``: dispatch, ``AssignTasks`` and ``CompleteTask`` applied as
+   the leader drives them, then the leader's whole core with Raft faked: its CPU per task) with
+   0 and N finished one-task jobs in the ledger; then, on a fresh
+   cluster, completions/s as in phase 2 and the leader process's CPU per task, first with (almost)
+   no jobs in the ledger, then after N one-task jobs were submitted and completed. Phases 1-4
+   can be left out with ``--phases finished``.
 
 Raft terms are read before and after each phase and the masters' logs are scanned for role
 changes: an election that no kill caused is reported as spurious.
@@ -45,6 +52,7 @@ changes: an election that no kill caused is reported as spurious.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -61,7 +69,7 @@ sys.path.insert(0, str(ROOT))
 
 import zmq  # noqa: E402
 
-from bench import machine  # noqa: E402
+from bench import leader_work, machine  # noqa: E402
 from bench.raft_counter import counter_cluster  # noqa: E402
 from cluster.client import Client, ClusterError  # noqa: E402
 from cluster.local import LocalNode, credentials_as, master_nodes, start_all, stop_all  # noqa: E402
@@ -85,6 +93,7 @@ MODE_LABEL = {
     "nobatch": "pysyncobj counter, appendEntriesUseBatch=False",
     "durable": "pysyncobj counter, UseBatch=False + our msync'd journal",
 }
+PHASES = ("masters", "counter", "failover", "finished")
 ROLE_LINE = re.compile(r"raft: (leader|follower|candidate) in term (\d+)")
 
 
@@ -172,6 +181,41 @@ def echo_run(addresses: list[str], n: int, epoch: int, timeout: float, credentia
             "attaches": st.attaches, "seconds": dt, "per_s": st.acked / dt if dt else 0.0}
 
 
+def submit_jobs(c: Client, n: int) -> dict:
+    """``n`` one-task jobs, submitted with ``submit_many`` (window ``SUBMIT_WINDOW``)."""
+    jobs = [("range", {"count": 1})] * n
+    t0 = time.perf_counter()
+    refs = c.submit_many(jobs, window=SUBMIT_WINDOW)
+    dt = time.perf_counter() - t0
+    assert len({r.job for r in refs}) == n, "submit_many returned duplicate jobs"
+    return {"count": n, "seconds": dt, "per_s": n / dt}
+
+
+def drain_jobs(ms: Masters, n: int) -> None:
+    """Complete the ``n`` one-task jobs just submitted (untimed)."""
+    r = echo_run(ms.addresses, n, ECHO_EPOCH, 60, ms.balancer_key)
+    if r["acked"] < n:
+        raise RuntimeError(f"drain: only {r['acked']} of {n} one-task jobs completed")
+
+
+def complete_tasks(ms: Masters, c: Client, m: int) -> dict:
+    """One ``range`` job of ``m`` tasks, every one completed by the echo balancer: completions/s."""
+    ref = c.submit_job("range", {"count": m, "keep_results": False})
+    r = echo_run(ms.addresses, m, ECHO_EPOCH, 60, ms.balancer_key)
+    view = c.job(ref.job).value
+    r.update(count=m, job_state=view["state"], job_done=view["done"])
+    if r["acked"] < m or view["state"] != "done" or view["done"] != m:
+        raise RuntimeError(f"completions: acked {r['acked']} of {m} (echo: {r}); job {view}")
+    r["per_s"] = m / r["seconds"]
+    return r
+
+
+def leader_jobs(ms: Masters) -> int | None:
+    """How many jobs the leader's ledger holds."""
+    st = next((x for x in ms.statuses() if x and x.get("state") == "leader"), None)
+    return st["ledger"].get("jobs") if st else None
+
+
 def bench_masters(root: Path, reps: int, n_submits: int, n_tasks: int) -> dict:
     out: dict[str, Any] = {"submits": [], "completions": [], "checks": []}
     cpu0 = machine.cpu_times()
@@ -180,45 +224,18 @@ def bench_masters(root: Path, reps: int, n_submits: int, n_tasks: int) -> dict:
         log(f"  masters up; leader m{leader + 1} (term {status['term']})")
         out["terms_start"] = ms.terms()
         with Client(ms.addresses, timeout=120) as c:
-            def submits(n: int) -> dict:
-                jobs = [("range", {"count": 1})] * n
-                t0 = time.perf_counter()
-                refs = c.submit_many(jobs, window=SUBMIT_WINDOW)
-                dt = time.perf_counter() - t0
-                assert len({r.job for r in refs}) == n, "submit_many returned duplicate jobs"
-                return {"count": n, "seconds": dt, "per_s": n / dt}
-
-            def drain(n: int) -> None:  # the one-task jobs just submitted (untimed)
-                r = echo_run(ms.addresses, n, ECHO_EPOCH, 60, ms.balancer_key)
-                if r["acked"] < n:
-                    raise RuntimeError(f"drain: only {r['acked']} of {n} one-task jobs completed")
-
-            def completions(m: int) -> dict:
-                ref = c.submit_job("range", {"count": m, "keep_results": False})
-                r = echo_run(ms.addresses, m, ECHO_EPOCH, 60, ms.balancer_key)
-                view = c.job(ref.job).value
-                r.update(count=m, job_state=view["state"], job_done=view["done"])
-                if r["acked"] < m or view["state"] != "done" or view["done"] != m:
-                    raise RuntimeError(f"completions: acked {r['acked']} of {m}; job {view}")
-                r["per_s"] = m / r["seconds"]
-                return r
-
             log("  warm-up (untimed)")
             warm_n = max(200, n_submits // 10)
-            submits(warm_n)
-            drain(warm_n)
-            completions(max(1000, n_tasks // 10))
-            def jobs_in_ledger() -> int | None:
-                st = next((x for x in ms.statuses() if x and x.get("state") == "leader"), None)
-                return st["ledger"].get("jobs") if st else None
-
+            submit_jobs(c, warm_n)
+            drain_jobs(ms, warm_n)
+            complete_tasks(ms, c, max(1000, n_tasks // 10))
             for rep in range(reps):
-                jobs_before = jobs_in_ledger()
-                s = submits(n_submits)
-                drain(n_submits)
+                jobs_before = leader_jobs(ms)
+                s = submit_jobs(c, n_submits)
+                drain_jobs(ms, n_submits)
                 s["jobs_in_ledger_before"] = jobs_before
-                jobs_before = jobs_in_ledger()
-                k = completions(n_tasks)
+                jobs_before = leader_jobs(ms)
+                k = complete_tasks(ms, c, n_tasks)
                 k["jobs_in_ledger_before"] = jobs_before
                 out["submits"].append(s)
                 out["completions"].append(k)
@@ -243,6 +260,60 @@ def bench_masters(root: Path, reps: int, n_submits: int, n_tasks: int) -> dict:
     out["spurious_elections"] = (max(x for x in t1 if x is not None) - max(x for x in t0 if x is not None)
                                  if any(t0) and any(t1) else None)
     return out
+
+
+# ---- phase 5 (--finished-jobs N): the leader's work as finished jobs pile up -------------------
+
+
+def process_cpu(pid: int | None) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used, from /proc; None if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_finished(root: Path, reps: int, n_tasks: int, n_finished: int) -> dict:
+    """Completions/s and the leader's CPU per completed task on a fresh cluster, first with
+    (almost) no jobs in the ledger, then with ``n_finished`` finished one-task jobs in it
+    (jobs stay for the retention period); the dispatch view was O(all jobs) before issue 23."""
+    out: dict[str, Any] = {"finished_jobs": n_finished, "phases": {}}
+    with Masters(root, "finished") as ms, Client(ms.addresses, timeout=120) as c:
+        ms.wait_leader()
+        complete_tasks(ms, c, max(1000, n_tasks // 10))  # warm-up (untimed)
+        for label in ("empty", "full"):
+            if label == "full":
+                t0 = time.perf_counter()
+                for left in range(n_finished, 0, -5000):
+                    submit_jobs(c, min(5000, left))
+                    drain_jobs(ms, min(5000, left))
+                out["fill_s"] = time.perf_counter() - t0
+            runs = []
+            for _ in range(reps):
+                leader, _ = ms.wait_leader()
+                pid, jobs_before = ms.nodes[leader].pid, leader_jobs(ms)
+                cpu0 = process_cpu(pid)
+                k = complete_tasks(ms, c, n_tasks)
+                cpu1 = process_cpu(pid)
+                k["jobs_in_ledger_before"] = jobs_before
+                k["leader_cpu_us_per_task"] = None if cpu0 is None or cpu1 is None else 1e6 * (cpu1 - cpu0) / n_tasks
+                runs.append(k)
+            out["phases"][label] = {
+                "reps": runs, "jobs_in_ledger": runs[0]["jobs_in_ledger_before"],
+                "completions_per_s": median([r["per_s"] for r in runs]),
+                "leader_cpu_us_per_task": median([r["leader_cpu_us_per_task"] for r in runs
+                                                  if r["leader_cpu_us_per_task"] is not None]),
+            }
+            p = out["phases"][label]
+            each = ", ".join(f"{r['per_s']:,.0f}" for r in runs)
+            log(f"  {p['jobs_in_ledger']:,} jobs in the ledger: {p['completions_per_s']:,.0f} completions/s "
+                f"({each}), leader CPU {_fmt_us(p['leader_cpu_us_per_task'])} µs per task")
+    return out
+
+
+def _fmt_us(x: float | None) -> str:
+    return "?" if x is None else f"{x:.0f}"
 
 
 # ---- phase 3: the baseline -----------------------------------------------------------------
@@ -494,6 +565,23 @@ def print_report(res: dict) -> None:
     out(f"total {res['elapsed_s']:.1f} s; results in {res['json_path']}")
 
 
+def print_finished(res: dict) -> None:
+    """Phase 5: the same drain with no finished jobs in the ledger and with N of them."""
+    print(f"With finished jobs in the ledger (phase 5, median of {res['config']['reps']} reps):")
+    for r in res["finished_inproc"]["runs"]:
+        m = r["median"]
+        print(f"  in process, {r['finished_jobs']:>6,} finished jobs, in-flight as {r['mode']:5s}: "
+              f"{m['tasks_per_s']:8,.0f} tasks/s; dispatch {m['dispatch_per_s']:8,.0f}/s "
+              f"(ready_tasks {m['ready_us_per_call']:.1f} µs a call); completions {m['completions_per_s']:8,.0f}/s")
+    for r in res["finished_core"]["runs"]:
+        print(f"  the leader's core in process (Raft faked), {r['finished_jobs']:>6,} finished jobs: "
+              f"{r['cpu_us_per_task']:.1f} µs of CPU per task")
+    for label, p in res["finished"]["phases"].items():
+        print(f"  3 masters, {p['jobs_in_ledger']:>6,} jobs in the ledger: {p['completions_per_s']:,.0f} completions/s, "
+              f"leader CPU {_fmt_us(p['leader_cpu_us_per_task'])} µs per task")
+    print(f"total {res['elapsed_s']:.1f} s; results in {res['json_path']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer and smaller reps, 3 failovers (< 60 s)")
@@ -505,7 +593,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--durable-increments", type=int, default=None,
                     help="increments per rep of the durable counter (default 2,000, --quick 500; 0: skip)")
     ap.add_argument("--failovers", type=int, default=None, help="leader kills (default 5, --quick 3)")
+    ap.add_argument("--finished-jobs", type=int, default=0, metavar="N",
+                    help="also measure with N finished jobs in the ledger against none (phase 5: in process, "
+                         "then on the masters); 0 (default): skip")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help=f"which phases to run, of {','.join(PHASES)} (default: all; 'finished' needs --finished-jobs)")
     args = ap.parse_args(argv)
+    phases = set(args.phases.split(","))
+    if phases - set(PHASES):
+        ap.error(f"unknown phases {sorted(phases - set(PHASES))}; the phases are {','.join(PHASES)}")
     q = args.quick
     reps = args.reps or (2 if q else 5)
     n_submits = args.submits or (2_000 if q else 5_000)
@@ -527,16 +623,32 @@ def main(argv: list[str] | None = None) -> int:
     cpu0 = machine.cpu_times()
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
         root = Path(tmp)
-        log(f"1+2. our masters: {reps} reps of {n_submits:,} submits and {n_tasks:,} task completions")
-        res["masters"] = bench_masters(root, reps, n_submits, n_tasks)
-        log(f"3. pysyncobj's counter: {reps} reps per mode")
-        res["counter"] = bench_counter(root, reps, n_incr, n_durable)
-        log(f"4. failover: {rounds} leader kills")
-        res["failover"] = bench_failover(root, rounds)
-    res["ratios"] = ratios(res)
+        if "masters" in phases:
+            log(f"1+2. our masters: {reps} reps of {n_submits:,} submits and {n_tasks:,} task completions")
+            res["masters"] = bench_masters(root, reps, n_submits, n_tasks)
+        if "counter" in phases:
+            log(f"3. pysyncobj's counter: {reps} reps per mode")
+            res["counter"] = bench_counter(root, reps, n_incr, n_durable)
+        if "failover" in phases:
+            log(f"4. failover: {rounds} leader kills")
+            res["failover"] = bench_failover(root, rounds)
+        if "finished" in phases and args.finished_jobs:
+            n = args.finished_jobs
+            log(f"5. {n:,} finished jobs in the ledger against none: the leader's ledger work in process "
+                f"(bench/leader_work.py), {reps} reps of {n_tasks:,} tasks")
+            res["finished_inproc"] = leader_work.run([0, n], n_tasks, reps, leader_work.CHUNK, leader_work.INFLIGHT, log)
+            res["finished_core"] = leader_work.run_core([0, n], n_tasks, reps, leader_work.CORE_CHUNK,
+                                                        leader_work.CREDIT, log)
+            log(f"   and on 3 masters: {reps} reps of {n_tasks:,} completions, before and after filling")
+            res["finished"] = bench_finished(root, reps, n_tasks, n)
+    if "masters" in res and "counter" in res:
+        res["ratios"] = ratios(res)
     machine.finish(res, cpu0, started, args.json)
-    print_report(res)
-    ok = all(not e.get("error") for e in res["counter"].values())
+    if all(k in res for k in ("masters", "counter", "failover")):
+        print_report(res)
+    if "finished" in res:
+        print_finished(res)
+    ok = all(not e.get("error") for e in res.get("counter", {}).values())
     return 0 if ok else 1
 
 
