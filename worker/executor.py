@@ -2,10 +2,12 @@
 
 Theory of operation
 -------------------
-A worker's task slots call ``run_command`` (a shell command: argv, env, scratch directory,
-declared inputs and outputs) or ``run_callable`` (a cloudpickled Python callable). Both block
-until the task is over and return an ``Outcome``; a failing task is an ``Outcome`` with
-``ok=False`` and an ``error`` line, never an exception, so a bad task cannot take its worker down.
+``run_command`` (a shell command: argv, env, scratch directory, declared inputs and outputs)
+and ``run_callable`` (a cloudpickled Python callable) run one task each and block until it is
+over, returning an ``Outcome``; a failing task is an ``Outcome`` with ``ok=False`` and an
+``error`` line, never an exception, so a bad task cannot take its worker down. A worker's slots
+(worker.slots) run tasks without blocking and without a process per callable, but word their
+outcomes as this module does (``_Run``, ``_Capture``, the input and output checks are shared).
 
 Every task runs as the leader of its own session and process group, so the whole tree it
 starts can be signalled at once. One supervisor (``_supervise``) serves both kinds: it polls the
