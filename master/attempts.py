@@ -73,7 +73,7 @@ def assign(state: LedgerState, work: WorkState, c: AssignTasks) -> Applied:
         fence = (c.term, c.first_sequence + i)
         task.state = next_state(task.state, "assign")
         task.attempts.append(Attempt(fence[0], fence[1], c.balancer, c.now))
-        del job.ready[task_id]
+        state.ready_index.remove(job, task_id)
         assigned.append((job_id, task_id, fence))
     if units:
         got, missed = work.assign(units, c.balancer, c.now)
@@ -169,7 +169,7 @@ def _record_done(state: LedgerState, job: Job, c: CompleteTask, task: Task, atte
         if other.outcome is None:
             _end(other, c, CANCELLED, "superseded: another attempt finished first")
     if task.state == TaskState.READY:
-        del job.ready[c.task_id]
+        state.ready_index.remove(job, c.task_id)
     job.live -= 1
     task.state = next_state(task.state, "complete")
     task.result_file = c.result_file
@@ -187,8 +187,8 @@ def _record_done(state: LedgerState, job: Job, c: CompleteTask, task: Task, atte
             _maybe_fold(state, job, reader_of, source_task)
     _maybe_fold(state, job, c.task_id, task)
     trim_endings(job)
-    joblife.materialise(job, newly_ready)
-    joblife.refill(job)
+    joblife.materialise(state, job, newly_ready)
+    joblife.refill(state, job)
     joblife.finish_if_ended(state, job, c.now)
     return Applied(True, "recorded", value={"newly_ready": len(newly_ready)})
 
@@ -232,7 +232,7 @@ def _record_failure(state: LedgerState, job: Job, c: CompleteTask, task: Task, a
         job.failed_attempts += 1
         count(state, f"attempts_{OUTCOMES[c.outcome]}")
         task.state = next_state(task.state, "retry")
-        job.ready[c.task_id] = None
+        state.ready_index.add(job, (c.task_id,))
         if c.outcome == LOST:
             return Applied(True, "retry", f"attempt {ended} lost ({lost} of {max_lost} losses allowed)")
         return Applied(True, "retry", f"attempt {own} of {job.spec['max_attempts']} failed")
@@ -257,7 +257,7 @@ def _record_failure(state: LedgerState, job: Job, c: CompleteTask, task: Task, a
     if not job.spec.get("fail_fast", True):
         job.live -= 1
         job.source.on_failed(c.task_id)  # ended: the window moves past it
-        joblife.refill(job)
+        joblife.refill(state, job)
         joblife.finish_if_ended(state, job, c.now)
         return Applied(True, "failed", text, value={"job_state": job.state})
     joblife.end_job(state, job, JobState.FAILED, text, c.now)  # its other tasks are cancelled or finish unrecorded

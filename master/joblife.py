@@ -70,7 +70,7 @@ def submit(state: LedgerState, c: SubmitJob) -> Applied:
     for dep in after:  # a job can only wait for earlier ones, so the dependencies form a DAG
         state.waiting.setdefault(dep, []).append(c.job_id)
     if not after:
-        materialise(job, job.source.take(jobs.WINDOW))
+        materialise(state, job, job.source.take(jobs.WINDOW))
     count(state, "jobs_submitted")
     return Applied(True, value={"job": c.job_id, "created": True})
 
@@ -101,18 +101,18 @@ def cancel(state: LedgerState, c: CancelJob) -> Applied:
     return Applied(True, value={"job": c.job_id, "state": job.state, "changed": True})
 
 
-def materialise(job: Job, task_ids: list[int]) -> None:
+def materialise(state: LedgerState, job: Job, task_ids: list[int]) -> None:
     """Make ``task_ids`` ready: each now has a record (the job's frontier)."""
     for task_id in task_ids:
         job.tasks[task_id] = Task(state=TaskState.READY, readers_left=job.source.consumers(task_id))
-        job.ready[task_id] = None
+    state.ready_index.add(job, task_ids)
     job.live += len(task_ids)
 
 
-def refill(job: Job) -> None:
+def refill(state: LedgerState, job: Job) -> None:
     """Top the job's live tasks back up to the window (a wavefront grid makes its own)."""
     if not isinstance(job.source, jobs.GridSource) or not job.source.wavefront:
-        materialise(job, job.source.take(jobs.WINDOW - job.live))
+        materialise(state, job, job.source.take(jobs.WINDOW - job.live))
 
 
 def finish_if_ended(state: LedgerState, job: Job, now: float) -> None:
@@ -135,7 +135,7 @@ def end_job(state: LedgerState, job: Job, end: str, error: str | None, now: floa
         for task in job.tasks.values():
             if task.state in (TaskState.READY, TaskState.ASSIGNED):
                 task.state = next_state(task.state, "cancel")
-    job.ready.clear()
+    state.ready_index.clear(job)
     job.live = 0
     job.state = end
     job.finished_at = now
@@ -160,7 +160,7 @@ def release_waiting(state: LedgerState, ended: Job, now: float) -> None:
             if job.state == JobState.DONE:
                 waiter.after.remove(job.job_id)
                 if not waiter.after:
-                    materialise(waiter, waiter.source.take(jobs.WINDOW))
+                    materialise(state, waiter, waiter.source.take(jobs.WINDOW))
                     count(state, "jobs_released")
                 continue
             end_job(state, waiter, JobState.FAILED, f"job {job.job_id.hex()}, which it waits for, {job.state}: "

@@ -29,9 +29,11 @@ decode, and equality is structural (property-tested in tests/unit/test_ledger_pr
 
 Each concern has its own module, all functions over the state types of ``master.state``:
 ``master.joblife`` (submits, the DAG of ``after``, a job's end), ``master.attempts`` (assignment,
-completion, retries, folding, reduce), ``master.files`` (the file table). This module holds the
-``Ledger`` object (the live state, the dispatch of commands, snapshots, invariants); the read
-views are functions in ``master.views`` (e.g. ``views.job_view(ledger.state, job_id)``).
+completion, retries, folding, reduce), ``master.files`` (the file table); every change of a job's
+ready set goes through ``LedgerState.ready_index`` (``master.ready``), the index dispatch reads.
+This module holds the ``Ledger`` object (the live state, the dispatch of commands, snapshots,
+invariants); the read views are functions in ``master.views`` (e.g.
+``views.job_view(ledger.state, job_id)``).
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class Ledger:
             assert job_id in s.jobs, f"idempotency key {key.hex()} names a missing job"
         for job in s.jobs.values():
             _validate_job(s, job)
+        s.ready_index.validate(s.jobs)  # the dispatch index is what a full scan of the jobs finds
         files.validate(s)
 
 

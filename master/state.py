@@ -11,6 +11,11 @@ no field names, so a new field goes last and carries a default, and older snapsh
 decode. Moving a Struct between modules does not change the snapshot (no type names are
 written).
 
+``LedgerState.ready_index`` (``master.ready.ReadyIndex``: the jobs with ready tasks, by priority)
+is derived from the jobs and is no field: msgspec neither encodes nor compares it, and
+``__post_init__`` builds it again whenever a state is made or decoded, so snapshots keep their
+format and every master holds the same index after the same log.
+
 ``Applied`` is what applying one command did; ``refused`` makes a refusal. Tasks move through
 ``TASK_TRANSITIONS``; ``next_state`` is the only way a task's state changes.
 """
@@ -24,7 +29,7 @@ from typing import Any
 import msgspec
 
 from master import jobs
-
+from master.ready import ReadyIndex
 
 
 class TaskState(StrEnum):
@@ -116,7 +121,7 @@ class Job(msgspec.Struct, array_like=True):
     source: jobs.Source
     state: JobState = JobState.ACTIVE
     tasks: dict[int, Task] = {}
-    ready: dict[int, None] = {}  # an ordered set: ready tasks, oldest first
+    ready: dict[int, None] = {}  # an ordered set: ready tasks, oldest first (changed only through the ReadyIndex)
     done: int = 0
     live: int = 0  # materialised tasks not finished (ready or assigned)
     failed_attempts: int = 0
@@ -142,7 +147,9 @@ class FileRecord(msgspec.Struct, array_like=True):
     refs: dict[bytes, str] = {}  # owner (a job id, or PIN) → the name it knows the file by
 
 
-class LedgerState(msgspec.Struct, array_like=True):
+class LedgerState(msgspec.Struct, array_like=True, dict=True):
+    """The replicated state. ``dict=True`` lets it carry ``ready_index``, derived and not a field."""
+
     jobs: dict[bytes, Job] = {}
     keys: dict[bytes, tuple[bytes, bytes]] = {}  # idempotency key → (body digest, job id)
     files: dict[bytes, FileRecord] = {}
@@ -158,6 +165,10 @@ class LedgerState(msgspec.Struct, array_like=True):
     # Ledger.work (numpy columns); it is written here only when a snapshot is taken
     work: bytes = b""
     waiting: dict[bytes, list[bytes]] = {}  # job id → the jobs that wait for it (spec 'after')
+
+    def __post_init__(self) -> None:
+        # derived from the jobs (master.ready), rebuilt on every make and decode, never encoded
+        self.ready_index = ReadyIndex.of(self.jobs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,10 +9,11 @@ module imports ``master.state`` and never ``master.ledger``, so the two cannot f
 from __future__ import annotations
 
 import heapq
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 from master import jobs
 from master.commands import FAILED, LOST, OUTCOMES
+from master.ready import InFlight
 from master.state import PIN, PIN_PREFIX, Attempt, Job, JobState, LedgerState, TaskState, is_pin
 from master.workspec import WorkState
 
@@ -20,30 +21,69 @@ FAILURES_SHOWN = 3  # the newest failed attempts a job view carries
 
 
 def ready_tasks(state: LedgerState, work: WorkState, limit: int,
-                exclude: set[tuple[bytes, int]] = frozenset()) -> list[tuple[bytes, int]]:
+                exclude: Collection[tuple[bytes, int]] = frozenset()) -> list[tuple[bytes, int]]:
     """Up to ``limit`` ready tasks: higher job priority first, round-robin between the jobs
-    of one priority (so one big job cannot starve the others), oldest task first in a job."""
+    of one priority (so one big job cannot starve the others), oldest task first in a job;
+    then work units (``WorkState.ready``). Tasks in ``exclude`` (proposed and not yet
+    committed) are not handed out again.
+
+    Reads the ready index (``master.ready``): O(limit + jobs visited), never O(all jobs). The
+    tasks an ``InFlight`` took (the stream's in-flight set, passed as ``exclude``) are off the
+    index's queues, so they are never handed out and never skipped one by one; the tasks of a
+    plain set are skipped one by one."""
     out: list[tuple[bytes, int]] = []
-    active = [j for j in state.jobs.values() if j.state == JobState.ACTIVE and j.ready]
-    active.sort(key=lambda j: (-j.spec["priority"], j.seq))
-    groups: dict[int, list[Job]] = {}
-    for job in active:
-        groups.setdefault(job.spec["priority"], []).append(job)
-    for group in groups.values():  # in priority order (dicts keep insertion order)
-        turn = [(job, iter(job.ready)) for job in group]
-        while turn and len(out) < limit:
-            still = []
-            for job, it in turn:
-                for task_id in it:
-                    if (job.job_id, task_id) not in exclude:
-                        out.append((job.job_id, task_id))
-                        still.append((job, it))
-                        break
-                if len(out) >= limit:
-                    break
-            turn = still
+    if limit > 0:
+        queues = state.ready_index.queues
+        skip = exclude.tasks if isinstance(exclude, InFlight) else exclude  # its set: no method call a task
+        for tier in state.ready_index.tiers():  # highest priority first
+            _round_robin(queues, tier, limit, skip, out)
+            if len(out) >= limit:
+                break
     # then the work specs' units, shared by priority and weight (master.workspec.allocate)
-    return out + work.ready(limit - len(out), exclude)
+    return out + work.ready(limit - len(out), _units_in_flight(exclude, work))
+
+
+def _round_robin(queues: dict[bytes, dict[int, None]], tier: Iterator[bytes], limit: int,
+                 exclude: Collection[tuple[bytes, int]], out: list[tuple[bytes, int]]) -> None:
+    """Hand out the ready tasks of one priority's jobs into ``out`` until it holds ``limit``:
+    one task of each job in submission order, then a second of each, and so on."""
+    turn = []
+    for job_id in tier:  # the first round reads the tier lazily: it may stop after a few jobs
+        if len(out) >= limit:
+            return
+        tasks = iter(queues[job_id])
+        if _next_task(job_id, tasks, exclude, out):
+            turn.append((job_id, tasks))
+    while turn and len(out) < limit:
+        still = []
+        for job_id, tasks in turn:
+            if len(out) >= limit:
+                break
+            if _next_task(job_id, tasks, exclude, out):
+                still.append((job_id, tasks))
+        turn = still
+
+
+def _next_task(job_id: bytes, tasks: Iterator[int], exclude: Collection[tuple[bytes, int]],
+               out: list[tuple[bytes, int]]) -> bool:
+    """Append the job's next task not in ``exclude`` to ``out``; False when it has none left."""
+    for task_id in tasks:
+        if (job_id, task_id) not in exclude:
+            out.append((job_id, task_id))
+            return True
+    return False
+
+
+def _units_in_flight(exclude: Collection[tuple[bytes, int]], work: WorkState) -> dict[bytes, set[int]]:
+    """The work units among ``exclude``, by spec id (an ``InFlight`` keeps them so)."""
+    if isinstance(exclude, InFlight):
+        return exclude.units
+    units: dict[bytes, set[int]] = {}
+    if work.specs:
+        for job_id, task_id in exclude:
+            if work.is_spec(job_id):
+                units.setdefault(job_id, set()).add(task_id)
+    return units
 
 
 def open_assignments(state: LedgerState, work: WorkState) -> Iterator[tuple[bytes, int, Attempt]]:

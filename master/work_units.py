@@ -30,12 +30,13 @@ from __future__ import annotations
 
 from collections import deque
 from enum import IntEnum
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 import numpy as np
 
 from master import reasons
 from master.work_history import DONE, LOST, Attempt, AttemptLog, Column
+from master.work_offer import UnitOffer
 from master.work_quorum import BallotBox
 from master.work_specs import DEFAULT_MAX_LOST, MAX_DATA, MAX_KEY, WorkSpec, WorkSpecError, is_int32
 
@@ -95,6 +96,7 @@ class UnitTable:
         self.workers: list[str] = []  # worker index -> worker name
         self._worker_ix: dict[str, int] = {}
         self.available: dict[int, deque[int]] = {}  # unit priority -> FIFO of unit ids
+        self.offer = UnitOffer()  # derived, not in the snapshot: the queues less the units in flight
         self.counts = [0, 0, 0, 0]  # per state
         self.history = AttemptLog()
         self.quorum = BallotBox()
@@ -125,6 +127,7 @@ class UnitTable:
         self.lost.extend(np.zeros(n, np.uint8))
         for uid, p in zip(range(first, first + n), prios):
             self.available.setdefault(p, deque()).append(uid)
+            self.offer.queued(p, uid)
         self.counts[AVAILABLE] += n
         return n
 
@@ -162,6 +165,7 @@ class UnitTable:
             q = self.available[p]
             while q and len(out) < n:
                 out.append(q.popleft())
+                self.offer.left(p, out[-1])
             if not q:
                 del self.available[p]
             if len(out) >= n:
@@ -184,17 +188,25 @@ class UnitTable:
         self.counts[AVAILABLE] -= len(ids)
         self.counts[PENDING] += len(ids)
 
-    def peek(self, n: int, exclude: set[int] | frozenset = frozenset()) -> list[int]:
-        """The next ``n`` available units that ``lease`` would hand out, skipping ``exclude``
-        (units already proposed for assignment), without taking them."""
-        out: list[int] = []
-        for p in sorted(self.available, reverse=True):
-            for uid in self.available[p]:
-                if uid not in exclude:
-                    out.append(uid)
-                    if len(out) >= n:
-                        return out
-        return out
+    def peek(self, n: int, exclude: Collection[int] = frozenset()) -> list[int]:
+        """The next ``n`` available units that ``lease`` would hand out, less those taken
+        (``take``: proposed for assignment) and those in ``exclude``, without taking them.
+        O(n + len(exclude)) at most: units taken are never skipped one by one."""
+        return self.offer.peek(n, exclude)
+
+    def take(self, uids: Iterable[int]) -> None:
+        """``uids`` were proposed for assignment: ``peek`` passes them over until their lease
+        commits or ``release`` (the leader's soft state: ``master.work_offer``)."""
+        n, state, priority = len(self.keys), self.state.data, self.priority.data
+        self.offer.take((u, priority.item(u)) for u in uids if 0 <= u < n and state.item(u) == AVAILABLE)
+
+    def release(self, uids: Iterable[int]) -> None:
+        """The proposal of ``uids`` is answered: those still available are offered again."""
+        self.offer.release(uids, self.available)
+
+    def release_all(self) -> None:
+        """Nothing is in flight any more."""
+        self.offer.release_all(self.available)
 
     def lease_ids(self, uids: list[int], holder: str, now: float, lease_s: float,
                   fences: list[tuple[int, int]]) -> list[int]:
@@ -217,6 +229,7 @@ class UnitTable:
                 q.remove(uid)
             if not q:
                 del self.available[p]
+            self.offer.left(p, uid)
             taken.append(uid)
             tokens.append(fence)
         if taken:
@@ -298,8 +311,10 @@ class UnitTable:
         if new not in _OUT_OF_PENDING:
             raise IllegalTransition(f"unit {uid} cannot go from PENDING to {UnitState(new).name}")
         if new == AVAILABLE:
-            q = self.available.setdefault(self.priority.data.item(uid), deque())
+            p = self.priority.data.item(uid)
+            q = self.available.setdefault(p, deque())
             q.appendleft(uid) if first else q.append(uid)
+            self.offer.queued(p, uid, first)
         self.state.data[uid] = new
         self.counts[new] += 1
         return new
@@ -314,7 +329,9 @@ class UnitTable:
                 self.votes.data[uid] = 0  # a redundant unit starts over: every replica runs again
                 self.lost.data[uid] = 0
                 self.quorum.forget(uid)
-                self.available.setdefault(self.priority.data.item(uid), deque()).append(uid)
+                p = self.priority.data.item(uid)
+                self.available.setdefault(p, deque()).append(uid)
+                self.offer.queued(p, uid)
                 self.counts[FAILED] -= 1
                 self.counts[AVAILABLE] += 1
                 n += 1
@@ -395,6 +412,7 @@ class UnitTable:
         for name, col in t._columns().items():
             col.restore(s.get(name), len(t.keys))  # a snapshot from before the column: its fill for every unit
         t.available = {int(p): deque(q) for p, q in s["available"]}
+        t.offer = UnitOffer.of(t.available)
         t.history.open = {int(u): int(r) for u, r in s["open"]}
         t.history.reasons = {int(r): (line, tail) for r, line, tail in s.get("reasons", ())}  # none before reasons
         t.quorum = BallotBox.from_state(s)
@@ -433,6 +451,7 @@ class UnitTable:
             assert np.all(self.state.data[ids] == AVAILABLE), f"a unit queued under priority {p} is not available"
             queued += len(q)
         assert queued == self.counts[AVAILABLE], "an available unit is not queued, or one is queued twice"
+        self.offer.validate(self.available)
 
     def _validate_leases(self) -> None:
         """Exactly the pending units hold a lease: a lease end and a known holder; a unit not

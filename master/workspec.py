@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Collection, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -87,16 +87,14 @@ class WorkState:
     def is_spec(self, job_id: bytes) -> bool:
         return job_id in self.ids
 
-    def ready(self, limit: int, exclude: Any = frozenset()) -> list[tuple[bytes, int]]:
-        """Up to ``limit`` units to hand out, shared among the specs by ``allocate``; units in
-        ``exclude`` (``(spec id, unit)`` pairs proposed and not yet committed) count as running."""
+    def ready(self, limit: int, in_flight: Mapping[bytes, Collection[int]] | None = None) -> list[tuple[bytes, int]]:
+        """Up to ``limit`` units to hand out, shared among the specs by ``allocate``; the units in
+        ``in_flight`` (spec id → units proposed and not yet committed) count as running and are
+        not handed out again. O(specs + limit) when they were taken (``take``: an ``InFlight``
+        does), else the units in flight of the specs that get some are skipped one by one."""
         if limit <= 0 or not self.specs:
             return []
-        proposed: dict[str, set[int]] = {}
-        for job_id, task_id in exclude:
-            name = self.ids.get(job_id)
-            if name is not None:
-                proposed.setdefault(name, set()).add(task_id)
+        proposed = {self.ids[sid]: units for sid, units in (in_flight or {}).items() if sid in self.ids}
         demands = []
         for name, spec in self.specs.items():
             if not spec.run:  # units for outside workers: the cluster's do not take them
@@ -110,6 +108,24 @@ class WorkState:
             sid = spec_id(name)
             out += [(sid, uid) for uid in self.tables[name].peek(n, proposed.get(name, frozenset()))]
         return out
+
+    def take(self, sid: bytes, uids: Iterable[int]) -> None:
+        """Units of spec ``sid`` were proposed for assignment (``master.ready.InFlight``): ``ready``
+        passes them over without skipping them one by one, until their lease commits or ``release``."""
+        name = self.ids.get(sid)
+        if name is not None:
+            self.tables[name].take(uids)
+
+    def release(self, sid: bytes, uids: Iterable[int]) -> None:
+        """The proposal of these units of spec ``sid`` is answered: those still available are offered again."""
+        name = self.ids.get(sid)
+        if name is not None:
+            self.tables[name].release(uids)
+
+    def release_all(self) -> None:
+        """Nothing is in flight any more (a new balancer, or this master stopped leading)."""
+        for table in self.tables.values():
+            table.release_all()
 
     def assign(self, units: list[tuple[bytes, int, tuple[int, int]]], holder: str,
                now: float) -> tuple[list[tuple[bytes, int, tuple[int, int]]], list[tuple[bytes, int]]]:

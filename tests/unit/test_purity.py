@@ -14,7 +14,7 @@ PURE = sorted(
 ) + [ROOT / "cluster/node/events.py", ROOT / "balancer/binary_star.py", ROOT / "balancer/registry.py", ROOT / "balancer/dispatch.py", ROOT / "balancer/masters.py", ROOT / "balancer/intake.py"] + [ROOT / "master" / f for f in ("ledger.py", "jobs.py", "commands.py", "workspec.py", "views.py",
     "state.py", "files.py", "joblife.py", "attempts.py", "standing.py", "batching.py", "api.py", "stream.py",
     "watches.py", "specs.py", "work_units.py", "work_specs.py", "work_history.py", "work_quorum.py",
-    "work_share.py", "reasons.py", "runs.py", "pending.py", "diskfull.py")] + [ROOT / "storage/core.py", ROOT / "worker/core.py",
+    "work_share.py", "reasons.py", "runs.py", "pending.py", "diskfull.py", "ready.py", "work_offer.py")] + [ROOT / "storage/core.py", ROOT / "worker/core.py",
     ROOT / "worker/output.py", ROOT / "worker/prefetch.py", ROOT / "cluster/node/acting.py", ROOT / "cluster/node/sendqueue.py",
     ROOT / "cluster/readplan.py"]
 
