@@ -217,12 +217,32 @@ class SlotPool:
         self._heard_events = events
         try:
             outcome = slot.readable(fd)
+        except Exception as exc:  # noqa: BLE001 - a bug in the slot: replace it rather than leave it stuck
+            log.exception("slot %d failed reading descriptor %d; it is replaced", index, fd)
+            return events + self._replace(index, exc)
         finally:
             self._heard_events = None
         job = self.jobs.get(index)
         if outcome is not None and job is not None and job.running:
             events += self._after(job, outcome)
         return events
+
+    def _replace(self, index: int, exc: Exception) -> list:
+        """Close slot ``index`` (its processes killed), put a fresh one in its place, and fail the
+        task it ran, if any."""
+        old = self.slots[index]
+        try:
+            old.close()
+            old.reap_closed()
+        except Exception:  # noqa: BLE001 - the slot was broken already; its replacement serves
+            log.exception("slot %d could not be closed cleanly", index)
+        self.slots[index] = Slot(index, env=old.env, task_user=old.task_user, memory_bytes=old.memory_bytes,
+                                 watcher=_Watcher(self.loop, self, index))
+        job = self.jobs.get(index)
+        if job is None or not job.running:
+            return []
+        job.running = False
+        return self._settle(job, self.runner.failure(job.request, exc))
 
     def _after(self, job: _Job, outcome: Outcome) -> list:
         """The slot's part is over: the result made (and stored, off the loop if it must be)."""

@@ -19,6 +19,7 @@ from proto.ids import split128
 from proto.messages import WorkerRequest
 from worker.core import OutputRead, RunTask, StopTask, TaskEnded, TaskTimed
 from worker.slotpool import SlotPool
+from tests.unit.test_executor import exits_soon
 from worker.tasks import DONE, FAILED, TaskRunner
 
 JOB = bytes(range(16))
@@ -151,3 +152,17 @@ def test_an_order_that_cannot_run_ends_at_once(pool):
     (end,) = pool.run(RunTask(WorkerRequest(up, lo, 0, 5, 1, 0, 0, "dance", b"", [], {})))
     assert end.outcome == FAILED and "unknown task kind 'dance'" in end.error
     assert sorted(pool.free) == [0, 1]
+
+
+def test_a_slot_that_fails_is_replaced_and_its_task_fails(pool, monkeypatch):
+    pool.run(call(0, time.sleep, 60))
+    broken = pool.slots[0] if pool.jobs.get(0) else pool.slots[1]
+    index = broken.index
+    monkeypatch.setattr(broken, "readable", lambda fd: 1 / 0)  # a bug in the slot
+    child = broken.pid
+    fd = broken.watched[0]
+    (end,) = ended(pool.test_loop.readers[fd]())
+    assert end.outcome == FAILED and "ZeroDivisionError" in end.error
+    assert pool.slots[index] is not broken and child is not None and exits_soon(child)
+    pool.run(call(1, lambda: "again"))
+    assert [e.outcome for e in ended(pool.test_loop.until(ended))] == [DONE]
