@@ -44,6 +44,7 @@ from master.state import Applied
 from proto.errors import AppReason
 from proto.ids import join128, split128
 from master.pending import WaitingBoard
+from master.ready import InFlight
 from proto.messages import Attach, Attached, Credit, ResultAck, TaskResult, TaskWaiting, WorkerRequest
 
 
@@ -119,7 +120,8 @@ class BalancerStream:
         self.batcher = batcher
         self.dispatch_max = dispatch_max
         self.balancer: BalancerLink | None = None
-        self.inflight: set[tuple[bytes, int]] = set()  # tasks proposed for assignment
+        # tasks proposed for assignment, off the ledger's ready index until answered (master.ready)
+        self.inflight = InFlight(ledger)
         self.sequence = 0  # fencing sequence within the current term
         self.log = TaskLog()
 
@@ -140,7 +142,8 @@ class BalancerStream:
         replaced = self.balancer is not None and self.balancer.route != ev.route
         self.balancer = BalancerLink(ev.route, m.epoch, m.name, m.credit)
         self.waiting.forget()  # the new balancer will say what waits with it
-        self.inflight.clear()  # answers to earlier proposals still land; they are simply not resent
+        # Proposals in flight stay in flight: their tasks went to the balancer attached before,
+        # and go to this one when they commit (``assigned``), never proposed twice.
         out: list[Effect] = [Log(logging.INFO, f"balancer {m.name} attached (epoch {m.epoch}, credit {m.credit})"
                                  + (", replacing the previous one" if replaced else ""), ev.stimulus_id)]
         open_now = list(views.open_assignments(self.ledger.state, self.ledger.work))
@@ -214,7 +217,7 @@ class BalancerStream:
         command = AssignTasks(term, first, link.name, tasks, at)
         # queued with the completions: one entry records a round's results and the assignments
         # they made room for (master.batching, group commit)
-        out = self.batcher.enqueue(command, ("assign", link.epoch, tasks, first), cause, now)
+        out = self.batcher.enqueue(command, ("assign", link, tasks, first), cause, now)
         # ... and sent now, under the tokens the entry will record (see the theory above). No
         # log step per task here: "sent" follows once it commits (a step per task on this path
         # cost the leader's dispatch rate, bench/ledger.py).
@@ -246,7 +249,7 @@ class BalancerStream:
 
     def assigned(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
         """An ``assign`` reply: the assignments committed; each goes to the attached balancer."""
-        _, epoch, tasks, _ = reply
+        _, sent_to, tasks, _ = reply
         self.inflight.difference_update(tasks)
         at = self.standing.wall(now)
         if not result.ok:
@@ -257,9 +260,10 @@ class BalancerStream:
             self.log.add(job_id, task_id, "skipped", at, cause, log_index=log_index)
         link = self.balancer
         out: list[Effect] = []
-        # It went to the balancer of ``epoch`` when proposed. One that attached while this was
-        # committing did not get it among the open assignments: it goes to that one now.
-        resend = link is not None and link.epoch != epoch
+        # It went to the balancer attached when it was proposed. One that attached (or attached
+        # again, on a new connection) while this was committing did not get it among the open
+        # assignments: it goes to that one now.
+        resend = link is not None and link is not sent_to
         for job_id, task_id, fence in result.value["assigned"]:
             self.standing.count("tasks_assigned")
             self.log.add(job_id, task_id, "sent", at, cause, fence=list(fence), log_index=log_index,

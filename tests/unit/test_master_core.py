@@ -237,7 +237,7 @@ def test_a_result_of_an_assignment_that_never_committed_is_refused_and_the_task_
     (r,) = h.take(WorkerRequest)
     h.flush()
     h.proposed.clear()  # the entry is lost with this leader: never applied anywhere
-    h2 = Harness(term=4, ledger=h.ledger)
+    h2 = Harness(term=4, ledger=Ledger.restore(h.ledger.snapshot()))  # another master's replica
     attach(h2, 1)
     (again,) = h2.take(WorkerRequest)
     assert (again.task_id, again.fence_term) == (r.task_id, 4)
@@ -959,3 +959,27 @@ def test_an_entry_is_cut_before_its_encoding_passes_the_byte_bound(monkeypatch):
     assert sum(len(p.entry.commands) if isinstance(p.entry, Batch) else 1 for p in h.proposed) == 40
     h.commit_all()
     assert len(h.take(SubmitAck)) == 40
+
+
+def test_a_balancer_attaching_again_while_assignments_commit_gets_them_once_and_nothing_is_proposed_twice():
+    """Pipelined assignments went to the old connection; a balancer that attaches again (same
+    epoch, new route: it reconnected) gets them when they commit, and the tasks in flight are not
+    proposed a second time under new tokens (bench/ledger.py's echo found it)."""
+    h = Harness()
+    h.message(submit(1, spec={"count": 3}))
+    h.flush()
+    h.commit_all()
+    h.message(Attach(1, 1, 3, "b1"), BALANCER)
+    first = h.take(WorkerRequest)
+    assert len(first) == 3
+    h.flush()
+    assert len(h.proposed) == 1
+    h.message(Attach(2, 1, 3, "b1"), b"b1-again")  # before the entry commits
+    h.flush()
+    assert len(h.proposed) == 1, "nothing proposed twice"
+    h.sent.clear()
+    h.commit_all()
+    again = [s for s in h.sent if isinstance(s.message, WorkerRequest)]
+    assert {s.route for s in again} == {b"b1-again"}
+    assert sorted((s.message.task_id, s.message.fence_sequence) for s in again) == \
+        sorted((r.task_id, r.fence_sequence) for r in first), "the same tokens, to the new connection"
