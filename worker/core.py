@@ -220,7 +220,7 @@ class WorkerCore:
         self.status_due = False
         self.epoch = 0
         self.counters: dict[str, int] = {}
-        self.log: deque[tuple[TaskKey, dict[str, Any]]] = deque(maxlen=STORY_KEPT)
+        self.log: deque[tuple[TaskKey, str, float, str, dict[str, Any]]] = deque(maxlen=STORY_KEPT)
         self.outputs = Outputs()  # the running tasks' output lines, for followers (worker.output)
         self.prefetch = Prefetch(me.slots, me.prefetch, me.prefetch_max)
         self.wall_offset = wall_offset  # Unix time less the loop's clock: when an output ended
@@ -557,7 +557,8 @@ class WorkerCore:
         result_held, result_resent, acked), ``at`` (the worker's clock), ``stimulus_id`` and what
         the step says (``fence``, ``balancer`` index, ``outcome``, ``error``, ...)."""
         key = (job, task)
-        return [entry for k, entry in self.log if k == key]
+        return [{"step": step, "at": at, **fields, "stimulus_id": cause}
+                for k, step, at, cause, fields in self.log if k == key]
 
     def status(self, now: float) -> dict[str, Any]:
         return {
@@ -589,7 +590,9 @@ class WorkerCore:
         self.counters[name] = self.counters.get(name, 0) + n
 
     def _note(self, key: TaskKey, step: str, now: float, cause: str, **fields: Any) -> None:
-        self.log.append((key, {"step": step, "at": now, **fields, "stimulus_id": cause}))
+        # kept as given: the dict ``story`` shows is made only when someone asks (a step per
+        # task event is on the hot path, a story is read rarely)
+        self.log.append((key, step, now, cause, fields))
 
 
 def _key_of(m: WorkerRequest) -> TaskKey:

@@ -120,6 +120,8 @@ class Frames:
     def _take(self, chunk: bytes) -> list:
         """The frames ``chunk`` completes. One that is not a reply or a MORE reads as
         ``GARBLED``, and so does all that came after it (the stream is lost)."""
+        if not self.buffer and len(chunk) > LENGTH.size and LENGTH.unpack_from(chunk)[0] == len(chunk) - LENGTH.size:
+            return [self._frame(memoryview(chunk)[LENGTH.size:])]  # one whole frame, as most replies come
         self.buffer += chunk
         frames = []
         while len(self.buffer) >= LENGTH.size:
@@ -131,23 +133,29 @@ class Frames:
             if len(self.buffer) < end:
                 break
             with memoryview(self.buffer) as view:
-                try:
-                    value = pickle.loads(view[LENGTH.size:end])
-                except Exception:  # noqa: BLE001 - only user code writing to our pipe does this
-                    value = None
+                frame = self._frame(view[LENGTH.size:end])
             if len(self.buffer) == end:
                 self.buffer = bytearray()
             else:
                 del self.buffer[:end]
-            if value == slot_child.MORE:
-                frames.append(slot_child.MORE)
-            elif isinstance(value, dict) and _REPLY_KEYS <= value.keys():
-                frames.append(value)
-            else:
-                frames.append(GARBLED)
+            frames.append(frame)
+            if frame is GARBLED:
                 self.buffer.clear()
                 break
         return frames
+
+    @staticmethod
+    def _frame(body: memoryview) -> dict:
+        """A reply, MORE, or GARBLED (what only user code writing to our pipe makes)."""
+        try:
+            value = pickle.loads(body)
+        except Exception:  # noqa: BLE001
+            return GARBLED
+        if value == slot_child.MORE:
+            return slot_child.MORE
+        if isinstance(value, dict) and _REPLY_KEYS <= value.keys():
+            return value
+        return GARBLED
 
     def _needed(self) -> int:
         if len(self.buffer) < LENGTH.size:

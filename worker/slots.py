@@ -126,6 +126,7 @@ class Slot:
         self._child: Child | None = None
         self._task: Task | None = None
         self._pipes: tuple[int, int, int, int] | None = None  # stdout and stderr: (read, write) each
+        self._output_poll: select.poll | None = None  # the two read ends, to ask whether they hold any
         self._watched: set[int] = set()
         # The scratch directory the last task began in, made or found then: a task's tidying
         # (worker.tasks) leaves it there, so the next task in it needs no mkdir.
@@ -502,9 +503,7 @@ class Slot:
     def _ended(self, task: Task, *, reply: dict | None = None, status: int | None = None,
                usage: object = None) -> Outcome:
         """The task's Outcome, once its reply came or its process died; the slot is free again."""
-        pipes = self._pipes
-        for fd in (pipes[0], pipes[2]):
-            self._read_output(fd, task, None)  # the rest: the child flushed before replying
+        self._drain_output(task)  # the rest: the child flushed before replying
         with self._lock:
             self._task = None
             closed = self._closed
@@ -529,8 +528,7 @@ class Slot:
         if child.replies in self._watched:
             reply = next((f for f in child.frames.drain(child.replies) if f is not slot_child.MORE), None)
         if task is not None:
-            for fd in (self._pipes[0], self._pipes[2]):
-                self._read_output(fd, task, None)
+            self._drain_output(task)
         status, usage = self._lose(child)
         if task is None:
             self.counters["idle_deaths"] += 1  # between tasks (a leftover thread, an outside kill)
@@ -538,6 +536,12 @@ class Slot:
         if reply is not None and not task.timed_out:  # it answered, then died: the answer holds
             return self._ended(task, reply=reply)
         return self._ended(task, status=status, usage=usage)
+
+    def _drain_output(self, task: Task) -> None:
+        """What the output pipes hold now, into the task's captures (one poll when they are empty,
+        as they mostly are)."""
+        for fd, _ in self._output_poll.poll(0):
+            self._read_output(fd, task, None)
 
     def _read_output(self, fd: int, task: Task | None, limit: int | None) -> None:
         """Read what the output pipe ``fd`` holds (up to ``limit`` bytes, None: all of it) into
@@ -600,8 +604,10 @@ class Slot:
             for fd in (out_r, err_r):
                 os.set_blocking(fd, False)
             self._pipes = (out_r, out_w, err_r, err_w)
-            self._watch(out_r)
-            self._watch(err_r)
+            self._output_poll = select.poll()
+            for fd in (out_r, err_r):
+                self._output_poll.register(fd, select.POLLIN)
+                self._watch(fd)
         return self._pipes
 
     def _release_pipes(self) -> None:

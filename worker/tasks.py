@@ -607,6 +607,8 @@ def _empty_quickly(scratch: Path) -> bool:
     removed nothing, if it holds a directory or more than ``QUICK_ENTRIES`` entries or is
     missing, or False part way if an unlink is refused (a task user's file)."""
     try:
+        if not os.listdir(scratch):  # most tasks leave nothing: names only, no entry objects
+            return True
         with os.scandir(scratch) as listing:
             entries = list(listing)
     except OSError:
