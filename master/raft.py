@@ -544,12 +544,6 @@ class RaftAdapter:
         conf = SyncObjConf(
             autoTick=True,
             appendEntriesUseBatch=False,  # our core batches; each proposal goes out at once
-            # An entry at or above this size goes in pieces ("transmission"), a path that under
-            # load truncated entries on the followers (bench/dispatch.py, issue 23: ~1,900
-            # errors per master and a lost quorum once group commit made entries of ~100 KiB).
-            # master.batching keeps entries under ENTRY_MAX_BYTES, far below it, so it is never
-            # taken; it also bounds one AppendEntries of a follower catching up (AUTHENTICATED_MAX).
-            appendEntriesBatchSizeBytes=APPEND_ENTRIES_BYTES,
             journalFile=journal,
             fullDumpFile=snapshot,
             serializer=self._write_snapshot if snapshot else None,
@@ -558,7 +552,14 @@ class RaftAdapter:
             commandsWaitLeader=False,  # fail fast (MISSING_LEADER) rather than queue unboundedly
             password=password,
             bindAddress=self_address,  # exactly the configured address; pysyncobj's default is 0.0.0.0
-            **{**DEFAULT_TIMINGS, **(timings or {})},
+            # An entry at or above appendEntriesBatchSizeBytes goes in pieces ("transmission"):
+            # pysyncobj pickles with protocol 2 (bytes >= 0x80 double) yet marks the last piece
+            # by the unpickled length, so followers failed with "pickle data was truncated"
+            # (bench/dispatch.py, issue 23: ~1,900 errors per master and a lost quorum once
+            # group commit made entries of ~100 KiB). master.batching keeps entries under
+            # ENTRY_MAX_BYTES, far below APPEND_ENTRIES_BYTES, so that path is never taken; it
+            # also bounds one AppendEntries to a follower catching up (AUTHENTICATED_MAX).
+            **{"appendEntriesBatchSizeBytes": APPEND_ENTRIES_BYTES, **DEFAULT_TIMINGS, **(timings or {})},
         )
         self.replica = _Replica(self, self_address, partners, conf)
         self.replica._SyncObj__transport.journal = getattr(_journals, "last", None)  # noqa: SLF001
