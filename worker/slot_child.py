@@ -28,9 +28,10 @@ to that task. Python's buffers are flushed before each reply, so a task's output
 before its reply is. A map ships one function with many argument tuples, so unpickled functions
 are kept in a small LRU keyed by a hash of their bytes.
 
-Commands are started from here rather than from the worker: ``os.posix_spawn`` (a vfork, so the
-cost does not grow with this process's size) in the task's scratch directory, as the leader of
-a process group of its own in this process's session, signal dispositions and mask reset; a
+Commands are started from here rather than from the worker (whose loop would wait for each
+spawn): glibc's posix_spawn (worker.spawn; a vfork, so the cost does not grow with this process's
+size) in the task's scratch directory, as the leader of a process group of its own in this
+process's session, signal dispositions and mask reset, no other descriptor inherited; a
 command with a memory limit is forked instead (``subprocess`` with a ``preexec_fn`` that sets
 RLIMIT_AS: posix_spawn cannot set a limit). Its stdout and stderr are this process's, the
 worker's pipes. This process enforces the command's timeout (SIGTERM to its group, SIGKILL after
@@ -291,7 +292,7 @@ def _launch(argv: list[str], env, cwd: str, memory: int | None) -> tuple[int, su
     """The command's pid (and its Popen, kept until it is reaped, when it was forked)."""
     if memory is None:
         if spawner().usable:
-            return spawner().spawn(argv, dict(env), cwd, 1, 2), None
+            return spawner().spawn(argv, env, cwd, 1, 2), None
         return os.posix_spawn(_which(argv[0], env), argv, env, setpgroup=0, setsigdef=_DEFAULT_SIGNALS,
                               setsigmask=()), None
     proc = subprocess.Popen(argv, env=env, process_group=0, preexec_fn=lambda: _limited(memory))

@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from worker import slot_child
 from worker.executor import _signal_group
@@ -29,6 +30,14 @@ REQUEST_PIPE_BYTES = 1 << 20  # Linux lets a user ask for up to 1 MiB (fs.pipe-m
 LENGTH = struct.Struct("<Q")
 _READ_CHUNK = 1 << 16
 _FRAME_MAX = 1 << 40  # a length beyond this is not ours (text written to the pipe reads as ~2^62)
+
+
+class Watcher(Protocol):
+    """Where a slot's descriptors are watched for reading (the worker's loop)."""
+
+    def add(self, fd: int) -> None: ...
+
+    def remove(self, fd: int) -> None: ...
 
 
 @dataclass(slots=True)

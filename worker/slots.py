@@ -7,12 +7,16 @@ caps a worker at a few dozen small tasks a second. Ray and Dask reuse their work
 so does a ``Slot``: every task runs in or from one child (``python -m worker.slot_child``),
 started on the slot's first task and reused until a task kills it, times out or needs another
 memory limit. Reuse also keeps a map's unpickled function and Numba's compiled kernels warm.
-Callables, tiles and traces run inside the child; a command is started by it (posix_spawn, a
-process group of its own: slot_child.py says how), not by the worker.
+Callables, tiles and traces run inside the child. A command is started with posix_spawn (a
+vfork: its cost does not grow with the starter's size; a process group of its own), by the
+child (``spawn_here=False``, as the worker's loop has it: the loop never waits for a spawn) or
+by the slot's own process (worker.spawn: the least CPU); under a memory limit or a task user
+always by the child (slot_child.py says how).
 
 A slot never blocks. ``begin_*`` writes the task's request to the child's request pipe and
-returns; what follows arrives on four descriptors the caller watches (``watched``): the reply
-pipe, the child's stdout and stderr pipes, and its pidfd. ``readable(fd)`` takes what one of
+returns; what follows arrives on descriptors the caller watches (``watched``): the reply pipe,
+the slot's stdout and stderr pipes (the child's fds 1 and 2, and a command's), the child's
+pidfd, and a command's own pidfd when the slot started it. ``readable(fd)`` takes what one of
 them holds and returns the task's ``Outcome`` once it is over. The worker watches them in its
 own loop's poller (``watcher``: its ``add_reader``), so a task costs it no thread and no
 hand-off; the ``run_*`` methods are the same driven by a private poll, for callers without a
@@ -69,12 +73,12 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 from worker import executor, slot_child, taskuser
 from worker.executor import OUTPUT_CAP_BYTES, Limits, Outcome, _signal_group
 from worker.slotend import EMPTY, Task, child_outcome, command_outcome
-from worker.slotproc import GARBLED, LENGTH, Child, close_fd, reap, spawn_child, wait_readable, write_some
+from worker.slotproc import GARBLED, LENGTH, Child, Watcher, close_fd, reap, spawn_child, wait_readable, write_some
 from worker.spawn import spawner
 from worker.taskuser import TaskUser
 
@@ -88,14 +92,6 @@ _COUNTERS = ("tasks", "callables", "tiles", "traces", "commands", "failed", "spa
              "timeouts", "deaths", "idle_deaths", "limit_restarts", "stray_output_bytes")
 
 
-class Watcher(Protocol):
-    """Where a slot's descriptors are watched for reading (the worker's loop)."""
-
-    def add(self, fd: int) -> None: ...
-
-    def remove(self, fd: int) -> None: ...
-
-
 class Slot:
     """One task slot of a worker: runs one task at a time in or from its persistent child process
     (``python -m worker.slot_child``), started on first use and reused (module docstring).
@@ -106,14 +102,17 @@ class Slot:
     counts tasks (``tasks``, ``callables``, ``tiles``, ``traces``, ``commands``, ``failed``) and
     the child's life (``spawns``, ``restarts``, ``timeouts``, ``deaths`` mid-task,
     ``idle_deaths`` between tasks, ``limit_restarts``). ``task_user``: every task process runs
-    as that user.
+    as that user. ``spawn_here``: a command (without a memory limit or task user) is started by
+    this process (worker.spawn: the least CPU, but the caller's thread waits until the command
+    has exec'd, ~60 µs on an idle machine, a millisecond on a busy one); False: by the child,
+    which waits instead (~150 µs more CPU a command, in the child and its frames).
     """
 
     def __init__(self, index: int, *, memory_bytes: int | None = None,
                  env: dict[str, str] | None = None,
                  output_cap_bytes: int = OUTPUT_CAP_BYTES,
                  task_user: TaskUser | None = None,
-                 watcher: Watcher | None = None) -> None:
+                 watcher: Watcher | None = None, spawn_here: bool = True) -> None:
         if memory_bytes is not None and memory_bytes <= 0:
             raise ValueError(f"memory_bytes must be a positive number of bytes, got {memory_bytes}")
         self.index = index
@@ -122,6 +121,7 @@ class Slot:
         self.output_cap_bytes = output_cap_bytes
         self.task_user = task_user
         self.watcher = watcher
+        self.spawn_here = spawn_here  # commands started by this process itself, when they may be
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._child: Child | None = None
         self._task: Task | None = None
@@ -221,7 +221,7 @@ class Slot:
             request = {**request, **{k: _absolute(request[k]) for k in ("a", "b", "rows") if k in request}}
         if out.is_symlink():
             _unlink(out)
-        _remove_tree(out)
+        shutil.rmtree(out, ignore_errors=True)
         try:
             taskuser.task_dir(out, self.task_user)
         except OSError as exc:
@@ -267,7 +267,7 @@ class Slot:
             return dataclasses.replace(outcome, ok=False, error=error, outputs=found)
 
         env = env if env is not None else self.env
-        if memory is None and self.task_user is None and spawner().usable:
+        if self.spawn_here and memory is None and self.task_user is None and spawner().usable:
             return self._spawn_command(list(argv), env, scratch, limits, listen, ended if outputs else None)
         message = {"op": "command", "argv": list(argv), "env": env, "timeout_s": limits.timeout_s,
                    "grace_s": limits.grace_s, "memory_bytes": memory}
@@ -666,10 +666,6 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _scratch_dir(scratch: str, task_user: TaskUser | None) -> None:

@@ -11,8 +11,8 @@ ids of the task's inputs (e.g. the boundaries of the neighbouring tiles). Three 
 - ``command``: ``argv`` (a list), ``env`` (added to a minimal environment), ``inputs``
   (name → file id hex: the stored file appears under that name in the scratch directory),
   ``outputs`` (file names the command must leave in its scratch directory), from the job's
-  ``run`` with the task's own values taking precedence; started by the worker with posix_spawn
-  (worker.spawn), or by the slot's child under a memory limit or a task user.
+  ``run`` with the task's own values taking precedence; started by the slot's child with
+  posix_spawn (a fork under a memory limit).
 - ``tile``: a Smith-Waterman tile (``worker.tiles``): ``run`` names the two sequence files
   (``a``, ``b``: file id hex) and the grid; the inputs are the neighbours' boundary files.
 

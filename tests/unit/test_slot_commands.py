@@ -1,7 +1,8 @@
-"""worker.slots: a slot's commands, as ``executor.run_command`` runs them, by both ways a slot
-starts one: from the worker itself (posix_spawn, worker.spawn) and from the slot's child (for a
-memory limit or a task user; a limit far above what the command uses takes that way here). The
-same checks as tests/unit/test_executor.py's, so the wording and the guarantees stay the same."""
+"""worker.slots: a slot's commands, as ``executor.run_command`` runs them, by every way a slot
+starts one: from the worker itself (posix_spawn, worker.spawn), from the slot's child (posix_spawn
+there: how the worker's loop runs them), and forked by the child under a memory limit (a limit
+far above what the command uses takes that way here). The same checks as
+tests/unit/test_executor.py's, so the wording and the guarantees stay the same."""
 
 from __future__ import annotations
 
@@ -18,21 +19,24 @@ from worker.slots import Slot
 
 MiB = 1 << 20
 PY = sys.executable
-WAYS = {"spawned": None, "by_child": 64 << 30}  # no limit: the worker spawns; a (lax) limit: the child
+# (spawn_here, memory limit): the worker spawns; the child spawns (as the worker's slots do);
+# the child forks under a (lax) memory limit
+WAYS = {"spawned": (True, None), "by_child": (False, None), "forked_by_child": (True, 64 << 30)}
 
 
 @pytest.fixture(params=sorted(WAYS))
 def run(request, tmp_path):
     """``run(argv, **kw)``: Slot.run_command the chosen way, checking it went that way."""
-    slot = Slot(0)
-    limit = WAYS[request.param]
+    here, limit = WAYS[request.param]
+    slot = Slot(0, spawn_here=here)
 
     def go(argv, *, env=None, inputs=None, outputs=None, limits=Limits()):
         if limit is not None and limits.memory_bytes is None:
             limits = Limits(timeout_s=limits.timeout_s, memory_bytes=limit, grace_s=limits.grace_s)
         first = slot.pid is None
         out = slot.run_command(argv, env, tmp_path / "s", inputs, outputs, limits)
-        assert not first or (slot.pid is not None) == (limits.memory_bytes is not None)  # by its child, or not
+        by_child = not here or limits.memory_bytes is not None
+        assert not first or (slot.pid is not None) == by_child  # by its child, or not
         return out
 
     go.slot, go.scratch = slot, tmp_path / "s"
