@@ -86,6 +86,7 @@ from master import commands
 from master.core import RaftView
 from master.diskfull import EXIT_DISK, failure_line, grown_size
 from master.ledger import Ledger
+from master.ledgerlock import LedgerLock
 
 log = logging.getLogger("cluster.master.raft")
 
@@ -527,7 +528,7 @@ class RaftAdapter:
         timings: dict[str, float] | None = None,
     ) -> None:
         self.ledger = ledger
-        self.lock = threading.Lock()
+        self.lock = LedgerLock()
         self.self_address = self_address
         self.on_result = on_result or (lambda token, result, index: None)
         self.on_failure = on_failure or (lambda token, reason: None)
@@ -568,7 +569,7 @@ class RaftAdapter:
 
     def _apply(self, data: bytes) -> Any:
         entry = commands.decode(data)
-        with self.lock:
+        with self.lock.first():
             try:
                 return self.ledger.apply(entry)
             except Exception:  # a ledger bug must not kill the Raft thread; every master logs it
@@ -577,7 +578,7 @@ class RaftAdapter:
                 return None
 
     def _write_snapshot(self, path: str, raft_data: Any) -> None:
-        with self.lock:
+        with self.lock.first():
             state = self.ledger.snapshot()
             applied = self.ledger.state.applied
         raft = pickle.dumps(raft_data, protocol=pickle.HIGHEST_PROTOCOL)
@@ -603,7 +604,7 @@ class RaftAdapter:
         offset += 16
         raft_data = pickle.loads(data[offset : offset + n_raft])
         restored = Ledger.restore(data[offset + n_raft : offset + n_raft + n_state])
-        with self.lock:
+        with self.lock.first():
             # both halves: the work specs and units live beside the state (ledger.work), and a
             # restore that kept the old ones lost every spec of the snapshot (or kept stale ones)
             self.ledger.state = restored.state
