@@ -29,6 +29,7 @@ PREFETCH_SAFETY = 2.0  # round trips' worth of tasks queued: the round trip vari
 DURATION_WEIGHT = 0.2  # of the newest task's duration in the running estimate
 RTT_SAMPLES = 32  # round trips kept; their lower quartile is the estimate
 ANNOUNCE_GROWTH = 4  # a queue grown by a quarter (or 2 tasks) is announced at once, not at the next heartbeat
+SHRINK_BELOW = 0.75  # a queue shrinks only when it wants less than this share of it (hysteresis)
 
 
 class Prefetch:
@@ -82,8 +83,12 @@ class Prefetch:
         if not self.adaptive or self.task_s is None or self.round_trip_s is None:
             return False
         duration = max(self.task_s, oldest_running_s, 1e-6)
-        want = int(PREFETCH_SAFETY * self.slots * self.round_trip_s / duration) + 1
-        self.depth = min(self.ceiling, max(self.floor, want))
+        want = min(self.ceiling, max(self.floor, int(PREFETCH_SAFETY * self.slots * self.round_trip_s / duration) + 1))
+        # Up at once; down only past a margin, or when a task outlived the estimate: the
+        # estimates wobble, and a queue that shrank by one and grew back each task would leave
+        # the balancer's tasks in flight beyond the credit of the moment
+        if want > self.depth or want < self.depth * SHRINK_BELOW or oldest_running_s > self.task_s:
+            self.depth = want
         if self.depth >= self.announced + max(2, self.announced // ANNOUNCE_GROWTH):
             self.announced = self.depth
             return True

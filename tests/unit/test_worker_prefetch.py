@@ -178,3 +178,21 @@ def test_a_command_is_only_killed_late_its_slot_enforces_its_timeout():
     assert [e.delay for e in effects if isinstance(e, StartTimer)] == [9.0]
     assert not any(isinstance(e, StartTimer) for e in w.event(TaskTimed(JOB, 7, 1.0, 2.0)))  # not running here
     assert len([m for m in (e.message for e in w.end(0) if hasattr(e, "message")) if isinstance(m, TaskResult)]) == 1
+
+
+def test_the_queue_does_not_wobble_with_its_estimates():
+    """Round trips and durations vary from task to task; a queue that followed each wobble would
+    change the credit every heartbeat and leave tasks in flight beyond it."""
+    p = Prefetch(slots=2, floor=2, ceiling=128)
+    p.task_ended(0.001)
+    p.round_trip_s = 0.005
+    p.update(0.0)
+    settled = p.depth
+    assert settled == int(PREFETCH_SAFETY * 2 * 0.005 / 0.001) + 1
+    for factor in (0.9, 1.0, 0.8, 1.0, 0.95):  # a little less wanted: kept
+        p.round_trip_s = 0.005 * factor
+        p.update(0.0)
+        assert p.depth == settled
+    p.round_trip_s = 0.005 * 0.5  # half as much: it shrinks
+    p.update(0.0)
+    assert p.depth < settled
