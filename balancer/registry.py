@@ -10,7 +10,10 @@ files entered or left its local cache since the last one. The balancer heartbeat
 too (the loop does that); this module only keeps the state the dispatcher decides from.
 
 Credit follows FileMQ (zguide chapter 7): a worker's ``free`` is the credit it last announced
-minus the tasks ``sent`` to it since. Nothing may be sent to a worker with no credit: ``sent``
+minus the tasks ``sent`` to it since. A worker's credit may shrink (its prefetch queue adapts,
+worker.prefetch): a result then gives a slot back only if the worker holds (or has on the way,
+``running``) fewer tasks than its credit, so the tasks it holds beyond it are not replaced as
+they end. Nothing may be sent to a worker with no credit: ``sent``
 refuses it. A task's result gives its slot back (``finished``): the result is the worker's own
 word that the slot is free, and waiting for the next heartbeat instead would cost a message
 and a round trip per task. The heartbeat then restates the count, so a drift cannot last.
@@ -256,7 +259,8 @@ class Registry:
         if fence is not None:
             self._forget(name, [key])
             self.running_total -= 1
-            self._set_free(w, min(w.slots, w.free + 1))
+            # the result gives its slot back, unless the worker's credit shrank below what it holds
+            self._set_free(w, max(0, min(w.slots - len(w.running), w.free + 1)))
         return fence
 
     def expire(self, now: float) -> list[tuple[Worker, list[TaskKey]]]:

@@ -186,6 +186,22 @@ def test_a_heartbeat_restates_the_workers_credit_as_its_prefetch_queue_grows_and
     assert (w.slots, w.free) == (6, 3)
 
 
+def test_a_worker_whose_credit_shrank_below_what_it_holds_gets_no_task_until_it_holds_less():
+    """Results return credit one by one; after a worker's credit shrank (its prefetch queue, for
+    long tasks) they must not, or it stays over its credit for as long as work comes."""
+    h = active()
+    h.register("w1", slots=10)
+    for t in range(10):
+        h.request(t, (5, t + 1))
+    w = h.core.registry.get("w1")
+    assert (w.free, len(w.running)) == (0, 10)
+    h.heartbeat("w1", free=0, received=10, slots=4)  # it holds 10, takes 4 from now on
+    up, lo = split128(JOB)
+    for t in range(7):  # 7 end: it holds 3
+        h.msg(WORKERS, TaskResult(up, lo, t, 5, t + 1, 0, 0, {}, None, None, "", []), b"w1")
+    assert (w.free, len(w.running)) == (1, 3)  # one slot of credit, not the 7 the results brought
+
+
 def test_free_slots_never_exceed_the_slots_though_the_credit_adds_a_prefetch_queue():
     h = active()
     caps = {"cores": 2, "memory_mb": 1024, "slots": 2}  # 2 task slots, credit 4 (a prefetch queue of 2)
