@@ -376,7 +376,7 @@ class WorkerCore:
                     self.last_heard = now
                 out += self._register(now, cause)
             return out
-        out += self._adapt(now, cause)  # a task running long shrinks the queue now
+        out += self._adapt(now, cause, shrink=True)  # told at once, in the heartbeat below
         out += self._heartbeat(cause)
         for key, held in self.held.items():
             if now - held.sent_at >= self.options.result_retry:
@@ -488,7 +488,8 @@ class WorkerCore:
             # the result is also the credit for the slot it frees (the balancer counts it so);
             # the next heartbeat restates the count, so no extra message per task
             out.append(Send(balancer_socket(self.current), result, None, ev.stimulus_id))
-            self.prefetch.credit_returned(now)
+            if len(self.running) + len(self.queued) < self._credit():  # else the balancer keeps it
+                self.prefetch.credit_returned(now)
             self._note(key, "result_sent", now, ev.stimulus_id, balancer=self.current)
         else:
             self._note(key, "result_held", now, ev.stimulus_id, why="not registered: sent once registered")
@@ -497,7 +498,7 @@ class WorkerCore:
             nxt_key = _key_of(nxt)
             self.queued_keys.discard(nxt_key)
             out += self._start(nxt, now, ev.stimulus_id, nxt_key)
-        return out + self._adapt(now, ev.stimulus_id)
+        return out + self._adapt(now, ev.stimulus_id, shrink=False)  # grows now, shrinks at a heartbeat
 
     def _on_timed(self, ev: TaskTimed) -> list[Effect]:
         """A task with a time limit began: its stop timers."""
@@ -527,12 +528,12 @@ class WorkerCore:
         self._note(key, "killed" if final else "stopped", now, ev.stimulus_id, why="time limit")
         return [StopTask(key[0], key[1], final, ev.stimulus_id)]
 
-    def _adapt(self, now: float, cause: str) -> list[Effect]:
+    def _adapt(self, now: float, cause: str, shrink: bool) -> list[Effect]:
         """The prefetch queue set anew; a grown one is announced right after this burst."""
         if not self.prefetch.adaptive:
             return []
         oldest = now - min((r.started for r in self.running.values()), default=now)
-        return self._status_soon(cause) if self.prefetch.update(oldest) else []
+        return self._status_soon(cause) if self.prefetch.update(oldest, shrink) else []
 
     def _status_soon(self, cause: str) -> list[Effect]:
         """A heartbeat with the new credit right after this burst (a zero-delay timer fires once

@@ -12,12 +12,15 @@ worker while others idle) and a ceiling (``WorkerIdentity.prefetch_max``). With 
 the queue is fixed.
 
 Estimates: a task's duration is a running average (weight ``DURATION_WEIGHT`` for the newest),
-and a task running longer than it counts with its age at once, so a burst of long tasks after
-short ones shrinks the queue before the first of them ends. The round trip is measured from
-each result sent to the next request received, paired oldest first; when the balancer had no
-task waiting, such a sample is the wait for new work, not a round trip, so the estimate is the
-lower quartile of the last ``RTT_SAMPLES``, which those waits do not move while most tasks come
-at once. Pure: every time comes in as an argument (the worker core's ``now``).
+and a task running ``LONG_TASK`` times longer than it counts with its age at once, so a burst of
+long tasks after short ones shrinks the queue before the first of them ends. The round trip is
+measured from each result that returns credit (sent while the worker holds less than its credit)
+to the next request received, paired oldest first, and the estimate is the 90th percentile of the
+last ``RTT_SAMPLES``: a slot starves on the slow round trips, not the typical one (measured, 5,000
+no-op callable units on 2 slots: the lower quartile, ~1 ms, kept a queue of 3-5 and drained
+1,250-1,500 units/s; a fixed queue of 64 drained 1,800-2,000/s at 180 µs of worker CPU a unit
+instead of 235). A sample over ``RTT_WAIT`` is a wait for work that was not there, not a round
+trip, and is left out. Pure: every time comes in as an argument (the worker core's ``now``).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from typing import Any
 
 PREFETCH_SAFETY = 2.0  # round trips' worth of tasks queued: the round trip varies under load
 DURATION_WEIGHT = 0.2  # of the newest task's duration in the running estimate
-RTT_SAMPLES = 32  # round trips kept; their lower quartile is the estimate
+RTT_SAMPLES = 32  # round trips kept; their 90th percentile is the estimate
+RTT_WAIT = 1.0  # seconds: a longer "round trip" was a wait for work, and is not counted
 ANNOUNCE_GROWTH = 4  # a queue grown by a quarter (or 2 tasks) is announced at once, not at the next heartbeat
 SHRINK_BELOW = 0.75  # a queue shrinks only when it wants less than this share of it (hysteresis)
+LONG_TASK = 4.0  # a task running this many times the estimate makes its age the estimate
 
 
 class Prefetch:
@@ -51,7 +56,8 @@ class Prefetch:
         self._taken = 0  # round trips measured
 
     def credit_returned(self, now: float) -> None:
-        """A result (one task's credit) went to the balancer at ``now``."""
+        """A result that returns one task's credit went to the balancer at ``now`` (one sent while
+        the worker holds its whole credit or more returns none: the balancer keeps it)."""
         if self.adaptive:
             self.released.append(now)
 
@@ -59,11 +65,14 @@ class Prefetch:
         """A WORKER_REQUEST arrived at ``now``: a round trip closed, if one was open."""
         if not self.adaptive or not self.released:
             return
-        self.samples.append(now - self.released.popleft())
+        sample = now - self.released.popleft()
+        if sample > RTT_WAIT:
+            return
+        self.samples.append(sample)
         self._taken += 1
         if self._taken < 8 or self._taken % 8 == 0:  # a sort per 8 tasks, not per task
             ranked = sorted(self.samples)
-            self.round_trip_s = ranked[len(ranked) // 4]
+            self.round_trip_s = ranked[int(len(ranked) * 0.9)]
 
     def task_ended(self, seconds: float) -> None:
         """A task ran for ``seconds`` (from its start to its end, as the core saw them)."""
@@ -76,18 +85,22 @@ class Prefetch:
         """A new registration: credit returned to the old balancer closes no round trip."""
         self.released.clear()
 
-    def update(self, oldest_running_s: float) -> bool:
+    def update(self, oldest_running_s: float, shrink: bool = True) -> bool:
         """Set ``depth`` from the estimates; ``oldest_running_s``: the age of the oldest task
-        running now (one older than the estimate counts at once). True when the queue grew
-        enough since the balancer was last told to tell it now."""
+        running now (one older than the estimate counts at once). ``shrink``: the queue may
+        shrink now (only when the balancer is told at once: what it sent meanwhile under the
+        larger credit would come beyond the smaller one). True when the queue grew enough since
+        the balancer was last told to tell it now."""
         if not self.adaptive or self.task_s is None or self.round_trip_s is None:
             return False
-        duration = max(self.task_s, oldest_running_s, 1e-6)
+        # a task running far past the estimate says the tasks got longer, before any of them ends
+        outlived = oldest_running_s > LONG_TASK * self.task_s
+        duration = max(oldest_running_s if outlived else self.task_s, 1e-6)
         want = min(self.ceiling, max(self.floor, int(PREFETCH_SAFETY * self.slots * self.round_trip_s / duration) + 1))
         # Up at once; down only past a margin, or when a task outlived the estimate: the
         # estimates wobble, and a queue that shrank by one and grew back each task would leave
         # the balancer's tasks in flight beyond the credit of the moment
-        if want > self.depth or want < self.depth * SHRINK_BELOW or oldest_running_s > self.task_s:
+        if want > self.depth or (shrink and (want < self.depth * SHRINK_BELOW or outlived)):
             self.depth = want
         if self.depth >= self.announced + max(2, self.announced // ANNOUNCE_GROWTH):
             self.announced = self.depth

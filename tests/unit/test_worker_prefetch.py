@@ -53,41 +53,49 @@ class Worker:
 
     def drain(self, seconds: float, task_s: float, round_trip_s: float) -> int:
         """Simulate ``seconds``: each task runs ``task_s`` on its slot; a balancer with work always
-        waiting answers each result (the credit it returns) with a task ``round_trip_s`` later,
-        and tops the worker up to the credit each heartbeat states. Tasks done."""
+        waiting keeps the worker's tasks (held or on the way) up to the credit its last heartbeat
+        stated, a result or heartbeat reaching it half a round trip after it was sent and a task
+        the worker the other half later (as balancer.registry does). Tasks done."""
         events: list = []  # (time, seq, kind, value), a heap
         seq = iter(range(1 << 30))
-        in_flight = 0  # requests sent by the "balancer", not yet arrived
+        balancer = {"credit": self.core._credit(), "outstanding": 0}
 
-        def send(at: float, n: int) -> None:
-            nonlocal in_flight
-            for _ in range(n):
-                heapq.heappush(events, (at, next(seq), "request", None))
-            in_flight += n
+        def top_up(at: float) -> None:
+            while balancer["outstanding"] < balancer["credit"]:
+                balancer["outstanding"] += 1
+                heapq.heappush(events, (at + round_trip_s / 2, next(seq), "request", None))
 
         def handle(effects: list) -> None:
             for e in effects:
+                message = getattr(e, "message", None)
                 if isinstance(e, RunTask):
                     heapq.heappush(events, (self.now + task_s, next(seq), "end", e.request.task_id))
-                elif isinstance(getattr(e, "message", None), TaskResult):
-                    send(self.now + round_trip_s, 1)
-                elif isinstance(getattr(e, "message", None), WorkerStatus):
-                    send(self.now + round_trip_s / 2, max(0, e.message.slots_free - in_flight))
+                elif isinstance(message, (TaskResult, WorkerStatus)):
+                    heapq.heappush(events, (self.now + round_trip_s / 2, next(seq), "at_balancer", message))
                 elif isinstance(e, StartTimer):
                     heapq.heappush(events, (self.now + e.delay, next(seq), "timer", e.name))
 
         done = 0
-        send(self.now, self.core._free())
+        balancer["outstanding"] = len(self.core.running) + len(self.core.queued)
+        top_up(self.now - round_trip_s / 2)
         heapq.heappush(events, (self.now + self.core.options.interval, next(seq), "timer", "tick"))
         end_at = self.now + seconds
         while events and events[0][0] <= end_at:
             self.now, _, kind, value = heapq.heappop(events)
             if kind == "request":
-                in_flight -= 1
                 handle(self.request())
             elif kind == "end":
                 done += 1
                 handle(self.end(value))
+            elif kind == "at_balancer":
+                if isinstance(value, TaskResult):
+                    balancer["outstanding"] -= 1
+                else:  # a heartbeat: the credit now, and the balancer's heartbeat back (it lives)
+                    balancer["credit"] = value.slots_total
+                    heapq.heappush(events, (self.now + round_trip_s / 2, next(seq), "alive", None))
+                top_up(self.now)
+            elif kind == "alive":
+                handle(self.event(MessageReceived("b0", None, 1, Heartbeat(42, 1, 0), "m")))
             elif value == "tick" or value == "status":
                 handle(self.event(TimerFired(value, "t")))
         return done
@@ -104,6 +112,7 @@ def test_short_tasks_behind_a_slow_round_trip_get_a_deep_queue_and_keep_the_slot
     # Little's law: 2 slots x 5 ms / 0.5 ms = 20 tasks to cover one round trip, times the safety
     assert 20 <= depth <= PREFETCH_SAFETY * 20 + 1
     assert done > 0.85 * 2000  # the slots were busy 85% of the half second, ramp-up included
+    assert not w.core.counters.get("queued_beyond_credit")  # no task came beyond the credit
     assert any(isinstance(e, StartTimer) and e.name == "status" and e.delay == 0 for e in w.out)  # told at once
     assert w.heartbeats()[-1].slots_total == 2 + depth  # the credit it takes now
     status = w.core.status(w.now)
@@ -114,7 +123,7 @@ def test_short_tasks_behind_a_slow_round_trip_get_a_deep_queue_and_keep_the_slot
 
 def test_long_tasks_keep_the_small_queue():
     w = Worker(slots=2, floor=2, ceiling=128)
-    w.drain(300.0, task_s=10.0, round_trip_s=0.005)
+    assert w.drain(100.0, task_s=10.0, round_trip_s=0.005) == 20  # 2 slots x 100 s / 10 s: the slots never waited
     assert w.core.prefetch.depth == 2
     assert {hb.slots_total for hb in w.heartbeats()} == {4}
 
