@@ -405,7 +405,8 @@ class NodeLoop:
 
     def _read_fds(self, ready: dict) -> None:
         for fd, on_readable in list(self._readers.items()):
-            if fd not in ready or self._stopping:
+            # a reader (or the events it made) may remove another, or itself, in this pass
+            if fd not in ready or self._stopping or self._readers.get(fd) is not on_readable:
                 continue
             try:
                 events = on_readable()
