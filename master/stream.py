@@ -122,6 +122,9 @@ class BalancerStream:
         self.balancer: BalancerLink | None = None
         # tasks proposed for assignment, off the ledger's ready index until answered (master.ready)
         self.inflight = InFlight(ledger)
+        # tasks of assignments answered "failed" that may yet commit (a timeout): proposed again,
+        # they go out only once committed, never under tokens the ledger may skip (dispatch)
+        self.doubtful: set[tuple[bytes, int]] = set()
         self.sequence = 0  # fencing sequence within the current term
         self.log = TaskLog()
 
@@ -217,12 +220,16 @@ class BalancerStream:
         command = AssignTasks(term, first, link.name, tasks, at)
         # queued with the completions: one entry records a round's results and the assignments
         # they made room for (master.batching, group commit)
-        out = self.batcher.enqueue(command, ("assign", link, tasks, first), cause, now)
-        # ... and sent now, under the tokens the entry will record (see the theory above). No
-        # log step per task here: "sent" follows once it commits (a step per task on this path
-        # cost the leader's dispatch rate, bench/ledger.py).
-        for i, (job_id, task_id) in enumerate(tasks):
-            out.append(Send(API, self.worker_request(job_id, task_id, (term, first + i)), link.route, cause))
+        held = self.doubtful.intersection(tasks) if self.doubtful else set()
+        out = self.batcher.enqueue(command, ("assign", link, tasks, first, held), cause, now)
+        # ... and sent now, under the tokens the entry will record (see the theory above), but
+        # for a task whose earlier assignment may yet commit: if it does, this entry skips the
+        # task, and the worker must run it under the earlier token. No log step per task here:
+        # "sent" follows once it commits (a step per task on this path cost the leader's
+        # dispatch rate, bench/ledger.py).
+        for i, key in enumerate(tasks):
+            if key not in held:
+                out.append(Send(API, self.worker_request(key[0], key[1], (term, first + i)), link.route, cause))
         link.credit -= len(tasks)
         link.sent += len(tasks)
         return out
@@ -249,15 +256,19 @@ class BalancerStream:
 
     def assigned(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
         """An ``assign`` reply: the assignments committed; each goes to the attached balancer."""
-        _, sent_to, tasks, _ = reply
+        _, sent_to, tasks, _, held = reply
         self.inflight.difference_update(tasks)
         at = self.standing.wall(now)
         if not result.ok:
             for job_id, task_id in tasks:
                 self.log.add(job_id, task_id, "refused", at, cause, log_index=log_index, code=result.code)
             return [Log(logging.WARNING, f"assignment refused by the ledger: {result.text}", cause)]
+        # Applied after any earlier assignment of these tasks: whatever it did is in the ledger now.
+        self.doubtful.difference_update(tasks)
         for job_id, task_id in result.value["skipped"]:  # no longer ready when it committed (e.g. cancelled)
             self.log.add(job_id, task_id, "skipped", at, cause, log_index=log_index)
+            if (job_id, task_id) in held and self.balancer is sent_to and sent_to is not None:
+                sent_to.credit += 1  # held back and never sent: the balancer still has that room
         link = self.balancer
         out: list[Effect] = []
         # It went to the balancer attached when it was proposed. One that attached (or attached
@@ -272,6 +283,8 @@ class BalancerStream:
                 out.append(Send(API, self.worker_request(job_id, task_id, fence), link.route, cause))
                 link.credit -= 1
                 link.sent += 1
+            elif (job_id, task_id) in held and link is not None:
+                out.append(Send(API, self.worker_request(job_id, task_id, fence), link.route, cause))
         return out
 
     def recorded(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
@@ -297,8 +310,10 @@ class BalancerStream:
                              refers_to=TaskResult.code, extra={"task_id": m.task_id})]
 
     def assign_unknown(self, reply: tuple, reason: str, cause: str) -> list[Effect]:
-        """An ``assign`` reply whose proposal failed: its tasks may be proposed again."""
+        """An ``assign`` reply whose proposal failed: its tasks may be proposed again (it may
+        still commit: they are in doubt until a later assignment of theirs commits)."""
         self.inflight.difference_update(reply[2])
+        self.doubtful.update(reply[2])
         for job_id, task_id in reply[2]:
             self.log.add(job_id, task_id, "not_committed", None, cause, reason=reason)
         return []
@@ -315,6 +330,7 @@ class BalancerStream:
             out.append(self.standing.not_leader(0, self.balancer.route, cause))
             self.balancer = None
         self.inflight.clear()
+        self.doubtful.clear()
         return out
 
     def status(self) -> dict[str, Any] | None:

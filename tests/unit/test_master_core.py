@@ -983,3 +983,56 @@ def test_a_balancer_attaching_again_while_assignments_commit_gets_them_once_and_
     assert {s.route for s in again} == {b"b1-again"}
     assert sorted((s.message.task_id, s.message.fence_sequence) for s in again) == \
         sorted((r.task_id, r.fence_sequence) for r in first), "the same tokens, to the new connection"
+
+
+def test_an_assignment_whose_outcome_was_unknown_and_that_commits_late_is_the_one_the_worker_runs():
+    """A proposal answered 'failed' may still commit (a timeout: outcome unknown). Its tasks go
+    back to the ready set and may be proposed again; the new tokens must not go out before they
+    commit, or the worker runs the task under a token the ledger skips while the first entry's
+    attempt, committed after all, has no one running it (seen as tasks never ending after
+    leader moves, issue 23)."""
+    h = Harness()
+    h.message(submit(1, spec={"count": 1}))
+    h.flush()
+    h.commit_all()
+    h.message(Attach(1, 1, 1, "b1"), BALANCER)
+    (first,) = h.take(WorkerRequest)
+    h.flush()
+    (late,) = h.proposed
+    h.proposed.clear()
+    h.event(ProposalFailed(late.token, "no commit within 5 s", "f"))  # outcome unknown
+    h.message(Credit(1, 1, 0), BALANCER)
+    assert not h.take(WorkerRequest), "a task whose assignment is in doubt is not sent again before it commits"
+    h.flush()
+    (again,) = h.proposed
+    h.proposed.clear()
+    h.index += 1
+    h.ledger.apply(late.entry)  # the first entry commits after all ...
+    h.index += 1
+    h.event(Committed(again.token, h.ledger.apply(again.entry), h.index, "c-again"))  # ... and the second skips it
+    assert not h.take(WorkerRequest), "the skipped tokens never go out"
+    job = h.ledger.state.jobs[join128(first.job_uuid_upper, first.job_uuid_lower)]
+    (attempt,) = job.tasks[first.task_id].attempts
+    assert (attempt.fence_term, attempt.fence_sequence) == (first.fence_term, first.fence_sequence), \
+        "the worker's token is the committed attempt's"
+
+
+def test_a_task_in_doubt_proposed_again_goes_out_once_its_new_assignment_commits():
+    h = Harness()
+    h.message(submit(1, spec={"count": 1}))
+    h.flush()
+    h.commit_all()
+    h.message(Attach(1, 1, 1, "b1"), BALANCER)
+    (first,) = h.take(WorkerRequest)
+    h.flush()
+    (lost,) = h.proposed
+    h.proposed.clear()
+    h.event(ProposalFailed(lost.token, "no commit within 5 s", "f"))  # and it never commits
+    h.message(Credit(1, 1, 0), BALANCER)
+    assert not h.take(WorkerRequest)
+    h.commit_all()
+    (sent,) = h.take(WorkerRequest)
+    assert (sent.task_id, sent.fence_sequence) == (first.task_id, first.fence_sequence + 1)
+    job = h.ledger.state.jobs[join128(sent.job_uuid_upper, sent.job_uuid_lower)]
+    (attempt,) = job.tasks[sent.task_id].attempts
+    assert (attempt.fence_term, attempt.fence_sequence) == (sent.fence_term, sent.fence_sequence)
