@@ -61,7 +61,7 @@ import time
 import traceback
 from collections import OrderedDict
 
-from worker.spawn import spawner
+from worker.spawn import spawner, which
 
 RAISED = 1
 UNUSABLE = 2
@@ -293,7 +293,7 @@ def _launch(argv: list[str], env, cwd: str, memory: int | None) -> tuple[int, su
     if memory is None:
         if spawner().usable:
             return spawner().spawn(argv, env, cwd, 1, 2), None
-        return os.posix_spawn(_which(argv[0], env), argv, env, setpgroup=0, setsigdef=_DEFAULT_SIGNALS,
+        return os.posix_spawn(which(argv[0], env), argv, env, setpgroup=0, setsigdef=_DEFAULT_SIGNALS,
                               setsigmask=()), None
     proc = subprocess.Popen(argv, env=env, process_group=0, preexec_fn=lambda: _limited(memory))
     return proc.pid, proc
@@ -308,22 +308,6 @@ def _limited(memory: int) -> None:
         except (OSError, ValueError):
             pass
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-
-
-def _which(name: str, env) -> str:
-    """The file ``name`` runs, found on ``env``'s PATH as ``subprocess`` finds it."""
-    if "/" in name:
-        return name
-    denied = None
-    for directory in os.get_exec_path(env):
-        path = os.path.join(directory, name)
-        if os.access(path, os.X_OK) and not os.path.isdir(path):
-            return path
-        if denied is None and os.path.exists(path):
-            denied = path
-    if denied is not None:
-        raise PermissionError(13, os.strerror(13), denied)
-    raise FileNotFoundError(2, os.strerror(2), name)
 
 
 def _wait(pid: int, pidfd: int, started: float, timeout_s: float | None, grace_s: float) -> bool:

@@ -72,7 +72,7 @@ class Spawner:
         path = self._paths.get(key)
         fresh = path is None
         if fresh:
-            path = self._which(argv[0], env)
+            path = which(argv[0], env)
         args = (ctypes.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)
         envp = (ctypes.c_char_p * (len(env) + 1))(*[os.fsencode(f"{k}={v}") for k, v in env.items()], None)
         actions = ctypes.create_string_buffer(_OPAQUE)
@@ -97,22 +97,22 @@ class Spawner:
             raise FileNotFoundError(code, os.strerror(code), argv[0])
         raise OSError(code, os.strerror(code), argv[0])
 
-    @staticmethod
-    def _which(name: str, env: dict[str, str]) -> str:
-        """The file ``name`` runs, found on ``env``'s PATH as ``subprocess`` finds it; a name
-        with a slash is taken as it is (relative to the command's directory)."""
-        if "/" in name:
-            return name
-        denied = None
-        for directory in os.get_exec_path(env):
-            path = os.path.join(directory, name)
-            if os.access(path, os.X_OK) and not os.path.isdir(path):
-                return path
-            if denied is None and os.path.exists(path):
-                denied = path
-        if denied is not None:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), denied)
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+def which(name: str, env: dict[str, str]) -> str:
+    """The file ``name`` runs, found on ``env``'s PATH as ``subprocess`` finds it; a name
+    with a slash is taken as it is (relative to the command's directory)."""
+    if "/" in name:
+        return name
+    denied = None
+    for directory in os.get_exec_path(env):
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+        if denied is None and os.path.exists(path):
+            denied = path
+    if denied is not None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), denied)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
 _SPAWNER: Spawner | None = None
