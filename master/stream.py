@@ -221,7 +221,7 @@ class BalancerStream:
         # queued with the completions: one entry records a round's results and the assignments
         # they made room for (master.batching, group commit)
         held = self.doubtful.intersection(tasks) if self.doubtful else set()
-        out = self.batcher.enqueue(command, ("assign", link, tasks, first, held), cause, now)
+        out = self.batcher.enqueue(command, ("assign", link, tasks, held), cause, now)
         # ... and sent now, under the tokens the entry will record (see the theory above), but
         # for a task whose earlier assignment may yet commit: if it does, this entry skips the
         # task, and the worker must run it under the earlier token. No log step per task here:
@@ -256,7 +256,7 @@ class BalancerStream:
 
     def assigned(self, reply: tuple, result: Applied, log_index: int, now: float, cause: str) -> list[Effect]:
         """An ``assign`` reply: the assignments committed; each goes to the attached balancer."""
-        _, sent_to, tasks, _, held = reply
+        _, sent_to, tasks, held = reply
         self.inflight.difference_update(tasks)
         at = self.standing.wall(now)
         if not result.ok:
