@@ -985,12 +985,9 @@ def test_a_balancer_attaching_again_while_assignments_commit_gets_them_once_and_
         sorted((r.task_id, r.fence_sequence) for r in first), "the same tokens, to the new connection"
 
 
-def test_an_assignment_whose_outcome_was_unknown_and_that_commits_late_is_the_one_the_worker_runs():
-    """A proposal answered 'failed' may still commit (a timeout: outcome unknown). Its tasks go
-    back to the ready set and may be proposed again; the new tokens must not go out before they
-    commit, or the worker runs the task under a token the ledger skips while the first entry's
-    attempt, committed after all, has no one running it (seen as tasks never ending after
-    leader moves, issue 23)."""
+def assignment_in_doubt() -> tuple[Harness, WorkerRequest, Propose]:
+    """One task sent under its first token, whose entry was answered "failed" by timeout (it may
+    still commit), and credit for it again: what the next two tests start from."""
     h = Harness()
     h.message(submit(1, spec={"count": 1}))
     h.flush()
@@ -998,11 +995,21 @@ def test_an_assignment_whose_outcome_was_unknown_and_that_commits_late_is_the_on
     h.message(Attach(1, 1, 1, "b1"), BALANCER)
     (first,) = h.take(WorkerRequest)
     h.flush()
-    (late,) = h.proposed
+    (proposal,) = h.proposed
     h.proposed.clear()
-    h.event(ProposalFailed(late.token, "no commit within 5 s", "f"))  # outcome unknown
+    h.event(ProposalFailed(proposal.token, "no commit within 5 s", "f"))  # outcome unknown
     h.message(Credit(1, 1, 0), BALANCER)
     assert not h.take(WorkerRequest), "a task whose assignment is in doubt is not sent again before it commits"
+    return h, first, proposal
+
+
+def test_an_assignment_whose_outcome_was_unknown_and_that_commits_late_is_the_one_the_worker_runs():
+    """A proposal answered 'failed' may still commit (a timeout: outcome unknown). Its tasks go
+    back to the ready set and may be proposed again; the new tokens must not go out before they
+    commit, or the worker runs the task under a token the ledger skips while the first entry's
+    attempt, committed after all, has no one running it (seen as tasks never ending after
+    leader moves, issue 23)."""
+    h, first, late = assignment_in_doubt()
     h.flush()
     (again,) = h.proposed
     h.proposed.clear()
@@ -1018,18 +1025,7 @@ def test_an_assignment_whose_outcome_was_unknown_and_that_commits_late_is_the_on
 
 
 def test_a_task_in_doubt_proposed_again_goes_out_once_its_new_assignment_commits():
-    h = Harness()
-    h.message(submit(1, spec={"count": 1}))
-    h.flush()
-    h.commit_all()
-    h.message(Attach(1, 1, 1, "b1"), BALANCER)
-    (first,) = h.take(WorkerRequest)
-    h.flush()
-    (lost,) = h.proposed
-    h.proposed.clear()
-    h.event(ProposalFailed(lost.token, "no commit within 5 s", "f"))  # and it never commits
-    h.message(Credit(1, 1, 0), BALANCER)
-    assert not h.take(WorkerRequest)
+    h, first, _lost = assignment_in_doubt()  # and it never commits
     h.commit_all()
     (sent,) = h.take(WorkerRequest)
     assert (sent.task_id, sent.fence_sequence) == (first.task_id, first.fence_sequence + 1)
